@@ -1,0 +1,3 @@
+"""streamhash: online deep hashing over a Kafka stream."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from streamhash.cli import main
+
+raise SystemExit(main())

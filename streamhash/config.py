@@ -1,0 +1,159 @@
+"""One settings model for every process.
+
+Every field can be set by environment variable with the ``STREAMHASH_`` prefix, nested
+sections joined by ``__`` (``STREAMHASH_KAFKA__BOOTSTRAP_SERVERS=host:9092``). CLI flags
+override the environment; both go through this model, so validation happens in one place.
+
+>>> s = Settings(kafka={"bootstrap_servers": "k:9092"})
+>>> s.kafka.bootstrap_servers
+'k:9092'
+>>> "secret" in s.redacted_json()
+False
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class KafkaSettings(BaseModel):
+    # None means "start the embedded broker" for the demo; workers require a value.
+    bootstrap_servers: str | None = None
+    topic: str = "streamhash.images"
+    dlq_topic: str = "streamhash.images.dlq"
+    group_id: str = "streamhash-worker"
+    # Tansu holds JoinGroup for about half the session timeout (KAFKA.md); the defaults
+    # below suit both it and real Kafka. Raise them for a busy real cluster.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 2000
+    max_poll_interval_ms: int = 300_000
+    request_timeout_ms: int = 30_000
+    max_poll_records: int = 1000
+    fetch_max_bytes: int = 52_428_800
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    topic_partitions: int = 4
+
+    def client_kwargs(self) -> dict:
+        """Connection keyword arguments shared by kafka-python producers and consumers."""
+        if not self.bootstrap_servers:
+            raise ValueError("kafka.bootstrap_servers is not set (STREAMHASH_KAFKA__BOOTSTRAP_SERVERS)")
+        kw: dict = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            kw["sasl_mechanism"] = self.sasl_mechanism
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        return kw
+
+
+class StoreSettings(BaseModel):
+    path: Path = Path("var/index")
+    shard: int = 0
+    initial_map_size_bytes: int = 64 * 1024 * 1024
+    # Ceiling for on-demand growth; a write past it (or past the disk) is StoreFullError.
+    max_map_size_bytes: int = 1 << 40
+    max_value_bytes: int = 10 * 1024 * 1024
+    multihash_tables: int = 0  # 0 = choose from bits (bits // 16)
+
+
+class ModelSettings(BaseModel):
+    bits: int = 32
+    backbone: Literal["small_cnn", "efficientnet_lite0"] = "small_cnn"
+    image_size: int = 28
+    channels: int = 1
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
+    seed: int = 0
+    torch_threads: int = 1
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_multiple_of_8(cls, v: int) -> int:
+        if v <= 0 or v % 8:
+            raise ValueError("bits must be a positive multiple of 8")
+        return v
+
+
+class WorkerSettings(BaseModel):
+    poll_timeout_ms: int = 200
+    encode_batch: int = 512
+    metrics_port: int = 9101
+    metrics_host: str = "127.0.0.1"
+
+
+class LearnSettings(BaseModel):
+    enabled: bool = True
+    round_every: int = 2000  # new labeled items between DIHN rounds
+    omega: int = 2000
+    epochs: int = 3
+    gamma: float = 200.0
+    mu: float = 50.0
+    mi_threshold: float = 0.0
+    reservoir_size: int = 1000
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    refresh_interval_s: float = 0.05
+    max_k: int = 10_000
+    backend: Literal["auto", "numpy", "native", "torch"] = "auto"
+    search_threads: int = 1
+
+
+class DataSettings(BaseModel):
+    fashion_mnist_dir: Path | None = None
+    home: Path = Path("data")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMHASH_", env_nested_delimiter="__", extra="ignore")
+
+    log_level: str = "INFO"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    learn: LearnSettings = Field(default_factory=LearnSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
+    def redacted_json(self) -> str:
+        """JSON of every setting with secrets shown as ``**********``."""
+        return json.dumps(json.loads(self.model_dump_json()), sort_keys=True)
+
+    def log_startup(self, process: str) -> None:
+        log.info("%s starting with settings %s", process, self.redacted_json())
+
+
+def load_settings(overrides: dict | None = None) -> Settings:
+    """Environment first, then CLI overrides (nested dicts, ``None`` values ignored)."""
+    base = Settings()
+    if not overrides:
+        return base
+    merged = base.model_dump()
+    _deep_merge(merged, overrides)
+    return Settings.model_validate(merged)
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value

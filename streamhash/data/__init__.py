@@ -1,0 +1,1 @@
+"""Datasets and image folders that feed the producer and the eval harness."""

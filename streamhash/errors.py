@@ -1,0 +1,46 @@
+"""Typed exceptions, one family per package area, so callers catch what they can handle."""
+
+
+class StreamhashError(Exception):
+    """Base of every error raised on purpose by streamhash."""
+
+
+class ConfigError(StreamhashError):
+    """Settings that cannot work together."""
+
+
+class RecordRejected(StreamhashError):
+    """A message that breaks the image contract; it goes to the dead-letter topic.
+
+    ``stage`` names the step that refused it (``key``, ``headers``, ``value``, ``decode``,
+    ``shape``), so operators can count rejections by cause without reading payloads.
+    """
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+        self.message = message
+
+
+class StoreError(StreamhashError):
+    """The LMDB store cannot do what was asked."""
+
+
+class StoreFullError(StoreError):
+    """The disk (or the configured map-size ceiling) has no room left for a write."""
+
+
+class SchemaMismatchError(StoreError):
+    """The store on disk was written with settings this process does not match."""
+
+
+class BrokerError(StreamhashError):
+    """The embedded broker could not be started or reached."""
+
+
+class DatasetMissingError(StreamhashError):
+    """A named dataset is not on disk; the message says how to get it."""
+
+
+class BadQueryError(StreamhashError):
+    """A query the index cannot answer (wrong width, bad k, unreadable image)."""

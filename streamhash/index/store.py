@@ -1,0 +1,370 @@
+"""The LMDB store: the single source of truth for items, codes, image blobs, models and offsets.
+
+Named sub-databases (DESIGN.md), keys and values:
+
+==========  ===========================================  ==========================================
+``items``   item id (UTF-8)                              JSON: labels, ts, seq, gen, shard, ctype
+``codes``   generation (8 B) + item id                   packed code, ``bits/8`` bytes
+``blobs``   item id                                      the image bytes as received
+``tables``  owned by :mod:`streamhash.index.multihash`   multi-index hash buckets, per generation
+``models``  model version (8 B)                          serialised hash network
+``offsets`` ``topic\\0partition``                         next offset to consume (8 B)
+``meta``    name                                         JSON value: schema, bits, generation, ...
+``changes`` seq (8 B)                                    item id
+==========  ===========================================  ==========================================
+
+``changes`` is our addition to the design's list: every write gives the item a new, increasing
+``seq`` and removes the item's previous entry, so ``changes`` holds exactly one entry per live item
+in insertion order. Followers (the query worker) read it from their last seen seq, which makes
+staying live an O(new items) read instead of a scan. ``seq`` is also the int64 id that the
+in-memory Hamming index uses, so ties break by insertion order.
+
+Writes are one transaction per batch: items, codes, blobs, hash tables, changes and the Kafka
+offset map commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import lmdb
+import numpy as np
+
+from streamhash.errors import SchemaMismatchError, StoreError, StoreFullError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAMES = ("items", "codes", "blobs", "tables", "models", "offsets", "meta", "changes")
+_U64 = struct.Struct(">Q")
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def from_u64(b: bytes) -> int:
+    return _U64.unpack(b)[0]
+
+
+@dataclass
+class ItemWrite:
+    """One item as the worker writes it."""
+
+    id: str
+    code: bytes
+    blob: bytes
+    content_type: str
+    labels: tuple[int, ...] | None
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass
+class Change:
+    seq: int
+    id: str
+    code: bytes
+    labels: tuple[int, ...] | None
+
+
+def offset_key(topic: str, partition: int) -> bytes:
+    return f"{topic}\0{partition}".encode()
+
+
+class Store:
+    """An LMDB environment holding one shard of the index.
+
+    Open it writable in exactly one process (the worker owning the shard) and read-only in any
+    number of others. Read-only handles see consistent MVCC snapshots and follow map growth.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        bits: int | None = None,
+        readonly: bool = False,
+        shard: int = 0,
+        backbone: str | None = None,
+        initial_map_size: int = 64 << 20,
+        max_map_size: int = 1 << 40,
+        multihash_tables: int = 0,
+    ):
+        self.path = Path(path)
+        self.readonly = readonly
+        self.max_map_size = max_map_size
+        if readonly and not (self.path / "data.mdb").exists():
+            raise StoreError(f"no index at {self.path} (start a worker first, or check STREAMHASH_STORE__PATH)")
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(self.path), map_size=initial_map_size, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
+            subdir=True, lock=True, readahead=False, meminit=False, max_readers=256,
+        )
+        self.db = {
+            name: self.env.open_db(name.encode(), create=not readonly, **self._db_flags(name)) for name in DB_NAMES
+        }
+        self.meta = self._init_meta(bits=bits, shard=shard, backbone=backbone) if not readonly else self.read_meta()
+        self.bits = int(self.meta["bits"])
+        self.code_bytes = self.bits // 8
+        self.tables = self._make_tables(multihash_tables)
+
+    @staticmethod
+    def _db_flags(name: str) -> dict:
+        if name == "tables":
+            from streamhash.index.multihash import TABLES_DB_FLAGS
+
+            return dict(TABLES_DB_FLAGS)
+        return {}
+
+    def _make_tables(self, m: int):
+        from streamhash.index.multihash import MultiHashTables
+
+        m = m or int(self.meta.get("multihash_tables") or 0) or MultiHashTables.default_m(self.bits)
+        return MultiHashTables(self.bits, m)
+
+    # ---------------------------------------------------------------- meta
+    def _init_meta(self, *, bits: int | None, shard: int, backbone: str | None) -> dict:
+        meta = self.read_meta()
+        if not meta:
+            if bits is None:
+                raise StoreError(f"new store at {self.path} needs `bits`")
+            from streamhash.index.multihash import MultiHashTables
+
+            meta = {
+                "schema_version": SCHEMA_VERSION, "bits": bits, "shard": shard, "backbone": backbone,
+                "generation": 1, "model_version": 0, "next_seq": 1,
+                "multihash_tables": MultiHashTables.default_m(bits), "created": time.time(),
+            }
+            self._write(lambda txn: self._put_meta(txn, meta))
+            return meta
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaMismatchError(
+                f"store {self.path} has schema {meta.get('schema_version')}, this build reads {SCHEMA_VERSION}"
+            )
+        if bits is not None and int(meta["bits"]) != bits:
+            raise SchemaMismatchError(f"store {self.path} holds {meta['bits']}-bit codes, configured bits={bits}")
+        if backbone is not None and meta.get("backbone") not in (None, backbone):
+            raise SchemaMismatchError(f"store {self.path} was built with backbone {meta['backbone']}, not {backbone}")
+        return meta
+
+    def _put_meta(self, txn, meta: dict) -> None:
+        for k, v in meta.items():
+            txn.put(k.encode(), json.dumps(v).encode(), db=self.db["meta"])
+
+    def read_meta(self, txn=None) -> dict:
+        def read(t):
+            return {k.decode(): json.loads(v) for k, v in t.cursor(db=self.db["meta"])}
+
+        return read(txn) if txn is not None else self._read(read)
+
+    # ---------------------------------------------------------------- txn helpers
+    def _read(self, fn):
+        for _ in range(3):
+            try:
+                with self.env.begin(buffers=False) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                # The writer grew the map; adopt its size and retry.
+                self.env.set_mapsize(0)
+        raise StoreError("map kept resizing under a reader")
+
+    def _write(self, fn):
+        """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
+        if self.readonly:
+            raise StoreError("store opened read-only")
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.Error as exc:
+                if _is_disk_full(exc):
+                    raise StoreFullError(f"disk full writing {self.path}: {exc}") from exc
+                raise
+
+    def _grow(self) -> None:
+        size = self.env.info()["map_size"]
+        new = min(size * 2, self.max_map_size)
+        if new <= size:
+            raise StoreFullError(
+                f"store {self.path} reached its map-size ceiling of {size} bytes "
+                f"(raise STREAMHASH_STORE__MAX_MAP_SIZE_BYTES)"
+            )
+        free = shutil.disk_usage(self.path).free
+        used = (self.path / "data.mdb").stat().st_size
+        if new - used > free:
+            new = used + free
+            if new <= size:
+                raise StoreFullError(f"disk full: {free} bytes free under {self.path}, store needs more than {size}")
+        log.info("growing LMDB map of %s from %d to %d bytes", self.path, size, new)
+        self.env.set_mapsize(new)
+
+    # ---------------------------------------------------------------- writes
+    def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None) -> list[int]:
+        """Write items (overwriting re-sent ids) and the offset map in one transaction; return their seqs."""
+        items = list(items)
+        for it in items:
+            if len(it.code) != self.code_bytes:
+                raise StoreError(f"code of {len(it.code)} bytes for item {it.id!r}, store holds {self.code_bytes}")
+
+        def txn_fn(txn):
+            meta = self.read_meta(txn)
+            gen, seq = int(meta["generation"]), int(meta["next_seq"])
+            gen_prefix = u64(gen)
+            seqs = []
+            for it in items:
+                key = it.id.encode()
+                old = txn.get(key, db=self.db["items"])
+                if old is not None:
+                    self._unlink(txn, key, json.loads(old), gen_prefix)
+                rec = {
+                    "labels": list(it.labels) if it.labels is not None else None, "ts": it.ts, "seq": seq,
+                    "gen": gen, "shard": meta["shard"], "ctype": it.content_type,
+                }
+                txn.put(key, json.dumps(rec).encode(), db=self.db["items"])
+                txn.put(gen_prefix + key, it.code, db=self.db["codes"])
+                txn.put(key, it.blob, db=self.db["blobs"])
+                txn.put(u64(seq), key, db=self.db["changes"])
+                self.tables.add(txn, self.db["tables"], gen, seq, it.code)
+                seqs.append(seq)
+                seq += 1
+            for (topic, partition), nxt in (offsets or {}).items():
+                txn.put(offset_key(topic, partition), u64(nxt), db=self.db["offsets"])
+            txn.put(b"next_seq", json.dumps(seq).encode(), db=self.db["meta"])
+            return seqs
+
+        return self._write(txn_fn)
+
+    def _unlink(self, txn, key: bytes, rec: dict, gen_prefix: bytes) -> None:
+        old_code = txn.get(gen_prefix + key, db=self.db["codes"])
+        if old_code is not None:
+            self.tables.remove(txn, self.db["tables"], from_u64(gen_prefix), rec["seq"], old_code)
+        txn.delete(u64(rec["seq"]), db=self.db["changes"])
+
+    def put_model(self, raw: bytes, *, make_current: bool = False) -> int:
+        """Store a serialised model under the next version number."""
+
+        def txn_fn(txn):
+            cur = txn.cursor(db=self.db["models"])
+            version = from_u64(cur.key()) + 1 if cur.last() else 1
+            txn.put(u64(version), raw, db=self.db["models"])
+            if make_current:
+                txn.put(b"model_version", json.dumps(version).encode(), db=self.db["meta"])
+            return version
+
+        return self._write(txn_fn)
+
+    # ---------------------------------------------------------------- reads
+    def get_model(self, version: int | None = None) -> tuple[int, bytes | None]:
+        def read(txn):
+            v = int(self.read_meta(txn)["model_version"]) if version is None else version
+            return v, txn.get(u64(v), db=self.db["models"])
+
+        return self._read(read)
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        def read(txn):
+            out = {}
+            for k, v in txn.cursor(db=self.db["offsets"]):
+                topic, part = k.decode().rsplit("\0", 1)
+                out[(topic, int(part))] = from_u64(v)
+            return out
+
+        return self._read(read)
+
+    def count(self) -> int:
+        return self._read(lambda txn: txn.stat(self.db["items"])["entries"])
+
+    def get_item(self, item_id: str, *, with_blob: bool = False) -> dict | None:
+        def read(txn):
+            key = item_id.encode()
+            raw = txn.get(key, db=self.db["items"])
+            if raw is None:
+                return None
+            rec = json.loads(raw)
+            rec["id"] = item_id
+            rec["code"] = txn.get(u64(rec["gen"]) + key, db=self.db["codes"])
+            if with_blob:
+                rec["blob"] = txn.get(key, db=self.db["blobs"])
+            return rec
+
+        return self._read(read)
+
+    def get_blobs(self, ids: Iterable[str]) -> list[tuple[bytes, str] | None]:
+        """Image bytes and content type for each id (None where absent), from one snapshot."""
+
+        def read(txn):
+            out = []
+            for item_id in ids:
+                key = item_id.encode()
+                rec, blob = txn.get(key, db=self.db["items"]), txn.get(key, db=self.db["blobs"])
+                out.append(None if rec is None or blob is None else (blob, json.loads(rec)["ctype"]))
+            return out
+
+        return self._read(read)
+
+    def changes_since(self, after_seq: int, limit: int = 100_000) -> tuple[int, list[Change]]:
+        """Items written after ``after_seq`` in seq order, read from one snapshot, with the generation."""
+
+        def read(txn):
+            gen = int(self.read_meta(txn)["generation"])
+            gen_prefix = u64(gen)
+            out: list[Change] = []
+            cur = txn.cursor(db=self.db["changes"])
+            if not cur.set_range(u64(after_seq + 1)):
+                return gen, out
+            for k, key in cur:
+                rec = json.loads(txn.get(key, db=self.db["items"]))
+                code = txn.get(gen_prefix + key, db=self.db["codes"])
+                labels = tuple(rec["labels"]) if rec["labels"] is not None else None
+                out.append(Change(from_u64(k), key.decode(), code, labels))
+                if len(out) >= limit:
+                    break
+            return gen, out
+
+        return self._read(read)
+
+    def snapshot_codes(self) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """(generation, model_version, seqs int64, codes uint8 (n, bits/8)) of every live item, from one snapshot."""
+
+        def read(txn):
+            meta = self.read_meta(txn)
+            gen_prefix = u64(int(meta["generation"]))
+            seqs, codes = [], []
+            for k, key in txn.cursor(db=self.db["changes"]):
+                seqs.append(from_u64(k))
+                codes.append(txn.get(gen_prefix + key, db=self.db["codes"]))
+            arr = np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), self.code_bytes)
+            return int(meta["generation"]), int(meta["model_version"]), np.array(seqs, np.int64), arr
+
+        return self._read(read)
+
+    def ids_for_seqs(self, seqs: Iterable[int]) -> list[str | None]:
+        def read(txn):
+            out = []
+            for s in seqs:
+                v = txn.get(u64(int(s)), db=self.db["changes"])
+                out.append(v.decode() if v is not None else None)
+            return out
+
+        return self._read(read)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _is_disk_full(exc: Exception) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)

@@ -1,0 +1,130 @@
+"""The hash network: a backbone, a linear hash head, and u = tanh(F(x)).
+
+>>> import numpy as np
+>>> net = HashNet(HashNetConfig(bits=16, seed=0))
+>>> codes = net.encode(np.zeros((3, 28, 28), np.uint8))
+>>> codes.shape, codes.dtype
+((3, 2), dtype('uint8'))
+>>> HashNet.from_bytes(net.to_bytes()).encode(np.zeros((3, 28, 28), np.uint8)).tolist() == codes.tolist()
+True
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamhash.codes import pack_signs
+
+
+@dataclass(frozen=True)
+class HashNetConfig:
+    bits: int = 32
+    backbone: str = "small_cnn"
+    image_size: int = 28
+    channels: int = 1
+    seed: int = 0
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and a dense layer; sized for 28x28 gray or 32x32 colour, trained end to end.
+
+    Kept small on purpose: the ingest path encodes every image on 2 CPU cores.
+    """
+
+    out_features = 256
+
+    def __init__(self, channels: int):
+        super().__init__()
+        # Strided convolutions instead of conv+pool: a quarter of the multiply-adds at the
+        # same receptive field, which is what lets ingest keep up on two CPU cores.
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, stride=2, padding=2), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 16, self.out_features), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def build_backbone(cfg: HashNetConfig) -> nn.Module:
+    if cfg.backbone == "small_cnn":
+        return SmallCNN(cfg.channels)
+    if cfg.backbone == "efficientnet_lite0":
+        from streamhash.model.efficientnet import EfficientNetLite0Backbone
+
+        return EfficientNetLite0Backbone()
+    raise ValueError(f"unknown backbone {cfg.backbone!r}")
+
+
+def images_to_tensor(images: np.ndarray, cfg: HashNetConfig) -> torch.Tensor:
+    """uint8 images (n, H, W) or (n, H, W, C) -> float tensor (n, C, H, W) scaled to [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif x.ndim == 4:
+        x = x.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"expected (n,H,W) or (n,H,W,C) images, got shape {tuple(images.shape)}")
+    return x.float().div_(127.5).sub_(1.0)
+
+
+class HashNet(nn.Module):
+    def __init__(self, cfg: HashNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.backbone = build_backbone(cfg)
+        self.head = nn.Linear(self.backbone.out_features, cfg.bits)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """u = tanh(F(x)), shape (n, bits)."""
+        return torch.tanh(self.head(self.backbone(x)))
+
+    @torch.inference_mode()
+    def encode_real(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = images_to_tensor(images[start:start + batch_size], self.cfg).to(self.device)
+            out.append(self(x).float().cpu().numpy())
+        self.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.bits), np.float32)
+
+    def encode(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """uint8 images -> packed codes (n, bits/8) uint8."""
+        return pack_signs(self.encode_real(images, batch_size))
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({"config": asdict(self.cfg), "state": state}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, device: str | torch.device = "cpu") -> "HashNet":
+        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        net = cls(HashNetConfig(**blob["config"]))
+        net.load_state_dict(blob["state"])
+        return net.to(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit ``cuda`` without CUDA is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return dev
