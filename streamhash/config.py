@@ -38,6 +38,8 @@ class KafkaSettings(BaseModel):
     request_timeout_ms: int = 30_000
     max_poll_records: int = 1000
     fetch_max_bytes: int = 52_428_800
+    # How long the broker may hold a fetch waiting for data: bounds freshness when traffic is light.
+    fetch_max_wait_ms: int = 100
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

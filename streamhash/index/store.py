@@ -74,6 +74,17 @@ class Change:
     id: str
     code: bytes
     labels: tuple[int, ...] | None
+    ts: float
+
+
+@dataclass
+class Snapshot:
+    generation: int
+    model_version: int
+    seqs: np.ndarray  # int64 (n,)
+    codes: np.ndarray  # uint8 (n, bits/8)
+    ids: list[str]
+    labels: list[tuple[int, ...] | None]
 
 
 def offset_key(topic: str, partition: int) -> bytes:
@@ -330,35 +341,28 @@ class Store:
                 rec = json.loads(txn.get(key, db=self.db["items"]))
                 code = txn.get(gen_prefix + key, db=self.db["codes"])
                 labels = tuple(rec["labels"]) if rec["labels"] is not None else None
-                out.append(Change(from_u64(k), key.decode(), code, labels))
+                out.append(Change(from_u64(k), key.decode(), code, labels, rec["ts"]))
                 if len(out) >= limit:
                     break
             return gen, out
 
         return self._read(read)
 
-    def snapshot_codes(self) -> tuple[int, int, np.ndarray, np.ndarray]:
-        """(generation, model_version, seqs int64, codes uint8 (n, bits/8)) of every live item, from one snapshot."""
+    def snapshot(self) -> Snapshot:
+        """Every live item of the current generation, in seq order, from one MVCC snapshot."""
 
         def read(txn):
             meta = self.read_meta(txn)
             gen_prefix = u64(int(meta["generation"]))
-            seqs, codes = [], []
+            seqs, codes, ids, labels = [], [], [], []
             for k, key in txn.cursor(db=self.db["changes"]):
+                rec = json.loads(txn.get(key, db=self.db["items"]))
                 seqs.append(from_u64(k))
                 codes.append(txn.get(gen_prefix + key, db=self.db["codes"]))
+                ids.append(key.decode())
+                labels.append(tuple(rec["labels"]) if rec["labels"] is not None else None)
             arr = np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), self.code_bytes)
-            return int(meta["generation"]), int(meta["model_version"]), np.array(seqs, np.int64), arr
-
-        return self._read(read)
-
-    def ids_for_seqs(self, seqs: Iterable[int]) -> list[str | None]:
-        def read(txn):
-            out = []
-            for s in seqs:
-                v = txn.get(u64(int(s)), db=self.db["changes"])
-                out.append(v.decode() if v is not None else None)
-            return out
+            return Snapshot(int(meta["generation"]), int(meta["model_version"]), np.array(seqs, np.int64), arr, ids, labels)
 
         return self._read(read)
 

@@ -65,7 +65,8 @@ def build_backbone(cfg: HashNetConfig) -> nn.Module:
 
 def images_to_tensor(images: np.ndarray, cfg: HashNetConfig) -> torch.Tensor:
     """uint8 images (n, H, W) or (n, H, W, C) -> float tensor (n, C, H, W) scaled to [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images))
+    images = np.ascontiguousarray(images)
+    x = torch.from_numpy(images if images.flags.writeable else images.copy())
     if x.ndim == 3:
         x = x.unsqueeze(1)
     elif x.ndim == 4:

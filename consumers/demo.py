@@ -1,0 +1,210 @@
+"""``streamhash demo``: the whole system on the embedded broker, with Fashion-MNIST.
+
+Starts Tansu (unless ``STREAMHASH_KAFKA__BOOTSTRAP_SERVERS`` names a cluster), a worker and the
+query server as separate processes, streams ``--limit`` images plus a handful of malformed
+messages as fast as the producer goes (the ingest rate), then measures freshness with single probe
+images sent 20 per second (send -> visible in the query server), queries with held-out images, and
+prints a summary (``--json``: the same as one JSON object on the last line).
+
+Protocol: the stream is the first ``--limit`` images of a seeded shuffle of the 60,000 training
+images; queries are ``--queries`` images drawn from the 10,000 test images, which are never
+indexed; precision@10 counts returned items whose label equals the query's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from consumers.launch import scrape, spawn, stop, wait_http
+from streamhash.config import Settings
+from streamhash.data.fashion_mnist import load_split
+from streamhash.errors import DatasetMissingError
+from streamhash.kafka.broker import EmbeddedBroker, free_port
+from streamhash.kafka.produce import from_arrays, make_producer, send
+from streamhash.kafka.topics import ensure_topics
+from streamhash.records import encode_npy, encode_png, message_headers
+
+# (key, value, headers, stage the worker must report): one per rejection reason of the contract.
+MALFORMED = [
+    (b"bad-bytes", b"this is not an image", [("content-type", b"image/png")], "decode"),
+    (b"bad-empty", b"", [("content-type", b"image/png")], "value"),
+    (None, encode_png(np.zeros((28, 28), np.uint8)), [("labels", b"1")], "key"),
+    (b"k" * 300, encode_png(np.zeros((28, 28), np.uint8)), [], "key"),
+    (b"bad-shape", encode_png(np.zeros((30, 30), np.uint8)), [("labels", b"1")], "shape"),
+    (b"bad-channels", encode_npy(np.zeros((28, 28, 3), np.uint8)), [("labels", b"1")], "shape"),
+    (b"bad-labels", encode_png(np.zeros((28, 28), np.uint8)), [("labels", b"1,-2")], "headers"),
+    (b"bad-ctype", encode_png(np.zeros((28, 28), np.uint8)), [("content-type", b"image/gif")], "headers"),
+]
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 2) if values else None
+
+
+def measure_freshness(producer, topic: str, server: str, images: np.ndarray, labels: np.ndarray, *,
+                      interval: float = 0.05, timeout: float = 10.0) -> list[float]:
+    """Send probe images one at a time and time each from send to visible in the query server."""
+    delays = []
+    with httpx.Client(timeout=5) as client:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            item_id = f"probe-{i}"
+            sent = time.time()
+            producer.send(topic, key=item_id.encode(), value=encode_png(img), headers=message_headers(int(lab), "image/png"))
+            producer.flush()
+            while time.time() - sent < timeout:
+                r = client.get(f"{server}/items/{item_id}")
+                if r.status_code == 200 and r.json()["visible"]:
+                    delays.append(time.time() - sent)
+                    break
+                time.sleep(0.002)
+            time.sleep(interval)
+    return delays
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, keep_running: bool, quiet: bool,
+             probes: int = 50) -> dict:
+    try:
+        train_x, train_y = load_split("train", settings.data.fashion_mnist_dir)
+        test_x, test_y = load_split("test", settings.data.fashion_mnist_dir)
+    except DatasetMissingError:
+        raise
+    order = np.random.default_rng(settings.model.seed).permutation(len(train_x))[:limit]
+    q_idx = np.random.default_rng(settings.model.seed + 1).choice(len(test_x), size=queries, replace=False)
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    broker = None
+    if not settings.kafka.bootstrap_servers:
+        broker = EmbeddedBroker(home=workdir).start()
+        settings.kafka.bootstrap_servers = broker.bootstrap_servers
+    ensure_topics(settings.kafka)
+    worker_metrics, http_port = free_port(), free_port()
+    server = f"http://127.0.0.1:{http_port}"
+    env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+           "STREAMHASH_STORE__PATH": str(workdir / "index"), "STREAMHASH_WORKER__METRICS_PORT": str(worker_metrics),
+           "STREAMHASH_SERVER__PORT": str(http_port), "STREAMHASH_MODEL__BITS": str(settings.model.bits)}
+    procs = []
+    try:
+        worker = spawn(["worker"], env=env, log_path=workdir / "worker.log")
+        procs.append(worker)
+        wait_http(f"http://127.0.0.1:{worker_metrics}/metrics", 120, worker, workdir / "worker.log")
+        srv = spawn(["serve"], env=env, log_path=workdir / "serve.log")
+        procs.append(srv)
+        wait_http(f"{server}/healthz", 120, srv, workdir / "serve.log")
+
+        worker_url = f"http://127.0.0.1:{worker_metrics}/metrics"
+        wait_for(lambda: scrape(worker_url).get("streamhash_assigned_partitions", 0) > 0, 60, "the worker to join its group")
+
+        # Phase 1, bulk load: as fast as the producer goes; the rate is first send -> last commit.
+        producer = make_producer(settings.kafka)
+        t0 = time.time()
+        messages = from_arrays(train_x[order], train_y[order], prefix="fmnist-train-")
+        produced = send(producer, settings.kafka.topic, messages, progress=not quiet, total=limit)
+        for key, value, headers, _ in MALFORMED:
+            producer.send(settings.kafka.topic, key=key, value=value, headers=headers)
+        producer.flush()
+        counts = {}
+
+        def all_in() -> bool:
+            s = scrape(worker_url)
+            counts["indexed"] = s.get("streamhash_items_indexed_total", 0)
+            counts["dead"] = sum(v for k, v in s.items() if k.startswith("streamhash_messages_dead_lettered_total"))
+            return counts["indexed"] >= produced and counts["dead"] >= len(MALFORMED)
+
+        wait_for(all_in, 120 + limit / 500, "every message to be indexed or dead-lettered")
+        t_indexed = time.time()
+        indexed, dead = counts["indexed"], counts["dead"]
+        wait_for(lambda: httpx.get(f"{server}/healthz").json()["index_size"] >= produced, 30, "the query index to catch up")
+
+        # Phase 2, freshness: single probe images (not in the stream) sent 20 per second.
+        spare = np.random.default_rng(settings.model.seed + 2).permutation(np.setdiff1d(np.arange(len(train_x)), order))[:probes]
+        delays = measure_freshness(producer, settings.kafka.topic, server, train_x[spare], train_y[spare])
+        producer.close()
+
+        hits, latencies = [], []
+        with httpx.Client(timeout=30) as client:
+            for i in q_idx:
+                body = {"image_base64": base64.b64encode(encode_png(test_x[i])).decode(), "k": 10}
+                t = time.perf_counter()
+                r = client.post(f"{server}/search", json=body)
+                latencies.append(time.perf_counter() - t)
+                r.raise_for_status()
+                hits.append(np.mean([h["labels"] == [int(test_y[i])] for h in r.json()["results"]]))
+        health = httpx.get(f"{server}/healthz").json()
+        summary = {
+            "produced": produced, "malformed_sent": len(MALFORMED), "indexed": int(indexed), "dead_lettered": int(dead),
+            "index_size": health["index_size"], "bits": settings.model.bits,
+            "ingest_images_per_s": round(produced / (t_indexed - t0), 1),
+            "freshness_p50_s": round(float(np.percentile(delays, 50)), 3) if delays else None,
+            "freshness_p99_s": round(float(np.percentile(delays, 99)), 3) if delays else None,
+            "freshness_probes": len(delays), "freshness_probes_sent": probes,
+            "query_p50_ms": percentile_ms(latencies, 50), "query_p99_ms": percentile_ms(latencies, 99),
+            "queries": len(latencies), "precision_at_10": round(float(np.mean(hits)), 4),
+            "model_version": health["model_version"], "generation": health["generation"],
+            "metrics_urls": [worker_url, f"{server}/metrics"], "search_url": f"{server}/search", "docs_url": f"{server}/docs",
+            "bootstrap_servers": settings.kafka.bootstrap_servers,
+        }
+        if keep_running:
+            print_summary(summary)
+            print("\nrunning; Ctrl-C to stop")
+            try:
+                while all(p.poll() is None for p in procs):
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return summary
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        if broker is not None:
+            broker.stop()
+
+
+def print_summary(s: dict) -> None:
+    print(f"""
+streamhash demo: {s['produced']} Fashion-MNIST images + {s['malformed_sent']} malformed messages, {s['bits']}-bit codes
+  indexed            {s['indexed']}  (query index holds {s['index_size']})
+  dead-lettered      {s['dead_lettered']}  (topic streamhash.images.dlq, each with error.class/message/stage)
+  ingest rate        {s['ingest_images_per_s']} images/s  (first send -> last item committed)
+  freshness          p50 {s['freshness_p50_s']} s, p99 {s['freshness_p99_s']} s  ({s['freshness_probes']}/{s['freshness_probes_sent']} probes, sent -> queryable)
+  query latency      p50 {s['query_p50_ms']} ms, p99 {s['query_p99_ms']} ms  ({s['queries']} HTTP searches, k=10)
+  precision@10       {s['precision_at_10']}  (held-out test images, same-label neighbours)
+  model / generation v{s['model_version']} / {s['generation']}
+  metrics            {'  '.join(s['metrics_urls'])}
+  search             POST {s['search_url']}   (API docs: {s['docs_url']})""")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    import sys
+
+    from streamhash.cli import settings_from_args, setup_logging
+
+    settings = settings_from_args(args)
+    setup_logging("WARNING" if args.quiet or args.json else settings.log_level)
+    try:
+        summary = run_demo(settings, limit=args.limit, queries=args.queries, workdir=Path(args.workdir),
+                           keep_running=args.keep_running, quiet=args.quiet or args.json)
+    except DatasetMissingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    if not args.keep_running:
+        print_summary(summary)
+    if args.json:
+        print(json.dumps(summary))
+    return 0

@@ -1,0 +1,281 @@
+"""``streamhash-worker``: the ingest worker.
+
+One loop per batch, in this order (the checkpoint order that makes delivery effectively-once):
+
+1. **poll** a batch of image messages;
+2. **parse** each one through :mod:`streamhash.records`; rejects go to the dead-letter producer;
+3. **encode** the valid images with the current hash network;
+4. **flush dead letters**: a rejected message is durable in the DLQ before its offset can be passed;
+5. **LMDB transaction**: items, codes, blobs, hash tables and ``(topic, partition) -> next offset``;
+6. **commit Kafka offsets** (only after 5, so a crash between 5 and 6 is repaired on restart by
+   seeking to the LMDB offsets, which are ahead);
+7. **notify listeners** (the learner thread) of the labeled items just indexed.
+
+Polling never waits on learning: listeners must hand work to their own thread.
+SIGTERM or a first SIGINT drains the batch in hand, commits and leaves the group; a second SIGINT
+exits at once (what was not committed is consumed again by the next owner, never lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+
+from streamhash import metrics as m
+from streamhash.config import Settings, load_settings
+from streamhash.errors import RecordRejected, StoreFullError
+from streamhash.index.store import ItemWrite, Store
+from streamhash.kafka.dlq import DeadLetters
+from streamhash.kafka.produce import make_producer
+from streamhash.kafka.topics import ensure_topics
+from streamhash.model.hashnet import HashNet, HashNetConfig, resolve_device
+from streamhash.records import ImageRecord, ImageSpec, parse_message
+
+log = logging.getLogger("streamhash.worker")
+
+
+class IngestListener(Protocol):
+    """Told about every committed batch; must return quickly (hand work to its own thread)."""
+
+    def on_indexed(self, records: list[ImageRecord], seqs: list[int]) -> None: ...
+
+
+class _SeekToStore(ConsumerRebalanceListener):
+    """On assignment, resume from the LMDB offset where it is ahead of the committed Kafka offset."""
+
+    def __init__(self, worker: "IngestWorker"):
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked):
+        m.ASSIGNED_PARTITIONS.set(0)
+        log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
+
+    def on_partitions_assigned(self, assigned):
+        stored = self.worker.store.offsets()
+        for tp in assigned:
+            ours = stored.get((tp.topic, tp.partition))
+            if ours is None:
+                continue
+            committed = self.worker.consumer.committed(tp)
+            if committed is None or ours > committed:
+                log.info("seeking %s[%d] to LMDB offset %d (Kafka committed %s)", tp.topic, tp.partition, ours, committed)
+                self.worker.consumer.seek(tp, ours)
+        m.ASSIGNED_PARTITIONS.set(len(assigned))
+        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+def load_or_create_model(store: Store, settings: Settings) -> tuple[int, HashNet]:
+    """The store's current model, or a freshly seeded one saved as version 1."""
+    version, raw = store.get_model()
+    device = resolve_device(settings.model.device)
+    if raw is None:
+        mc = settings.model
+        net = HashNet(HashNetConfig(bits=mc.bits, backbone=mc.backbone, image_size=mc.image_size, channels=mc.channels, seed=mc.seed))
+        version = store.put_model(net.to_bytes(), make_current=True)
+        log.info("created initial model version %d (%s, %d bits)", version, mc.backbone, mc.bits)
+        return version, net.to(device)
+    return version, HashNet.from_bytes(raw, device)
+
+
+class IngestWorker:
+    def __init__(self, settings: Settings, listeners: list[IngestListener] | None = None):
+        self.settings = settings
+        s = settings
+        torch.set_num_threads(s.model.torch_threads)
+        self.spec = ImageSpec(s.model.image_size, s.model.image_size, s.model.channels, s.store.max_value_bytes)
+        self.store = Store(
+            s.store.path, bits=s.model.bits, shard=s.store.shard, backbone=s.model.backbone,
+            initial_map_size=s.store.initial_map_size_bytes, max_map_size=s.store.max_map_size_bytes,
+            multihash_tables=s.store.multihash_tables,
+        )
+        self.model_version, self.net = load_or_create_model(self.store, s)
+        self.model_lock = threading.Lock()  # the learner swaps self.net under it
+        self.listeners = list(listeners or [])
+        self.stopping = threading.Event()
+        self.consumer: KafkaConsumer | None = None
+        self.dead_letters: DeadLetters | None = None
+        m.MODEL_VERSION.labels(process="worker").set(self.model_version)
+        m.INDEX_GENERATION.labels(process="worker").set(self.store.meta["generation"])
+        m.INDEX_ITEMS.labels(process="worker").set(self.store.count())
+
+    # ------------------------------------------------------------------ set-up
+    def connect(self) -> None:
+        k = self.settings.kafka
+        ensure_topics(k)
+        self.dead_letters = DeadLetters(make_producer(k, linger_ms=5), k.dlq_topic)
+        self.consumer = KafkaConsumer(
+            **k.client_kwargs(), group_id=k.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms, max_poll_records=k.max_poll_records,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
+            fetch_max_bytes=k.fetch_max_bytes, max_partition_fetch_bytes=max(k.fetch_max_bytes // 4, 1 << 20),
+            client_id=f"streamhash-worker-{self.settings.store.shard}",
+        )
+        self.consumer.subscribe([k.topic], listener=_SeekToStore(self))
+
+    # ------------------------------------------------------------------ loop
+    def run(self, *, max_idle_s: float | None = None) -> int:
+        """Consume until stopped (or idle for ``max_idle_s``); return a process exit code."""
+        if self.consumer is None:
+            self.connect()
+        last_data = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                polled = self.consumer.poll(timeout_ms=self.settings.worker.poll_timeout_ms)
+                records = [r for batch in polled.values() for r in batch]
+                self._update_lag()
+                if not records:
+                    if max_idle_s is not None and time.monotonic() - last_data > max_idle_s:
+                        break
+                    continue
+                last_data = time.monotonic()
+                self.process_with_retry(records)
+        except StoreFullError as exc:
+            log.error("stopping: %s. Nothing was lost: offsets of unwritten messages were not committed.", exc)
+            return 75  # EX_TEMPFAIL: a supervisor should not restart in a tight loop
+        finally:
+            self.close()
+        return 0
+
+    def process_with_retry(self, records, attempts: int = 6) -> None:
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                self.process(records)
+                return
+            except StoreFullError:
+                m.STORE_FULL.inc()
+                if attempt == attempts:
+                    raise
+                log.error("store full; retrying batch in %.1fs (attempt %d/%d)", delay, attempt, attempts)
+            except KafkaError as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("Kafka error %r; retrying batch in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def process(self, records) -> list[int]:
+        """Steps 2-7 of the loop for one polled batch."""
+        m.MESSAGES_CONSUMED.inc(len(records))
+        valid: list[ImageRecord] = []
+        stamps: list[float] = []
+        for rec in records:
+            try:
+                valid.append(parse_message(rec.key, rec.value, rec.headers, self.spec))
+                stamps.append(rec.timestamp / 1000.0)
+            except RecordRejected as exc:
+                self.dead_letters.send(rec, exc)
+        codes = self._encode(valid)
+        self.dead_letters.flush()
+
+        next_offsets: dict[tuple[str, int], int] = {}
+        for rec in records:
+            key = (rec.topic, rec.partition)
+            next_offsets[key] = max(next_offsets.get(key, 0), rec.offset + 1)
+        items = [
+            ItemWrite(r.id, codes[i].tobytes(), r.value, r.content_type, r.labels, stamps[i]) for i, r in enumerate(valid)
+        ]
+        with m.COMMIT_SECONDS.time():
+            seqs = self.store.write_batch(items, next_offsets)
+        self._commit(next_offsets)
+        m.ITEMS_INDEXED.inc(len(items))
+        m.BATCHES.inc()
+        m.INDEX_ITEMS.labels(process="worker").set(self.store.count())
+        m.LAST_COMMIT.set(time.time())
+        for listener in self.listeners:
+            listener.on_indexed(valid, seqs)
+        return seqs
+
+    def _encode(self, valid: list[ImageRecord]) -> np.ndarray:
+        if not valid:
+            return np.zeros((0, self.store.code_bytes), np.uint8)
+        with m.ENCODE_SECONDS.time(), self.model_lock:
+            return self.net.encode(np.stack([r.image for r in valid]), self.settings.worker.encode_batch)
+
+    def _commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets.items()}
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # The LMDB offsets already hold the truth; the next assignment seeks to them.
+            log.warning("Kafka offset commit failed (%r); LMDB offsets are ahead and will be used on reassignment", exc)
+
+    def _update_lag(self) -> None:
+        lag = 0
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)  # not end_offsets(): wrong on Tansu (KAFKA.md)
+            if hw is not None:
+                lag += max(0, hw - self.consumer.position(tp))
+        m.CONSUMER_LAG.set(lag)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+            self.consumer = None
+        if self.dead_letters is not None:
+            self.dead_letters.producer.close(timeout=5)
+            self.dead_letters = None
+
+
+def install_signal_handlers(stop) -> None:
+    """SIGTERM/first SIGINT: drain and stop. Second SIGINT: exit now."""
+    state = {"interrupted": False}
+
+    def on_term(signum, frame):
+        log.info("signal %d: finishing the batch in hand, committing, then stopping", signum)
+        stop()
+
+    def on_int(signum, frame):
+        if state["interrupted"]:
+            log.warning("second SIGINT: exiting immediately")
+            os._exit(130)
+        state["interrupted"] = True
+        on_term(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_int)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from streamhash.cli import settings_from_args, setup_logging
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level)
+    if not settings.kafka.bootstrap_servers:
+        log.error("no broker configured: set STREAMHASH_KAFKA__BOOTSTRAP_SERVERS or --bootstrap-servers "
+                  "(or run `streamhash broker` for an embedded one)")
+        return 2
+    settings.log_startup("streamhash-worker")
+    m.serve_metrics(settings.worker.metrics_port, settings.worker.metrics_host)
+    worker = IngestWorker(settings)
+    install_signal_handlers(worker.stop)
+    return worker.run(max_idle_s=args.max_idle_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from streamhash.cli import worker_arguments
+
+    p = argparse.ArgumentParser(prog="streamhash-worker", description="Consume images from Kafka into the LMDB hash index.")
+    worker_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

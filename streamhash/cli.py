@@ -1,0 +1,223 @@
+"""``streamhash`` command line: broker, produce, worker, serve, query, demo, eval.
+
+Every flag maps to a settings field (``dest="section.field"``), so each one can also be set by
+environment variable (``STREAMHASH_SECTION__FIELD``); flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from streamhash.config import Settings, load_settings
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # kafka-python logs every connection at INFO; keep our own logs readable.
+    for noisy in ("kafka", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Dotted ``dest`` names (``kafka.topic``) become nested overrides on top of the environment."""
+    overrides: dict = {}
+    for dest, value in vars(args).items():
+        if "." not in dest or value is None:
+            continue
+        section, field = dest.split(".", 1)
+        overrides.setdefault(section, {})[field] = value
+    return load_settings(overrides)
+
+
+def _broker(args) -> int:
+    import signal
+    import threading
+
+    from streamhash.kafka.broker import EmbeddedBroker
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level)
+    broker = EmbeddedBroker(home=settings.data.home, port=args.port).start()
+    print(f"Kafka-protocol broker (Tansu, memory storage) listening on {broker.bootstrap_servers}")
+    print(f"  export STREAMHASH_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}")
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        if broker.proc.poll() is not None:
+            print(f"broker exited with code {broker.proc.returncode}", file=sys.stderr)
+            return 1
+    broker.stop()
+    return 0
+
+
+def _produce(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from streamhash.errors import DatasetMissingError
+    from streamhash.kafka.produce import from_arrays, from_dataset, from_folder, make_producer, send
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level)
+    if not settings.kafka.bootstrap_servers:
+        print("no broker: set STREAMHASH_KAFKA__BOOTSTRAP_SERVERS or --bootstrap-servers", file=sys.stderr)
+        return 2
+    total = None
+    try:
+        if args.dataset:
+            messages = from_dataset(args.dataset, shuffle_seed=args.shuffle_seed, folder=settings.data.fashion_mnist_dir, fmt=args.format)
+            total = 70_000
+        elif args.source and args.source.endswith(".npy"):
+            images = np.load(args.source, allow_pickle=False)
+            labels = np.load(args.labels, allow_pickle=False) if args.labels else None
+            if args.shuffle_seed is not None:
+                order = np.random.default_rng(args.shuffle_seed).permutation(len(images))
+                images, labels = images[order], (labels[order] if labels is not None else None)
+            messages, total = from_arrays(images, labels, prefix=args.id_prefix or Path(args.source).stem + "-", fmt=args.format), len(images)
+        elif args.source:
+            messages = from_folder(Path(args.source))
+        else:
+            print("give a folder, a .npy file, or --dataset fashion-mnist", file=sys.stderr)
+            return 2
+        producer = make_producer(settings.kafka)
+        n = send(producer, settings.kafka.topic, messages, limit=args.limit, rate=args.rate, progress=not args.quiet, total=total)
+    except DatasetMissingError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    producer.close()
+    print(f"sent {n} images to {settings.kafka.topic}")
+    return 0
+
+
+def _query(args) -> int:
+    import base64
+    import json
+
+    import httpx
+
+    body: dict = {"k": args.k}
+    if args.radius is not None:
+        body["radius"] = args.radius
+    if args.code:
+        body["code_hex"] = args.code
+    else:
+        with open(args.image, "rb") as fh:
+            body["image_base64"] = base64.b64encode(fh.read()).decode()
+    r = httpx.post(f"{args.url.rstrip('/')}/search", json=body, timeout=30)
+    if r.status_code != 200:
+        print(f"error {r.status_code}: {r.text}", file=sys.stderr)
+        return 1
+    res = r.json()
+    print(f"model v{res['model_version']} generation {res['generation']}  ({res['took_ms']:.2f} ms)")
+    for hit in res["results"]:
+        print(f"  {hit['distance']:3d}  {hit['id']}  labels={hit['labels']}")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def worker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers", help="Kafka bootstrap servers (env STREAMHASH_KAFKA__BOOTSTRAP_SERVERS)")
+    p.add_argument("--topic", dest="kafka.topic")
+    p.add_argument("--group-id", dest="kafka.group_id")
+    p.add_argument("--store", dest="store.path", help="LMDB directory of this worker's shard")
+    p.add_argument("--shard", dest="store.shard", type=int)
+    p.add_argument("--bits", dest="model.bits", type=int)
+    p.add_argument("--device", dest="model.device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--metrics-port", dest="worker.metrics_port", type=int)
+    p.add_argument("--no-learn", dest="learn.enabled", action="store_const", const=False)
+    p.add_argument("--max-idle-s", type=float, default=None, help="exit after this long with nothing to consume")
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", dest="store.path", help="LMDB directory to serve (read-only)")
+    p.add_argument("--host", dest="server.host")
+    p.add_argument("--port", dest="server.port", type=int)
+    p.add_argument("--backend", dest="server.backend", choices=["auto", "numpy", "native", "torch"])
+
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=10_000, help="images to stream (default 10000)")
+    p.add_argument("--queries", type=int, default=200, help="held-out query images")
+    p.add_argument("--bits", dest="model.bits", type=int)
+    p.add_argument("--workdir", default="var/demo", help="wiped at start: broker log, index, process logs")
+    p.add_argument("--keep-running", action="store_true", help="keep the system up after the summary")
+    p.add_argument("--json", action="store_true", help="end with the summary as one JSON object")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _lazy(module: str):
+    """Import a process module only when its command runs: `streamhash query` must not load torch."""
+
+    def run(args):
+        import importlib
+
+        return importlib.import_module(module).run_from_args(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamhash", description="Online deep hashing over a Kafka stream.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on loopback")
+    b.add_argument("--port", type=int, default=9092)
+    b.set_defaults(func=_broker)
+
+    pr = sub.add_parser("produce", help="send images to the topic")
+    pr.add_argument("source", nargs="?", help="a folder of PNG/JPEG/.npy files or a .npy batch (n,H,W[,C])")
+    pr.add_argument("--dataset", choices=["fashion-mnist"])
+    pr.add_argument("--labels", help=".npy of labels for a .npy batch")
+    pr.add_argument("--id-prefix")
+    pr.add_argument("--limit", type=int)
+    pr.add_argument("--rate", type=float, help="messages per second (default: as fast as possible)")
+    pr.add_argument("--shuffle-seed", type=int)
+    pr.add_argument("--format", choices=["png", "npy"], default="png", help="encoding for array sources")
+    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers")
+    pr.add_argument("--topic", dest="kafka.topic")
+    pr.set_defaults(func=_produce)
+
+    w = sub.add_parser("worker", help="run an ingest worker (same as streamhash-worker)")
+    worker_arguments(w)
+    w.set_defaults(func=_lazy("consumers.worker"))
+
+    s = sub.add_parser("serve", help="run the query server (HTTP search + /metrics)")
+    serve_arguments(s)
+    s.set_defaults(func=_lazy("consumers.query"))
+
+    q = sub.add_parser("query", help="search the live index with an image or a hex code")
+    q.add_argument("image", nargs="?")
+    q.add_argument("--code", help="hex code instead of an image")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--radius", type=int)
+    q.add_argument("--url", default="http://127.0.0.1:8080")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_query)
+
+    d = sub.add_parser("demo", help="the whole system on the embedded broker with Fashion-MNIST")
+    demo_arguments(d)
+    d.set_defaults(func=_lazy("consumers.demo"))
+
+    try:
+        from streamhash.eval import cli as eval_cli
+    except ImportError:  # the eval harness is optional at import time
+        eval_cli = None
+    if eval_cli is not None:
+        e = sub.add_parser("eval", help="retrieval evaluation on Fashion-MNIST")
+        eval_cli.add_arguments(e)
+        e.set_defaults(func=eval_cli.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "query" and not (args.image or args.code):
+        print("give an image path or --code", file=sys.stderr)
+        return 2
+    return int(args.func(args) or 0)

@@ -1,0 +1,1 @@
+"""Thin Kafka adapters: the embedded broker, topic set-up, producing and dead-lettering."""
