@@ -51,8 +51,9 @@ class IngestListener(Protocol):
     def on_indexed(self, records: list[ImageRecord], seqs: list[int]) -> None: ...
 
 
-class _SeekToStore(ConsumerRebalanceListener):
-    """On assignment, resume from the LMDB offset where it is ahead of the committed Kafka offset."""
+class _TrackAssignment(ConsumerRebalanceListener):
+    """Records assignments; the poll thread reconciles them with LMDB (kafka-python 3 runs listeners on
+    its IO thread, where the blocking ``committed()`` call is not allowed)."""
 
     def __init__(self, worker: "IngestWorker"):
         self.worker = worker
@@ -62,15 +63,7 @@ class _SeekToStore(ConsumerRebalanceListener):
         log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
 
     def on_partitions_assigned(self, assigned):
-        stored = self.worker.store.offsets()
-        for tp in assigned:
-            ours = stored.get((tp.topic, tp.partition))
-            if ours is None:
-                continue
-            committed = self.worker.consumer.committed(tp)
-            if committed is None or ours > committed:
-                log.info("seeking %s[%d] to LMDB offset %d (Kafka committed %s)", tp.topic, tp.partition, ours, committed)
-                self.worker.consumer.seek(tp, ours)
+        self.worker.newly_assigned.update(assigned)
         m.ASSIGNED_PARTITIONS.set(len(assigned))
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
 
@@ -103,6 +96,8 @@ class IngestWorker:
         self.model_lock = threading.Lock()  # the learner swaps self.net under it
         self.listeners = list(listeners or [])
         self.stopping = threading.Event()
+        self.applied = self.store.offsets()  # (topic, partition) -> next offset already in LMDB; we are its only writer
+        self.newly_assigned: set[TopicPartition] = set()
         self.consumer: KafkaConsumer | None = None
         self.dead_letters: DeadLetters | None = None
         m.MODEL_VERSION.labels(process="worker").set(self.model_version)
@@ -122,7 +117,7 @@ class IngestWorker:
             fetch_max_bytes=k.fetch_max_bytes, max_partition_fetch_bytes=max(k.fetch_max_bytes // 4, 1 << 20),
             client_id=f"streamhash-worker-{self.settings.store.shard}",
         )
-        self.consumer.subscribe([k.topic], listener=_SeekToStore(self))
+        self.consumer.subscribe([k.topic], listener=_TrackAssignment(self))
 
     # ------------------------------------------------------------------ loop
     def run(self, *, max_idle_s: float | None = None) -> int:
@@ -133,7 +128,10 @@ class IngestWorker:
         try:
             while not self.stopping.is_set():
                 polled = self.consumer.poll(timeout_ms=self.settings.worker.poll_timeout_ms)
-                records = [r for batch in polled.values() for r in batch]
+                self._resume_from_store()
+                records = [r for batch in polled.values() for r in batch if r.offset >= self.applied.get((r.topic, r.partition), 0)]
+                if len(records) < sum(map(len, polled.values())):
+                    m.MESSAGES_REPLAYED.inc(sum(map(len, polled.values())) - len(records))
                 self._update_lag()
                 if not records:
                     if max_idle_s is not None and time.monotonic() - last_data > max_idle_s:
@@ -147,6 +145,22 @@ class IngestWorker:
         finally:
             self.close()
         return 0
+
+    def _resume_from_store(self) -> None:
+        """Seek newly assigned partitions to the LMDB offset where it is ahead of Kafka's committed one.
+
+        A crash between the LMDB commit and the Kafka commit leaves Kafka behind; the records in
+        between are already indexed, so they are skipped (and counted as replayed), never rewritten.
+        """
+        while self.newly_assigned:
+            tp = self.newly_assigned.pop()
+            ours = self.applied.get((tp.topic, tp.partition))
+            if ours is None:
+                continue
+            committed = self.consumer.committed(tp)
+            if (committed is None or ours > committed) and self.consumer.position(tp) < ours:
+                log.info("resuming %s[%d] at LMDB offset %d (Kafka committed %s)", tp.topic, tp.partition, ours, committed)
+                self.consumer.seek(tp, ours)
 
     def process_with_retry(self, records, attempts: int = 6) -> None:
         delay = 0.5
@@ -189,6 +203,7 @@ class IngestWorker:
         ]
         with m.COMMIT_SECONDS.time():
             seqs = self.store.write_batch(items, next_offsets)
+        self.applied.update(next_offsets)
         self._commit(next_offsets)
         m.ITEMS_INDEXED.inc(len(items))
         m.BATCHES.inc()

@@ -17,6 +17,7 @@ BUILD_INFO.info({"version": __version__})
 
 # ingest worker
 MESSAGES_CONSUMED = Counter("streamhash_messages_consumed_total", "Messages read from the image topic")
+MESSAGES_REPLAYED = Counter("streamhash_messages_replayed_total", "Messages consumed again after a crash and skipped: already in LMDB")
 ITEMS_INDEXED = Counter("streamhash_items_indexed_total", "Items written to the LMDB index (overwrites included)")
 DEAD_LETTERED = Counter("streamhash_messages_dead_lettered_total", "Messages sent to the dead-letter topic", ["stage"])
 BATCHES = Counter("streamhash_batches_total", "Batches processed and committed")

@@ -43,6 +43,7 @@ class LiveIndex:
         self.backend, self.threads = backend, threads
         self.refresh_interval_s = refresh_interval_s
         self.current: Generation = self._build()
+        self._publish(self.current)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -39,12 +39,12 @@ def make_producer(kafka: KafkaSettings, **overrides) -> KafkaProducer:
     return KafkaProducer(**kafka.client_kwargs(), **kw)
 
 
-def from_arrays(images: np.ndarray, labels: Iterable | None, *, prefix: str, fmt: str = "png") -> Iterator[Outgoing]:
-    """Encode an image array as PNG or .npy messages keyed ``{prefix}{index}``."""
+def from_arrays(images: np.ndarray, labels: Iterable | None, *, prefix: str, fmt: str = "png", start: int = 0) -> Iterator[Outgoing]:
+    """Encode an image array as PNG or .npy messages keyed ``{prefix}{start + index}``."""
     labels = list(labels) if labels is not None else [None] * len(images)
     enc, ctype = (encode_png, "image/png") if fmt == "png" else (encode_npy, "application/x-npy")
     for i, (img, lab) in enumerate(zip(images, labels)):
-        yield Outgoing(f"{prefix}{i}", enc(img), ctype, None if lab is None else int(lab) if np.isscalar(lab) else tuple(lab))
+        yield Outgoing(f"{prefix}{start + i}", enc(img), ctype, None if lab is None else int(lab) if np.isscalar(lab) else tuple(lab))
 
 
 def from_folder(folder: Path) -> Iterator[Outgoing]:

@@ -1,0 +1,56 @@
+"""Shared fixtures: a real Tansu broker process, synthetic class-structured images, free ports."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from streamhash.config import KafkaSettings
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; none on this machine")
+    skip_slow = pytest.mark.skip(reason="slow; set STREAMHASH_SLOW=1 to run")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not os.environ.get("STREAMHASH_SLOW"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """A real Kafka-protocol broker (Tansu) on a free loopback port, stopped by PID at the end."""
+    from streamhash.kafka.broker import EmbeddedBroker
+
+    b = EmbeddedBroker(home=tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def kafka_settings(broker) -> KafkaSettings:
+    """Fresh topic names and group per test, so tests share the broker without seeing each other."""
+    tag = uuid.uuid4().hex[:8]
+    return KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic=f"images-{tag}", dlq_topic=f"images-{tag}.dlq",
+                         group_id=f"group-{tag}")
+
+
+def synthetic_images(n: int, *, classes: int = 10, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Class-structured gray images: each class has a fixed random template; images add noise and a shift."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(classes, size, size)).astype(np.float32)
+    labels = rng.integers(0, classes, size=n)
+    noise = rng.normal(0, 40, size=(n, size, size))
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture
+def images():
+    return synthetic_images

@@ -1,0 +1,134 @@
+"""The LMDB store: one transaction per batch, offsets with the data, overwrite semantics, growth, full disk."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from streamhash.errors import SchemaMismatchError, StoreError, StoreFullError
+from streamhash.index.store import ItemWrite, Store
+
+
+def items(n, *, prefix="id", bits=32, seed=0, blob_bytes=100):
+    rng = np.random.default_rng(seed)
+    return [ItemWrite(f"{prefix}{i}", rng.integers(0, 256, bits // 8, dtype=np.uint8).tobytes(), b"b" * blob_bytes,
+                      "image/png", (i % 3,) if i % 4 else None) for i in range(n)]
+
+
+def test_batch_writes_items_codes_blobs_and_offsets_together(tmp_path):
+    s = Store(tmp_path, bits=32)
+    batch = items(10)
+    seqs = s.write_batch(batch, {("t", 0): 10, ("t", 1): 3})
+    assert seqs == list(range(1, 11))
+    assert s.count() == 10
+    assert s.offsets() == {("t", 0): 10, ("t", 1): 3}
+    rec = s.get_item("id5", with_blob=True)
+    assert rec["code"] == batch[5].code and rec["blob"] == batch[5].blob and rec["labels"] == [2]
+    assert s.get_item("id4")["labels"] is None
+    assert s.get_blobs(["id1", "nope"]) == [(b"b" * 100, "image/png"), None]
+    snap = s.snapshot()
+    assert snap.ids == [f"id{i}" for i in range(10)] and snap.seqs.tolist() == seqs
+    np.testing.assert_array_equal(snap.codes[3], np.frombuffer(batch[3].code, np.uint8))
+
+
+def test_resent_id_overwrites_and_moves_to_the_end(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(5))
+    again = items(2, seed=9)
+    s.write_batch(again, {("t", 0): 7})
+    assert s.count() == 5
+    snap = s.snapshot()
+    assert snap.ids == ["id2", "id3", "id4", "id0", "id1"]  # overwritten ids have new, later seqs
+    assert s.get_item("id0")["code"] == again[0].code
+    gen, changes = s.changes_since(5)
+    assert [c.id for c in changes] == ["id0", "id1"]
+    # the multi-index tables forget the old code and know the new one
+    with s.env.begin() as txn:
+        old = s.tables.candidates(txn, s.db["tables"], 1, items(1)[0].code, 1)
+        new = s.tables.candidates(txn, s.db["tables"], 1, again[0].code, 1)
+    assert 6 in new.tolist() and 1 not in old.tolist()
+
+
+def test_failed_transaction_leaves_nothing(tmp_path):
+    s = Store(tmp_path, bits=32)
+    bad = items(3) + [ItemWrite("short", b"\x00", b"x", "image/png", None)]
+    with pytest.raises(StoreError, match="code of 1 bytes"):
+        s.write_batch(bad, {("t", 0): 4})
+    assert s.count() == 0 and s.offsets() == {}
+
+
+def test_map_grows_on_demand(tmp_path):
+    s = Store(tmp_path, bits=32, initial_map_size=256 * 1024)
+    s.write_batch(items(500, blob_bytes=2000), {("t", 0): 500})
+    assert s.count() == 500
+    assert s.env.info()["map_size"] > 256 * 1024
+
+
+def test_map_ceiling_is_a_clear_error_and_loses_nothing_committed(tmp_path):
+    s = Store(tmp_path, bits=32, initial_map_size=128 * 1024, max_map_size=256 * 1024)
+    s.write_batch(items(10), {("t", 0): 10})
+    with pytest.raises(StoreFullError, match="ceiling"):
+        s.write_batch(items(400, prefix="big", blob_bytes=4000), {("t", 0): 410})
+    assert s.count() == 10 and s.offsets() == {("t", 0): 10}
+
+
+def test_reopen_checks_bits_and_keeps_data(tmp_path):
+    Store(tmp_path, bits=32).write_batch(items(3), {("t", 0): 3})
+    # a second process may not reopen an env this process has open: use a subprocess for the checks
+    code = textwrap.dedent(f"""
+        from streamhash.index.store import Store
+        from streamhash.errors import SchemaMismatchError
+        try:
+            Store({str(tmp_path)!r}, bits=64)
+        except SchemaMismatchError as e:
+            print("mismatch:", e)
+        s = Store({str(tmp_path)!r}, readonly=True)
+        print(s.count(), s.bits, s.offsets())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "mismatch: store" in out and "holds 32-bit codes" in out
+    assert "3 32 {('t', 0): 3}" in out
+
+
+def test_readonly_open_of_missing_store_says_what_to_do(tmp_path):
+    with pytest.raises(StoreError, match="start a worker first"):
+        Store(tmp_path / "nothing", readonly=True)
+
+
+def test_crash_mid_batch_commits_nothing(tmp_path):
+    """A writer killed inside its transaction leaves the store as it was before the batch."""
+    code = textwrap.dedent(f"""
+        import os, numpy as np
+        from streamhash.index.store import Store, ItemWrite
+        s = Store({str(tmp_path)!r}, bits=32)
+        mk = lambda i: ItemWrite(f"id{{i}}", bytes(4), b"x", "image/png", (1,))
+        s.write_batch([mk(i) for i in range(5)], {{("t", 0): 5}})
+        def die(txn):
+            for i in range(5, 10):
+                txn.put(f"id{{i}}".encode(), b"{{}}", db=s.db["items"])
+            os._exit(9)
+        s._write(die)
+    """)
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    s = Store(tmp_path, bits=32)
+    assert s.count() == 5 and s.offsets() == {("t", 0): 5}
+    assert s.read_meta()["next_seq"] == 6
+
+
+def test_models_are_versioned(tmp_path):
+    s = Store(tmp_path, bits=32)
+    assert s.get_model() == (0, None)
+    v1 = s.put_model(b"one", make_current=True)
+    v2 = s.put_model(b"two")
+    assert (v1, v2) == (1, 2)
+    assert s.get_model() == (1, b"one") and s.get_model(2) == (2, b"two")
+
+
+def test_schema_mismatch_is_typed(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s._write(lambda txn: s._put_meta(txn, {"schema_version": 999}))
+    s.close()
+    with pytest.raises(SchemaMismatchError, match="schema 999"):
+        Store(tmp_path, bits=32)
