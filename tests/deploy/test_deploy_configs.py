@@ -1,0 +1,447 @@
+"""The deploy/ folder stays valid and in step with the code.
+
+- ``promtool`` validates the Prometheus config and alert rules and runs the rule unit tests
+  (deploy/prometheus/alerts_test.yml); every PromQL query of the Grafana dashboard is checked by
+  the same parser.
+- Every ``streamhash_*`` metric named in the alerts, their tests, the dashboard and the README
+  exists in streamhash/metrics.py (read from the live prometheus_client registry), so renaming a
+  metric in code without updating the dashboards fails here.
+- compose.yaml: services, mounted files, and every ``STREAMHASH_*`` variable maps onto a real
+  field of streamhash.config.Settings and validates.
+- A real ``prometheus`` process scrapes streamhash's metrics from this test process and answers
+  the query API with the value we incremented, with our alert rules loaded and healthy.
+
+promtool/prometheus come from the Debian package ``prometheus`` (``apt-get install -y prometheus``);
+tests needing them skip with that reason when they are not on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROM_DIR = DEPLOY / "prometheus"
+PROM_CONFIG = PROM_DIR / "prometheus.yml"
+ALERTS = PROM_DIR / "alerts.yml"
+ALERTS_TEST = PROM_DIR / "alerts_test.yml"
+DASHBOARD_DIR = DEPLOY / "grafana" / "dashboards"
+DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+COMPOSE = DEPLOY / "compose.yaml"
+README = DEPLOY / "README.md"
+
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+_INSTALL_HINT = "(Debian: apt-get install -y prometheus)"
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=f"promtool not on PATH {_INSTALL_HINT}")
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason=f"prometheus binary not on PATH {_INSTALL_HINT}")
+
+_METRIC_REF = re.compile(r"(?<![A-Za-z0-9_])streamhash_[a-z0-9_]*[a-z0-9]")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _promtool(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, f"promtool {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def exposed_metric_names() -> set[str]:
+    """Every series name streamhash.metrics can expose, with the suffixes the exposition adds."""
+    import streamhash.metrics  # noqa: F401  (registers the collectors)
+    from prometheus_client import REGISTRY
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+        "gauge": ("",),
+        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+        "stateset": ("",),
+        "enum": ("",),
+    }
+    names: set[str] = set()
+    for family in REGISTRY.collect():
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)  # what is exposed right now
+    return {n for n in names if n.startswith("streamhash_")}
+
+
+def dashboard_exprs(path: Path) -> list[tuple[str, str]]:
+    """(panel title, PromQL expr) for every query in a Grafana dashboard, rows included."""
+    out: list[tuple[str, str]] = []
+
+    def walk(panels: list) -> None:
+        for panel in panels:
+            for target in panel.get("targets", []):
+                if target.get("expr"):
+                    out.append((panel.get("title", "?"), target["expr"]))
+            walk(panel.get("panels", []))
+
+    walk(json.loads(path.read_text())["panels"])
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+# --------------------------------------------------------------------------------------------
+# promtool
+
+
+@needs_promtool
+def test_promtool_check_config():
+    _promtool("check", "config", PROM_CONFIG)
+
+
+@needs_promtool
+def test_promtool_check_rules():
+    out = _promtool("check", "rules", ALERTS).stdout
+    assert "SUCCESS" in out
+
+
+@needs_promtool
+def test_promtool_rule_unit_tests():
+    _promtool("test", "rules", ALERTS_TEST)
+
+
+def test_alert_rule_unit_tests_cover_firing_and_quiet_cases():
+    """At least 3 alerts are tested both firing and not firing (a guard on alerts_test.yml itself)."""
+    text = ALERTS_TEST.read_text()
+    # Split the test file into alertname -> list of expectations (empty or not).
+    fired: dict[str, set[bool]] = {}
+    for m in re.finditer(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:\s*(\[\])?", text):
+        fired.setdefault(m.group(1), set()).add(m.group(2) is None)
+    both = sorted(a for a, s in fired.items() if s == {True, False})
+    assert len(both) >= 3, f"alerts tested both firing and quiet: {both}"
+    defined = set(re.findall(r"^\s*- alert:\s*(\S+)", ALERTS.read_text(), flags=re.M))
+    assert set(fired) <= defined, f"tests name alerts that do not exist: {set(fired) - defined}"
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """promtool has no expression checker, so wrap each dashboard query in a recording rule."""
+    rules = []
+    for dash in DASHBOARDS:
+        for i, (title, expr) in enumerate(dashboard_exprs(dash)):
+            # Grafana's interval variables are not PromQL; give them a concrete value.
+            expr = re.sub(r"\$__(rate_)?interval|\$__range", "5m", expr)
+            rules.append({"record": f"dashboard:{dash.stem.replace('-', '_')}:{i}", "expr": expr})
+    assert rules, "the dashboard has no queries"
+    rules_file = tmp_path / "dashboard_rules.yml"
+    # JSON is YAML: no PyYAML needed to write the file.
+    rules_file.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}, indent=1))
+    _promtool("check", "rules", rules_file)
+
+
+# --------------------------------------------------------------------------------------------
+# metric names: code <-> alerts / dashboard / README
+
+
+def test_metric_names_in_deploy_files_exist_in_code():
+    names = exposed_metric_names()
+    assert "streamhash_messages_consumed_total" in names  # sanity check of the name listing
+    assert "streamhash_query_duration_seconds_bucket" in names
+    assert "streamhash_build_info" in names
+
+    sources = {p: p.read_text() for p in (ALERTS, ALERTS_TEST, README, *DASHBOARDS) if p.exists()}
+    assert ALERTS in sources and DASHBOARDS, "deploy/prometheus/alerts.yml or the Grafana dashboard is missing"
+    unknown = {
+        f"{path.relative_to(ROOT)}: {ref}"
+        for path, text in sources.items()
+        for ref in _METRIC_REF.findall(text)
+        if ref not in names
+    }
+    assert not unknown, "metrics referenced in deploy/ but not defined in streamhash/metrics.py:\n" + "\n".join(
+        sorted(unknown)
+    )
+
+
+def test_dashboard_shows_the_required_metrics():
+    exprs = " ".join(e for d in DASHBOARDS for _, e in dashboard_exprs(d))
+    required = [
+        "streamhash_messages_consumed_total",  # ingest rate
+        "streamhash_messages_dead_lettered_total",  # DLQ rate by stage
+        "streamhash_consumer_lag_messages",
+        "streamhash_lmdb_commit_duration_seconds_bucket",
+        "streamhash_encode_duration_seconds_bucket",
+        "streamhash_query_duration_seconds_bucket",
+        "streamhash_index_items",
+        "streamhash_freshness_seconds_bucket",
+        "streamhash_learning_rounds_total",
+        "streamhash_index_mi",
+        "streamhash_candidate_mi",
+        "streamhash_reencode_triggers_total",
+        "streamhash_drift_detections_total",
+        "streamhash_model_version",
+        "streamhash_index_generation",
+    ]
+    missing = [m for m in required if m not in exprs]
+    assert not missing, f"dashboard lacks panels for {missing}"
+    assert "by (stage)" in exprs
+
+
+def test_dashboard_structure_and_datasource():
+    ds_uid = re.search(r"^\s*uid:\s*(\S+)", DATASOURCES.read_text(), flags=re.M).group(1)
+    for dash_path in DASHBOARDS:
+        dash = json.loads(dash_path.read_text())
+        assert dash.get("uid") and dash.get("title")
+        ids, stack = [], list(dash["panels"])
+        while stack:
+            panel = stack.pop()
+            ids.append(panel["id"])
+            stack.extend(panel.get("panels", []))
+            if panel["type"] == "row":
+                continue
+            assert panel["datasource"]["uid"] == ds_uid, panel["title"]
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == ds_uid, panel["title"]
+            g = panel["gridPos"]
+            assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        assert len(ids) == len(set(ids)), f"duplicate panel ids in {dash_path.name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_dockerfile_copies_the_build_inputs():
+    """A build file added to the repository (setup.py, ...) must reach the image build."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    copied = " ".join(re.findall(r"^COPY (?!--from)(.*)$", dockerfile, flags=re.M))
+    for name in ("pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in", "README.md", "streamhash", "consumers"):
+        if (ROOT / name).exists():
+            assert re.search(rf"(^|\s){re.escape(name)}(\s|$)", copied), f"deploy/Dockerfile does not COPY {name}"
+            assert f"!{name}" in ignore, f"deploy/Dockerfile.dockerignore excludes {name}"
+    # torch comes from the CPU index, pinned to the version the tests run against.
+    assert "download.pytorch.org/whl/cpu" in dockerfile
+    pinned = re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile).group(1)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("torch").split("+")[0]
+    except PackageNotFoundError:
+        pytest.skip("torch not installed: cannot compare with the Dockerfile pin")
+    assert pinned == installed, f"Dockerfile pins torch {pinned}, tests run torch {installed}"
+
+
+# --------------------------------------------------------------------------------------------
+# compose.yaml
+
+
+@pytest.fixture(scope="module")
+def compose():
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed: compose.yaml not parsed")
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def prom_config():
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed: prometheus.yml not parsed")
+    return yaml.safe_load(PROM_CONFIG.read_text())
+
+
+def test_compose_services(compose):
+    services = compose["services"]
+    for name in ("kafka", "kafka-init", "worker", "query", "prometheus", "grafana"):
+        assert name in services, f"compose.yaml has no {name} service"
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    kenv = services["kafka"]["environment"]
+    assert "controller" in kenv["KAFKA_PROCESS_ROLES"] and "KAFKA_ZOOKEEPER_CONNECT" not in kenv  # KRaft
+    assert str(kenv["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]).lower() == "true"
+    init = "\n".join(services["kafka-init"]["command"])
+    for topic in ("streamhash.images", "streamhash.images.dlq", "streamhash.models"):
+        assert f"--topic {topic} " in init, f"kafka-init does not create {topic}"
+    assert "cleanup.policy=compact" in init
+    assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+    assert services["worker"]["command"] == ["streamhash-worker"]
+    assert services["query"]["command"] == ["streamhash", "serve"]
+    assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY / services["worker"]["build"]["context"] / services["worker"]["build"]["dockerfile"]).is_file()
+    # worker and query share the LMDB volume and the same store path
+    w_vol = {v.split(":")[0] for v in services["worker"]["volumes"]}
+    q_vol = {v.split(":")[0] for v in services["query"]["volumes"]}
+    assert w_vol & q_vol & set(compose["volumes"]), "worker and query do not share the LMDB volume"
+    w_env, q_env = services["worker"]["environment"], services["query"]["environment"]
+    assert w_env["STREAMHASH_STORE__PATH"] == q_env["STREAMHASH_STORE__PATH"]
+    assert w_env["STREAMHASH_WORKER__METRICS_HOST"] == "0.0.0.0"
+    assert q_env["STREAMHASH_SERVER__HOST"] == "0.0.0.0"
+
+
+def test_compose_bind_mounts_exist(compose):
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith((".", "/")):
+                assert (DEPLOY / src).exists(), f"{name} mounts missing {src}"
+    assert (DEPLOY / "grafana" / "provisioning" / "dashboards").is_dir()
+
+
+def test_compose_env_maps_onto_settings(compose, monkeypatch):
+    """Every STREAMHASH_* variable names a real Settings field and the values validate."""
+    from pydantic import BaseModel
+
+    from streamhash.config import Settings
+
+    for name, svc in compose["services"].items():
+        env = {k: str(v) for k, v in (svc.get("environment") or {}).items() if k.startswith("STREAMHASH_")}
+        if not env:
+            continue
+        for key in env:
+            model: type[BaseModel] = Settings
+            parts = key.removeprefix("STREAMHASH_").lower().split("__")
+            for part in parts[:-1]:
+                assert part in model.model_fields, f"{name}: {key}: no settings section {part!r}"
+                model = model.model_fields[part].annotation
+            assert parts[-1] in model.model_fields, f"{name}: {key} is not a setting (typo?)"
+        for k in [k for k in os.environ if k.startswith("STREAMHASH_")]:
+            monkeypatch.delenv(k)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        s = Settings()
+        for key, value in env.items():
+            got = s
+            for part in key.removeprefix("STREAMHASH_").lower().split("__"):
+                got = getattr(got, part)
+            assert str(got) == value, f"{name}: {key}={value!r} read back as {got!r}"
+
+
+def test_prometheus_scrapes_the_compose_services(compose, prom_config):
+    jobs = {j["job_name"]: j for j in prom_config["scrape_configs"]}
+    services = compose["services"]
+    w_port = services["worker"]["environment"]["STREAMHASH_WORKER__METRICS_PORT"]
+    q_port = services["query"]["environment"]["STREAMHASH_SERVER__PORT"]
+    w_targets = [t for sc in jobs["streamhash-worker"]["static_configs"] for t in sc["targets"]]
+    q_targets = [t for sc in jobs["streamhash-query"]["static_configs"] for t in sc["targets"]]
+    assert f"worker:{w_port}" in w_targets
+    assert f"query:{q_port}" in q_targets
+    assert jobs["streamhash-query"].get("metrics_path", "/metrics") == "/metrics"
+    for t in w_targets + q_targets:
+        assert t.split(":")[0] in services, f"scrape target {t} is not a compose service"
+    assert "alerts.yml" in prom_config["rule_files"]
+    # the alerts select on these job names
+    alerts = ALERTS.read_text()
+    assert 'job="streamhash-worker"' in alerts and 'job="streamhash-query"' in alerts
+
+
+# --------------------------------------------------------------------------------------------
+# a real Prometheus scraping streamhash metrics
+
+
+@needs_prometheus
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_real_prometheus_scrapes_streamhash_metrics(tmp_path):
+    from prometheus_client import REGISTRY, start_http_server
+
+    from streamhash import metrics
+
+    httpd, thread = start_http_server(0, addr="127.0.0.1")
+    metrics_port = httpd.server_port
+    prom_port = _free_port()
+    config = tmp_path / "prometheus.yml"
+    # JSON is YAML; the rule file is the real one, so Prometheus itself loads and evaluates it.
+    config.write_text(json.dumps({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{
+            "job_name": "streamhash-test",
+            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"shard": "0"}}],
+        }],
+    }))
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{prom_port}"
+
+    def fail(msg: str):
+        log.flush()
+        pytest.fail(f"{msg}\nprometheus log:\n{(tmp_path / 'prometheus.log').read_text()[-3000:]}")
+
+    def wait_for(what: str, check, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                fail(f"prometheus exited with {proc.returncode} while waiting for {what}")
+            try:
+                last = check()
+                if last is not None:
+                    return last
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        fail(f"timed out waiting for {what} (last: {last!r})")
+
+    def query(expr: str) -> float | None:
+        data = _get_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        result = data["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def equals(expr: str, want: float):
+        def check():
+            got = query(expr)
+            return got if got is not None and abs(got - want) < 1e-9 else None
+        return check
+
+    try:
+        wait_for("/-/ready", lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200 or None)
+        consumed = 'streamhash_messages_consumed_total{job="streamhash-test",shard="0"}'
+        before = REGISTRY.get_sample_value("streamhash_messages_consumed_total") or 0.0
+
+        metrics.MESSAGES_CONSUMED.inc(1000)
+        wait_for("first scrape", equals(consumed, before + 1000))
+        metrics.MESSAGES_CONSUMED.inc(234)
+        wait_for("second scrape", equals(consumed, before + 1234))
+        assert REGISTRY.get_sample_value("streamhash_messages_consumed_total") == before + 1234
+        assert query('up{job="streamhash-test"}') == 1.0
+
+        # The real alerts.yml is loaded and every rule evaluates without error.
+        want_alerts = set(re.findall(r"^\s*- alert:\s*(\S+)", ALERTS.read_text(), flags=re.M))
+
+        def rules_healthy():
+            groups = _get_json(f"{base}/api/v1/rules")["data"]["groups"]
+            rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+            return rules if set(rules) == want_alerts and set(rules.values()) == {"ok"} else None
+
+        wait_for("alert rules evaluated", rules_healthy)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
