@@ -24,6 +24,8 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -81,6 +83,14 @@ def load_or_create_model(store: Store, settings: Settings) -> tuple[int, HashNet
     return version, HashNet.from_bytes(raw, device)
 
 
+@dataclass
+class _Prepared:
+    valid: list[ImageRecord]
+    stamps: list[float]
+    next_offsets: dict[tuple[str, int], int]
+    codes: Future  # -> np.ndarray (len(valid), bits/8)
+
+
 class IngestWorker:
     def __init__(self, settings: Settings, listeners: list[IngestListener] | None = None):
         self.settings = settings
@@ -98,6 +108,9 @@ class IngestWorker:
         self.stopping = threading.Event()
         self.applied = self.store.offsets()  # (topic, partition) -> next offset already in LMDB; we are its only writer
         self.newly_assigned: set[TopicPartition] = set()
+        # OpenMP thread counts are per calling thread: set it where torch runs.
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder", initializer=torch.set_num_threads,
+                                          initargs=(s.model.torch_threads,))
         self.consumer: KafkaConsumer | None = None
         self.dead_letters: DeadLetters | None = None
         m.MODEL_VERSION.labels(process="worker").set(self.model_version)
@@ -121,30 +134,46 @@ class IngestWorker:
 
     # ------------------------------------------------------------------ loop
     def run(self, *, max_idle_s: float | None = None) -> int:
-        """Consume until stopped (or idle for ``max_idle_s``); return a process exit code."""
+        """Consume until stopped (or idle for ``max_idle_s``); return a process exit code.
+
+        Two batches are in flight: while batch *i* is encoded on the encoder thread (torch releases
+        the GIL), this thread polls and parses batch *i+1*; batch *i* is then written and committed
+        before *i+1* is, so the checkpoint order above holds batch by batch.
+        """
         if self.consumer is None:
             self.connect()
         last_data = time.monotonic()
+        in_flight: _Prepared | None = None
         try:
             while not self.stopping.is_set():
-                polled = self.consumer.poll(timeout_ms=self.settings.worker.poll_timeout_ms)
-                self._resume_from_store()
-                records = [r for batch in polled.values() for r in batch if r.offset >= self.applied.get((r.topic, r.partition), 0)]
-                if len(records) < sum(map(len, polled.values())):
-                    m.MESSAGES_REPLAYED.inc(sum(map(len, polled.values())) - len(records))
-                self._update_lag()
-                if not records:
-                    if max_idle_s is not None and time.monotonic() - last_data > max_idle_s:
-                        break
-                    continue
-                last_data = time.monotonic()
-                self.process_with_retry(records)
+                # With a batch in flight, only take what is already fetched: never hold it back for a wait.
+                records = self._poll(0 if in_flight else self.settings.worker.poll_timeout_ms)
+                prepared = self.prepare(records) if records else None
+                if in_flight is not None:
+                    self.finish_with_retry(in_flight)
+                in_flight = prepared
+                if records:
+                    last_data = time.monotonic()
+                elif max_idle_s is not None and time.monotonic() - last_data > max_idle_s:
+                    break
+            if in_flight is not None:
+                self.finish_with_retry(in_flight)
         except StoreFullError as exc:
             log.error("stopping: %s. Nothing was lost: offsets of unwritten messages were not committed.", exc)
             return 75  # EX_TEMPFAIL: a supervisor should not restart in a tight loop
         finally:
             self.close()
         return 0
+
+    def _poll(self, timeout_ms: int) -> list:
+        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        self._resume_from_store()
+        self._update_lag()
+        got = [r for batch in polled.values() for r in batch]
+        records = [r for r in got if r.offset >= self.applied.get((r.topic, r.partition), 0)]
+        if len(records) < len(got):
+            m.MESSAGES_REPLAYED.inc(len(got) - len(records))
+        return records
 
     def _resume_from_store(self) -> None:
         """Seek newly assigned partitions to the LMDB offset where it is ahead of Kafka's committed one.
@@ -162,12 +191,11 @@ class IngestWorker:
                 log.info("resuming %s[%d] at LMDB offset %d (Kafka committed %s)", tp.topic, tp.partition, ours, committed)
                 self.consumer.seek(tp, ours)
 
-    def process_with_retry(self, records, attempts: int = 6) -> None:
+    def finish_with_retry(self, prepared: "_Prepared", attempts: int = 6) -> list[int]:
         delay = 0.5
         for attempt in range(1, attempts + 1):
             try:
-                self.process(records)
-                return
+                return self.finish(prepared)
             except StoreFullError:
                 m.STORE_FULL.inc()
                 if attempt == attempts:
@@ -179,38 +207,44 @@ class IngestWorker:
                 log.warning("Kafka error %r; retrying batch in %.1fs", exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
 
     def process(self, records) -> list[int]:
-        """Steps 2-7 of the loop for one polled batch."""
+        """Steps 2-7 of the loop for one batch, without overlap."""
+        return self.finish(self.prepare(records))
+
+    def prepare(self, records) -> "_Prepared":
+        """Parse, send rejects to the DLQ producer, and start encoding on the encoder thread."""
         m.MESSAGES_CONSUMED.inc(len(records))
         valid: list[ImageRecord] = []
         stamps: list[float] = []
+        next_offsets: dict[tuple[str, int], int] = {}
         for rec in records:
+            key = (rec.topic, rec.partition)
+            next_offsets[key] = max(next_offsets.get(key, 0), rec.offset + 1)
             try:
                 valid.append(parse_message(rec.key, rec.value, rec.headers, self.spec))
                 stamps.append(rec.timestamp / 1000.0)
             except RecordRejected as exc:
                 self.dead_letters.send(rec, exc)
-        codes = self._encode(valid)
-        self.dead_letters.flush()
+        return _Prepared(valid, stamps, next_offsets, self.encoder.submit(self._encode, valid))
 
-        next_offsets: dict[tuple[str, int], int] = {}
-        for rec in records:
-            key = (rec.topic, rec.partition)
-            next_offsets[key] = max(next_offsets.get(key, 0), rec.offset + 1)
-        items = [
-            ItemWrite(r.id, codes[i].tobytes(), r.value, r.content_type, r.labels, stamps[i]) for i, r in enumerate(valid)
-        ]
+    def finish(self, p: "_Prepared") -> list[int]:
+        """Wait for the codes, make dead letters durable, write LMDB, commit Kafka, tell listeners."""
+        codes = p.codes.result()
+        self.dead_letters.flush()
+        items = [ItemWrite(r.id, codes[i].tobytes(), r.value, r.content_type, r.labels, p.stamps[i])
+                 for i, r in enumerate(p.valid)]
         with m.COMMIT_SECONDS.time():
-            seqs = self.store.write_batch(items, next_offsets)
-        self.applied.update(next_offsets)
-        self._commit(next_offsets)
+            seqs = self.store.write_batch(items, p.next_offsets)
+        self.applied.update(p.next_offsets)
+        self._commit(p.next_offsets)
         m.ITEMS_INDEXED.inc(len(items))
         m.BATCHES.inc()
         m.INDEX_ITEMS.labels(process="worker").set(self.store.count())
         m.LAST_COMMIT.set(time.time())
         for listener in self.listeners:
-            listener.on_indexed(valid, seqs)
+            listener.on_indexed(p.valid, seqs)
         return seqs
 
     def _encode(self, valid: list[ImageRecord]) -> np.ndarray:
@@ -241,6 +275,7 @@ class IngestWorker:
         self.stopping.set()
 
     def close(self) -> None:
+        self.encoder.shutdown(wait=True)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None

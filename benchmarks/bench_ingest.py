@@ -1,0 +1,156 @@
+"""Ingest throughput, bare encode throughput, freshness and query latency, on the embedded broker.
+
+    python benchmarks/bench_ingest.py [--n 20000] [--format png] [--query-items 100000] [--json]
+
+1. Bare encode: the worker's network encoding Fashion-MNIST in-process (1 torch thread, the
+   worker's batch size), and decode+encode (PNG decode through the record parser, then encode).
+2. Ingest: ``--n`` images are produced to a fresh topic first; then one worker process starts and
+   the rate is n / (last batch committed - partitions assigned): topic to committed LMDB index.
+3. Freshness: with the worker and the query server running, single images are sent at 20/s and
+   each is timed from send to visible through ``GET /items/{id}``.
+4. Query latency: ``--query-items`` random codes are written straight into a second LMDB store
+   (the ranking does not care how they got there); the query server answers ``POST /search``
+   with k=10 by code and by PNG image; client-side wall time per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from consumers.demo import measure_freshness, wait_for  # noqa: E402
+from consumers.launch import scrape, spawn, stop, wait_http  # noqa: E402
+from streamhash.config import KafkaSettings  # noqa: E402
+from streamhash.data.fashion_mnist import load_all  # noqa: E402
+from streamhash.index.store import ItemWrite, Store  # noqa: E402
+from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
+from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
+from streamhash.kafka.topics import ensure_topics  # noqa: E402
+from streamhash.model.hashnet import HashNet, HashNetConfig  # noqa: E402
+from streamhash.records import ImageSpec, encode_png, parse_message  # noqa: E402
+
+
+def bare_encode(images: np.ndarray, values: list[bytes], batch: int) -> dict:
+    torch.set_num_threads(1)
+    net = HashNet(HashNetConfig(bits=32))
+    net.encode(images[:batch], batch)
+    t = time.perf_counter()
+    net.encode(images, batch)
+    enc = len(images) / (time.perf_counter() - t)
+    spec = ImageSpec()
+    t = time.perf_counter()
+    decoded = np.stack([parse_message(b"k", v, [("labels", b"1")], spec).image for v in values])
+    net.encode(decoded, batch)
+    dec_enc = len(values) / (time.perf_counter() - t)
+    return {"bare_encode_images_per_s": round(enc), "decode_encode_images_per_s": round(dec_enc)}
+
+
+def percentiles(xs: list[float], scale: float = 1.0) -> tuple[float, float]:
+    return round(float(np.percentile(xs, 50)) * scale, 3), round(float(np.percentile(xs, 99)) * scale, 3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=20_000)
+    ap.add_argument("--format", choices=["png", "npy"], default="png")
+    ap.add_argument("--query-items", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--workdir", default="var/bench-ingest")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    images, labels = load_all()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(images))
+    stream, stream_y = images[order[: args.n]], labels[order[: args.n]]
+    values = [encode_png(x) for x in stream[:5000]]
+    out = {"n": args.n, "format": args.format, **bare_encode(stream, values, 512)}
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with EmbeddedBroker(home=work) as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+        ensure_topics(kafka)
+        producer = make_producer(kafka)
+        send(producer, kafka.topic, from_arrays(stream, stream_y, prefix="b-", fmt=args.format), progress=False)
+        metrics_port, http_port = free_port(), free_port()
+        env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMHASH_STORE__PATH": str(work / "index"),
+               "STREAMHASH_WORKER__METRICS_PORT": str(metrics_port), "STREAMHASH_SERVER__PORT": str(http_port),
+               "STREAMHASH_LEARN__ENABLED": "false"}
+        worker = spawn(["worker"], env=env, log_path=work / "worker.log")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        try:
+            wait_http(url, 120, worker, work / "worker.log")
+            wait_for(lambda: scrape(url).get("streamhash_assigned_partitions", 0) > 0, 60, "assignment")
+            t_assigned = time.time()
+            wait_for(lambda: scrape(url).get("streamhash_items_indexed_total", 0) >= args.n, 600, "ingest")
+            s = scrape(url)
+            rate = args.n / (s["streamhash_last_commit_timestamp_seconds"] - t_assigned)
+            out["ingest_images_per_s"] = round(rate)
+            out["ingest_vs_bare_encode"] = round(rate / out["bare_encode_images_per_s"], 3)
+            out["encode_seconds_share"] = round(s["streamhash_encode_duration_seconds_sum"] / (s["streamhash_last_commit_timestamp_seconds"] - t_assigned), 3)
+            out["lmdb_commit_seconds_share"] = round(s["streamhash_lmdb_commit_duration_seconds_sum"] / (s["streamhash_last_commit_timestamp_seconds"] - t_assigned), 3)
+
+            server = spawn(["serve"], env=env, log_path=work / "serve.log")
+            base = f"http://127.0.0.1:{http_port}"
+            wait_http(f"{base}/healthz", 60, server, work / "serve.log")
+            probe_idx = order[args.n: args.n + 100]
+            delays = measure_freshness(producer, kafka.topic, base, images[probe_idx], labels[probe_idx])
+            out["freshness_p50_s"], out["freshness_p99_s"] = percentiles(delays)
+            out["freshness_probes"] = len(delays)
+            stop(server)
+        finally:
+            stop(worker)
+            producer.close()
+
+    # query latency at --query-items codes
+    qstore = work / "query-index"
+    store = Store(qstore, bits=32)
+    net = HashNet(HashNetConfig(bits=32))
+    store.put_model(net.to_bytes(), make_current=True)
+    codes = np.random.default_rng(1).integers(0, 256, (args.query_items, 4), dtype=np.uint8)
+    for start in range(0, args.query_items, 10_000):
+        store.write_batch([ItemWrite(f"q-{i}", codes[i].tobytes(), b"", "image/png", (int(i % 10),))
+                           for i in range(start, min(start + 10_000, args.query_items))])
+    store.close()
+    http_port = free_port()
+    server = spawn(["serve"], env={"STREAMHASH_STORE__PATH": str(qstore), "STREAMHASH_SERVER__PORT": str(http_port)},
+                   log_path=work / "serve-q.log")
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_http(f"{base}/healthz", 120, server, work / "serve-q.log")
+        with httpx.Client(timeout=10) as c:
+            for kind in ("code", "image"):
+                lat = []
+                for i in range(args.queries):
+                    body = {"code_hex": codes[i].tobytes().hex(), "k": 10} if kind == "code" else \
+                        {"image_base64": __import__("base64").b64encode(values[i % len(values)]).decode(), "k": 10}
+                    t = time.perf_counter()
+                    r = c.post(f"{base}/search", json=body)
+                    lat.append(time.perf_counter() - t)
+                    r.raise_for_status()
+                out[f"query_{kind}_p50_ms"], out[f"query_{kind}_p99_ms"] = percentiles(lat[20:], 1000)
+        out["query_items"] = args.query_items
+    finally:
+        stop(server)
+
+    for k, v in out.items():
+        print(f"{k:28s} {v}")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
