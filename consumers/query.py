@@ -139,7 +139,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         rec = store.get_item(item_id)
         if rec is None:
             raise HTTPException(404, f"no item {item_id!r}")
-        return {"id": item_id, "labels": rec["labels"], "ts": rec["ts"], "seq": rec["seq"], "generation": rec["gen"],
+        return {"id": item_id, "labels": rec["labels"], "ts": rec["ts"], "seq": rec["seq"], "generation": rec["generation"],
                 "shard": rec["shard"], "content_type": rec["ctype"], "code_hex": rec["code"].hex() if rec["code"] else None,
                 "visible": rec["seq"] in live.current.ids}
 

@@ -36,7 +36,7 @@ from kafka.errors import KafkaError
 
 from streamhash import metrics as m
 from streamhash.config import Settings, load_settings
-from streamhash.errors import RecordRejected, StoreFullError
+from streamhash.errors import GenerationChanged, RecordRejected, StoreFullError
 from streamhash.index.store import ItemWrite, Store
 from streamhash.kafka.dlq import DeadLetters
 from streamhash.kafka.produce import make_producer
@@ -88,7 +88,7 @@ class _Prepared:
     valid: list[ImageRecord]
     stamps: list[float]
     next_offsets: dict[tuple[str, int], int]
-    codes: Future  # -> np.ndarray (len(valid), bits/8)
+    codes: Future  # -> (generation, np.ndarray (len(valid), bits/8))
 
 
 class IngestWorker:
@@ -103,7 +103,8 @@ class IngestWorker:
             multihash_tables=s.store.multihash_tables,
         )
         self.model_version, self.net = load_or_create_model(self.store, s)
-        self.model_lock = threading.Lock()  # the learner swaps self.net under it
+        self.generation = int(self.store.read_meta()["generation"])
+        self.model_lock = threading.Lock()  # the learner swaps self.net, self.model_version, self.generation under it
         self.listeners = list(listeners or [])
         self.stopping = threading.Event()
         self.applied = self.store.offsets()  # (topic, partition) -> next offset already in LMDB; we are its only writer
@@ -231,12 +232,17 @@ class IngestWorker:
 
     def finish(self, p: "_Prepared") -> list[int]:
         """Wait for the codes, make dead letters durable, write LMDB, commit Kafka, tell listeners."""
-        codes = p.codes.result()
+        generation, codes = p.codes.result()
         self.dead_letters.flush()
-        items = [ItemWrite(r.id, codes[i].tobytes(), r.value, r.content_type, r.labels, p.stamps[i])
-                 for i, r in enumerate(p.valid)]
-        with m.COMMIT_SECONDS.time():
-            seqs = self.store.write_batch(items, p.next_offsets)
+        while True:
+            items = [ItemWrite(r.id, codes[i].tobytes(), r.value, r.content_type, r.labels, p.stamps[i])
+                     for i, r in enumerate(p.valid)]
+            try:
+                with m.COMMIT_SECONDS.time():
+                    seqs = self.store.write_batch(items, p.next_offsets, generation=generation)
+                break
+            except GenerationChanged:  # a re-encode swapped generations while this batch was encoded
+                generation, codes = self._encode(p.valid)
         self.applied.update(p.next_offsets)
         self._commit(p.next_offsets)
         m.ITEMS_INDEXED.inc(len(items))
@@ -247,11 +253,12 @@ class IngestWorker:
             listener.on_indexed(p.valid, seqs)
         return seqs
 
-    def _encode(self, valid: list[ImageRecord]) -> np.ndarray:
-        if not valid:
-            return np.zeros((0, self.store.code_bytes), np.uint8)
+    def _encode(self, valid: list[ImageRecord]) -> tuple[int, np.ndarray]:
+        """(generation the network belongs to, codes): the learner swaps both under ``model_lock``."""
         with m.ENCODE_SECONDS.time(), self.model_lock:
-            return self.net.encode(np.stack([r.image for r in valid]), self.settings.worker.encode_batch)
+            if not valid:
+                return self.generation, np.zeros((0, self.store.code_bytes), np.uint8)
+            return self.generation, self.net.encode(np.stack([r.image for r in valid]), self.settings.worker.encode_batch)
 
     def _commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         from kafka.structs import OffsetAndMetadata

@@ -34,6 +34,10 @@ class SchemaMismatchError(StoreError):
     """The store on disk was written with settings this process does not match."""
 
 
+class GenerationChanged(StoreError):
+    """A re-encode swapped generations between encoding a batch and writing it; encode again."""
+
+
 class BrokerError(StreamhashError):
     """The embedded broker could not be started or reached."""
 

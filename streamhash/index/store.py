@@ -39,7 +39,7 @@ from typing import Iterable
 import lmdb
 import numpy as np
 
-from streamhash.errors import SchemaMismatchError, StoreError, StoreFullError
+from streamhash.errors import GenerationChanged, SchemaMismatchError, StoreError, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,13 @@ class Store:
         self.env.set_mapsize(new)
 
     # ---------------------------------------------------------------- writes
-    def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None) -> list[int]:
-        """Write items (overwriting re-sent ids) and the offset map in one transaction; return their seqs."""
+    def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None,
+                    *, generation: int | None = None) -> list[int]:
+        """Write items (overwriting re-sent ids) and the offset map in one transaction; return their seqs.
+
+        ``generation``: the generation the codes were encoded for; if a re-encode swapped in another
+        one meanwhile, GenerationChanged is raised and nothing is written (encode again, retry).
+        """
         items = list(items)
         for it in items:
             if len(it.code) != self.code_bytes:
@@ -234,16 +239,20 @@ class Store:
         def txn_fn(txn):
             meta = self.read_meta(txn)
             gen, seq = int(meta["generation"]), int(meta["next_seq"])
+            if generation is not None and generation != gen:
+                raise GenerationChanged(f"codes encoded for generation {generation}, store is at {gen}")
             gen_prefix = u64(gen)
+            # An overwrite must also drop the item from a generation being built beside this one.
+            live_gens = [gen] + ([int(meta["pending_generation"])] if meta.get("pending_generation") else [])
             seqs = []
             for it in items:
                 key = it.id.encode()
                 old = txn.get(key, db=self.db["items"])
                 if old is not None:
-                    self._unlink(txn, key, json.loads(old), gen_prefix)
+                    self._unlink(txn, key, json.loads(old), live_gens)
                 rec = {
                     "labels": list(it.labels) if it.labels is not None else None, "ts": it.ts, "seq": seq,
-                    "gen": gen, "shard": meta["shard"], "ctype": it.content_type,
+                    "shard": meta["shard"], "ctype": it.content_type,
                 }
                 txn.put(key, json.dumps(rec).encode(), db=self.db["items"])
                 txn.put(gen_prefix + key, it.code, db=self.db["codes"])
@@ -259,10 +268,12 @@ class Store:
 
         return self._write(txn_fn)
 
-    def _unlink(self, txn, key: bytes, rec: dict, gen_prefix: bytes) -> None:
-        old_code = txn.get(gen_prefix + key, db=self.db["codes"])
-        if old_code is not None:
-            self.tables.remove(txn, self.db["tables"], from_u64(gen_prefix), rec["seq"], old_code)
+    def _unlink(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
+        for gen in gens:
+            old_code = txn.get(u64(gen) + key, db=self.db["codes"])
+            if old_code is not None:
+                self.tables.remove(txn, self.db["tables"], gen, rec["seq"], old_code)
+                txn.delete(u64(gen) + key, db=self.db["codes"])
         txn.delete(u64(rec["seq"]), db=self.db["changes"])
 
     def put_model(self, raw: bytes, *, make_current: bool = False) -> int:
@@ -275,6 +286,127 @@ class Store:
             if make_current:
                 txn.put(b"model_version", json.dumps(version).encode(), db=self.db["meta"])
             return version
+
+        return self._write(txn_fn)
+
+    # ---------------------------------------------------------------- generations
+    def begin_generation(self) -> tuple[int, int]:
+        """Open generation ``current + 1`` beside the live one; returns (generation, seq watermark).
+
+        Items written after the watermark are caught up by :meth:`swap_generation`. Leftovers of an
+        earlier, interrupted build of the same generation are cleared first.
+        """
+        meta = self.read_meta()
+        gen = int(meta["generation"]) + 1
+        self.drop_generation(gen)
+        self._write(lambda txn: self._put_meta(txn, {"pending_generation": gen}))
+        return gen, int(meta["next_seq"]) - 1
+
+    def put_generation_codes(self, gen: int, ids: list[str], codes: np.ndarray) -> None:
+        """Write codes (and their hash-table entries) of a pending generation; ids gone meanwhile are skipped."""
+        self._write(lambda txn: self._put_gen_codes(txn, gen, ids, codes))
+
+    def _put_gen_codes(self, txn, gen: int, ids: list[str], codes: np.ndarray) -> None:
+        prefix = u64(gen)
+        for item_id, code in zip(ids, np.asarray(codes, np.uint8)):
+            key = item_id.encode()
+            raw = txn.get(key, db=self.db["items"])
+            if raw is None:
+                continue
+            seq = json.loads(raw)["seq"]
+            old = txn.get(prefix + key, db=self.db["codes"])
+            if old is not None:
+                self.tables.remove(txn, self.db["tables"], gen, seq, old)
+            txn.put(prefix + key, code.tobytes(), db=self.db["codes"])
+            self.tables.add(txn, self.db["tables"], gen, seq, code.tobytes())
+
+    def ids_missing_from(self, gen: int, after_seq: int = 0) -> list[str]:
+        """Ids written after ``after_seq`` that have no code in generation ``gen`` yet."""
+
+        def read(txn):
+            cur = txn.cursor(db=self.db["changes"])
+            out = []
+            if cur.set_range(u64(after_seq + 1)):
+                for _, key in cur:
+                    if txn.get(u64(gen) + key, db=self.db["codes"]) is None:
+                        out.append(key.decode())
+            return out
+
+        return self._read(read)
+
+    def swap_generation(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray) -> int:
+        """Write the last codes of ``gen`` and make it current with ``model_version``, in one transaction.
+
+        Refuses (StoreError) if any live item would be left without a code: readers switch to a
+        complete generation or not at all. Returns the generation that was replaced.
+        """
+
+        def txn_fn(txn):
+            meta = self.read_meta(txn)
+            if meta.get("pending_generation") != gen:
+                raise StoreError(f"generation {gen} is not being built (pending: {meta.get('pending_generation')})")
+            self._put_gen_codes(txn, gen, ids, codes)
+            prefix = u64(gen)
+            for _, key in txn.cursor(db=self.db["changes"]):
+                if txn.get(prefix + key, db=self.db["codes"]) is None:
+                    raise StoreError(f"item {key.decode()!r} has no code in generation {gen}; catch it up first")
+            self._put_meta(txn, {"generation": gen, "model_version": model_version, "pending_generation": None})
+            return int(meta["generation"])
+
+        return self._write(txn_fn)
+
+    def drop_generation(self, gen: int, chunk: int = 10_000) -> int:
+        """Delete every code and table entry of ``gen`` (a replaced or abandoned one), in bounded transactions."""
+        prefix, dropped = u64(gen), 0
+        for db in (self.db["codes"], self.db["tables"]):
+            while True:
+                def txn_fn(txn):
+                    cur, n = txn.cursor(db=db), 0
+                    if not cur.set_range(prefix):
+                        return 0
+                    while n < chunk and cur.key().startswith(prefix):
+                        # delete(dupdata=True) removes every duplicate of a table key at once
+                        if not cur.delete(dupdata=True):
+                            break
+                        n += 1
+                    return n
+
+                n = self._write(txn_fn)
+                dropped += n
+                if n < chunk:
+                    break
+        return dropped
+
+    def set_model_version(self, version: int) -> None:
+        """Make ``version`` the current model without changing codes (a DIHN round: old codes stay valid)."""
+        self._write(lambda txn: self._put_meta(txn, {"model_version": version}))
+
+    def put_codes(self, ids: list[str], codes: np.ndarray) -> list[int]:
+        """Replace codes of existing items in the current generation (learned codes of new items).
+
+        Each updated item gets a new seq, so followers pick the change up like any write.
+        """
+
+        def txn_fn(txn):
+            meta = self.read_meta(txn)
+            gen, seq = int(meta["generation"]), int(meta["next_seq"])
+            prefix, seqs = u64(gen), []
+            for item_id, code in zip(ids, np.asarray(codes, np.uint8)):
+                key = item_id.encode()
+                raw = txn.get(key, db=self.db["items"])
+                if raw is None:
+                    continue
+                rec = json.loads(raw)
+                self._unlink(txn, key, rec, [gen])
+                rec["seq"] = seq
+                txn.put(key, json.dumps(rec).encode(), db=self.db["items"])
+                txn.put(prefix + key, code.tobytes(), db=self.db["codes"])
+                txn.put(u64(seq), key, db=self.db["changes"])
+                self.tables.add(txn, self.db["tables"], gen, seq, code.tobytes())
+                seqs.append(seq)
+                seq += 1
+            txn.put(b"next_seq", json.dumps(seq).encode(), db=self.db["meta"])
+            return seqs
 
         return self._write(txn_fn)
 
@@ -307,7 +439,8 @@ class Store:
                 return None
             rec = json.loads(raw)
             rec["id"] = item_id
-            rec["code"] = txn.get(u64(rec["gen"]) + key, db=self.db["codes"])
+            rec["generation"] = int(self.read_meta(txn)["generation"])
+            rec["code"] = txn.get(u64(rec["generation"]) + key, db=self.db["codes"])
             if with_blob:
                 rec["blob"] = txn.get(key, db=self.db["blobs"])
             return rec

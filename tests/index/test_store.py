@@ -132,3 +132,57 @@ def test_schema_mismatch_is_typed(tmp_path):
     s.close()
     with pytest.raises(SchemaMismatchError, match="schema 999"):
         Store(tmp_path, bits=32)
+
+
+def test_generation_is_built_beside_the_live_one_and_swapped_atomically(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(6))
+    old = s.snapshot()
+    gen, watermark = s.begin_generation()
+    assert (gen, watermark) == (2, 6)
+    new_codes = np.full((4, 4), 7, np.uint8)
+    s.put_generation_codes(gen, ["id0", "id1", "id2", "id3"], new_codes)
+    # the live generation is untouched while the next one is built
+    assert s.snapshot().generation == 1
+    np.testing.assert_array_equal(s.snapshot().codes, old.codes)
+    # a write during the build: an overwrite of id0 and a new item; both must be caught up
+    s.write_batch([ItemWrite("id0", bytes(4), b"x", "image/png", (1,)), ItemWrite("new", bytes(4), b"x", "image/png", None)])
+    missing = s.ids_missing_from(gen)
+    assert sorted(missing) == ["id0", "id4", "id5", "new"]
+    with pytest.raises(StoreError, match="has no code in generation 2"):
+        s.swap_generation(gen, 5, [], np.zeros((0, 4), np.uint8))
+    assert s.snapshot().generation == 1
+    assert s.swap_generation(gen, 5, missing, np.full((4, 4), 9, np.uint8)) == 1
+    snap = s.snapshot()
+    assert (snap.generation, snap.model_version) == (2, 5)
+    assert {i: bytes(c).hex() for i, c in zip(snap.ids, snap.codes)} == {
+        "id1": "07070707", "id2": "07070707", "id3": "07070707", "id4": "09090909", "id5": "09090909",
+        "id0": "09090909", "new": "09090909"}
+    assert s.get_item("id4")["code"] == bytes([9] * 4) and s.get_item("id4")["generation"] == 2
+    # the replaced generation's codes and tables can be dropped; the live one stays searchable
+    assert s.drop_generation(1) > 0
+    with s.env.begin() as txn:
+        assert s.tables.candidates(txn, s.db["tables"], 1, bytes(4), 33).size == 0
+        found = s.tables.candidates(txn, s.db["tables"], 2, bytes([7] * 4), 1)
+    assert sorted(s.snapshot().ids[i] for i in np.searchsorted(snap.seqs, found)) == ["id1", "id2", "id3"]
+
+
+def test_write_encoded_for_a_replaced_generation_is_refused(tmp_path):
+    from streamhash.errors import GenerationChanged
+
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(2), generation=1)
+    gen, _ = s.begin_generation()
+    s.swap_generation(gen, 2, s.ids_missing_from(gen), np.zeros((2, 4), np.uint8))
+    with pytest.raises(GenerationChanged):
+        s.write_batch(items(1, prefix="late"), {("t", 0): 9}, generation=1)
+    assert s.get_item("late0") is None and s.offsets() == {}
+
+
+def test_learned_codes_replace_provisional_ones_with_new_seqs(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3))
+    assert s.put_codes(["id1", "gone"], np.full((2, 4), 5, np.uint8)) == [4]
+    gen, changes = s.changes_since(3)
+    assert [(c.id, c.code) for c in changes] == [("id1", bytes([5] * 4))]
+    assert s.count() == 3
