@@ -50,7 +50,7 @@ log = logging.getLogger("streamhash.worker")
 class IngestListener(Protocol):
     """Told about every committed batch; must return quickly (hand work to its own thread)."""
 
-    def on_indexed(self, records: list[ImageRecord], seqs: list[int]) -> None: ...
+    def on_indexed(self, records: list[ImageRecord], codes: np.ndarray, seqs: list[int]) -> None: ...
 
 
 class _TrackAssignment(ConsumerRebalanceListener):
@@ -250,7 +250,7 @@ class IngestWorker:
         m.INDEX_ITEMS.labels(process="worker").set(self.store.count())
         m.LAST_COMMIT.set(time.time())
         for listener in self.listeners:
-            listener.on_indexed(p.valid, seqs)
+            listener.on_indexed(p.valid, codes, seqs)
         return seqs
 
     def _encode(self, valid: list[ImageRecord]) -> tuple[int, np.ndarray]:
@@ -322,8 +322,22 @@ def run_from_args(args: argparse.Namespace) -> int:
     settings.log_startup("streamhash-worker")
     m.serve_metrics(settings.worker.metrics_port, settings.worker.metrics_host)
     worker = IngestWorker(settings)
+    learner = None
+    if settings.learn.enabled:
+        from consumers.learner import LearnerThread
+
+        learner = LearnerThread(worker)
+        worker.listeners.append(learner)
+        learner.start()
+        # `kill -USR1 <pid>` asks for a learning round now, whatever the count of new items.
+        signal.signal(signal.SIGUSR1, lambda *_: learner.request_round())
     install_signal_handlers(worker.stop)
-    return worker.run(max_idle_s=args.max_idle_s)
+    try:
+        return worker.run(max_idle_s=args.max_idle_s)
+    finally:
+        if learner is not None:
+            learner.stop()
+            learner.join(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:

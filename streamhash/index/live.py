@@ -66,7 +66,7 @@ class LiveIndex:
     def refresh(self) -> int:
         """Apply new store changes; rebuild on a generation change. Returns the number applied."""
         g = self.current
-        gen, changes = self.store.changes_since(g.last_seq)
+        gen, model_version, changes = self.store.changes_since(g.last_seq)
         if gen != g.generation:
             t0 = time.perf_counter()
             new = self._build()
@@ -75,6 +75,10 @@ class LiveIndex:
                      new.generation, new.model_version, new.index.ntotal, time.perf_counter() - t0)
             self._publish(new)
             return new.index.ntotal
+        if model_version != g.model_version:
+            # A DIHN round: same codes, a newer compatible query encoder. One attribute write.
+            g.model_version = model_version
+            self._publish(g)
         if not changes:
             return 0
         with m.INDEX_REFRESH_SECONDS.time():

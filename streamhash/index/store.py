@@ -377,12 +377,9 @@ class Store:
                     break
         return dropped
 
-    def set_model_version(self, version: int) -> None:
-        """Make ``version`` the current model without changing codes (a DIHN round: old codes stay valid)."""
-        self._write(lambda txn: self._put_meta(txn, {"model_version": version}))
-
-    def put_codes(self, ids: list[str], codes: np.ndarray) -> list[int]:
-        """Replace codes of existing items in the current generation (learned codes of new items).
+    def put_codes(self, ids: list[str], codes: np.ndarray, *, model_version: int | None = None) -> list[int]:
+        """Replace codes of existing items in the current generation (learned codes of new items),
+        optionally making ``model_version`` current in the same transaction.
 
         Each updated item gets a new seq, so followers pick the change up like any write.
         """
@@ -406,6 +403,8 @@ class Store:
                 seqs.append(seq)
                 seq += 1
             txn.put(b"next_seq", json.dumps(seq).encode(), db=self.db["meta"])
+            if model_version is not None:
+                txn.put(b"model_version", json.dumps(model_version).encode(), db=self.db["meta"])
             return seqs
 
         return self._write(txn_fn)
@@ -460,16 +459,17 @@ class Store:
 
         return self._read(read)
 
-    def changes_since(self, after_seq: int, limit: int = 100_000) -> tuple[int, list[Change]]:
-        """Items written after ``after_seq`` in seq order, read from one snapshot, with the generation."""
+    def changes_since(self, after_seq: int, limit: int = 100_000) -> tuple[int, int, list[Change]]:
+        """(generation, model version, items written after ``after_seq`` in seq order), from one snapshot."""
 
         def read(txn):
-            gen = int(self.read_meta(txn)["generation"])
+            meta = self.read_meta(txn)
+            gen, model_version = int(meta["generation"]), int(meta["model_version"])
             gen_prefix = u64(gen)
             out: list[Change] = []
             cur = txn.cursor(db=self.db["changes"])
             if not cur.set_range(u64(after_seq + 1)):
-                return gen, out
+                return gen, model_version, out
             for k, key in cur:
                 rec = json.loads(txn.get(key, db=self.db["items"]))
                 code = txn.get(gen_prefix + key, db=self.db["codes"])
@@ -477,7 +477,7 @@ class Store:
                 out.append(Change(from_u64(k), key.decode(), code, labels, rec["ts"]))
                 if len(out) >= limit:
                     break
-            return gen, out
+            return gen, model_version, out
 
         return self._read(read)
 

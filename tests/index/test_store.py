@@ -42,7 +42,7 @@ def test_resent_id_overwrites_and_moves_to_the_end(tmp_path):
     snap = s.snapshot()
     assert snap.ids == ["id2", "id3", "id4", "id0", "id1"]  # overwritten ids have new, later seqs
     assert s.get_item("id0")["code"] == again[0].code
-    gen, changes = s.changes_since(5)
+    gen, _, changes = s.changes_since(5)
     assert [c.id for c in changes] == ["id0", "id1"]
     # the multi-index tables forget the old code and know the new one
     with s.env.begin() as txn:
@@ -182,7 +182,8 @@ def test_write_encoded_for_a_replaced_generation_is_refused(tmp_path):
 def test_learned_codes_replace_provisional_ones_with_new_seqs(tmp_path):
     s = Store(tmp_path, bits=32)
     s.write_batch(items(3))
-    assert s.put_codes(["id1", "gone"], np.full((2, 4), 5, np.uint8)) == [4]
-    gen, changes = s.changes_since(3)
+    assert s.put_codes(["id1", "gone"], np.full((2, 4), 5, np.uint8), model_version=3) == [4]
+    gen, model_version, changes = s.changes_since(3)
+    assert (gen, model_version) == (1, 3)
     assert [(c.id, c.code) for c in changes] == [("id1", bytes([5] * 4))]
     assert s.count() == 3

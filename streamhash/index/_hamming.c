@@ -1,0 +1,414 @@
+/* Native Hamming kernels for streamhash.index.hamming (exact top-k and range search).
+ *
+ * Codes are rows of W little-endian 64-bit words (the Python side zero-pads widths that are not a
+ * multiple of 64, so padding bits never differ). Rows are in insertion order; a row may be dead
+ * (tombstoned) until the Python side compacts.
+ *
+ * Top-k is a streaming counting select. Distances are bounded by d, so per query we keep a
+ * histogram of accepted candidates and a limit `lim`: the k-th smallest distance seen so far.
+ * A row is accepted only if it can still enter the top-k (distance < lim, or == lim while fewer
+ * than k are held); rows arrive in row order, so among equal distances the earlier row always
+ * wins, which is exactly the insertion-order tie-break. After a few thousand rows almost nothing
+ * passes, so the hot loop is load, xor, popcount, compare. The final answer is emitted by a
+ * counting sort over the held candidates (stable, so ties stay in row order).
+ *
+ * Portability: the hot loops are compiled for several targets (AVX-512 VPOPCNTDQ, POPCNT,
+ * baseline x86-64 / other architectures) and picked at run time with __builtin_cpu_supports, so
+ * the module never executes an instruction the CPU lacks. The GIL is released while scanning.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define SH_X86 1
+#include <immintrin.h>
+#endif
+
+/* ------------------------------------------------------------------ per-query top-k state */
+typedef struct {
+    int64_t *rows;
+    uint16_t *dist;
+    int64_t len, cap;
+    int64_t *hist;  /* d+1 buckets, counts of held candidates with dist <= lim */
+    int lim;        /* k-th smallest distance held (d while fewer than k are held) */
+    int64_t held;   /* candidates with dist <= lim */
+    int64_t k;
+    int radius;     /* accept only distances < radius; range search is top-"infinity" under a radius */
+    int oom;
+} topk_t;
+
+/* Exclusive bound on distances that can still enter the result. */
+static inline int topk_thr(const topk_t *t) {
+    int thr = t->held < t->k ? t->lim + 1 : t->lim;
+    return thr < t->radius ? thr : t->radius;
+}
+
+static int topk_init(topk_t *t, int d, int64_t k, int radius) {
+    memset(t, 0, sizeof(*t));
+    t->k = k;
+    t->lim = d;
+    t->radius = radius;
+    t->cap = k < 512 ? 2 * k + 64 : 1024 + 64; /* grows on demand (ties, range results) */
+    t->rows = malloc(t->cap * sizeof(int64_t));
+    t->dist = malloc(t->cap * sizeof(uint16_t));
+    t->hist = calloc((size_t)d + 1, sizeof(int64_t));
+    return t->rows && t->dist && t->hist ? 0 : -1;
+}
+
+static void topk_free(topk_t *t) {
+    free(t->rows);
+    free(t->dist);
+    free(t->hist);
+}
+
+/* Drop candidates that fell above lim; grow when ties at lim keep the buffer full. */
+static void topk_make_room(topk_t *t) {
+    int64_t j = 0;
+    for (int64_t i = 0; i < t->len; i++) {
+        if (t->dist[i] <= t->lim) {
+            t->rows[j] = t->rows[i];
+            t->dist[j++] = t->dist[i];
+        }
+    }
+    t->len = j;
+    if (t->len * 2 > t->cap) {
+        int64_t cap = t->cap * 2;
+        int64_t *r = realloc(t->rows, cap * sizeof(int64_t));
+        if (r) t->rows = r;
+        uint16_t *dd = realloc(t->dist, cap * sizeof(uint16_t));
+        if (dd) t->dist = dd;
+        if (r && dd) t->cap = cap; else t->oom = 1;
+    }
+}
+
+static inline void topk_push(topk_t *t, int64_t row, int dist, const uint8_t *dead) {
+    if (dist >= topk_thr(t) || (dead && dead[row])) return;
+    if (t->len == t->cap) {
+        topk_make_room(t);
+        if (t->len == t->cap) return; /* out of memory: reported by the caller */
+    }
+    t->rows[t->len] = row;
+    t->dist[t->len++] = (uint16_t)dist;
+    t->hist[dist]++;
+    t->held++;
+    /* Lower lim while the candidates strictly below it already fill k slots. */
+    while (t->held - t->hist[t->lim] >= t->k) {
+        t->held -= t->hist[t->lim];
+        t->hist[t->lim] = 0;
+        t->lim--;
+    }
+}
+
+/* Counting sort of the held candidates into out_d/out_r (k slots, padded by the caller). */
+static void topk_emit(topk_t *t, int32_t *out_d, int64_t *out_r, int64_t *off) {
+    int64_t acc = 0;
+    for (int v = 0; v <= t->lim; v++) {
+        off[v] = acc;
+        acc += t->hist[v];
+    }
+    for (int64_t i = 0; i < t->len; i++) {
+        int v = t->dist[i];
+        if (v > t->lim) continue;
+        int64_t pos = off[v]++;
+        if (pos >= t->k) continue; /* a later tie at lim */
+        out_d[pos] = v;
+        out_r[pos] = t->rows[i];
+    }
+}
+
+/* ------------------------------------------------------------------ scan loops */
+/* Each scan pushes rows [r0, r1) of `codes` against one query into its top-k state. */
+typedef void (*scan_fn)(const uint64_t *codes, int64_t r0, int64_t r1, int W, const uint64_t *q,
+                        topk_t *t, const uint8_t *dead);
+
+#define SCALAR_SCAN_BODY                                                        \
+    int thr = topk_thr(t);                                                      \
+    for (int64_t i = r0; i < r1; i++) {                                         \
+        const uint64_t *c = codes + i * W;                                      \
+        int dist = 0;                                                           \
+        for (int w = 0; w < W; w++) dist += __builtin_popcountll(c[w] ^ q[w]);  \
+        if (dist < thr) {                                                       \
+            topk_push(t, i, dist, dead);                                        \
+            thr = topk_thr(t);                                                  \
+        }                                                                       \
+    }
+
+static void scan_generic(const uint64_t *codes, int64_t r0, int64_t r1, int W, const uint64_t *q,
+                         topk_t *t, const uint8_t *dead) {
+    SCALAR_SCAN_BODY
+}
+
+#ifdef SH_X86
+__attribute__((target("popcnt"))) static void scan_popcnt(const uint64_t *codes, int64_t r0, int64_t r1, int W,
+                                                          const uint64_t *q, topk_t *t, const uint8_t *dead) {
+    SCALAR_SCAN_BODY
+}
+
+#define AVX512 __attribute__((target("popcnt,avx512f,avx512vpopcntdq"), always_inline)) static inline
+
+/* Distances of 8 consecutive rows starting at `c` (row-major, W words each), one per lane. */
+AVX512 __m512i dist8(const uint64_t *c, const int W, const __m512i vq) {
+    if (W == 1) return _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(c), vq));
+    const __m512i ev = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i od = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+#define PC(j) _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(c + 8 * (j)), vq))
+#define PAIR(a, b) _mm512_add_epi64(_mm512_permutex2var_epi64(a, ev, b), _mm512_permutex2var_epi64(a, od, b))
+    if (W == 2) return PAIR(PC(0), PC(1));
+    /* W == 4: two rounds of adding neighbouring lanes. */
+    return PAIR(PAIR(PC(0), PC(1)), PAIR(PC(2), PC(3)));
+#undef PC
+#undef PAIR
+}
+
+AVX512 void scan_avx512_w(const uint64_t *codes, int64_t r0, int64_t r1, const int W, const uint64_t *q,
+                          topk_t *t, const uint8_t *dead) {
+    /* The query repeated across lanes: W divides 8, so lane j holds word j % W. */
+    uint64_t qq[8];
+    for (int j = 0; j < 8; j++) qq[j] = q[j % W];
+    const __m512i vq = _mm512_loadu_si512(qq);
+    int64_t i = r0;
+    for (; i + 32 <= r1; i += 32) {
+        const __m512i thr = _mm512_set1_epi64(topk_thr(t));
+        const uint64_t *c = codes + i * W;
+        __m512i d0 = dist8(c, W, vq), d1 = dist8(c + 8 * W, W, vq);
+        __m512i d2 = dist8(c + 16 * W, W, vq), d3 = dist8(c + 24 * W, W, vq);
+        uint32_t m = (uint32_t)_mm512_cmplt_epi64_mask(d0, thr) | (uint32_t)_mm512_cmplt_epi64_mask(d1, thr) << 8 |
+                     (uint32_t)_mm512_cmplt_epi64_mask(d2, thr) << 16 | (uint32_t)_mm512_cmplt_epi64_mask(d3, thr) << 24;
+        if (!m) continue; /* the common case once the top-k has warmed up */
+        uint64_t dd[32];
+        _mm512_storeu_si512(dd, d0);
+        _mm512_storeu_si512(dd + 8, d1);
+        _mm512_storeu_si512(dd + 16, d2);
+        _mm512_storeu_si512(dd + 24, d3);
+        while (m) {
+            int j = __builtin_ctz(m);
+            m &= m - 1;
+            topk_push(t, i + j, (int)dd[j], dead); /* re-checks against the (maybe lower) limit */
+        }
+    }
+    for (; i < r1; i++) {
+        int dist = 0;
+        for (int w = 0; w < W; w++) dist += (int)_mm_popcnt_u64(codes[i * W + w] ^ q[w]);
+        topk_push(t, i, dist, dead);
+    }
+}
+
+__attribute__((target("popcnt,avx512f,avx512vpopcntdq"))) static void scan_avx512(const uint64_t *codes, int64_t r0,
+                                                                           int64_t r1, int W, const uint64_t *q,
+                                                                           topk_t *t, const uint8_t *dead) {
+    switch (W) {
+    case 1: scan_avx512_w(codes, r0, r1, 1, q, t, dead); break;
+    case 2: scan_avx512_w(codes, r0, r1, 2, q, t, dead); break;
+    case 4: scan_avx512_w(codes, r0, r1, 4, q, t, dead); break;
+    default: scan_popcnt(codes, r0, r1, W, q, t, dead);
+    }
+}
+#endif
+
+static scan_fn pick_scan(int W, const char **name) {
+#ifdef SH_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+        (W == 1 || W == 2 || W == 4)) {
+        *name = "avx512-vpopcntdq";
+        return scan_avx512;
+    }
+    if (__builtin_cpu_supports("popcnt")) {
+        *name = "popcnt";
+        return scan_popcnt;
+    }
+#endif
+    *name = "generic";
+    return scan_generic;
+}
+
+/* ------------------------------------------------------------------ driver */
+/* Scan rows [r0, r1) for nq queries into their states (which must be initialised). With several
+ * queries, block over the database so one block stays in cache while every query scans it.
+ * Runs without the GIL. Returns nonzero when a state ran out of memory. */
+static int scan_all(const uint64_t *C, int64_t r0, int64_t r1, int W, const uint64_t *Q, Py_ssize_t nq,
+                    const uint8_t *dead, int64_t block, topk_t *st) {
+    const char *name;
+    scan_fn scan = pick_scan(W, &name);
+    int64_t step = nq > 1 ? block : (r1 - r0);
+    for (int64_t b0 = r0; b0 < r1; b0 += step) {
+        int64_t b1 = b0 + step < r1 ? b0 + step : r1;
+        for (Py_ssize_t j = 0; j < nq; j++) scan(C, b0, b1, W, Q + j * W, &st[j], dead);
+    }
+    int err = 0;
+    for (Py_ssize_t j = 0; j < nq; j++) err |= st[j].oom;
+    return err;
+}
+
+static topk_t *states_new(Py_ssize_t nq, int d, int64_t k, int radius) {
+    topk_t *st = calloc(nq ? nq : 1, sizeof(topk_t));
+    if (!st) return NULL;
+    for (Py_ssize_t j = 0; j < nq; j++) {
+        if (topk_init(&st[j], d, k, radius)) {
+            for (Py_ssize_t i = 0; i <= j; i++) topk_free(&st[i]);
+            free(st);
+            return NULL;
+        }
+    }
+    return st;
+}
+
+static void states_free(topk_t *st, Py_ssize_t nq) {
+    if (!st) return;
+    for (Py_ssize_t j = 0; j < nq; j++) topk_free(&st[j]);
+    free(st);
+}
+
+/* ------------------------------------------------------------------ Python bindings */
+typedef struct {
+    Py_buffer codes, queries, dead;
+    int have_dead;
+} common_args;
+
+static void common_release(common_args *a) {
+    PyBuffer_Release(&a->codes);
+    PyBuffer_Release(&a->queries);
+    if (a->have_dead) PyBuffer_Release(&a->dead);
+}
+
+/* Validate the buffers shared by search and range_search; on error release them and return -1. */
+static int common_check(common_args *a, PyObject *dead_obj, Py_ssize_t r1, int W, int d, Py_ssize_t nq) {
+    a->have_dead = 0;
+    if (dead_obj != Py_None) {
+        if (PyObject_GetBuffer(dead_obj, &a->dead, PyBUF_SIMPLE) < 0) goto fail;
+        a->have_dead = 1;
+    }
+    if (W < 1 || d < 1 || d > 65535 || r1 < 0 || nq < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad arguments");
+        goto fail;
+    }
+    if (a->codes.len < r1 * W * 8 || a->queries.len < nq * W * 8 || (a->have_dead && a->dead.len < r1)) {
+        PyErr_SetString(PyExc_ValueError, "codes, queries or dead buffer too small");
+        goto fail;
+    }
+    return 0;
+fail:
+    common_release(a);
+    return -1;
+}
+
+/* search(codes, r0, r1, W, d, queries, nq, k, dead_or_None, out_D, out_rows, block_rows)
+ * Top-k over rows [r0, r1). out_D (nq*k int32) and out_rows (nq*k int64) must be pre-filled with
+ * the padding; only the first min(k, live rows) slots of each query are written. */
+static PyObject *py_search(PyObject *self, PyObject *args) {
+    common_args a;
+    Py_buffer od, orow;
+    Py_ssize_t r0, r1, nq, block;
+    int W, d, k;
+    PyObject *dead_obj;
+    if (!PyArg_ParseTuple(args, "y*nniiy*niOw*w*n", &a.codes, &r0, &r1, &W, &d, &a.queries, &nq, &k, &dead_obj,
+                          &od, &orow, &block))
+        return NULL;
+    if (common_check(&a, dead_obj, r1, W, d, nq) < 0) goto out;
+    if (k < 1 || r0 < 0 || r0 > r1 || od.len < nq * k * 4 || orow.len < nq * k * 8) {
+        PyErr_SetString(PyExc_ValueError, "bad k/row range or output buffers too small");
+        common_release(&a);
+        goto out;
+    }
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    topk_t *st = states_new(nq, d, k, d + 1);
+    int64_t *off = malloc(((size_t)d + 1) * sizeof(int64_t));
+    err = !st || !off || scan_all(a.codes.buf, r0, r1, W, a.queries.buf, nq, a.have_dead ? a.dead.buf : NULL,
+                                  block > 0 ? block : 1 << 14, st);
+    if (!err)
+        for (Py_ssize_t j = 0; j < nq; j++)
+            topk_emit(&st[j], (int32_t *)od.buf + j * k, (int64_t *)orow.buf + j * k, off);
+    states_free(st, nq);
+    free(off);
+    Py_END_ALLOW_THREADS
+    if (err) PyErr_NoMemory();
+    common_release(&a);
+out:
+    PyBuffer_Release(&od);
+    PyBuffer_Release(&orow);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* range_search(codes, n, W, d, queries, nq, radius, dead_or_None, block_rows)
+ *   -> (lims bytearray of nq+1 int64, D bytearray of int32, rows bytearray of int64)
+ * Rows at distance < radius, sorted by (distance, row) per query. One pass: a range search is a
+ * top-k with k unbounded and the threshold pinned at the radius. */
+static PyObject *py_range_search(PyObject *self, PyObject *args) {
+    common_args a;
+    Py_ssize_t n, nq, block;
+    int W, d, radius;
+    PyObject *dead_obj, *lims = NULL, *D = NULL, *R = NULL;
+    if (!PyArg_ParseTuple(args, "y*niiy*niOn", &a.codes, &n, &W, &d, &a.queries, &nq, &radius, &dead_obj, &block))
+        return NULL;
+    if (common_check(&a, dead_obj, n, W, d, nq) < 0) return NULL;
+    if (radius < 1 || radius > d + 1) {
+        PyErr_SetString(PyExc_ValueError, "radius must be in [1, d + 1]");
+        common_release(&a);
+        return NULL;
+    }
+    topk_t *st = NULL;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    st = states_new(nq, d, INT64_MAX, radius);
+    err = !st || scan_all(a.codes.buf, 0, n, W, a.queries.buf, nq, a.have_dead ? a.dead.buf : NULL,
+                          block > 0 ? block : 1 << 14, st);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t total = 0;
+    for (Py_ssize_t j = 0; j < nq; j++) total += st[j].len;
+    lims = PyByteArray_FromStringAndSize(NULL, (nq + 1) * 8);
+    D = PyByteArray_FromStringAndSize(NULL, total * 4);
+    R = PyByteArray_FromStringAndSize(NULL, total * 8);
+    int64_t *off = malloc(((size_t)d + 1) * sizeof(int64_t));
+    if (!lims || !D || !R || !off) {
+        free(off);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *L = (int64_t *)PyByteArray_AS_STRING(lims);
+    int32_t *OD = (int32_t *)PyByteArray_AS_STRING(D);
+    int64_t *OR = (int64_t *)PyByteArray_AS_STRING(R);
+    L[0] = 0;
+    for (Py_ssize_t j = 0; j < nq; j++) {
+        topk_emit(&st[j], OD + L[j], OR + L[j], off);
+        L[j + 1] = L[j] + st[j].len;
+    }
+    free(off);
+done:
+    states_free(st, nq);
+    common_release(&a);
+    if (PyErr_Occurred()) {
+        Py_XDECREF(lims);
+        Py_XDECREF(D);
+        Py_XDECREF(R);
+        return NULL;
+    }
+    return Py_BuildValue("(NNN)", lims, D, R);
+}
+
+static PyObject *py_kernel_name(PyObject *self, PyObject *args) {
+    int W;
+    if (!PyArg_ParseTuple(args, "i", &W)) return NULL;
+    const char *name;
+    pick_scan(W, &name);
+    return PyUnicode_FromString(name);
+}
+
+static PyMethodDef methods[] = {
+    {"search", py_search, METH_VARARGS, "Exact top-k Hamming search over rows [r0, r1)."},
+    {"range_search", py_range_search, METH_VARARGS, "Rows at distance < radius, sorted by (distance, row)."},
+    {"kernel_name", py_kernel_name, METH_VARARGS, "Which scan loop this CPU uses for W words."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hamming", "Native Hamming kernels.", -1, methods};
+
+PyMODINIT_FUNC PyInit__hamming(void) { return PyModule_Create(&module); }

@@ -1,0 +1,446 @@
+"""Exact Hamming ranking over packed binary codes, shaped like FAISS's binary indexes.
+
+:class:`BinaryIndex` holds ``d``-bit codes (``d`` a multiple of 8, packed as by
+:func:`streamhash.codes.pack_signs`) under int64 ids and answers exact k-nearest and range
+queries. Backends: ``numpy`` (always available), ``native`` (the C kernel in ``_hamming.c``, built
+by ``setup.py`` when a compiler is present) and ``torch`` (CUDA, :mod:`.torch_backend`).
+:func:`make_index` picks one.
+
+Semantics shared by every backend:
+
+* Results are ordered by distance, then by insertion order: the order of the *latest* add of an
+  id. Re-adding an existing id overwrites its code and counts as a new insertion.
+* ``search`` pads missing results (k larger than the index) with ``D = PAD_DISTANCE``
+  (``2**31 - 1``) and ``I = -1``, exactly as FAISS ``IndexBinaryFlat`` does.
+* ``range_search`` returns codes at distance strictly below ``radius`` (FAISS convention).
+* Thread safety: searches take a shared lock and writes an exclusive one, so the query server
+  may search from request threads while a follower thread adds or removes.
+
+Storage: rows in insertion order (zero-padded to whole 64-bit words) in arrays that double
+when full, so adds are amortised O(batch). Removal and overwrite mark the old row dead (a
+tombstone the kernels skip) and are O(1) per id; dead rows are compacted away, preserving
+order, once they are a quarter of the rows, which keeps the extra scan work under 25 % and the
+compaction cost amortised O(1) per removal. Ids map to an insertion stamp rather than a row,
+so compaction never rewrites the id map (a stamp's row is found by binary search, rows being
+sorted by stamp).
+
+>>> import numpy as np
+>>> index = make_index(16, backend="numpy")
+>>> index.add_with_ids(np.array([[0, 0], [0, 3], [255, 255], [0, 1]], np.uint8), np.array([10, 11, 12, 13]))
+>>> D, I = index.search(np.array([[0, 0]], np.uint8), k=3)
+>>> D.tolist(), I.tolist()
+([[0, 1, 2]], [[10, 13, 11]])
+>>> lims, D, I = index.range_search(np.array([[0, 0]], np.uint8), radius=2)
+>>> lims.tolist(), D.tolist(), I.tolist()
+([0, 2], [0, 1], [10, 13])
+>>> index.remove_ids(np.array([13, 99]))
+1
+>>> index.search(np.array([[0, 0]], np.uint8), k=5)[1].tolist()
+[[10, 11, 12, -1, -1]]
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:  # the optional compiled kernel; absent when the build had no compiler
+    from streamhash.index import _hamming as _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
+PAD_DISTANCE = np.iinfo(np.int32).max
+BACKENDS = ("auto", "numpy", "native", "torch")
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers so adds are not starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    def read(self):
+        return _Held(self, False)
+
+    def write(self):
+        return _Held(self, True)
+
+    def _acquire(self, write: bool) -> None:
+        with self._cond:
+            if write:
+                self._writers_waiting += 1
+                while self._writer or self._readers:
+                    self._cond.wait()
+                self._writers_waiting -= 1
+                self._writer = True
+            else:
+                while self._writer or self._writers_waiting:
+                    self._cond.wait()
+                self._readers += 1
+
+    def _release(self, write: bool) -> None:
+        with self._cond:
+            if write:
+                self._writer = False
+            else:
+                self._readers -= 1
+            self._cond.notify_all()
+
+
+class _Held:
+    def __init__(self, lock: _RWLock, write: bool):
+        self.lock, self.write = lock, write
+
+    def __enter__(self):
+        self.lock._acquire(self.write)
+
+    def __exit__(self, *exc):
+        self.lock._release(self.write)
+
+
+class BinaryIndex(ABC):
+    """An exact Hamming index over ``d``-bit codes with int64 ids (see the module docstring)."""
+
+    backend = "abstract"
+    _MIN_CAPACITY = 1024
+
+    def __init__(self, d: int, threads: int = 1):
+        if d < 8 or d % 8:
+            raise ValueError(f"d must be a positive multiple of 8 bits, got {d}")
+        self.d = d
+        self.code_size = d // 8
+        self.words = (d + 63) // 64
+        self.threads = max(1, int(threads))
+        self._lock = _RWLock()
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._reset_storage()
+
+    # ------------------------------------------------------------------ storage
+    def _reset_storage(self) -> None:
+        self._n = 0  # rows in use, live and dead
+        self._ndead = 0
+        self._codes = np.zeros((self._MIN_CAPACITY, self.words), np.uint64)
+        self._ids = np.zeros(self._MIN_CAPACITY, np.int64)
+        self._stamps = np.zeros(self._MIN_CAPACITY, np.int64)
+        self._dead = np.zeros(self._MIN_CAPACITY, np.uint8)
+        self._id_stamp: dict[int, int] = {}
+        self._next_stamp = 0
+        self._layout = 0  # bumped when rows move (compaction); lets device mirrors notice
+        self._dead_version = 0  # bumped when rows die
+        self._ids_sorted = True  # ids strictly increase with row (true for the store's seqs): vector lookups
+
+    @property
+    def ntotal(self) -> int:
+        return self._n - self._ndead
+
+    def _grow(self, need: int) -> None:
+        cap = len(self._ids)
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        for name in ("_codes", "_ids", "_stamps", "_dead"):
+            old = getattr(self, name)
+            new = np.zeros((cap,) + old.shape[1:], old.dtype)
+            new[: self._n] = old[: self._n]
+            setattr(self, name, new)
+
+    def _rows_of(self, stamps: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._stamps[: self._n], stamps)
+
+    def _kill(self, stamps: list[int]) -> None:
+        if stamps:
+            self._dead[self._rows_of(np.asarray(stamps, np.int64))] = 1
+            self._ndead += len(stamps)
+            self._dead_version += 1
+
+    def _maybe_compact(self) -> None:
+        if self._ndead and (self._ndead == self._n or (self._ndead > 64 and 4 * self._ndead > self._n)):
+            keep = self._dead[: self._n] == 0
+            m = int(keep.sum())
+            for name in ("_codes", "_ids", "_stamps"):
+                arr = getattr(self, name)
+                arr[:m] = arr[: self._n][keep]
+            self._dead[: self._n] = 0
+            self._n, self._ndead = m, 0
+            self._layout += 1
+
+    def _words(self, codes: np.ndarray, what: str) -> np.ndarray:
+        """(n, d/8) uint8 -> (n, words) uint64, zero-padded so padding bits never add distance."""
+        codes = np.asarray(codes)
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.code_size:
+            raise ValueError(f"{what} must be uint8 of shape (n, {self.code_size}), got {codes.dtype} {codes.shape}")
+        if self.code_size == self.words * 8:
+            return np.ascontiguousarray(codes).view(np.uint64)
+        out = np.zeros((len(codes), self.words * 8), np.uint8)
+        out[:, : self.code_size] = codes
+        return out.view(np.uint64)
+
+    # ------------------------------------------------------------------ writes
+    def add_with_ids(self, codes: np.ndarray, ids: np.ndarray) -> None:
+        """Append codes under ids; an id already present (or repeated in the batch) keeps its last code."""
+        words = self._words(codes, "codes")
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(ids) != len(words):
+            raise ValueError(f"{len(words)} codes but {len(ids)} ids")
+        order = np.argsort(ids, kind="stable")  # (np.unique is ~15x slower in numpy 2.4)
+        srt = ids[order]
+        if len(ids) > 1 and (srt[1:] == srt[:-1]).any():  # keep the last occurrence of each id, in batch order
+            last = np.append(srt[1:] != srt[:-1], True)
+            keep = np.sort(order[last])
+            words, ids = words[keep], ids[keep]
+        n = len(ids)
+        if n == 0:
+            return
+        id_list = ids.tolist()
+        with self._lock.write():
+            get = self._id_stamp.get
+            self._kill([s for s in map(get, id_list) if s is not None])
+            self._grow(self._n + n)
+            self._ids_sorted = self._ids_sorted and bool((np.diff(ids) > 0).all()) and (
+                self._n == 0 or ids[0] > self._ids[self._n - 1]
+            )
+            rows = slice(self._n, self._n + n)
+            self._codes[rows] = words
+            self._ids[rows] = ids
+            self._stamps[rows] = np.arange(self._next_stamp, self._next_stamp + n)
+            self._dead[rows] = 0
+            self._id_stamp.update(zip(id_list, range(self._next_stamp, self._next_stamp + n)))
+            self._next_stamp += n
+            self._n += n
+            self._maybe_compact()
+
+    def remove_ids(self, ids) -> int:
+        """Remove ids (unknown ones are ignored); return how many were removed."""
+        id_list = list(dict.fromkeys(np.asarray(ids, np.int64).reshape(-1).tolist()))
+        with self._lock.write():
+            pop = self._id_stamp.pop
+            stamps = [s for s in (pop(i, None) for i in id_list) if s is not None]
+            self._kill(stamps)
+            self._maybe_compact()
+        return len(stamps)
+
+    def reset(self) -> None:
+        with self._lock.write():
+            self._reset_storage()
+
+    # ------------------------------------------------------------------ reads
+    def reconstruct(self, id_: int) -> np.ndarray:
+        """The code stored under ``id_`` (uint8, d/8 bytes); KeyError if absent."""
+        with self._lock.read():
+            row = int(self._rows_of(np.int64(self._id_stamp[int(id_)])))
+            return self._codes[row : row + 1].view(np.uint8)[0, : self.code_size].copy()
+
+    def reconstruct_batch(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (len(ids), d/8) uint8 of many ids and a found mask (rows of absent ids are zero)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        out = np.zeros((len(ids), self.code_size), np.uint8)
+        with self._lock.read():
+            if self._ids_sorted:  # binary search on the row ids: no per-id dict lookups
+                rows = np.minimum(np.searchsorted(self._ids[: self._n], ids), max(self._n - 1, 0))
+                found = (self._ids[rows] == ids) & (self._dead[rows] == 0) if self._n else np.zeros(len(ids), bool)
+                rows = rows[found]
+            else:
+                get = self._id_stamp.get
+                stamps = np.array([get(i, -1) for i in ids.tolist()], np.int64)
+                found = stamps >= 0
+                rows = self._rows_of(stamps[found])
+            out[found] = self._codes[rows].view(np.uint8)[:, : self.code_size]
+        return out, found
+
+    def __contains__(self, id_: int) -> bool:
+        return int(id_) in self._id_stamp
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest codes per query: D int32 (nq, k), I int64 (nq, k); padded with PAD_DISTANCE / -1."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = self._words(queries, "queries")
+        with self._lock.read():
+            D, R = self._search_rows(q, int(k))
+            I = np.where(R >= 0, self._ids[np.maximum(R, 0)], -1)
+        return D, I
+
+    def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Codes at distance < radius: (lims int64 (nq+1,), D int32, I int64), query i in [lims[i], lims[i+1])."""
+        q = self._words(queries, "queries")
+        radius = min(int(radius), self.d + 1)  # every distance is <= d
+        if radius <= 0:
+            return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        with self._lock.read():
+            lims, D, R = self._range_rows(q, radius)
+            I = self._ids[R]
+        return lims, D, I
+
+    def _dead_arg(self):
+        return self._dead if self._ndead else None
+
+    def _search_rows(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k as (distance, row) over all rows, split across threads when asked to."""
+        n, nq = self._n, len(q)
+        if self._pool is None or n * nq < (1 << 16):
+            return self._topk(q, k, 0, n)
+        if nq >= self.threads:  # split the queries
+            parts = np.array_split(np.arange(nq), self.threads)
+            res = list(self._pool.map(lambda p: self._topk(q[p], k, 0, n), parts))
+            return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])
+        # Few queries: split the rows. Parts are in row order, so a stable sort by distance of
+        # their concatenation keeps the insertion-order tie-break (padding sorts last).
+        bounds = np.linspace(0, n, self.threads + 1).astype(np.int64)
+        res = list(self._pool.map(lambda i: self._topk(q, k, int(bounds[i]), int(bounds[i + 1])), range(self.threads)))
+        D, R = np.concatenate([r[0] for r in res], axis=1), np.concatenate([r[1] for r in res], axis=1)
+        order = np.argsort(D, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(D, order, 1), np.take_along_axis(R, order, 1)
+
+    @abstractmethod
+    def _topk(self, q: np.ndarray, k: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (D int32, rows int64), padded, over live rows in [r0, r1) for uint64 queries q."""
+
+    @abstractmethod
+    def _range_rows(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lims, D, rows) of live rows at distance < radius, sorted by (distance, row) per query."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(d={self.d}, ntotal={self.ntotal}, threads={self.threads})"
+
+
+def _padded(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), PAD_DISTANCE, np.int32), np.full((nq, k), -1, np.int64)
+
+
+class NumpyIndex(BinaryIndex):
+    """Pure numpy: chunked XOR + ``np.bitwise_count``, then a counting select by distance."""
+
+    backend = "numpy"
+    _CHUNK = 1 << 15  # rows per XOR chunk: the temporaries stay in cache
+
+    def _distances(self, qw: np.ndarray, r0: int, r1: int, out: np.ndarray) -> None:
+        """Distances of rows [r0, r1) from one query into ``out`` (uint8 or uint16)."""
+        chunk = min(self._CHUNK, r1 - r0)
+        # XOR against a tiled query on flat arrays: broadcasting over a short last axis is ~8x slower.
+        qt = np.tile(qw, chunk) if self.words > 1 else None
+        tmp = np.empty(chunk * self.words, np.uint64)
+        cnt = np.empty((chunk, self.words), np.uint8)
+        for a in range(r0, r1, self._CHUNK):
+            b = min(a + self._CHUNK, r1)
+            m = (b - a) * self.words
+            t, c, o = tmp[:m], cnt[: b - a], out[a - r0 : b - r0]
+            np.bitwise_xor(self._codes[a:b].reshape(-1), qt[:m] if self.words > 1 else qw[0], out=t)
+            if self.words == 1:
+                np.bitwise_count(t, out=o)
+                continue
+            np.bitwise_count(t.reshape(b - a, self.words), out=c)
+            o[:] = c[:, 0]
+            for w in range(1, self.words):  # column adds: np.sum over a short axis is ~20x slower
+                np.add(o, c[:, w], out=o)
+
+    def _dist_buffer(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray | None]:
+        # One bucket above d marks dead rows; uint8 holds it while d < 255.
+        dist = np.empty(r1 - r0, np.uint8 if self.d < 255 else np.uint16)
+        dead = np.flatnonzero(self._dead[r0:r1]) if self._ndead else None
+        return dist, dead
+
+    def _topk(self, q, k, r0, r1):
+        D, R = _padded(len(q), k)
+        dist, dead = self._dist_buffer(r0, r1)
+        live = (r1 - r0) - (len(dead) if dead is not None else 0)
+        kk = min(k, live)
+        if kk == 0:
+            return D, R
+        stride = 16 if len(dist) >= 64 * (kk + 64) else 1
+        for j in range(len(q)):
+            self._distances(q[j], r0, r1, dist)
+            if dead is not None:
+                dist[dead] = self.d + 1
+            # Threshold from a sample's histogram with a 2x margin; the exact select then runs on
+            # the candidates (distance <= t), falling back to the full histogram if they are too few.
+            cum = np.cumsum(np.bincount(dist[::stride], minlength=self.d + 2)[: self.d + 1]) * stride
+            t = min(int(np.searchsorted(cum, 2 * kk + 32)), self.d)
+            cand = np.flatnonzero(dist <= t)
+            if len(cand) < kk:
+                cand = np.flatnonzero(dist <= self.d)
+            dc = dist[cand]
+            hist = np.bincount(dc, minlength=self.d + 1)
+            t = int(np.searchsorted(np.cumsum(hist), kk))  # the k-th smallest distance
+            take = dc < t
+            ties = np.flatnonzero(dc == t)[: kk - int(take.sum())]  # earliest rows win ties
+            take[ties] = True
+            sel, ds = cand[take], dc[take]
+            order = np.argsort(ds, kind="stable")
+            D[j, :kk] = ds[order]
+            R[j, :kk] = sel[order] + r0
+        return D, R
+
+    def _range_rows(self, q, radius):
+        dist, dead = self._dist_buffer(0, self._n)
+        rows, dists, lims = [], [], [0]
+        for j in range(len(q)):
+            self._distances(q[j], 0, self._n, dist)
+            if dead is not None:
+                dist[dead] = self.d + 1
+            r = np.flatnonzero(dist < radius)
+            dr = dist[r]
+            order = np.argsort(dr, kind="stable")
+            rows.append(r[order])
+            dists.append(dr[order].astype(np.int32))
+            lims.append(lims[-1] + len(r))
+        return np.array(lims, np.int64), np.concatenate(dists), np.concatenate(rows).astype(np.int64)
+
+
+class NativeIndex(BinaryIndex):
+    """The C kernel: vectorised popcount scan with a streaming counting select (see ``_hamming.c``)."""
+
+    backend = "native"
+    block_rows = 1 << 14  # rows per database block in batch search (~128 KiB of 64-bit codes)
+
+    def __init__(self, d: int, threads: int = 1):
+        if _native is None:
+            raise RuntimeError("the native Hamming kernel was not built (no C compiler at install time?)")
+        super().__init__(d, threads)
+
+    @property
+    def kernel(self) -> str:
+        """The scan loop this CPU runs (``avx512-vpopcntdq``, ``popcnt`` or ``generic``)."""
+        return _native.kernel_name(self.words)
+
+    def _topk(self, q, k, r0, r1):
+        D, R = _padded(len(q), k)
+        q = np.require(q, np.uint64, ["C", "A"])  # the kernel reads whole aligned words
+        block = max(1024, self.block_rows // self.words)
+        _native.search(self._codes, r0, r1, self.words, self.d, q, len(q), k, self._dead_arg(), D, R, block)
+        return D, R
+
+    def _range_rows(self, q, radius):
+        q = np.require(q, np.uint64, ["C", "A"])
+        block = max(1024, self.block_rows // self.words)
+        lims, D, R = _native.range_search(self._codes, self._n, self.words, self.d, q, len(q), radius,
+                                          self._dead_arg(), block)
+        return np.frombuffer(lims, np.int64), np.frombuffer(D, np.int32), np.frombuffer(R, np.int64)
+
+
+def make_index(d: int, backend: str = "auto", threads: int = 1) -> BinaryIndex:
+    """A :class:`BinaryIndex`: ``auto`` is the native kernel when it was built, else numpy.
+
+    ``torch`` needs CUDA and raises RuntimeError without it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "native" if _native is not None else "numpy"
+    if backend == "numpy":
+        return NumpyIndex(d, threads)
+    if backend == "native":
+        return NativeIndex(d, threads)
+    from streamhash.index.torch_backend import TorchIndex
+
+    return TorchIndex(d, threads=threads)
