@@ -193,12 +193,13 @@ class BinaryIndex(ABC):
         ids = np.asarray(ids, np.int64).reshape(-1)
         if len(ids) != len(words):
             raise ValueError(f"{len(words)} codes but {len(ids)} ids")
-        order = np.argsort(ids, kind="stable")  # (np.unique is ~15x slower in numpy 2.4)
-        srt = ids[order]
-        if len(ids) > 1 and (srt[1:] == srt[:-1]).any():  # keep the last occurrence of each id, in batch order
-            last = np.append(srt[1:] != srt[:-1], True)
-            keep = np.sort(order[last])
-            words, ids = words[keep], ids[keep]
+        increasing = bool((np.diff(ids) > 0).all())  # the store's seqs: no duplicates, nothing to sort
+        if not increasing:
+            order = np.argsort(ids, kind="stable")  # (np.unique is ~15x slower in numpy 2.4)
+            srt = ids[order]
+            if (srt[1:] == srt[:-1]).any():  # keep the last occurrence of each id, in batch order
+                keep = np.sort(order[np.append(srt[1:] != srt[:-1], True)])
+                words, ids = words[keep], ids[keep]
         n = len(ids)
         if n == 0:
             return
@@ -207,9 +208,7 @@ class BinaryIndex(ABC):
             get = self._id_stamp.get
             self._kill([s for s in map(get, id_list) if s is not None])
             self._grow(self._n + n)
-            self._ids_sorted = self._ids_sorted and bool((np.diff(ids) > 0).all()) and (
-                self._n == 0 or ids[0] > self._ids[self._n - 1]
-            )
+            self._ids_sorted = self._ids_sorted and increasing and (self._n == 0 or ids[0] > self._ids[self._n - 1])
             rows = slice(self._n, self._n + n)
             self._codes[rows] = words
             self._ids[rows] = ids

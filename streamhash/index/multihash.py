@@ -175,7 +175,9 @@ class MultiHashTables:
         return lims, seq
 
     def candidates(self, txn, db, gen: int, query: bytes, radius: int) -> np.ndarray:
-        """Sorted unique seqs of every item that may lie at distance ``< radius`` (strict) from ``query``; a superset."""
+        """Sorted unique seqs of every item that may lie at distance ``< radius`` (strict) from ``query``.
+
+        A superset: the caller verifies with the full codes (see :func:`verify`)."""
         q = np.frombuffer(bytes(query), np.uint8)[None]
         return self.candidates_batch(txn, db, gen, q, radius)[1]
 
@@ -197,13 +199,15 @@ def verify(queries: np.ndarray, lims: np.ndarray, seqs: np.ndarray, codes: np.nd
 
 
 # Cost model calibrated on the reference machine (2-core AMD EPYC, AVX-512 VPOPCNTDQ) with
-# benchmarks/bench_multihash.py: time per LMDB probe key, per bucket entry read (decode, dedup,
-# verification) and per query for the fixed part; a flat scan costs per row and per query.
+# benchmarks/bench_multihash.py at n = 200k and 1M, 64 bits, m = 4 (see benchmarks/RESULTS.md):
+# tables = fixed + per LMDB probe key + per bucket entry read (decode, dedup, fetch the code from
+# the in-memory index, verify); the fixed part is the single-query one (a batch amortises it to
+# ~7 us). A flat range scan costs per row (per 64-bit word of code) plus a small fixed part.
 TABLE_US_FIXED = 15.0
-TABLE_US_PER_PROBE = 0.30
-TABLE_US_PER_CANDIDATE = 0.05
-SCAN_US_FIXED = 10.0
-SCAN_NS_PER_ROW = {"native": 0.12, "numpy": 1.2}  # per 64 bits of code
+TABLE_US_PER_PROBE = 0.85
+TABLE_US_PER_CANDIDATE = 0.25
+SCAN_US_FIXED = 3.0
+SCAN_NS_PER_ROW = {"native": 0.08, "numpy": 1.1, "torch": 0.08}
 
 
 def choose_radius_strategy(
@@ -218,7 +222,9 @@ def choose_radius_strategy(
     'tables'
     >>> choose_radius_strategy(1_000_000, 64, 4, 16)
     'scan'
-    >>> choose_radius_strategy(1_000, 64, 4, 9)
+    >>> choose_radius_strategy(1_000_000, 64, 4, 8)
+    'scan'
+    >>> choose_radius_strategy(1_000, 64, 4, 3)
     'scan'
     """
     if radius <= 0:

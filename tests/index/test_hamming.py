@@ -282,3 +282,19 @@ def test_torch_cuda_matches_brute():
     index.remove_ids(ids[::3])
     model.remove(ids[::3])
     check(index, model, rand_codes(rng, 9, 72, density=0.2), ks=(1, 10, 4000), radii=(3, 9))
+
+
+def test_reconstruct_batch(factory):
+    rng = np.random.default_rng(9)
+    codes = rand_codes(rng, 12, 24)
+    index = factory(24)
+    index.add_with_ids(codes[:10], np.arange(10))  # increasing ids: the vectorised lookup
+    index.remove_ids([3])
+    got, found = index.reconstruct_batch([0, 3, 9, 42, -1])
+    assert found.tolist() == [True, False, True, False, False]
+    np.testing.assert_array_equal(got[[0, 2]], codes[[0, 9]])
+    assert not got[[1, 3, 4]].any()
+    index.add_with_ids(codes[10:12], np.array([5, 1]))  # overwrites, out of order: the dict lookup
+    got, found = index.reconstruct_batch([1, 5, 3, 2])
+    assert found.tolist() == [True, True, False, True]
+    np.testing.assert_array_equal(got[[0, 1, 3]], codes[[11, 10, 2]])
