@@ -14,7 +14,7 @@ test: install test-tools
 
 # torch first and pinned: the CPU wheel already on these machines. An open range pulls GBs of CUDA.
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py streamhash/index/_hamming.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

@@ -30,6 +30,7 @@ from streamhash.codes import from_hex, to_hex
 from streamhash.config import Settings
 from streamhash.errors import BadQueryError, RecordRejected
 from streamhash.index.live import Generation, LiveIndex
+from streamhash.index.multihash import choose_radius_strategy, verify
 from streamhash.index.store import Store
 from streamhash.model.hashnet import HashNet
 from streamhash.records import ImageSpec, content_type_of, decode_image
@@ -127,7 +128,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         else:
             # Encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
             q = await run_in_threadpool(encoder.encode, image, g.model_version)
-        hits = await run_in_threadpool(_rank, g, q, req.k, req.radius)
+        hits = await run_in_threadpool(_rank, store, g, q, req.k, req.radius)
         took = time.perf_counter() - t0
         m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
         m.QUERIES.labels(endpoint="/search", status="200").inc()
@@ -179,14 +180,29 @@ async def _parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
         raise BadQueryError(f"image_base64 is not valid base64: {exc}") from None
 
 
-def _rank(g: Generation, q: np.ndarray, k: int, radius: int | None) -> list[Hit]:
+def _radius_search(store: Store, g: Generation, q: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """(D, seqs) within ``radius`` (strict), sorted by (distance, seq): multi-index tables or a flat scan,
+    whichever the cost model expects to be cheaper. Both answer from this generation's in-memory codes."""
+    strategy = choose_radius_strategy(g.index.ntotal, store.bits, store.tables.m, radius, backend=g.index.backend)
+    if strategy == "tables":
+        with store.env.begin() as txn:
+            if int(store.read_meta(txn)["generation"]) == g.generation:  # tables of a replaced generation may be gone
+                lims, seqs = store.tables.candidates_batch(txn, store.db["tables"], g.generation, q[None], radius)
+                codes, found = g.index.reconstruct_batch(seqs)  # not yet applied here = not visible yet
+                lims = np.array([0, int(found.sum())], np.int64)
+                _, D, I = verify(q[None], lims, seqs[found], codes[found], radius)
+                return D, I
+    _, D, I = g.index.range_search(q[None], radius)
+    return D, I
+
+
+def _rank(store: Store, g: Generation, q: np.ndarray, k: int, radius: int | None) -> list[Hit]:
     if radius is None:
         D, I = g.index.search(q[None], k)
         pairs = [(int(d), int(i)) for d, i in zip(D[0], I[0]) if i >= 0]
     else:
-        lims, D, I = g.index.range_search(q[None], radius)
-        order = np.lexsort((I, D))[:k]  # distance, then seq (insertion order): same ties as search()
-        pairs = [(int(D[j]), int(I[j])) for j in order]
+        D, I = _radius_search(store, g, q, radius)
+        pairs = [(int(d), int(i)) for d, i in zip(D[:k], I[:k])]
     hits = []
     for d, s in pairs:
         item_id = g.ids.get(s)
