@@ -9,14 +9,17 @@
 3. Freshness: with the worker and the query server running, single images are sent at 20/s and
    each is timed from send to visible through ``GET /items/{id}``.
 4. Query latency: ``--query-items`` random codes are written straight into a second LMDB store
-   (the ranking does not care how they got there); the query server answers ``POST /search``
-   with k=10 by code and by PNG image; client-side wall time per request.
+   (the ranking does not care how they got there); a worker ingests into that store at
+   ``--ingest-rate`` images/s while the query server answers ``POST /search`` with k=10 by code
+   and by PNG image; client-side wall time per request, after 20 warm-up requests.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import threading
 import shutil
 import sys
 import time
@@ -55,6 +58,57 @@ def bare_encode(images: np.ndarray, values: list[bytes], batch: int) -> dict:
     return {"bare_encode_images_per_s": round(enc), "decode_encode_images_per_s": round(dec_enc)}
 
 
+def query_latency_while_ingesting(bootstrap: str, work: Path, stream, stream_y, values, args) -> dict:
+    """HTTP search latency over ``--query-items`` codes while a worker ingests into the same store."""
+    qstore = work / "query-index"
+    store = Store(qstore, bits=32)
+    store.put_model(HashNet(HashNetConfig(bits=32)).to_bytes(), make_current=True)
+    codes = np.random.default_rng(1).integers(0, 256, (args.query_items, 4), dtype=np.uint8)
+    for start in range(0, args.query_items, 20_000):
+        store.write_batch([ItemWrite(f"q-{i}", codes[i].tobytes(), b"", "image/png", (int(i % 10),))
+                           for i in range(start, min(start + 20_000, args.query_items))])
+    store.close()
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic="bench.query.images", dlq_topic="bench.query.dlq", group_id="bench-q")
+    ensure_topics(kafka)
+    metrics_port, http_port = free_port(), free_port()
+    env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "STREAMHASH_KAFKA__TOPIC": kafka.topic,
+           "STREAMHASH_KAFKA__DLQ_TOPIC": kafka.dlq_topic, "STREAMHASH_KAFKA__GROUP_ID": kafka.group_id,
+           "STREAMHASH_STORE__PATH": str(qstore), "STREAMHASH_SERVER__PORT": str(http_port),
+           "STREAMHASH_WORKER__METRICS_PORT": str(metrics_port), "STREAMHASH_LEARN__ENABLED": "false"}
+    server = spawn(["serve"], env=env, log_path=work / "serve-q.log")
+    worker = spawn(["worker"], env=env, log_path=work / "worker-q.log")
+    base, out = f"http://127.0.0.1:{http_port}", {"query_items": args.query_items, "ingest_rate_during_queries": args.ingest_rate}
+    producer = make_producer(kafka)
+    feeder = threading.Thread(target=send, args=(producer, kafka.topic, from_arrays(stream, stream_y, prefix="live-")),
+                              kwargs={"rate": args.ingest_rate, "progress": False}, daemon=True)
+    try:
+        wait_http(f"{base}/healthz", 300, server, work / "serve-q.log")
+        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 120, worker, work / "worker-q.log")
+        wait_for(lambda: scrape(f"http://127.0.0.1:{metrics_port}/metrics").get("streamhash_assigned_partitions", 0) > 0,
+                 60, "assignment")
+        feeder.start()
+        with httpx.Client(timeout=10) as c:
+            for kind in ("code", "image"):
+                lat = []
+                i = 0
+                while i < args.queries or (kind == "image" and feeder.is_alive()):  # query for as long as ingestion runs
+                    i += 1
+                    body = {"code_hex": codes[i % len(codes)].tobytes().hex(), "k": 10} if kind == "code" else \
+                        {"image_base64": base64.b64encode(values[i % len(values)]).decode(), "k": 10}
+                    t = time.perf_counter()
+                    r = c.post(f"{base}/search", json=body)
+                    lat.append(time.perf_counter() - t)
+                    r.raise_for_status()
+                out[f"query_{kind}_p50_ms"], out[f"query_{kind}_p99_ms"] = percentiles(lat[20:], 1000)
+        out["items_ingested_during_queries"] = httpx.get(f"{base}/healthz").json()["index_size"] - args.query_items
+        feeder.join()
+    finally:
+        stop(server)
+        stop(worker)
+        producer.close(timeout=5)
+    return out
+
+
 def percentiles(xs: list[float], scale: float = 1.0) -> tuple[float, float]:
     return round(float(np.percentile(xs, 50)) * scale, 3), round(float(np.percentile(xs, 99)) * scale, 3)
 
@@ -65,6 +119,7 @@ def main() -> int:
     ap.add_argument("--format", choices=["png", "npy"], default="png")
     ap.add_argument("--query-items", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--ingest-rate", type=float, default=1000, help="images/s ingested while queries run")
     ap.add_argument("--workdir", default="var/bench-ingest")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -114,36 +169,7 @@ def main() -> int:
             stop(worker)
             producer.close()
 
-    # query latency at --query-items codes
-    qstore = work / "query-index"
-    store = Store(qstore, bits=32)
-    net = HashNet(HashNetConfig(bits=32))
-    store.put_model(net.to_bytes(), make_current=True)
-    codes = np.random.default_rng(1).integers(0, 256, (args.query_items, 4), dtype=np.uint8)
-    for start in range(0, args.query_items, 10_000):
-        store.write_batch([ItemWrite(f"q-{i}", codes[i].tobytes(), b"", "image/png", (int(i % 10),))
-                           for i in range(start, min(start + 10_000, args.query_items))])
-    store.close()
-    http_port = free_port()
-    server = spawn(["serve"], env={"STREAMHASH_STORE__PATH": str(qstore), "STREAMHASH_SERVER__PORT": str(http_port)},
-                   log_path=work / "serve-q.log")
-    base = f"http://127.0.0.1:{http_port}"
-    try:
-        wait_http(f"{base}/healthz", 120, server, work / "serve-q.log")
-        with httpx.Client(timeout=10) as c:
-            for kind in ("code", "image"):
-                lat = []
-                for i in range(args.queries):
-                    body = {"code_hex": codes[i].tobytes().hex(), "k": 10} if kind == "code" else \
-                        {"image_base64": __import__("base64").b64encode(values[i % len(values)]).decode(), "k": 10}
-                    t = time.perf_counter()
-                    r = c.post(f"{base}/search", json=body)
-                    lat.append(time.perf_counter() - t)
-                    r.raise_for_status()
-                out[f"query_{kind}_p50_ms"], out[f"query_{kind}_p99_ms"] = percentiles(lat[20:], 1000)
-        out["query_items"] = args.query_items
-    finally:
-        stop(server)
+        out.update(query_latency_while_ingesting(broker.bootstrap_servers, work, stream, stream_y, values, args))
 
     for k, v in out.items():
         print(f"{k:28s} {v}")

@@ -41,14 +41,18 @@ def kafka_settings(broker) -> KafkaSettings:
                          group_id=f"group-{tag}")
 
 
-def synthetic_images(n: int, *, classes: int = 10, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """Class-structured gray images: each class has a fixed random template; images add noise and a shift."""
+def synthetic_images(n: int, *, classes: int = 10, seed: int = 0, size: int = 28, noise: float = 40,
+                     shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-structured gray images: a fixed random template per class (templates from ``seed`` % 1000,
+    so two calls with seeds differing by 1000 share classes), Gaussian noise, and a random shift."""
     rng = np.random.default_rng(seed)
-    templates = rng.integers(0, 256, size=(classes, size, size)).astype(np.float32)
+    templates = np.random.default_rng(seed % 1000).integers(0, 256, size=(classes, size, size)).astype(np.float32)
     labels = rng.integers(0, classes, size=n)
-    noise = rng.normal(0, 40, size=(n, size, size))
-    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
-    return images, labels
+    images = templates[labels] + rng.normal(0, noise, size=(n, size, size))
+    if shift:
+        dx, dy = rng.integers(-shift, shift + 1, (2, n))
+        images = np.stack([np.roll(img, (a, b), axis=(0, 1)) for img, a, b in zip(images, dx, dy)])
+    return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
 @pytest.fixture

@@ -60,11 +60,10 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 
 
 class EmbeddedBroker:
-    """Start Tansu on a loopback port; stop it by PID.
+    """Start Tansu on a loopback port; stop it by PID. Used as a context manager::
 
-    >>> with EmbeddedBroker(home="/tmp/streamhash-doctest") as b:   # doctest: +SKIP
-    ...     b.bootstrap_servers
-    '127.0.0.1:40123'
+        with EmbeddedBroker(home="data") as broker:
+            settings.kafka.bootstrap_servers = broker.bootstrap_servers
     """
 
     def __init__(self, home: str | os.PathLike = "data", port: int = 0, host: str = "127.0.0.1"):
