@@ -240,3 +240,23 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(broker, kafka_se
     assert sorted(content["ids"]) == sorted(f"k-{i}" for i in range(n))
     assert content["next_seq"] == n + 1  # nothing indexed twice across the crash
     assert sum(content["offsets"].values()) == n
+
+
+def test_dead_broker_is_survived_and_sigterm_still_stops_cleanly(tmp_path):
+    """The broker dies under a running worker: no crash loop, no exit; SIGTERM then stops it at once."""
+    from streamhash.config import KafkaSettings
+    from streamhash.kafka.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(home=tmp_path / "broker").start()
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        ensure_topics(kafka)
+        worker, url = start_worker(env_for(kafka, tmp_path / "index", free_port()), tmp_path / "worker.log")
+    finally:
+        broker.stop()
+    time.sleep(8)
+    assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+    assert scrape(url)["streamhash_items_indexed_total"] == 0
+    t = time.monotonic()
+    assert stop(worker, timeout=30) == 0
+    assert time.monotonic() - t < 10
