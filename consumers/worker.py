@@ -192,8 +192,8 @@ class IngestWorker:
                 log.info("resuming %s[%d] at LMDB offset %d (Kafka committed %s)", tp.topic, tp.partition, ours, committed)
                 self.consumer.seek(tp, ours)
 
-    def finish_with_retry(self, prepared: "_Prepared", attempts: int = 6) -> list[int]:
-        delay = 0.5
+    def finish_with_retry(self, prepared: "_Prepared") -> list[int]:
+        attempts, delay = self.settings.worker.write_attempts, 0.5
         for attempt in range(1, attempts + 1):
             try:
                 return self.finish(prepared)

@@ -92,6 +92,9 @@ class ModelSettings(BaseModel):
 class WorkerSettings(BaseModel):
     poll_timeout_ms: int = 200
     encode_batch: int = 512
+    # A batch whose write fails (full disk, broker error) is retried with backoff 0.5 s, 1 s, 2 s, ...;
+    # then the worker stops with exit code 75, nothing committed past what was written.
+    write_attempts: int = 6
     metrics_port: int = 9101
     metrics_host: str = "127.0.0.1"
 

@@ -260,3 +260,32 @@ def test_dead_broker_is_survived_and_sigterm_still_stops_cleanly(tmp_path):
     t = time.monotonic()
     assert stop(worker, timeout=30) == 0
     assert time.monotonic() - t < 10
+
+
+def test_full_store_stops_the_worker_cleanly_and_loses_nothing(kafka_settings, tmp_path):
+    """The map-size ceiling stands in for a full disk: the worker retries, stops with 75, and a
+    restart with room to grow indexes every image exactly once."""
+    from tests.conftest import synthetic_images
+
+    ensure_topics(kafka_settings)
+    images, labels = synthetic_images(3000, seed=5)
+    producer = make_producer(kafka_settings)
+    send(producer, kafka_settings.topic, from_arrays(images, labels, prefix="f-", fmt="npy"), progress=False)
+    producer.close()
+    env = env_for(kafka_settings, tmp_path / "index", free_port())
+    env.update({"STREAMHASH_STORE__INITIAL_MAP_SIZE_BYTES": str(1 << 20), "STREAMHASH_STORE__MAX_MAP_SIZE_BYTES": str(2 << 20),
+                "STREAMHASH_WORKER__WRITE_ATTEMPTS": "2", "STREAMHASH_KAFKA__MAX_POLL_RECORDS": "200"})
+    worker = spawn(["worker"], env=env, log_path=tmp_path / "worker1.log")
+    assert worker.wait(timeout=120) == 75
+    log = (tmp_path / "worker1.log").read_text()
+    assert "map-size ceiling" in log and "Nothing was lost" in log
+    partial = read_store(tmp_path / "index")
+    assert 0 < len(partial["ids"]) < 3000
+    env["STREAMHASH_STORE__MAX_MAP_SIZE_BYTES"] = str(1 << 30)
+    worker, url = start_worker(env, tmp_path / "worker2.log")
+    wait_for(lambda: scrape(url).get("streamhash_consumer_lag_messages", 1) == 0
+             and scrape(url).get("streamhash_batches_total", 0) > 0, 90, "catch-up after the restart")
+    assert stop(worker) == 0
+    content = read_store(tmp_path / "index")
+    assert sorted(content["ids"]) == sorted(f"f-{i}" for i in range(3000))
+    assert content["next_seq"] == 3001
