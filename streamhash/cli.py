@@ -204,14 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_arguments(d)
     d.set_defaults(func=_lazy("consumers.demo"))
 
-    try:
-        from streamhash.eval import cli as eval_cli
-    except ImportError:  # the eval harness is optional at import time
-        eval_cli = None
-    if eval_cli is not None:
-        e = sub.add_parser("eval", help="retrieval evaluation on Fashion-MNIST")
-        eval_cli.add_arguments(e)
-        e.set_defaults(func=eval_cli.run)
+    from streamhash.eval import cli as eval_cli
+
+    e = sub.add_parser("eval", help="retrieval evaluation on Fashion-MNIST (class-incremental and online protocols)")
+    eval_cli.add_arguments(e)
+    e.set_defaults(func=eval_cli.run)
     return p
 
 

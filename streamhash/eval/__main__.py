@@ -1,0 +1,3 @@
+from streamhash.eval.cli import main
+
+raise SystemExit(main())

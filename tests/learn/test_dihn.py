@@ -1,0 +1,165 @@
+import numpy as np
+import pytest
+import torch
+
+from streamhash.codes import unpack_signs
+from streamhash.learn.dihn import DIHNLearner, dcc_update
+from streamhash.learn.mi import mi_quality
+from streamhash.learn.online import OnlineHasher
+from streamhash.config import LearnSettings
+from streamhash.model.hashnet import HashNet, HashNetConfig
+
+PATTERNS = np.random.default_rng(123).integers(0, 256, (10, 28, 28))
+
+
+def synth(n, classes, seed):
+    """Class-specific random patterns plus noise: learnable, no dataset needed."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(classes, n)
+    x = np.clip(PATTERNS[y] * 0.6 + rng.normal(0, 40, (n, 28, 28)) + 50, 0, 255).astype(np.uint8)
+    return x, y
+
+
+def learner(bits=16, seed=0, **kw):
+    kw = {"omega": 200, "iters": 2, "epochs": 1, "batch_size": 50, **kw}
+    return DIHNLearner(HashNet(HashNetConfig(bits=bits, seed=seed)), seed=seed, **kw)
+
+
+def dcc_objective(B_all, U, S, c, gamma, new_rows, omega_rows):
+    obj = ((c * S - U @ B_all.t()) ** 2).sum()
+    for i, r in enumerate(omega_rows):
+        if r in new_rows:
+            obj += gamma * ((U[i] - B_all[r]) ** 2).sum()
+    return obj.item()
+
+
+def test_dcc_never_increases_the_b_objective():
+    g = torch.Generator().manual_seed(0)
+    c, n, m, gamma = 12, 30, 10, 5.0
+    labels = torch.randint(0, 4, (n,), generator=g)
+    omega_rows = list(range(0, n, 3))[:m]
+    new_rows = list(range(15, n))
+    S = torch.where(labels[omega_rows][:, None] == labels[None, :], 1.0, -0.4).double()
+    U = torch.tanh(torch.randn(m, c, generator=g)).double()
+    B = torch.randint(0, 2, (n, c), generator=g).double() * 2 - 1
+    ubar = torch.zeros(len(new_rows), c, dtype=torch.float64)
+    for i, r in enumerate(omega_rows):
+        if r in new_rows:
+            ubar[new_rows.index(r)] = U[i]
+    Q = c * S[:, new_rows].t() @ U + gamma * ubar
+    before = dcc_objective(B, U, S, c, gamma, new_rows, omega_rows)
+    old = B[:15].clone()
+    for _ in range(4):
+        B[new_rows] = dcc_update(B[new_rows], Q, U).double()
+        after = dcc_objective(B, U, S, c, gamma, new_rows, omega_rows)
+        assert after <= before + 1e-9
+        before = after
+    assert torch.equal(B[:15], old)
+    assert set(B.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_learner_dcc_step_decreases_dense_objective():
+    """The grouped (label-set) statistics the learner uses give the same B-step as the dense problem."""
+    x, y = synth(120, [0, 1, 2], 0)
+    L = learner(bits=8, omega=40)
+    net_codes = L.encode(x)
+    L.add_items(list(range(60)), net_codes[:60], y[:60], frozen=True)
+    L.add_items(list(range(60, 120)), net_codes[60:], y[60:], frozen=False)
+    omega_rows = L._sample_omega()
+    stats = L._group_stats(omega_rows)
+    from streamhash.model.hashnet import images_to_tensor
+    U = L._embed(images_to_tensor(x[omega_rows], L.net.cfg))
+    S = torch.where(torch.from_numpy(y[omega_rows][:, None] == y[None, :]), 1.0, stats["s_neg"]).double()
+    new_rows = list(range(60, 120))
+    B0 = torch.from_numpy(L._codes[:120].astype(np.float64))
+    before = dcc_objective(B0, U, S, 8, L.gamma, new_rows, omega_rows.tolist())
+    L._dcc(np.arange(60, 120), omega_rows, U, stats)
+    B1 = torch.from_numpy(L._codes[:120].astype(np.float64))
+    assert dcc_objective(B1, U, S, 8, L.gamma, new_rows, omega_rows.tolist()) <= before + 1e-9
+    assert torch.equal(B0[:60], B1[:60])
+    # and the same as the dense update
+    ubar = torch.zeros(60, 8, dtype=torch.float64)
+    for i, r in enumerate(omega_rows):
+        if r >= 60:
+            ubar[r - 60] = U[i]
+    Q = 8 * S[:, 60:].t() @ U + L.gamma * ubar
+    torch.testing.assert_close(dcc_update(B0[60:], Q, U).double(), B1[60:])
+
+
+def test_old_codes_bit_identical_and_learning_helps():
+    torch.set_num_threads(2)
+    L = learner(bits=16)
+    x1, y1 = synth(300, [0, 1, 2, 3], 1)
+    r1 = L.learn_many(x1, y1)
+    assert r1.ids == list(range(300)) and L.n_pending == 0
+    snapshot = L.codes().copy()
+    x2, y2 = synth(200, [4, 5, 6], 2)
+    r2 = L.learn_many(x2, y2)
+    np.testing.assert_array_equal(L.codes()[:300], snapshot)
+    x3, y3 = synth(100, [0, 7], 3)
+    L.learn_many(x3, y3)
+    np.testing.assert_array_equal(L.codes()[:300], snapshot)
+    np.testing.assert_array_equal(L.codes(r2.ids), r2.codes)
+    allx, ally = np.concatenate([x1, x2, x3]), np.concatenate([y1, y2, y3])
+    q_learned = mi_quality(L.codes(), ally, 16)
+    fresh = HashNet(HashNetConfig(bits=16, seed=0))
+    assert q_learned > mi_quality(fresh.encode(allx), ally, 16) + 0.05
+
+
+def test_deterministic_and_save_load(tmp_path):
+    x, y = synth(200, [0, 1, 2], 4)
+    a, b = learner(seed=3), learner(seed=3)
+    ra, rb = a.learn_many(x, y), b.learn_many(x, y)
+    np.testing.assert_array_equal(ra.codes, rb.codes)
+    assert a.net.to_bytes() == b.net.to_bytes()
+    a.save(tmp_path / "l.pt")
+    c = DIHNLearner.load(tmp_path / "l.pt")
+    np.testing.assert_array_equal(c.codes(), a.codes())
+    x2, y2 = synth(100, [3], 5)
+    c._cache = dict(a._cache)
+    np.testing.assert_array_equal(a.learn_many(x2, y2).codes, c.learn_many(x2, y2).codes)
+    np.testing.assert_array_equal(a.encode(x2), c.encode(x2))
+
+
+def test_unlabeled_items_never_enter_the_loss():
+    x, y = synth(200, [0, 1], 6)
+    L = learner(omega=1000)
+    codes = L.encode(x)
+    L.add_items(list(range(100)), codes[:100], y[:100], frozen=False)
+    L.add_items([f"u{i}" for i in range(100)], codes[100:], [None] * 100, frozen=False)
+    asked = []
+
+    def fetch(ids):
+        asked.extend(ids)
+        return np.stack([x[i] if isinstance(i, int) else x[100 + int(i[1:])] for i in ids])
+
+    res = L.learn_round(fetch)
+    assert asked and not any(isinstance(i, str) for i in asked)
+    assert not any(isinstance(i, str) for i in res.ids)
+    np.testing.assert_array_equal(L.codes([f"u{i}" for i in range(100)]), codes[100:])
+
+
+def test_multilabel_and_pm1_codes_and_reencode():
+    x, y = synth(120, [0, 1, 2], 7)
+    L = learner(bits=8)
+    pm1 = unpack_signs(L.encode(x), 8)
+    labels = [{int(a), 9} if i % 5 == 0 else [int(a)] for i, a in enumerate(y)]
+    L.add_items(range(120), pm1, labels, frozen=False)
+    L.learn_round(lambda ids: x[np.asarray(ids)])
+    ids, codes = L.reencode(lambda ids: x[np.asarray(ids)])
+    np.testing.assert_array_equal(codes, L.encode(x))
+    np.testing.assert_array_equal(L.codes(), codes)
+
+
+def test_online_hasher_round_and_trigger():
+    x, y = synth(300, [0, 1, 2, 3], 8)
+    net = HashNet(HashNetConfig(bits=16, seed=0))
+    h = OnlineHasher(net, LearnSettings(round_every=100, omega=200, epochs=1, reservoir_size=50), iters=1)
+    fetch = lambda ids: x[np.asarray(ids)]  # noqa: E731
+    h.observe(range(150), net.encode(x[:150]), y[:150])
+    assert h.ready()
+    rep = h.learn_round(fetch)
+    assert len(rep.round.ids) == 150 and len(h.reservoir) == 50
+    assert rep.reencode == (rep.mi_candidate - rep.mi_live > 0.0)
+    ids, codes = h.reencode(fetch)
+    np.testing.assert_array_equal(codes, h.net.encode(x[:150]))

@@ -1,0 +1,75 @@
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from streamhash.learn.mi import hamming_matrix, mi_per_anchor, mi_quality
+
+
+def entropy(counter, total):
+    return -sum(v / total * math.log(v / total) for v in counter.values() if v)
+
+
+def brute_mi(codes_bits, labels):
+    n = len(codes_bits)
+    out = []
+    for a in range(n):
+        pos, neg = Counter(), Counter()
+        for j in range(n):
+            if j == a:
+                continue
+            d = sum(x != y for x, y in zip(codes_bits[a], codes_bits[j]))
+            (pos if labels[a] & labels[j] else neg)[d] += 1
+        npos, nneg = sum(pos.values()), sum(neg.values())
+        tot = npos + nneg
+        mi = entropy(pos + neg, tot)
+        if npos:
+            mi -= npos / tot * entropy(pos, npos)
+        if nneg:
+            mi -= nneg / tot * entropy(neg, nneg)
+        out.append(mi)
+    return np.array(out)
+
+
+def make(n, bits, seed, n_labels=3):
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 2, (n, bits))
+    labels = [frozenset(rng.choice(n_labels, rng.integers(1, 3), replace=False).tolist()) for _ in range(n)]
+    return b, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mi_matches_brute_force_multilabel(seed):
+    bits = 16
+    b, labels = make(15, bits, seed)
+    packed = np.packbits(b.astype(bool), axis=1)
+    np.testing.assert_allclose(mi_per_anchor(packed, labels, bits), brute_mi(b.tolist(), labels), atol=1e-12)
+    assert mi_quality(packed, labels, bits) == pytest.approx(brute_mi(b.tolist(), labels).mean())
+
+
+def test_degenerate_cases_are_zero():
+    bits = 8
+    b, _ = make(10, bits, 3)
+    packed = np.packbits(b.astype(bool), axis=1)
+    assert mi_quality(packed, [1] * 10, bits) == 0.0  # all neighbours
+    assert mi_quality(packed, list(range(10)), bits) == 0.0  # no neighbours
+    same = np.repeat(packed[:1], 10, axis=0)  # all distances equal (0)
+    assert mi_quality(same, [0, 1] * 5, bits) == pytest.approx(0.0, abs=1e-12)
+    assert mi_quality(packed[:1], [0], bits) == 0.0
+
+
+def test_perfect_codes_reach_label_entropy():
+    bits = 8
+    packed = np.array([[0], [0], [255], [255]], np.uint8)
+    # each anchor: 1 neighbour at distance 0, 2 non-neighbours at distance 8 -> I = H(C) = H(1/3)
+    h = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
+    assert mi_quality(packed, [0, 0, 1, 1], bits) == pytest.approx(h)
+
+
+def test_hamming_matrix():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 4), dtype=np.uint8)
+    b = rng.integers(0, 256, (7, 4), dtype=np.uint8)
+    ref = (np.unpackbits(a, axis=1)[:, None] != np.unpackbits(b, axis=1)[None]).sum(2)
+    np.testing.assert_array_equal(hamming_matrix(a, b), ref)
