@@ -160,7 +160,7 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
             "model_version": health["model_version"], "generation": health["generation"],
             "learning_rounds": int(wm.get("streamhash_learning_rounds_total", 0)),
             "reencodes": int(wm.get("streamhash_reencode_triggers_total", 0)),
-            "index_mi": wm.get("streamhash_index_mi"), "candidate_mi": wm.get("streamhash_candidate_mi"),
+            "index_mi": round(wm.get("streamhash_index_mi", 0.0), 4), "candidate_mi": round(wm.get("streamhash_candidate_mi", 0.0), 4),
             "metrics_urls": [worker_url, f"{server}/metrics"], "search_url": f"{server}/search", "docs_url": f"{server}/docs",
             "bootstrap_servers": settings.kafka.bootstrap_servers,
         }
@@ -189,7 +189,7 @@ streamhash demo: {s['produced']} Fashion-MNIST images + {s['malformed_sent']} ma
   freshness          p50 {s['freshness_p50_s']} s, p99 {s['freshness_p99_s']} s  ({s['freshness_probes']}/{s['freshness_probes_sent']} probes, sent -> queryable)
   query latency      p50 {s['query_p50_ms']} ms, p99 {s['query_p99_ms']} ms  ({s['queries']} HTTP searches, k=10)
   precision@10       {s['precision_at_10']}  (held-out test images, same-label neighbours)
-  learning           {s['learning_rounds']} DIHN rounds, {s['reencodes']} MI-triggered re-encodes; model v{s['model_version']}, generation {s['generation']}
+  learning           {s['learning_rounds']} DIHN round(s), {s['reencodes']} MI-triggered re-encodes; model v{s['model_version']}, generation {s['generation']}
                      (last round: MI of live codes {s['index_mi']}, of candidate codes {s['candidate_mi']})
   metrics            {'  '.join(s['metrics_urls'])}
   search             POST {s['search_url']}   (API docs: {s['docs_url']})""")
