@@ -10,6 +10,7 @@ demo: install data
 	$(BIN)/streamhash demo
 
 test: install test-tools
+	-@$(MAKE) --no-print-directory data  # the demo's own test skips if the dataset cannot be had
 	$(BIN)/python -m pytest
 
 # torch first and pinned: the CPU wheel already on these machines. An open range pulls GBs of CUDA.

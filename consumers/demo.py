@@ -201,15 +201,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     from streamhash.cli import settings_from_args, setup_logging
 
     settings = settings_from_args(args)
-    setup_logging("WARNING" if args.quiet or args.json else settings.log_level)
+    d = settings.demo
+    quiet = d.quiet or d.json_summary
+    setup_logging("WARNING" if quiet else settings.log_level)
     try:
-        summary = run_demo(settings, limit=args.limit, queries=args.queries, workdir=Path(args.workdir),
-                           keep_running=args.keep_running, quiet=args.quiet or args.json)
+        summary = run_demo(settings, limit=d.limit, queries=d.queries, workdir=d.workdir, keep_running=d.keep_running,
+                           quiet=quiet, probes=d.probes)
     except DatasetMissingError as exc:
         print(exc, file=sys.stderr)
         return 3
-    if not args.keep_running:
+    if not d.keep_running:
         print_summary(summary)
-    if args.json:
+    if d.json_summary:
         print(json.dumps(summary))
     return 0

@@ -341,10 +341,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamhash.cli import worker_arguments
+    from streamhash.cli import document_env, worker_arguments
 
     p = argparse.ArgumentParser(prog="streamhash-worker", description="Consume images from Kafka into the LMDB hash index.")
     worker_arguments(p)
+    document_env(p)
     return run_from_args(p.parse_args(argv))
 
 

@@ -66,25 +66,25 @@ def _produce(args) -> int:
     if not settings.kafka.bootstrap_servers:
         print("no broker: set STREAMHASH_KAFKA__BOOTSTRAP_SERVERS or --bootstrap-servers", file=sys.stderr)
         return 2
-    total = None
+    total, ps = None, settings.produce
     try:
         if args.dataset:
-            messages = from_dataset(args.dataset, shuffle_seed=args.shuffle_seed, folder=settings.data.fashion_mnist_dir, fmt=args.format)
+            messages = from_dataset(args.dataset, shuffle_seed=ps.shuffle_seed, folder=settings.data.fashion_mnist_dir, fmt=ps.format)
             total = 70_000
         elif args.source and args.source.endswith(".npy"):
             images = np.load(args.source, allow_pickle=False)
             labels = np.load(args.labels, allow_pickle=False) if args.labels else None
-            if args.shuffle_seed is not None:
-                order = np.random.default_rng(args.shuffle_seed).permutation(len(images))
+            if ps.shuffle_seed is not None:
+                order = np.random.default_rng(ps.shuffle_seed).permutation(len(images))
                 images, labels = images[order], (labels[order] if labels is not None else None)
-            messages, total = from_arrays(images, labels, prefix=args.id_prefix or Path(args.source).stem + "-", fmt=args.format), len(images)
+            messages, total = from_arrays(images, labels, prefix=args.id_prefix or Path(args.source).stem + "-", fmt=ps.format), len(images)
         elif args.source:
             messages = from_folder(Path(args.source))
         else:
             print("give a folder, a .npy file, or --dataset fashion-mnist", file=sys.stderr)
             return 2
         producer = make_producer(settings.kafka)
-        n = send(producer, settings.kafka.topic, messages, limit=args.limit, rate=args.rate, progress=not args.quiet, total=total)
+        n = send(producer, settings.kafka.topic, messages, limit=ps.limit, rate=ps.rate, progress=not ps.quiet, total=total)
     except DatasetMissingError as exc:
         print(exc, file=sys.stderr)
         return 3
@@ -141,13 +141,16 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=10_000, help="images to stream (default 10000)")
-    p.add_argument("--queries", type=int, default=200, help="held-out query images")
+    p.add_argument("--limit", dest="demo.limit", type=int, help="images to stream (default 10000)")
+    p.add_argument("--queries", dest="demo.queries", type=int, help="held-out query images (default 200)")
+    p.add_argument("--probes", dest="demo.probes", type=int, help="freshness probes (default 50)")
     p.add_argument("--bits", dest="model.bits", type=int)
-    p.add_argument("--workdir", default="var/demo", help="wiped at start: broker log, index, process logs")
-    p.add_argument("--keep-running", action="store_true", help="keep the system up after the summary")
-    p.add_argument("--json", action="store_true", help="end with the summary as one JSON object")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--workdir", dest="demo.workdir", help="wiped at start: broker log, index, process logs (default var/demo)")
+    p.add_argument("--keep-running", dest="demo.keep_running", action="store_const", const=True,
+                   help="keep the system up after the summary")
+    p.add_argument("--json", dest="demo.json_summary", action="store_const", const=True,
+                   help="end with the summary as one JSON object")
+    p.add_argument("--quiet", dest="demo.quiet", action="store_const", const=True)
 
 
 def _lazy(module: str):
@@ -174,11 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dataset", choices=["fashion-mnist"])
     pr.add_argument("--labels", help=".npy of labels for a .npy batch")
     pr.add_argument("--id-prefix")
-    pr.add_argument("--limit", type=int)
-    pr.add_argument("--rate", type=float, help="messages per second (default: as fast as possible)")
-    pr.add_argument("--shuffle-seed", type=int)
-    pr.add_argument("--format", choices=["png", "npy"], default="png", help="encoding for array sources")
-    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("--limit", dest="produce.limit", type=int)
+    pr.add_argument("--rate", dest="produce.rate", type=float, help="messages per second (default: as fast as possible)")
+    pr.add_argument("--shuffle-seed", dest="produce.shuffle_seed", type=int)
+    pr.add_argument("--format", dest="produce.format", choices=["png", "npy"], help="encoding for array sources (default png)")
+    pr.add_argument("--quiet", dest="produce.quiet", action="store_const", const=True)
     pr.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers")
     pr.add_argument("--topic", dest="kafka.topic")
     pr.set_defaults(func=_produce)
@@ -212,8 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def document_env(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Name each settings-backed flag's environment variable in its help (and a readable metavar)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                document_env(sub)
+        elif "." in action.dest:
+            section, field = action.dest.split(".", 1)
+            env = f"STREAMHASH_{section.upper()}__{field.upper()}"
+            action.help = f"{action.help + '; ' if action.help else ''}env {env}"
+            if action.nargs != 0 and action.metavar is None and not action.choices:
+                action.metavar = field.upper()
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = document_env(build_parser()).parse_args(argv)
     if args.command == "query" and not (args.image or args.code):
         print("give an image path or --code", file=sys.stderr)
         return 2

@@ -119,6 +119,24 @@ class ServerSettings(BaseModel):
     search_threads: int = 1
 
 
+class ProduceSettings(BaseModel):
+    limit: int | None = None
+    rate: float | None = None  # messages per second; None = as fast as possible
+    shuffle_seed: int | None = None
+    format: Literal["png", "npy"] = "png"  # encoding for array sources
+    quiet: bool = False
+
+
+class DemoSettings(BaseModel):
+    limit: int = 10_000
+    queries: int = 200
+    probes: int = 50
+    workdir: Path = Path("var/demo")  # wiped at start
+    keep_running: bool = False
+    json_summary: bool = False
+    quiet: bool = False
+
+
 class DataSettings(BaseModel):
     fashion_mnist_dir: Path | None = None
     home: Path = Path("data")
@@ -135,6 +153,8 @@ class Settings(BaseSettings):
     learn: LearnSettings = Field(default_factory=LearnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    produce: ProduceSettings = Field(default_factory=ProduceSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
 
     def redacted_json(self) -> str:
         """JSON of every setting with secrets shown as ``**********``."""
