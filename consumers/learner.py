@@ -84,7 +84,7 @@ class LearnerThread(threading.Thread):
         m.CANDIDATE_MI.set(report.mi_candidate)
         if report.decision.drift:
             m.DRIFT_DETECTIONS.inc()
-        net = self.hasher.snapshot_net()
+        net = self.hasher.snapshot_net().to(self.worker.net.device)  # the ingest path's device, CPU or CUDA
         version = self.store.put_model(net.to_bytes())
         log.info("round %d: %d codes learned (%d changed), MI live %.4f candidate %.4f gain %+.4f -> %s",
                  report.round.round, len(report.round.ids), report.round.changed, report.mi_live,

@@ -16,6 +16,7 @@ import binascii
 import logging
 import threading
 import time
+from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -91,17 +92,15 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
                              refresh_interval_s=settings.server.refresh_interval_s)
     mc = settings.model
     encoder = QueryEncoder(store, ImageSpec(mc.image_size, mc.image_size, mc.channels, settings.store.max_value_bytes))
-    app = FastAPI(title="streamhash query", version=__version__,
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        live.start()  # the follower thread runs exactly as long as the server
+        yield
+        live.stop()
+
+    app = FastAPI(title="streamhash query", version=__version__, lifespan=lifespan,
                   description="Hamming ranking over the live streamhash index.")
     app.state.live, app.state.store = live, store
-
-    @app.on_event("startup")
-    def _start() -> None:
-        live.start()
-
-    @app.on_event("shutdown")
-    def _stop() -> None:
-        live.stop()
 
     @app.exception_handler(BadQueryError)
     def _bad_query(request: Request, exc: BadQueryError):

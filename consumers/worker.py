@@ -115,7 +115,7 @@ class IngestWorker:
         self.consumer: KafkaConsumer | None = None
         self.dead_letters: DeadLetters | None = None
         m.MODEL_VERSION.labels(process="worker").set(self.model_version)
-        m.INDEX_GENERATION.labels(process="worker").set(self.store.meta["generation"])
+        m.INDEX_GENERATION.labels(process="worker").set(self.generation)
         m.INDEX_ITEMS.labels(process="worker").set(self.store.count())
 
     # ------------------------------------------------------------------ set-up
