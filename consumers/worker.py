@@ -35,7 +35,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
 from streamhash import metrics as m
-from streamhash.config import Settings, load_settings
+from streamhash.config import Settings
 from streamhash.errors import GenerationChanged, RecordRejected, StoreFullError
 from streamhash.index.store import ItemWrite, Store
 from streamhash.kafka.dlq import DeadLetters

@@ -360,7 +360,7 @@ class Store:
         prefix, dropped = u64(gen), 0
         for db in (self.db["codes"], self.db["tables"]):
             while True:
-                def txn_fn(txn):
+                def txn_fn(txn, db=db):
                     cur, n = txn.cursor(db=db), 0
                     if not cur.set_range(prefix):
                         return 0

@@ -38,7 +38,7 @@ import torch
 
 from streamhash.codes import pack_signs, unpack_signs
 from streamhash.learn.labels import normalise_label_sets
-from streamhash.model.hashnet import HashNet, HashNetConfig, images_to_tensor
+from streamhash.model.hashnet import HashNet, images_to_tensor
 from streamhash.model.losses import DIHNLoss, soft_negative
 
 FetchImages = Callable[[list], np.ndarray]
