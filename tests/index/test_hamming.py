@@ -298,3 +298,33 @@ def test_reconstruct_batch(factory):
     got, found = index.reconstruct_batch([1, 5, 3, 2])
     assert found.tolist() == [True, True, False, True]
     np.testing.assert_array_equal(got[[0, 1, 3]], codes[[11, 10, 2]])
+
+
+@pytest.mark.parametrize("backend", ["numpy"] + (["native"] if hamming.native_available() else []))
+def test_reconstruct_batch_follows_churn_of_store_like_ids(backend):
+    """Increasing ids with gaps (the store's seqs), removals, compaction, then an out-of-order add:
+    reconstruct_batch agrees with a plain dict model at every step."""
+    rng = np.random.default_rng(5)
+    index, model, next_id = make_index(24, backend=backend), {}, 1
+    for step in range(60):
+        n = int(rng.integers(1, 200))
+        ids = next_id + np.cumsum(rng.integers(1, 4, n))  # increasing, with gaps
+        next_id = int(ids[-1]) + 1
+        codes = rng.integers(0, 256, (n, 3), dtype=np.uint8)
+        index.add_with_ids(codes, ids)
+        model.update(zip(ids.tolist(), map(bytes, codes)))
+        if step % 3 == 0 and model:
+            gone = rng.choice(list(model), size=min(len(model), int(rng.integers(1, 150))), replace=False)
+            index.remove_ids(gone)
+            for g in gone.tolist():
+                model.pop(g)
+        if step == 45:  # an id added again out of order: the fast path must step aside
+            old = next(iter(model))
+            index.add_with_ids(np.array([[1, 2, 3]], np.uint8), np.array([old]))
+            model[old] = bytes([1, 2, 3])
+        probe = np.concatenate([np.array(list(model), np.int64), rng.integers(-5, next_id + 50, 300)])
+        got, found = index.reconstruct_batch(probe)
+        for i, p in enumerate(probe.tolist()):
+            assert found[i] == (p in model), (step, p)
+            if p in model:
+                assert bytes(got[i]) == model[p]
