@@ -241,24 +241,17 @@ class Store:
             gen, seq = int(meta["generation"]), int(meta["next_seq"])
             if generation is not None and generation != gen:
                 raise GenerationChanged(f"codes encoded for generation {generation}, store is at {gen}")
-            gen_prefix = u64(gen)
-            # An overwrite must also drop the item from a generation being built beside this one.
-            live_gens = [gen] + ([int(meta["pending_generation"])] if meta.get("pending_generation") else [])
+            gens = self._live_gens(meta)
             seqs = []
             for it in items:
                 key = it.id.encode()
                 old = txn.get(key, db=self.db["items"])
                 if old is not None:
-                    self._unlink(txn, key, json.loads(old), live_gens)
-                rec = {
-                    "labels": list(it.labels) if it.labels is not None else None, "ts": it.ts, "seq": seq,
-                    "shard": meta["shard"], "ctype": it.content_type,
-                }
-                txn.put(key, json.dumps(rec).encode(), db=self.db["items"])
-                txn.put(gen_prefix + key, it.code, db=self.db["codes"])
+                    self._unlink(txn, key, json.loads(old), gens)
+                rec = {"labels": list(it.labels) if it.labels is not None else None, "ts": it.ts,
+                       "shard": meta["shard"], "ctype": it.content_type}
+                self._link(txn, key, rec, gen, seq, it.code)
                 txn.put(key, it.blob, db=self.db["blobs"])
-                txn.put(u64(seq), key, db=self.db["changes"])
-                self.tables.add(txn, self.db["tables"], gen, seq, it.code)
                 seqs.append(seq)
                 seq += 1
             for (topic, partition), nxt in (offsets or {}).items():
@@ -267,6 +260,20 @@ class Store:
             return seqs
 
         return self._write(txn_fn)
+
+    @staticmethod
+    def _live_gens(meta: dict) -> list[int]:
+        """The current generation and, during a re-encode, the one being built beside it: a rewrite
+        must drop the item's old code from both (the pending one catches it up before its swap)."""
+        return [int(meta["generation"])] + ([int(meta["pending_generation"])] if meta.get("pending_generation") else [])
+
+    def _link(self, txn, key: bytes, rec: dict, gen: int, seq: int, code: bytes) -> None:
+        """Write an item under a fresh ``seq``: its record, its code and hash-table entries in ``gen``, its change."""
+        rec["seq"] = seq
+        txn.put(key, json.dumps(rec).encode(), db=self.db["items"])
+        txn.put(u64(gen) + key, code, db=self.db["codes"])
+        txn.put(u64(seq), key, db=self.db["changes"])
+        self.tables.add(txn, self.db["tables"], gen, seq, code)
 
     def _unlink(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
         for gen in gens:
@@ -387,19 +394,15 @@ class Store:
         def txn_fn(txn):
             meta = self.read_meta(txn)
             gen, seq = int(meta["generation"]), int(meta["next_seq"])
-            prefix, seqs = u64(gen), []
+            gens, seqs = self._live_gens(meta), []
             for item_id, code in zip(ids, np.asarray(codes, np.uint8)):
                 key = item_id.encode()
                 raw = txn.get(key, db=self.db["items"])
                 if raw is None:
                     continue
                 rec = json.loads(raw)
-                self._unlink(txn, key, rec, [gen])
-                rec["seq"] = seq
-                txn.put(key, json.dumps(rec).encode(), db=self.db["items"])
-                txn.put(prefix + key, code.tobytes(), db=self.db["codes"])
-                txn.put(u64(seq), key, db=self.db["changes"])
-                self.tables.add(txn, self.db["tables"], gen, seq, code.tobytes())
+                self._unlink(txn, key, rec, gens)
+                self._link(txn, key, rec, gen, seq, code.tobytes())
                 seqs.append(seq)
                 seq += 1
             txn.put(b"next_seq", json.dumps(seq).encode(), db=self.db["meta"])

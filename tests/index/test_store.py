@@ -187,3 +187,17 @@ def test_learned_codes_replace_provisional_ones_with_new_seqs(tmp_path):
     assert (gen, model_version) == (1, 3)
     assert [(c.id, c.code) for c in changes] == [("id1", bytes([5] * 4))]
     assert s.count() == 3
+
+
+def test_learned_codes_during_a_build_are_caught_up_by_the_new_generation(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3))
+    gen, watermark = s.begin_generation()
+    s.put_generation_codes(gen, ["id0", "id1", "id2"], np.full((3, 4), 7, np.uint8))
+    s.put_codes(["id1"], np.full((1, 4), 5, np.uint8))  # its new seq would orphan id1's table entry in gen 2
+    assert s.ids_missing_from(gen, watermark) == ["id1"]
+    s.swap_generation(gen, 2, ["id1"], np.full((1, 4), 9, np.uint8))
+    snap = s.snapshot()
+    with s.env.begin() as txn:
+        found = s.tables.candidates(txn, s.db["tables"], gen, bytes([9] * 4), 1)
+    assert found.tolist() == [snap.seqs[snap.ids.index("id1")]]
