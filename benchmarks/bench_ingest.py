@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.demo import measure_freshness, wait_for  # noqa: E402
-from consumers.launch import scrape, spawn, stop, wait_http  # noqa: E402
+from consumers.demo import measure_freshness  # noqa: E402
+from consumers.launch import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
 from streamhash.config import KafkaSettings  # noqa: E402
 from streamhash.data.fashion_mnist import load_all  # noqa: E402
 from streamhash.index.store import ItemWrite, Store  # noqa: E402

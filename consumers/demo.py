@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from consumers.launch import scrape, spawn, stop, wait_http
+from consumers.launch import scrape, spawn, stop, total, wait_for, wait_http
 from streamhash.config import Settings
 from streamhash.data.fashion_mnist import load_split
 from streamhash.errors import DatasetMissingError
@@ -69,21 +69,10 @@ def measure_freshness(producer, topic: str, server: str, images: np.ndarray, lab
     return delays
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, keep_running: bool, quiet: bool,
              probes: int = 50) -> dict:
-    try:
-        train_x, train_y = load_split("train", settings.data.fashion_mnist_dir)
-        test_x, test_y = load_split("test", settings.data.fashion_mnist_dir)
-    except DatasetMissingError:
-        raise
+    train_x, train_y = load_split("train", settings.data.fashion_mnist_dir)
+    test_x, test_y = load_split("test", settings.data.fashion_mnist_dir)
     order = np.random.default_rng(settings.model.seed).permutation(len(train_x))[:limit]
     q_idx = np.random.default_rng(settings.model.seed + 1).choice(len(test_x), size=queries, replace=False)
 
@@ -124,7 +113,7 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
         def all_in() -> bool:
             s = scrape(worker_url)
             counts["indexed"] = s.get("streamhash_items_indexed_total", 0)
-            counts["dead"] = sum(v for k, v in s.items() if k.startswith("streamhash_messages_dead_lettered_total"))
+            counts["dead"] = total(s, "streamhash_messages_dead_lettered_total")
             return counts["indexed"] >= produced and counts["dead"] >= len(MALFORMED)
 
         wait_for(all_in, 120 + limit / 500, "every message to be indexed or dead-lettered")

@@ -48,6 +48,23 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Call ``predicate`` until it returns something truthy, and return that; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    """Sum of a metric over all its label values in a :func:`scrape` result."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
 def scrape(url: str) -> dict[str, float]:
     """A /metrics page as ``{'name{label="v"}': value}`` (labels sorted), for checks and summaries."""
     out: dict[str, float] = {}

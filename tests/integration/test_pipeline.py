@@ -21,7 +21,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from consumers.demo import MALFORMED
-from consumers.launch import scrape, spawn, stop, wait_http
+from consumers.launch import scrape, spawn, stop, total, wait_for, wait_http
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
@@ -37,16 +37,6 @@ def env_for(kafka, store: Path, metrics_port: int = 0, http_port: int = 0) -> di
         "STREAMHASH_STORE__PATH": str(store), "STREAMHASH_WORKER__METRICS_PORT": str(metrics_port),
         "STREAMHASH_SERVER__PORT": str(http_port), "STREAMHASH_LEARN__ENABLED": "false",
     }
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_worker(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
@@ -98,7 +88,7 @@ def pipeline(broker, tmp_path_factory):
 
     def done():
         s = scrape(metrics_url)
-        dead = sum(v for k, v in s.items() if k.startswith("streamhash_messages_dead_lettered_total{"))
+        dead = total(s, "streamhash_messages_dead_lettered_total")
         return s if s.get("streamhash_items_indexed_total", 0) >= 1000 and dead >= len(MALFORMED) else None
 
     final_metrics = wait_for(done, 90, "1,000 items indexed and all malformed dead-lettered")
