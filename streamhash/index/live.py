@@ -99,7 +99,8 @@ class LiveIndex:
             g.last_seq = int(seqs[-1])
         now = time.time()
         for c in changes:
-            m.FRESHNESS_SECONDS.observe(max(0.0, now - c.ts))
+            if c.ts is not None:  # learned-code updates are not new messages
+                m.FRESHNESS_SECONDS.observe(max(0.0, now - c.ts))
         self._publish(g)
         return len(changes)
 

@@ -74,7 +74,7 @@ class Change:
     id: str
     code: bytes
     labels: tuple[int, ...] | None
-    ts: float
+    ts: float | None  # Kafka timestamp of a message just ingested; None for a code update (put_codes)
 
 
 @dataclass
@@ -401,6 +401,7 @@ class Store:
                 if raw is None:
                     continue
                 rec = json.loads(raw)
+                rec["recoded"] = True  # not a new message: followers must not count it as fresh
                 self._unlink(txn, key, rec, gens)
                 self._link(txn, key, rec, gen, seq, code.tobytes())
                 seqs.append(seq)
@@ -477,7 +478,7 @@ class Store:
                 rec = json.loads(txn.get(key, db=self.db["items"]))
                 code = txn.get(gen_prefix + key, db=self.db["codes"])
                 labels = tuple(rec["labels"]) if rec["labels"] is not None else None
-                out.append(Change(from_u64(k), key.decode(), code, labels, rec["ts"]))
+                out.append(Change(from_u64(k), key.decode(), code, labels, None if rec.get("recoded") else rec["ts"]))
                 if len(out) >= limit:
                     break
             return gen, model_version, out

@@ -185,7 +185,7 @@ def test_learned_codes_replace_provisional_ones_with_new_seqs(tmp_path):
     assert s.put_codes(["id1", "gone"], np.full((2, 4), 5, np.uint8), model_version=3) == [4]
     gen, model_version, changes = s.changes_since(3)
     assert (gen, model_version) == (1, 3)
-    assert [(c.id, c.code) for c in changes] == [("id1", bytes([5] * 4))]
+    assert [(c.id, c.code, c.ts) for c in changes] == [("id1", bytes([5] * 4), None)]  # not a fresh message
     assert s.count() == 3
 
 
