@@ -119,6 +119,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         if req.k > settings.server.max_k:
             raise BadQueryError(f"k={req.k} exceeds the limit of {settings.server.max_k}")
         g: Generation = live.current  # one generation for the whole query
+        model_version = g.model_version  # read once: a learning round updates it in place
         if req.code_hex is not None:
             try:
                 q = from_hex(req.code_hex, store.bits)
@@ -126,12 +127,12 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
                 raise BadQueryError(str(exc)) from None
         else:
             # Encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
-            q = await run_in_threadpool(encoder.encode, image, g.model_version)
+            q = await run_in_threadpool(encoder.encode, image, model_version)
         hits = await run_in_threadpool(_rank, store, g, q, req.k, req.radius)
         took = time.perf_counter() - t0
         m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
         m.QUERIES.labels(endpoint="/search", status="200").inc()
-        return SearchResponse(results=hits, model_version=g.model_version, generation=g.generation,
+        return SearchResponse(results=hits, model_version=model_version, generation=g.generation,
                               index_size=g.index.ntotal, code_hex=to_hex(q), took_ms=took * 1000)
 
     @app.get("/items/{item_id:path}")
