@@ -69,6 +69,9 @@ class StoreSettings(BaseModel):
     # Ceiling for on-demand growth; a write past it (or past the disk) is StoreFullError.
     max_map_size_bytes: int = 1 << 40
     max_value_bytes: int = 10 * 1024 * 1024
+    # Width x height an image (or .npy) may declare; checked from the header before any pixel is decoded,
+    # so a few-byte PNG claiming 30000x30000 is refused without allocating it. Must cover model.image_size².
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
     multihash_tables: int = 0  # 0 = choose from bits (bits // 16)
 
 
@@ -108,6 +111,10 @@ class LearnSettings(BaseModel):
     mu: float = 50.0
     mi_threshold: float = 0.0
     reservoir_size: int = 1000
+    # Labels become columns of a multi-hot matrix (omega x (max label + 1)) in every round, so a message
+    # labelled 10**20 would make every later round fail. 9999 leaves room for a few thousand classes.
+    max_label: int = Field(9999, ge=0)
+    max_labels_per_item: int = Field(64, ge=1)
 
 
 class ServerSettings(BaseModel):

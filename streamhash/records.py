@@ -1,8 +1,13 @@
 """The image-message contract: the one place that turns Kafka bytes into a typed record or a rejection.
 
 Key: item id, UTF-8, 1..256 bytes. Value: PNG, JPEG or ``.npy`` bytes. Headers: ``labels``
-(comma-separated non-negative ints; absent = unlabeled) and ``content-type`` (``image/png``,
-``image/jpeg``, ``application/x-npy``; when absent the type is sniffed from the magic bytes).
+(comma-separated non-negative ints up to ``ImageSpec.max_label``, at most ``ImageSpec.max_labels``
+of them; absent = unlabeled) and ``content-type`` (``image/png``, ``image/jpeg``,
+``application/x-npy``; when absent the type is sniffed from the magic bytes).
+
+Values come from anyone who can produce to the topic, so nothing here trusts them: an image's
+declared size is checked against ``ImageSpec.max_pixels`` before a single pixel is decoded, and
+any exception a decoder raises on one record becomes a :class:`RecordRejected` for that record.
 
 >>> spec = ImageSpec(height=2, width=2, channels=1)
 >>> import numpy as np
@@ -18,26 +23,74 @@ streamhash.errors.RecordRejected: empty value
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from streamhash.errors import RecordRejected
+from streamhash.errors import ConfigError, RecordRejected
+
+if TYPE_CHECKING:
+    from streamhash.config import Settings
 
 MAX_KEY_BYTES = 256
 CONTENT_TYPES = ("image/png", "image/jpeg", "application/x-npy")
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"\x93NUMPY": "application/x-npy"}
+# Only the decoder the content type names: PIL would otherwise identify any of its ~40 formats
+# (TIFF, PSD, ...) behind an image/png header, each one more decoder exposed to the topic.
+_PIL_FORMATS = {"image/png": ["PNG"], "image/jpeg": ["JPEG"]}
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class RecordUndecodable(RecordRejected):
+    """A rejection caused by an exception a decoder raised; ``cause`` is that exception's class name.
+
+    The dead-letter writer reports ``getattr(error, "cause", type(error).__name__)`` as
+    ``error.class``, so operators see which decoder failure it was without the payload.
+    """
+
+    def __init__(self, message: str, cause: BaseException):
+        super().__init__("decode", message)
+        self.cause = type(cause).__name__
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """The image shape the hash network accepts: (height, width) gray or (height, width, channels)."""
+    """What a message must be to be indexed: the image shape the hash network accepts ((height, width)
+    gray or (height, width, channels)) and the bounds on everything else a producer controls.
+
+    Build it with :meth:`from_settings` in processes; positional ``ImageSpec(h, w, c, max_value_bytes)``
+    stays for tests and tools.
+    """
 
     height: int = 28
     width: int = 28
     channels: int = 1
     max_value_bytes: int = 10 * 1024 * 1024
+    # Declared width x height above this is refused before any pixel is decoded (decompression bombs).
+    max_pixels: int = field(default=4096 * 4096, kw_only=True)
+    # Labels index a multi-hot matrix in learning: an unbounded label is an unbounded allocation.
+    max_label: int = field(default=9999, kw_only=True)
+    max_labels: int = field(default=64, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if min(self.height, self.width, self.channels, self.max_value_bytes) <= 0:
+            raise ConfigError(f"image spec needs positive sizes, got {self}")
+        if self.max_pixels < self.height * self.width:
+            raise ConfigError(f"max_pixels={self.max_pixels} is below the {self.width}x{self.height} images it must "
+                              "accept (STREAMHASH_STORE__MAX_IMAGE_PIXELS)")
+        if self.max_label < 0 or self.max_labels < 1:
+            raise ConfigError(f"need max_label >= 0 and max_labels >= 1, got {self.max_label} and {self.max_labels}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageSpec:
+        """The one spec every process derives from its settings, so worker, learner and query server agree."""
+        mc = settings.model
+        return cls(mc.image_size, mc.image_size, mc.channels, settings.store.max_value_bytes,
+                   max_pixels=settings.store.max_image_pixels, max_label=settings.learn.max_label,
+                   max_labels=settings.learn.max_labels_per_item)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -64,7 +117,8 @@ def parse_key(key: bytes | None) -> str:
         raise RecordRejected("key", f"key is not UTF-8: {exc}") from None
 
 
-def parse_labels(raw: bytes | None) -> tuple[int, ...] | None:
+def parse_labels(raw: bytes | None, max_label: int = ImageSpec.max_label,
+                 max_labels: int = ImageSpec.max_labels) -> tuple[int, ...] | None:
     """``b"3,1,3"`` -> ``(1, 3)``; None when absent."""
     if raw is None:
         return None
@@ -72,10 +126,25 @@ def parse_labels(raw: bytes | None) -> tuple[int, ...] | None:
     labels = set()
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit():  # also rejects "", "-1", "1.5", "x"
-            raise RecordRejected("headers", f"labels must be comma-separated non-negative integers, got {text!r}")
-        labels.add(int(part))
+        # isdigit() alone admits "²" and "١", which int() then refuses or reads as another number
+        if not (part.isascii() and part.isdigit()):  # also rejects "", "-1", "1.5", "x"
+            raise RecordRejected("headers", f"labels must be comma-separated non-negative integers, got {_clip(text)!r}")
+        # count digits before int(): int() of thousands of digits is slow or refused outright
+        digits = part.lstrip("0") or "0"
+        label = int(digits) if len(digits) <= len(str(max_label)) else max_label + 1
+        if label > max_label:
+            raise RecordRejected("headers", f"label {_clip(part)} exceeds the maximum label {max_label} "
+                                            "(STREAMHASH_LEARN__MAX_LABEL)")
+        labels.add(label)
+        if len(labels) > max_labels:
+            raise RecordRejected("headers", f"more than {max_labels} distinct labels on one item "
+                                            "(STREAMHASH_LEARN__MAX_LABELS_PER_ITEM)")
     return tuple(sorted(labels))
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """Header text for a rejection message: a 1 MiB header must not become a 1 MiB DLQ header."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def content_type_of(value: bytes, header: bytes | None) -> str:
@@ -91,27 +160,61 @@ def content_type_of(value: bytes, header: bytes | None) -> str:
 
 
 def decode_image(value: bytes, content_type: str, spec: ImageSpec) -> np.ndarray:
-    """Decode bytes to a uint8 array of ``spec.shape``; RecordRejected on anything else."""
-    if content_type == "application/x-npy":
-        try:
-            arr = np.load(io.BytesIO(value), allow_pickle=False)
-        except Exception as exc:  # numpy raises ValueError/OSError/EOFError for bad files
-            raise RecordRejected("decode", f"undecodable .npy: {exc}") from None
-        if arr.dtype != np.uint8:
-            raise RecordRejected("shape", f".npy dtype must be uint8, got {arr.dtype}")
-    else:
-        try:
-            with Image.open(io.BytesIO(value)) as img:
-                if img.size != (spec.width, spec.height):
-                    raise RecordRejected("shape", f"image is {img.size[0]}x{img.size[1]}, expected {spec.width}x{spec.height}")
-                arr = _pil_to_array(img, spec.channels)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise RecordRejected("decode", f"undecodable {content_type}: {exc}") from None
+    """Decode bytes to a uint8 array of ``spec.shape``; RecordRejected on anything else, whatever the decoder raised."""
+    try:
+        if content_type == "application/x-npy":
+            arr = _decode_npy(value, spec)
+        elif content_type in _PIL_FORMATS:
+            arr = _decode_pil(value, content_type, spec)
+        else:
+            raise RecordRejected("headers", f"unknown content-type {content_type!r}; expected one of {', '.join(CONTENT_TYPES)}")
+    except RecordRejected:
+        raise
+    except Image.DecompressionBombError as exc:  # PIL's own ceiling, met inside open() before ours can look
+        raise RecordUndecodable(f"{content_type} declares too many pixels (limit {spec.max_pixels}, "
+                                f"STREAMHASH_STORE__MAX_IMAGE_PIXELS): {exc}", exc) from None
+    except Exception as exc:  # decoders raise anything on hostile bytes: ValueError, OSError, SyntaxError, struct.error, ...
+        what = ".npy" if content_type == "application/x-npy" else content_type
+        raise RecordUndecodable(f"undecodable {what}: {type(exc).__name__}: {exc}", exc) from None
     if arr.ndim == 3 and arr.shape[2] == 1 and spec.channels == 1:
         arr = arr[:, :, 0]
     if arr.shape != spec.shape:
         raise RecordRejected("shape", f"image shape {arr.shape}, expected {spec.shape}")
     return np.ascontiguousarray(arr)
+
+
+def _decode_npy(value: bytes, spec: ImageSpec) -> np.ndarray:
+    # The header alone says how much np.load would allocate; read it and check before any data is touched.
+    fp = io.BytesIO(value)
+    version = np.lib.format.read_magic(fp)
+    if version not in _NPY_HEADER_READERS:
+        raise RecordRejected("decode", f"undecodable .npy: format version {version} is not supported (1.0 or 2.0)")
+    shape, fortran_order, dtype = _NPY_HEADER_READERS[version](fp)
+    if any(n < 0 for n in shape):
+        raise RecordRejected("decode", f"undecodable .npy: negative dimension in shape {shape}")
+    values = math.prod(shape)
+    if values > spec.max_pixels * spec.channels:
+        raise RecordRejected("decode", f".npy declares shape {shape}: {values} values, over the limit of "
+                                       f"{spec.max_pixels} pixels (STREAMHASH_STORE__MAX_IMAGE_PIXELS)")
+    if dtype != np.uint8:
+        raise RecordRejected("shape", f".npy dtype must be uint8, got {dtype}")
+    data = memoryview(value)[fp.tell():]
+    if len(data) < values:
+        raise RecordRejected("decode", f"undecodable .npy: truncated, {len(data)} of {values} data bytes")
+    # a copy: a view of the message bytes would be read-only, and np.load's arrays never were
+    return np.frombuffer(data, np.uint8, count=values).reshape(shape, order="F" if fortran_order else "C").copy()
+
+
+def _decode_pil(value: bytes, content_type: str, spec: ImageSpec) -> np.ndarray:
+    # open() parses the header only: the size is known before any pixel is decompressed
+    with Image.open(io.BytesIO(value), formats=_PIL_FORMATS[content_type]) as img:
+        width, height = img.size
+        if width * height > spec.max_pixels:
+            raise RecordRejected("decode", f"{content_type} declares {width}x{height} = {width * height} pixels, over "
+                                           f"the limit of {spec.max_pixels} (STREAMHASH_STORE__MAX_IMAGE_PIXELS)")
+        if img.size != (spec.width, spec.height):
+            raise RecordRejected("shape", f"image is {width}x{height}, expected {spec.width}x{spec.height}")
+        return _pil_to_array(img, spec.channels)
 
 
 def _pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
@@ -124,14 +227,24 @@ def _pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
 
 
 def parse_message(key: bytes | None, value: bytes | None, headers, spec: ImageSpec) -> ImageRecord:
-    """Kafka key, value and headers -> ImageRecord; RecordRejected (with its stage) otherwise."""
+    """Kafka key, value and headers -> ImageRecord; RecordRejected (with its stage) otherwise, never another error:
+    one hostile record must reach the dead-letter topic, not stop the batch it came in."""
+    try:
+        return _parse_message(key, value, headers, spec)
+    except RecordRejected:
+        raise
+    except Exception as exc:
+        raise RecordUndecodable(f"unparseable record: {type(exc).__name__}: {exc}", exc) from exc
+
+
+def _parse_message(key: bytes | None, value: bytes | None, headers, spec: ImageSpec) -> ImageRecord:
     item_id = parse_key(key)
     if not value:
         raise RecordRejected("value", "empty value")
     if len(value) > spec.max_value_bytes:
         raise RecordRejected("value", f"value of {len(value)} bytes exceeds the {spec.max_value_bytes}-byte limit")
     hdr = {k.lower(): v for k, v in (headers or [])}
-    labels = parse_labels(hdr.get("labels"))
+    labels = parse_labels(hdr.get("labels"), spec.max_label, spec.max_labels)
     ctype = content_type_of(value, hdr.get("content-type"))
     return ImageRecord(item_id, decode_image(value, ctype, spec), labels, ctype, value)
 

@@ -86,3 +86,175 @@ def test_color_spec_accepts_rgb_and_rejects_gray():
     np.testing.assert_array_equal(parse_message(b"c", encode_png(rgb), [], spec).image, rgb)
     with pytest.raises(RecordRejected, match="expected 3"):
         parse_message(b"c", encode_png(np.zeros((32, 32), np.uint8)), [], spec)
+
+
+# --- hostile values: sizes are checked from the header, before any pixel is decoded -------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A 65-byte PNG whose header claims ``width`` x ``height``: what a decompression bomb looks like on the wire."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    import struct
+
+    data = bytearray(jpeg(GRAY))
+    sof = data.find(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def npy_declaring(shape, descr="|u1") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def real_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("value", [
+    png_declaring(30000, 30000),  # past PIL's own ceiling: it raised DecompressionBombError out of parse_message
+    png_declaring(5000, 5000),  # under PIL's ceiling, over ours
+    real_png(20000, 20000),  # 400 MB of pixels in a few hundred kB
+    jpeg_declaring(60000, 60000),
+    npy_declaring((100000, 100000)),  # np.load would allocate 10 GB before noticing the data is missing
+    npy_declaring((5000, 5000, 1)),
+], ids=["png-header-30000", "png-header-5000", "png-real-20000", "jpeg-header-60000", "npy-header-1e10", "npy-header-25e6"])
+def test_decompression_bombs_are_rejected_before_decoding(value):
+    spec = ImageSpec(28, 28, 1)  # the default value limit: the bombs are small
+    assert len(value) < spec.max_value_bytes
+    with pytest.raises(RecordRejected) as info:
+        parse_message(b"k", value, [], spec)
+    assert info.value.stage == "decode"
+    assert str(spec.max_pixels) in info.value.message and "STREAMHASH_STORE__MAX_IMAGE_PIXELS" in info.value.message
+
+
+def test_pixel_limit_is_configurable_and_precedes_the_shape_check():
+    spec = ImageSpec(28, 28, 1, max_pixels=28 * 29)
+    with pytest.raises(RecordRejected) as info:
+        parse_message(b"k", encode_png(np.zeros((30, 30), np.uint8)), [], spec)
+    assert info.value.stage == "decode" and "30x30 = 900 pixels, over the limit of 812" in info.value.message
+    with pytest.raises(RecordRejected) as info:  # within the limit: the ordinary shape rejection
+        parse_message(b"k", encode_png(np.zeros((29, 28), np.uint8)), [], spec)
+    assert info.value.stage == "shape"
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.8])
+def test_truncated_images_are_rejected_not_padded(cut):
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (28, 28), dtype=np.uint8)  # incompressible: a cut lands inside the pixel data
+    for value in (encode_png(noisy), jpeg(noisy), encode_npy(noisy)):
+        with pytest.raises(RecordRejected) as info:
+            parse_message(b"k", value[:int(len(value) * cut)], [], SPEC)
+        assert info.value.stage == "decode"
+
+
+@pytest.mark.parametrize("value,headers", [
+    (npy_declaring((28, -28)), []),
+    (npy_declaring((28, 28), descr="|O"), []),
+    (b"\x93NUMPY\x09\x00" + b"x" * 20, []),  # unknown .npy version
+    (png_declaring(28, 28), []),  # right size, no pixel data
+    (jpeg(GRAY), [("content-type", b"image/png")]),  # the type decides the decoder
+    (b"GIF89a" + b"\x00" * 20, [("content-type", b"image/png")]),
+])
+def test_malformed_values_are_rejections(value, headers):
+    with pytest.raises(RecordRejected):
+        parse_message(b"k", value, headers, SPEC)
+
+
+def test_any_decoder_exception_becomes_a_rejection_naming_its_class(monkeypatch):
+    import streamhash.records as records
+
+    def broken(*_):
+        raise ZeroDivisionError("a decoder bug")
+
+    monkeypatch.setattr(records, "_decode_pil", broken)
+    with pytest.raises(RecordRejected) as info:
+        parse_message(b"k", encode_png(GRAY), [], SPEC)
+    assert info.value.stage == "decode" and info.value.cause == "ZeroDivisionError"
+    assert "ZeroDivisionError: a decoder bug" in info.value.message
+
+
+def test_any_parse_exception_becomes_a_rejection():
+    with pytest.raises(RecordRejected) as info:  # a header name that is not a string
+        parse_message(b"k", encode_png(GRAY), [(None, b"1")], SPEC)
+    assert info.value.stage == "decode" and info.value.cause == "AttributeError"
+
+
+def test_plain_rejections_name_no_other_cause():
+    with pytest.raises(RecordRejected) as info:
+        parse_message(b"k", b"", [], SPEC)
+    assert getattr(info.value, "cause", type(info.value).__name__) == "RecordRejected"
+
+
+# --- labels are bounded: they size the learner's multi-hot matrix -------------------------------
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    (b"99999999999999999999", "exceeds the maximum label 9999 (STREAMHASH_LEARN__MAX_LABEL)"),
+    (b"3,10000", "exceeds the maximum label 9999"),
+    (b"1" * 5000, "exceeds the maximum label"),  # int() refuses 4300+ digits: it raised ValueError
+    (",".join(map(str, range(65))).encode(), "more than 64 distinct labels on one item (STREAMHASH_LEARN__MAX_LABELS_PER_ITEM)"),
+    ("\u00b2".encode(), "non-negative integers"),  # str.isdigit() is true, int() raised ValueError
+    ("\u0661".encode(), "non-negative integers"),  # Arabic-Indic one: int() read it as 1
+])
+def test_labels_out_of_bounds_are_rejected(raw, fragment):
+    with pytest.raises(RecordRejected) as info:
+        parse_message(b"k", encode_png(GRAY), [("labels", raw)], SPEC)
+    assert info.value.stage == "headers" and fragment in info.value.message
+
+
+def test_label_bounds_come_from_the_spec():
+    assert parse_labels(b"9999," + b"0" * 6000) == (0, 9999)  # leading zeros are still small numbers
+    assert parse_labels(b",".join(b"%d" % i for i in range(64))) == tuple(range(64))
+    spec = ImageSpec(28, 28, 1, max_label=20, max_labels=2)
+    assert parse_message(b"k", encode_png(GRAY), [("labels", b"20,3,3")], spec).labels == (3, 20)
+    for raw in (b"21", b"1,2,3"):
+        with pytest.raises(RecordRejected):
+            parse_message(b"k", encode_png(GRAY), [("labels", raw)], spec)
+
+
+def test_long_label_headers_are_clipped_in_the_message():
+    with pytest.raises(RecordRejected) as info:
+        parse_labels(b"x" * 100_000)
+    assert len(info.value.message) < 300
+
+
+# --- the spec every process builds --------------------------------------------------------------
+
+
+def test_spec_from_settings_and_positional_construction():
+    from streamhash.config import Settings
+
+    s = Settings(model={"image_size": 32, "channels": 3}, store={"max_value_bytes": 5000, "max_image_pixels": 4096},
+                 learn={"max_label": 99, "max_labels_per_item": 4})
+    assert ImageSpec.from_settings(s) == ImageSpec(32, 32, 3, 5000, max_pixels=4096, max_label=99, max_labels=4)
+    default = ImageSpec.from_settings(Settings())
+    assert (default.max_pixels, default.max_label, default.max_labels) == (4096 * 4096, 9999, 64)
+    assert ImageSpec(28, 28, 1, 4096).shape == (28, 28)
+
+
+def test_spec_refuses_a_pixel_limit_below_its_own_images():
+    from streamhash.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="MAX_IMAGE_PIXELS"):
+        ImageSpec(28, 28, 1, max_pixels=100)
