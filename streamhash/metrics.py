@@ -1,56 +1,128 @@
 """Prometheus metrics: every name in one place, ``streamhash_`` prefix, base units, ``_total`` counters.
 
 No item ids or labels are ever used as label values; the only labels are small closed sets
-(``stage``, ``process``, ``endpoint``/``status``).
+(``stage``, ``process``, ``endpoint``/``status``, ``topic``/``partition``).
+
+Each process kind has its own registry and serves only that one, so a query server does not
+export the worker's lag or learning metrics as constant zeros (nor the worker the query ones):
+:data:`WORKER_REGISTRY` (the ingest worker and its learner thread) and :data:`QUERY_REGISTRY`
+(``streamhash serve``). Both carry the process, platform and GC collectors and ``streamhash_build_info``;
+the gauges labelled ``process`` are in both, each process setting only its own label value.
+
+>>> names = lambda r: {f.name for f in r.collect()}
+>>> "streamhash_consumer_lag_messages" in names(WORKER_REGISTRY) - names(QUERY_REGISTRY)
+True
+>>> "process_start_time_seconds" in names(WORKER_REGISTRY) & names(QUERY_REGISTRY)
+True
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
 from streamhash import __version__
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-BUILD_INFO = Info("streamhash_build", "streamhash build information")
+
+def _process_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    # The same collector objects as the default registry: they read /proc and gc at scrape time, per process.
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+WORKER_REGISTRY = _process_registry()
+QUERY_REGISTRY = _process_registry()
+REGISTRIES = {"worker": WORKER_REGISTRY, "query": QUERY_REGISTRY}
+
+
+def _in_both(metric):
+    QUERY_REGISTRY.register(metric)
+    return metric
+
+
+# both processes
+BUILD_INFO = _in_both(Info("streamhash_build", "streamhash build information", registry=WORKER_REGISTRY))
 BUILD_INFO.info({"version": __version__})
+INDEX_ITEMS = _in_both(Gauge("streamhash_index_items", "Items in the index", ["process"], registry=WORKER_REGISTRY))
+MODEL_VERSION = _in_both(Gauge("streamhash_model_version", "Model version in use", ["process"], registry=WORKER_REGISTRY))
+INDEX_GENERATION = _in_both(Gauge("streamhash_index_generation", "Index generation in use", ["process"], registry=WORKER_REGISTRY))
 
 # ingest worker
-MESSAGES_CONSUMED = Counter("streamhash_messages_consumed_total", "Messages read from the image topic")
-MESSAGES_REPLAYED = Counter("streamhash_messages_replayed_total", "Messages consumed again after a crash and skipped: already in LMDB")
-ITEMS_INDEXED = Counter("streamhash_items_indexed_total", "Items written to the LMDB index (overwrites included)")
-DEAD_LETTERED = Counter("streamhash_messages_dead_lettered_total", "Messages sent to the dead-letter topic", ["stage"])
-BATCHES = Counter("streamhash_batches_total", "Batches processed and committed")
-ENCODE_SECONDS = Histogram("streamhash_encode_duration_seconds", "Hash-network encode time per batch", buckets=_LATENCY_BUCKETS)
-COMMIT_SECONDS = Histogram("streamhash_lmdb_commit_duration_seconds", "LMDB write transaction time per batch", buckets=_LATENCY_BUCKETS)
-INDEX_ITEMS = Gauge("streamhash_index_items", "Items in the index", ["process"])
-ASSIGNED_PARTITIONS = Gauge("streamhash_assigned_partitions", "Partitions of the image topic assigned to this worker")
-CONSUMER_LAG = Gauge("streamhash_consumer_lag_messages", "Sum over assigned partitions of high watermark minus position")
-LAST_COMMIT = Gauge("streamhash_last_commit_timestamp_seconds", "Unix time of the last committed batch")
-STORE_FULL = Counter("streamhash_store_full_total", "Writes refused because the disk or map-size ceiling is full")
+_W = WORKER_REGISTRY
+MESSAGES_CONSUMED = Counter("streamhash_messages_consumed_total", "Messages read from the image topic", registry=_W)
+MESSAGES_REPLAYED = Counter("streamhash_messages_replayed_total", "Messages consumed again after a crash and skipped: already in LMDB", registry=_W)
+ITEMS_INDEXED = Counter("streamhash_items_indexed_total", "Items written to the LMDB index (overwrites included)", registry=_W)
+DEAD_LETTERED = Counter("streamhash_messages_dead_lettered_total", "Messages sent to the dead-letter topic", ["stage"], registry=_W)
+BATCHES = Counter("streamhash_batches_total", "Batches processed and committed", registry=_W)
+ENCODE_SECONDS = Histogram("streamhash_encode_duration_seconds", "Hash-network encode time per batch", buckets=_LATENCY_BUCKETS, registry=_W)
+COMMIT_SECONDS = Histogram("streamhash_lmdb_commit_duration_seconds", "LMDB write transaction time per batch", buckets=_LATENCY_BUCKETS, registry=_W)
+ASSIGNED_PARTITIONS = Gauge("streamhash_assigned_partitions", "Partitions of the image topic assigned to this worker", registry=_W)
+CONSUMER_LAG = Gauge("streamhash_consumer_lag_messages", "Sum over assigned partitions of high watermark minus position", registry=_W)
+LAST_COMMIT = Gauge("streamhash_last_commit_timestamp_seconds", "Unix time of the last committed batch", registry=_W)
+STORE_FULL = Counter("streamhash_store_full_total", "Writes refused because the disk or map-size ceiling is full", registry=_W)
+OFFSET_RESETS = Counter("streamhash_offset_resets_total", "Partition positions moved because the committed or stored offset was out of range",
+                        ["topic", "partition"], registry=_W)
 
-# learning (issue 3)
-LEARNING_ROUNDS = Counter("streamhash_learning_rounds_total", "DIHN learning rounds completed")
-LEARNING_ROUND_SECONDS = Histogram("streamhash_learning_round_duration_seconds", "DIHN round duration", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
-INDEX_MI = Gauge("streamhash_index_mi", "Mutual-information quality of the live codes on the reservoir")
-CANDIDATE_MI = Gauge("streamhash_candidate_mi", "Mutual-information quality of the candidate codes on the reservoir")
-REENCODE_TRIGGERS = Counter("streamhash_reencode_triggers_total", "Re-encodes triggered by the MI test")
-REENCODE_SECONDS = Histogram("streamhash_reencode_duration_seconds", "Re-encode duration", buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
-DRIFT_DETECTIONS = Counter("streamhash_drift_detections_total", "Drifts detected on the live index MI")
-MODEL_VERSION = Gauge("streamhash_model_version", "Model version in use", ["process"])
-INDEX_GENERATION = Gauge("streamhash_index_generation", "Index generation in use", ["process"])
+# learning (issue 3): the worker's learner thread
+LEARNING_ROUNDS = Counter("streamhash_learning_rounds_total", "DIHN learning rounds completed", registry=_W)
+LEARNING_ROUND_SECONDS = Histogram("streamhash_learning_round_duration_seconds", "DIHN round duration",
+                                   buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=_W)
+LEARNING_ROUND_FAILURES = Counter("streamhash_learning_round_failures_total", "DIHN learning rounds that raised and were abandoned", registry=_W)
+LEARNING_QUARANTINED = Counter("streamhash_learning_quarantined_items_total", "Labeled items excluded from learning after a failed round", registry=_W)
+INDEX_MI = Gauge("streamhash_index_mi", "Mutual-information quality of the live codes on the reservoir", registry=_W)
+CANDIDATE_MI = Gauge("streamhash_candidate_mi", "Mutual-information quality of the candidate codes on the reservoir", registry=_W)
+REENCODE_TRIGGERS = Counter("streamhash_reencode_triggers_total", "Re-encodes triggered by the MI test", registry=_W)
+REENCODE_SECONDS = Histogram("streamhash_reencode_duration_seconds", "Re-encode duration",
+                             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=_W)
+DRIFT_DETECTIONS = Counter("streamhash_drift_detections_total", "Drifts detected on the live index MI", registry=_W)
 
 # query worker
-QUERIES = Counter("streamhash_queries_total", "Search requests answered", ["endpoint", "status"])
-QUERY_SECONDS = Histogram("streamhash_query_duration_seconds", "Search latency, request in to response out", ["endpoint"], buckets=_LATENCY_BUCKETS)
+_Q = QUERY_REGISTRY
+QUERIES = Counter("streamhash_queries_total", "Search requests answered, by response status", ["endpoint", "status"], registry=_Q)
+QUERY_SECONDS = Histogram("streamhash_query_duration_seconds", "Search latency, request in to response out", ["endpoint"],
+                          buckets=_LATENCY_BUCKETS, registry=_Q)
 FRESHNESS_SECONDS = Histogram(
     "streamhash_freshness_seconds", "Kafka message timestamp to visible in the query index",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=_Q,
 )
-INDEX_REFRESH_SECONDS = Histogram("streamhash_index_refresh_duration_seconds", "Time to apply one batch of store changes", buckets=_LATENCY_BUCKETS)
+INDEX_REFRESH_SECONDS = Histogram("streamhash_index_refresh_duration_seconds", "Time to apply one batch of store changes",
+                                  buckets=_LATENCY_BUCKETS, registry=_Q)
 
 
-def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    """Expose /metrics on a background thread (port 0 disables it)."""
+class _AllStreamhashMetrics:
+    """Every streamhash family of every process registry, once: what the package can expose.
+
+    Registered in prometheus_client's default registry so tools that inspect it (the deploy-config
+    tests check alert and dashboard names against it) see all names; no process serves it.
+    """
+
+    def collect(self):
+        seen = set()
+        for registry in REGISTRIES.values():
+            for family in registry.collect():
+                if family.name.startswith("streamhash_") and family.name not in seen:
+                    seen.add(family.name)
+                    yield family
+
+
+REGISTRY.register(_AllStreamhashMetrics())
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1", registry: CollectorRegistry = WORKER_REGISTRY) -> None:
+    """Expose ``registry`` on /metrics from a background thread (port 0 disables it)."""
     if port:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, registry=registry)
