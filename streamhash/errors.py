@@ -30,12 +30,20 @@ class StoreFullError(StoreError):
     """The disk (or the configured map-size ceiling) has no room left for a write."""
 
 
+class StoreLockedError(StoreError):
+    """Another process already has the store open for writing (one writer per store)."""
+
+
 class SchemaMismatchError(StoreError):
     """The store on disk was written with settings this process does not match."""
 
 
 class GenerationChanged(StoreError):
     """A re-encode swapped generations between encoding a batch and writing it; encode again."""
+
+    def __init__(self, current: int, message: str):
+        super().__init__(message)
+        self.current = current
 
 
 class BrokerError(StreamhashError):
@@ -48,3 +56,10 @@ class DatasetMissingError(StreamhashError):
 
 class BadQueryError(StreamhashError):
     """A query the index cannot answer (wrong width, bad k, unreadable image)."""
+
+
+# Process exit codes (sysexits.h), one place so supervisors and tests agree.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CANTCREAT = 73  # the store is locked by another writer: restarting will not help until it stops
+EXIT_TEMPFAIL = 75  # disk or map full: retried, then stopped with nothing lost; restart with back-off

@@ -21,16 +21,27 @@ in-memory Hamming index uses, so ties break by insertion order.
 
 Writes are one transaction per batch: items, codes, blobs, hash tables, changes and the Kafka
 offset map commit together or not at all.
+
+Concurrency, within a process: one write transaction at a time (``_writer``, our lock, taken before
+LMDB's own), and the map is resized only by the thread holding it, after its transaction aborted and
+while no reader transaction is open in this process (``_resize``: readers shared, resize exclusive).
+LMDB forbids ``set_mapsize`` with any transaction of the process open; two writing threads that grew
+the map on their own failed with "Cannot set_mapsize while a write transaction is active" or a
+deadlock. Across processes: one writable handle per environment, enforced by an exclusive ``flock`` on
+``writer.lock`` beside ``data.mdb``; read-only handles in other processes adopt growth on
+``MapResizedError``.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +50,15 @@ from typing import Iterable
 import lmdb
 import numpy as np
 
-from streamhash.errors import GenerationChanged, SchemaMismatchError, StoreError, StoreFullError
+from streamhash.errors import GenerationChanged, SchemaMismatchError, StoreError, StoreFullError, StoreLockedError
+from streamhash.rwlock import RWLock
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DB_NAMES = ("items", "codes", "blobs", "tables", "models", "offsets", "meta", "changes")
 _U64 = struct.Struct(">Q")
+_MIN_GROWTH = 64 << 10
 
 
 def u64(n: int) -> bytes:
@@ -85,6 +98,7 @@ class Snapshot:
     codes: np.ndarray  # uint8 (n, bits/8)
     ids: list[str]
     labels: list[tuple[int, ...] | None]
+    learned: np.ndarray  # bool (n,): the code was learned from labels (DCC), not inferred by the network
 
 
 def offset_key(topic: str, partition: int) -> bytes:
@@ -109,14 +123,20 @@ class Store:
         initial_map_size: int = 64 << 20,
         max_map_size: int = 1 << 40,
         multihash_tables: int = 0,
+        map_growth_factor: float = 2.0,
     ):
         self.path = Path(path)
         self.readonly = readonly
         self.max_map_size = max_map_size
+        self.map_growth_factor = map_growth_factor
+        self._writer = threading.Lock()
+        self._resize = RWLock()
+        self._lock_file = None
         if readonly and not (self.path / "data.mdb").exists():
             raise StoreError(f"no index at {self.path} (start a worker first, or check STREAMHASH_STORE__PATH)")
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _lock_exclusively(self.path / "writer.lock")
         self.env = lmdb.open(
             str(self.path), map_size=initial_map_size, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
             subdir=True, lock=True, readahead=False, meminit=False, max_readers=256,
@@ -182,33 +202,41 @@ class Store:
     def _read(self, fn):
         for _ in range(3):
             try:
-                with self.env.begin(buffers=False) as txn:
+                with self._resize.read(), self.env.begin(buffers=False) as txn:
                     return fn(txn)
             except lmdb.MapResizedError:
-                # The writer grew the map; adopt its size and retry.
-                self.env.set_mapsize(0)
+                # Another process grew the map; adopt its size (no transaction of ours may be open).
+                with self._resize.write():
+                    self.env.set_mapsize(0)
         raise StoreError("map kept resizing under a reader")
 
     def _write(self, fn):
-        """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
+        """Run ``fn(txn)`` in one write transaction, growing the map when it is full.
+
+        Disk-full conditions are raised as StoreFullError in every form LMDB reports them: MDB_MAP_FULL
+        at the ceiling, ENOSPC, and EIO (what tmpfs and some filesystems return from the commit's write).
+        """
         if self.readonly:
             raise StoreError("store opened read-only")
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapFullError:
-                self._grow()
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
-            except lmdb.Error as exc:
-                if _is_disk_full(exc):
-                    raise StoreFullError(f"disk full writing {self.path}: {exc}") from exc
-                raise
+        with self._writer:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return fn(txn)
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.MapResizedError:
+                    with self._resize.write():
+                        self.env.set_mapsize(0)
+                except lmdb.Error as exc:
+                    if _is_disk_full(exc):
+                        raise StoreFullError(f"disk full writing {self.path}: {exc}") from exc
+                    raise
 
     def _grow(self) -> None:
+        """Double the map (called with ``_writer`` held and no write transaction open)."""
         size = self.env.info()["map_size"]
-        new = min(size * 2, self.max_map_size)
+        new = min(max(int(size * self.map_growth_factor), size + _MIN_GROWTH), self.max_map_size)
         if new <= size:
             raise StoreFullError(
                 f"store {self.path} reached its map-size ceiling of {size} bytes "
@@ -221,15 +249,17 @@ class Store:
             if new <= size:
                 raise StoreFullError(f"disk full: {free} bytes free under {self.path}, store needs more than {size}")
         log.info("growing LMDB map of %s from %d to %d bytes", self.path, size, new)
-        self.env.set_mapsize(new)
+        with self._resize.write():
+            self.env.set_mapsize(new)
 
     # ---------------------------------------------------------------- writes
     def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None,
-                    *, generation: int | None = None) -> list[int]:
+                    *, generation: int | None = None, model_version: int | None = None) -> list[int]:
         """Write items (overwriting re-sent ids) and the offset map in one transaction; return their seqs.
 
         ``generation``: the generation the codes were encoded for; if a re-encode swapped in another
         one meanwhile, GenerationChanged is raised and nothing is written (encode again, retry).
+        ``model_version``: the network that inferred the codes, recorded with each item.
         """
         items = list(items)
         for it in items:
@@ -240,7 +270,7 @@ class Store:
             meta = self.read_meta(txn)
             gen, seq = int(meta["generation"]), int(meta["next_seq"])
             if generation is not None and generation != gen:
-                raise GenerationChanged(f"codes encoded for generation {generation}, store is at {gen}")
+                raise GenerationChanged(gen, f"codes encoded for generation {generation}, store is at {gen}")
             gens = self._live_gens(meta)
             seqs = []
             for it in items:
@@ -249,7 +279,7 @@ class Store:
                 if old is not None:
                     self._unlink(txn, key, json.loads(old), gens)
                 rec = {"labels": list(it.labels) if it.labels is not None else None, "ts": it.ts,
-                       "shard": meta["shard"], "ctype": it.content_type}
+                       "shard": meta["shard"], "ctype": it.content_type, "model": model_version}
                 self._link(txn, key, rec, gen, seq, it.code)
                 txn.put(key, it.blob, db=self.db["blobs"])
                 seqs.append(seq)
@@ -329,23 +359,26 @@ class Store:
 
     def ids_missing_from(self, gen: int, after_seq: int = 0) -> list[str]:
         """Ids written after ``after_seq`` that have no code in generation ``gen`` yet."""
+        return self._read(lambda txn: self._ids_missing(txn, gen, after_seq))
 
-        def read(txn):
-            cur = txn.cursor(db=self.db["changes"])
-            out = []
-            if cur.set_range(u64(after_seq + 1)):
-                for _, key in cur:
-                    if txn.get(u64(gen) + key, db=self.db["codes"]) is None:
-                        out.append(key.decode())
-            return out
+    def _ids_missing(self, txn, gen: int, after_seq: int) -> list[str]:
+        cur, prefix, out = txn.cursor(db=self.db["changes"]), u64(gen), []
+        if cur.set_range(u64(after_seq + 1)):
+            for _, key in cur:
+                if txn.get(prefix + key, db=self.db["codes"]) is None:
+                    out.append(key.decode())
+        return out
 
-        return self._read(read)
-
-    def swap_generation(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray) -> int:
+    def swap_generation(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
+                        after_seq: int = 0, encode_blobs=None) -> int:
         """Write the last codes of ``gen`` and make it current with ``model_version``, in one transaction.
 
-        Refuses (StoreError) if any live item would be left without a code: readers switch to a
-        complete generation or not at all. Returns the generation that was replaced.
+        Items written after ``after_seq`` that still lack a code in ``gen`` (the ingest path kept
+        writing while the caller caught up) are encoded inside the transaction by
+        ``encode_blobs([(blob, content_type), ...]) -> codes`` when given: ingestion waits for that
+        short step instead of the catch-up chasing it forever. Without it, or if an older item lacks a
+        code, StoreError: readers switch to a complete generation or not at all.
+        Returns the generation that was replaced.
         """
 
         def txn_fn(txn):
@@ -353,14 +386,43 @@ class Store:
             if meta.get("pending_generation") != gen:
                 raise StoreError(f"generation {gen} is not being built (pending: {meta.get('pending_generation')})")
             self._put_gen_codes(txn, gen, ids, codes)
-            prefix = u64(gen)
-            for _, key in txn.cursor(db=self.db["changes"]):
-                if txn.get(prefix + key, db=self.db["codes"]) is None:
-                    raise StoreError(f"item {key.decode()!r} has no code in generation {gen}; catch it up first")
+            late = self._ids_missing(txn, gen, after_seq)
+            if late and encode_blobs is not None:
+                blobs = [(txn.get(k.encode(), db=self.db["blobs"]), json.loads(txn.get(k.encode(), db=self.db["items"]))["ctype"])
+                         for k in late]
+                self._put_gen_codes(txn, gen, late, encode_blobs(blobs))
+            missing = self._ids_missing(txn, gen, 0)
+            if missing:
+                raise StoreError(f"item {missing[0]!r} has no code in generation {gen}; catch it up first")
             self._put_meta(txn, {"generation": gen, "model_version": model_version, "pending_generation": None})
             return int(meta["generation"])
 
         return self._write(txn_fn)
+
+    def abandon_pending_generation(self) -> int | None:
+        """Drop a generation a crashed re-encode left half built (its codes and table rows); return it."""
+        gen = self.read_meta().get("pending_generation")
+        if not gen:
+            return None
+        dropped = self.drop_generation(int(gen))
+        self._write(lambda txn: self._put_meta(txn, {"pending_generation": None}))
+        log.warning("dropped generation %d left half built by an interrupted re-encode (%d entries)", gen, dropped)
+        return int(gen)
+
+    def topic_id(self, topic: str) -> str | None:
+        """The broker's id of ``topic`` when its offsets were stored (None if never seen)."""
+        return (self.read_meta().get("topic_ids") or {}).get(topic)
+
+    def set_topic_id(self, topic: str, topic_id: str) -> None:
+        def txn_fn(txn):
+            ids = self.read_meta(txn).get("topic_ids") or {}
+            self._put_meta(txn, {"topic_ids": {**ids, topic: topic_id}})
+
+        self._write(txn_fn)
+
+    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
+        """Move a partition's stored offset (backwards too: after the broker's log was reset)."""
+        self._write(lambda txn: txn.put(offset_key(topic, partition), u64(next_offset), db=self.db["offsets"]))
 
     def drop_generation(self, gen: int, chunk: int = 10_000) -> int:
         """Delete every code and table entry of ``gen`` (a replaced or abandoned one), in bounded transactions."""
@@ -402,6 +464,7 @@ class Store:
                     continue
                 rec = json.loads(raw)
                 rec["recoded"] = True  # not a new message: followers must not count it as fresh
+                rec["learned"] = True  # a DCC code: the learner must not take it as pending after a restart
                 self._unlink(txn, key, rec, gens)
                 self._link(txn, key, rec, gen, seq, code.tobytes())
                 seqs.append(seq)
@@ -491,21 +554,56 @@ class Store:
         def read(txn):
             meta = self.read_meta(txn)
             gen_prefix = u64(int(meta["generation"]))
-            seqs, codes, ids, labels = [], [], [], []
+            seqs, codes, ids, labels, learned = [], [], [], [], []
             for k, key in txn.cursor(db=self.db["changes"]):
                 rec = json.loads(txn.get(key, db=self.db["items"]))
                 seqs.append(from_u64(k))
                 codes.append(txn.get(gen_prefix + key, db=self.db["codes"]))
                 ids.append(key.decode())
                 labels.append(tuple(rec["labels"]) if rec["labels"] is not None else None)
+                learned.append(bool(rec.get("learned")))
             arr = np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), self.code_bytes)
-            return Snapshot(int(meta["generation"]), int(meta["model_version"]), np.array(seqs, np.int64), arr, ids, labels)
+            return Snapshot(int(meta["generation"]), int(meta["model_version"]), np.array(seqs, np.int64), arr, ids,
+                            labels, np.array(learned, bool))
 
         return self._read(read)
 
     def close(self) -> None:
         self.env.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+
+def _lock_exclusively(path: Path):
+    """An open file holding an exclusive ``flock`` on ``path``; StoreLockedError if another handle has it.
+
+    flock (not a pid file): the kernel releases it when the holder dies, kill -9 included, so a crash
+    never leaves a stale lock behind.
+    """
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise StoreLockedError(
+            f"store {path.parent} is already open for writing by {holder}; one worker per store "
+            f"(give each worker its own STREAMHASH_STORE__PATH)"
+        ) from None
+    fh.truncate(0)
+    fh.write(f"pid {os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 
 
 def _is_disk_full(exc: Exception) -> bool:
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+    """LMDB's errors carry no errno attribute: the message is ``mdb_txn_commit: <strerror>``."""
+    if getattr(exc, "errno", None) in _DISK_FULL_ERRNOS:
+        return True
+    text = str(exc)
+    return any(os.strerror(e) in text for e in _DISK_FULL_ERRNOS)

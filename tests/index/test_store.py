@@ -201,3 +201,165 @@ def test_learned_codes_during_a_build_are_caught_up_by_the_new_generation(tmp_pa
     with s.env.begin() as txn:
         found = s.tables.candidates(txn, s.db["tables"], gen, bytes([9] * 4), 1)
     assert found.tolist() == [snap.seqs[snap.ids.index("id1")]]
+
+
+def test_two_writing_threads_through_thousands_of_map_growths_lose_nothing(tmp_path, caplog):
+    """The reliability issue's deadlock: write_batch and put_codes on two threads while the map grows.
+
+    Before the store serialised its writers and resized only with no transaction open, this failed
+    every time with "Cannot set_mapsize while a write transaction is active", "mdb_del: Invalid
+    argument" or a hang. A reader thread runs too: LMDB forbids a resize under any open transaction.
+    """
+    import logging
+    import threading
+
+    caplog.set_level(logging.INFO, logger="streamhash.index.store")
+    s = Store(tmp_path, bits=32, initial_map_size=1 << 20, map_growth_factor=1.0)  # +64 KiB per growth
+    n_batches, per_batch, errors = 300, 20, []
+    written = threading.Event()
+
+    def ingest():
+        try:
+            for b in range(n_batches):
+                s.write_batch(items(per_batch, prefix=f"b{b}-", seed=b, blob_bytes=12_000), {("t", 0): (b + 1) * per_batch})
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            written.set()
+
+    def relearn():
+        rng = np.random.default_rng(1)
+        try:
+            while not written.is_set():
+                ids = [f"b{b}-{i}" for b in rng.integers(0, n_batches, 5) for i in range(per_batch)]
+                s.put_codes(ids, rng.integers(0, 256, (len(ids), 4), dtype=np.uint8))
+        except Exception as exc:
+            errors.append(exc)
+
+    def read():
+        try:
+            while not written.is_set():
+                s.snapshot()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=f) for f in (ingest, relearn, read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), "a writer is stuck"
+    assert errors == []
+    growths = sum("growing LMDB map" in r.getMessage() for r in caplog.records)
+    assert growths >= 1000
+    want = {f"b{b}-{i}" for b in range(n_batches) for i in range(per_batch)}
+    snap = s.snapshot()
+    assert set(snap.ids) == want and len(snap.ids) == len(want)
+    assert s.offsets() == {("t", 0): n_batches * per_batch}
+    assert all(c is not None for c in snap.codes)
+
+
+def read_only_count(path) -> int:
+    code = f"from streamhash.index.store import Store; print(Store({str(path)!r}, readonly=True).count())"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_a_second_writer_is_refused_while_readers_are_welcome(tmp_path):
+    from streamhash.errors import StoreLockedError
+
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3))
+    code = textwrap.dedent(f"""
+        from streamhash.errors import StoreLockedError
+        from streamhash.index.store import Store
+        try:
+            Store({str(tmp_path)!r}, bits=32)
+        except StoreLockedError as exc:
+            print(exc)
+            raise SystemExit(3)
+        raise SystemExit(0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 3 and f"pid {__import__('os').getpid()}" in out.stdout
+    assert read_only_count(tmp_path) == 3  # readers in other processes are not locked out
+    with pytest.raises(StoreLockedError):
+        Store(tmp_path, bits=32)  # a second handle in the same process is refused too
+    s.close()
+    Store(tmp_path, bits=32).close()  # released on close (and by the kernel when a holder dies)
+
+
+def test_an_interrupted_reencode_is_cleaned_at_start_up(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(4))
+    gen, _ = s.begin_generation()
+    s.put_generation_codes(gen, ["id0", "id1"], np.ones((2, 4), np.uint8))
+    s.close()  # the crash: a pending generation with orphan codes and table rows
+    s = Store(tmp_path, bits=32)
+    assert s.abandon_pending_generation() == gen
+    assert s.read_meta()["pending_generation"] is None
+    with s.env.begin() as txn:
+        prefix = gen.to_bytes(8, "big")
+        for db in ("codes", "tables"):
+            cur = txn.cursor(db=s.db[db])
+            assert not (cur.set_range(prefix) and cur.key().startswith(prefix)), db
+    assert s.abandon_pending_generation() is None
+
+
+def test_swap_encodes_late_items_inside_its_transaction(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(4))
+    gen, watermark = s.begin_generation()
+    s.put_generation_codes(gen, [f"id{i}" for i in range(4)], np.zeros((4, 4), np.uint8))
+    s.write_batch(items(2, prefix="late", seed=3), generation=1)  # ingested after the catch-up
+    with pytest.raises(StoreError, match="no code in generation"):
+        s.swap_generation(gen, 7, [], np.zeros((0, 4), np.uint8))
+    seen = []
+
+    def encode_blobs(blobs):
+        seen.extend(blobs)
+        return np.full((len(blobs), 4), 9, np.uint8)
+
+    assert s.swap_generation(gen, 7, [], np.zeros((0, 4), np.uint8), after_seq=watermark, encode_blobs=encode_blobs) == 1
+    assert seen == [(b"b" * 100, "image/png")] * 2
+    assert s.get_item("late0")["code"] == bytes([9] * 4) and s.read_meta()["model_version"] == 7
+
+
+def test_learned_codes_and_the_inferring_model_are_recorded(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3), model_version=4)
+    s.put_codes(["id1"], np.zeros((1, 4), np.uint8), model_version=5)
+    assert s.snapshot().learned.tolist() == [False, False, True]  # id1 moved to the end with its new seq
+    assert s.get_item("id0")["model"] == 4
+
+
+def test_offsets_move_backwards_after_a_log_reset_and_topic_ids_are_kept(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3), {("t", 0): 3000})
+    s.set_offset("t", 0, 0)
+    assert s.offsets() == {("t", 0): 0}
+    assert s.topic_id("t") is None
+    s.set_topic_id("t", "abc")
+    s.set_topic_id("u", "def")
+    assert (s.topic_id("t"), s.topic_id("u")) == ("abc", "def")
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 4 MiB tmpfs (root only): what a full disk looks like to LMDB, EIO from the commit's write."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_full_disk_is_store_full_not_a_crash(tiny_tmpfs):
+    s = Store(tiny_tmpfs / "index", bits=32, initial_map_size=64 << 20)  # the map is larger than the disk
+    n = 0
+    with pytest.raises(StoreFullError, match="disk full"):
+        while n < 10_000:
+            s.write_batch(items(20, prefix=f"x{n}-", seed=n, blob_bytes=20_000))
+            n += 1
+    assert 0 < n < 10_000
+    assert s.count() == 20 * n  # every committed batch is intact; the failed one left nothing
