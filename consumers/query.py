@@ -6,6 +6,10 @@ that produced the generation being searched, and both numbers are in every respo
 
 Endpoints: ``POST /search`` (JSON: ``image_base64`` or ``code_hex``; or multipart: ``image`` file;
 ``k``, optional ``radius``), ``GET /items/{id}``, ``GET /healthz``, ``GET /metrics``, ``/docs``.
+
+Anything a client sends is answered with 200 or a 4xx naming the problem: a ``/search`` body larger
+than :func:`max_body_bytes` is refused with 413 before it is read into memory, and a query image
+goes through the same checks as an ingested one (:func:`streamhash.records.decode_image`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamhash import __version__
 from streamhash import metrics as m
@@ -34,9 +39,21 @@ from streamhash.index.live import Generation, LiveIndex
 from streamhash.index.multihash import choose_radius_strategy, verify
 from streamhash.index.store import Store
 from streamhash.model.hashnet import HashNet
-from streamhash.records import ImageSpec, content_type_of, decode_image
+from streamhash.records import MAX_KEY_BYTES, ImageSpec, content_type_of, decode_image
 
 log = logging.getLogger("streamhash.query")
+
+_BODY_SLACK_BYTES = 64 * 1024  # JSON fields, multipart boundaries and part headers around the image
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """The largest ``/search`` body: the largest image the contract accepts, base64-encoded, plus room for the rest."""
+    return settings.store.max_value_bytes * 4 // 3 + _BODY_SLACK_BYTES
+
+
+class PayloadTooLarge(HTTPException):
+    def __init__(self, detail: str):
+        super().__init__(413, detail)
 
 
 class SearchRequest(BaseModel):
@@ -79,6 +96,8 @@ class QueryEncoder:
             return self._nets[version]
 
     def encode(self, raw: bytes, version: int) -> np.ndarray:
+        if len(raw) > self.spec.max_value_bytes:
+            raise PayloadTooLarge(f"query image of {len(raw)} bytes exceeds the {self.spec.max_value_bytes}-byte limit")
         try:
             image = decode_image(raw, content_type_of(raw, None), self.spec)
         except RecordRejected as exc:
@@ -90,8 +109,9 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
     store = store or Store(settings.store.path, readonly=True)
     live = live or LiveIndex(store, backend=settings.server.backend, threads=settings.server.search_threads,
                              refresh_interval_s=settings.server.refresh_interval_s)
-    mc = settings.model
-    encoder = QueryEncoder(store, ImageSpec(mc.image_size, mc.image_size, mc.channels, settings.store.max_value_bytes))
+    encoder = QueryEncoder(store, ImageSpec.from_settings(settings))
+    body_limit = max_body_bytes(settings)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         live.start()  # the follower thread runs exactly as long as the server
@@ -101,10 +121,10 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
     app = FastAPI(title="streamhash query", version=__version__, lifespan=lifespan,
                   description="Hamming ranking over the live streamhash index.")
     app.state.live, app.state.store = live, store
+    app.add_middleware(_CountResponses, path="/search")
 
     @app.exception_handler(BadQueryError)
-    def _bad_query(request: Request, exc: BadQueryError):
-        m.QUERIES.labels(endpoint=request.url.path, status="400").inc()
+    def _bad_query(_request: Request, exc: BadQueryError):
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
     @app.post("/search", response_model=SearchResponse, openapi_extra={
@@ -115,9 +135,12 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         }, "required": True}})
     async def search(request: Request) -> SearchResponse:
         t0 = time.perf_counter()
-        req, image = await _parse_search(request)
+        req, image = await _parse_search(await _bounded_request(request, body_limit))
         if req.k > settings.server.max_k:
             raise BadQueryError(f"k={req.k} exceeds the limit of {settings.server.max_k}")
+        # Every distance is at most bits, so a larger radius means the same as bits + 1 (strict <), and
+        # an unbounded int must not reach the cost model or the table probes.
+        radius = None if req.radius is None else min(req.radius, store.bits + 1)
         g: Generation = live.current  # one generation for the whole query
         model_version = g.model_version  # read once: a learning round updates it in place
         if req.code_hex is not None:
@@ -128,15 +151,17 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         else:
             # Encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
             q = await run_in_threadpool(encoder.encode, image, model_version)
-        hits = await run_in_threadpool(_rank, store, g, q, req.k, req.radius)
+        hits = await run_in_threadpool(_rank, store, g, q, req.k, radius)
         took = time.perf_counter() - t0
         m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
-        m.QUERIES.labels(endpoint="/search", status="200").inc()
         return SearchResponse(results=hits, model_version=model_version, generation=g.generation,
                               index_size=g.index.ntotal, code_hex=to_hex(q), took_ms=took * 1000)
 
     @app.get("/items/{item_id:path}")
     def get_item(item_id: str):
+        # LMDB refuses empty keys and keys past 511 bytes with an error; the contract allows 1..256 bytes
+        if not 0 < len(item_id.encode()) <= MAX_KEY_BYTES:
+            raise HTTPException(400, f"an item id is 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {len(item_id.encode())} bytes")
         rec = store.get_item(item_id)
         if rec is None:
             raise HTTPException(404, f"no item {item_id!r}")
@@ -152,21 +177,75 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
 
     @app.get("/metrics")
     def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(m.QUERY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _CountResponses:
+    """Counts every response on ``path`` in ``streamhash_queries_total`` by status, whoever produced it: the
+    handler, an exception handler, routing (405), or Starlette's 500 page after an unhandled exception."""
+
+    def __init__(self, app: ASGIApp, path: str):
+        self.app, self.path = app, path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        except Exception:
+            # ServerErrorMiddleware, outside this one, turns it into a 500 unless a response had started
+            m.QUERIES.labels(endpoint=self.path, status=str(status or 500)).inc()
+            raise
+        m.QUERIES.labels(endpoint=self.path, status=str(status)).inc()
+
+
+async def _bounded_request(request: Request, limit: int) -> Request:
+    """The request with its body read, refusing (413) a body past ``limit`` bytes without holding more than that."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isascii() or not declared.isdigit():
+            raise BadQueryError(f"bad Content-Length header {declared[:40]!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    body, replayed = b"".join(chunks), False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:  # after the body, a receive waits for the disconnect as usual
+            return await request.receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, replay)  # form() and body() read the bytes already here
 
 
 async def _parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
     ctype = request.headers.get("content-type", "")
     try:
         if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise BadQueryError("multipart search needs an `image` file field")
-            req = SearchRequest(k=form.get("k", 10), radius=form.get("radius"))
-            return req, await upload.read()
+            async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload
+                upload = form.get("image")
+                if upload is None or isinstance(upload, str):
+                    raise BadQueryError("multipart search needs an `image` file field")
+                req = SearchRequest(k=form.get("k", 10), radius=form.get("radius"))
+                return req, await upload.read()
         req = SearchRequest.model_validate_json(await request.body())
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise BadQueryError(f"bad search request: {exc}") from None
