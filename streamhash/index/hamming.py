@@ -18,11 +18,13 @@ Semantics shared by every backend:
 
 Storage: rows in insertion order (zero-padded to whole 64-bit words) in arrays that double
 when full, so adds are amortised O(batch). Removal and overwrite mark the old row dead (a
-tombstone the kernels skip) and are O(1) per id; dead rows are compacted away, preserving
-order, once they are a quarter of the rows, which keeps the extra scan work under 25 % and the
-compaction cost amortised O(1) per removal. Ids map to an insertion stamp rather than a row,
-so compaction never rewrites the id map (a stamp's row is found by binary search, rows being
-sorted by stamp).
+tombstone the kernels skip); dead rows are compacted away, preserving order, once they are a
+quarter of the rows, which keeps the extra scan work under 25 % and the compaction cost amortised
+O(1) per removal. No per-id Python object is kept: while ids strictly increase with the row (the
+store's seqs, the query server's case) the id column itself is the id -> row map (binary search,
+or a dense int32 id -> row array), so an item costs the padded code + 8 (id) + 1 (tombstone)
++ ~4 (dense map) bytes. Ids that arrive out of order switch the index to an :class:`Int64Multimap`
+id -> row map (16 more bytes an id).
 
 >>> import numpy as np
 >>> index = make_index(16, backend="numpy")
@@ -58,6 +60,109 @@ BACKENDS = ("auto", "numpy", "native", "torch")
 
 def native_available() -> bool:
     return _native is not None
+
+
+_EMPTY = np.zeros(0, np.int64)
+
+
+def _merge_sorted(ak: np.ndarray, av: np.ndarray, bk: np.ndarray, bv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two key-sorted runs in O(len(a) + len(b)); b's pairs go after a's equal keys."""
+    pos = np.searchsorted(ak, bk, side="right") + np.arange(len(bk))
+    k, v = np.empty(len(ak) + len(bk), np.int64), np.empty(len(ak) + len(bk), np.int64)
+    from_a = np.ones(len(k), bool)
+    from_a[pos] = False
+    k[pos], v[pos], k[from_a], v[from_a] = bk, bv, ak, av
+    return k, v
+
+
+def _equal_ranges(keys_sorted: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which, pos): every position ``pos`` of ``keys_sorted`` holding ``keys[which]``."""
+    lo = np.searchsorted(keys_sorted, keys, side="left")
+    cnt = np.searchsorted(keys_sorted, keys, side="right") - lo
+    which = np.repeat(np.arange(len(keys)), cnt)
+    pos = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt - lo, cnt)
+    return which, pos
+
+
+class Int64Multimap:
+    """int64 key -> int64 value (>= 0) pairs, keys may repeat, in sorted numpy runs: 16 bytes a pair.
+
+    A dict of n ints costs ~100 bytes an entry in Python objects; here the pairs live in a large
+    key-sorted run and a small one that takes the adds (merged in O(small + batch)), folded into the
+    large one once it outgrows ``4096 + 4 sqrt(n)`` pairs, so a batch of b adds costs
+    O(b + sqrt n) amortised plus O(n) every ~sqrt(n) pairs. A removed pair becomes a tombstone
+    (value -1) until the next fold. Lookups are binary searches in both runs.
+
+    One writer at a time; readers need no lock: the runs are replaced as one tuple and a tombstone
+    is one in-place store, so a reader sees each pair either present or removed.
+
+    >>> m = Int64Multimap()
+    >>> m.add(np.array([7, 3, 7]), np.array([0, 1, 2]))
+    >>> [x.tolist() for x in m.find(np.array([7, 5, 3]))]
+    [[0, 0, 2], [0, 2, 1]]
+    >>> m.remove(np.array([7]), np.array([0])), len(m)
+    (1, 2)
+    """
+
+    def __init__(self) -> None:
+        self._runs = (_EMPTY, _EMPTY, _EMPTY, _EMPTY)  # large keys, large values, small keys, small values
+        self._pairs = 0  # live pairs
+        self._dead = 0  # tombstones not yet folded away
+
+    def __len__(self) -> int:
+        return self._pairs
+
+    def add(self, keys, values) -> None:
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        values = np.asarray(values, np.int64).reshape(-1)
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys but {len(values)} values")
+        if (values < 0).any():
+            raise ValueError("values must be >= 0 (negative values mark removed pairs)")
+        order = np.argsort(keys, kind="stable")
+        lk, lv, sk, sv = self._runs
+        sk, sv = _merge_sorted(sk, sv, keys[order], values[order])
+        if len(sk) + self._dead > 4096 + 4 * int(np.sqrt(len(lk))):
+            lk, lv = _merge_sorted(lk, lv, sk, sv)
+            live = lv >= 0
+            lk, lv, sk, sv = lk[live], lv[live], _EMPTY, _EMPTY
+            self._dead = 0
+        self._runs = (lk, lv, sk, sv)
+        self._pairs += len(keys)
+
+    def find(self, keys) -> tuple[np.ndarray, np.ndarray]:
+        """(which, values): one entry per stored pair whose key is ``keys[which]``."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        out_w, out_v = [], []
+        lk, lv, sk, sv = self._runs
+        for k, v in ((lk, lv), (sk, sv)):
+            which, pos = _equal_ranges(k, keys)
+            vals = v[pos]
+            live = vals >= 0
+            out_w.append(which[live])
+            out_v.append(vals[live])
+        return np.concatenate(out_w), np.concatenate(out_v)
+
+    def remove(self, keys, values) -> int:
+        """Remove the pairs (keys[i], values[i]) that are present; returns how many were."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        values = np.asarray(values, np.int64).reshape(-1)
+        removed = 0
+        lk, lv, sk, sv = self._runs
+        for k, v in ((lk, lv), (sk, sv)):
+            which, pos = _equal_ranges(k, keys)
+            hit = np.unique(pos[v[pos] == values[which]])
+            v[hit] = -1
+            removed += len(hit)
+        self._pairs -= removed
+        self._dead += removed
+        return removed
+
+    def remap_values(self, new_of_old: np.ndarray) -> None:
+        """Replace every live value v by ``new_of_old[v]`` (in place)."""
+        for v in self._runs[1::2]:
+            live = v >= 0
+            v[live] = new_of_old[v[live]]
 
 
 class _RWLock:
@@ -131,15 +236,14 @@ class BinaryIndex(ABC):
         self._ndead = 0
         self._codes = np.zeros((self._MIN_CAPACITY, self.words), np.uint64)
         self._ids = np.zeros(self._MIN_CAPACITY, np.int64)
-        self._stamps = np.zeros(self._MIN_CAPACITY, np.int64)
         self._dead = np.zeros(self._MIN_CAPACITY, np.uint8)
-        self._id_stamp: dict[int, int] = {}
-        self._next_stamp = 0
         self._layout = 0  # bumped when rows move (compaction); lets device mirrors notice
         self._dead_version = 0  # bumped when rows die
-        self._ids_sorted = True  # ids strictly increase with row (true for the store's seqs): vector lookups
+        self._ids_sorted = True  # ids strictly increase with row (true for the store's seqs): the rows are the map
+        self._rows_by_id: Int64Multimap | None = None  # id -> row once an id came out of order
         # id - _map_base -> row (-1: absent), kept while ids are sorted and dense (the store's seqs):
         # an O(1) gather for reconstruct_batch, where a binary search over 1M ids cost ~10 us a query.
+        # int32 rows: half the bytes, and 2**31 rows would be 16 GiB of codes in one index.
         self._row_map: np.ndarray | None = None
         self._map_base = 0
 
@@ -153,29 +257,54 @@ class BinaryIndex(ABC):
             return
         while cap < need:
             cap *= 2
-        for name in ("_codes", "_ids", "_stamps", "_dead"):
+        for name in ("_codes", "_ids", "_dead"):
             old = getattr(self, name)
             new = np.zeros((cap,) + old.shape[1:], old.dtype)
             new[: self._n] = old[: self._n]
             setattr(self, name, new)
 
-    def _rows_of(self, stamps: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self._stamps[: self._n], stamps)
+    def _rows_for(self, ids: np.ndarray) -> np.ndarray:
+        """The live row of each id, -1 where absent (caller holds a lock)."""
+        out = np.full(len(ids), -1, np.int64)
+        if not self._ids_sorted:
+            which, rows = self._rows_by_id.find(ids)
+            out[which] = rows
+            return out
+        row_map = self._ensure_row_map()
+        if row_map is not None:  # dense sorted ids: a direct gather
+            rel = ids - self._map_base
+            ok = (rel >= 0) & (rel < len(row_map))
+            out[ok] = row_map[rel[ok]]
+        elif self._n:  # sorted ids: binary search on the id column
+            rows = np.minimum(np.searchsorted(self._ids[: self._n], ids), self._n - 1)
+            found = (self._ids[rows] == ids) & (self._dead[rows] == 0)
+            out[found] = rows[found]
+        return out
 
-    def _kill(self, stamps: list[int]) -> None:
-        if stamps:
-            rows = self._rows_of(np.asarray(stamps, np.int64))
+    def _kill(self, rows: np.ndarray) -> None:
+        if len(rows):
             self._dead[rows] = 1
             if self._row_map is not None:
                 self._row_map[self._ids[rows] - self._map_base] = -1
-            self._ndead += len(stamps)
+            if self._rows_by_id is not None:
+                self._rows_by_id.remove(self._ids[rows], rows)
+            self._ndead += len(rows)
             self._dead_version += 1
+
+    def _unsort(self) -> None:
+        """An id came out of order: from now on an explicit id -> row map answers lookups."""
+        live = np.flatnonzero(self._dead[: self._n] == 0)
+        self._rows_by_id = Int64Multimap()
+        self._rows_by_id.add(self._ids[live], live)
+        self._ids_sorted, self._row_map = False, None
 
     def _maybe_compact(self) -> None:
         if self._ndead and (self._ndead == self._n or (self._ndead > 64 and 4 * self._ndead > self._n)):
             keep = self._dead[: self._n] == 0
             m = int(keep.sum())
-            for name in ("_codes", "_ids", "_stamps"):
+            if self._rows_by_id is not None:
+                self._rows_by_id.remap_values(np.cumsum(keep) - 1)
+            for name in ("_codes", "_ids"):
                 arr = getattr(self, name)
                 arr[:m] = arr[: self._n][keep]
             self._dead[: self._n] = 0
@@ -211,32 +340,35 @@ class BinaryIndex(ABC):
         n = len(ids)
         if n == 0:
             return
-        id_list = ids.tolist()
         with self._lock.write():
-            get = self._id_stamp.get
-            self._kill([s for s in map(get, id_list) if s is not None])
+            # ids above every stored one (the store's seqs) are new: no lookup, the id column stays sorted
+            appending = self._ids_sorted and increasing and (self._n == 0 or ids[0] > self._ids[self._n - 1])
+            if not appending:
+                old = self._rows_for(ids)
+                self._kill(old[old >= 0])
+                if self._ids_sorted:
+                    self._unsort()
             self._grow(self._n + n)
-            self._ids_sorted = self._ids_sorted and increasing and (self._n == 0 or ids[0] > self._ids[self._n - 1])
             rows = slice(self._n, self._n + n)
             self._codes[rows] = words
             self._ids[rows] = ids
-            self._stamps[rows] = np.arange(self._next_stamp, self._next_stamp + n)
             self._dead[rows] = 0
-            self._id_stamp.update(zip(id_list, range(self._next_stamp, self._next_stamp + n)))
-            self._next_stamp += n
-            self._extend_row_map(ids, self._n)
+            if self._rows_by_id is not None:
+                self._rows_by_id.add(ids, np.arange(self._n, self._n + n))
+            else:
+                self._extend_row_map(ids, self._n)
             self._n += n
             self._maybe_compact()
 
     def remove_ids(self, ids) -> int:
         """Remove ids (unknown ones are ignored); return how many were removed."""
-        id_list = list(dict.fromkeys(np.asarray(ids, np.int64).reshape(-1).tolist()))
+        ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
         with self._lock.write():
-            pop = self._id_stamp.pop
-            stamps = [s for s in (pop(i, None) for i in id_list) if s is not None]
-            self._kill(stamps)
+            rows = self._rows_for(ids)
+            rows = rows[rows >= 0]
+            self._kill(rows)
             self._maybe_compact()
-        return len(stamps)
+        return len(rows)
 
     def _extend_row_map(self, ids: np.ndarray, first_row: int) -> None:
         """Record rows of freshly appended ids, growing the map by doubling; drop it if ids stop being dense."""
@@ -244,11 +376,11 @@ class BinaryIndex(ABC):
         if m is None:
             return
         span = int(ids[-1]) - self._map_base + 1
-        if not self._ids_sorted or span > 4 * (self._n + len(ids)) + 1024:
+        if span > 4 * (self._n + len(ids)) + 1024:
             self._row_map = None
             return
         if span > len(m):
-            grown = np.full(max(span, 2 * len(m)), -1, np.int64)
+            grown = np.full(max(span, 2 * len(m)), -1, np.int32)
             grown[: len(m)] = m
             self._row_map = m = grown
         m[ids - self._map_base] = np.arange(first_row, first_row + len(ids))
@@ -259,7 +391,7 @@ class BinaryIndex(ABC):
             ids = self._ids[: self._n]
             base, span = int(ids[0]), int(ids[-1] - ids[0]) + 1
             if span <= 4 * self._n + 1024:
-                m = np.full(max(span, 1024), -1, np.int64)
+                m = np.full(max(span, 1024), -1, np.int32)
                 live = np.flatnonzero(self._dead[: self._n] == 0)
                 m[ids[live] - base] = live
                 self._map_base, self._row_map = base, m
@@ -273,7 +405,9 @@ class BinaryIndex(ABC):
     def reconstruct(self, id_: int) -> np.ndarray:
         """The code stored under ``id_`` (uint8, d/8 bytes); KeyError if absent."""
         with self._lock.read():
-            row = int(self._rows_of(np.int64(self._id_stamp[int(id_)])))
+            row = int(self._rows_for(np.array([id_], np.int64))[0])
+            if row < 0:
+                raise KeyError(id_)
             return self._codes[row : row + 1].view(np.uint8)[0, : self.code_size].copy()
 
     def reconstruct_batch(self, ids) -> tuple[np.ndarray, np.ndarray]:
@@ -281,28 +415,14 @@ class BinaryIndex(ABC):
         ids = np.asarray(ids, np.int64).reshape(-1)
         out = np.zeros((len(ids), self.code_size), np.uint8)
         with self._lock.read():
-            row_map = self._ensure_row_map()
-            if row_map is not None:  # dense sorted ids: a direct gather
-                rel = ids - self._map_base
-                ok = (rel >= 0) & (rel < len(row_map))
-                rows = np.full(len(ids), -1, np.int64)
-                rows[ok] = row_map[rel[ok]]
-                found = rows >= 0
-                rows = rows[found]
-            elif self._ids_sorted:  # binary search on the row ids: no per-id dict lookups
-                rows = np.minimum(np.searchsorted(self._ids[: self._n], ids), max(self._n - 1, 0))
-                found = (self._ids[rows] == ids) & (self._dead[rows] == 0) if self._n else np.zeros(len(ids), bool)
-                rows = rows[found]
-            else:
-                get = self._id_stamp.get
-                stamps = np.array([get(i, -1) for i in ids.tolist()], np.int64)
-                found = stamps >= 0
-                rows = self._rows_of(stamps[found])
-            out[found] = self._codes[rows].view(np.uint8)[:, : self.code_size]
+            rows = self._rows_for(ids)
+            found = rows >= 0
+            out[found] = self._codes[rows[found]].view(np.uint8)[:, : self.code_size]
         return out, found
 
     def __contains__(self, id_: int) -> bool:
-        return int(id_) in self._id_stamp
+        with self._lock.read():
+            return bool(self._rows_for(np.array([id_], np.int64))[0] >= 0)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest codes per query: D int32 (nq, k), I int64 (nq, k); padded with PAD_DISTANCE / -1."""

@@ -294,7 +294,7 @@ def test_reconstruct_batch(factory):
     assert found.tolist() == [True, False, True, False, False]
     np.testing.assert_array_equal(got[[0, 2]], codes[[0, 9]])
     assert not got[[1, 3, 4]].any()
-    index.add_with_ids(codes[10:12], np.array([5, 1]))  # overwrites, out of order: the dict lookup
+    index.add_with_ids(codes[10:12], np.array([5, 1]))  # overwrites, out of order: the id -> row multimap
     got, found = index.reconstruct_batch([1, 5, 3, 2])
     assert found.tolist() == [True, True, False, True]
     np.testing.assert_array_equal(got[[0, 1, 3]], codes[[11, 10, 2]])
@@ -328,3 +328,39 @@ def test_reconstruct_batch_follows_churn_of_store_like_ids(backend):
             assert found[i] == (p in model), (step, p)
             if p in model:
                 assert bytes(got[i]) == model[p]
+
+
+def test_int64_multimap_matches_a_dict_of_lists():
+    """Adds (repeated keys), removals and value remaps, across several folds of the small run into
+    the large one (> 4096 pairs), against a plain Python model."""
+    rng = np.random.default_rng(11)
+    mm, model, next_v = hamming.Int64Multimap(), {}, 0
+    for step in range(40):
+        keys = rng.integers(-300, 300, int(rng.integers(1, 400)))
+        vals = np.arange(next_v, next_v + len(keys))
+        next_v += len(keys)
+        mm.add(keys, vals)
+        for k, v in zip(keys.tolist(), vals.tolist()):
+            model.setdefault(k, set()).add(v)
+        if step % 4 == 1:  # remove some present pairs and some absent ones
+            pairs = [(k, v) for k, vs in model.items() for v in vs]
+            pick = rng.choice(len(pairs), size=min(len(pairs), 150), replace=False)
+            rk = np.array([pairs[i][0] for i in pick] + [5000], np.int64)
+            rv = np.array([pairs[i][1] for i in pick] + [1], np.int64)
+            assert mm.remove(rk, rv) == len(pick)
+            for i in pick:
+                model[pairs[i][0]].discard(pairs[i][1])
+        if step == 30:  # a compaction-like renumbering of the values
+            new_of_old = rng.permutation(next_v)
+            mm.remap_values(new_of_old)
+            model = {k: {int(new_of_old[v]) for v in vs} for k, vs in model.items()}
+        probe = np.unique(rng.integers(-310, 310, 200))
+        which, vals = mm.find(probe)
+        got = {}
+        for w, v in zip(which.tolist(), vals.tolist()):
+            got.setdefault(int(probe[w]), []).append(v)
+        for k in set(probe.tolist()):
+            assert sorted(got.get(k, [])) == sorted(model.get(k, ())), (step, k)
+        assert len(mm) == sum(len(vs) for vs in model.values())
+    with pytest.raises(ValueError):
+        mm.add(np.array([1]), np.array([-1]))
