@@ -181,6 +181,18 @@ def test_metric_names_in_deploy_files_exist_in_code():
     )
 
 
+def test_process_metrics_in_alerts_are_served_by_every_process():
+    """Alerts on process_* series (the crash-loop alert on process_start_time_seconds) need the
+    process collector in the registry each streamhash process serves, worker and query alike."""
+    from streamhash import metrics
+
+    refs = set(re.findall(r"(?<![A-Za-z0-9_])process_[a-z0-9_]*[a-z0-9]", ALERTS.read_text()))
+    assert "process_start_time_seconds" in refs
+    for kind, registry in metrics.REGISTRIES.items():
+        served = {s.name for family in registry.collect() for s in family.samples}
+        assert refs <= served, f"the {kind} registry does not serve {sorted(refs - served)}"
+
+
 def test_dashboard_shows_the_required_metrics():
     exprs = " ".join(e for d in DASHBOARDS for _, e in dashboard_exprs(d))
     required = [
