@@ -4,11 +4,15 @@ A follower thread reads the store's ``changes`` from the last seq it applied (O(
 a scan) and applies them to a :class:`~streamhash.index.hamming.BinaryIndex` keyed by seq.
 A generation change (a re-encode) builds the new generation's index from a snapshot *beside* the
 live one and swaps a single reference, so every query runs against exactly one generation and
-reports it. Memory per item, measured at 1M items of 32 bits: ~150 bytes in the Hamming index
-(the code padded to a 64-bit word, id, insertion stamp, tombstone, and the id -> stamp dict that
-dominates) plus ~240 bytes for the seq -> id, seq -> labels and id -> seq maps, plus the id strings
-themselves: about 450 MB per million items. The dicts, not the codes, are the cost; numpy-backed
-maps would cut it to ~50 bytes per item.
+reports it.
+
+Memory: numpy arrays only, no Python object per item. A generation holds the codes (padded to
+64-bit words), the seqs, a tombstone byte and a dense seq -> row map in the Hamming index, plus
+the 64-bit hash of each item id -> its seq (:class:`~streamhash.index.hamming.Int64Multimap`, 16
+bytes) so an overwrite finds the seq it replaces: ~35 bytes an item beyond the packed code
+(``benchmarks/bench_memory.py``; the seq -> id / labels / id -> seq dicts held before cost ~450).
+Item ids and labels are read back from the store for the k hits of a query
+(:meth:`Generation.resolve`).
 """
 
 from __future__ import annotations
@@ -16,28 +20,73 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import numpy as np
 
 from streamhash import metrics as m
-from streamhash.index.hamming import BinaryIndex, make_index
+from streamhash.index import store_reads
+from streamhash.index.hamming import BinaryIndex, Int64Multimap, make_index
 from streamhash.index.store import Store
 
 log = logging.getLogger(__name__)
 
+Resolved = tuple[str, tuple[int, ...] | None]  # (item id, labels)
 
-@dataclass
+
+def id_hashes(ids: Sequence[str]) -> np.ndarray:
+    """64-bit hashes of item ids: keys of the id -> seq map (the process-salted str hash is fine,
+    the map never leaves the process)."""
+    return np.fromiter(map(hash, ids), np.int64, len(ids))
+
+
 class Generation:
     """Everything a query needs, from one generation of the store; swapped as a whole."""
 
-    generation: int
-    model_version: int
-    index: BinaryIndex
-    ids: dict[int, str] = field(default_factory=dict)  # seq -> item id
-    labels: dict[int, tuple[int, ...] | None] = field(default_factory=dict)  # seq -> labels
-    seq_of: dict[str, int] = field(default_factory=dict)  # item id -> seq
-    last_seq: int = 0
+    def __init__(self, store: Store, generation: int, model_version: int, index: BinaryIndex):
+        self.store = store
+        self.generation, self.model_version, self.index = generation, model_version, index
+        self.last_seq = 0
+        self.seq_of_hash = Int64Multimap()  # id hash -> seq of every item in the index
+        self.ids = _SeqView(self, 0)  # mapping-like: ids.get(seq), seq in ids
+        self.labels = _SeqView(self, 1)  # labels.get(seq)
+
+    def resolve(self, seqs: Sequence[int]) -> list[Resolved | None]:
+        """(id, labels) of the items under these seqs of this generation; None for a seq not in it.
+
+        Ids come from the store's ``changes``. A seq still searched here may already be gone
+        from the store, written again by an item the follower has not applied yet: its id is then
+        the one among those pending items whose hash maps to the seq here (a wrong id would need a
+        64-bit hash collision among the pending items).
+        """
+        seqs = [int(s) for s in seqs]
+        after = self.last_seq  # before reading: whatever the follower applies later stays pending
+        out = store_reads.items_at(self.store, seqs)
+        lost = [i for i, r in enumerate(out) if r is None and seqs[i] in self.index]
+        if lost:
+            pending = store_reads.ids_after(self.store, after)
+            which, owners = self.seq_of_hash.find(id_hashes(pending))
+            owner = dict(zip(owners.tolist(), (pending[w] for w in which.tolist())))
+            found = [(i, owner[seqs[i]]) for i in lost if seqs[i] in owner]
+            labels = store_reads.labels_of(self.store, [item_id for _, item_id in found])
+            for (i, item_id), lab in zip(found, labels):
+                out[i] = (item_id, lab)
+        return out
+
+
+class _SeqView:
+    """``ids`` / ``labels`` of a generation as a read-only seq-keyed mapping (what the query server used
+    when they were dicts)."""
+
+    def __init__(self, g: Generation, field: int):
+        self._g, self._field = g, field
+
+    def get(self, seq: int, default=None):
+        got = self._g.resolve([seq])[0]
+        return default if got is None else got[self._field]
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._g.index
 
 
 class LiveIndex:
@@ -55,15 +104,13 @@ class LiveIndex:
 
     def _build(self) -> Generation:
         """A full generation from one snapshot; later changes are applied by :meth:`refresh`."""
-        snap = self.store.snapshot()
-        g = Generation(snap.generation, snap.model_version, self._new_index())
-        if len(snap.seqs):
-            g.index.add_with_ids(snap.codes, snap.seqs)
-            seqs = snap.seqs.tolist()
-            g.ids = dict(zip(seqs, snap.ids))
-            g.labels = dict(zip(seqs, snap.labels))
-            g.seq_of = dict(zip(snap.ids, seqs))
-            g.last_seq = seqs[-1]
+        g = Generation(self.store, 0, 0, self._new_index())
+
+        def add(seqs: np.ndarray, codes: np.ndarray, ids: list) -> None:
+            g.index.add_with_ids(codes, seqs)
+            g.seq_of_hash.add(id_hashes(ids), seqs)
+
+        g.generation, g.model_version, g.last_seq = store_reads.read_generation(self.store, add)
         return g
 
     def refresh(self) -> int:
@@ -85,17 +132,18 @@ class LiveIndex:
         if not changes:
             return 0
         with m.INDEX_REFRESH_SECONDS.time():
-            stale = [g.seq_of[c.id] for c in changes if c.id in g.seq_of]
-            if stale:
-                g.index.remove_ids(np.array(stale, np.int64))
-                for s in stale:
-                    g.ids.pop(s, None)
-                    g.labels.pop(s, None)
+            hashes = id_hashes([c.id for c in changes])
+            which, old = g.seq_of_hash.find(hashes)
+            if len(old):
+                # Each match is the seq an overwritten item had, unless another item shares the id's
+                # 64-bit hash: that one still has its seq in the store, an overwritten one does not.
+                stale = ~store_reads.seqs_live(self.store, old)
+                g.index.remove_ids(old[stale])
+                g.seq_of_hash.remove(hashes[which[stale]], old[stale])
             seqs = np.array([c.seq for c in changes], np.int64)
             codes = np.frombuffer(b"".join(c.code for c in changes), np.uint8).reshape(len(changes), -1)
             g.index.add_with_ids(codes, seqs)
-            for c in changes:
-                g.ids[c.seq], g.labels[c.seq], g.seq_of[c.id] = c.id, c.labels, c.seq
+            g.seq_of_hash.add(hashes, seqs)
             g.last_seq = int(seqs[-1])
         now = time.time()
         for c in changes:

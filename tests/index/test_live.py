@@ -1,0 +1,126 @@
+"""LiveIndex over a real LMDB store: follows writes, overwrites, learned-code updates and generation
+swaps, and answers exactly what brute force over the store's current items answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamhash.codes import hamming_brute
+from streamhash.index import live as live_mod
+from streamhash.index.hamming import PAD_DISTANCE
+from streamhash.index.live import LiveIndex
+from streamhash.index.store import ItemWrite, Store
+
+BITS = 32
+
+
+def write(store, rng, ids, labels=None, codes=None):
+    codes = rng.integers(0, 256, (len(ids), BITS // 8), dtype=np.uint8) if codes is None else codes
+    labels = labels or [(int(rng.integers(0, 5)),) for _ in ids]
+    return store.write_batch([ItemWrite(i, c.tobytes(), b"x", "image/png", lab) for i, c, lab in zip(ids, codes, labels)])
+
+
+def check_against_store(live: LiveIndex, store: Store, rng, ks=(1, 7, 10_000)):
+    """Search results, ids and labels equal brute force over the store's snapshot, ties by seq."""
+    snap = store.snapshot()
+    g = live.current
+    assert (g.generation, g.index.ntotal, g.last_seq) == (snap.generation, len(snap.seqs), int(snap.seqs[-1]))
+    queries = np.concatenate([snap.codes[:3], rng.integers(0, 256, (3, BITS // 8), dtype=np.uint8)])
+    dist = hamming_brute(queries, snap.codes)
+    for k in ks:
+        D, I = g.index.search(queries, k)
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]  # snapshot rows are in seq order
+        m = order.shape[1]
+        np.testing.assert_array_equal(D[:, :m], np.take_along_axis(dist, order, 1))
+        np.testing.assert_array_equal(I[:, :m], snap.seqs[order])
+        assert (D[:, m:] == PAD_DISTANCE).all() and (I[:, m:] == -1).all()
+    want = dict(zip(snap.seqs.tolist(), zip(snap.ids, snap.labels)))
+    probe = list(want) + [0, int(snap.seqs[-1]) + 1]
+    assert g.resolve(probe) == [want.get(s) for s in probe]
+    s0 = int(snap.seqs[0])
+    assert g.ids.get(s0) == snap.ids[0] and g.labels.get(s0) == snap.labels[0] and s0 in g.ids
+    assert g.ids.get(0) is None and 0 not in g.ids
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "db", bits=BITS)
+    yield s
+    s.close()
+
+
+def test_follows_writes_overwrites_and_learned_codes(store):
+    rng = np.random.default_rng(0)
+    write(store, rng, [f"a{i}" for i in range(300)])
+    live = LiveIndex(store)  # built from a snapshot
+    check_against_store(live, store, rng)
+    for step in range(6):
+        fresh = [f"s{step}-{i}" for i in range(int(rng.integers(1, 80)))]
+        again = [f"a{i}" for i in rng.choice(300, 40, replace=False)]  # re-sent messages, new labels
+        write(store, rng, fresh + again)
+        learned = list(rng.choice(fresh, min(len(fresh), 10), replace=False))
+        store.put_codes(learned, rng.integers(0, 256, (len(learned), BITS // 8), dtype=np.uint8))
+        assert live.refresh() > 0
+        check_against_store(live, store, rng)
+    assert live.refresh() == 0
+
+
+def test_ties_break_by_insertion_order_and_overwrite_moves_an_item_last(store):
+    rng = np.random.default_rng(1)
+    same = np.zeros((5, BITS // 8), np.uint8)
+    write(store, rng, ["e", "d", "c", "b", "a"], codes=same)
+    live = LiveIndex(store)
+    write(store, rng, ["c"], codes=same[:1])  # now the newest
+    live.refresh()
+    D, I = live.current.index.search(same[:1], 7)
+    assert [x and x[0] for x in live.current.resolve(I[0, :5])] == ["e", "d", "b", "a", "c"]
+    assert D[0].tolist() == [0] * 5 + [PAD_DISTANCE] * 2 and I[0, 5:].tolist() == [-1, -1]
+
+
+def test_generation_swap_rebuilds_beside_the_live_one(store):
+    rng = np.random.default_rng(2)
+    ids = [f"x{i}" for i in range(200)]
+    write(store, rng, ids)
+    live = LiveIndex(store)
+    old = live.current
+    gen, _ = store.begin_generation()
+    store.put_generation_codes(gen, ids, rng.integers(0, 256, (200, BITS // 8), dtype=np.uint8))
+    store.swap_generation(gen, 7, [], np.zeros((0, BITS // 8), np.uint8))
+    live.refresh()
+    assert live.current is not old and live.current.generation == gen and live.current.model_version == 7
+    check_against_store(live, store, rng)
+    write(store, rng, ["x3", "new"])
+    live.refresh()
+    check_against_store(live, store, rng)
+
+
+def test_hits_overwritten_after_the_search_still_resolve(store):
+    """Between a search and the follower applying a write, a hit's seq is gone from the store:
+    its id is found among the pending writes, its labels are the current ones."""
+    rng = np.random.default_rng(3)
+    write(store, rng, [f"h{i}" for i in range(50)])
+    live = LiveIndex(store)
+    g = live.current
+    _, I = g.index.search(np.zeros((1, BITS // 8), np.uint8), 50)
+    before = g.resolve(I[0])
+    write(store, rng, [f"h{i}" for i in range(0, 50, 2)], labels=[(9,)] * 25)  # not applied yet
+    after = g.resolve(I[0])
+    assert [a[0] for a in after] == [b[0] for b in before]
+    assert [a[1] for a in after] == [(9,) if int(b[0][1:]) % 2 == 0 else b[1] for b in before]
+    live.refresh()
+    check_against_store(live, store, rng)
+
+
+def test_overwrites_are_exact_when_id_hashes_collide(store, monkeypatch):
+    """With a 2-value hash nearly every id collides: an overwrite must still remove exactly the seq
+    the overwritten item had, never one of another item sharing its hash."""
+    monkeypatch.setattr(live_mod, "id_hashes", lambda ids: np.array([len(i) % 2 for i in ids], np.int64))
+    rng = np.random.default_rng(4)
+    ids = [f"c{i}" for i in range(120)]
+    write(store, rng, ids)
+    live = LiveIndex(store)
+    for _ in range(4):
+        write(store, rng, list(rng.choice(ids, 30, replace=False)) + [f"n{rng.integers(1_000_000)}"])
+        live.refresh()
+        check_against_store(live, store, rng)
