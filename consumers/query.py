@@ -138,9 +138,6 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         req, image = await _parse_search(await _bounded_request(request, body_limit))
         if req.k > settings.server.max_k:
             raise BadQueryError(f"k={req.k} exceeds the limit of {settings.server.max_k}")
-        # Every distance is at most bits, so a larger radius means the same as bits + 1 (strict <), and
-        # an unbounded int must not reach the cost model or the table probes.
-        radius = None if req.radius is None else min(req.radius, store.bits + 1)
         g: Generation = live.current  # one generation for the whole query
         model_version = g.model_version  # read once: a learning round updates it in place
         if req.code_hex is not None:
@@ -151,7 +148,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         else:
             # Encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
             q = await run_in_threadpool(encoder.encode, image, model_version)
-        hits = await run_in_threadpool(_rank, store, g, q, req.k, radius)
+        hits = await run_in_threadpool(_rank, store, g, q, req.k, req.radius)
         took = time.perf_counter() - t0
         m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
         return SearchResponse(results=hits, model_version=model_version, generation=g.generation,
