@@ -139,7 +139,7 @@ _MAGICS = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"\x93NUMPY", b"\x93NUMPY
 @st.composite
 def image_values(draw) -> bytes:
     """Bytes a client might call an image: valid, mutated valid, or random behind a magic prefix."""
-    how = draw(st.sampled_from(["valid", "mutated", "mutated", "mutated", "random"]))
+    how = draw(st.sampled_from(["valid", "valid", "mutated", "mutated", "mutated", "random"]))
     if how == "random":
         return draw(st.sampled_from(_MAGICS)) + draw(st.binary(max_size=512))
     _, value = draw(valid_images())
@@ -171,20 +171,26 @@ _HEADER = st.one_of(
     st.tuples(st.text(max_size=12), st.one_of(st.binary(max_size=32), st.none())),
 )
 headers = st.lists(_HEADER, max_size=4)
-keys = st.one_of(st.none(), st.binary(max_size=300), st.text(min_size=1, max_size=80).map(str.encode),
-                 st.sampled_from([b"", b"k", b"x" * 256, b"x" * 257, b"\xff\xfe", b"\x00"]))
+_good_keys = st.text(min_size=1, max_size=60).map(str.encode)
+_bad_keys = st.one_of(st.none(), st.binary(max_size=300), st.sampled_from([b"", b"x" * 257, b"\xff\xfe"]))
+keys = st.one_of(st.sampled_from([b"k", b"x" * 256, b"\x00"]), _good_keys, _bad_keys)
+_good_labels = st.lists(st.integers(0, SPEC.max_label), min_size=1, max_size=4).map(lambda ls: ",".join(map(str, ls)).encode())
 
 
 @st.composite
 def messages(draw) -> tuple[bytes | None, bytes | None, list]:
-    """(key, value, headers) as a Kafka record carries them."""
-    value = draw(st.one_of(image_values(), image_values(), st.none(), st.binary(max_size=64)))
-    hdrs = draw(headers)
+    """(key, value, headers) as a Kafka record carries them: most with a good key and labels, so that the
+    value, not an earlier check, decides the outcome; the rest hostile in every part."""
+    value = draw(_mostly(image_values(), st.one_of(st.none(), st.binary(max_size=64))))
+    if draw(st.integers(0, 3)):
+        key, hdrs = draw(_good_keys), [("labels", draw(_good_labels))] if draw(st.booleans()) else []
+    else:
+        key, hdrs = draw(keys), draw(headers)
     if value and draw(st.booleans()):  # the right content type, so mutated bytes reach their decoder
         for magic, ctype in ((b"\x89PNG", b"image/png"), (b"\xff\xd8", b"image/jpeg"), (b"\x93NUMPY", b"application/x-npy")):
             if value.startswith(magic):
                 hdrs = [("content-type", ctype)] + hdrs
-    return draw(keys), value, hdrs
+    return key, value, hdrs
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -201,8 +207,26 @@ _CODES = st.one_of(st.binary(min_size=4, max_size=4).map(bytes.hex), st.binary(m
 _B64 = st.one_of(image_values().map(lambda v: base64.b64encode(v).decode()), st.text(max_size=40), _JSON_SCALARS)
 
 
+def _mostly(good, bad):
+    """``good`` three times in four: st.one_of would flatten ``bad``'s branches and weigh each like ``good``."""
+    return st.integers(0, 3).flatmap(lambda i: bad if i == 0 else good)
+
+
+_K = _mostly(st.integers(1, 20), _NUMBERS)
+_RADIUS = _mostly(st.one_of(st.none(), st.integers(0, 40)), _NUMBERS)
+
+
 @st.composite
 def search_json(draw) -> dict:
+    """Mostly a well-formed search (one of image or code, sane k and radius) with one part hostile;
+    sometimes any subset of the fields with any JSON values."""
+    if draw(st.integers(0, 3)):
+        body = {"k": draw(_K), "radius": draw(_RADIUS)}
+        if draw(st.booleans()):
+            body["image_base64"] = base64.b64encode(draw(image_values())).decode()
+        else:
+            body["code_hex"] = draw(_mostly(st.binary(min_size=4, max_size=4).map(bytes.hex), _CODES))
+        return body
     body = {}
     for field, values in (("image_base64", _B64), ("code_hex", _CODES), ("k", _NUMBERS), ("radius", _NUMBERS)):
         if draw(st.booleans()):
@@ -222,7 +246,7 @@ def requests(draw) -> tuple[str, str, dict]:
         field = draw(st.sampled_from(["image", "image", "image", "file", "k"]))
         files = {field: (draw(st.text(max_size=10)), draw(image_values()),
                          draw(st.sampled_from(["image/png", "application/octet-stream", "text/plain"])))}
-        data = {name: draw(st.text(max_size=8)) if draw(st.booleans()) else str(draw(_NUMBERS))
+        data = {name: str(draw(_K))
                 for name in draw(st.lists(st.sampled_from(["k", "radius", "code_hex", "other"]), max_size=3, unique=True))}
         return "POST", "/search", {"files": files, "data": data}
     if kind == "raw":
