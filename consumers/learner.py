@@ -7,12 +7,16 @@ only appends to a buffer) and never blocks polling. One round, in order:
    learn the codes of the new labeled items by DCC; old codes stay frozen;
 2. store the new model version; compare the MI of live and candidate codes on the reservoir;
 3. no re-encode: write the learned codes and make the new version current in one transaction
-   (old codes are compatible by construction: the network was trained against them), then
-   let the ingest path encode with the new network;
+   (old codes are compatible by construction: the network was trained against them), then publish
+   the new network to the ingest path;
 4. re-encode (the MI gain exceeded the threshold): build generation g+1 from every stored image
-   beside the live one, catch up items ingested meanwhile, swap atomically with the new version
-   while holding the worker's model lock (so no batch is encoded with the old network after it),
-   then drop generation g.
+   beside the live one, catch up items ingested meanwhile (the last few inside the swap transaction),
+   swap atomically with the new version, publish, then drop generation g.
+
+The learner holds no lock while it waits for LMDB: the store serialises its writers itself, and the
+ingest path reads the published :class:`~streamhash.model.state.ModelState` without locking.
+A round that fails quarantines the labeled items it was learning (they stay indexed with their
+inferred codes, are never learned from) so the next round does not fail the same way.
 """
 
 from __future__ import annotations
@@ -33,16 +37,27 @@ log = logging.getLogger("streamhash.learner")
 
 
 class LearnerThread(threading.Thread):
-    def __init__(self, worker, *, chunk: int = 2048):
+    def __init__(self, worker, *, chunk: int = 2048, catch_up_rounds: int = 3):
         super().__init__(name="learner", daemon=True)
-        self.worker, self.store, self.spec = worker, worker.store, worker.spec
+        self.store, self.spec, self.state = worker.store, worker.spec, worker.state
         s = worker.settings
-        self.settings, self.chunk = s.learn, chunk
-        self.hasher = OnlineHasher(HashNet.from_bytes(worker.net.to_bytes()), s.learn, seed=s.model.seed,
-                                   device=str(worker.net.device))
+        self.settings, self.chunk, self.catch_up_rounds = s.learn, chunk, catch_up_rounds
+        self.torch_threads = s.model.torch_threads
+        net = self.state.current().net
+        self.device = net.device  # the ingest path's device, CPU or CUDA
+        self.hasher = OnlineHasher(HashNet.from_bytes(net.to_bytes()), s.learn, seed=s.model.seed, device=str(self.device))
         snap = self.store.snapshot()
-        if snap.ids:  # a restart: everything already stored is "old" and stays frozen
-            self.hasher.observe(snap.ids, snap.codes, [set(x) if x else None for x in snap.labels], frozen=True)
+        if snap.ids:
+            # A restart: learned codes stay frozen; labeled items indexed but never learned (the worker
+            # stopped before their round) are pending again, so the first round learns them.
+            labels = [set(x) if x else None for x in snap.labels]
+            old = np.flatnonzero(snap.learned | np.array([x is None for x in labels], bool))
+            new = np.setdiff1d(np.arange(len(snap.ids)), old)
+            for rows, frozen in ((old, True), (new, False)):
+                if len(rows):
+                    self.hasher.observe([snap.ids[i] for i in rows], snap.codes[rows], [labels[i] for i in rows], frozen=frozen)
+            if len(new):
+                log.info("%d labeled items were indexed but not learned before the restart: learning them next", len(new))
         self.stop_event, self.round_requested = threading.Event(), threading.Event()
 
     # ingest side: cheap, called on the polling thread after each commit
@@ -63,17 +78,25 @@ class LearnerThread(threading.Thread):
     def run(self) -> None:
         import torch
 
-        torch.set_num_threads(self.worker.settings.model.torch_threads)
+        torch.set_num_threads(self.torch_threads)
         while not self.stop_event.is_set():
             if not (self.hasher.ready() or self.round_requested.is_set()):
                 self.stop_event.wait(0.5)
                 continue
             self.round_requested.clear()
+            if self.hasher.n_pending == 0:
+                log.info("learning round requested but no new labeled items: the model stays at version %d",
+                         self.state.current().version)
+                continue
             try:
                 self.one_round()
-            except Exception:  # a failed round must not kill ingestion; it is logged and retried later
-                log.exception("learning round failed")
-                self.stop_event.wait(5.0)
+            except Exception:  # a failed round must not kill ingestion, nor fail again on the same items
+                m.LEARNING_ROUND_FAILURES.inc()
+                ids = self.hasher.quarantine_pending()
+                m.LEARNING_QUARANTINED.inc(len(ids))
+                log.exception("learning round failed; %d pending labeled items quarantined (kept indexed with "
+                              "their inferred codes, not learned from), e.g. %s", len(ids), ids[:5])
+                self.stop_event.wait(1.0)
 
     def one_round(self) -> None:
         t0 = time.perf_counter()
@@ -84,7 +107,7 @@ class LearnerThread(threading.Thread):
         m.CANDIDATE_MI.set(report.mi_candidate)
         if report.decision.drift:
             m.DRIFT_DETECTIONS.inc()
-        net = self.hasher.snapshot_net().to(self.worker.net.device)  # the ingest path's device, CPU or CUDA
+        net = self.hasher.snapshot_net().to(self.device)
         version = self.store.put_model(net.to_bytes())
         log.info("round %d: %d codes learned (%d changed), MI live %.4f candidate %.4f gain %+.4f -> %s",
                  report.round.round, len(report.round.ids), report.round.changed, report.mi_live,
@@ -94,9 +117,8 @@ class LearnerThread(threading.Thread):
             with m.REENCODE_SECONDS.time():
                 self.reencode(net, version)
         else:
-            with self.worker.model_lock:
-                self.store.put_codes(report.round.ids, report.round.codes, model_version=version)
-                self.worker.net, self.worker.model_version = net, version
+            self.store.put_codes(report.round.ids, report.round.codes, model_version=version)
+            self.state.publish(net, version=version, generation=self.state.current().generation)
         m.MODEL_VERSION.labels(process="worker").set(version)
 
     def _encode_ids(self, net: HashNet, ids: list[str]) -> np.ndarray:
@@ -106,25 +128,21 @@ class LearnerThread(threading.Thread):
     def reencode(self, net: HashNet, version: int) -> None:
         gen, watermark = self.store.begin_generation()
         ids = self.store.snapshot().ids
-        all_codes = []
         for i in range(0, len(ids), self.chunk):
             part = ids[i:i + self.chunk]
-            codes = self._encode_ids(net, part)
-            self.store.put_generation_codes(gen, part, codes)
-            all_codes.append(codes)
-        for _ in range(10):  # items ingested while building; converges as the window shrinks
+            self.store.put_generation_codes(gen, part, self._encode_ids(net, part))
+        for _ in range(self.catch_up_rounds):  # items ingested while building; the window shrinks each time
             missing = self.store.ids_missing_from(gen, watermark)
-            codes = self._encode_ids(net, missing)
-            with self.worker.model_lock:
-                try:
-                    old = self.store.swap_generation(gen, version, missing, codes)
-                except StoreError as exc:
-                    log.info("re-encode catch-up: %s", exc)
-                    continue
-                self.worker.net, self.worker.model_version, self.worker.generation = net, version, gen
-            break
-        else:
-            raise StoreError(f"generation {gen} could not catch up with ingestion")
+            if not missing:
+                break
+            self.store.put_generation_codes(gen, missing, self._encode_ids(net, missing))
+
+        def encode_blobs(blobs) -> np.ndarray:  # the stragglers, inside the swap transaction
+            return net.encode(np.stack([decode_image(b, ctype, self.spec) for b, ctype in blobs]))
+
+        old = self.store.swap_generation(gen, version, [], np.zeros((0, self.store.code_bytes), np.uint8),
+                                         after_seq=watermark, encode_blobs=encode_blobs)
+        self.state.publish(net, version=version, generation=gen)
         self.store.drop_generation(old)
         snap = self.store.snapshot()
         self.hasher.apply_reencode(snap.ids, snap.codes)

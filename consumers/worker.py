@@ -14,6 +14,10 @@ One loop per batch, in this order (the checkpoint order that makes delivery effe
 Polling never waits on learning: listeners must hand work to their own thread.
 SIGTERM or a first SIGINT drains the batch in hand, commits and leaves the group; a second SIGINT
 exits at once (what was not committed is consumed again by the next owner, never lost).
+
+A failure while handling one message (parse, decode, encode) sends that message to the DLQ and never
+stops the partition. A log that is behind the stored offset (the broker's log was reset, or the
+topic deleted and re-created) is detected and consumed again from its start: re-sent ids overwrite.
 """
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ from kafka.errors import KafkaError
 
 from streamhash import metrics as m
 from streamhash.config import Settings
-from streamhash.errors import GenerationChanged, RecordRejected, StoreFullError
+from streamhash.errors import (
+    EXIT_CANTCREAT, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE, GenerationChanged, RecordRejected, StoreFullError,
+    StoreLockedError,
+)
 from streamhash.index.store import ItemWrite, Store
 from streamhash.kafka.dlq import DeadLetters
 from streamhash.kafka.produce import make_producer
 from streamhash.kafka.topics import ensure_topics
 from streamhash.model.hashnet import HashNet, HashNetConfig, resolve_device
+from streamhash.model.state import ModelState
 from streamhash.records import ImageRecord, ImageSpec, parse_message
 
 log = logging.getLogger("streamhash.worker")
@@ -86,27 +94,29 @@ def load_or_create_model(store: Store, settings: Settings) -> tuple[int, HashNet
 @dataclass
 class _Prepared:
     valid: list[ImageRecord]
+    sources: list  # the Kafka record of each valid one, to dead-letter it if it cannot be encoded
     stamps: list[float]
     next_offsets: dict[tuple[str, int], int]
-    codes: Future  # -> (generation, np.ndarray (len(valid), bits/8))
+    codes: Future  # -> (generation, model version, np.ndarray (len(valid), bits/8))
 
 
 class IngestWorker:
-    def __init__(self, settings: Settings, listeners: list[IngestListener] | None = None):
+    def __init__(self, settings: Settings, listeners: list[IngestListener] | None = None,
+                 stopping: threading.Event | None = None):
         self.settings = settings
         s = settings
         torch.set_num_threads(s.model.torch_threads)
-        self.spec = ImageSpec(s.model.image_size, s.model.image_size, s.model.channels, s.store.max_value_bytes)
+        self.spec = ImageSpec.from_settings(s)
         self.store = Store(
             s.store.path, bits=s.model.bits, shard=s.store.shard, backbone=s.model.backbone,
             initial_map_size=s.store.initial_map_size_bytes, max_map_size=s.store.max_map_size_bytes,
-            multihash_tables=s.store.multihash_tables,
+            multihash_tables=s.store.multihash_tables, map_growth_factor=s.store.map_growth_factor,
         )
-        self.model_version, self.net = load_or_create_model(self.store, s)
-        self.generation = int(self.store.read_meta()["generation"])
-        self.model_lock = threading.Lock()  # the learner swaps self.net, self.model_version, self.generation under it
+        self.store.abandon_pending_generation()  # a re-encode interrupted by a crash starts over
+        version, net = load_or_create_model(self.store, s)
+        self.state = ModelState(net, version=version, generation=int(self.store.read_meta()["generation"]))
         self.listeners = list(listeners or [])
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self.applied = self.store.offsets()  # (topic, partition) -> next offset already in LMDB; we are its only writer
         self.newly_assigned: set[TopicPartition] = set()
         # OpenMP thread counts are per calling thread: set it where torch runs.
@@ -114,8 +124,8 @@ class IngestWorker:
                                           initargs=(s.model.torch_threads,))
         self.consumer: KafkaConsumer | None = None
         self.dead_letters: DeadLetters | None = None
-        m.MODEL_VERSION.labels(process="worker").set(self.model_version)
-        m.INDEX_GENERATION.labels(process="worker").set(self.generation)
+        m.MODEL_VERSION.labels(process="worker").set(version)
+        m.INDEX_GENERATION.labels(process="worker").set(self.state.current().generation)
         m.INDEX_ITEMS.labels(process="worker").set(self.store.count())
 
     # ------------------------------------------------------------------ set-up
@@ -161,20 +171,70 @@ class IngestWorker:
                 self.finish_with_retry(in_flight)
         except StoreFullError as exc:
             log.error("stopping: %s. Nothing was lost: offsets of unwritten messages were not committed.", exc)
-            return 75  # EX_TEMPFAIL: a supervisor should not restart in a tight loop
+            return EXIT_TEMPFAIL  # a supervisor should restart with back-off, not in a tight loop
         finally:
             self.close()
-        return 0
+        return EXIT_OK
 
     def _poll(self, timeout_ms: int) -> list:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         self._resume_from_store()
+        reset = self._detect_log_resets()
         self._update_lag()
-        got = [r for batch in polled.values() for r in batch]
+        got = [r for tp, batch in polled.items() if tp not in reset for r in batch]
         records = [r for r in got if r.offset >= self.applied.get((r.topic, r.partition), 0)]
         if len(records) < len(got):
             m.MESSAGES_REPLAYED.inc(len(got) - len(records))
         return records
+
+    def _detect_log_resets(self) -> set[TopicPartition]:
+        """Partitions whose log no longer holds what the store says it consumed; each is rewound to its
+        log start (stored offset too) and its records of this poll are dropped, to be fetched again.
+
+        The sign is a high watermark below the stored next offset (a consumer never reads past the
+        high watermark, so a consistent log cannot be behind us), or a topic id that changed where the
+        broker reports one. Without this, the records of the new log were skipped as "replayed".
+        """
+        reset = set()
+        for tp in self.consumer.assignment():
+            key = (tp.topic, tp.partition)
+            ours = self.applied.get(key)
+            if ours is None:
+                continue
+            hw = self.consumer.highwater(tp)
+            topic_changed = self._topic_id_changed(tp.topic)
+            if not (topic_changed or (hw is not None and hw < ours)):
+                continue
+            start = self._log_start(tp)
+            log.warning("log of %s[%d] was reset (%s): stored next offset %d, high watermark %s; "
+                        "consuming again from offset %d (re-sent ids overwrite)", tp.topic, tp.partition,
+                        "topic id changed" if topic_changed else "high watermark behind the stored offset",
+                        ours, hw, start)
+            self.store.set_offset(tp.topic, tp.partition, start)
+            self.applied[key] = start
+            self.consumer.seek(tp, start)
+            m.OFFSET_RESETS.labels(topic=tp.topic, partition=str(tp.partition)).inc()
+            reset.add(tp)
+        return reset
+
+    def _topic_id_changed(self, topic: str) -> bool:
+        """True once when the broker's topic id differs from the one stored (recorded when first seen)."""
+        cluster = getattr(getattr(self.consumer, "_client", None), "cluster", None)
+        seen = cluster.topic_id(topic) if cluster is not None and hasattr(cluster, "topic_id") else None
+        if seen is None or seen.int == 0:  # brokers before topic ids report none, or the null uuid
+            return False
+        stored = self.store.topic_id(topic)
+        if stored == str(seen):
+            return False
+        self.store.set_topic_id(topic, str(seen))
+        return stored is not None
+
+    def _log_start(self, tp: TopicPartition) -> int:
+        try:
+            return int(self.consumer.beginning_offsets([tp])[tp])
+        except KafkaError as exc:
+            log.warning("could not read the log start of %s[%d] (%r); using 0", tp.topic, tp.partition, exc)
+            return 0
 
     def _resume_from_store(self) -> None:
         """Seek newly assigned partitions to the LMDB offset where it is ahead of Kafka's committed one.
@@ -210,39 +270,38 @@ class IngestWorker:
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
 
-    def process(self, records) -> list[int]:
-        """Steps 2-7 of the loop for one batch, without overlap."""
-        return self.finish(self.prepare(records))
-
     def prepare(self, records) -> "_Prepared":
         """Parse, send rejects to the DLQ producer, and start encoding on the encoder thread."""
         m.MESSAGES_CONSUMED.inc(len(records))
         valid: list[ImageRecord] = []
-        stamps: list[float] = []
+        sources, stamps = [], []
         next_offsets: dict[tuple[str, int], int] = {}
         for rec in records:
             key = (rec.topic, rec.partition)
             next_offsets[key] = max(next_offsets.get(key, 0), rec.offset + 1)
             try:
                 valid.append(parse_message(rec.key, rec.value, rec.headers, self.spec))
-                stamps.append(rec.timestamp / 1000.0)
-            except RecordRejected as exc:
+            except Exception as exc:  # RecordRejected, or a bug: either way this record, not the partition
                 self.dead_letters.send(rec, exc)
-        return _Prepared(valid, stamps, next_offsets, self.encoder.submit(self._encode, valid))
+                continue
+            sources.append(rec)
+            stamps.append(rec.timestamp / 1000.0)
+        return _Prepared(valid, sources, stamps, next_offsets, self.encoder.submit(self._encode, valid))
 
     def finish(self, p: "_Prepared") -> list[int]:
         """Wait for the codes, make dead letters durable, write LMDB, commit Kafka, tell listeners."""
-        generation, codes = p.codes.result()
+        generation, version, codes = self._codes_of(p)
         self.dead_letters.flush()
         while True:
             items = [ItemWrite(r.id, codes[i].tobytes(), r.value, r.content_type, r.labels, p.stamps[i])
                      for i, r in enumerate(p.valid)]
             try:
                 with m.COMMIT_SECONDS.time():
-                    seqs = self.store.write_batch(items, p.next_offsets, generation=generation)
+                    seqs = self.store.write_batch(items, p.next_offsets, generation=generation, model_version=version)
                 break
-            except GenerationChanged:  # a re-encode swapped generations while this batch was encoded
-                generation, codes = self._encode(p.valid)
+            except GenerationChanged as exc:  # a re-encode swapped generations while this batch was encoded
+                self.state.wait_for_generation(exc.current, timeout=5.0)
+                generation, version, codes = self._encode(p.valid)
         self.applied.update(p.next_offsets)
         self._commit(p.next_offsets)
         m.ITEMS_INDEXED.inc(len(items))
@@ -253,12 +312,30 @@ class IngestWorker:
             listener.on_indexed(p.valid, codes, seqs)
         return seqs
 
-    def _encode(self, valid: list[ImageRecord]) -> tuple[int, np.ndarray]:
-        """(generation the network belongs to, codes): the learner swaps both under ``model_lock``."""
-        with m.ENCODE_SECONDS.time(), self.model_lock:
+    def _codes_of(self, p: "_Prepared") -> tuple[int, int, np.ndarray]:
+        """The batch's codes; if encoding the batch fails, each record alone, dead-lettering those that fail."""
+        try:
+            return p.codes.result()
+        except Exception as exc:
+            log.warning("encoding a batch of %d failed (%r); encoding its records one by one", len(p.valid), exc)
+        keep = []
+        for i, r in enumerate(p.valid):
+            try:
+                self._encode([r])
+                keep.append(i)
+            except Exception as exc:
+                self.dead_letters.send(p.sources[i], RecordRejected("encode", f"{type(exc).__name__}: {exc}"))
+        p.valid, p.sources, p.stamps = [p.valid[i] for i in keep], [p.sources[i] for i in keep], [p.stamps[i] for i in keep]
+        return self._encode(p.valid)
+
+    def _encode(self, valid: list[ImageRecord]) -> tuple[int, int, np.ndarray]:
+        """(generation, model version, codes) from one published model state."""
+        st = self.state.current()
+        with m.ENCODE_SECONDS.time():
             if not valid:
-                return self.generation, np.zeros((0, self.store.code_bytes), np.uint8)
-            return self.generation, self.net.encode(np.stack([r.image for r in valid]), self.settings.worker.encode_batch)
+                return st.generation, st.version, np.zeros((0, self.store.code_bytes), np.uint8)
+            codes = st.net.encode(np.stack([r.image for r in valid]), self.settings.worker.encode_batch)
+            return st.generation, st.version, codes
 
     def _commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         from kafka.structs import OffsetAndMetadata
@@ -315,29 +392,50 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
+    # Signals first: a SIGTERM or SIGUSR1 during start-up (loading torch, opening the store) must not
+    # kill the process with the default action.
+    stopping = threading.Event()
+    learner_box: list = []
+    install_signal_handlers(stopping.set)
+    signal.signal(signal.SIGUSR1, lambda *_: _request_round(learner_box, settings.learn.enabled))
     if not settings.kafka.bootstrap_servers:
         log.error("no broker configured: set STREAMHASH_KAFKA__BOOTSTRAP_SERVERS or --bootstrap-servers "
                   "(or run `streamhash broker` for an embedded one)")
-        return 2
+        return EXIT_USAGE
     settings.log_startup("streamhash-worker")
+    try:
+        worker = IngestWorker(settings, stopping=stopping)
+    except StoreLockedError as exc:
+        log.error("%s", exc)
+        return EXIT_CANTCREAT
+    except StoreFullError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_TEMPFAIL
     m.serve_metrics(settings.worker.metrics_port, settings.worker.metrics_host)
-    worker = IngestWorker(settings)
     learner = None
     if settings.learn.enabled:
         from consumers.learner import LearnerThread
 
         learner = LearnerThread(worker)
         worker.listeners.append(learner)
+        learner_box.append(learner)
         learner.start()
-        # `kill -USR1 <pid>` asks for a learning round now, whatever the count of new items.
-        signal.signal(signal.SIGUSR1, lambda *_: learner.request_round())
-    install_signal_handlers(worker.stop)
     try:
         return worker.run(max_idle_s=args.max_idle_s)
     finally:
         if learner is not None:
             learner.stop()
             learner.join(timeout=60)
+
+
+def _request_round(learner_box: list, enabled: bool) -> None:
+    """`kill -USR1 <pid>` asks for a learning round now, whatever the count of new items."""
+    if learner_box:
+        learner_box[0].request_round()
+    elif enabled:
+        log.info("SIGUSR1: the learner is still starting; ask again in a moment")
+    else:
+        log.info("SIGUSR1 ignored: learning is disabled (STREAMHASH_LEARN__ENABLED=false / --no-learn)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from streamhash.config import Settings, load_settings
@@ -32,7 +33,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _broker(args) -> int:
-    import signal
     import threading
 
     from streamhash.kafka.broker import EmbeddedBroker
@@ -231,6 +231,9 @@ def document_env(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGUSR1 is a request ("learn now") to a running worker, never a kill: ignored until a process
+    # installs its handler, so one sent while torch is still importing does not end the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     args = document_env(build_parser()).parse_args(argv)
     if args.command == "query" and not (args.image or args.code):
         print("give an image path or --code", file=sys.stderr)

@@ -68,6 +68,8 @@ class StoreSettings(BaseModel):
     initial_map_size_bytes: int = 64 * 1024 * 1024
     # Ceiling for on-demand growth; a write past it (or past the disk) is StoreFullError.
     max_map_size_bytes: int = 1 << 40
+    # Each growth multiplies the map by this (at least +64 KiB); below 2 suits a disk with little headroom.
+    map_growth_factor: float = Field(2.0, ge=1.0)
     max_value_bytes: int = 10 * 1024 * 1024
     # Width x height an image (or .npy) may declare; checked from the header before any pixel is decoded,
     # so a few-byte PNG claiming 30000x30000 is refused without allocating it. Must cover model.image_size².

@@ -9,9 +9,14 @@ from streamhash.metrics import DEAD_LETTERED
 
 
 def dlq_headers(record, error: Exception, stage: str) -> list[tuple[str, bytes]]:
-    """The record's own headers followed by ``error.*`` and ``source.*`` headers (DESIGN.md)."""
+    """The record's own headers followed by ``error.*`` and ``source.*`` headers (DESIGN.md).
+
+    ``error.class`` names the exception that made the record fail (a decoder's, when a rejection
+    wraps one). ``source.*`` identify the message: a batch replayed after a crash may dead-letter it
+    again, and consumers of the DLQ deduplicate on (source.topic, source.partition, source.offset).
+    """
     return list(record.headers or []) + [
-        ("error.class", type(error).__name__.encode()),
+        ("error.class", getattr(error, "cause", type(error).__name__).encode()),
         ("error.message", str(error).encode("utf-8", errors="replace")),
         ("error.stage", stage.encode()),
         ("source.topic", record.topic.encode()),

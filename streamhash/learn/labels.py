@@ -6,6 +6,8 @@ sets intersect.
 
 >>> label_sets_to_multihot([0, [1, 2], None]).astype(int).tolist()
 [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+>>> neighbour_matrix([[7, 99999999999999999999], 7, None]).astype(int).tolist()
+[[1, 1, 0], [1, 1, 0], [0, 0, 0]]
 """
 
 from __future__ import annotations
@@ -50,3 +52,15 @@ def label_sets_to_multihot(labels, num_classes: int | None = None) -> np.ndarray
         for lab in s:
             out[i, lab] = 1.0
     return out
+
+
+def neighbour_matrix(labels) -> np.ndarray:
+    """(n, n) bool: the label sets of i and j intersect. Costs O(n x distinct labels), whatever the
+    label values: one column per label that occurs, never one per value up to the largest."""
+    sets = normalise_label_sets(labels)
+    column = {lab: c for c, lab in enumerate(sorted(set().union(*sets)))}
+    hot = np.zeros((len(sets), max(len(column), 1)), np.float32)
+    for i, s in enumerate(sets):
+        for lab in s:
+            hot[i, column[lab]] = 1.0
+    return (hot @ hot.T) > 0

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from streamhash.learn.labels import label_sets_to_multihot
+from streamhash.learn.labels import neighbour_matrix
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -51,8 +51,7 @@ def mi_per_anchor(codes: np.ndarray, labels, bits: int) -> np.ndarray:
     n = len(codes)
     if n < 2:
         return np.zeros(n)
-    hot = label_sets_to_multihot(labels)
-    nbr = (hot @ hot.T) > 0
+    nbr = neighbour_matrix(labels)
     dist = hamming_matrix(codes, codes)
     off = ~np.eye(n, dtype=bool)
     pos = nbr & off
