@@ -1,8 +1,12 @@
 """DIHN: deep incremental hashing with frozen old codes (Wu et al., CVPR 2019), river-like API.
 
-The learner keeps the database bookkeeping the algorithm needs — one row per stored item: id, +-1
+The learner keeps the database bookkeeping the algorithm needs — one row per stored item: id, packed
 code, label set (or none), frozen flag — but not the images: a round asks a ``fetch_images(ids)``
 callback for the images of the sampled set Omega (the LMDB blobs in the worker, an array in the eval).
+The bookkeeping is numpy arrays, no Python object per item (:class:`_ItemIds`): ~35 bytes an item
+beyond the packed code for ids like ``img-0123456`` (``benchmarks/bench_memory.py``; an id list, an
+id -> row dict and +-1 int8 codes cost ~200). Codes are unpacked to +-1 only for the rows a step
+works on, and the Gamma statistics are accumulated a chunk of rows at a time.
 
 A round (:meth:`DIHNLearner.learn_round`), for ``iters`` alternations:
 
@@ -23,7 +27,8 @@ registered (for re-encode bookkeeping) but are never in Gamma, Omega or the loss
 Similarity is multi-label: S_ij = +1 iff the label sets intersect, else -1 (or DIHN's "soft" negative,
 see :func:`streamhash.model.losses.soft_negative`). Nothing of size |Omega| x |Gamma| is built: items are
 grouped by label set, and ``S @ B`` is ``S_groups @ (sum of codes per group)``, so a round costs
-O(|Gamma| c^2) for ``B^T B`` plus work on Omega and B_new only.
+O(|Gamma| c^2) for ``B^T B`` plus work on Omega and B_new only. Label values only name labels: the
+group statistics use one column per label that occurs, so a label 10**20 costs what a label 3 does.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 
 from streamhash.codes import pack_signs, unpack_signs
+from streamhash.index.hamming import Int64Multimap
 from streamhash.learn.labels import normalise_label_sets
 from streamhash.model.hashnet import HashNet, images_to_tensor
 from streamhash.model.losses import DIHNLoss, soft_negative
@@ -58,15 +64,83 @@ class RoundResult:
     round: int  # 1-based round counter
 
 
-def _as_pm1(codes, bits: int) -> np.ndarray:
+def _as_packed(codes, bits: int) -> np.ndarray:
+    """Packed (n, bits/8) uint8 codes from packed or +-1 / real (n, bits) ones (bit = value >= 0)."""
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes must be 2-D, got shape {codes.shape}")
     if codes.dtype == np.uint8 and codes.shape[1] == bits // 8:
-        return unpack_signs(codes, bits).astype(np.int8)
+        return codes
     if codes.shape[1] == bits:
-        return np.where(codes >= 0, 1, -1).astype(np.int8)
+        return pack_signs(codes)
     raise ValueError(f"codes of shape {codes.shape} match neither packed ({bits // 8} bytes) nor +-1 ({bits})")
+
+
+class _ItemIds:
+    """Item ids (str or int) by row and id -> row, in numpy arrays.
+
+    The ids' bytes (a type tag, then UTF-8 or decimal digits) lie end to end in one buffer with an
+    end offset per row, and the 64-bit hash of those bytes maps to the row in an
+    :class:`Int64Multimap`; a hash hit is confirmed by comparing the bytes, so colliding ids stay
+    apart. Per id: 8 (offset) + 16 (map) + its length + 1 bytes, where a list entry, a dict entry
+    and the str object cost ~150.
+    """
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(1 << 16, np.uint8)
+        self._end = np.zeros(1024, np.int64)  # row r's bytes are _buf[_end[r-1]:_end[r]]
+        self._n = 0
+        self._rows = Int64Multimap()
+
+    def __len__(self) -> int:
+        return self._n
+
+    @staticmethod
+    def key(item_id) -> bytes:
+        if isinstance(item_id, str):
+            return b"s" + item_id.encode()
+        if isinstance(item_id, (int, np.integer)) and not isinstance(item_id, bool):
+            return b"i" + str(int(item_id)).encode()
+        raise TypeError(f"item ids must be str or int, got {type(item_id).__name__}")
+
+    def _raw(self, row: int) -> bytes:
+        return self._buf[(self._end[row - 1] if row else 0) : self._end[row]].tobytes()
+
+    def get(self, rows) -> list:
+        out = []
+        for r in np.asarray(rows, np.int64).tolist():
+            raw = self._raw(r)
+            out.append(raw[1:].decode() if raw[:1] == b"s" else int(raw[1:]))
+        return out
+
+    def lookup(self, keys: list[bytes], hashes: np.ndarray) -> np.ndarray:
+        """Row of each key, -1 where absent."""
+        rows = np.full(len(keys), -1, np.int64)
+        which, cand = self._rows.find(hashes)
+        for w, r in zip(which.tolist(), cand.tolist()):
+            if self._raw(r) == keys[w]:
+                rows[w] = r
+        return rows
+
+    def append(self, keys: list[bytes], hashes: np.ndarray) -> None:
+        """New rows ``len(self) ...`` for keys not present."""
+        if not keys:
+            return
+        lens = np.fromiter(map(len, keys), np.int64, len(keys))
+        start = int(self._end[self._n - 1]) if self._n else 0
+        need, n = start + int(lens.sum()), self._n + len(keys)
+        if need > len(self._buf):
+            self._buf = np.concatenate([self._buf, np.zeros(max(need, 2 * len(self._buf)) - len(self._buf), np.uint8)])
+        if n > len(self._end):
+            self._end = np.concatenate([self._end, np.zeros(max(n, 2 * len(self._end)) - len(self._end), np.int64)])
+        self._buf[start:need] = np.frombuffer(b"".join(keys), np.uint8)
+        self._end[self._n : n] = start + np.cumsum(lens)
+        self._rows.add(hashes, np.arange(self._n, n))
+        self._n = n
+
+
+def _hashes(keys: list[bytes]) -> np.ndarray:
+    return np.fromiter(map(hash, keys), np.int64, len(keys))
 
 
 class DIHNLearner:
@@ -104,9 +178,8 @@ class DIHNLearner:
         )
         self.rounds = 0
         # database bookkeeping, grown by doubling
-        self._ids: list = []
-        self._row: dict = {}
-        self._codes = np.zeros((0, self.bits), np.int8)
+        self._ids = _ItemIds()
+        self._codes = np.zeros((0, self.bits // 8), np.uint8)  # packed
         self._group = np.zeros(0, np.int32)  # -1 = unlabeled
         self._frozen = np.zeros(0, bool)
         self._groups: list[frozenset[int]] = []
@@ -128,9 +201,9 @@ class DIHNLearner:
         if n + extra <= cap:
             return
         new_cap = max(n + extra, 2 * cap, 1024)
-        for name, fill in (("_codes", 0), ("_group", -1), ("_frozen", True)):
+        for name in ("_codes", "_group", "_frozen"):
             old = getattr(self, name)
-            arr = np.full((new_cap,) + old.shape[1:], fill, dtype=old.dtype)
+            arr = np.zeros((new_cap,) + old.shape[1:], dtype=old.dtype)  # rows past n are never read
             arr[:n] = old[:n]
             setattr(self, name, arr)
 
@@ -153,36 +226,43 @@ class DIHNLearner:
         from. A re-added id overwrites that row (re-sent message).
         """
         ids = list(ids)
-        pm1 = _as_pm1(codes, self.bits)
-        if len(pm1) != len(ids):
-            raise ValueError(f"{len(ids)} ids but {len(pm1)} codes")
+        packed = _as_packed(codes, self.bits)
+        if len(packed) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(packed)} codes")
         sets = normalise_label_sets(labels) if labels is not None else [frozenset()] * len(ids)
         if len(sets) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(sets)} labels")
-        self._grow(len(ids))
-        for i, item_id in enumerate(ids):
-            r = self._row.get(item_id)
-            if r is None:
-                r = len(self._ids)
-                self._ids.append(item_id)
-                self._row[item_id] = r
-            g = self._group_index(sets[i])
-            self._codes[r] = pm1[i]
-            self._group[r] = g
-            self._frozen[r] = frozen or g < 0
+        keys = [_ItemIds.key(i) for i in ids]
+        hashes = _hashes(keys)
+        rows = self._ids.lookup(keys, hashes)
+        new: dict[bytes, int] = {}  # first occurrence in the batch of an id the learner lacks -> its row
+        for i in np.flatnonzero(rows < 0).tolist():
+            rows[i] = new.setdefault(keys[i], len(self._ids) + len(new))
+        self._grow(len(new))
+        self._ids.append(list(new), _hashes(list(new)))
+        groups = np.array([self._group_index(s) for s in sets], np.int32)  # groups numbered in batch order
+        last = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]  # a repeated id keeps its last entry
+        groups = groups[last]
+        self._codes[rows[last]] = packed[last]
+        self._group[rows[last]] = groups
+        self._frozen[rows[last]] = frozen | (groups < 0)
 
     def rows(self, ids: Sequence) -> np.ndarray:
-        return np.fromiter((self._row[i] for i in ids), dtype=np.int64, count=len(ids))
+        keys = [_ItemIds.key(i) for i in ids]
+        rows = self._ids.lookup(keys, _hashes(keys))
+        if (rows < 0).any():
+            raise KeyError(ids[int(np.flatnonzero(rows < 0)[0])])
+        return rows
 
     @property
     def ids(self) -> list:
-        return list(self._ids)
+        return self._ids.get(np.arange(len(self._ids)))
 
     @property
     def pending_ids(self) -> list:
         """Labeled items waiting for their first learning round (B_new)."""
         n = len(self._ids)
-        return [self._ids[r] for r in np.flatnonzero(~self._frozen[:n])]
+        return self._ids.get(np.flatnonzero(~self._frozen[:n]))
 
     @property
     def n_pending(self) -> int:
@@ -191,13 +271,16 @@ class DIHNLearner:
     def codes(self, ids: Sequence | None = None) -> np.ndarray:
         """Packed codes (n, bits/8) of the given ids (all items, in insertion order, when None)."""
         n = len(self._ids)
-        pm1 = self._codes[:n] if ids is None else self._codes[self.rows(ids)]
-        return pack_signs(pm1)
+        return self._codes[:n].copy() if ids is None else self._codes[self.rows(list(ids))]
+
+    def _pm1(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), bits) float32 +-1 codes of some rows."""
+        return unpack_signs(self._codes[rows], self.bits)
 
     def set_codes(self, ids: Sequence, codes) -> None:
         """Overwrite stored codes (a re-encode); the items become frozen."""
         r = self.rows(list(ids))
-        self._codes[r] = _as_pm1(codes, self.bits)
+        self._codes[r] = _as_packed(codes, self.bits)
         self._frozen[r] = True
 
     # ------------------------------------------------------------------ encoding
@@ -212,7 +295,7 @@ class DIHNLearner:
                  batch_size: int = 1024) -> tuple[list, np.ndarray]:
         """Encode the given (default: all) items with the current network and store those codes."""
         fetch = self._fetcher(fetch_images)
-        ids = list(self._ids) if ids is None else list(ids)
+        ids = self.ids if ids is None else list(ids)
         out = []
         for start in range(0, len(ids), batch_size):
             out.append(self.encode(fetch(ids[start:start + batch_size]), batch_size))
@@ -264,19 +347,28 @@ class DIHNLearner:
                 self._rng.choice(old_rows, n_old, replace=False) if n_old else np.zeros(0, np.int64)]
         return np.sort(np.concatenate(pick)).astype(np.int64)
 
+    _STATS_CHUNK = 1 << 16  # rows unpacked at a time for the Gamma sums (16 MiB of float32 at 64 bits)
+
     def _group_stats(self, omega_rows: np.ndarray):
         """Sufficient statistics of the Omega x Gamma similarity block from label-set groups."""
         n = len(self._ids)
         lab_rows = np.flatnonzero(self._group[:n] >= 0)
         G = len(self._groups)
         groups = self._group[lab_rows]
-        B = torch.from_numpy(self._codes[lab_rows].astype(np.float32))
         cnt = np.bincount(groups, minlength=G).astype(np.float64)
-        bsum = torch.zeros(G, self.bits).index_add_(0, torch.from_numpy(groups.astype(np.int64)), B)
-        C = max(max(s) for s in self._groups) + 1
-        hot = np.zeros((G, C), np.float32)
+        # Sums of +-1 are integers: exact in float64 at any |Gamma|, so the float32 results are
+        # those of a single float32 pass over all of Gamma (exact below 2**24 rows) without its memory.
+        bsum = torch.zeros(G, self.bits, dtype=torch.float64)
+        BtB = torch.zeros(self.bits, self.bits, dtype=torch.float64)
+        for a in range(0, len(lab_rows), self._STATS_CHUNK):
+            B = torch.from_numpy(self._pm1(lab_rows[a : a + self._STATS_CHUNK]))
+            bsum.index_add_(0, torch.from_numpy(groups[a : a + self._STATS_CHUNK].astype(np.int64)), B.double())
+            BtB += (B.t() @ B).double()
+        bsum, BtB = bsum.float(), BtB.float()
+        column = {lab: c for c, lab in enumerate(sorted(set().union(*self._groups)))}  # labels that occur
+        hot = np.zeros((G, len(column)), np.float32)
         for g, s in enumerate(self._groups):
-            hot[g, list(s)] = 1.0
+            hot[g, [column[lab] for lab in s]] = 1.0
         inter = (hot @ hot.T) > 0  # (G, G) label sets intersect
         g_omega = self._group[omega_rows]
         n_pos = float((inter[g_omega].astype(np.float64) @ cnt).sum())
@@ -285,7 +377,6 @@ class DIHNLearner:
         Sg = np.where(inter, 1.0, s_neg).astype(np.float32)  # (G, G)
         SB = torch.from_numpy(Sg) @ bsum  # (G, c): row g = sum_j S(g, g_j) b_j
         s2 = torch.from_numpy(((Sg.astype(np.float64) ** 2) @ cnt).astype(np.float32))  # (G,)
-        BtB = B.t() @ B
         return {"Sg": torch.from_numpy(Sg), "SB": SB, "s2": s2, "BtB": BtB, "n": len(lab_rows), "s_neg": s_neg}
 
     def learn_round(self, fetch_images: FetchImages | None = None, *, iters: int | None = None) -> RoundResult:
@@ -302,7 +393,7 @@ class DIHNLearner:
             for _ in range(iters):
                 omega_rows = self._sample_omega()
                 m = len(omega_rows)
-                images = fetch([self._ids[r] for r in omega_rows])
+                images = fetch(self._ids.get(omega_rows))
                 x = images_to_tensor(np.asarray(images), self.net.cfg)
                 stats = self._group_stats(omega_rows)
                 last_loss = self._train_net(x, omega_rows, stats)
@@ -310,9 +401,8 @@ class DIHNLearner:
                 self._dcc(new_rows, omega_rows, U, stats)
         self._frozen[new_rows] = True
         self.rounds += 1
-        ids = [self._ids[r] for r in new_rows]
         changed = int((self._codes[new_rows] != before).any(axis=1).sum())
-        return RoundResult(ids, pack_signs(self._codes[new_rows]), changed, last_loss,
+        return RoundResult(self._ids.get(new_rows), self._codes[new_rows], changed, last_loss,
                            time.perf_counter() - t0, iters if len(new_rows) else 0, m, self.rounds)
 
     def _train_net(self, x: torch.Tensor, omega_rows: np.ndarray, stats: dict) -> float:
@@ -320,7 +410,7 @@ class DIHNLearner:
         SB = stats["SB"][g].to(self.device)
         s2 = stats["s2"][g].to(self.device)
         BtB = stats["BtB"].to(self.device)
-        b_self = torch.from_numpy(self._codes[omega_rows].astype(np.float32)).to(self.device)
+        b_self = torch.from_numpy(self._pm1(omega_rows)).to(self.device)
         self.net.train()
         m = len(omega_rows)
         last = float("nan")
@@ -353,12 +443,12 @@ class DIHNLearner:
         W = stats["Sg"].double() @ usum  # (G, c): row g = sum_{i in Omega} S(g_i, g) u_i
         g_new = torch.from_numpy(self._group[new_rows].astype(np.int64))
         Q = self.bits * W[g_new]
-        pos_in_new = {int(r): k for k, r in enumerate(new_rows)}
-        for i, r in enumerate(omega_rows):
-            k = pos_in_new.get(int(r))
-            if k is not None:
-                Q[k] += self.gamma * U[i]
-        self._codes[new_rows] = dcc_update(torch.from_numpy(self._codes[new_rows].astype(np.float64)), Q, U).numpy()
+        # U_bar: Omega members that are new items (both row lists are sorted and duplicate-free)
+        k = np.minimum(np.searchsorted(new_rows, omega_rows), len(new_rows) - 1)
+        hit = new_rows[k] == omega_rows
+        Q[torch.from_numpy(k[hit])] += self.gamma * U[torch.from_numpy(np.flatnonzero(hit))]
+        B = torch.from_numpy(self._pm1(new_rows).astype(np.float64))
+        self._codes[new_rows] = pack_signs(dcc_update(B, Q, U).numpy())
 
 
     # ------------------------------------------------------------------ persistence
@@ -371,8 +461,8 @@ class DIHNLearner:
                       "batch_size": self.batch_size, "new_fraction": self.new_fraction, "soft": self.soft,
                       "balance": self.balance, "seed": self.seed},
             "rounds": self.rounds,
-            "ids": list(self._ids),
-            "codes": torch.from_numpy(pack_signs(self._codes[:n])) if n else torch.zeros(0, self.bits // 8, dtype=torch.uint8),
+            "ids": self.ids,
+            "codes": torch.from_numpy(self._codes[:n].copy()),
             "group": torch.from_numpy(self._group[:n].copy()),
             "frozen": torch.from_numpy(self._frozen[:n].copy()),
             "groups": [sorted(s) for s in self._groups],
@@ -397,15 +487,15 @@ class DIHNLearner:
         self.rounds = st["rounds"]
         self._groups = [frozenset(s) for s in st["groups"]]
         self._group_of = {s: g for g, s in enumerate(self._groups)}
-        n = len(st["ids"])
+        ids = list(st["ids"])
+        n = len(ids)
         self._grow(n)
-        self._ids = list(st["ids"])
-        self._row = {i: r for r, i in enumerate(self._ids)}
-        if n:
-            self._codes[:n] = unpack_signs(st["codes"].numpy(), self.bits).astype(np.int8)
+        keys = [_ItemIds.key(i) for i in ids]
+        self._ids.append(keys, _hashes(keys))
+        self._codes[:n] = st["codes"].numpy()
         self._group[:n] = st["group"].numpy()
         self._frozen[:n] = st["frozen"].numpy()
-        ints = [i for i in self._ids if isinstance(i, int)]
+        ints = [i for i in ids if isinstance(i, int)]
         self._next_auto_id = max(ints) + 1 if ints else 0
         return self
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from streamhash.codes import unpack_signs
@@ -70,10 +71,10 @@ def test_learner_dcc_step_decreases_dense_objective():
     U = L._embed(images_to_tensor(x[omega_rows], L.net.cfg))
     S = torch.where(torch.from_numpy(y[omega_rows][:, None] == y[None, :]), 1.0, stats["s_neg"]).double()
     new_rows = list(range(60, 120))
-    B0 = torch.from_numpy(L._codes[:120].astype(np.float64))
+    B0 = torch.from_numpy(L._pm1(np.arange(120)).astype(np.float64))
     before = dcc_objective(B0, U, S, 8, L.gamma, new_rows, omega_rows.tolist())
     L._dcc(np.arange(60, 120), omega_rows, U, stats)
-    B1 = torch.from_numpy(L._codes[:120].astype(np.float64))
+    B1 = torch.from_numpy(L._pm1(np.arange(120)).astype(np.float64))
     assert dcc_objective(B1, U, S, 8, L.gamma, new_rows, omega_rows.tolist()) <= before + 1e-9
     assert torch.equal(B0[:60], B1[:60])
     # and the same as the dense update
@@ -162,3 +163,104 @@ def test_online_hasher_round_and_trigger():
     assert rep.reencode == (rep.mi_candidate - rep.mi_live > 0.0)
     ids, codes = h.reencode(fetch)
     np.testing.assert_array_equal(codes, h.net.encode(x[:150]))
+
+
+def test_group_stats_equal_the_dense_similarity_block(monkeypatch):
+    """SB, s2 and B^T B from label-set groups, accumulated a few rows at a time, equal the dense
+    Omega x Gamma computation; label values (10**20 among them) only name labels."""
+    monkeypatch.setattr(DIHNLearner, "_STATS_CHUNK", 7)
+    rng = np.random.default_rng(0)
+    L = learner(bits=16, omega=30)
+    vocab = [0, 3, 10**8, 10**20]
+    sets = [set(rng.choice(vocab, int(rng.integers(1, 3)), replace=False).tolist()) for _ in range(90)]
+    labels = [s if i % 9 else None for i, s in enumerate(sets)]  # some unlabeled: not in Gamma
+    codes = rng.integers(0, 256, (90, 2), dtype=np.uint8)
+    L.add_items([f"img-{i}" for i in range(90)], codes, labels, frozen=False)
+    omega = L._sample_omega()
+    st = L._group_stats(omega)
+    gamma = [i for i in range(90) if labels[i] is not None]
+    B = unpack_signs(codes[gamma], 16).astype(np.float64)
+    inter = np.array([[bool(sets[i] & sets[j]) for j in gamma] for i in omega])
+    S = np.where(inter, 1.0, st["s_neg"])
+    g = torch.from_numpy(L._group[omega].astype(np.int64))
+    np.testing.assert_allclose(st["SB"][g].numpy(), S @ B, rtol=1e-6, atol=1e-4)  # float32 sums of a soft s_neg
+    np.testing.assert_allclose(st["s2"][g].numpy(), (S**2).sum(1), rtol=1e-6)
+    np.testing.assert_array_equal(st["BtB"].numpy(), B.T @ B)
+    assert st["n"] == len(gamma)
+
+
+def test_huge_label_values_cost_what_small_ones_do():
+    """A round with labels 10**8 and 10**20 gives exactly the round with labels 1 and 3 (the hot
+    matrix has one column per label that occurs, not one per value up to the largest)."""
+    x, y = synth(150, [0, 1], 10)
+    fetch = lambda ids: x[np.asarray(ids)]  # noqa: E731
+    results = []
+    for big in (False, True):
+        L = learner(bits=16)
+        names = {0: 10**8, 1: 99999999999999999999} if big else {0: 1, 1: 3}
+        L.add_items(range(150), L.encode(x), [names[int(a)] for a in y], frozen=False)
+        results.append(L.learn_round(fetch))
+    np.testing.assert_array_equal(results[0].codes, results[1].codes)
+    assert results[0].loss == results[1].loss
+
+
+def test_packed_bookkeeping_ids_and_overwrites_match_a_dict_model(monkeypatch):
+    """int and str ids side by side, re-sent ids (also twice in one batch), +-1 and packed codes;
+    with every id hash colliding the byte comparison still keeps ids apart."""
+    import streamhash.learn.dihn as dihn
+
+    for collide in (False, True):
+        if collide:
+            monkeypatch.setattr(dihn, "_hashes", lambda keys: np.zeros(len(keys), np.int64))
+        rng = np.random.default_rng(1)
+        L, model = learner(bits=16), {}
+        pool = [*range(40), *(str(i) for i in range(40)), *(f"img-{i}" for i in range(40))]
+        for step in range(8):
+            ids = [pool[i] for i in rng.integers(0, len(pool), 30)]
+            codes = rng.integers(0, 256, (30, 2), dtype=np.uint8)
+            labels = [int(v) if v < 4 else None for v in rng.integers(0, 6, 30)]
+            frozen = bool(step % 2)
+            L.add_items(ids, codes if step % 3 else unpack_signs(codes, 16), labels, frozen=frozen)
+            for i, c, lab in zip(ids, codes, labels):
+                model[i] = (c, frozen or lab is None)  # a new id goes last; a re-sent one keeps its row
+        assert L.ids == list(model) and L.n_items == len(model)
+        np.testing.assert_array_equal(L.codes(list(model)), np.array([c for c, _ in model.values()]))
+        assert set(L.pending_ids) == {i for i, (_, fz) in model.items() if not fz}
+        assert L.n_pending == len(L.pending_ids)
+        with pytest.raises(KeyError):
+            L.codes(["nope"])
+        with pytest.raises(TypeError):
+            L.add_items([1.5], codes[:1])
+
+
+def test_bookkeeping_holds_at_most_64_bytes_an_item_beyond_the_code():
+    """What the worker's learner grows by per stored item, traced (numpy arrays included)."""
+    import gc
+    import tracemalloc
+
+    n, bits = 30_000, 32  # just under a power of two: capacity doubling adds little
+    L = learner(bits=bits)
+    rng = np.random.default_rng(2)
+    batches = [([f"img-{i:07d}" for i in range(a, a + 256)], rng.integers(0, 256, (256, bits // 8), dtype=np.uint8),
+                [int(v) for v in rng.integers(0, 20, 256)]) for a in range(0, n, 256)]
+    L.add_items(["warm-up"], batches[0][1][:1], [0])  # first-use imports and caches are not per item
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for ids, codes, labels in batches:
+        L.add_items(ids, codes, labels, frozen=False)
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert L.n_items == len(batches) * 256 + 1
+    assert grown / L.n_items - bits // 8 <= 64, grown / L.n_items
+
+
+def test_online_hasher_ready_folds_unlabeled_items_into_the_learner():
+    net = HashNet(HashNetConfig(bits=16, seed=0))
+    h = OnlineHasher(net, LearnSettings(round_every=10))
+    h.observe([f"u{i}" for i in range(50)], np.zeros((50, 2), np.uint8), None)
+    assert not h.ready()  # unlabeled items never make a round due ...
+    assert h._buffer == [] and h.learner.n_items == 50  # ... but leave the per-item buffer
+    h.observe(["a", "b"], np.zeros((2, 2), np.uint8), [1, 2])
+    assert h.n_pending == 2 and not h.ready() and h.learner.n_pending == 2
