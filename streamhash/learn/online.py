@@ -63,7 +63,8 @@ class OnlineHasher:
         self.learner = DIHNLearner(net, **kw)
         self.reservoir = Reservoir(s.reservoir_size, seed=seed)
         self.trigger = MITrigger(s.mi_threshold, require_drift=require_drift)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer (observe runs on the ingest thread)
+        self._learner_lock = threading.Lock()  # the learner is single-threaded: a round, a drain, a re-encode
         self._buffer: list[tuple[list, np.ndarray, list, bool]] = []
         self._buffered_labeled = 0
 
@@ -84,6 +85,7 @@ class OnlineHasher:
             self._buffered_labeled += sum(1 for x in sets if x)
 
     def _drain(self) -> None:
+        """Move observed items into the learner (caller holds ``_learner_lock``)."""
         with self._lock:
             buf, self._buffer, self._buffered_labeled = self._buffer, [], 0
         for ids, codes, sets, frozen in buf:
@@ -97,6 +99,14 @@ class OnlineHasher:
         return self.learner.n_pending + self._buffered_labeled
 
     def ready(self) -> bool:
+        """Whether a round is due. Also folds the observed items into the learner's numpy bookkeeping
+        unless a round holds it: the buffer keeps Python objects per item, and unlabeled items alone
+        never make a round due, so without this it would grow for as long as no labels arrive."""
+        if self._learner_lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._learner_lock.release()
         return self.n_pending >= self.settings.round_every
 
     def mi_live_and_candidate(self, fetch_images: FetchImages) -> tuple[float, float]:
@@ -110,19 +120,22 @@ class OnlineHasher:
         return live, cand
 
     def learn_round(self, fetch_images: FetchImages) -> RoundReport:
-        self._drain()
-        res = self.learner.learn_round(fetch_images)
-        t0 = time.perf_counter()
-        live, cand = self.mi_live_and_candidate(fetch_images)
+        with self._learner_lock:
+            self._drain()
+            res = self.learner.learn_round(fetch_images)
+            t0 = time.perf_counter()
+            live, cand = self.mi_live_and_candidate(fetch_images)
         decision = self.trigger.update(live, cand)
         return RoundReport(res, live, cand, decision, time.perf_counter() - t0)
 
     def reencode(self, fetch_images: FetchImages, ids: Sequence | None = None) -> tuple[list, np.ndarray]:
         """Encode every known item (or ``ids``) with the current network; codes are stored as live."""
-        self._drain()
-        return self.learner.reencode(fetch_images, ids)
+        with self._learner_lock:
+            self._drain()
+            return self.learner.reencode(fetch_images, ids)
 
     def apply_reencode(self, ids: Sequence, codes: np.ndarray) -> None:
         """Tell the learner the codes the index now holds after a re-encode done elsewhere."""
-        self._drain()
-        self.learner.set_codes(ids, codes)
+        with self._learner_lock:
+            self._drain()
+            self.learner.set_codes(ids, codes)
