@@ -124,3 +124,31 @@ def test_overwrites_are_exact_when_id_hashes_collide(store, monkeypatch):
         write(store, rng, list(rng.choice(ids, 30, replace=False)) + [f"n{rng.integers(1_000_000)}"])
         live.refresh()
         check_against_store(live, store, rng)
+
+
+def test_holds_at_most_64_bytes_an_item_beyond_the_code(store):
+    """What the query server grows by per item, traced (numpy arrays included), built from the store
+    and following it."""
+    import gc
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n = 30_000  # just under a power of two: capacity doubling adds little
+    for a in range(0, n, 5000):
+        write(store, rng, [f"img-{i:07d}" for i in range(a, a + 5000)])
+    warm = LiveIndex(store)  # first-use imports and caches are not per item
+    write(store, rng, ["img-0000000"])
+    warm.refresh()
+    del warm
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    live = LiveIndex(store)
+    built = tracemalloc.get_traced_memory()[0] - base
+    write(store, rng, [f"img-{i:07d}" for i in range(0, n, 3)])  # overwrites: seqs move, the map follows
+    live.refresh()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert live.current.index.ntotal == n
+    assert built / n - BITS // 8 <= 64 and grown / n - BITS // 8 <= 64, (built / n, grown / n)
