@@ -124,9 +124,10 @@ class Int64Multimap:
         sk, sv = _merge_sorted(sk, sv, keys[order], values[order])
         if len(sk) + self._dead > 4096 + 4 * int(np.sqrt(len(lk))):
             lk, lv = _merge_sorted(lk, lv, sk, sv)
-            live = lv >= 0
-            lk, lv, sk, sv = lk[live], lv[live], _EMPTY, _EMPTY
-            self._dead = 0
+            if self._dead:  # (no copy otherwise: every fold's garbage is heap the allocator may keep)
+                live = lv >= 0
+                lk, lv = lk[live], lv[live]
+            sk, sv, self._dead = _EMPTY, _EMPTY, 0
         self._runs = (lk, lv, sk, sv)
         self._pairs += len(keys)
 

@@ -129,14 +129,22 @@ class _ItemIds:
         lens = np.fromiter(map(len, keys), np.int64, len(keys))
         start = int(self._end[self._n - 1]) if self._n else 0
         need, n = start + int(lens.sum()), self._n + len(keys)
-        if need > len(self._buf):
-            self._buf = np.concatenate([self._buf, np.zeros(max(need, 2 * len(self._buf)) - len(self._buf), np.uint8)])
-        if n > len(self._end):
-            self._end = np.concatenate([self._end, np.zeros(max(n, 2 * len(self._end)) - len(self._end), np.int64)])
+        self._buf = _grown(self._buf, start, need)
+        self._end = _grown(self._end, self._n, n)
         self._buf[start:need] = np.frombuffer(b"".join(keys), np.uint8)
         self._end[self._n : n] = start + np.cumsum(lens)
         self._rows.add(hashes, np.arange(self._n, n))
         self._n = n
+
+
+def _grown(arr: np.ndarray, used: int, need: int) -> np.ndarray:
+    """``arr`` with room for ``need`` entries, doubled when short. The idle tail stays untouched zero
+    pages (np.zeros maps them lazily), so it costs address space, not resident memory."""
+    if need <= len(arr):
+        return arr
+    out = np.zeros(max(need, 2 * len(arr)), arr.dtype)
+    out[:used] = arr[:used]
+    return out
 
 
 def _hashes(keys: list[bytes]) -> np.ndarray:
@@ -263,6 +271,15 @@ class DIHNLearner:
         """Labeled items waiting for their first learning round (B_new)."""
         n = len(self._ids)
         return self._ids.get(np.flatnonzero(~self._frozen[:n]))
+
+    def quarantine_pending(self) -> list:
+        """Take the pending items (B_new) out of learning for good: they keep their codes and ids, and
+        leave Gamma like unlabeled items (a round that failed on them must not fail on them again).
+        Returns their ids."""
+        rows = np.flatnonzero(~self._frozen[: len(self._ids)])
+        self._frozen[rows] = True
+        self._group[rows] = -1
+        return self._ids.get(rows)
 
     @property
     def n_pending(self) -> int:

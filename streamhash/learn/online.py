@@ -128,6 +128,13 @@ class OnlineHasher:
         decision = self.trigger.update(live, cand)
         return RoundReport(res, live, cand, decision, time.perf_counter() - t0)
 
+    def quarantine_pending(self) -> list:
+        """After a failed round: the pending labeled items stay indexed but are never learned from
+        (:meth:`DIHNLearner.quarantine_pending`); returns their ids."""
+        with self._learner_lock:
+            self._drain()
+            return self.learner.quarantine_pending()
+
     def reencode(self, fetch_images: FetchImages, ids: Sequence | None = None) -> tuple[list, np.ndarray]:
         """Encode every known item (or ``ids``) with the current network; codes are stored as live."""
         with self._learner_lock:

@@ -264,3 +264,20 @@ def test_online_hasher_ready_folds_unlabeled_items_into_the_learner():
     assert h._buffer == [] and h.learner.n_items == 50  # ... but leave the per-item buffer
     h.observe(["a", "b"], np.zeros((2, 2), np.uint8), [1, 2])
     assert h.n_pending == 2 and not h.ready() and h.learner.n_pending == 2
+
+
+def test_quarantined_items_keep_their_codes_and_leave_learning():
+    x, y = synth(120, [0, 1, 2], 12)
+    net = HashNet(HashNetConfig(bits=16, seed=0))
+    h = OnlineHasher(net, LearnSettings(round_every=10, omega=100, epochs=1), iters=1)
+    codes = net.encode(x)
+    h.observe(range(60), codes[:60], y[:60], frozen=True)
+    h.observe(range(60, 120), codes[60:], y[60:])
+    assert h.quarantine_pending() == list(range(60, 120)) and h.n_pending == 0
+    np.testing.assert_array_equal(h.learner.codes(), codes)
+    h.observe(range(120, 130), codes[:10], y[:10])
+    h.ready()  # folds them in
+    asked = []
+    res = h.learner.learn_round(lambda ids: asked.extend(ids) or x[np.asarray(ids) % 120])
+    assert res.ids == list(range(120, 130))
+    assert asked and not set(asked) & set(range(60, 120))  # not in Omega either
