@@ -51,7 +51,7 @@ class LearnerThread(threading.Thread):
             # A restart: learned codes stay frozen; labeled items indexed but never learned (the worker
             # stopped before their round) are pending again, so the first round learns them.
             labels = [set(x) if x else None for x in snap.labels]
-            old = np.flatnonzero(snap.learned | np.array([x is None for x in labels], bool))
+            old = np.flatnonzero(snap.learned | snap.quarantined | np.array([x is None for x in labels], bool))
             new = np.setdiff1d(np.arange(len(snap.ids)), old)
             for rows, frozen in ((old, True), (new, False)):
                 if len(rows):
@@ -93,6 +93,7 @@ class LearnerThread(threading.Thread):
             except Exception:  # a failed round must not kill ingestion, nor fail again on the same items
                 m.LEARNING_ROUND_FAILURES.inc()
                 ids = self.hasher.quarantine_pending()
+                self.store.quarantine(ids)  # a restart must not learn from them again
                 m.LEARNING_QUARANTINED.inc(len(ids))
                 log.exception("learning round failed; %d pending labeled items quarantined (kept indexed with "
                               "their inferred codes, not learned from), e.g. %s", len(ids), ids[:5])

@@ -99,6 +99,7 @@ class Snapshot:
     ids: list[str]
     labels: list[tuple[int, ...] | None]
     learned: np.ndarray  # bool (n,): the code was learned from labels (DCC), not inferred by the network
+    quarantined: np.ndarray  # bool (n,): excluded from learning after a round failed on it
 
 
 def offset_key(topic: str, partition: int) -> bytes:
@@ -476,6 +477,18 @@ class Store:
 
         return self._write(txn_fn)
 
+    def quarantine(self, ids: list[str]) -> None:
+        """Mark items as never to be learned from (a learning round failed on them); they stay indexed.
+        Not a change of code, so their seq stays and followers see nothing."""
+
+        def txn_fn(txn):
+            for item_id in ids:
+                raw = txn.get(item_id.encode(), db=self.db["items"])
+                if raw is not None:
+                    txn.put(item_id.encode(), json.dumps({**json.loads(raw), "quarantined": True}).encode(), db=self.db["items"])
+
+        self._write(txn_fn)
+
     # ---------------------------------------------------------------- reads
     def get_model(self, version: int | None = None) -> tuple[int, bytes | None]:
         def read(txn):
@@ -554,7 +567,7 @@ class Store:
         def read(txn):
             meta = self.read_meta(txn)
             gen_prefix = u64(int(meta["generation"]))
-            seqs, codes, ids, labels, learned = [], [], [], [], []
+            seqs, codes, ids, labels, learned, quarantined = [], [], [], [], [], []
             for k, key in txn.cursor(db=self.db["changes"]):
                 rec = json.loads(txn.get(key, db=self.db["items"]))
                 seqs.append(from_u64(k))
@@ -562,9 +575,10 @@ class Store:
                 ids.append(key.decode())
                 labels.append(tuple(rec["labels"]) if rec["labels"] is not None else None)
                 learned.append(bool(rec.get("learned")))
+                quarantined.append(bool(rec.get("quarantined")))
             arr = np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), self.code_bytes)
             return Snapshot(int(meta["generation"]), int(meta["model_version"]), np.array(seqs, np.int64), arr, ids,
-                            labels, np.array(learned, bool))
+                            labels, np.array(learned, bool), np.array(quarantined, bool))
 
         return self._read(read)
 

@@ -82,7 +82,7 @@ class OnlineHasher:
         sets = normalise_label_sets(labels) if labels is not None else [frozenset()] * len(ids)
         with self._lock:
             self._buffer.append((ids, np.asarray(codes), sets, frozen))
-            self._buffered_labeled += sum(1 for x in sets if x)
+            self._buffered_labeled += 0 if frozen else sum(1 for x in sets if x)  # frozen ones are old codes
 
     def _drain(self) -> None:
         """Move observed items into the learner (caller holds ``_learner_lock``)."""
