@@ -43,11 +43,12 @@ id -> row map (16 more bytes an id).
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from streamhash.rwlock import RWLock
 
 try:  # the optional compiled kernel; absent when the build had no compiler
     from streamhash.index import _hamming as _native
@@ -166,54 +167,6 @@ class Int64Multimap:
             v[live] = new_of_old[v[live]]
 
 
-class _RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers so adds are not starved."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    def read(self):
-        return _Held(self, False)
-
-    def write(self):
-        return _Held(self, True)
-
-    def _acquire(self, write: bool) -> None:
-        with self._cond:
-            if write:
-                self._writers_waiting += 1
-                while self._writer or self._readers:
-                    self._cond.wait()
-                self._writers_waiting -= 1
-                self._writer = True
-            else:
-                while self._writer or self._writers_waiting:
-                    self._cond.wait()
-                self._readers += 1
-
-    def _release(self, write: bool) -> None:
-        with self._cond:
-            if write:
-                self._writer = False
-            else:
-                self._readers -= 1
-            self._cond.notify_all()
-
-
-class _Held:
-    def __init__(self, lock: _RWLock, write: bool):
-        self.lock, self.write = lock, write
-
-    def __enter__(self):
-        self.lock._acquire(self.write)
-
-    def __exit__(self, *exc):
-        self.lock._release(self.write)
-
-
 class BinaryIndex(ABC):
     """An exact Hamming index over ``d``-bit codes with int64 ids (see the module docstring)."""
 
@@ -227,7 +180,7 @@ class BinaryIndex(ABC):
         self.code_size = d // 8
         self.words = (d + 63) // 64
         self.threads = max(1, int(threads))
-        self._lock = _RWLock()
+        self._lock = RWLock()
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._reset_storage()
 

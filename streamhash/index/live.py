@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from streamhash import metrics as m
-from streamhash.index import store_reads
 from streamhash.index.hamming import BinaryIndex, Int64Multimap, make_index
 from streamhash.index.store import Store
 
@@ -61,14 +60,14 @@ class Generation:
         """
         seqs = [int(s) for s in seqs]
         after = self.last_seq  # before reading: whatever the follower applies later stays pending
-        out = store_reads.items_at(self.store, seqs)
+        out = self.store.items_at(seqs)
         lost = [i for i, r in enumerate(out) if r is None and seqs[i] in self.index]
         if lost:
-            pending = store_reads.ids_after(self.store, after)
+            pending = self.store.ids_after(after)
             which, owners = self.seq_of_hash.find(id_hashes(pending))
             owner = dict(zip(owners.tolist(), (pending[w] for w in which.tolist())))
             found = [(i, owner[seqs[i]]) for i in lost if seqs[i] in owner]
-            labels = store_reads.labels_of(self.store, [item_id for _, item_id in found])
+            labels = self.store.labels_of([item_id for _, item_id in found])
             for (i, item_id), lab in zip(found, labels):
                 out[i] = (item_id, lab)
         return out
@@ -110,7 +109,7 @@ class LiveIndex:
             g.index.add_with_ids(codes, seqs)
             g.seq_of_hash.add(id_hashes(ids), seqs)
 
-        g.generation, g.model_version, g.last_seq = store_reads.read_generation(self.store, add)
+        g.generation, g.model_version, g.last_seq = self.store.read_generation(add)
         return g
 
     def refresh(self) -> int:
@@ -137,7 +136,7 @@ class LiveIndex:
             if len(old):
                 # Each match is the seq an overwritten item had, unless another item shares the id's
                 # 64-bit hash: that one still has its seq in the store, an overwritten one does not.
-                stale = ~store_reads.seqs_live(self.store, old)
+                stale = ~self.store.seqs_live(old)
                 g.index.remove_ids(old[stale])
                 g.seq_of_hash.remove(hashes[which[stale]], old[stale])
             seqs = np.array([c.seq for c in changes], np.int64)

@@ -45,7 +45,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import lmdb
 import numpy as np
@@ -582,11 +582,95 @@ class Store:
 
         return self._read(read)
 
+    # reads for a follower that keeps no per-item Python object (the query side's live index)
+    def read_generation(self, on_chunk, chunk: int = 65536) -> tuple[int, int, int]:
+        """Every live item of the current generation in seq order, handed to ``on_chunk(seqs, codes, ids)``
+        (int64 (m,), uint8 (m, bits/8), list of m ids) a chunk at a time.
+
+        Unlike :meth:`Store.snapshot` no per-item Python object outlives its chunk (a million ids and
+        label tuples held at once left the process ~150 MB larger). Returns (generation, model version,
+        last seq, 0 when empty).
+        """
+
+        def read(txn):
+            meta = self.read_meta(txn)
+            gen_prefix = u64(int(meta["generation"]))
+            seqs, codes, ids, last = [], [], [], 0
+
+            def flush():
+                if seqs:
+                    arr = np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), self.code_bytes)
+                    on_chunk(np.array(seqs, np.int64), arr, list(ids))
+                    seqs.clear(), codes.clear(), ids.clear()
+
+            for k, key in txn.cursor(db=self.db["changes"]):
+                last = from_u64(k)
+                seqs.append(last)
+                codes.append(txn.get(gen_prefix + key, db=self.db["codes"]))
+                ids.append(key.decode())
+                if len(seqs) >= chunk:
+                    flush()
+            flush()
+            return int(meta["generation"]), int(meta["model_version"]), last
+
+        return self._read(read)
+
+
+    def items_at(self, seqs: Sequence[int]) -> list[tuple[str, tuple[int, ...] | None] | None]:
+        """(id, labels) of the item each seq belongs to now; None for a seq the store no longer holds
+        (its item was written again under a newer seq)."""
+
+        def read(txn):
+            out = []
+            for s in seqs:
+                key = txn.get(u64(int(s)), db=self.db["changes"])
+                out.append(None if key is None else (key.decode(), _labels_of_record(txn.get(key, db=self.db["items"]))))
+            return out
+
+        return self._read(read)
+
+
+    def labels_of(self, ids: Sequence[str]) -> list[tuple[int, ...] | None]:
+        """Current labels of stored items (None: unlabeled or absent)."""
+
+        def read(txn):
+            raws = (txn.get(i.encode(), db=self.db["items"]) for i in ids)
+            return [None if raw is None else _labels_of_record(raw) for raw in raws]
+
+        return self._read(read)
+
+
+    def ids_after(self, after_seq: int) -> list[str]:
+        """Ids of the items written after ``after_seq``, in seq order."""
+
+        def read(txn):
+            cur = txn.cursor(db=self.db["changes"])
+            if not cur.set_range(u64(after_seq + 1)):
+                return []
+            return [key.decode() for _, key in cur]
+
+        return self._read(read)
+
+
+    def seqs_live(self, seqs: Sequence[int]) -> np.ndarray:
+        """Whether each seq is still an item's current seq (bool array)."""
+
+        def read(txn):
+            db = self.db["changes"]
+            return np.fromiter((txn.get(u64(int(s)), db=db) is not None for s in seqs), bool, len(seqs))
+
+        return self._read(read)
+
     def close(self) -> None:
         self.env.close()
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock
             self._lock_file = None
+
+
+def _labels_of_record(raw: bytes) -> tuple[int, ...] | None:
+    labels = json.loads(raw)["labels"]
+    return tuple(labels) if labels is not None else None
 
 
 def _lock_exclusively(path: Path):
