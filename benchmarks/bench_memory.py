@@ -19,9 +19,10 @@ before the items arrive to just after, divided by the number of items, minus the
     python benchmarks/bench_memory.py --n 100000 --bits 32  # quicker
 
 RSS also holds what the allocator keeps: glibc raises its mmap threshold after large frees, so
-arrays replaced by bigger ones (the learner's id map folds) then stay in the heap when freed;
-``--mmap-threshold 131072`` runs the children with the threshold fixed, which shows the arrays'
-own footprint. The last line printed is one JSON object.
+arrays replaced by bigger ones (the learner's id map folds) then stay in the heap when freed. The
+worker and the query server pin it at start-up (:func:`streamhash.memory.pin_malloc_mmap_threshold`),
+and so do the children here; ``--allocator-default`` leaves glibc's dynamic threshold, to show
+the difference. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -144,18 +145,15 @@ def write_items(path: str, n: int, bits: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(side: str, n: int, bits: int, tmp: str, mmap_threshold: int | None) -> dict:
+def measure(side: str, n: int, bits: int, tmp: str, pin: bool) -> dict:
     path = os.path.join(tmp, f"store-{side}-{n}-{bits}")
     if side == "live":
         from streamhash.index.store import Store
 
         Store(path, bits=bits).close()  # empty, so the child can open it read-only and follow
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--n", str(n), "--bits", str(bits),
-           "--path", path]
-    env = dict(os.environ)
-    if mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+           "--path", path] + ([] if pin else ["--allocator-default"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     if side == "live":
         line = proc.stdout.readline()
         if line.strip() != "ready":
@@ -176,12 +174,16 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[200_000, 1_000_000])
     ap.add_argument("--bits", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--sides", nargs="+", default=["dicts", "live", "learner"], choices=sorted(CHILDREN))
-    ap.add_argument("--mmap-threshold", type=int, help="run the children with glibc's MALLOC_MMAP_THRESHOLD_ "
-                    "fixed (e.g. 131072): large freed arrays go back to the OS instead of staying in the heap")
+    ap.add_argument("--allocator-default", action="store_true", help="do not pin glibc's mmap threshold as the "
+                    "worker and query server do (freed large arrays may then stay resident)")
     ap.add_argument("--child", choices=sorted(CHILDREN))
     ap.add_argument("--path")
     args = ap.parse_args(argv)
     if args.child:
+        if not args.allocator_default:
+            from streamhash.memory import pin_malloc_mmap_threshold
+
+            pin_malloc_mmap_threshold()
         print(json.dumps(CHILDREN[args.child](args.n[0], args.bits[0], args.path)), flush=True)
         return
     rows = []
@@ -190,7 +192,7 @@ def main(argv=None) -> None:
             for bits in args.bits:
                 ref = None
                 for side in args.sides:
-                    row = measure(side, n, bits, tmp, args.mmap_threshold)
+                    row = measure(side, n, bits, tmp, not args.allocator_default)
                     if side == "dicts":
                         ref = row["bytes_per_item"]
                     elif ref:
@@ -200,7 +202,7 @@ def main(argv=None) -> None:
                           f"({row['bytes_per_item_beyond_code']:7.1f} beyond the {bits // 8} B code), "
                           f"{row['rss_anon_mb']:7.1f} MB, {row['seconds']:.1f}s", file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "memory", "method": "RssAnon growth in a fresh subprocess per measurement",
-                      "malloc_mmap_threshold": args.mmap_threshold, "results": rows}))
+                      "malloc_mmap_threshold": "glibc default" if args.allocator_default else "pinned at 128 KiB", "results": rows}))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from streamhash.errors import BadQueryError, RecordRejected
 from streamhash.index.live import Generation, LiveIndex
 from streamhash.index.multihash import choose_radius_strategy, verify
 from streamhash.index.store import Store
+from streamhash.memory import pin_malloc_mmap_threshold
 from streamhash.model.hashnet import HashNet
 from streamhash.records import MAX_KEY_BYTES, ImageSpec, content_type_of, decode_image
 
@@ -164,7 +165,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
             raise HTTPException(404, f"no item {item_id!r}")
         return {"id": item_id, "labels": rec["labels"], "ts": rec["ts"], "seq": rec["seq"], "generation": rec["generation"],
                 "shard": rec["shard"], "content_type": rec["ctype"], "code_hex": rec["code"].hex() if rec["code"] else None,
-                "visible": rec["seq"] in live.current.ids}
+                "visible": rec["seq"] in live.current.index}
 
     @app.get("/healthz")
     def healthz():
@@ -280,10 +281,9 @@ def _rank(store: Store, g: Generation, q: np.ndarray, k: int, radius: int | None
         D, I = _radius_search(store, g, q, radius)
         pairs = [(int(d), int(i)) for d, i in zip(D[:k], I[:k])]
     hits = []
-    for d, s in pairs:
-        item_id = g.ids.get(s)
-        if item_id is not None:  # removed between search and lookup by the follower: skip
-            labels = g.labels.get(s)
+    for (d, _), got in zip(pairs, g.resolve([s for _, s in pairs])):  # one LMDB read for all hits
+        if got is not None:  # removed between search and lookup: skip
+            item_id, labels = got
             hits.append(Hit(id=item_id, distance=d, labels=list(labels) if labels is not None else None))
     return hits
 
@@ -296,6 +296,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
+    pin_malloc_mmap_threshold()
     settings.log_startup("streamhash serve")
     import torch
 

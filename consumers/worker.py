@@ -48,6 +48,7 @@ from streamhash.index.store import ItemWrite, Store
 from streamhash.kafka.dlq import DeadLetters
 from streamhash.kafka.produce import make_producer
 from streamhash.kafka.topics import ensure_topics
+from streamhash.memory import pin_malloc_mmap_threshold
 from streamhash.model.hashnet import HashNet, HashNetConfig, resolve_device
 from streamhash.model.state import ModelState
 from streamhash.records import ImageRecord, ImageSpec, parse_message
@@ -392,6 +393,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
+    pin_malloc_mmap_threshold()
     # Signals first: a SIGTERM or SIGUSR1 during start-up (loading torch, opening the store) must not
     # kill the process with the default action.
     stopping = threading.Event()

@@ -47,8 +47,6 @@ class Generation:
         self.generation, self.model_version, self.index = generation, model_version, index
         self.last_seq = 0
         self.seq_of_hash = Int64Multimap()  # id hash -> seq of every item in the index
-        self.ids = _SeqView(self, 0)  # mapping-like: ids.get(seq), seq in ids
-        self.labels = _SeqView(self, 1)  # labels.get(seq)
 
     def resolve(self, seqs: Sequence[int]) -> list[Resolved | None]:
         """(id, labels) of the items under these seqs of this generation; None for a seq not in it.
@@ -71,21 +69,6 @@ class Generation:
             for (i, item_id), lab in zip(found, labels):
                 out[i] = (item_id, lab)
         return out
-
-
-class _SeqView:
-    """``ids`` / ``labels`` of a generation as a read-only seq-keyed mapping (what the query server used
-    when they were dicts)."""
-
-    def __init__(self, g: Generation, field: int):
-        self._g, self._field = g, field
-
-    def get(self, seq: int, default=None):
-        got = self._g.resolve([seq])[0]
-        return default if got is None else got[self._field]
-
-    def __contains__(self, seq: int) -> bool:
-        return seq in self._g.index
 
 
 class LiveIndex:
