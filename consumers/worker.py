@@ -119,6 +119,7 @@ class IngestWorker:
         self.listeners = list(listeners or [])
         self.stopping = stopping or threading.Event()
         self.applied = self.store.offsets()  # (topic, partition) -> next offset already in LMDB; we are its only writer
+        self.topic_ids = self.store.topic_ids()  # topic -> the broker's topic id when its offsets were stored
         self.newly_assigned: set[TopicPartition] = set()
         # OpenMP thread counts are per calling thread: set it where torch runs.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder", initializer=torch.set_num_threads,
@@ -170,8 +171,8 @@ class IngestWorker:
                     break
             if in_flight is not None:
                 self.finish_with_retry(in_flight)
-        except StoreFullError as exc:
-            log.error("stopping: %s. Nothing was lost: offsets of unwritten messages were not committed.", exc)
+        except (StoreFullError, KafkaError) as exc:  # the batch's retries are spent
+            log.error("stopping: %r. Nothing was lost: offsets of unwritten messages were not committed.", exc)
             return EXIT_TEMPFAIL  # a supervisor should restart with back-off, not in a tight loop
         finally:
             self.close()
@@ -192,43 +193,54 @@ class IngestWorker:
         """Partitions whose log no longer holds what the store says it consumed; each is rewound to its
         log start (stored offset too) and its records of this poll are dropped, to be fetched again.
 
-        The sign is a high watermark below the stored next offset (a consumer never reads past the
-        high watermark, so a consistent log cannot be behind us), or a topic id that changed where the
-        broker reports one. Without this, the records of the new log were skipped as "replayed".
+        Two signs: a topic id that changed where the broker reports one (the topic was deleted and
+        re-created, or a memory-storage broker restarted) resets *every* partition of the topic the
+        store has offsets for, assigned now or not, since a new log may already be past the old
+        offset; a high watermark below the stored next offset (a consumer never reads past the high
+        watermark, so a consistent log cannot be behind us) resets that partition. Without this, the
+        records of the new log were skipped as "replayed".
         """
-        reset = set()
+        reset: set[TopicPartition] = set()
+        for topic in {tp.topic for tp in self.consumer.assignment()}:
+            new_id = self._changed_topic_id(topic)
+            if new_id is not None:
+                for (t, p), ours in list(self.applied.items()):
+                    if t == topic:
+                        reset |= self._rewind(TopicPartition(t, p), ours, "topic id changed")
+                self.store.set_topic_id(topic, new_id)  # after the offsets: a crash in between resets again
+                self.topic_ids[topic] = new_id
         for tp in self.consumer.assignment():
-            key = (tp.topic, tp.partition)
-            ours = self.applied.get(key)
-            if ours is None:
-                continue
-            hw = self.consumer.highwater(tp)
-            topic_changed = self._topic_id_changed(tp.topic)
-            if not (topic_changed or (hw is not None and hw < ours)):
-                continue
-            start = self._log_start(tp)
-            log.warning("log of %s[%d] was reset (%s): stored next offset %d, high watermark %s; "
-                        "consuming again from offset %d (re-sent ids overwrite)", tp.topic, tp.partition,
-                        "topic id changed" if topic_changed else "high watermark behind the stored offset",
-                        ours, hw, start)
-            self.store.set_offset(tp.topic, tp.partition, start)
-            self.applied[key] = start
-            self.consumer.seek(tp, start)
-            m.OFFSET_RESETS.labels(topic=tp.topic, partition=str(tp.partition)).inc()
-            reset.add(tp)
+            ours, hw = self.applied.get((tp.topic, tp.partition)), self.consumer.highwater(tp)
+            if tp not in reset and ours is not None and hw is not None and hw < ours:
+                reset |= self._rewind(tp, ours, f"high watermark {hw} behind the stored offset")
         return reset
 
-    def _topic_id_changed(self, topic: str) -> bool:
-        """True once when the broker's topic id differs from the one stored (recorded when first seen)."""
+    def _rewind(self, tp: TopicPartition, ours: int, why: str) -> set[TopicPartition]:
+        start = self._log_start(tp)
+        log.warning("log of %s[%d] was reset (%s): stored next offset %d; consuming again from offset %d "
+                    "(re-sent ids overwrite)", tp.topic, tp.partition, why, ours, start)
+        self.store.set_offset(tp.topic, tp.partition, start)
+        self.applied[(tp.topic, tp.partition)] = start
+        m.OFFSET_RESETS.labels(topic=tp.topic, partition=str(tp.partition)).inc()
+        if tp in self.consumer.assignment():
+            self.consumer.seek(tp, start)
+            return {tp}
+        return set()  # sought to the new stored offset when it is assigned (_resume_from_store)
+
+    def _changed_topic_id(self, topic: str) -> str | None:
+        """The broker's id of ``topic`` if it differs from the stored one; the first id seen is stored."""
         cluster = getattr(getattr(self.consumer, "_client", None), "cluster", None)
         seen = cluster.topic_id(topic) if cluster is not None and hasattr(cluster, "topic_id") else None
         if seen is None or seen.int == 0:  # brokers before topic ids report none, or the null uuid
-            return False
-        stored = self.store.topic_id(topic)
+            return None
+        stored = self.topic_ids.get(topic)
         if stored == str(seen):
-            return False
-        self.store.set_topic_id(topic, str(seen))
-        return stored is not None
+            return None
+        if stored is None:
+            self.store.set_topic_id(topic, str(seen))
+            self.topic_ids[topic] = str(seen)
+            return None
+        return str(seen)
 
     def _log_start(self, tp: TopicPartition) -> int:
         try:

@@ -410,9 +410,9 @@ class Store:
         log.warning("dropped generation %d left half built by an interrupted re-encode (%d entries)", gen, dropped)
         return int(gen)
 
-    def topic_id(self, topic: str) -> str | None:
-        """The broker's id of ``topic`` when its offsets were stored (None if never seen)."""
-        return (self.read_meta().get("topic_ids") or {}).get(topic)
+    def topic_ids(self) -> dict[str, str]:
+        """topic -> the broker's id of it when its offsets were stored."""
+        return dict(self.read_meta().get("topic_ids") or {})
 
     def set_topic_id(self, topic: str, topic_id: str) -> None:
         def txn_fn(txn):

@@ -337,10 +337,10 @@ def test_offsets_move_backwards_after_a_log_reset_and_topic_ids_are_kept(tmp_pat
     s.write_batch(items(3), {("t", 0): 3000})
     s.set_offset("t", 0, 0)
     assert s.offsets() == {("t", 0): 0}
-    assert s.topic_id("t") is None
+    assert s.topic_ids() == {}
     s.set_topic_id("t", "abc")
     s.set_topic_id("u", "def")
-    assert (s.topic_id("t"), s.topic_id("u")) == ("abc", "def")
+    assert s.topic_ids() == {"t": "abc", "u": "def"}
 
 
 @pytest.fixture
