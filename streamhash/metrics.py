@@ -22,7 +22,6 @@ from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
-    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -101,25 +100,6 @@ FRESHNESS_SECONDS = Histogram(
 )
 INDEX_REFRESH_SECONDS = Histogram("streamhash_index_refresh_duration_seconds", "Time to apply one batch of store changes",
                                   buckets=_LATENCY_BUCKETS, registry=_Q)
-
-
-class _AllStreamhashMetrics:
-    """Every streamhash family of every process registry, once: what the package can expose.
-
-    Registered in prometheus_client's default registry so tools that inspect it (the deploy-config
-    tests check alert and dashboard names against it) see all names; no process serves it.
-    """
-
-    def collect(self):
-        seen = set()
-        for registry in REGISTRIES.values():
-            for family in registry.collect():
-                if family.name.startswith("streamhash_") and family.name not in seen:
-                    seen.add(family.name)
-                    yield family
-
-
-REGISTRY.register(_AllStreamhashMetrics())
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1", registry: CollectorRegistry = WORKER_REGISTRY) -> None:

@@ -63,8 +63,7 @@ def _promtool(*args: str | os.PathLike) -> subprocess.CompletedProcess:
 
 def exposed_metric_names() -> set[str]:
     """Every series name streamhash.metrics can expose, with the suffixes the exposition adds."""
-    import streamhash.metrics  # noqa: F401  (registers the collectors)
-    from prometheus_client import REGISTRY
+    from streamhash.metrics import REGISTRIES
 
     suffixes = {
         "counter": ("_total", "_created"),
@@ -77,7 +76,7 @@ def exposed_metric_names() -> set[str]:
         "enum": ("",),
     }
     names: set[str] = set()
-    for family in REGISTRY.collect():
+    for family in (f for registry in REGISTRIES.values() for f in registry.collect()):
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)  # what is exposed right now
     return {n for n in names if n.startswith("streamhash_")}
@@ -370,11 +369,12 @@ def test_prometheus_scrapes_the_compose_services(compose, prom_config):
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_real_prometheus_scrapes_streamhash_metrics(tmp_path):
-    from prometheus_client import REGISTRY, start_http_server
+    from prometheus_client import start_http_server
 
     from streamhash import metrics
 
-    httpd, thread = start_http_server(0, addr="127.0.0.1")
+    REGISTRY = metrics.WORKER_REGISTRY  # what a worker serves
+    httpd, thread = start_http_server(0, addr="127.0.0.1", registry=REGISTRY)
     metrics_port = httpd.server_port
     prom_port = _free_port()
     config = tmp_path / "prometheus.yml"
