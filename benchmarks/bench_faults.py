@@ -59,13 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from consumers.launch import scrape, spawn, stop, total, wait_for, wait_http  # noqa: E402
 from streamhash.config import KafkaSettings  # noqa: E402
+from streamhash.errors import EXIT_TEMPFAIL  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
 from streamhash.records import encode_png, message_headers  # noqa: E402
 from tests.conftest import synthetic_images  # noqa: E402
 
-EX_TEMPFAIL = 75
 SPAWNED: list[subprocess.Popen] = []  # every process started here: stopped after each fault, whatever happened
 
 
@@ -443,7 +443,7 @@ def fault_disk_full(broker, work, q) -> dict:
         rig.start_server()
         settled = rig.settle(n, 300)
         out = rig.finish({"first_run": first, "settled": settled})
-        out["ok"] = bool(out["ok"] and code == EX_TEMPFAIL and 0 < first["indexed_before_restart"] < n)
+        out["ok"] = bool(out["ok"] and code == EXIT_TEMPFAIL and 0 < first["indexed_before_restart"] < n)
         return out
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
