@@ -21,7 +21,8 @@ Faults (``--faults``, comma-separated; default all):
 1. ``broker_restart``: the broker restarts on the same port (memory storage: the log starts again at 0);
    the messages produced after it must all be indexed.
 2. ``kill9``: SIGKILL at random points, learning on with frequent rounds, a restart after each.
-3. ``map_growth``: a 2 MiB initial LMDB map with learning on: the map grows many times while the learner writes.
+3. ``map_growth``: a 2 MiB initial LMDB map growing by 64 KiB steps (``MAP_GROWTH_FACTOR=1``) with
+   learning on: hundreds of growths while the ingest path and the learner both write.
 4. ``disk_full``: the store on a small tmpfs: the worker must exit 75 after retries, nothing lost;
    the store is then copied to a bigger place and a restart must index the rest exactly once.
 5. ``poison``: decompression bombs, overflowing labels, truncated images, non-UTF-8 keys, empty
@@ -393,6 +394,7 @@ def fault_kill9(broker, work, q) -> dict:
 def fault_map_growth(broker, work, q) -> dict:
     n = 2500 if q else 8000
     rig = Rig(broker, work, "map_growth", learn=True, env={"STREAMHASH_STORE__INITIAL_MAP_SIZE_BYTES": str(2 << 20),
+                                                           "STREAMHASH_STORE__MAP_GROWTH_FACTOR": "1.0",
                                                            "STREAMHASH_KAFKA__MAX_POLL_RECORDS": "200"})
     rig.start_worker()
     rig.start_server()
