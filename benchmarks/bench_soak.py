@@ -6,7 +6,7 @@ The embedded broker, one worker (learning on) and one query server run as proces
 synthetic class-structured images (tests/conftest.py ``synthetic_images``, unique ids, labels 0-9)
 are produced in the background (``--rate`` per second, 0 = as fast as the producer goes). Every
 ``--interval`` seconds (and for ``--tail-s`` after the last item is indexed) one JSON line reports the ingest rate since the last sample, the items
-indexed, lag, learning rounds, re-encodes, worker and query-server RSS (VmRSS from /proc) and the
+indexed, lag, learning rounds, re-encodes, worker and query-server RSS (anonymous and file-backed, from /proc) and the
 size of the LMDB ``data.mdb``. When everything is indexed (or ``--timeout`` passes) the processes
 stop and the final line carries :func:`bench_faults.account` (produced, indexed, lost, duplicated)
 plus the peaks.
@@ -30,10 +30,12 @@ from consumers.launch import scrape, stop, total  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker  # noqa: E402
 
 
-def rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int, kind: str) -> float | None:
+    """``RssAnon`` (heap, arrays, torch) or ``RssFile`` (mapped files, mostly LMDB pages the process
+    touched, which the kernel can drop) from /proc, in MiB. VmRSS is their sum plus shared memory."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(kind + ":"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None
@@ -68,7 +70,8 @@ def main() -> int:
                                     kwargs={"rate": args.rate or None}, daemon=True)
         t0 = time.monotonic()
         producer.start()
-        peaks = {"worker_rss_mb": 0.0, "server_rss_mb": 0.0, "data_mdb_mb": 0.0}
+        peaks = {"worker_rss_anon_mb": 0.0, "worker_rss_file_mb": 0.0, "server_rss_anon_mb": 0.0,
+                 "server_rss_file_mb": 0.0, "data_mdb_mb": 0.0}
         last_items, last_t, samples, rates = 0.0, t0, 0, []
         status, complete_at = "timeout", None
         while time.monotonic() - t0 < args.timeout:
@@ -91,7 +94,8 @@ def main() -> int:
                 "round_failures": int(s.get("streamhash_learning_round_failures_total", 0)),
                 "reencodes": int(s.get("streamhash_reencode_triggers_total", 0)),
                 "dead_lettered": int(total(s, "streamhash_messages_dead_lettered_total")),
-                "worker_rss_mb": rss_mb(rig.worker.pid), "server_rss_mb": rss_mb(rig.server.pid),
+                **{f"{name}_rss_{kind.lower()[3:]}_mb": rss_mb(proc.pid, kind)
+                   for name, proc in (("worker", rig.worker), ("server", rig.server)) for kind in ("RssAnon", "RssFile")},
                 "data_mdb_mb": round(mdb.stat().st_size / 2**20, 1) if mdb.exists() else None,
             }
             for k in peaks:
