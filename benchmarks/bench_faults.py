@@ -58,13 +58,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.launch import scrape, spawn, stop, total, wait_for, wait_http  # noqa: E402
 from streamhash.config import KafkaSettings  # noqa: E402
 from streamhash.errors import EXIT_TEMPFAIL  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
 from streamhash.records import encode_png, message_headers  # noqa: E402
+from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http  # noqa: E402
 from tests.conftest import synthetic_images  # noqa: E402
 
 SPAWNED: list[subprocess.Popen] = []  # every process started here: stopped after each fault, whatever happened

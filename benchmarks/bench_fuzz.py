@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 
 from tests.fuzz.strategies import FUZZ, messages, mutated, requests, valid_images  # noqa: E402
 from tests.fuzz.targets import decode_outcome, http_status, parse_outcome  # noqa: E402
-from tests.test_query_server import serving  # noqa: E402
+from tests.services.test_query_server import serving  # noqa: E402
 
 
 def run(strategy, examples: int, outcome) -> tuple[Counter, float]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import threading
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +31,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.demo import measure_freshness  # noqa: E402
-from consumers.launch import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
 from streamhash.config import KafkaSettings  # noqa: E402
 from streamhash.data.fashion_mnist import load_all  # noqa: E402
 from streamhash.index.store import ItemWrite, Store  # noqa: E402
@@ -41,6 +39,8 @@ from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
 from streamhash.model.hashnet import HashNet, HashNetConfig  # noqa: E402
 from streamhash.records import ImageSpec, encode_png, parse_message  # noqa: E402
+from streamhash.services.demo import measure_freshness  # noqa: E402
+from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
 
 
 def bare_encode(images: np.ndarray, values: list[bytes], batch: int) -> dict:

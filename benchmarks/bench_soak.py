@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_faults import SPAWNED, Rig, produce, valid_messages  # noqa: E402
-from consumers.launch import scrape, stop, total  # noqa: E402
+
 from streamhash.kafka.broker import EmbeddedBroker  # noqa: E402
+from streamhash.services.processes import scrape, stop, total  # noqa: E402
 
 
 def rss_mb(pid: int, kind: str) -> float | None:

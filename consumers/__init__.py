@@ -1,1 +1,1 @@
-"""Long-running processes: the ingest worker and the query server. They wire library parts; no algorithm lives here."""
+"""The Kafka consumer processes' entry points (thin: parse arguments, call :mod:`streamhash.services`)."""

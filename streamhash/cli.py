@@ -7,18 +7,10 @@ environment variable (``STREAMHASH_SECTION__FIELD``); flags win over the environ
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
-from streamhash.config import Settings, load_settings
-
-
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # kafka-python logs every connection at INFO; keep our own logs readable.
-    for noisy in ("kafka", "httpx"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+from streamhash.config import Settings, load_settings, setup_logging
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -59,7 +51,13 @@ def _produce(args) -> int:
     import numpy as np
 
     from streamhash.errors import DatasetMissingError
-    from streamhash.kafka.produce import from_arrays, from_dataset, from_folder, make_producer, send
+    from streamhash.kafka.produce import (
+        from_arrays,
+        from_dataset,
+        from_folder,
+        make_producer,
+        send,
+    )
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
@@ -153,15 +151,30 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", dest="demo.quiet", action="store_const", const=True)
 
 
-def _lazy(module: str):
-    """Import a process module only when its command runs: `streamhash query` must not load torch."""
+def _worker(args) -> int:
+    from streamhash.services import ingest
 
-    def run(args):
-        import importlib
+    return ingest.run(_settings_with_logging(args), max_idle_s=args.max_idle_s)
 
-        return importlib.import_module(module).run_from_args(args)
 
-    return run
+def _serve(args) -> int:
+    from streamhash.services import (
+        query,  # imported here: `streamhash query` must not load torch
+    )
+
+    return query.run(_settings_with_logging(args))
+
+
+def _demo(args) -> int:
+    from streamhash.services import demo
+
+    return demo.run(settings_from_args(args))  # the demo sets its own log level (quiet for --json)
+
+
+def _settings_with_logging(args) -> Settings:
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run an ingest worker (same as streamhash-worker)")
     worker_arguments(w)
-    w.set_defaults(func=_lazy("consumers.worker"))
+    w.set_defaults(func=_worker)
 
     s = sub.add_parser("serve", help="run the query server (HTTP search + /metrics)")
     serve_arguments(s)
-    s.set_defaults(func=_lazy("consumers.query"))
+    s.set_defaults(func=_serve)
 
     q = sub.add_parser("query", help="search the live index with an image or a hex code")
     q.add_argument("image", nargs="?")
@@ -205,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole system on the embedded broker with Fashion-MNIST")
     demo_arguments(d)
-    d.set_defaults(func=_lazy("consumers.demo"))
+    d.set_defaults(func=_demo)
 
     from streamhash.eval import cli as eval_cli
 

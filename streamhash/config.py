@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -191,3 +192,11 @@ def _deep_merge(into: dict, new: dict) -> None:
             _deep_merge(into[key], value)
         else:
             into[key] = value
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One log format for every process, on stderr."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # kafka-python logs every connection at INFO; keep our own logs readable.
+    for noisy in ("kafka", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -5,10 +5,10 @@ In-process over a real LMDB store with a model and a few items. Example count: S
 
 import pytest
 from hypothesis import given
+from tests.services.test_query_server import serving
 
 from tests.fuzz.strategies import FUZZ, requests
 from tests.fuzz.targets import http_status
-from tests.test_query_server import serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import consumers.query as query
+import streamhash.services.query as query
 from streamhash.codes import hamming_brute
 from streamhash.index.live import LiveIndex
 from streamhash.index.store import ItemWrite, Store

@@ -14,23 +14,14 @@ import httpx
 import pytest
 from kafka import KafkaConsumer
 
-from consumers.launch import scrape, spawn, stop, total, wait_for
 from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
-from tests.integration.test_pipeline import env_for, read_store, start_worker
+from streamhash.services.processes import scrape, spawn, stop, total, wait_for
+from tests.support import env_for, produce, read_store, start_worker
 
 pytestmark = pytest.mark.integration
-
-
-def produce(kafka, n: int, prefix: str, seed: int, start: int = 0) -> None:
-    from tests.conftest import synthetic_images
-
-    images, labels = synthetic_images(n, seed=seed)
-    producer = make_producer(kafka)
-    send(producer, kafka.topic, from_arrays(images, labels, prefix=prefix, fmt="npy", start=start), progress=False)
-    producer.close()
 
 
 def test_a_broker_log_reset_under_a_running_worker_loses_nothing(tmp_path):

@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
-from consumers.launch import scrape, spawn, stop, wait_for, wait_http
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
+from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http
 from tests.conftest import synthetic_images
-from tests.integration.test_pipeline import env_for, start_worker
+from tests.support import env_for, start_worker
 
 pytestmark = pytest.mark.integration
 

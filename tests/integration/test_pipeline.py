@@ -9,57 +9,22 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
-from consumers.demo import MALFORMED
-from consumers.launch import scrape, spawn, stop, total, wait_for, wait_http
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
+from streamhash.services.demo import MALFORMED
+from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
+from tests.support import env_for, read_store, start_worker
 
 pytestmark = pytest.mark.integration
-
-
-def env_for(kafka, store: Path, metrics_port: int = 0, http_port: int = 0) -> dict:
-    return {
-        "STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "STREAMHASH_KAFKA__TOPIC": kafka.topic,
-        "STREAMHASH_KAFKA__DLQ_TOPIC": kafka.dlq_topic, "STREAMHASH_KAFKA__GROUP_ID": kafka.group_id,
-        "STREAMHASH_STORE__PATH": str(store), "STREAMHASH_WORKER__METRICS_PORT": str(metrics_port),
-        "STREAMHASH_SERVER__PORT": str(http_port), "STREAMHASH_LEARN__ENABLED": "false",
-    }
-
-
-def start_worker(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    proc = spawn(["worker"], env=env, log_path=log)
-    url = f"http://127.0.0.1:{env['STREAMHASH_WORKER__METRICS_PORT']}/metrics"
-    wait_http(url, 60, proc, log)
-    wait_for(lambda: scrape(url).get("streamhash_assigned_partitions", 0) > 0, 60, "partition assignment")
-    return proc, url
-
-
-def read_store(path: Path) -> dict:
-    """Open the store read-only in a fresh process (one LMDB env per process) and report its contents."""
-    code = textwrap.dedent(f"""
-        import json
-        from streamhash.index.store import Store
-        s = Store({str(path)!r}, readonly=True)
-        snap = s.snapshot()
-        print(json.dumps({{"ids": snap.ids, "next_seq": s.read_meta()["next_seq"],
-                           "offsets": {{f"{{t}}:{{p}}": o for (t, p), o in s.offsets().items()}}}}))
-    """)
-    import json
-
-    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 @pytest.fixture(scope="module")

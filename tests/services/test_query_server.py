@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import consumers.query as query
+import streamhash.services.query as query
 from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.index.store import ItemWrite, Store

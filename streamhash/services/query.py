@@ -1,4 +1,4 @@
-"""``streamhash serve``: the query worker.
+"""The query server (``streamhash serve``).
 
 Opens the LMDB store read-only, keeps a :class:`~streamhash.index.live.LiveIndex` in step with it,
 and answers Hamming-ranking queries over HTTP. The query image is encoded with the model version
@@ -14,7 +14,6 @@ goes through the same checks as an ingested one (:func:`streamhash.records.decod
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import logging
@@ -288,14 +287,12 @@ def _rank(store: Store, g: Generation, q: np.ndarray, k: int, radius: int | None
     return hits
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run(settings: Settings) -> int:
+    """The query server process: serve HTTP until stopped; returns its exit code."""
     import uvicorn
 
-    from streamhash.cli import settings_from_args, setup_logging
     from streamhash.errors import StoreError
 
-    settings = settings_from_args(args)
-    setup_logging(settings.log_level)
     pin_malloc_mmap_threshold()
     settings.log_startup("streamhash serve")
     import torch

@@ -13,7 +13,6 @@ indexed; precision@10 counts returned items whose label equals the query's.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import shutil
@@ -23,14 +22,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from consumers.launch import scrape, spawn, stop, total, wait_for, wait_http
-from streamhash.config import Settings
+from streamhash.config import Settings, setup_logging
 from streamhash.data.fashion_mnist import load_split
 from streamhash.errors import DatasetMissingError
 from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_npy, encode_png, message_headers
+from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
 
 # (key, value, headers, stage the worker must report): one per rejection reason of the contract.
 MALFORMED = [
@@ -184,12 +183,10 @@ streamhash demo: {s['produced']} Fashion-MNIST images + {s['malformed_sent']} ma
   search             POST {s['search_url']}   (API docs: {s['docs_url']})""")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run(settings: Settings) -> int:
+    """``streamhash demo``: returns the process exit code."""
     import sys
 
-    from streamhash.cli import settings_from_args, setup_logging
-
-    settings = settings_from_args(args)
     d = settings.demo
     quiet = d.quiet or d.json_summary
     setup_logging("WARNING" if quiet else settings.log_level)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-from consumers.learner import LearnerThread
 from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.index.store import ItemWrite, Store
 from streamhash.model.hashnet import HashNet, HashNetConfig
 from streamhash.model.state import ModelState
 from streamhash.records import ImageSpec, encode_npy
+from streamhash.services.learner import LearnerThread
 from tests.conftest import synthetic_images
 
 

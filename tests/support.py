@@ -1,0 +1,57 @@
+"""Test support: start streamhash processes against a real broker and read what they stored.
+
+Used by the integration tests (and nothing in the library): worker and query-server environments,
+a worker started and waited for, a store read back in a fresh process, a batch of synthetic images
+produced to a topic.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from streamhash.kafka.produce import from_arrays, make_producer, send
+from streamhash.services.processes import scrape, spawn, wait_for, wait_http
+
+
+def env_for(kafka, store: Path, metrics_port: int = 0, http_port: int = 0) -> dict:
+    return {
+        "STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "STREAMHASH_KAFKA__TOPIC": kafka.topic,
+        "STREAMHASH_KAFKA__DLQ_TOPIC": kafka.dlq_topic, "STREAMHASH_KAFKA__GROUP_ID": kafka.group_id,
+        "STREAMHASH_STORE__PATH": str(store), "STREAMHASH_WORKER__METRICS_PORT": str(metrics_port),
+        "STREAMHASH_SERVER__PORT": str(http_port), "STREAMHASH_LEARN__ENABLED": "false",
+    }
+
+
+def start_worker(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    proc = spawn(["worker"], env=env, log_path=log)
+    url = f"http://127.0.0.1:{env['STREAMHASH_WORKER__METRICS_PORT']}/metrics"
+    wait_http(url, 60, proc, log)
+    wait_for(lambda: scrape(url).get("streamhash_assigned_partitions", 0) > 0, 60, "partition assignment")
+    return proc, url
+
+
+def read_store(path: Path) -> dict:
+    """Open the store read-only in a fresh process (one LMDB env per process) and report its contents."""
+    code = textwrap.dedent(f"""
+        import json
+        from streamhash.index.store import Store
+        s = Store({str(path)!r}, readonly=True)
+        snap = s.snapshot()
+        print(json.dumps({{"ids": snap.ids, "next_seq": s.read_meta()["next_seq"],
+                           "offsets": {{f"{{t}}:{{p}}": o for (t, p), o in s.offsets().items()}}}}))
+    """)
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def produce(kafka, n: int, prefix: str, seed: int, start: int = 0) -> None:
+    """``n`` labeled synthetic images as .npy messages keyed ``{prefix}{start + i}``."""
+    from tests.conftest import synthetic_images
+
+    images, labels = synthetic_images(n, seed=seed)
+    producer = make_producer(kafka)
+    send(producer, kafka.topic, from_arrays(images, labels, prefix=prefix, fmt="npy", start=start), progress=False)
+    producer.close()
