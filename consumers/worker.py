@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a "learn now" request, never a kill, while starting up
     from streamhash.cli import document_env, settings_from_args, worker_arguments
     from streamhash.config import setup_logging
-    from streamhash.services import ingest
+    from streamhash.services import worker
 
     p = argparse.ArgumentParser(prog="streamhash-worker", description="Consume images from Kafka into the LMDB hash index.")
     worker_arguments(p)
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
-    return ingest.run(settings, max_idle_s=args.max_idle_s)
+    return worker.run(settings, max_idle_s=args.max_idle_s)
 
 
 if __name__ == "__main__":

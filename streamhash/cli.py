@@ -151,16 +151,15 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", dest="demo.quiet", action="store_const", const=True)
 
 
+# The services are imported when their command runs: `streamhash query` must not load torch.
 def _worker(args) -> int:
-    from streamhash.services import ingest
+    from streamhash.services import worker
 
-    return ingest.run(_settings_with_logging(args), max_idle_s=args.max_idle_s)
+    return worker.run(_settings_with_logging(args), max_idle_s=args.max_idle_s)
 
 
 def _serve(args) -> int:
-    from streamhash.services import (
-        query,  # imported here: `streamhash query` must not load torch
-    )
+    from streamhash.services import query
 
     return query.run(_settings_with_logging(args))
 

@@ -17,9 +17,12 @@ False
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,20 @@ class ModelState:
         """Block until the published generation is at least ``generation``; False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: self._current.generation >= generation, timeout)
+
+
+def load_or_create(store, model_settings) -> ModelState:
+    """The store's current model at its generation, or a freshly seeded network saved as version 1."""
+    from streamhash.model.hashnet import HashNet, HashNetConfig, resolve_device
+
+    mc = model_settings
+    version, raw = store.get_model()
+    device = resolve_device(mc.device)
+    if raw is None:
+        net = HashNet(HashNetConfig(bits=mc.bits, backbone=mc.backbone, image_size=mc.image_size, channels=mc.channels, seed=mc.seed))
+        version = store.put_model(net.to_bytes(), make_current=True)
+        log.info("created initial model version %d (%s, %d bits)", version, mc.backbone, mc.bits)
+        net = net.to(device)
+    else:
+        net = HashNet.from_bytes(raw, device)
+    return ModelState(net, version=version, generation=int(store.read_meta()["generation"]))

@@ -1,0 +1,59 @@
+"""The commit order as code, checked with fakes: DLQ flush, then one store transaction, then Kafka."""
+
+from __future__ import annotations
+
+import pytest
+from kafka.errors import KafkaTimeoutError
+
+from streamhash.errors import GenerationChanged, StoreFullError
+from streamhash.kafka.checkpoint import Checkpoint
+
+
+class Recorder:
+    def __init__(self, log: list, fail: dict):
+        self.log, self.fail = log, fail
+
+    def flush(self):
+        self._step("flush")
+
+    def write_batch(self, items, offsets, **kw):
+        self._step("write")
+        return list(range(len(items)))
+
+    def commit(self, offsets):
+        self._step("commit", {(tp.topic, tp.partition): o.offset for tp, o in offsets.items()})
+
+    def _step(self, name, arg=None):
+        self.log.append(name if arg is None else (name, arg))
+        if name in self.fail:
+            raise self.fail[name]
+
+
+def checkpoint(fail=None):
+    log: list = []
+    r = Recorder(log, fail or {})
+    return Checkpoint(consumer=r, store=r, dead_letters=r), log
+
+
+def test_flush_then_state_then_offsets():
+    cp, log = checkpoint()
+    assert cp.commit(["a", "b"], {("t", 0): 7}) == [0, 1]
+    assert log == ["flush", "write", ("commit", {("t", 0): 7})]
+
+
+@pytest.mark.parametrize("step,error", [("flush", KafkaTimeoutError()), ("write", StoreFullError("full")),
+                                        ("write", GenerationChanged(2, "swapped"))])
+def test_a_failed_step_stops_the_steps_after_it(step, error):
+    """A dead letter not acknowledged must not let its offset pass; a batch not stored must not be
+    committed to Kafka (the caller retries the batch, or re-encodes it for the new generation)."""
+    cp, log = checkpoint({step: error})
+    with pytest.raises(type(error)):
+        cp.commit(["a"], {("t", 0): 1})
+    assert log[-1] == step and not any(isinstance(x, tuple) for x in log)
+
+
+def test_a_failed_kafka_commit_is_not_an_error():
+    """The store already holds the offsets; the next owner of the partition seeks to them."""
+    cp, log = checkpoint({"commit": KafkaTimeoutError()})
+    assert cp.commit(["a"], {("t", 0): 1}) == [0]
+    assert log == ["flush", "write", ("commit", {("t", 0): 1})]
