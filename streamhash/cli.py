@@ -11,6 +11,8 @@ import signal
 import sys
 
 from streamhash.config import Settings, load_settings, setup_logging
+from streamhash.errors import EXIT_USAGE
+from streamhash.index.backends import backend_names
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -50,7 +52,8 @@ def _produce(args) -> int:
 
     import numpy as np
 
-    from streamhash.errors import DatasetMissingError
+    from streamhash.data.fashion_mnist import N_IMAGES
+    from streamhash.errors import EXIT_DATASET_MISSING, DatasetMissingError
     from streamhash.kafka.produce import (
         from_arrays,
         from_dataset,
@@ -63,12 +66,12 @@ def _produce(args) -> int:
     setup_logging(settings.log_level)
     if not settings.kafka.bootstrap_servers:
         print("no broker: set STREAMHASH_KAFKA__BOOTSTRAP_SERVERS or --bootstrap-servers", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     total, ps = None, settings.produce
     try:
         if args.dataset:
             messages = from_dataset(args.dataset, shuffle_seed=ps.shuffle_seed, folder=settings.data.fashion_mnist_dir, fmt=ps.format)
-            total = 70_000
+            total = N_IMAGES
         elif args.source and args.source.endswith(".npy"):
             images = np.load(args.source, allow_pickle=False)
             labels = np.load(args.labels, allow_pickle=False) if args.labels else None
@@ -80,12 +83,12 @@ def _produce(args) -> int:
             messages = from_folder(Path(args.source))
         else:
             print("give a folder, a .npy file, or --dataset fashion-mnist", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         producer = make_producer(settings.kafka)
         n = send(producer, settings.kafka.topic, messages, limit=ps.limit, rate=ps.rate, progress=not ps.quiet, total=total)
     except DatasetMissingError as exc:
         print(exc, file=sys.stderr)
-        return 3
+        return EXIT_DATASET_MISSING
     producer.close()
     print(f"sent {n} images to {settings.kafka.topic}")
     return 0
@@ -135,7 +138,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", dest="store.path", help="LMDB directory to serve (read-only)")
     p.add_argument("--host", dest="server.host")
     p.add_argument("--port", dest="server.port", type=int)
-    p.add_argument("--backend", dest="server.backend", choices=["auto", "numpy", "native", "torch"])
+    p.add_argument("--backend", dest="server.backend", choices=backend_names())
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -249,5 +252,5 @@ def main(argv: list[str] | None = None) -> int:
     args = document_env(build_parser()).parse_args(argv)
     if args.command == "query" and not (args.image or args.code):
         print("give an image path or --code", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return int(args.func(args) or 0)

@@ -22,6 +22,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamhash.index.backends import backend_names
+
 log = logging.getLogger(__name__)
 
 
@@ -80,7 +82,7 @@ class StoreSettings(BaseModel):
 
 class ModelSettings(BaseModel):
     bits: int = 32
-    backbone: Literal["small_cnn", "efficientnet_lite0"] = "small_cnn"
+    backbone: str = "small_cnn"  # a name registered with streamhash.model.hashnet.register_backbone
     image_size: int = 28
     channels: int = 1
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
@@ -92,6 +94,18 @@ class ModelSettings(BaseModel):
     def _bits_multiple_of_8(cls, v: int) -> int:
         if v <= 0 or v % 8:
             raise ValueError("bits must be a positive multiple of 8")
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone_registered(cls, v: str) -> str:
+        # The registry sits beside the networks and loads torch, which the CLI and the producer never
+        # need: only a choice other than the default (a registered built-in) pays for the import.
+        if v != cls.model_fields["backbone"].default:
+            from streamhash.model.hashnet import backbone_names
+
+            if v not in backbone_names():
+                raise ValueError(f"backbone must be one of {backbone_names()}, got {v!r}")
         return v
 
 
@@ -128,9 +142,17 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     refresh_interval_s: float = 0.05
+    store_wait_s: float = 60.0  # at start-up, how long to wait for a worker to create the store
     max_k: int = 10_000
-    backend: Literal["auto", "numpy", "native", "torch"] = "auto"
+    backend: str = "auto"  # a Hamming backend registered in streamhash.index.backends
     search_threads: int = 1
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_registered(cls, v: str) -> str:
+        if v not in backend_names():
+            raise ValueError(f"backend must be one of {backend_names()}, got {v!r}")
+        return v
 
 
 class ProduceSettings(BaseModel):

@@ -61,5 +61,6 @@ class BadQueryError(StreamhashError):
 # Process exit codes (sysexits.h), one place so supervisors and tests agree.
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_DATASET_MISSING = 3  # a named dataset is not on disk; the message says how to get it
 EXIT_CANTCREAT = 73  # the store is locked by another writer: restarting will not help until it stops
 EXIT_TEMPFAIL = 75  # disk or map full: retried, then stopped with nothing lost; restart with back-off

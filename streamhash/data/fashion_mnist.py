@@ -33,6 +33,8 @@ HOW_TO_GET = (
 )
 
 
+N_IMAGES = 70_000  # 60,000 train + 10,000 test: what `streamhash produce --dataset fashion-mnist` sends
+
 def candidate_dirs(explicit: Path | None = None) -> list[Path]:
     dirs = [explicit] if explicit else []
     env = os.environ.get("STREAMHASH_DATA__FASHION_MNIST_DIR")

@@ -301,9 +301,6 @@ class DIHNLearner:
         self._frozen[r] = True
 
     # ------------------------------------------------------------------ encoding
-    def encode_real(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        return self.net.encode_real(images, batch_size)
-
     def encode(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """uint8 images -> packed codes (n, bits/8) with the current network."""
         return self.net.encode(images, batch_size)

@@ -1,21 +1,20 @@
-"""The learner the ingest worker runs: DIHN rounds + reservoir + MI re-encode trigger, one object.
+"""The learner the worker runs: an incremental hasher (DIHN by default) + reservoir + MI re-encode trigger.
 
-Wiring (one learner thread per model owner)::
+Wiring (streamhash/services/learner.py is the real one)::
 
     hasher = OnlineHasher(net, settings.learn, seed=settings.model.seed)
-    # ingest path, after the LMDB txn committed (any thread; cheap, never blocks on a round):
+    # ingest path, after the store committed (any thread; cheap, never blocks on a round):
     hasher.observe(ids, packed_codes, labels)          # labels: list of label sets / ints, None = unlabeled
     # learner thread:
     if hasher.ready():
-        report = hasher.learn_round(fetch_images)       # fetch_images(ids) -> uint8 images from LMDB blobs
-        store.write_codes(report.round.ids, report.round.codes)   # learned B_new codes (not a re-encode)
-        publish(hasher.net)                              # new query/ingest encoder version
-        if report.reencode:
-            ids, codes = hasher.reencode(fetch_images)   # or compute them elsewhere and call apply_reencode
-            store.swap_generation(ids, codes)
+        report = hasher.learn_round(fetch_images)       # fetch_images(ids) -> uint8 images from the store's blobs
+        net = hasher.snapshot_net()                     # a copy to publish; the hasher keeps training its own
+        if report.reencode:                             # the MI test fired: build a new generation with `net`
+            ...; hasher.apply_reencode(ids, codes)      # the codes the index now holds
+        else:
+            store.put_codes(report.round.ids, report.round.codes, model_version=version)
 
-``learn_round`` trains ``hasher.net`` in place; encode new arrivals with a copy
-(:meth:`OnlineHasher.snapshot_net`) and swap it in when the round returns.
+Another incremental learner plugs in through ``learner=`` (any :class:`~streamhash.learn.base.IncrementalHasher`).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamhash.config import LearnSettings
+from streamhash.learn.base import IncrementalHasher
 from streamhash.learn.dihn import DIHNLearner, FetchImages, RoundResult
 from streamhash.learn.labels import normalise_label_sets
 from streamhash.learn.mi import mi_quality
@@ -55,12 +55,14 @@ class RoundReport:
 
 class OnlineHasher:
     def __init__(self, net: HashNet, settings: LearnSettings | None = None, *, seed: int = 0,
-                 device: str = "cpu", require_drift: bool = False, **learner_kwargs):
+                 device: str = "cpu", require_drift: bool = False, learner: IncrementalHasher | None = None,
+                 **learner_kwargs):
         s = settings or LearnSettings()
         self.settings = s
-        kw = {"gamma": s.gamma, "mu": s.mu, "omega": s.omega, "epochs": s.epochs, "seed": seed, "device": device}
-        kw.update(learner_kwargs)
-        self.learner = DIHNLearner(net, **kw)
+        if learner is None:
+            kw = {"gamma": s.gamma, "mu": s.mu, "omega": s.omega, "epochs": s.epochs, "seed": seed, "device": device}
+            learner = DIHNLearner(net, **{**kw, **learner_kwargs})
+        self.learner = learner
         self.reservoir = Reservoir(s.reservoir_size, seed=seed)
         self.trigger = MITrigger(s.mi_threshold, require_drift=require_drift)
         self._lock = threading.Lock()  # guards the buffer (observe runs on the ingest thread)

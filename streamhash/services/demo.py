@@ -24,7 +24,7 @@ import numpy as np
 
 from streamhash.config import Settings, setup_logging
 from streamhash.data.fashion_mnist import load_split
-from streamhash.errors import DatasetMissingError
+from streamhash.errors import EXIT_DATASET_MISSING, DatasetMissingError
 from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
@@ -195,7 +195,7 @@ def run(settings: Settings) -> int:
                            quiet=quiet, probes=d.probes)
     except DatasetMissingError as exc:
         print(exc, file=sys.stderr)
-        return 3
+        return EXIT_DATASET_MISSING
     if not d.keep_running:
         print_summary(summary)
     if d.json_summary:

@@ -281,3 +281,13 @@ def test_quarantined_items_keep_their_codes_and_leave_learning():
     res = h.learner.learn_round(lambda ids: asked.extend(ids) or x[np.asarray(ids) % 120])
     assert res.ids == list(range(120, 130))
     assert asked and not set(asked) & set(range(60, 120))  # not in Omega either
+
+
+def test_dihn_learner_is_an_incremental_hasher_and_another_one_plugs_in():
+    from streamhash.learn.base import IncrementalHasher
+
+    net = HashNet(HashNetConfig(bits=16))
+    dihn = DIHNLearner(net)
+    assert isinstance(dihn, IncrementalHasher)
+    hasher = OnlineHasher(net, LearnSettings(round_every=1), learner=dihn)
+    assert hasher.learner is dihn
