@@ -1,5 +1,8 @@
 """Training losses as small ``nn.Module`` classes (pytorch-metric-learning style).
 
+Every loss is a :class:`HashLoss`: built for a code length, it checks the relaxed codes it is given
+and hands them to ``compute_loss``, which is all a new loss writes.
+
 ``DIHNLoss`` — the asymmetric loss of DIHN (Wu et al., CVPR 2019), also ADSH's when every
 database code is learnable::
 
@@ -29,6 +32,8 @@ anchor, Hamming distances to the other batch items are soft-binned with triangul
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -60,12 +65,34 @@ def soft_similarity(S: torch.Tensor) -> torch.Tensor:
     return torch.where(S > 0, S, torch.full_like(S, soft_negative(n_pos, n_neg)))
 
 
-class DIHNLoss(nn.Module):
-    def __init__(self, bits: int, gamma: float = 200.0, mu: float = 50.0, balance: str = "square"):
+class HashLoss(nn.Module, ABC):
+    """A loss on relaxed codes ``u`` (m, bits): ``loss(u, ...)`` checks ``u`` and returns ``compute_loss(u, ...)``."""
+
+    def __init__(self, bits: int):
         super().__init__()
+        if bits < 1:
+            raise ValueError(f"bits must be >= 1, got {bits}")
+        self.bits = bits
+
+    def check_codes(self, u: torch.Tensor) -> None:
+        # A code length mismatch broadcasts silently in most of the algebra below; fail loudly instead.
+        if u.ndim != 2 or u.shape[1] != self.bits:
+            raise ValueError(f"{type(self).__name__} expects codes of shape (m, {self.bits}), got {tuple(u.shape)}")
+
+    def forward(self, u: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        self.check_codes(u)
+        return self.compute_loss(u, *args)
+
+    @abstractmethod
+    def compute_loss(self, u: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        """The loss (a scalar) of relaxed codes ``u`` given the loss's other inputs."""
+
+
+class DIHNLoss(HashLoss):
+    def __init__(self, bits: int, gamma: float = 200.0, mu: float = 50.0, balance: str = "square"):
+        super().__init__(bits)
         if balance not in ("square", "linear"):
             raise ValueError("balance must be 'square' (paper) or 'linear' (released code)")
-        self.bits = bits
         self.gamma = float(gamma)
         self.mu = float(mu)
         self.balance = balance
@@ -74,7 +101,7 @@ class DIHNLoss(nn.Module):
         s = u.sum(dim=1)
         return (s * s).sum() if self.balance == "square" else s.sum()
 
-    def forward(self, u: torch.Tensor, B: torch.Tensor, S: torch.Tensor, b_self: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, u: torch.Tensor, B: torch.Tensor, S: torch.Tensor, b_self: torch.Tensor) -> torch.Tensor:
         """u (m, c) relaxed codes; B (n, c) +-1 database codes; S (m, n); b_self (m, c) the rows' own codes."""
         hash_loss = ((self.bits * S - u @ B.t()) ** 2).sum()
         quant = ((u - b_self) ** 2).sum()
@@ -83,10 +110,11 @@ class DIHNLoss(nn.Module):
     def grouped(
         self, u: torch.Tensor, SB: torch.Tensor, BtB: torch.Tensor, s2: torch.Tensor, b_self: torch.Tensor, n: int
     ) -> torch.Tensor:
-        """Same value as :meth:`forward` from ``SB = S @ B``, ``BtB = B^T B``, ``s2 = (S**2).sum(1)``, n = |Gamma|.
+        """Same value as :meth:`compute_loss` from ``SB = S @ B``, ``BtB = B^T B``, ``s2 = (S**2).sum(1)``, n = |Gamma|.
 
         sum_j (c S_ij - u_i^T b_j)^2 = c^2 s2_i - 2c u_i^T SB_i + u_i^T BtB u_i.
         """
+        self.check_codes(u)
         c = self.bits
         hash_loss = (c * c * s2).sum() - 2.0 * c * (u * SB).sum() + ((u @ BtB) * u).sum()
         quant = ((u - b_self) ** 2).sum()
@@ -108,12 +136,11 @@ def _entropy(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(eps))).sum(dim=-1)
 
 
-class MIHashLoss(nn.Module):
+class MIHashLoss(HashLoss):
     """Minus the mean (over anchors in the batch) differentiable mutual information I(D; C)."""
 
     def __init__(self, bits: int, bins: int | None = None):
-        super().__init__()
-        self.bits = bits
+        super().__init__(bits)
         self.bins = bins or bits + 1
 
     def mutual_information(self, u: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
@@ -121,6 +148,7 @@ class MIHashLoss(nn.Module):
 
         The anchor itself is excluded. Anchors with no neighbours or no non-neighbours have MI 0.
         """
+        self.check_codes(u)
         m, c = u.shape
         d = 0.5 * (c - u @ u.t())  # Hamming distance for +-1 codes, a smooth surrogate otherwise
         w = triangular_histogram(d, self.bins, float(c))  # (m, m, bins)
@@ -139,5 +167,5 @@ class MIHashLoss(nn.Module):
         valid = (n_pos > 0) & (n_neg > 0)
         return torch.where(valid, mi, torch.zeros_like(mi))
 
-    def forward(self, u: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, u: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         return -self.mutual_information(u, S).mean()

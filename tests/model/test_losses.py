@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from streamhash.learn.mi import mi_per_anchor
-from streamhash.model.losses import DIHNLoss, MIHashLoss, similarity_pm1, soft_negative, soft_similarity
-
+from streamhash.model.losses import DIHNLoss, HashLoss, MIHashLoss, similarity_pm1, soft_negative, soft_similarity
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +99,35 @@ def test_mihash_loss_equals_exact_mi_on_binary_codes():
     MIHashLoss(c)(u, S).backward()
     assert torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0
     assert math.isfinite(MIHashLoss(c, bins=5)(u, S).item())
+
+
+def test_every_loss_is_a_hash_loss_checking_its_codes():
+    g = torch.Generator().manual_seed(2)
+    u = torch.tanh(torch.randn(4, 8, generator=g))
+    B = torch.randint(0, 2, (5, 8), generator=g).double() * 2 - 1
+    S = torch.randint(0, 2, (4, 5), generator=g).double() * 2 - 1
+    dihn, mih = DIHNLoss(8), MIHashLoss(8)
+    assert isinstance(dihn, HashLoss) and isinstance(mih, HashLoss)
+    assert dihn(u, B, S, B[:4]).item() == dihn.compute_loss(u, B, S, B[:4]).item()
+    for wrong in (u[:, :6], u[0]):  # another code length, or one code without its batch axis
+        with pytest.raises(ValueError, match=r"codes of shape \(m, 8\)"):
+            dihn(wrong, B[:, : wrong.shape[-1]], S, B[:4, : wrong.shape[-1]])
+        with pytest.raises(ValueError, match=r"codes of shape \(m, 8\)"):
+            dihn.grouped(wrong, S @ B, B.t() @ B, (S**2).sum(1), B[:4], 5)
+        with pytest.raises(ValueError, match=r"codes of shape \(m, 8\)"):
+            mih(wrong, torch.eye(len(wrong), dtype=torch.bool))
+
+
+def test_a_new_loss_writes_only_compute_loss():
+    class MeanSquare(HashLoss):
+        def compute_loss(self, u, target):
+            return ((u - target) ** 2).mean()
+
+    u = torch.zeros(3, 4, requires_grad=True)
+    loss = MeanSquare(4)(u, torch.ones(3, 4))
+    loss.backward()
+    assert loss.item() == 1.0 and u.grad.shape == (3, 4)
+    with pytest.raises(ValueError):
+        MeanSquare(4)(torch.zeros(3, 5), torch.ones(3, 5))
+    with pytest.raises(TypeError):
+        HashLoss(4)  # abstract: a loss without compute_loss cannot be built
