@@ -209,7 +209,7 @@ def test_dead_broker_is_survived_and_sigterm_still_stops_cleanly(tmp_path):
         worker, url = start_worker(env_for(kafka, tmp_path / "index", free_port()), tmp_path / "worker.log")
     finally:
         broker.stop()
-    time.sleep(8)
+    time.sleep(8)  # a span of time is the point: a crash loop would have ended the process by now
     assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
     assert scrape(url)["streamhash_items_indexed_total"] == 0
     t = time.monotonic()

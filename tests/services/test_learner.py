@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from types import SimpleNamespace
 
@@ -55,15 +56,15 @@ def test_labeled_items_indexed_but_not_learned_before_a_restart_are_learned_next
     assert LearnerThread(worker).hasher.n_pending == 0  # and a second restart has nothing left to learn
 
 
-def test_a_requested_round_with_nothing_new_keeps_the_model_version(worker):
+def test_a_requested_round_with_nothing_new_keeps_the_model_version(worker, caplog):
+    caplog.set_level(logging.INFO, logger="streamhash.learner")
     learner = LearnerThread(worker)
     learner.request_round()
     run_until(learner, lambda: worker.state.current().version == 2)
     models_before = worker.store.get_model(3)
     learner = LearnerThread(worker)
     learner.request_round()
-    run_until(learner, lambda: not learner.round_requested.is_set())
-    time.sleep(0.3)
+    run_until(learner, lambda: "no new labeled items" in caplog.text)
     assert worker.state.current().version == 2 and worker.store.read_meta()["model_version"] == 2
     assert models_before == worker.store.get_model(3) == (3, None)  # no version 3 was stored
 
