@@ -2,9 +2,10 @@
 
 :class:`BinaryIndex` holds ``d``-bit codes (``d`` a multiple of 8, packed as by
 :func:`streamhash.codes.pack_signs`) under int64 ids and answers exact k-nearest and range
-queries. Backends: ``numpy`` (always available), ``native`` (the C kernel in ``_hamming.c``, built
-by ``setup.py`` when a compiler is present) and ``torch`` (CUDA, :mod:`.torch_backend`).
-:func:`make_index` picks one.
+queries. A backend is a subclass implementing ``_topk`` and ``_range_rows`` over the storage kept
+here: ``numpy`` (always available) and ``native`` (the C kernel in ``_hamming.c``, built by
+``setup.py`` when a compiler is present) below, ``torch`` (CUDA) in :mod:`.torch_backend`.
+:func:`make_index` builds one by name from the registry in :mod:`.backends`.
 
 Semantics shared by every backend:
 
@@ -48,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from streamhash.index.backends import make_index as make_index  # re-exported: the index's users ask for it here
 from streamhash.rwlock import RWLock
 
 try:  # the optional compiled kernel; absent when the build had no compiler
@@ -56,7 +58,6 @@ except ImportError:  # pragma: no cover - depends on the build
     _native = None
 
 PAD_DISTANCE = np.iinfo(np.int32).max
-BACKENDS = ("auto", "numpy", "native", "torch")
 
 
 def native_available() -> bool:
@@ -172,6 +173,11 @@ class BinaryIndex(ABC):
 
     backend = "abstract"
     _MIN_CAPACITY = 1024
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this machine can run the backend (``auto`` takes the first available of :data:`.backends.AUTO`)."""
+        return True
 
     def __init__(self, d: int, threads: int = 1):
         if d < 8 or d % 8:
@@ -431,7 +437,8 @@ class BinaryIndex(ABC):
         return f"{type(self).__name__}(d={self.d}, ntotal={self.ntotal}, threads={self.threads})"
 
 
-def _padded(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def padded(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_topk``'s output before it is filled: every distance PAD_DISTANCE, every row -1."""
     return np.full((nq, k), PAD_DISTANCE, np.int32), np.full((nq, k), -1, np.int64)
 
 
@@ -468,7 +475,7 @@ class NumpyIndex(BinaryIndex):
         return dist, dead
 
     def _topk(self, q, k, r0, r1):
-        D, R = _padded(len(q), k)
+        D, R = padded(len(q), k)
         dist, dead = self._dist_buffer(r0, r1)
         live = (r1 - r0) - (len(dead) if dead is not None else 0)
         kk = min(k, live)
@@ -520,6 +527,10 @@ class NativeIndex(BinaryIndex):
     backend = "native"
     block_rows = 1 << 14  # rows per database block in batch search (~128 KiB of 64-bit codes)
 
+    @classmethod
+    def available(cls) -> bool:
+        return _native is not None
+
     def __init__(self, d: int, threads: int = 1):
         if _native is None:
             raise RuntimeError("the native Hamming kernel was not built (no C compiler at install time?)")
@@ -531,7 +542,7 @@ class NativeIndex(BinaryIndex):
         return _native.kernel_name(self.words)
 
     def _topk(self, q, k, r0, r1):
-        D, R = _padded(len(q), k)
+        D, R = padded(len(q), k)
         q = np.require(q, np.uint64, ["C", "A"])  # the kernel reads whole aligned words
         block = max(1024, self.block_rows // self.words)
         _native.search(self._codes, r0, r1, self.words, self.d, q, len(q), k, self._dead_arg(), D, R, block)
@@ -544,20 +555,3 @@ class NativeIndex(BinaryIndex):
                                           self._dead_arg(), block)
         return np.frombuffer(lims, np.int64), np.frombuffer(D, np.int32), np.frombuffer(R, np.int64)
 
-
-def make_index(d: int, backend: str = "auto", threads: int = 1) -> BinaryIndex:
-    """A :class:`BinaryIndex`: ``auto`` is the native kernel when it was built, else numpy.
-
-    ``torch`` needs CUDA and raises RuntimeError without it.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "native" if _native is not None else "numpy"
-    if backend == "numpy":
-        return NumpyIndex(d, threads)
-    if backend == "native":
-        return NativeIndex(d, threads)
-    from streamhash.index.torch_backend import TorchIndex
-
-    return TorchIndex(d, threads=threads)

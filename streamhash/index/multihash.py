@@ -34,6 +34,8 @@ from math import comb
 
 import numpy as np
 
+from streamhash.index.backends import scan_ns_per_row
+
 TABLES_DB_FLAGS = {"dupsort": True, "dupfixed": True}
 
 
@@ -202,12 +204,12 @@ def verify(queries: np.ndarray, lims: np.ndarray, seqs: np.ndarray, codes: np.nd
 # benchmarks/bench_multihash.py at n = 200k and 1M, 64 bits, m = 4 (see benchmarks/RESULTS.md):
 # tables = fixed + per LMDB probe key + per bucket entry read (decode, dedup, fetch the code from
 # the in-memory index, verify); the fixed part is the single-query one (a batch amortises it to
-# ~7 us). A flat range scan costs per row (per 64-bit word of code) plus a small fixed part.
+# ~7 us). A flat range scan costs per row (per 64-bit word of code), a constant each backend
+# registers beside its class (streamhash.index.backends), plus a small fixed part.
 TABLE_US_FIXED = 15.0
 TABLE_US_PER_PROBE = 0.85
 TABLE_US_PER_CANDIDATE = 0.15  # refitted after the direct id -> row gather (was 0.25)
 SCAN_US_FIXED = 3.0
-SCAN_NS_PER_ROW = {"native": 0.08, "numpy": 1.1, "torch": 0.08}
 
 
 @lru_cache(maxsize=64)
@@ -240,5 +242,5 @@ def choose_radius_strategy(
         + TABLE_US_PER_PROBE * t.n_probes(radius)
         + TABLE_US_PER_CANDIDATE * skew * t.expected_candidates(n, radius)
     )
-    scan_us = SCAN_US_FIXED + SCAN_NS_PER_ROW.get(backend, SCAN_NS_PER_ROW["numpy"]) * 1e-3 * n * ((bits + 63) // 64)
+    scan_us = SCAN_US_FIXED + scan_ns_per_row(backend) * 1e-3 * n * ((bits + 63) // 64)
     return "tables" if tables_us < scan_us else "scan"

@@ -11,7 +11,7 @@ else a SWAR popcount from shifts and masks); the top-k runs on the key
 insertion-order tie-break without relying on a stable sort.
 
 ``device="cpu"`` works too (it is how the tests exercise this code on machines without a GPU),
-but :func:`make_index` only hands this backend out for CUDA.
+but :func:`~streamhash.index.backends.make_index` only hands this backend out for CUDA.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import torch
 
-from streamhash.index.hamming import BinaryIndex, _padded
+from streamhash.index.hamming import BinaryIndex, padded
 
 _M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101
 
@@ -47,6 +47,10 @@ class TorchIndex(BinaryIndex):
 
     backend = "torch"
     max_elements = 1 << 25  # (queries x rows x words) per chunk: bounds device temporaries
+
+    @classmethod
+    def available(cls) -> bool:
+        return torch.cuda.is_available()
 
     def __init__(self, d: int, threads: int = 1, device: str | torch.device = "cuda"):
         self.device = torch.device(device)
@@ -96,7 +100,7 @@ class TorchIndex(BinaryIndex):
             yield slice(a, a + g), dist
 
     def _topk(self, q, k, r0, r1):
-        D, R = _padded(len(q), k)
+        D, R = padded(len(q), k)
         n = r1 - r0
         kk = min(k, n)
         if kk == 0:

@@ -1,5 +1,8 @@
 """The hash network: a backbone, a linear hash head, and u = tanh(F(x)).
 
+Backbones are registered by name (:func:`register_backbone`); the config names one, so a
+serialised network (:meth:`HashNet.to_bytes`) is rebuilt with the backbone it was trained with.
+
 >>> import numpy as np
 >>> net = HashNet(HashNetConfig(bits=16, seed=0))
 >>> codes = net.encode(np.zeros((3, 28, 28), np.uint8))
@@ -11,7 +14,9 @@ True
 
 from __future__ import annotations
 
+import importlib
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -53,14 +58,36 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-def build_backbone(cfg: HashNetConfig) -> nn.Module:
-    if cfg.backbone == "small_cnn":
-        return SmallCNN(cfg.channels)
-    if cfg.backbone == "efficientnet_lite0":
-        from streamhash.model.efficientnet import EfficientNetLite0Backbone
+BackboneBuilder = Callable[[HashNetConfig], nn.Module]
+_BACKBONES: dict[str, BackboneBuilder | str] = {}
 
-        return EfficientNetLite0Backbone()
-    raise ValueError(f"unknown backbone {cfg.backbone!r}")
+
+def register_backbone(name: str, build: BackboneBuilder | str) -> None:
+    """Make ``HashNetConfig(backbone=name)`` use ``build(cfg)``: a module mapping (n, C, H, W) images to
+    (n, out_features) features, with an ``out_features`` attribute. A ``"module:function"`` string is
+    imported when the backbone is first built, so an optional dependency loads only for its backbone.
+    Registering the same builder twice is harmless."""
+    if _BACKBONES.get(name, build) != build:
+        raise ValueError(f"a backbone named {name!r} is already registered")
+    _BACKBONES[name] = build
+
+
+def backbone_names() -> tuple[str, ...]:
+    return tuple(_BACKBONES)
+
+
+def build_backbone(cfg: HashNetConfig) -> nn.Module:
+    build = _BACKBONES.get(cfg.backbone)
+    if build is None:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; registered: {backbone_names()}")
+    if isinstance(build, str):
+        module, _, attr = build.partition(":")
+        build = getattr(importlib.import_module(module), attr)
+    return build(cfg)
+
+
+register_backbone("small_cnn", lambda cfg: SmallCNN(cfg.channels))
+register_backbone("efficientnet_lite0", "streamhash.model.efficientnet:from_config")  # optional packages
 
 
 def images_to_tensor(images: np.ndarray, cfg: HashNetConfig) -> torch.Tensor:
@@ -118,6 +145,7 @@ class HashNet(nn.Module):
 
     @classmethod
     def from_bytes(cls, raw: bytes, device: str | torch.device = "cpu") -> "HashNet":
+        """The network :meth:`to_bytes` saved, its backbone built by the builder registered under its config's name."""
         blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         net = cls(HashNetConfig(**blob["config"]))
         net.load_state_dict(blob["state"])
