@@ -1,0 +1,172 @@
+"""Items: their records and image blobs, and the one place an item is linked into codes, tables and the change log.
+
+Writes are one transaction per batch: items, codes, blobs, hash tables, changes and the Kafka offset
+map commit together or not at all. Every write (a new item, a re-sent id, a learned code) links the
+item under a fresh ``seq`` and unlinks its previous one, so the change log holds one entry per live item.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamhash.errors import GenerationChanged, StoreError
+from streamhash.index.store.env import Environment
+from streamhash.index.store.layout import u64
+from streamhash.index.store.offsets import Offsets
+
+
+@dataclass
+class ItemWrite:
+    """One item as the worker writes it."""
+
+    id: str
+    code: bytes
+    blob: bytes
+    content_type: str
+    labels: tuple[int, ...] | None
+    ts: float = field(default_factory=time.time)
+
+
+def live_generations(meta: dict) -> list[int]:
+    """The current generation and, during a re-encode, the one being built beside it: a rewrite
+    must drop the item's old code from both (the pending one catches it up before its swap)."""
+    return [int(meta["generation"])] + ([int(meta["pending_generation"])] if meta.get("pending_generation") else [])
+
+
+class Items:
+    def __init__(self, env: Environment, tables, code_bytes: int, offsets: Offsets):
+        self.env, self.tables, self.code_bytes, self.offsets = env, tables, code_bytes, offsets
+
+    def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None,
+                    *, generation: int | None = None, model_version: int | None = None) -> list[int]:
+        """Write items (overwriting re-sent ids) and the offset map in one transaction; return their seqs.
+
+        ``generation``: the generation the codes were encoded for; if a re-encode swapped in another
+        one meanwhile, GenerationChanged is raised and nothing is written (encode again, retry).
+        ``model_version``: the network that inferred the codes, recorded with each item.
+        """
+        items = list(items)
+        for it in items:
+            if len(it.code) != self.code_bytes:
+                raise StoreError(f"code of {len(it.code)} bytes for item {it.id!r}, store holds {self.code_bytes}")
+        db = self.env.db
+
+        def txn_fn(txn):
+            meta = self.env.read_meta(txn)
+            gen, seq = int(meta["generation"]), int(meta["next_seq"])
+            if generation is not None and generation != gen:
+                raise GenerationChanged(gen, f"codes encoded for generation {generation}, store is at {gen}")
+            gens = live_generations(meta)
+            seqs = []
+            for it in items:
+                key = it.id.encode()
+                old = txn.get(key, db=db["items"])
+                if old is not None:
+                    self.unlink(txn, key, json.loads(old), gens)
+                rec = {"labels": list(it.labels) if it.labels is not None else None, "ts": it.ts,
+                       "shard": meta["shard"], "ctype": it.content_type, "model": model_version}
+                self.link(txn, key, rec, gen, seq, it.code)
+                txn.put(key, it.blob, db=db["blobs"])
+                seqs.append(seq)
+                seq += 1
+            self.offsets.put(txn, offsets or {})
+            txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])
+            return seqs
+
+        return self.env.write(txn_fn)
+
+    def put_codes(self, ids: list[str], codes: np.ndarray, *, model_version: int | None = None) -> list[int]:
+        """Replace codes of existing items in the current generation (learned codes of new items),
+        optionally making ``model_version`` current in the same transaction.
+
+        Each updated item gets a new seq, so followers pick the change up like any write.
+        """
+        db = self.env.db
+
+        def txn_fn(txn):
+            meta = self.env.read_meta(txn)
+            gen, seq = int(meta["generation"]), int(meta["next_seq"])
+            gens, seqs = live_generations(meta), []
+            for item_id, code in zip(ids, np.asarray(codes, np.uint8)):
+                key = item_id.encode()
+                raw = txn.get(key, db=db["items"])
+                if raw is None:
+                    continue
+                rec = json.loads(raw)
+                rec["recoded"] = True  # not a new message: followers must not count it as fresh
+                rec["learned"] = True  # a DCC code: the learner must not take it as pending after a restart
+                self.unlink(txn, key, rec, gens)
+                self.link(txn, key, rec, gen, seq, code.tobytes())
+                seqs.append(seq)
+                seq += 1
+            txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])
+            if model_version is not None:
+                txn.put(b"model_version", json.dumps(model_version).encode(), db=db["meta"])
+            return seqs
+
+        return self.env.write(txn_fn)
+
+    def quarantine(self, ids: list[str]) -> None:
+        """Mark items as never to be learned from (a learning round failed on them); they stay indexed.
+        Not a change of code, so their seq stays and followers see nothing."""
+        db = self.env.db["items"]
+
+        def txn_fn(txn):
+            for item_id in ids:
+                raw = txn.get(item_id.encode(), db=db)
+                if raw is not None:
+                    txn.put(item_id.encode(), json.dumps({**json.loads(raw), "quarantined": True}).encode(), db=db)
+
+        self.env.write(txn_fn)
+
+    def link(self, txn, key: bytes, rec: dict, gen: int, seq: int, code: bytes) -> None:
+        """Write an item under a fresh ``seq``: its record, its code and hash-table entries in ``gen``, its change."""
+        db = self.env.db
+        rec["seq"] = seq
+        txn.put(key, json.dumps(rec).encode(), db=db["items"])
+        txn.put(u64(gen) + key, code, db=db["codes"])
+        txn.put(u64(seq), key, db=db["changes"])
+        self.tables.add(txn, db["tables"], gen, seq, code)
+
+    def unlink(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
+        db = self.env.db
+        for gen in gens:
+            old_code = txn.get(u64(gen) + key, db=db["codes"])
+            if old_code is not None:
+                self.tables.remove(txn, db["tables"], gen, rec["seq"], old_code)
+                txn.delete(u64(gen) + key, db=db["codes"])
+        txn.delete(u64(rec["seq"]), db=db["changes"])
+
+    def count(self) -> int:
+        return self.env.read(lambda txn: txn.stat(self.env.db["items"])["entries"])
+
+    def get(self, item_id: str, *, with_blob: bool = False) -> dict | None:
+        db = self.env.db
+
+        def read(txn):
+            key = item_id.encode()
+            raw = txn.get(key, db=db["items"])
+            if raw is None:
+                return None
+            rec = json.loads(raw)
+            rec["id"] = item_id
+            rec["generation"] = int(self.env.read_meta(txn)["generation"])
+            rec["code"] = txn.get(u64(rec["generation"]) + key, db=db["codes"])
+            if with_blob:
+                rec["blob"] = txn.get(key, db=db["blobs"])
+            return rec
+
+        return self.env.read(read)
+
+    def blobs(self, ids: Iterable[str]) -> list[tuple[bytes, str] | None]:
+        """Image bytes and content type for each id (None where absent), from one snapshot."""
+        return self.env.read(lambda txn: [self.blob_in(txn, i.encode()) for i in ids])
+
+    def blob_in(self, txn, key: bytes) -> tuple[bytes, str] | None:
+        rec, blob = txn.get(key, db=self.env.db["items"]), txn.get(key, db=self.env.db["blobs"])
+        return None if rec is None or blob is None else (blob, json.loads(rec)["ctype"])

@@ -1,0 +1,68 @@
+"""Items: one transaction per batch, offsets with the data, overwrite semantics, learned codes."""
+
+import numpy as np
+import pytest
+
+from streamhash.errors import StoreError
+from streamhash.index.store import ItemWrite, Store
+from tests.index.store.support import items
+
+
+def test_batch_writes_items_codes_blobs_and_offsets_together(tmp_path):
+    s = Store(tmp_path, bits=32)
+    batch = items(10)
+    seqs = s.write_batch(batch, {("t", 0): 10, ("t", 1): 3})
+    assert seqs == list(range(1, 11))
+    assert s.count() == 10
+    assert s.offsets() == {("t", 0): 10, ("t", 1): 3}
+    rec = s.get_item("id5", with_blob=True)
+    assert rec["code"] == batch[5].code and rec["blob"] == batch[5].blob and rec["labels"] == [2]
+    assert s.get_item("id4")["labels"] is None
+    assert s.get_blobs(["id1", "nope"]) == [(b"b" * 100, "image/png"), None]
+    snap = s.snapshot()
+    assert snap.ids == [f"id{i}" for i in range(10)] and snap.seqs.tolist() == seqs
+    np.testing.assert_array_equal(snap.codes[3], np.frombuffer(batch[3].code, np.uint8))
+
+
+def test_resent_id_overwrites_and_moves_to_the_end(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(5))
+    again = items(2, seed=9)
+    s.write_batch(again, {("t", 0): 7})
+    assert s.count() == 5
+    snap = s.snapshot()
+    assert snap.ids == ["id2", "id3", "id4", "id0", "id1"]  # overwritten ids have new, later seqs
+    assert s.get_item("id0")["code"] == again[0].code
+    gen, _, changes = s.changes_since(5)
+    assert [c.id for c in changes] == ["id0", "id1"]
+    # the multi-index tables forget the old code and know the new one
+    with s.env.begin() as txn:
+        old = s.tables.candidates(txn, s.db["tables"], 1, items(1)[0].code, 1)
+        new = s.tables.candidates(txn, s.db["tables"], 1, again[0].code, 1)
+    assert 6 in new.tolist() and 1 not in old.tolist()
+
+
+def test_failed_transaction_leaves_nothing(tmp_path):
+    s = Store(tmp_path, bits=32)
+    bad = items(3) + [ItemWrite("short", b"\x00", b"x", "image/png", None)]
+    with pytest.raises(StoreError, match="code of 1 bytes"):
+        s.write_batch(bad, {("t", 0): 4})
+    assert s.count() == 0 and s.offsets() == {}
+
+
+def test_learned_codes_replace_provisional_ones_with_new_seqs(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3))
+    assert s.put_codes(["id1", "gone"], np.full((2, 4), 5, np.uint8), model_version=3) == [4]
+    gen, model_version, changes = s.changes_since(3)
+    assert (gen, model_version) == (1, 3)
+    assert [(c.id, c.code, c.ts) for c in changes] == [("id1", bytes([5] * 4), None)]  # not a fresh message
+    assert s.count() == 3
+
+
+def test_learned_codes_and_the_inferring_model_are_recorded(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3), model_version=4)
+    s.put_codes(["id1"], np.zeros((1, 4), np.uint8), model_version=5)
+    assert s.snapshot().learned.tolist() == [False, False, True]  # id1 moved to the end with its new seq
+    assert s.get_item("id0")["model"] == 4
