@@ -16,8 +16,9 @@ Key: generation (8 B) + table number (1 B) + substring value (``ceil(bits/m/8)``
 Value: seq (8 B big-endian), one duplicate per item (``dupsort`` + ``dupfixed``), which lets a
 whole probe set be read in one ``getmulti`` call (LMDB's GET_MULTIPLE pages of duplicates).
 
-Whether to probe tables or scan all codes is :func:`choose_radius_strategy`'s call, from a cost
-model calibrated by ``benchmarks/bench_multihash.py``.
+:class:`~streamhash.index.radius.RadiusIndex` composes the tables with the in-memory index that
+verifies their candidates; whether to probe tables or scan all codes is
+:func:`choose_radius_strategy`'s call, from a cost model calibrated by ``benchmarks/bench_multihash.py``.
 
 >>> t = MultiHashTables(16, 2)
 >>> t.substrings(bytes([0xAB, 0xCD]))

@@ -35,7 +35,7 @@ from streamhash.codes import from_hex, to_hex
 from streamhash.config import Settings
 from streamhash.errors import BadQueryError, RecordRejected
 from streamhash.index.live import Generation, LiveIndex
-from streamhash.index.multihash import choose_radius_strategy, verify
+from streamhash.index.radius import RadiusIndex
 from streamhash.index.store import Store
 from streamhash.memory import pin_malloc_mmap_threshold
 from streamhash.model.hashnet import HashNet
@@ -256,28 +256,13 @@ async def _parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
         raise BadQueryError(f"image_base64 is not valid base64: {exc}") from None
 
 
-def _radius_search(store: Store, g: Generation, q: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """(D, seqs) within ``radius`` (strict), sorted by (distance, seq): multi-index tables or a flat scan,
-    whichever the cost model expects to be cheaper. Both answer from this generation's in-memory codes."""
-    strategy = choose_radius_strategy(g.index.ntotal, store.bits, store.tables.m, radius, backend=g.index.backend)
-    if strategy == "tables":
-        with store.env.begin() as txn:
-            if int(store.read_meta(txn)["generation"]) == g.generation:  # tables of a replaced generation may be gone
-                lims, seqs = store.tables.candidates_batch(txn, store.db["tables"], g.generation, q[None], radius)
-                codes, found = g.index.reconstruct_batch(seqs)  # not yet applied here = not visible yet
-                lims = np.array([0, int(found.sum())], np.int64)
-                _, D, I = verify(q[None], lims, seqs[found], codes[found], radius)
-                return D, I
-    _, D, I = g.index.range_search(q[None], radius)
-    return D, I
-
-
 def _rank(store: Store, g: Generation, q: np.ndarray, k: int, radius: int | None) -> list[Hit]:
+    index = RadiusIndex.over_store(g.index, store, g.generation)
     if radius is None:
-        D, I = g.index.search(q[None], k)
+        D, I = index.search(q[None], k)
         pairs = [(int(d), int(i)) for d, i in zip(D[0], I[0]) if i >= 0]
     else:
-        D, I = _radius_search(store, g, q, radius)
+        _, D, I = index.range_search(q[None], radius)
         pairs = [(int(d), int(i)) for d, i in zip(D[:k], I[:k])]
     hits = []
     for (d, _), got in zip(pairs, g.resolve([s for _, s in pairs])):  # one LMDB read for all hits
