@@ -29,6 +29,7 @@ import numpy as np
 
 from streamhash import metrics as m
 from streamhash.errors import StoreError
+from streamhash.index.store import GenerationBuilder
 from streamhash.learn.online import OnlineHasher
 from streamhash.model.hashnet import HashNet
 from streamhash.records import ImageRecord, decode_image
@@ -127,24 +128,14 @@ class LearnerThread(threading.Thread):
         return np.concatenate(parts) if parts else np.zeros((0, self.store.code_bytes), np.uint8)
 
     def reencode(self, net: HashNet, version: int) -> None:
-        gen, watermark = self.store.begin_generation()
-        ids = self.store.snapshot().ids
-        for i in range(0, len(ids), self.chunk):
-            part = ids[i:i + self.chunk]
-            self.store.put_generation_codes(gen, part, self._encode_ids(net, part))
-        for _ in range(self.catch_up_rounds):  # items ingested while building; the window shrinks each time
-            missing = self.store.ids_missing_from(gen, watermark)
-            if not missing:
-                break
-            self.store.put_generation_codes(gen, missing, self._encode_ids(net, missing))
-
         def encode_blobs(blobs) -> np.ndarray:  # the stragglers, inside the swap transaction
             return net.encode(np.stack([decode_image(b, ctype, self.spec) for b, ctype in blobs]))
 
-        old = self.store.swap_generation(gen, version, [], np.zeros((0, self.store.code_bytes), np.uint8),
-                                         after_seq=watermark, encode_blobs=encode_blobs)
-        self.state.publish(net, version=version, generation=gen)
-        self.store.drop_generation(old)
+        builder = GenerationBuilder(self.store, encode_ids=lambda ids: self._encode_ids(net, ids), encode_blobs=encode_blobs,
+                                    chunk=self.chunk, catch_up_rounds=self.catch_up_rounds)
+        gen = builder.build(version)
+        self.state.publish(net, version=version, generation=gen)  # before the drop: ingestion leaves the old one first
+        builder.drop_replaced()
         snap = self.store.snapshot()
         self.hasher.apply_reencode(snap.ids, snap.codes)
         m.INDEX_GENERATION.labels(process="worker").set(gen)

@@ -8,7 +8,7 @@ One :class:`Store` per shard, over parts that each own one piece of it:
 - :mod:`.changes`: the followers' reads through the change log;
 - :mod:`.offsets`: Kafka offsets and topic ids, committed with the items;
 - :mod:`.models`: versioned networks;
-- :mod:`.generations`: re-encodes, built beside the live generation and swapped in.
+- :mod:`.generations`: re-encodes, built beside the live generation and swapped in (:class:`GenerationBuilder`).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import numpy as np
 
 from streamhash.index.store.changes import Change, ChangeLog, Snapshot
 from streamhash.index.store.env import Environment
-from streamhash.index.store.generations import Generations
+from streamhash.index.store.generations import GenerationBuilder, Generations
 from streamhash.index.store.items import Items, ItemWrite
 from streamhash.index.store.layout import DB_NAMES, SCHEMA_VERSION, from_u64, init_meta, offset_key, u64
 from streamhash.index.store.models import Models
 from streamhash.index.store.offsets import Offsets
 
-__all__ = ["DB_NAMES", "SCHEMA_VERSION", "Change", "ItemWrite", "Snapshot", "Store",
+__all__ = ["DB_NAMES", "SCHEMA_VERSION", "Change", "GenerationBuilder", "ItemWrite", "Snapshot", "Store",
            "from_u64", "offset_key", "u64"]
 
 
@@ -144,7 +144,7 @@ class Store:
     def get_model(self, version: int | None = None) -> tuple[int, bytes | None]:
         return self.models.get(version)
 
-    # generations
+    # generations: GenerationBuilder drives these; the steps stay here for tests and tools
     def begin_generation(self) -> tuple[int, int]:
         return self.generations.begin()
 
@@ -162,4 +162,5 @@ class Store:
         return self.generations.drop(gen, chunk)
 
     def abandon_pending_generation(self) -> int | None:
-        return self.generations.abandon_pending()
+        """Start-up clean-up after a crash; returns the half-built generation it dropped, if any."""
+        return self.generations.clean_up_after_crash()

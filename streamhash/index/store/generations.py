@@ -3,21 +3,33 @@
 ``meta.generation`` is the live generation g, the one every reader uses; ``meta.pending_generation``
 is g+1 while a re-encode builds it. Writes during a build keep going to g; overwriting an item drops
 its code from both (:func:`~streamhash.index.store.items.live_generations`), so g+1 learns of it by
-the item's missing code and catches it up before the swap. The learner's re-encode drives the
-whole protocol; the steps are here.
+the item's missing code and catches it up before the swap. :class:`GenerationBuilder` drives the
+whole protocol; the steps are here. As a state machine (the two meta keys, and which generations hold codes):
+
+    live g                --begin-->                         building g+1 beside g
+    building g+1          --put codes, catch up-->           building g+1
+    building g+1          --swap-->                          live g+1, g replaced  (one transaction: the stragglers
+                                                             encoded in it; refused while any item lacks a code)
+    live g+1, g replaced  --drop g-->                        live g+1
+    building g+1          --failure (abandon), crash (start-up clean-up)-->  live g
+    live g+1, g replaced  --crash (start-up clean-up)-->     live g+1
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamhash.errors import StoreError
 from streamhash.index.store.env import Environment
 from streamhash.index.store.items import Items
-from streamhash.index.store.layout import u64
+from streamhash.index.store.layout import from_u64, u64
+
+if TYPE_CHECKING:
+    from streamhash.index.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +130,87 @@ class Generations:
                     break
         return dropped
 
-    def abandon_pending(self) -> int | None:
-        """Drop a generation a crashed re-encode left half built (its codes and table rows); return it."""
-        gen = self.env.read_meta().get("pending_generation")
+    def abandon(self, gen: int) -> int:
+        """Drop a pending generation that will not be swapped in, and stop building it; returns entries dropped."""
+        dropped = self.drop(gen)
+
+        def txn_fn(txn):
+            if self.env.read_meta(txn).get("pending_generation") == gen:
+                self.env.put_meta(txn, {"pending_generation": None})
+
+        self.env.write(txn_fn)
+        return dropped
+
+    def clean_up_after_crash(self) -> int | None:
+        """At start-up: drop a generation a re-encode left half built (returned), and what remains of one
+        it swapped out but had not dropped yet."""
+        meta = self.env.read_meta()
+        for old in self._replaced(int(meta["generation"])):
+            log.warning("dropped generation %d, replaced before a crash (%d entries)", old, self.drop(old))
+        gen = meta.get("pending_generation")
         if not gen:
             return None
-        dropped = self.drop(int(gen))
-        self.env.write(lambda txn: self.env.put_meta(txn, {"pending_generation": None}))
-        log.warning("dropped generation %d left half built by an interrupted re-encode (%d entries)", gen, dropped)
+        log.warning("dropped generation %d left half built by an interrupted re-encode (%d entries)", gen, self.abandon(gen))
         return int(gen)
+
+    def _replaced(self, live: int) -> list[int]:
+        """Generations below ``live`` that still hold codes or table rows (keys start with the generation)."""
+
+        def read(txn):
+            found = set()
+            for name in ("codes", "tables"):
+                cur = txn.cursor(db=self.env.db[name])
+                ok = cur.first()
+                while ok and (g := from_u64(cur.key()[:8])) < live:
+                    found.add(g)
+                    ok = cur.set_range(u64(g + 1))  # skip to the next generation's first key
+            return sorted(found)
+
+        return self.env.read(read)
+
+
+class GenerationBuilder:
+    """One re-encode of a writable store: begin → put → catch up → swap → drop.
+
+    ``encode_ids(ids) -> codes`` encodes stored items by id, a chunk at a time, outside any transaction;
+    ``encode_blobs([(blob, content_type), ...]) -> codes`` encodes the few items ingested after the last
+    catch-up inside the swap transaction (None: the swap refuses them, and nothing is swapped).
+
+    A build that fails drops what it wrote. One a crash interrupted is dropped at start-up
+    (:meth:`Generations.clean_up_after_crash`), not resumed: its network never became current and
+    the restarted learner goes on from the current one, so finishing it would swap in codes of a
+    network nobody holds. The next re-encode starts over.
+    """
+
+    def __init__(self, store: Store, *, encode_ids, encode_blobs=None, chunk: int = 2048, catch_up_rounds: int = 3):
+        self.store, self.encode_ids, self.encode_blobs = store, encode_ids, encode_blobs
+        self.chunk, self.catch_up_rounds = chunk, catch_up_rounds
+        self.replaced: int | None = None  # swapped out, kept until drop_replaced: readers may still be on it
+
+    def build(self, model_version: int) -> int:
+        """Build the next generation from every stored item and make it live with ``model_version``; returns it."""
+        gens = self.store.generations
+        gen, watermark = gens.begin()
+        try:
+            ids = self.store.ids_after(0)
+            for i in range(0, len(ids), self.chunk):
+                self._put(gen, ids[i:i + self.chunk])
+            for _ in range(self.catch_up_rounds):  # items ingested while building; the window shrinks each time
+                missing = gens.ids_missing(gen, watermark)
+                if not missing:
+                    break
+                self._put(gen, missing)
+            no_codes = np.zeros((0, self.store.code_bytes), np.uint8)
+            self.replaced = gens.swap(gen, model_version, [], no_codes, after_seq=watermark, encode_blobs=self.encode_blobs)
+        except Exception:
+            gens.abandon(gen)
+            raise
+        return gen
+
+    def _put(self, gen: int, ids: list[str]) -> None:
+        self.store.generations.put_codes(gen, ids, self.encode_ids(ids))
+
+    def drop_replaced(self) -> int:
+        """Drop the generation the swap replaced (once the ingest path encodes for the new one); returns entries dropped."""
+        dropped, self.replaced = self.store.generations.drop(self.replaced), None
+        return dropped

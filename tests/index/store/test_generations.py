@@ -1,10 +1,14 @@
 """Generations: built beside the live one, caught up, swapped atomically, dropped; cleaned up after a crash."""
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
 from streamhash.errors import StoreError
-from streamhash.index.store import ItemWrite, Store
+from streamhash.index.store import GenerationBuilder, ItemWrite, Store
 from tests.index.store.support import items
 
 
@@ -102,3 +106,110 @@ def test_swap_encodes_late_items_inside_its_transaction(tmp_path):
     assert seen == [(b"b" * 100, "image/png")] * 2
     assert s.get_item("late0")["code"] == bytes([9] * 4) and s.read_meta()["model_version"] == 7
 
+
+def holds_generation(s, gen) -> bool:
+    """Whether any code or hash-table row of ``gen`` is left."""
+    prefix = gen.to_bytes(8, "big")
+    with s.env.begin() as txn:
+        for db in ("codes", "tables"):
+            cur = txn.cursor(db=s.db[db])
+            if cur.set_range(prefix) and cur.key().startswith(prefix):
+                return True
+    return False
+
+
+class Encoder:
+    """``encode_ids`` for a builder: every code ``7``; ``during(call)`` runs before each call returns (the ingest
+    path writing meanwhile)."""
+
+    def __init__(self, during=lambda call: None):
+        self.calls, self.during = [], during
+
+    def __call__(self, ids):
+        self.calls.append(list(ids))
+        self.during(len(self.calls))
+        return np.full((len(ids), 4), 7, np.uint8)
+
+
+def test_builder_catches_up_items_written_during_the_build(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(6))
+    writes = {1: [ItemWrite("late0", bytes(4), b"x", "image/png", None)],  # a new item during the first chunk
+              2: [ItemWrite("id0", bytes(4), b"x", "image/png", (1,))],  # an overwrite of an item already encoded
+              3: [ItemWrite("late1", bytes(4), b"y", "image/jpeg", None)]}  # during the catch-up: a straggler
+    encode_ids, stragglers = Encoder(lambda call: s.write_batch(writes.get(call, []))), []
+
+    def encode_blobs(blobs):
+        stragglers.extend(blobs)
+        return np.full((len(blobs), 4), 9, np.uint8)
+
+    builder = GenerationBuilder(s, encode_ids=encode_ids, encode_blobs=encode_blobs, chunk=4, catch_up_rounds=1)
+    assert builder.build(5) == 2
+    assert encode_ids.calls == [["id0", "id1", "id2", "id3"], ["id4", "id5"], ["late0", "id0"]]
+    assert stragglers == [(b"y", "image/jpeg")]
+    snap = s.snapshot()
+    assert (snap.generation, snap.model_version) == (2, 5) and s.read_meta()["pending_generation"] is None
+    assert {i: bytes(c).hex() for i, c in zip(snap.ids, snap.codes)} == {
+        **{f"id{i}": "07070707" for i in range(6)}, "late0": "07070707", "late1": "09090909"}
+    assert s.ids_missing_from(2) == [] and builder.replaced == 1
+    with s.env.begin() as txn:
+        found = s.tables.candidates(txn, s.db["tables"], 2, bytes([7] * 4), 1)
+    assert sorted(snap.ids[i] for i in np.searchsorted(snap.seqs, found)) == sorted(f"id{i}" for i in range(6)) + ["late0"]
+    assert builder.drop_replaced() > 0 and builder.replaced is None
+    assert not holds_generation(s, 1) and holds_generation(s, 2)
+
+
+@pytest.mark.parametrize("gap", ["a straggler and no encode_blobs", "an item the encoder skipped"])
+def test_builder_swap_refuses_an_incomplete_generation_and_drops_it(tmp_path, gap):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(4))
+    before = s.snapshot()
+    if gap == "an item the encoder skipped":  # before the watermark: no catch-up looks for it
+        encode_ids, encode_blobs = (lambda ids: np.full((len(ids) - 1, 4), 7, np.uint8)), (lambda blobs: np.zeros((len(blobs), 4), np.uint8))
+    else:
+        encode_ids = Encoder(lambda call: s.write_batch(items(1, prefix=f"late{call}-")))  # ingestion never stops
+        encode_blobs = None
+    builder = GenerationBuilder(s, encode_ids=encode_ids, encode_blobs=encode_blobs, catch_up_rounds=2)
+    with pytest.raises(StoreError, match="has no code in generation 2"):
+        builder.build(5)
+    snap = s.snapshot()
+    assert (snap.generation, snap.model_version) == (1, 0) and s.read_meta()["pending_generation"] is None
+    np.testing.assert_array_equal(snap.codes[:4], before.codes)
+    assert not holds_generation(s, 2) and builder.replaced is None
+
+
+def test_a_build_interrupted_by_a_crash_leaves_nothing_after_start_up_clean_up(tmp_path):
+    code = textwrap.dedent(f"""
+        import os, numpy as np
+        from streamhash.index.store import GenerationBuilder, ItemWrite, Store
+        s = Store({str(tmp_path)!r}, bits=32)
+        s.write_batch([ItemWrite(f"id{{i}}", bytes([i] * 4), b"x", "image/png", None) for i in range(6)])
+        calls = []
+        def encode_ids(ids):
+            calls.append(ids)
+            if len(calls) == 2:
+                os._exit(9)  # killed half way: the first chunk's codes and table rows are in generation 2
+            return np.full((len(ids), 4), 7, np.uint8)
+        GenerationBuilder(s, encode_ids=encode_ids, encode_blobs=None, chunk=3).build(5)
+    """)
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 9
+    s = Store(tmp_path, bits=32)
+    assert s.read_meta()["pending_generation"] == 2 and holds_generation(s, 2)
+    assert s.abandon_pending_generation() == 2
+    assert s.read_meta()["pending_generation"] is None and not holds_generation(s, 2)
+    snap = s.snapshot()
+    assert snap.generation == 1 and [bytes(c) for c in snap.codes] == [bytes([i] * 4) for i in range(6)]
+    assert GenerationBuilder(s, encode_ids=Encoder()).build(6) == 2  # the next re-encode starts over
+
+
+def test_a_crash_between_swap_and_drop_is_cleaned_up_at_start_up(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(5))
+    assert GenerationBuilder(s, encode_ids=Encoder()).build(3) == 2
+    s.close()  # the crash: generation 1 was swapped out but never dropped
+    s = Store(tmp_path, bits=32)
+    assert holds_generation(s, 1)
+    assert s.abandon_pending_generation() is None
+    assert not holds_generation(s, 1) and holds_generation(s, 2)
+    snap = s.snapshot()
+    assert (snap.generation, snap.model_version, len(snap.ids)) == (2, 3, 5) and (snap.codes == 7).all()
