@@ -14,8 +14,6 @@ goes through the same checks as an ingested one (:func:`streamhash.records.decod
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import threading
 import time
@@ -25,9 +23,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamhash import __version__
 from streamhash import metrics as m
@@ -40,43 +36,11 @@ from streamhash.index.store import Store
 from streamhash.memory import pin_malloc_mmap_threshold
 from streamhash.model.hashnet import HashNet
 from streamhash.records import MAX_KEY_BYTES, ImageSpec, content_type_of, decode_image
+from streamhash.services.http_api import (
+    CountResponses, Hit, PayloadTooLarge, SearchRequest, SearchResponse, bounded_request, max_body_bytes, parse_search,
+)
 
 log = logging.getLogger("streamhash.query")
-
-_BODY_SLACK_BYTES = 64 * 1024  # JSON fields, multipart boundaries and part headers around the image
-
-
-def max_body_bytes(settings: Settings) -> int:
-    """The largest ``/search`` body: the largest image the contract accepts, base64-encoded, plus room for the rest."""
-    return settings.store.max_value_bytes * 4 // 3 + _BODY_SLACK_BYTES
-
-
-class PayloadTooLarge(HTTPException):
-    def __init__(self, detail: str):
-        super().__init__(413, detail)
-
-
-class SearchRequest(BaseModel):
-    image_base64: str | None = Field(None, description="PNG/JPEG/.npy bytes, base64-encoded")
-    code_hex: str | None = Field(None, description="a packed code as hex, bits/4 digits")
-    k: int = Field(10, ge=1, description="number of neighbours")
-    radius: int | None = Field(None, ge=0, description="only neighbours at Hamming distance < radius (strict)")
-
-
-class Hit(BaseModel):
-    id: str
-    distance: int
-    labels: list[int] | None
-
-
-class SearchResponse(BaseModel):
-    results: list[Hit]
-    model_version: int
-    generation: int
-    index_size: int
-    code_hex: str
-    took_ms: float
-
 
 class QueryEncoder:
     """Encodes query images with exactly the model version a generation was built with."""
@@ -121,7 +85,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
     app = FastAPI(title="streamhash query", version=__version__, lifespan=lifespan,
                   description="Hamming ranking over the live streamhash index.")
     app.state.live, app.state.store = live, store
-    app.add_middleware(_CountResponses, path="/search")
+    app.add_middleware(CountResponses, path="/search")
 
     @app.exception_handler(BadQueryError)
     def _bad_query(_request: Request, exc: BadQueryError):
@@ -135,7 +99,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         }, "required": True}})
     async def search(request: Request) -> SearchResponse:
         t0 = time.perf_counter()
-        req, image = await _parse_search(await _bounded_request(request, body_limit))
+        req, image = await parse_search(await bounded_request(request, body_limit))
         if req.k > settings.server.max_k:
             raise BadQueryError(f"k={req.k} exceeds the limit of {settings.server.max_k}")
         g: Generation = live.current  # one generation for the whole query
@@ -179,83 +143,6 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
     return app
 
 
-class _CountResponses:
-    """Counts every response on ``path`` in ``streamhash_queries_total`` by status, whoever produced it: the
-    handler, an exception handler, routing (405), or Starlette's 500 page after an unhandled exception."""
-
-    def __init__(self, app: ASGIApp, path: str):
-        self.app, self.path = app, path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
-            await self.app(scope, receive, send)
-            return
-        status: int | None = None
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        except Exception:
-            # ServerErrorMiddleware, outside this one, turns it into a 500 unless a response had started
-            m.QUERIES.labels(endpoint=self.path, status=str(status or 500)).inc()
-            raise
-        m.QUERIES.labels(endpoint=self.path, status=str(status)).inc()
-
-
-async def _bounded_request(request: Request, limit: int) -> Request:
-    """The request with its body read, refusing (413) a body past ``limit`` bytes without holding more than that."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isascii() or not declared.isdigit():
-            raise BadQueryError(f"bad Content-Length header {declared[:40]!r}")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the {limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    body, replayed = b"".join(chunks), False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if replayed:  # after the body, a receive waits for the disconnect as usual
-            return await request.receive()
-        replayed = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return Request(request.scope, replay)  # form() and body() read the bytes already here
-
-
-async def _parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
-    ctype = request.headers.get("content-type", "")
-    try:
-        if ctype.startswith("multipart/form-data"):
-            async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload
-                upload = form.get("image")
-                if upload is None or isinstance(upload, str):
-                    raise BadQueryError("multipart search needs an `image` file field")
-                req = SearchRequest(k=form.get("k", 10), radius=form.get("radius"))
-                return req, await upload.read()
-        req = SearchRequest.model_validate_json(await request.body())
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
-        raise BadQueryError(f"bad search request: {exc}") from None
-    if (req.image_base64 is None) == (req.code_hex is None):
-        raise BadQueryError("give exactly one of image_base64 or code_hex")
-    if req.image_base64 is None:
-        return req, None
-    try:
-        return req, base64.b64decode(req.image_base64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadQueryError(f"image_base64 is not valid base64: {exc}") from None
-
-
 def _rank(store: Store, g: Generation, q: np.ndarray, k: int, radius: int | None) -> list[Hit]:
     index = RadiusIndex.over_store(g.index, store, g.generation)
     if radius is None:
@@ -276,14 +163,14 @@ def run(settings: Settings) -> int:
     """The query server process: serve HTTP until stopped; returns its exit code."""
     import uvicorn
 
-    from streamhash.errors import StoreError
+    from streamhash.errors import EXIT_USAGE, StoreError
 
     pin_malloc_mmap_threshold()
     settings.log_startup("streamhash serve")
     import torch
 
     torch.set_num_threads(settings.model.torch_threads)  # two OpenMP pools on 2 cores: 0.5 ms encode became 40 ms
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + settings.server.store_wait_s
     while True:  # the worker may not have created the store yet
         try:
             store = Store(settings.store.path, readonly=True)
@@ -291,7 +178,7 @@ def run(settings: Settings) -> int:
         except StoreError as exc:
             if time.monotonic() > deadline:
                 log.error("%s", exc)
-                return 2
+                return EXIT_USAGE
             time.sleep(0.5)
     app = create_app(settings, store)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning", access_log=False)

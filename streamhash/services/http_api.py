@@ -1,0 +1,130 @@
+"""The query server's HTTP contract: request and response models, the body limit, response counting.
+
+A ``/search`` body larger than :func:`max_body_bytes` is refused with 413 before it is read into
+memory (``Content-Length`` first, then while streaming a chunked body); every ``/search`` response
+is counted in ``streamhash_queries_total`` by status, 5xx included.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from fastapi import HTTPException, Request
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from streamhash import metrics as m
+from streamhash.config import Settings
+from streamhash.errors import BadQueryError
+
+_BODY_SLACK_BYTES = 64 * 1024  # JSON fields, multipart boundaries and part headers around the image
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """The largest ``/search`` body: the largest image the contract accepts, base64-encoded, plus room for the rest."""
+    return settings.store.max_value_bytes * 4 // 3 + _BODY_SLACK_BYTES
+
+
+class PayloadTooLarge(HTTPException):
+    def __init__(self, detail: str):
+        super().__init__(413, detail)
+
+
+class SearchRequest(BaseModel):
+    image_base64: str | None = Field(None, description="PNG/JPEG/.npy bytes, base64-encoded")
+    code_hex: str | None = Field(None, description="a packed code as hex, bits/4 digits")
+    k: int = Field(10, ge=1, description="number of neighbours")
+    radius: int | None = Field(None, ge=0, description="only neighbours at Hamming distance < radius (strict)")
+
+
+class Hit(BaseModel):
+    id: str
+    distance: int
+    labels: list[int] | None
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    model_version: int
+    generation: int
+    index_size: int
+    code_hex: str
+    took_ms: float
+
+
+class CountResponses:
+    """Counts every response on ``path`` in ``streamhash_queries_total`` by status, whoever produced it: the
+    handler, an exception handler, routing (405), or Starlette's 500 page after an unhandled exception."""
+
+    def __init__(self, app: ASGIApp, path: str):
+        self.app, self.path = app, path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        except Exception:
+            # ServerErrorMiddleware, outside this one, turns it into a 500 unless a response had started
+            m.QUERIES.labels(endpoint=self.path, status=str(status or 500)).inc()
+            raise
+        m.QUERIES.labels(endpoint=self.path, status=str(status)).inc()
+
+
+async def bounded_request(request: Request, limit: int) -> Request:
+    """The request with its body read, refusing (413) a body past ``limit`` bytes without holding more than that."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isascii() or not declared.isdigit():
+            raise BadQueryError(f"bad Content-Length header {declared[:40]!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    body, replayed = b"".join(chunks), False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:  # after the body, a receive waits for the disconnect as usual
+            return await request.receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, replay)  # form() and body() read the bytes already here
+
+
+async def parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
+    ctype = request.headers.get("content-type", "")
+    try:
+        if ctype.startswith("multipart/form-data"):
+            async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload
+                upload = form.get("image")
+                if upload is None or isinstance(upload, str):
+                    raise BadQueryError("multipart search needs an `image` file field")
+                req = SearchRequest(k=form.get("k", 10), radius=form.get("radius"))
+                return req, await upload.read()
+        req = SearchRequest.model_validate_json(await request.body())
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise BadQueryError(f"bad search request: {exc}") from None
+    if (req.image_base64 is None) == (req.code_hex is None):
+        raise BadQueryError("give exactly one of image_base64 or code_hex")
+    if req.image_base64 is None:
+        return req, None
+    try:
+        return req, base64.b64decode(req.image_base64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadQueryError(f"image_base64 is not valid base64: {exc}") from None
