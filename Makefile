@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FMNIST := data/fashion-mnist
 
-.PHONY: demo test install data test-tools bench eval clean
+.PHONY: demo test test-quick install data test-tools bench eval clean
 
 demo: install data
 	$(BIN)/streamhash demo
@@ -12,6 +12,10 @@ demo: install data
 test: install test-tools
 	-@$(MAKE) --no-print-directory data  # the demo's own test skips if the dataset cannot be had
 	$(BIN)/python -m pytest
+
+# The edit-test loop: unit tests, doctests and in-process server tests; no broker, no processes.
+test-quick: install
+	$(BIN)/python -m pytest -m "not slow"
 
 # torch first and pinned: the CPU wheel already on these machines. An open range pulls GBs of CUDA.
 install: $(VENV)/.installed

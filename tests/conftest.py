@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import numpy as np
@@ -15,12 +14,11 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     skip_gpu = pytest.mark.skip(reason="needs CUDA; none on this machine")
-    skip_slow = pytest.mark.skip(reason="slow; set STREAMHASH_SLOW=1 to run")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and not os.environ.get("STREAMHASH_SLOW"):
-            item.add_marker(skip_slow)
+        if "integration" in item.keywords:  # real processes: `make test-quick` (-m "not slow") leaves them out
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
