@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml setup.py streamhash/index/_hamming.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,eval]'
+	$(BIN)/pip install -q -e '.[test,eval,natural]'
 	touch $@
 
 # Fashion-MNIST: the Debian package's files, unpacked into ./data (no root needed, no system change).
@@ -40,11 +40,15 @@ $(FMNIST)/t10k-labels-idx1-ubyte.gz:
 	@test -f $@ || { echo "Fashion-MNIST not found and could not be fetched. Download the four *-ubyte.gz files"; \
 		echo "from https://github.com/zalandoresearch/fashion-mnist into $(FMNIST)/ and run make demo again."; exit 1; }
 
-# promtool/prometheus for the deploy tests; they skip with a reason where this cannot install them.
+# promtool/prometheus for the deploy tests, Debian's chromium + chromedriver for the search page's
+# browser test; each skips with a reason where this cannot install them (not root, no apt).
 test-tools:
 	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		(apt-get install -y -qq prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null 2>&1)) \
 		|| echo "promtool not installed: deploy config tests will be skipped"; }
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
+		|| echo "chromium not installed: the browser test will be skipped"; }
 
 bench: install data
 	$(BIN)/pip install -q -e '.[bench]'
