@@ -8,6 +8,7 @@ FMNIST := data/fashion-mnist
 
 demo: install data
 	$(BIN)/streamhash demo
+	@echo "To explore it in a browser: $(BIN)/streamhash demo --serve  (prints the search page URL; Ctrl-C stops everything)"
 
 test: install test-tools
 	-@$(MAKE) --no-print-directory data  # the demo's own test skips if the dataset cannot be had

@@ -147,8 +147,9 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", dest="demo.probes", type=int, help="freshness probes (default 50)")
     p.add_argument("--bits", dest="model.bits", type=int)
     p.add_argument("--workdir", dest="demo.workdir", help="wiped at start: broker log, index, process logs (default var/demo)")
-    p.add_argument("--keep-running", dest="demo.keep_running", action="store_const", const=True,
-                   help="keep the system up after the summary")
+    p.add_argument("--serve", "--keep-running", dest="demo.keep_running", action="store_const", const=True,
+                   help="after the summary, keep broker, worker, learner and query server running (the search page "
+                        "is at the printed URL) until Ctrl-C, then stop them all")
     p.add_argument("--json", dest="demo.json_summary", action="store_const", const=True,
                    help="end with the summary as one JSON object")
     p.add_argument("--quiet", dest="demo.quiet", action="store_const", const=True)

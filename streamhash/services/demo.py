@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -150,22 +152,39 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
             "reencodes": int(wm.get("streamhash_reencode_triggers_total", 0)),
             "index_mi": round(wm.get("streamhash_index_mi", 0.0), 4), "candidate_mi": round(wm.get("streamhash_candidate_mi", 0.0), 4),
             "metrics_urls": [worker_url, f"{server}/metrics"], "search_url": f"{server}/search", "docs_url": f"{server}/docs",
+            "page_url": f"{server}/",
             "bootstrap_servers": settings.kafka.bootstrap_servers,
         }
         if keep_running:
             print_summary(summary)
-            print("\nrunning; Ctrl-C to stop")
-            try:
-                while all(p.poll() is None for p in procs):
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                pass
+            print(f"\nsearch page: {summary['page_url']}   (broker, worker with its learner, query server keep running; Ctrl-C stops them all)",
+                  flush=True)
+            _serve_until_interrupted(procs)
         return summary
     finally:
         for p in reversed(procs):
             stop(p)
         if broker is not None:
             broker.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _serve_until_interrupted(procs) -> None:
+    """Ctrl-C or SIGTERM ends the wait; the caller stops every process it started (they run in their
+    own sessions, so a terminal's Ctrl-C reaches only us). A process that dies ends it too."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        dead = [p.args[-1] for p in procs if p.poll() is not None]
+        print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_summary(s: dict) -> None:
@@ -185,8 +204,6 @@ streamhash demo: {s['produced']} Fashion-MNIST images + {s['malformed_sent']} ma
 
 def run(settings: Settings) -> int:
     """``streamhash demo``: returns the process exit code."""
-    import sys
-
     d = settings.demo
     quiet = d.quiet or d.json_summary
     setup_logging("WARNING" if quiet else settings.log_level)

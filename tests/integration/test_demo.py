@@ -33,3 +33,37 @@ def test_demo_json_summary(tmp_path):
         assert summary[key] > 0, key
     assert summary["freshness_probes"] == 10 and summary["queries"] == 40
     assert summary["precision_at_10"] > 0.2  # random ranking on 10 classes gives ~0.1
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make data)")
+def test_demo_serve_stays_up_until_ctrl_c_then_stops_everything(tmp_path):
+    """Every URL the demo printed used to be dead by the time a user read it."""
+    import os
+    import re
+    import signal
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamhash", "demo", "--serve", "--limit", "600", "--queries", "10", "--probes", "3",
+         "--workdir", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    page, lines, deadline = None, [], time.monotonic() + 240
+    while page is None and time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+        lines.append(line)
+        m = re.search(r"search page: (http://\S+)", line)
+        page = m.group(1) if m else None
+    assert page, "".join(lines)[-3000:]
+    time.sleep(2)  # still up some time after the summary
+    assert httpx.get(page + "healthz").json()["index_size"] >= 600
+    worker_pid = int((tmp_path / "demo" / "index" / "writer.lock").read_text().split()[1])
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+    assert proc.wait(timeout=60) == 0
+    try:
+        httpx.get(page + "healthz", timeout=1)
+        raise AssertionError("the query server is still up")
+    except httpx.HTTPError:
+        pass
+    assert not os.path.exists(f"/proc/{worker_pid}")
