@@ -10,7 +10,7 @@ ids being the store's seqs, which increase with insertion.
 The tables live in LMDB beside the codes; the index reaches them through a ``candidates(generation,
 queries, radius)`` callable returning ``(lims, seqs)``, or None when the tables cannot answer for
 that generation (a re-encode replaced it, and its tables may be gone): then it scans.
-:func:`store_candidates` is that callable for a :class:`~streamhash.index.store.Store`.
+:meth:`Store.table_candidates <streamhash.index.store.Store.table_candidates>` is that callable.
 
 >>> import numpy as np
 >>> from streamhash.index.backends import make_index
@@ -24,7 +24,6 @@ that generation (a re-encode replaced it, and its tables may be gone): then it s
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 
@@ -32,18 +31,6 @@ from streamhash.index.hamming import BinaryIndex
 from streamhash.index.multihash import choose_radius_strategy, verify
 
 Candidates = Callable[[int, np.ndarray, int], "tuple[np.ndarray, np.ndarray] | None"]
-
-
-def store_candidates(store, generation: int, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The tables' candidates (lims, seqs) of the store's live generation, or None if ``generation`` is not it.
-
-    The method the store would own: it reads the store's environment, meta and tables in one read
-    transaction, so the generation checked is the one probed.
-    """
-    with store.env.begin() as txn:
-        if int(store.read_meta(txn)["generation"]) != generation:  # tables of a replaced generation may be gone
-            return None
-        return store.tables.candidates_batch(txn, store.db["tables"], generation, queries, radius)
 
 
 class RadiusIndex:
@@ -56,8 +43,8 @@ class RadiusIndex:
 
     @classmethod
     def over_store(cls, flat: BinaryIndex, store, generation: int) -> RadiusIndex:
-        """``flat``, a generation of ``store``, composed with that store's tables (:func:`store_candidates`)."""
-        return cls(flat, partial(store_candidates, store), generation=generation, m=store.tables.m)
+        """``flat``, a generation of ``store``, composed with that store's tables (``Store.table_candidates``)."""
+        return cls(flat, store.table_candidates, generation=generation, m=store.tables.m)
 
     @property
     def d(self) -> int:

@@ -8,7 +8,7 @@ import streamhash.index.radius as radius_mod
 import streamhash.services.query as query
 from streamhash.codes import hamming_brute
 from streamhash.index.live import LiveIndex
-from streamhash.index.radius import RadiusIndex, store_candidates
+from streamhash.index.radius import RadiusIndex
 from streamhash.index.store import ItemWrite, Store
 
 
@@ -33,13 +33,15 @@ def force(monkeypatch):
     """force(strategy) makes the cost model answer ``strategy``; returns the list of tables lookups made."""
     calls = []
 
+    real = Store.table_candidates
+
     def candidates(store, generation, queries, radius):
         calls.append(generation)
-        return store_candidates(store, generation, queries, radius)
+        return real(store, generation, queries, radius)
 
     def force_(strategy):
         monkeypatch.setattr(radius_mod, "choose_radius_strategy", lambda *a, **k: strategy)
-        monkeypatch.setattr(radius_mod, "store_candidates", candidates)
+        monkeypatch.setattr(Store, "table_candidates", candidates)
         return calls
 
     return force_
@@ -105,8 +107,8 @@ def test_a_replaced_generation_is_scanned(tmp_path, monkeypatch):
     codes = rng.integers(0, 256, (500, 4), dtype=np.uint8)
     store.write_batch([ItemWrite(f"i{n}", c.tobytes(), b"", "image/png", None) for n, c in enumerate(codes)])
     g = LiveIndex(store).current
-    assert store_candidates(store, g.generation + 1, codes[:2], 5) is None
-    assert store_candidates(store, g.generation, codes[:2], 5) is not None
+    assert store.table_candidates(g.generation + 1, codes[:2], 5) is None
+    assert store.table_candidates(g.generation, codes[:2], 5) is not None
     monkeypatch.setattr(radius_mod, "choose_radius_strategy", lambda *a, **k: "tables")
     got = RadiusIndex(g.index, lambda *a: None, generation=g.generation, m=store.tables.m).range_search(codes[:3], 9)
     want = g.index.range_search(codes[:3], 9)
