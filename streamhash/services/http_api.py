@@ -34,6 +34,7 @@ class PayloadTooLarge(HTTPException):
 class SearchRequest(BaseModel):
     image_base64: str | None = Field(None, description="PNG/JPEG/.npy bytes, base64-encoded")
     code_hex: str | None = Field(None, description="a packed code as hex, bits/4 digits")
+    item_id: str | None = Field(None, description="a stored item: search by its code in the live generation; it comes first")
     k: int = Field(10, ge=1, description="number of neighbours")
     radius: int | None = Field(None, ge=0, description="only neighbours at Hamming distance < radius (strict)")
 
@@ -120,8 +121,8 @@ async def parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
         req = SearchRequest.model_validate_json(await request.body())
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise BadQueryError(f"bad search request: {exc}") from None
-    if (req.image_base64 is None) == (req.code_hex is None):
-        raise BadQueryError("give exactly one of image_base64 or code_hex")
+    if sum(v is not None for v in (req.image_base64, req.code_hex, req.item_id)) != 1:
+        raise BadQueryError("give exactly one of image_base64, code_hex or item_id")
     if req.image_base64 is None:
         return req, None
     try:

@@ -4,8 +4,10 @@ Opens the LMDB store read-only, keeps a :class:`~streamhash.index.live.LiveIndex
 and answers Hamming-ranking queries over HTTP. The query image is encoded with the model version
 that produced the generation being searched, and both numbers are in every response.
 
-Endpoints: ``POST /search`` (JSON: ``image_base64`` or ``code_hex``; or multipart: ``image`` file;
-``k``, optional ``radius``), ``GET /items/{id}``, ``GET /healthz``, ``GET /metrics``, ``/docs``.
+Endpoints: ``POST /search`` (JSON: ``image_base64``, ``code_hex`` or ``item_id``; or multipart: ``image``
+file; ``k``, optional ``radius``), ``GET /items/{id}``, ``GET /healthz``, ``GET /metrics``, ``/docs`` (assets
+served locally: it works offline); the search page and its routes (``/``, ``/items/{id}/image``,
+``/random``, ``/status``) are in :mod:`streamhash.services.web`.
 
 Anything a client sends is answered with 200 or a 4xx naming the problem: a ``/search`` body larger
 than :func:`max_body_bytes` is refused with 413 before it is read into memory, and a query image
@@ -21,6 +23,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -39,6 +42,7 @@ from streamhash.records import MAX_KEY_BYTES, ImageSpec, content_type_of, decode
 from streamhash.services.http_api import (
     CountResponses, Hit, PayloadTooLarge, SearchRequest, SearchResponse, bounded_request, max_body_bytes, parse_search,
 )
+from streamhash.services.web import LiveStatus, install
 
 log = logging.getLogger("streamhash.query")
 
@@ -75,17 +79,24 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
                              refresh_interval_s=settings.server.refresh_interval_s)
     encoder = QueryEncoder(store, ImageSpec.from_settings(settings))
     body_limit = max_body_bytes(settings)
+    status = LiveStatus(live)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        live.start()  # the follower thread runs exactly as long as the server
+        live.start()  # the follower and the sampler threads run exactly as long as the server
+        status.start()
         yield
+        status.stop()
         live.stop()
 
-    app = FastAPI(title="streamhash query", version=__version__, lifespan=lifespan,
-                  description="Hamming ranking over the live streamhash index.")
+    # /docs and /redoc load their scripts from this process (fastapi-offline's copy), not from a CDN;
+    # no validator badge either: Swagger UI would send the spec's URL to an outside validator
+    app = FastAPIOffline(title="streamhash query", version=__version__, lifespan=lifespan,
+                         description="Hamming ranking over the live streamhash index.",
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.live, app.state.store = live, store
     app.add_middleware(CountResponses, path="/search")
+    install(app, store, live, status)  # before /items/{item_id:path}, which would take /items/x/image
 
     @app.exception_handler(BadQueryError)
     def _bad_query(_request: Request, exc: BadQueryError):
@@ -109,10 +120,14 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
                 q = from_hex(req.code_hex, store.bits)
             except ValueError as exc:
                 raise BadQueryError(str(exc)) from None
+        elif req.item_id is not None:
+            q = await run_in_threadpool(_stored_code, store, g, req.item_id)
         else:
             # Encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
             q = await run_in_threadpool(encoder.encode, image, model_version)
         hits = await run_in_threadpool(_rank, store, g, q, req.k, req.radius)
+        if req.item_id is not None and (req.radius is None or req.radius > 0):
+            hits = _query_first(store, hits, req.item_id, req.k)
         took = time.perf_counter() - t0
         m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
         return SearchResponse(results=hits, model_version=model_version, generation=g.generation,
@@ -157,6 +172,30 @@ def _rank(store: Store, g: Generation, q: np.ndarray, k: int, radius: int | None
             item_id, labels = got
             hits.append(Hit(id=item_id, distance=d, labels=list(labels) if labels is not None else None))
     return hits
+
+
+def _stored_code(store: Store, g: Generation, item_id: str) -> np.ndarray:
+    """The item's code in generation ``g``: the one being searched, so the item is at distance 0 from itself."""
+    if not 0 < len(item_id.encode()) <= MAX_KEY_BYTES:
+        raise BadQueryError(f"an item id is 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {len(item_id.encode())} bytes")
+    rec = store.get_item(item_id)
+    if rec is None:
+        raise HTTPException(404, f"no item {item_id!r}")
+    try:
+        return g.index.reconstruct(rec["seq"])
+    except KeyError:  # written after g's last refresh: the store's code is right if it is of g
+        if rec["generation"] == g.generation and rec["code"]:
+            return np.frombuffer(rec["code"], np.uint8)
+    raise HTTPException(409, f"item {item_id!r} is not in generation {g.generation} yet; retry")
+
+
+def _query_first(store: Store, hits: list[Hit], item_id: str, k: int) -> list[Hit]:
+    """The query item first: ties at distance 0 come back in index order, and k of them may leave it out."""
+    own = [h for h in hits if h.id == item_id]
+    if not own:
+        labels = store.labels_of([item_id])[0]
+        own = [Hit(id=item_id, distance=0, labels=list(labels) if labels is not None else None)]
+    return (own + [h for h in hits if h.id != item_id])[:k]
 
 
 def run(settings: Settings) -> int:

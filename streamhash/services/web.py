@@ -1,0 +1,196 @@
+"""The query server's pages for people: the search page, stored images, a random item, the live status.
+
+``GET /`` is a plain HTML page (``static/``, no build step, no external URL) that searches through
+``POST /search`` and polls ``GET /status``. ``GET /items/{id}/image`` serves a stored image, or a
+PNG thumbnail with ``?size=N``; ``GET /random`` names a random item of the live generation.
+
+``/status`` is derived from this process's own view of the index, sampled every second
+(:class:`LiveStatus`): the ingest rate from the index size over time, learning rounds from model
+versions (each round publishes the next version), re-encodes from generation changes. The worker's
+metrics are its own: the query server never reads them.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from streamhash.index.live import Generation, LiveIndex, Resolved
+from streamhash.index.store import Store
+from streamhash.records import MAX_KEY_BYTES
+
+STATIC = Path(__file__).parent / "static"
+MAX_THUMB_PX = 512  # a thumbnail is made per request: bound the work one GET can ask for
+WINDOW_S = 300.0  # "the last minutes" of the live panel
+RATE_WINDOW_S = 10.0  # ingest rate: the index's growth over this span, steadier than one sample
+SAMPLE_EVERY_S = 1.0
+
+
+class LiveStatus:
+    """Samples (time, index size, generation, model version) of the live index; a deque of the last WINDOW_S."""
+
+    def __init__(self, live: LiveIndex, every_s: float = SAMPLE_EVERY_S, window_s: float = WINDOW_S):
+        self.live, self.every_s, self.window_s = live, every_s, window_s
+        self._samples: deque[tuple[float, int, int, int]] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.first = self.sample()
+
+    def now(self) -> tuple[float, int, int, int]:
+        g = self.live.current
+        return time.monotonic(), g.index.ntotal, g.generation, g.model_version
+
+    def sample(self) -> tuple[float, int, int, int]:
+        s = self.now()
+        with self._lock:
+            self._samples.append(s)
+            while self._samples[0][0] < s[0] - self.window_s:
+                self._samples.popleft()
+        return s
+
+    def start(self) -> "LiveStatus":
+        self._thread = threading.Thread(target=self._run, name="live-status", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def snapshot(self) -> dict:
+        # read, not sampled: how often pages poll must not change what is kept
+        t, size, gen, version = now = self.now()
+        with self._lock:
+            samples = [*self._samples, now]
+        oldest = samples[0]
+        recent = next(s for s in samples if s[0] >= t - RATE_WINDOW_S)
+        span = t - recent[0]
+        step = max(1, len(samples) // 60)  # about 60 points for the sparkline
+        return {
+            "index_size": size, "generation": gen, "model_version": version,
+            "ingest_rate": (size - recent[1]) / span if span > 0 else 0.0, "rate_window_s": RATE_WINDOW_S,
+            "window_s": min(self.window_s, t - oldest[0]),
+            # versions and generations only grow, one per round / re-encode: differences count them even
+            # where a sample fell between two
+            "learning_rounds": version - oldest[3], "reencodes": gen - oldest[2],
+            "learning_rounds_total": version - self.first[3], "reencodes_total": gen - self.first[2],
+            "uptime_s": t - self.first[0],
+            "history": [[round(s[0] - t, 1), s[1]] for s in samples[::-1][::step][::-1]],
+        }
+
+
+def random_item(g: Generation, rng: np.random.Generator) -> Resolved | None:
+    """A uniformly random item of this generation, or None when it is empty.
+
+    Seqs are dense up to ``last_seq`` except where an item was overwritten or re-coded: sampled
+    seqs are checked against the index in batches. Should that keep missing, the nearest item to a
+    random code is still an item (not uniform, but never stuck)."""
+    if g.index.ntotal == 0 or g.last_seq < 1:
+        return None
+    for _ in range(4):
+        seqs = rng.integers(1, g.last_seq + 1, 256)
+        _, found = g.index.reconstruct_batch(seqs)
+        for got in g.resolve(seqs[found][:8]):
+            if got is not None:
+                return got
+    code = rng.integers(0, 256, (1, g.index.code_size), dtype=np.uint8)
+    _, ids = g.index.search(code, 1)
+    return g.resolve([int(ids[0, 0])])[0] if ids[0, 0] >= 0 else None
+
+
+def _stored_image(raw: bytes, ctype: str) -> Image.Image:
+    """The stored bytes as they are (not the network's input): the worker checked their declared size."""
+    if ctype == "application/x-npy":
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    else:
+        img = Image.open(io.BytesIO(raw), formats=["PNG", "JPEG"])
+        if img.mode in ("L", "LA", "RGB", "RGBA"):
+            return img
+        arr = np.asarray(img if img.mode.startswith("I") else img.convert("RGBA"))
+    if arr.dtype != np.uint8:  # 16-bit: PIL's own conversion to 8 bits clips instead of scaling
+        arr = (arr.astype(np.uint32) >> 8).astype(np.uint8) if arr.max(initial=0) > 255 else arr.astype(np.uint8)
+    return Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+
+
+def thumbnail(raw: bytes, ctype: str, size: int) -> bytes:
+    """A PNG fitting ``size`` x ``size``: nearest-neighbour when enlarging (28 px digits stay crisp), else Lanczos."""
+    img = _stored_image(raw, ctype)
+    scale = size / max(img.size)
+    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.resize(new, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _check_id(item_id: str) -> None:
+    if not 0 < len(item_id.encode()) <= MAX_KEY_BYTES:
+        raise HTTPException(400, f"an item id is 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {len(item_id.encode())} bytes")
+
+
+def install(app: FastAPI, store: Store, live: LiveIndex, status: LiveStatus) -> None:
+    """Add the page, its assets and the routes it uses. Call before ``GET /items/{item_id:path}`` is
+    registered: routes match in order, and that one would take ``/items/x/image`` as the id ``x/image``."""
+    router = APIRouter()
+    rng = np.random.default_rng()
+    rng_lock = threading.Lock()  # Generator is not thread-safe; sync routes run on a thread pool
+
+    @router.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @router.get("/items/{item_id:path}/image", responses={200: {"content": {"image/png": {}, "image/jpeg": {},
+                                                                           "application/x-npy": {}}}})
+    def item_image(item_id: str, size: str | None = None):
+        """The stored bytes with their content type; with ``size``, a PNG thumbnail (``.npy`` too)."""
+        _check_id(item_id)
+        px = None
+        if size is not None:
+            if not size.isascii() or not size.isdigit() or not 1 <= int(size) <= MAX_THUMB_PX:
+                raise HTTPException(400, f"size is a whole number of pixels from 1 to {MAX_THUMB_PX}, got {size[:20]!r}")
+            px = int(size)
+        got = store.get_blobs([item_id])[0]
+        if got is None:
+            raise HTTPException(404, f"no image for item {item_id!r}")
+        raw, ctype = got
+        if px is None:
+            return Response(raw, media_type=ctype)
+        try:
+            png = thumbnail(raw, ctype, px)
+        except Exception as exc:  # written by a worker of another version, or damaged: say so, not 500
+            raise HTTPException(422, f"stored image of {item_id!r} cannot be shown: {type(exc).__name__}: {exc}") from None
+        return Response(png, media_type="image/png")
+
+    @router.get("/random")
+    def random():
+        """A random item of the generation being searched."""
+        g = live.current
+        with rng_lock:
+            got = random_item(g, rng)
+        if got is None:
+            raise HTTPException(404, "the index is empty")
+        item_id, labels = got
+        return {"id": item_id, "labels": list(labels) if labels is not None else None, "generation": g.generation}
+
+    @router.get("/status")
+    def live_status():
+        """What the live panel shows: index size, ingest rate, model version, rounds and re-encodes lately."""
+        return status.snapshot()
+
+    app.include_router(router)
+    app.mount("/ui", StaticFiles(directory=STATIC), name="ui")
