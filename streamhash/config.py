@@ -109,6 +109,26 @@ class ModelSettings(BaseModel):
         return v
 
 
+class ImageSettings(BaseModel):
+    """How a message's image becomes the network's input (``streamhash.imaging``): one rule set in the
+    worker, the learner's re-encode and the query server. The stored blob stays the bytes as received.
+    The defaults keep the strict contract of the 28x28 gray network: there an image of another size or
+    colour is a producer's mistake, and the dead-letter topic shows it. Photos: ``resize=fill``."""
+
+    # Colour mode images are converted to. "gray": ITU-R 601-2 luma (PIL's convert("L")), repeated into 3
+    # channels for a 3-channel network; "rgb": gray repeated, needs model.channels=3. None: no conversion,
+    # an image must already have model.channels (a palette counts as either), else stage "shape".
+    mode: Literal["gray", "rgb"] | None = None
+    # exact: any other size is refused (stage "shape"); fill: the largest centred region of the network's
+    # aspect ratio, resampled (centre crop, nothing padded); fit: the whole image inside, centred on
+    # `background` (letterbox); stretch: resampled to the size, aspect ratio lost.
+    resize: Literal["exact", "fit", "fill", "stretch"] = "exact"
+    # PIL's resampling filter; PIL widens it when shrinking, so even bilinear averages every source pixel.
+    resample: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bilinear"
+    # Composited behind transparent pixels (RGBA, LA, palette transparency) and around a "fit" image.
+    background: Literal["black", "white"] = "black"
+
+
 class WorkerSettings(BaseModel):
     poll_timeout_ms: int = 200
     encode_batch: int = 512
@@ -185,6 +205,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    image: ImageSettings = Field(default_factory=ImageSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     learn: LearnSettings = Field(default_factory=LearnSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)

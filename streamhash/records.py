@@ -1,6 +1,8 @@
 """The image-message contract: the one place that turns Kafka bytes into a typed record or a rejection.
 
-Key: item id, UTF-8, 1..256 bytes. Value: PNG, JPEG or ``.npy`` bytes. Headers: ``labels``
+Key: item id, UTF-8, 1..256 bytes. Value: PNG, JPEG or ``.npy`` (uint8 or uint16; H x W, or
+H x W x 1, 3 or 4) bytes, turned into the network's input by the spec's :class:`Conversion`
+(``streamhash.imaging``: colour mode, size policy); the record keeps the bytes as received. Headers: ``labels``
 (comma-separated non-negative ints up to ``ImageSpec.max_label``, at most ``ImageSpec.max_labels``
 of them; absent = unlabeled) and ``content-type`` (``image/png``, ``image/jpeg``,
 ``application/x-npy``; when absent the type is sniffed from the magic bytes).
@@ -31,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from streamhash.errors import ConfigError, RecordRejected
+from streamhash.imaging import Conversion, high_byte, network_input
 
 if TYPE_CHECKING:
     from streamhash.config import Settings
@@ -74,6 +77,8 @@ class ImageSpec:
     # Labels index a multi-hot matrix in learning: an unbounded label is an unbounded allocation.
     max_label: int = field(default=9999, kw_only=True)
     max_labels: int = field(default=64, kw_only=True)
+    # How an image of another size or colour mode becomes this shape (STREAMHASH_IMAGE__*).
+    conversion: Conversion = field(default_factory=Conversion, kw_only=True)
 
     def __post_init__(self) -> None:
         if min(self.height, self.width, self.channels, self.max_value_bytes) <= 0:
@@ -83,6 +88,7 @@ class ImageSpec:
                               "accept (STREAMHASH_STORE__MAX_IMAGE_PIXELS)")
         if self.max_label < 0 or self.max_labels < 1:
             raise ConfigError(f"need max_label >= 0 and max_labels >= 1, got {self.max_label} and {self.max_labels}")
+        self.conversion.check_channels(self.channels)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageSpec:
@@ -90,7 +96,8 @@ class ImageSpec:
         mc = settings.model
         return cls(mc.image_size, mc.image_size, mc.channels, settings.store.max_value_bytes,
                    max_pixels=settings.store.max_image_pixels, max_label=settings.learn.max_label,
-                   max_labels=settings.learn.max_labels_per_item)
+                   max_labels=settings.learn.max_labels_per_item,
+                   conversion=Conversion(**settings.image.model_dump()))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -160,7 +167,8 @@ def content_type_of(value: bytes, header: bytes | None) -> str:
 
 
 def decode_image(value: bytes, content_type: str, spec: ImageSpec) -> np.ndarray:
-    """Decode bytes to a uint8 array of ``spec.shape``; RecordRejected on anything else, whatever the decoder raised."""
+    """Decode bytes and convert them by ``spec.conversion`` to a uint8 array of ``spec.shape``; RecordRejected
+    on anything else, whatever the decoder raised."""
     try:
         if content_type == "application/x-npy":
             arr = _decode_npy(value, spec)
@@ -176,10 +184,6 @@ def decode_image(value: bytes, content_type: str, spec: ImageSpec) -> np.ndarray
     except Exception as exc:  # decoders raise anything on hostile bytes: ValueError, OSError, SyntaxError, struct.error, ...
         what = ".npy" if content_type == "application/x-npy" else content_type
         raise RecordUndecodable(f"undecodable {what}: {type(exc).__name__}: {exc}", exc) from None
-    if arr.ndim == 3 and arr.shape[2] == 1 and spec.channels == 1:
-        arr = arr[:, :, 0]
-    if arr.shape != spec.shape:
-        raise RecordRejected("shape", f"image shape {arr.shape}, expected {spec.shape}")
     return np.ascontiguousarray(arr)
 
 
@@ -192,17 +196,26 @@ def _decode_npy(value: bytes, spec: ImageSpec) -> np.ndarray:
     shape, fortran_order, dtype = _NPY_HEADER_READERS[version](fp)
     if any(n < 0 for n in shape):
         raise RecordRejected("decode", f"undecodable .npy: negative dimension in shape {shape}")
-    values = math.prod(shape)
-    if values > spec.max_pixels * spec.channels:
-        raise RecordRejected("decode", f".npy declares shape {shape}: {values} values, over the limit of "
-                                       f"{spec.max_pixels} pixels (STREAMHASH_STORE__MAX_IMAGE_PIXELS)")
-    if dtype != np.uint8:
-        raise RecordRejected("shape", f".npy dtype must be uint8, got {dtype}")
+    pixels = math.prod(shape[:2])
+    if pixels > spec.max_pixels:
+        raise RecordRejected("decode", f".npy declares shape {shape}: {pixels} pixels, over the limit of "
+                                       f"{spec.max_pixels} (STREAMHASH_STORE__MAX_IMAGE_PIXELS)")
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)) or 0 in shape:
+        raise RecordRejected("shape", f".npy shape {shape} is not an image: expected (H, W) or (H, W, 1, 3 or 4)")
+    if dtype.kind != "u" or dtype.itemsize not in (1, 2):
+        raise RecordRejected("shape", f".npy dtype must be uint8 or uint16, got {dtype}")
+    count = math.prod(shape)
     data = memoryview(value)[fp.tell():]
-    if len(data) < values:
-        raise RecordRejected("decode", f"undecodable .npy: truncated, {len(data)} of {values} data bytes")
-    # a copy: a view of the message bytes would be read-only, and np.load's arrays never were
-    return np.frombuffer(data, np.uint8, count=values).reshape(shape, order="F" if fortran_order else "C").copy()
+    if len(data) < count * dtype.itemsize:
+        raise RecordRejected("decode", f"undecodable .npy: truncated, {len(data)} of {count * dtype.itemsize} data bytes")
+    arr = np.frombuffer(data, dtype, count=count).reshape(shape, order="F" if fortran_order else "C")
+    arr = high_byte(arr) if dtype.itemsize == 2 else arr
+    arr = arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+    if arr.shape == spec.shape and (spec.channels == 1 or spec.conversion.mode != "gray"):
+        # already the network's input, which every conversion leaves as it is: skip the PIL round trip
+        # (the ingest path's common case); a copy, as a view of the message bytes would be read-only
+        return arr.copy()
+    return network_input(Image.fromarray(np.ascontiguousarray(arr)), spec.shape, spec.conversion)
 
 
 def _decode_pil(value: bytes, content_type: str, spec: ImageSpec) -> np.ndarray:
@@ -212,18 +225,7 @@ def _decode_pil(value: bytes, content_type: str, spec: ImageSpec) -> np.ndarray:
         if width * height > spec.max_pixels:
             raise RecordRejected("decode", f"{content_type} declares {width}x{height} = {width * height} pixels, over "
                                            f"the limit of {spec.max_pixels} (STREAMHASH_STORE__MAX_IMAGE_PIXELS)")
-        if img.size != (spec.width, spec.height):
-            raise RecordRejected("shape", f"image is {width}x{height}, expected {spec.width}x{spec.height}")
-        return _pil_to_array(img, spec.channels)
-
-
-def _pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
-    bands = len(img.getbands())
-    if channels == 1 and img.mode not in ("L", "P", "1", "I;16"):
-        raise RecordRejected("shape", f"image has mode {img.mode} ({bands} channels), expected 1 channel")
-    if channels == 3 and img.mode not in ("RGB", "P"):
-        raise RecordRejected("shape", f"image has mode {img.mode} ({bands} channels), expected 3 (RGB)")
-    return np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+        return network_input(img, spec.shape, spec.conversion)
 
 
 def parse_message(key: bytes | None, value: bytes | None, headers, spec: ImageSpec) -> ImageRecord:

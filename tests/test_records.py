@@ -65,7 +65,10 @@ def test_labels_are_deduplicated_and_sorted():
     (b"k", b"garbage", [], "decode", "not PNG, JPEG or .npy"),
     (b"k", encode_png(GRAY), [("content-type", b"image/gif")], "headers", "unknown content-type"),
     (b"k", encode_png(np.zeros((30, 28), np.uint8)), [], "shape", "expected 28x28"),
-    (b"k", encode_npy(np.zeros((28, 28, 3), np.uint8)), [], "shape", "expected (28, 28)"),
+    # by default nothing converts colour: the strict contract of the gray network
+    (b"k", encode_npy(np.zeros((28, 28, 3), np.uint8)), [], "shape", "expected 1 channel"),
+    (b"k", encode_npy(np.zeros((28, 28, 2), np.uint8)), [], "shape", "is not an image"),
+    (b"k", encode_npy(np.zeros((0, 28), np.uint8)), [], "shape", "is not an image"),
     (b"k", raw_npy(np.zeros((28, 28), np.float32)), [], "shape", "dtype must be uint8"),
     (b"k", encode_png(np.zeros((28, 28, 3), np.uint8)), [], "shape", "expected 1 channel"),
     (b"k", encode_png(GRAY), [("labels", b"1,-2")], "headers", "non-negative integers"),
