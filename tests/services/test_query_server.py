@@ -209,3 +209,11 @@ def test_metrics_page_has_query_metrics_only(server):
     for worker_only in ("streamhash_reencode_triggers_total", "streamhash_learning_rounds_total",
                         "streamhash_consumer_lag_messages", "streamhash_index_mi", "streamhash_messages_consumed_total"):
         assert worker_only not in text
+
+
+@pytest.mark.parametrize("body", [{}, {"code_hex": "00000000", "item_id": "item-1"},
+                                  {"image_base64": "AA==", "code_hex": "00000000", "item_id": "item-1"}])
+def test_a_search_names_exactly_one_of_three_sources(server, body):
+    client, _ = server
+    r = client.post("/search", json=body)
+    assert r.status_code == 400 and "exactly one of image_base64, code_hex or item_id" in r.json()["detail"]

@@ -1,0 +1,230 @@
+"""The search page's server side in-process, over a real LMDB store: stored images and thumbnails, a random
+item, search by a stored item, the live status, and pages that load nothing from outside the server."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamhash.index.hamming import make_index
+from streamhash.index.store import ItemWrite
+from streamhash.records import encode_npy, encode_png
+from streamhash.services.web import STATIC, LiveStatus, random_item
+from tests.services.test_query_server import N_ITEMS, serving
+
+EXTERNAL = re.compile(r"https?://|(?:src|href|url)\s*[=(:]\s*[\"']?//", re.I)
+
+
+@pytest.fixture
+def served(tmp_path):
+    with serving(tmp_path) as (client, images):
+        yield client, images, client.app.state.store
+
+
+def put(store, item_id: str, raw: bytes, ctype: str, labels=(1,)) -> None:
+    code = np.zeros(store.code_bytes, np.uint8).tobytes()
+    store.write_batch([ItemWrite(item_id, code, raw, ctype, labels)])
+
+
+def wait_indexed(client, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while client.get("/healthz").json()["index_size"] < n:
+        assert time.monotonic() < deadline, "the live index did not follow the store"
+        time.sleep(0.02)
+
+
+def png_pixels(raw: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(raw)))
+
+
+def test_stored_bytes_come_back_with_their_content_type(served):
+    client, images, store = served
+    r = client.get("/items/item-3/image")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == encode_png(images[3])
+    put(store, "npy-1", encode_npy(images[1]), "application/x-npy")
+    r = client.get("/items/npy-1/image")
+    assert r.headers["content-type"] == "application/x-npy" and r.content == encode_npy(images[1])
+
+
+@pytest.mark.parametrize("fmt", ["png", "npy"])
+def test_thumbnails_are_pngs_enlarged_by_nearest_neighbour(served, fmt):
+    client, images, store = served
+    raw, ctype = (encode_png(images[2]), "image/png") if fmt == "png" else (encode_npy(images[2]), "application/x-npy")
+    put(store, "thumb", raw, ctype)
+    r = client.get("/items/thumb/image?size=56")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert np.array_equal(png_pixels(r.content), np.kron(images[2], np.ones((2, 2), np.uint8)))  # every pixel 2x2
+    small = png_pixels(client.get("/items/thumb/image?size=14").content)
+    assert small.shape == (14, 14)
+
+
+def test_thumbnails_keep_the_aspect_ratio_of_colour_and_16_bit_images(served):
+    client, _, store = served
+    put(store, "wide", encode_png(np.zeros((10, 40, 3), np.uint8)), "image/png")
+    assert png_pixels(client.get("/items/wide/image?size=80").content).shape == (20, 80, 3)
+    deep = np.full((8, 8), 40000, np.uint16)
+    buf = io.BytesIO()
+    np.save(buf, deep)
+    put(store, "deep", buf.getvalue(), "application/x-npy")
+    assert (png_pixels(client.get("/items/deep/image?size=8").content) == 40000 >> 8).all()
+
+
+@pytest.mark.parametrize("size", ["0", "513", "abc", "-1", "1.5", "", "٣"])
+def test_a_bad_thumbnail_size_is_400(served, size):
+    client, _, _ = served
+    r = client.get(f"/items/item-1/image?size={size}")
+    assert r.status_code == 400 and "size is a whole number" in r.json()["detail"]
+
+
+def test_unknown_and_damaged_images_are_4xx_with_a_message(served):
+    client, _, store = served
+    r = client.get("/items/no-such/image")
+    assert r.status_code == 404 and "no image for item 'no-such'" in r.json()["detail"]
+    assert client.get("/items/" + "x" * 300 + "/image").status_code == 400
+    put(store, "broken", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png")
+    assert client.get("/items/broken/image").status_code == 200  # the bytes as stored
+    r = client.get("/items/broken/image?size=32")
+    assert r.status_code == 422 and "cannot be shown" in r.json()["detail"]
+
+
+def test_ids_with_slashes_reach_both_the_item_and_its_image(served):
+    client, images, store = served
+    put(store, "a/b", encode_png(images[0]), "image/png")
+    assert client.get("/items/a/b").json()["id"] == "a/b"
+    assert client.get("/items/a%2Fb/image").content == encode_png(images[0])
+
+
+def test_random_names_stored_items_and_not_always_the_same(served):
+    client, _, _ = served
+    got = [client.get("/random").json() for _ in range(40)]
+    assert {g["id"] for g in got} <= {f"item-{i}" for i in range(N_ITEMS)}
+    assert len({g["id"] for g in got}) > 1
+    assert all(g["labels"] == [int(g["id"].split("-")[1]) % 3] for g in got)
+
+
+def test_random_on_an_empty_index_is_404(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import streamhash.services.query as query
+    from streamhash.index.store import Store
+    from tests.services.test_query_server import settings_for
+
+    store = Store(tmp_path, bits=32)
+    with TestClient(query.create_app(settings_for(tmp_path), store)) as client:
+        r = client.get("/random")
+    store.close()
+    assert r.status_code == 404 and "empty" in r.json()["detail"]
+
+
+def test_random_item_finds_the_one_item_among_a_million_seqs():
+    """Sampled seqs all miss: the nearest item to a random code is still returned."""
+    index = make_index(32, backend="numpy")
+    index.add_with_ids(np.zeros((1, 4), np.uint8), np.array([999_999], np.int64))
+    g = SimpleNamespace(index=index, last_seq=1_000_000, resolve=lambda seqs: [("only", (1,)) if s == 999_999 else None
+                                                                               for s in seqs])
+    assert random_item(g, np.random.default_rng(0)) == ("only", (1,))
+
+
+def test_search_by_a_stored_item_puts_it_first_at_distance_zero(served):
+    client, _, _ = served
+    for i in range(N_ITEMS):  # k=1: ties at distance 0 must not push the item out
+        r = client.post("/search", json={"item_id": f"item-{i}", "k": 1})
+        assert r.status_code == 200, r.text
+        assert [(h["id"], h["distance"]) for h in r.json()["results"]] == [(f"item-{i}", 0)]
+    res = client.post("/search", json={"item_id": "item-4", "k": N_ITEMS}).json()["results"]
+    assert res[0] == {"id": "item-4", "distance": 0, "labels": [1]} and len(res) == N_ITEMS
+    assert [h["distance"] for h in res] == sorted(h["distance"] for h in res)
+    assert client.post("/search", json={"item_id": "item-4", "radius": 0}).json()["results"] == []
+    res = client.post("/search", json={"item_id": "item-4", "radius": 1, "k": N_ITEMS}).json()["results"]
+    assert res[0]["id"] == "item-4" and {h["distance"] for h in res} == {0}
+
+
+def test_search_by_an_item_the_live_index_has_not_applied_yet(served):
+    client, images, store = served
+    client.app.state.live.stop()  # the follower stops: the store's code of this generation answers
+    put(store, "late", encode_png(images[0]), "image/png")
+    r = client.post("/search", json={"item_id": "late", "k": 3})
+    assert r.status_code == 200 and r.json()["results"][0] == {"id": "late", "distance": 0, "labels": [1]}
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ({"item_id": "nope"}, 404, "no item 'nope'"),
+    ({"item_id": ""}, 400, "1 to 256 bytes"),
+    ({"item_id": "item-1", "code_hex": "00000000"}, 400, "exactly one of"),
+])
+def test_bad_searches_by_item_are_4xx(served, body, status, fragment):
+    client, _, _ = served
+    r = client.post("/search", json=body)
+    assert r.status_code == status and fragment in r.json()["detail"]
+
+
+def test_status_follows_the_live_index(served):
+    client, images, store = served
+    s = client.get("/status").json()
+    assert (s["index_size"], s["generation"], s["model_version"], s["learning_rounds"], s["reencodes"]) == (N_ITEMS, 1, 1, 0, 0)
+    for i in range(5):
+        put(store, f"new-{i}", encode_png(images[i]), "image/png")
+    wait_indexed(client, N_ITEMS + 5)
+    s = client.get("/status").json()
+    assert s["index_size"] == N_ITEMS + 5 and s["ingest_rate"] > 0 and s["history"][-1][1] == N_ITEMS + 5
+
+
+def test_rounds_and_reencodes_are_counted_from_what_the_server_saw():
+    g = SimpleNamespace(index=SimpleNamespace(ntotal=0), generation=1, model_version=1)
+    status = LiveStatus(SimpleNamespace(current=g), window_s=3600)
+    for version in (2, 3, 4):  # three learning rounds, the third with a re-encode
+        g.model_version, g.index.ntotal = version, g.index.ntotal + 100
+        status.sample()
+    g.generation = 2
+    s = status.snapshot()
+    assert (s["learning_rounds"], s["reencodes"], s["index_size"]) == (3, 1, 300)
+    assert s["learning_rounds_total"] == 3 and s["reencodes_total"] == 1 and s["ingest_rate"] > 0
+
+
+def local_refs(html: str) -> list[str]:
+    return re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+
+
+def test_the_page_and_its_assets_load_nothing_from_outside(served):
+    client, _, _ = served
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    refs = [u for u in local_refs(r.text) if not u.startswith("data:")]
+    assert {"/ui/app.js", "/ui/style.css"} <= set(refs)
+    for url in refs:
+        assert client.get(url).status_code == 200, url
+    for path in STATIC.iterdir():  # everything the page can load
+        assert not EXTERNAL.search(path.read_text()), path.name
+
+
+def test_every_page_control_has_a_label_and_a_phone_width_viewport(served):
+    client, _, _ = served
+    html = client.get("/").text
+    controls = re.findall(r"<input[^>]*\bid=\"([^\"]+)\"", html)
+    labelled = set(re.findall(r"<label for=\"([^\"]+)\"", html))
+    wrapped = set(re.findall(r"<label><input[^>]*\bid=\"([^\"]+)\"", html))
+    assert controls and set(controls) <= labelled | wrapped
+    assert 'name="viewport" content="width=device-width' in html and 'type="submit"' in html
+    assert "@media" in (STATIC / "style.css").read_text()
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_are_served_offline(served, page):
+    client, _, _ = served
+    r = client.get(page)
+    assert r.status_code == 200
+    assert not EXTERNAL.search(r.text), r.text
+    refs = local_refs(r.text)
+    assert any(u.endswith(".js") for u in refs)
+    for url in refs:
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 1000, url
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/items/{item_id}/image", "/random", "/status", "/search"} <= set(paths)
