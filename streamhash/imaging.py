@@ -116,8 +116,9 @@ def _resize(img: Image.Image, size: tuple[int, int], conv: Conversion) -> Image.
         return img.resize(size, resample)
     if conv.resize == "fill":
         # the crop as resize's source box: one resampling pass, fractional edges kept, no cropped copy
-        scale = min(w / width, h / height)
-        cw, ch = width * scale, height * scale
+        # one side is the whole source side, exactly: a product like 224 * (358 / 224) lands a hair
+        # past 358, and PIL refuses a box poking out of the image
+        cw, ch = min(w, h * width / height), min(h, w * height / width)
         return img.resize(size, resample, box=((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
     scale = min(width / w, height / h)  # fit
     inner = (max(1, round(w * scale)), max(1, round(h * scale)))  # a 4096x1 strip still keeps one row

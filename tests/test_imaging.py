@@ -135,6 +135,15 @@ def test_resize_policies_with_the_default_filter(resize, points):
     assert out.shape == (20, 20) and {p: out[p] for p in points} == points
 
 
+@pytest.mark.parametrize("resize", ["fill", "fit", "stretch"])
+def test_every_size_converts(resize):
+    sizes = (1, 2, 3, 29, 224, 358, 513)  # 29 -> 224: float rounding once put the crop box outside the image
+    for w in sizes:
+        for h in sizes:
+            out = parse_message(b"k", encode_png(np.full((h, w), 9, np.uint8)), [], spec(224, 224, 1, resize=resize)).image
+            assert out.shape == (224, 224) and out.max() == 9
+
+
 def test_a_one_pixel_strip_still_fits():
     out = decode(encode_png(np.full((1, 1000), 200, np.uint8)), spec(20, 20, 1, resize="fit"))
     assert [row[0] for row in out] == [0] * 9 + [200] + [0] * 10
