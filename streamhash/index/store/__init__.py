@@ -8,7 +8,8 @@ One :class:`Store` per shard, over parts that each own one piece of it:
 - :mod:`.changes`: the followers' reads through the change log;
 - :mod:`.offsets`: Kafka offsets and topic ids, committed with the items;
 - :mod:`.models`: versioned networks;
-- :mod:`.generations`: re-encodes, built beside the live generation and swapped in (:class:`GenerationBuilder`).
+- :mod:`.generations`: re-encodes, built beside the live generation and swapped in;
+- :mod:`.builder`: :class:`GenerationBuilder`, one selective re-encode (learned and up-to-date codes copied).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from streamhash.index.store.builder import GenerationBuilder
 from streamhash.index.store.changes import Change, ChangeLog, Snapshot
 from streamhash.index.store.env import Environment
-from streamhash.index.store.generations import GenerationBuilder, Generations
+from streamhash.index.store.generations import Generations
 from streamhash.index.store.items import Items, ItemWrite
 from streamhash.index.store.layout import DB_NAMES, SCHEMA_VERSION, from_u64, init_meta, offset_key, u64
 from streamhash.index.store.models import Models
@@ -166,8 +168,13 @@ class Store:
         return self.generations.ids_missing(gen, after_seq)
 
     def swap_generation(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
-                        after_seq: int = 0, encode_blobs=None) -> int:
-        return self.generations.swap(gen, model_version, ids, codes, after_seq=after_seq, encode_blobs=encode_blobs)
+                        after_seq: int = 0, encode_blobs=None, reencoded: list[str] | None = None) -> int:
+        return self.generations.swap(gen, model_version, ids, codes, after_seq=after_seq, encode_blobs=encode_blobs,
+                                     reencoded=reencoded)
+
+    def provenance(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Every live item's (ids, learned, model version that inferred its code or -1), in seq order."""
+        return self.generations.provenance()
 
     def drop_generation(self, gen: int, chunk: int = 10_000) -> int:
         return self.generations.drop(gen, chunk)

@@ -3,11 +3,12 @@
 ``meta.generation`` is the live generation g, the one every reader uses; ``meta.pending_generation``
 is g+1 while a re-encode builds it. Writes during a build keep going to g; overwriting an item drops
 its code from both (:func:`~streamhash.index.store.items.live_generations`), so g+1 learns of it by
-the item's missing code and catches it up before the swap. :class:`GenerationBuilder` drives the
-whole protocol; the steps are here. As a state machine (the two meta keys, and which generations hold codes):
+the item's missing code and catches it up before the swap. :class:`~streamhash.index.store.builder.GenerationBuilder`
+drives the whole protocol; the steps are here. As a state machine (the two meta keys, and which generations hold codes):
 
     live g                --begin-->                         building g+1 beside g
-    building g+1          --put codes, catch up-->           building g+1
+    building g+1          --copy, encode, catch up-->        building g+1  (learned codes and codes of the new
+                                                             network copied; only stale inferred ones encoded)
     building g+1          --swap-->                          live g+1, g replaced  (one transaction: the stragglers
                                                              encoded in it; refused while any item lacks a code)
     live g+1, g replaced  --drop g-->                        live g+1
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,9 +27,6 @@ from streamhash.errors import StoreError
 from streamhash.index.store.env import Environment
 from streamhash.index.store.items import Items
 from streamhash.index.store.layout import from_u64, u64
-
-if TYPE_CHECKING:
-    from streamhash.index.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +47,88 @@ class Generations:
         self.env.write(lambda txn: self.env.put_meta(txn, {"pending_generation": gen}))
         return gen, int(meta["next_seq"]) - 1
 
-    def put_codes(self, gen: int, ids: list[str], codes: np.ndarray) -> None:
-        """Write codes (and their hash-table entries) of a pending generation; ids gone meanwhile are skipped."""
-        self.env.write(lambda txn: self._put_codes(txn, gen, ids, codes))
+    def put_codes(self, gen: int, ids: list[str], codes: np.ndarray, seqs=None) -> None:
+        """Write codes (and their hash-table entries) of a pending generation; ids gone meanwhile are skipped.
 
-    def _put_codes(self, txn, gen: int, ids: list[str], codes: np.ndarray) -> None:
-        db, prefix = self.env.db, u64(gen)
-        for item_id, code in zip(ids, np.asarray(codes, np.uint8)):
+        ``seqs``: the seq each id had when its image was read. An item written again since then is
+        skipped: its code came from the image it replaced, and leaving it missing makes the catch-up
+        encode the new one.
+        """
+        self.env.write(lambda txn: self._put_codes(txn, gen, ids, codes, seqs))
+
+    def _put_codes(self, txn, gen: int, ids: list[str], codes: np.ndarray, seqs=None) -> None:
+        db = self.env.db
+        for k, (item_id, code) in enumerate(zip(ids, np.asarray(codes, np.uint8))):
             key = item_id.encode()
             raw = txn.get(key, db=db["items"])
             if raw is None:
                 continue
             seq = json.loads(raw)["seq"]
-            old = txn.get(prefix + key, db=db["codes"])
-            if old is not None:
-                self.tables.remove(txn, db["tables"], gen, seq, old)
-            txn.put(prefix + key, code.tobytes(), db=db["codes"])
-            self.tables.add(txn, db["tables"], gen, seq, code.tobytes())
+            if seqs is not None and seq != seqs[k]:
+                continue
+            self._put_code(txn, gen, key, seq, code.tobytes())
+
+    def _put_code(self, txn, gen: int, key: bytes, seq: int, code: bytes) -> None:
+        db, prefix = self.env.db, u64(gen)
+        old = txn.get(prefix + key, db=db["codes"])
+        if old is not None:
+            self.tables.remove(txn, db["tables"], gen, seq, old)
+        txn.put(prefix + key, code, db=db["codes"])
+        self.tables.add(txn, db["tables"], gen, seq, code)
+
+    def copy_current(self, gen: int, ids: list[str], model_version: int) -> tuple[int, list[tuple[str, int]]]:
+        """Copy into ``gen`` the live code of each item it may keep; return how many, and (id, seq) of those to encode.
+
+        An item keeps its code when it was learned (DCC codes are frozen: a re-encode would undo what the
+        labels taught) or inferred by ``model_version`` already; the rest, inferred by an older network
+        (or by none recorded), are stale. Decided per item inside the transaction that copies, so an
+        item written again meanwhile is judged by what it is now.
+        """
+        return self.env.write(lambda txn: self._copy_current(txn, gen, ids, model_version))
+
+    def _copy_current(self, txn, gen: int, ids, model_version: int) -> tuple[int, list[tuple[str, int]]]:
+        db, stale, copied = self.env.db, [], 0
+        live = u64(int(self.env.read_meta(txn)["generation"]))
+        for item_id in ids:
+            key = item_id.encode()
+            raw = txn.get(key, db=db["items"])
+            if raw is None:
+                continue
+            rec = json.loads(raw)
+            code = txn.get(live + key, db=db["codes"])
+            if code is not None and (rec.get("learned") or rec.get("model") == model_version):
+                self._put_code(txn, gen, key, rec["seq"], code)
+                copied += 1
+            else:
+                stale.append((item_id, rec["seq"]))
+        return copied, stale
+
+    def provenance(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Every live item's (ids, learned, model) in seq order, from one snapshot: learned (bool) marks a
+        DCC code, model (int64) the network version that inferred the code otherwise (-1: none recorded)."""
+
+        def read(txn):
+            ids, learned, model = [], [], []
+            for _, key in txn.cursor(db=self.env.db["changes"]):
+                rec = json.loads(txn.get(key, db=self.env.db["items"]))
+                ids.append(key.decode())
+                learned.append(bool(rec.get("learned")))
+                model.append(-1 if rec.get("model") is None else int(rec["model"]))
+            return ids, np.array(learned, bool), np.array(model, np.int64)
+
+        return self.env.read(read)
+
+    def mark_reencoded(self, txn, ids, model_version: int) -> None:
+        """Record ``model_version`` as the network that inferred these items' codes (in the swap: the
+        records must name the network of the live generation, not of one still being built)."""
+        db = self.env.db["items"]
+        for item_id in ids:
+            raw = txn.get(item_id.encode(), db=db)
+            if raw is not None:
+                rec = json.loads(raw)
+                if not rec.get("learned") and rec.get("model") != model_version:
+                    rec["model"] = model_version  # seq kept: not a change followers replay
+                    txn.put(item_id.encode(), json.dumps(rec).encode(), db=db)
 
     def ids_missing(self, gen: int, after_seq: int = 0) -> list[str]:
         """Ids written after ``after_seq`` that have no code in generation ``gen`` yet."""
@@ -81,15 +143,19 @@ class Generations:
         return out
 
     def swap(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
-             after_seq: int = 0, encode_blobs=None) -> int:
+             after_seq: int = 0, encode_blobs=None, reencoded: list[str] | None = None) -> int:
         """Write the last codes of ``gen`` and make it current with ``model_version``, in one transaction.
 
         Items written after ``after_seq`` that still lack a code in ``gen`` (the ingest path kept
-        writing while the caller caught up) are encoded inside the transaction by
+        writing while the caller caught up) get theirs inside the transaction: copied when learned or
+        already inferred by ``model_version``, else encoded by
         ``encode_blobs([(blob, content_type), ...]) -> codes`` when given: ingestion waits for that
         short step instead of the catch-up chasing it forever. Without it, or if an older item lacks a
         code, StoreError: readers switch to a complete generation or not at all.
-        Returns the generation that was replaced.
+
+        ``reencoded``: the ids the caller encoded for ``gen`` (``ids`` included, or not: both are marked);
+        their records name ``model_version`` from this transaction on, and the stragglers encoded here
+        are appended to the list. Returns the generation that was replaced.
         """
 
         def txn_fn(txn):
@@ -97,16 +163,20 @@ class Generations:
             if meta.get("pending_generation") != gen:
                 raise StoreError(f"generation {gen} is not being built (pending: {meta.get('pending_generation')})")
             self._put_codes(txn, gen, ids, codes)
-            late = self._ids_missing(txn, gen, after_seq)
+            late = [i for i, _ in self._copy_current(txn, gen, self._ids_missing(txn, gen, after_seq), model_version)[1]]
             if late and encode_blobs is not None:
                 self._put_codes(txn, gen, late, encode_blobs([self.items.blob_in(txn, k.encode()) for k in late]))
             missing = self._ids_missing(txn, gen, 0)
             if missing:
                 raise StoreError(f"item {missing[0]!r} has no code in generation {gen}; catch it up first")
+            self.mark_reencoded(txn, [*ids, *(reencoded or ()), *late], model_version)
             self.env.put_meta(txn, {"generation": gen, "model_version": model_version, "pending_generation": None})
-            return int(meta["generation"])
+            return int(meta["generation"]), late
 
-        return self.env.write(txn_fn)
+        replaced, late = self.env.write(txn_fn)
+        if reencoded is not None:
+            reencoded.extend(late)
+        return replaced
 
     def drop(self, gen: int, chunk: int = 10_000) -> int:
         """Delete every code and table entry of ``gen`` (a replaced or abandoned one), in bounded transactions."""
@@ -167,50 +237,3 @@ class Generations:
             return sorted(found)
 
         return self.env.read(read)
-
-
-class GenerationBuilder:
-    """One re-encode of a writable store: begin → put → catch up → swap → drop.
-
-    ``encode_ids(ids) -> codes`` encodes stored items by id, a chunk at a time, outside any transaction;
-    ``encode_blobs([(blob, content_type), ...]) -> codes`` encodes the few items ingested after the last
-    catch-up inside the swap transaction (None: the swap refuses them, and nothing is swapped).
-
-    A build that fails drops what it wrote. One a crash interrupted is dropped at start-up
-    (:meth:`Generations.clean_up_after_crash`), not resumed: its network never became current and
-    the restarted learner goes on from the current one, so finishing it would swap in codes of a
-    network nobody holds. The next re-encode starts over.
-    """
-
-    def __init__(self, store: Store, *, encode_ids, encode_blobs=None, chunk: int = 2048, catch_up_rounds: int = 3):
-        self.store, self.encode_ids, self.encode_blobs = store, encode_ids, encode_blobs
-        self.chunk, self.catch_up_rounds = chunk, catch_up_rounds
-        self.replaced: int | None = None  # swapped out, kept until drop_replaced: readers may still be on it
-
-    def build(self, model_version: int) -> int:
-        """Build the next generation from every stored item and make it live with ``model_version``; returns it."""
-        gens = self.store.generations
-        gen, watermark = gens.begin()
-        try:
-            ids = self.store.ids_after(0)
-            for i in range(0, len(ids), self.chunk):
-                self._put(gen, ids[i:i + self.chunk])
-            for _ in range(self.catch_up_rounds):  # items ingested while building; the window shrinks each time
-                missing = gens.ids_missing(gen, watermark)
-                if not missing:
-                    break
-                self._put(gen, missing)
-            no_codes = np.zeros((0, self.store.code_bytes), np.uint8)
-            self.replaced = gens.swap(gen, model_version, [], no_codes, after_seq=watermark, encode_blobs=self.encode_blobs)
-        except Exception:
-            gens.abandon(gen)
-            raise
-        return gen
-
-    def _put(self, gen: int, ids: list[str]) -> None:
-        self.store.generations.put_codes(gen, ids, self.encode_ids(ids))
-
-    def drop_replaced(self) -> int:
-        """Drop the generation the swap replaced (once the ingest path encodes for the new one); returns entries dropped."""
-        dropped, self.replaced = self.store.generations.drop(self.replaced), None
-        return dropped

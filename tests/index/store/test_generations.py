@@ -213,3 +213,78 @@ def test_a_crash_between_swap_and_drop_is_cleaned_up_at_start_up(tmp_path):
     assert not holds_generation(s, 1) and holds_generation(s, 2)
     snap = s.snapshot()
     assert (snap.generation, snap.model_version, len(snap.ids)) == (2, 3, 5) and (snap.codes == 7).all()
+
+
+def test_a_selective_build_copies_learned_and_current_codes_and_encodes_only_stale_ones(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(6), model_version=1)  # inferred by network 1
+    s.write_batch(items(2, prefix="cur", seed=1), model_version=2)  # already inferred by network 2
+    s.write_batch(items(1, prefix="old", seed=4))  # no network recorded (a store older than provenance)
+    learned = np.arange(8, dtype=np.uint8).reshape(2, 4) + 200
+    s.put_codes(["id0", "id1"], learned)
+    before = {i: bytes(c) for i, c in zip(s.snapshot().ids, s.snapshot().codes)}
+    during_build = []
+
+    def during(call):
+        if call == 1:  # a learned item sent again is a new, inferred item: encoded by the catch-up
+            during_build.append(s.provenance())
+            s.write_batch([ItemWrite("id1", bytes(4), b"x", "image/png", (1,))], model_version=1)
+
+    encode_ids = Encoder(during)
+    builder = GenerationBuilder(s, encode_ids=encode_ids, chunk=100)
+    assert builder.build(2) == 2
+    assert encode_ids.calls == [["id2", "id3", "id4", "id5", "old0"], ["id1"]]
+    assert (builder.images_reencoded, builder.codes_copied) == (6, 4)  # id1 was copied before its re-send
+    snap = s.snapshot()
+    codes = {i: bytes(c) for i, c in zip(snap.ids, snap.codes)}
+    assert codes["id0"] == learned[0].tobytes()  # bit-exact: never decoded
+    assert codes["cur0"] == before["cur0"] and codes["cur1"] == before["cur1"]
+    assert all(codes[i] == bytes([7] * 4) for i in ("id1", "id2", "id3", "id4", "id5", "old0"))
+    ids, is_learned, model = s.provenance()
+    prov = {i: (bool(a), int(b)) for i, a, b in zip(ids, is_learned, model)}
+    assert prov == {"id0": (True, 1), "id1": (False, 2), "cur0": (False, 2), "cur1": (False, 2), "old0": (False, 2),
+                    **{f"id{i}": (False, 2) for i in range(2, 6)}}
+    # while the build ran the records still named the networks of the live codes
+    ids, _, model = during_build[0]
+    assert dict(zip(ids, model.tolist()))["id2"] == 1 and dict(zip(ids, model.tolist()))["old0"] == -1
+    # a second re-encode with the same network has nothing left to decode
+    again = GenerationBuilder(s, encode_ids=Encoder())
+    again.build(2)
+    assert again.images_reencoded == 0 and again.codes_copied == 9
+
+
+def test_an_item_written_again_while_its_old_image_is_encoded_gets_the_new_images_code(tmp_path):
+    """The encoder read the old image; the item's new seq tells the put to leave it to the catch-up."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3), model_version=1)
+
+    def encode_ids(ids):  # a code made of each image's first byte, read before the overwrite lands
+        blobs = s.get_blobs(ids)
+        if "id1" in ids and blobs[ids.index("id1")][0] != b"new":
+            s.write_batch([ItemWrite("id1", bytes(4), b"new", "image/png", None)], model_version=1)
+        return np.array([[b[0][0]] * 4 for b in blobs], np.uint8)
+
+    builder = GenerationBuilder(s, encode_ids=encode_ids, encode_blobs=None)
+    builder.build(2)
+    assert s.get_item("id1")["code"] == bytes([ord("n")] * 4) and s.get_item("id0")["code"] == bytes([ord("b")] * 4)
+    assert builder.images_reencoded == 4  # id1 was decoded twice
+
+
+def test_stragglers_of_the_swap_are_copied_when_learned_and_encoded_otherwise(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(2), model_version=1)
+    gen, watermark = s.begin_generation()
+    s.put_generation_codes(gen, ["id0", "id1"], np.zeros((2, 4), np.uint8))
+    s.write_batch(items(2, prefix="late", seed=3), model_version=1)
+    s.put_codes(["late0"], np.full((1, 4), 5, np.uint8))
+    seen, reencoded = [], ["id0", "id1"]
+
+    def encode_blobs(blobs):
+        seen.extend(blobs)
+        return np.full((len(blobs), 4), 9, np.uint8)
+
+    s.swap_generation(gen, 2, [], np.zeros((0, 4), np.uint8), after_seq=watermark, encode_blobs=encode_blobs,
+                      reencoded=reencoded)
+    assert len(seen) == 1 and reencoded == ["id0", "id1", "late1"]
+    assert s.get_item("late0")["code"] == bytes([5] * 4) and s.get_item("late1")["code"] == bytes([9] * 4)
+    assert [s.get_item(i)["model"] for i in ("id0", "late1")] == [2, 2]

@@ -1,0 +1,79 @@
+"""One re-encode of a writable store, selective: only the codes a newer network would change are encoded.
+
+DIHN freezes learned codes (the network is trained against them), and a code the new network inferred
+already is what encoding again would give; so the next generation copies both and decodes and encodes
+only the stale inferred items, the ones older networks produced. The protocol's steps are in
+:mod:`.generations`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from streamhash.index.store import Store
+
+
+class GenerationBuilder:
+    """One re-encode of a writable store: begin → copy or encode → catch up → swap → drop.
+
+    ``encode_ids(ids) -> codes`` encodes stored items by id, a chunk at a time, outside any transaction;
+    ``encode_blobs([(blob, content_type), ...]) -> codes`` encodes the few stale items ingested after the
+    last catch-up inside the swap transaction (None: the swap refuses them, and nothing is swapped).
+    After :meth:`build`, ``images_reencoded`` counts the images decoded and encoded, ``codes_copied`` the
+    codes kept (the swap's stragglers copied in its transaction are not counted).
+
+    A build that fails drops what it wrote. One a crash interrupted is dropped at start-up
+    (:meth:`Generations.clean_up_after_crash`), not resumed: its network never became current and
+    the restarted learner goes on from the current one, so finishing it would swap in codes of a
+    network nobody holds. The next re-encode starts over.
+    """
+
+    def __init__(self, store: Store, *, encode_ids, encode_blobs=None, chunk: int = 2048, catch_up_rounds: int = 3):
+        self.store, self.encode_ids, self.encode_blobs = store, encode_ids, encode_blobs
+        self.chunk, self.catch_up_rounds = chunk, catch_up_rounds
+        self.replaced: int | None = None  # swapped out, kept until drop_replaced: readers may still be on it
+        self.images_reencoded = self.codes_copied = 0
+
+    def build(self, model_version: int) -> int:
+        """Build the next generation from every stored item and make it live with ``model_version``; returns it."""
+        gens = self.store.generations
+        gen, watermark = gens.begin()
+        self.images_reencoded = self.codes_copied = 0
+        encoded: list[str] = []
+        try:
+            ids = self.store.ids_after(0)
+            for i in range(0, len(ids), self.chunk):
+                self._fill(gen, ids[i:i + self.chunk], model_version, encoded)
+            for _ in range(self.catch_up_rounds):  # items ingested while building; the window shrinks each time
+                missing = gens.ids_missing(gen, watermark)
+                if not missing:
+                    break
+                self._fill(gen, missing, model_version, encoded)
+            no_codes = np.zeros((0, self.store.code_bytes), np.uint8)
+            before = len(encoded)
+            self.replaced = gens.swap(gen, model_version, [], no_codes, after_seq=watermark,
+                                      encode_blobs=self.encode_blobs, reencoded=encoded)
+            self.images_reencoded += len(encoded) - before
+        except Exception:
+            gens.abandon(gen)
+            raise
+        return gen
+
+    def _fill(self, gen: int, ids: list[str], model_version: int, encoded: list[str]) -> None:
+        gens = self.store.generations
+        copied, stale = gens.copy_current(gen, ids, model_version)
+        self.codes_copied += copied
+        for i in range(0, len(stale), self.chunk):
+            part = stale[i:i + self.chunk]
+            stale_ids = [item_id for item_id, _ in part]
+            gens.put_codes(gen, stale_ids, self.encode_ids(stale_ids), seqs=[seq for _, seq in part])
+            self.images_reencoded += len(part)
+            encoded.extend(stale_ids)
+
+    def drop_replaced(self) -> int:
+        """Drop the generation the swap replaced (once the ingest path encodes for the new one); returns entries dropped."""
+        dropped, self.replaced = self.store.generations.drop(self.replaced), None
+        return dropped
