@@ -7,6 +7,9 @@ Needs the PyPI packages ``efficientnet-lite-pytorch==0.1.0`` (model code) and
 Input: the hash network's tensors, (n, C, H, W) scaled to [-1, 1] — which is exactly the package's
 normalisation (mean 0.5, std 0.5 on [0, 1] pixels). Gray images are repeated to 3 channels and every
 image is resized (bilinear) to 224x224. Output: globally average-pooled features, (n, 1280).
+For photos, ``STREAMHASH_MODEL__IMAGE_SIZE=224``, ``STREAMHASH_MODEL__CHANNELS=3`` and
+``STREAMHASH_IMAGE__MODE=rgb``, ``STREAMHASH_IMAGE__RESIZE=fill`` give it its native input from any
+image, without that second resampling (``tests/integration/test_natural.py`` runs exactly this).
 
 The backbone is frozen: no parameter requires grad, and it stays in eval mode even when the hash
 network is put in training mode (batch-norm statistics never move), so only the hash head learns.
@@ -47,7 +50,7 @@ class EfficientNetLite0Backbone(nn.Module):
             p.requires_grad_(False)
         self.net.eval()
 
-    def train(self, mode: bool = True) -> "EfficientNetLite0Backbone":
+    def train(self, mode: bool = True) -> EfficientNetLite0Backbone:
         # frozen: never leave eval mode
         super().train(False)
         return self

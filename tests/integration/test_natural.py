@@ -1,0 +1,107 @@
+"""Real photos in, end to end on real processes: a worker with the pretrained EfficientNet-Lite0 backbone
+indexes RGB, RGBA, gray, palette and CMYK photos of many sizes as PNG, JPEG and .npy; the query server
+finds them from an uploaded photo. Learning is off: the hash head stays as initialised, so what ranks
+the photos is the pretrained backbone seen through the conversion rules (STREAMHASH_IMAGE__*)."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamhash.kafka.broker import free_port
+from streamhash.kafka.produce import make_producer
+from streamhash.kafka.topics import ensure_topics
+from streamhash.records import encode_npy, message_headers
+from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
+from tests.photos import photo, saved
+from tests.support import env_for, start_worker
+
+pytestmark = pytest.mark.integration
+
+N = 40
+SIZES = [(320, 240), (240, 320), (500, 200), (150, 150), (640, 480), (300, 300), (260, 180)]
+
+
+def message(i: int) -> tuple[bytes, str]:
+    """Photo ``i`` in one of seven forms a producer may send: the value and its content type."""
+    img = photo(i, *SIZES[i % len(SIZES)])
+    form = i % 7
+    if form == 0:
+        return saved(img, "JPEG", quality=90), "image/jpeg"
+    if form == 1:
+        return saved(img, "PNG"), "image/png"
+    if form == 2:
+        alpha = np.linspace(128, 255, img.width).astype(np.uint8)[None, :].repeat(img.height, 0)  # fades to the left
+        return saved(Image.fromarray(np.dstack([np.asarray(img), alpha])), "PNG"), "image/png"
+    if form == 3:
+        return saved(img.convert("L"), "JPEG", quality=90), "image/jpeg"
+    if form == 4:
+        return saved(img.quantize(256), "PNG"), "image/png"
+    if form == 5:
+        return saved(img.convert("CMYK"), "JPEG", quality=90), "image/jpeg"
+    return encode_npy(np.asarray(img)), "application/x-npy"
+
+
+@pytest.fixture(scope="module")
+def natural(broker, tmp_path_factory):
+    from streamhash.config import KafkaSettings
+
+    tmp = tmp_path_factory.mktemp("natural")
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic="natural.images",
+                          dlq_topic="natural.images.dlq", group_id="natural-workers")
+    ensure_topics(kafka)
+    env = env_for(kafka, tmp / "index", free_port(), free_port())
+    env.update({"STREAMHASH_MODEL__BACKBONE": "efficientnet_lite0", "STREAMHASH_MODEL__IMAGE_SIZE": "224",
+                "STREAMHASH_MODEL__CHANNELS": "3", "STREAMHASH_MODEL__BITS": "64",
+                "STREAMHASH_IMAGE__MODE": "rgb", "STREAMHASH_IMAGE__RESIZE": "fill"})
+    worker, metrics_url = start_worker(env, tmp / "worker.log")
+    server = spawn(["serve"], env=env, log_path=tmp / "serve.log")
+    base = f"http://127.0.0.1:{env['STREAMHASH_SERVER__PORT']}"
+    wait_http(f"{base}/healthz", 120, server, tmp / "serve.log")
+    values = [message(i) for i in range(N)]
+    producer = make_producer(kafka)
+    for i, (value, ctype) in enumerate(values):
+        producer.send(kafka.topic, key=f"photo-{i}".encode(), value=value, headers=message_headers(i % 5, ctype))
+    producer.flush()
+    producer.close()
+
+    def settled():
+        s = scrape(metrics_url)
+        handled = s.get("streamhash_items_indexed_total", 0) + total(s, "streamhash_messages_dead_lettered_total")
+        return s if handled >= N else None
+
+    metrics = wait_for(settled, 120, f"{N} photos indexed or dead-lettered")
+    wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= N, 60, "the query index to load")
+    yield {"base": base, "metrics": metrics, "values": values}
+    stop(server)
+    stop(worker)
+
+
+def search(base: str, value: bytes, name: str, k: int) -> list[dict]:
+    r = httpx.post(f"{base}/search", files={"image": (name, value, "application/octet-stream")}, data={"k": str(k)},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_every_photo_is_indexed_whatever_its_size_mode_and_format(natural):
+    assert natural["metrics"]["streamhash_items_indexed_total"] == N
+    assert total(natural["metrics"], "streamhash_messages_dead_lettered_total") == 0
+
+
+@pytest.mark.parametrize("i", [0, 2, 5, 6])  # JPEG, RGBA PNG, CMYK JPEG, .npy
+def test_the_same_bytes_find_their_photo_at_distance_zero(natural, i):
+    value, ctype = natural["values"][i]
+    hits = search(natural["base"], value, f"q.{ctype.rsplit('/', 1)[1]}", k=N)
+    assert f"photo-{i}" in [h["id"] for h in hits if h["distance"] == 0]
+
+
+@pytest.mark.parametrize("i", [0, 1, 3, 8, 15, 22])  # stored as RGB JPEG, RGB PNG, gray JPEG
+def test_a_photo_re_saved_at_another_size_finds_its_original(natural, i):
+    img = photo(i, *SIZES[i % len(SIZES)])
+    img = img.convert("L") if i % 7 == 3 else img
+    smaller = img.resize((img.width * 7 // 10, img.height * 7 // 10))
+    hits = search(natural["base"], saved(smaller, "JPEG", quality=85), "q.jpg", k=3)
+    assert f"photo-{i}" in [h["id"] for h in hits]
