@@ -58,7 +58,7 @@ class LiveStatus:
                 self._samples.popleft()
         return s
 
-    def start(self) -> "LiveStatus":
+    def start(self) -> LiveStatus:
         self._thread = threading.Thread(target=self._run, name="live-status", daemon=True)
         self._thread.start()
         return self
@@ -172,7 +172,7 @@ def install(app: FastAPI, store: Store, live: LiveIndex, status: LiveStatus) -> 
             return Response(raw, media_type=ctype)
         try:
             png = thumbnail(raw, ctype, px)
-        except Exception as exc:  # written by a worker of another version, or damaged: say so, not 500
+        except Exception as exc:  # noqa: BLE001 -- damaged bytes make decoders raise anything: say so, not 500
             raise HTTPException(422, f"stored image of {item_id!r} cannot be shown: {type(exc).__name__}: {exc}") from None
         return Response(png, media_type="image/png")
 

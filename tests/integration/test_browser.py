@@ -27,10 +27,10 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip(f"needs Debian's chromium and chromedriver at {CHROMIUM} and {CHROMEDRIVER} "
                 "(apt-get install chromium chromium-driver)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_a_random_stored_item_searches_itself(system, browser):
     browser.find_element(By.ID, "random").click()
     wait(browser, lambda d: d.find_element(By.ID, "item-id").get_attribute("value"), "a random id")
     chosen = browser.find_element(By.ID, "item-id").get_attribute("value")
-    assert chosen.startswith("img-") or chosen.startswith("more-")
+    assert chosen.startswith(("img-", "more-"))
     got = wait_for_results(browser, 5, chosen)
     assert got[0]["distance"] == 0
 

@@ -18,7 +18,7 @@ from streamhash.records import encode_npy, encode_png
 from streamhash.services.web import STATIC, LiveStatus, random_item
 from tests.services.test_query_server import N_ITEMS, serving
 
-EXTERNAL = re.compile(r"https?://|(?:src|href|url)\s*[=(:]\s*[\"']?//", re.I)
+EXTERNAL = re.compile(r"https?://|(?:src|href|url)\s*[=(:]\s*[\"']?//", re.IGNORECASE)
 
 
 @pytest.fixture
@@ -112,8 +112,8 @@ def test_random_names_stored_items_and_not_always_the_same(served):
 def test_random_on_an_empty_index_is_404(tmp_path):
     from fastapi.testclient import TestClient
 
-    import streamhash.services.query as query
     from streamhash.index.store import Store
+    from streamhash.services import query
     from tests.services.test_query_server import settings_for
 
     store = Store(tmp_path, bits=32)
