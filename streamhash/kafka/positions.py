@@ -36,6 +36,8 @@ class Positions:
         self.applied: dict[Key, int] = store.offsets()  # we are the store's only writer
         self.topic_ids: dict[str, str] = store.topic_ids()
         self._newly_assigned: set[TopicPartition] = set()
+        self.epoch = 0  # counts rewinds: a batch prepared at an older epoch may hold records of a rewound log
+        self._rewound_at: dict[Key, int] = {}
 
     def on_assigned(self, assigned) -> None:
         self._newly_assigned.update(assigned)
@@ -54,6 +56,11 @@ class Positions:
         if len(records) < len(got):
             m.MESSAGES_REPLAYED.inc(len(got) - len(records))
         return records
+
+    def rewound_since(self, epoch: int) -> set[Key]:
+        """Partitions rewound after ``epoch``: a batch prepared then must not write them, or its offsets
+        would move the partition past the head of the new log again (fetched anew from its start)."""
+        return {key for key, at in self._rewound_at.items() if at > epoch}
 
     def advance(self, next_offsets: dict[Key, int]) -> None:
         """Offsets the store has just committed."""
@@ -101,6 +108,8 @@ class Positions:
                     "(re-sent ids overwrite)", tp.topic, tp.partition, why, ours, start)
         self.store.set_offset(tp.topic, tp.partition, start)
         self.applied[(tp.topic, tp.partition)] = start
+        self.epoch += 1
+        self._rewound_at[(tp.topic, tp.partition)] = self.epoch
         m.OFFSET_RESETS.labels(topic=tp.topic, partition=str(tp.partition)).inc()
         if tp in self.consumer.assignment():
             self.consumer.seek(tp, start)

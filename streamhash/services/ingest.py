@@ -76,6 +76,7 @@ class _Prepared:
     stamps: list[float]
     next_offsets: dict[tuple[str, int], int]
     codes: Future  # -> (generation, model version, np.ndarray (len(valid), bits/8))
+    epoch: int  # Positions.epoch when polled: partitions rewound since then are dropped from the batch
 
 
 class IngestWorker:
@@ -190,11 +191,17 @@ class IngestWorker:
                 continue
             sources.append(rec)
             stamps.append(rec.timestamp / 1000.0)
-        return _Prepared(valid, sources, stamps, next_offsets, self.encoder.submit(self._encode, valid))
+        return _Prepared(valid, sources, stamps, next_offsets, self.encoder.submit(self._encode, valid), self.positions.epoch)
 
     def finish(self, p: _Prepared) -> list[int]:
         """Wait for the codes, commit the batch (Checkpoint: DLQ flush, store, Kafka), tell listeners."""
         generation, version, codes = self._codes_of(p)
+        rewound = self.positions.rewound_since(p.epoch)
+        if rewound:  # the log was reset under this batch: its records come again from the new log's start
+            keep = [i for i, src in enumerate(p.sources) if (src.topic, src.partition) not in rewound]
+            p.valid, p.sources, p.stamps = [p.valid[i] for i in keep], [p.sources[i] for i in keep], [p.stamps[i] for i in keep]
+            p.next_offsets = {k: v for k, v in p.next_offsets.items() if k not in rewound}
+            codes = codes[keep]
         while True:
             items = [ItemWrite(r.id, codes[i].tobytes(), r.value, r.content_type, r.labels, p.stamps[i])
                      for i, r in enumerate(p.valid)]

@@ -111,3 +111,14 @@ def test_the_first_topic_id_seen_is_recorded_without_a_rewind():
 def test_lag_is_high_watermark_minus_position():
     consumer = FakeConsumer([T0, T1], highwater={T0: 100}, position=70)
     assert Positions(consumer, FakeStore({})).lag() == 30
+
+
+def test_a_batch_polled_before_a_rewind_learns_which_partitions_to_drop():
+    """A batch in flight when the log was reset held the new log's records past the old offset; written,
+    its offsets moved the partition past the new log's head again and those records were lost."""
+    consumer = FakeConsumer([T0, T1], highwater={T0: 40, T1: 500}, position=0)
+    pos = Positions(consumer, FakeStore({("t", 0): 100, ("t", 1): 100}))
+    polled_at = pos.epoch
+    pos.reconcile()
+    assert pos.rewound_since(polled_at) == {("t", 0)}
+    assert pos.rewound_since(pos.epoch) == set()
