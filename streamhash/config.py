@@ -146,6 +146,10 @@ class WorkerSettings(BaseModel):
 class LearnSettings(BaseModel):
     enabled: bool = True
     round_every: int = 2000  # new labeled items between DIHN rounds
+    # A round also runs once the oldest labeled item not learned yet has waited this long, so a slow
+    # (or class-ordered) stream does not sit on inferred codes for hours; 0: round_every alone decides.
+    round_max_age_s: float = Field(60.0, ge=0)
+    round_min_items: int = Field(1, ge=1)  # labeled items an age-triggered round needs at least
     omega: int = 2000
     epochs: int = 3
     gamma: float = 200.0

@@ -88,6 +88,12 @@ REENCODE_TRIGGERS = Counter("streamhash_reencode_triggers_total", "Re-encodes tr
 REENCODE_SECONDS = Histogram("streamhash_reencode_duration_seconds", "Re-encode duration",
                              buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=_W)
 DRIFT_DETECTIONS = Counter("streamhash_drift_detections_total", "Drifts detected on the live index MI", registry=_W)
+REENCODED_IMAGES = Counter("streamhash_reencoded_images_total",
+                           "Images decoded and encoded by re-encodes (learned and up-to-date codes are copied, not counted)", registry=_W)
+LEARN_LAG_SECONDS = Histogram("streamhash_learn_lag_seconds", "Time from a labeled item reaching the learner to its learned code stored",
+                              buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 10800), registry=_W)
+# 1 while the worker cannot learn; reason "no_labels": only unlabeled items seen, the initial network serves
+LEARNING_BLOCKED = Gauge("streamhash_learning_blocked", "1 while the worker cannot learn, by reason", ["reason"], registry=_W)
 
 # query worker
 _Q = QUERY_REGISTRY

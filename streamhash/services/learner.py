@@ -9,9 +9,16 @@ only appends to a buffer) and never blocks polling. One round, in order:
 3. no re-encode: write the learned codes and make the new version current in one transaction
    (old codes are compatible by construction: the network was trained against them), then publish
    the new network to the ingest path;
-4. re-encode (the MI gain exceeded the threshold): build generation g+1 from every stored image
-   beside the live one, catch up items ingested meanwhile (the last few inside the swap transaction),
-   swap atomically with the new version, publish, then drop generation g.
+4. re-encode (the MI gain exceeded the threshold): write the learned codes, then build generation
+   g+1 beside the live one: learned codes (frozen, DIHN) and codes the new network inferred already
+   are copied, only the stale inferred ones decoded and encoded; catch up items ingested meanwhile
+   (the last few inside the swap transaction), swap atomically with the new version, publish, then
+   drop generation g.
+
+A round is due after ``round_every`` labeled items or once the oldest has waited ``round_max_age_s``;
+``streamhash_learn_lag_seconds`` times each item from its arrival here to its learned code stored. A
+stream with no label at all cannot teach anything: the worker says so (a warning, and
+``streamhash_learning_blocked{reason="no_labels"}`` at 1) rather than serve its initial network silently.
 
 The learner holds no lock while it waits for LMDB: the store serialises its writers itself, and the
 ingest path reads the published :class:`~streamhash.model.state.ModelState` without locking.
@@ -60,6 +67,8 @@ class LearnerThread(threading.Thread):
             if len(new):
                 log.info("%d labeled items were indexed but not learned before the restart: learning them next", len(new))
         self.stop_event, self.round_requested = threading.Event(), threading.Event()
+        self.blocked = False
+        m.LEARNING_BLOCKED.labels(reason="no_labels").set(0)
 
     # ingest side: cheap, called on the polling thread after each commit
     def on_indexed(self, records: list[ImageRecord], codes: np.ndarray, seqs: list[int]) -> None:
@@ -81,6 +90,7 @@ class LearnerThread(threading.Thread):
 
         torch.set_num_threads(self.torch_threads)
         while not self.stop_event.is_set():
+            self.check_blocked()
             if not (self.hasher.ready() or self.round_requested.is_set()):
                 self.stop_event.wait(0.5)
                 continue
@@ -100,6 +110,21 @@ class LearnerThread(threading.Thread):
                               "their inferred codes, not learned from), e.g. %s", len(ids), ids[:5])
                 self.stop_event.wait(1.0)
 
+    def check_blocked(self) -> None:
+        """Warn once when the stream has shown no label for a round's worth of items or time; a gauge
+        rather than the log alone, so an alert can see it (and see it clear when labels arrive)."""
+        blocked = self.hasher.cannot_learn()
+        if blocked == self.blocked:
+            return
+        self.blocked = blocked
+        m.LEARNING_BLOCKED.labels(reason="no_labels").set(int(blocked))
+        if blocked:
+            log.warning("no labeled item among the %d indexed: the worker cannot learn and serves its initial "
+                        "network (model version %d) until labeled messages arrive", self.hasher.items_seen,
+                        self.state.current().version)
+        else:
+            log.info("labeled items arrived: learning starts")
+
     def one_round(self) -> None:
         t0 = time.perf_counter()
         report = self.hasher.learn_round(self.fetch_images)
@@ -117,11 +142,19 @@ class LearnerThread(threading.Thread):
         if report.reencode:
             m.REENCODE_TRIGGERS.inc()
             with m.REENCODE_SECONDS.time():
+                # first: the build copies learned codes, so these survive it (and a restart knows them learned)
+                self.store.put_codes(report.round.ids, report.round.codes)
+                self.observe_lag(report.arrivals)
                 self.reencode(net, version)
         else:
             self.store.put_codes(report.round.ids, report.round.codes, model_version=version)
+            self.observe_lag(report.arrivals)
             self.state.publish(net, version=version, generation=self.state.current().generation)
         m.MODEL_VERSION.labels(process="worker").set(version)
+
+    def observe_lag(self, arrivals: np.ndarray) -> None:
+        for lag in (self.hasher.clock() - arrivals).tolist():
+            m.LEARN_LAG_SECONDS.observe(max(lag, 0.0))
 
     def _encode_ids(self, net: HashNet, ids: list[str]) -> np.ndarray:
         parts = [net.encode(self.fetch_images(ids[i:i + self.chunk])) for i in range(0, len(ids), self.chunk)]
@@ -136,10 +169,14 @@ class LearnerThread(threading.Thread):
         gen = builder.build(version)
         self.state.publish(net, version=version, generation=gen)  # before the drop: ingestion leaves the old one first
         builder.drop_replaced()
+        m.REENCODED_IMAGES.inc(builder.images_reencoded)
         snap = self.store.snapshot()
-        self.hasher.apply_reencode(snap.ids, snap.codes)
+        inferred = np.flatnonzero(~snap.learned)  # the learned codes were copied: the learner holds them already
+        self.hasher.apply_reencode([snap.ids[i] for i in inferred], snap.codes[inferred])
         m.INDEX_GENERATION.labels(process="worker").set(gen)
-        log.info("re-encoded %d items into generation %d with model %d", len(snap.ids), gen, version)
+        log.info("generation %d with model %d: %d images re-encoded (streamhash_reencoded_images_total), "
+                 "%d codes kept (learned, or inferred by this model already)", gen, version,
+                 builder.images_reencoded, builder.codes_copied)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -291,3 +291,99 @@ def test_dihn_learner_is_an_incremental_hasher_and_another_one_plugs_in():
     assert isinstance(dihn, IncrementalHasher)
     hasher = OnlineHasher(net, LearnSettings(round_every=1), learner=dihn)
     assert hasher.learner is dihn
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_round_is_due_by_count_or_by_the_age_of_the_oldest_labeled_item():
+    clock = FakeClock()
+    net = HashNet(HashNetConfig(bits=16, seed=0))
+    h = OnlineHasher(net, LearnSettings(round_every=10, round_max_age_s=60, round_min_items=2), clock=clock)
+    h.observe(["u0", "u1"], np.zeros((2, 2), np.uint8), None)
+    clock.t += 100
+    assert not h.ready() and h.oldest_pending_age() is None  # unlabeled items never wait for a round
+    h.observe(["a"], np.zeros((1, 2), np.uint8), [1])
+    clock.t += 30
+    h.observe(["b"], np.zeros((1, 2), np.uint8), [2])
+    assert h.oldest_pending_age() == 30 and not h.ready()
+    clock.t += 29
+    assert not h.ready()
+    clock.t += 1
+    assert h.ready()  # "a" waited 60 s: two items are enough
+    clock.t += 5
+    x, _ = synth(2, [1, 2], 0)
+    report = h.learn_round(lambda ids: x[: len(ids)])
+    assert report.round.ids == ["a", "b"]
+    np.testing.assert_array_equal(clock() - report.arrivals, [65, 35])
+    assert h.oldest_pending_age() is None and not h.ready()
+    h.observe([f"c{i}" for i in range(10)], np.zeros((10, 2), np.uint8), list(range(10)))
+    assert h.ready()  # round_every still triggers at once
+    lone = OnlineHasher(net, LearnSettings(round_every=10, round_max_age_s=60, round_min_items=2), clock=clock)
+    lone.observe(["z"], np.zeros((1, 2), np.uint8), [1])
+    clock.t += 600
+    assert not lone.ready()  # fewer than round_min_items: it waits for company or for round_every
+    off = OnlineHasher(net, LearnSettings(round_every=10, round_max_age_s=0), clock=clock)
+    off.observe(["a", "b"], np.zeros((2, 2), np.uint8), [1, 2])
+    clock.t += 10**6
+    assert not off.ready()
+
+
+def test_cannot_learn_after_a_rounds_worth_of_unlabeled_items_or_of_time():
+    clock = FakeClock()
+    net = HashNet(HashNetConfig(bits=16, seed=0))
+    h = OnlineHasher(net, LearnSettings(round_every=100, round_max_age_s=60), clock=clock)
+    assert not h.cannot_learn()  # nothing seen yet: nothing to say
+    h.observe([f"u{i}" for i in range(10)], np.zeros((10, 2), np.uint8), None)
+    assert not h.cannot_learn()
+    clock.t += 60
+    assert h.cannot_learn()
+    h.observe(["a"], np.zeros((1, 2), np.uint8), [1])
+    assert not h.cannot_learn()
+    by_count = OnlineHasher(net, LearnSettings(round_every=100, round_max_age_s=0), clock=clock)
+    by_count.observe([f"u{i}" for i in range(99)], np.zeros((99, 2), np.uint8), None)
+    assert not by_count.cannot_learn()
+    by_count.observe(["u99"], np.zeros((1, 2), np.uint8), None)
+    assert by_count.cannot_learn()
+
+
+def test_apply_reencode_leaves_items_observed_since_the_round_pending_with_their_new_code():
+    net = HashNet(HashNetConfig(bits=16, seed=0))
+    h = OnlineHasher(net, LearnSettings(round_every=1000))
+    h.observe(["old", "u"], np.zeros((2, 2), np.uint8), [1, None], frozen=True)
+    h.ready()  # drained: the learner holds them
+    h.observe(["new"], np.zeros((1, 2), np.uint8), [2])  # observed after the round, still buffered
+    h.apply_reencode(["u", "new", "stored-not-observed"], np.array([[1, 1], [2, 2], [3, 3]], np.uint8))
+    assert h.n_pending == 1 and h.ready() is False and h.learner.pending_ids == ["new"]
+    np.testing.assert_array_equal(h.learner.codes(["old", "u", "new"]), [[0, 0], [1, 1], [2, 2]])
+
+
+def test_online_hasher_holds_at_most_64_bytes_an_item_beyond_the_code_while_items_wait():
+    """The arrival bookkeeping of the age trigger is per observed batch, never per item."""
+    import gc
+    import tracemalloc
+
+    n, bits = 30_000, 32
+    net = HashNet(HashNetConfig(bits=bits, seed=0))
+    h = OnlineHasher(net, LearnSettings(round_every=10**9, reservoir_size=10))
+    rng = np.random.default_rng(2)
+    batches = [([f"img-{i:07d}" for i in range(a, a + 256)], rng.integers(0, 256, (256, bits // 8), dtype=np.uint8),
+                [int(v) for v in rng.integers(0, 20, 256)]) for a in range(0, n, 256)]
+    h.observe(["warm-up"], batches[0][1][:1], [0])
+    h.ready()
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for ids, codes, labels in batches:
+        h.observe(ids, codes, labels)
+        h.ready()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert h.n_pending == len(batches) * 256 + 1 and h.oldest_pending_age() is not None
+    assert grown / h.learner.n_items - bits // 8 <= 64, grown / h.learner.n_items

@@ -18,19 +18,24 @@ from streamhash.services.learner import LearnerThread
 from tests.conftest import synthetic_images
 
 
-@pytest.fixture
-def worker(tmp_path):
-    settings = Settings(learn={"round_every": 10_000, "omega": 64, "epochs": 1, "reservoir_size": 50})
-    store = Store(tmp_path / "index", bits=32)
+def make_worker(path, *, labeled: bool = True, **learn):
+    settings = Settings(learn={"round_every": 10_000, "omega": 64, "epochs": 1, "reservoir_size": 50, **learn})
+    store = Store(path, bits=32)
     net = HashNet(HashNetConfig(bits=32))
     version = store.put_model(net.to_bytes(), make_current=True)
     images, labels = synthetic_images(120, seed=2)
     codes = net.encode(images)
     store.write_batch([ItemWrite(f"i{i}", codes[i].tobytes(), encode_npy(images[i]), "application/x-npy",
-                                 (int(labels[i]),) if i % 3 else None) for i in range(120)], model_version=version)
-    yield SimpleNamespace(store=store, spec=ImageSpec.from_settings(settings), settings=settings,
-                          state=ModelState(net, version=version, generation=1))
-    store.close()
+                                 (int(labels[i]),) if i % 3 and labeled else None) for i in range(120)], model_version=version)
+    return SimpleNamespace(store=store, spec=ImageSpec.from_settings(settings), settings=settings,
+                           state=ModelState(net, version=version, generation=1))
+
+
+@pytest.fixture
+def worker(tmp_path):
+    w = make_worker(tmp_path / "index")
+    yield w
+    w.store.close()
 
 
 def run_until(thread: LearnerThread, predicate, timeout: float = 60) -> None:
@@ -97,3 +102,59 @@ def test_a_failed_round_quarantines_its_items_and_the_next_round_succeeds(worker
     assert learner.hasher.n_pending == 20  # the quarantine outlives a restart
     learner.request_round()
     run_until(learner, lambda: worker.state.current().version == 2)
+
+
+def lag_count() -> float:
+    return m.WORKER_REGISTRY.get_sample_value("streamhash_learn_lag_seconds_count") or 0.0
+
+
+def test_a_reencode_keeps_the_rounds_learned_codes_and_encodes_only_the_stale_inferred_ones(tmp_path):
+    w = make_worker(tmp_path / "index", mi_threshold=-1.0)  # every round re-encodes
+    learner, rounds = LearnerThread(w), []
+    real = learner.hasher.learn_round
+    learner.hasher.learn_round = lambda fetch: rounds.append(real(fetch)) or rounds[-1]
+    reencoded, lags = m.REENCODED_IMAGES._value.get(), lag_count()
+    learner.request_round()
+    run_until(learner, lambda: w.state.current().generation == 2)
+    assert rounds[0].reencode and len(rounds[0].round.ids) == 80
+    snap = w.store.snapshot()
+    assert (snap.generation, snap.model_version) == (2, 2) and snap.learned.sum() == 80
+    codes = dict(zip(snap.ids, snap.codes))
+    for item_id, code in zip(rounds[0].round.ids, rounds[0].round.codes):
+        assert bytes(codes[item_id]) == bytes(code)  # DCC's codes, not the new network's
+    assert m.REENCODED_IMAGES._value.get() - reencoded == 40  # the unlabeled ones, and nothing else
+    _, learned, model = w.store.provenance()
+    assert set(model[~learned].tolist()) == {2} and (~learned).sum() == 40
+    assert lag_count() - lags == 80
+    w.store.close()
+
+
+def test_a_round_runs_once_the_oldest_labeled_item_waited_round_max_age_s(tmp_path):
+    w = make_worker(tmp_path / "index", round_max_age_s=0.5)  # 80 pending, far below round_every
+    learner, lags = LearnerThread(w), lag_count()
+    started = time.monotonic()
+    run_until(learner, lambda: w.state.current().version == 2)
+    assert time.monotonic() - started >= 0.5 and w.store.snapshot().learned.sum() == 80
+    assert lag_count() - lags == 80
+    w.store.close()
+
+
+def test_an_unlabeled_only_stream_says_it_cannot_learn(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="streamhash.learner")
+    w = make_worker(tmp_path / "index", labeled=False, round_every=200, round_max_age_s=0)
+    learner = LearnerThread(w)
+    blocked = lambda: m.WORKER_REGISTRY.get_sample_value("streamhash_learning_blocked", {"reason": "no_labels"})
+    learner.check_blocked()
+    assert blocked() == 0  # the 120 unlabeled items in the store: fewer than a round needs
+    images, _ = synthetic_images(120, seed=5)
+    records = [SimpleNamespace(id=f"u{i}", labels=None) for i in range(120)]
+    learner.on_indexed(records, w.state.current().net.encode(images), list(range(120)))
+    learner.check_blocked()
+    learner.check_blocked()
+    assert blocked() == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot learn" in warnings[0].getMessage()
+    learner.on_indexed([SimpleNamespace(id="l0", labels=(3,))], w.state.current().net.encode(images[:1]), [120])
+    learner.check_blocked()
+    assert blocked() == 0 and "learning starts" in caplog.text
+    w.store.close()
