@@ -16,8 +16,10 @@ Key: generation (8 B) + table number (1 B) + substring value (``ceil(bits/m/8)``
 Value: seq (8 B big-endian), one duplicate per item (``dupsort`` + ``dupfixed``), which lets a
 whole probe set be read in one ``getmulti`` call (LMDB's GET_MULTIPLE pages of duplicates).
 
-:class:`~streamhash.index.radius.RadiusIndex` composes the tables with the in-memory index that
-verifies their candidates; whether to probe tables or scan all codes is
+:class:`~streamhash.index.radius.RadiusIndex`, the query server's radius search, no longer reads these
+tables: it probes the same substrings (:meth:`MultiHashTables.probe_radii`) in in-memory tables over
+the flat index's rows (:mod:`streamhash.index.memhash`), which beat FAISS's in-memory hash tables
+where the LMDB probe per query could not. Whether to probe tables or scan all codes is
 :func:`choose_radius_strategy`'s call, from a cost model calibrated by ``benchmarks/bench_multihash.py``.
 
 >>> t = MultiHashTables(16, 2)
@@ -201,21 +203,28 @@ def verify(queries: np.ndarray, lims: np.ndarray, seqs: np.ndarray, codes: np.nd
     return out, dist[order], seqs[order]
 
 
-# Cost model calibrated on the reference machine (2-core AMD EPYC, AVX-512 VPOPCNTDQ) with
-# benchmarks/bench_multihash.py at n = 200k and 1M, 64 bits, m = 4 (see benchmarks/RESULTS.md):
-# tables = fixed + per LMDB probe key + per bucket entry read (decode, dedup, fetch the code from
-# the in-memory index, verify); the fixed part is the single-query one (a batch amortises it to
-# ~7 us). A flat range scan costs per row (per 64-bit word of code), a constant each backend
-# registers beside its class (streamhash.index.backends), plus a small fixed part.
-TABLE_US_FIXED = 15.0
-TABLE_US_PER_PROBE = 0.85
-TABLE_US_PER_CANDIDATE = 0.15  # refitted after the direct id -> row gather (was 0.25)
+# Cost model of the query server's radius search (RadiusIndex): the in-memory tables
+# (streamhash.index.memhash, one native probe + verify call) against a flat scan. Refitted with
+# `benchmarks/bench_multihash.py --fit` (2-core AMD EPYC, AVX-512 VPOPCNTDQ, 64 bits, m = 4, radii
+# 1..8): per probe and per bucket entry are least-squares slopes of the batched tables time against
+# the probes and bucket entries a query reads (n = 100k: 0.0015 / 0.034 us; n = 1M, codes out of
+# cache: 0.042 us per entry, the probe slope folded into it); the fixed part is a single query's:
+# MemHash's per-call overhead (tables_1q - tables: 7.6 us at 100k, quiet machine) + RadiusIndex's
+# input check and this function (0.9 us, timed separately). The previous LMDB path
+# was 15 + 0.85 per probe + 0.15 per entry. A flat range scan costs per row (per 64-bit word of
+# code), a constant each backend registers beside its class (streamhash.index.backends; the same
+# run measured 0.074 ns for native), plus a small fixed part (not refitted).
+TABLE_US_FIXED = 8.5
+TABLE_US_PER_PROBE = 0.002
+TABLE_US_PER_CANDIDATE = 0.04
 SCAN_US_FIXED = 3.0
 
 
-@lru_cache(maxsize=64)
-def _tables_for_cost(bits: int, m: int) -> MultiHashTables:
-    return MultiHashTables(bits, m)
+@lru_cache(maxsize=4096)
+def _probe_counts(bits: int, m: int, radius: int) -> tuple[int, float]:
+    """(probes, expected bucket entries per item) of one query: the model's inputs, cached (a query pays a lookup)."""
+    t = MultiHashTables(bits, m)
+    return t.n_probes(radius), t.expected_candidates(1, radius)
 
 
 def choose_radius_strategy(
@@ -230,18 +239,14 @@ def choose_radius_strategy(
     'tables'
     >>> choose_radius_strategy(1_000_000, 64, 4, 16)
     'scan'
-    >>> choose_radius_strategy(1_000_000, 64, 4, 8)
-    'scan'
+    >>> choose_radius_strategy(1_000_000, 64, 4, 8), choose_radius_strategy(1_000_000, 64, 4, 9)
+    ('tables', 'scan')
     >>> choose_radius_strategy(1_000, 64, 4, 3)
     'scan'
     """
     if radius <= 0:
         return "tables"  # nothing can match; the tables path does no work
-    t = _tables_for_cost(bits, m)
-    tables_us = (
-        TABLE_US_FIXED
-        + TABLE_US_PER_PROBE * t.n_probes(radius)
-        + TABLE_US_PER_CANDIDATE * skew * t.expected_candidates(n, radius)
-    )
+    probes, frac = _probe_counts(bits, m, radius)
+    tables_us = TABLE_US_FIXED + TABLE_US_PER_PROBE * probes + TABLE_US_PER_CANDIDATE * skew * n * frac
     scan_us = SCAN_US_FIXED + scan_ns_per_row(backend) * 1e-3 * n * ((bits + 63) // 64)
     return "tables" if tables_us < scan_us else "scan"

@@ -93,7 +93,11 @@ def test_cost_model_prefers_tables_for_small_radius_and_scan_for_large():
     assert choose_radius_strategy(n, bits, m, 4) == "tables"
     assert choose_radius_strategy(n, bits, m, 12) == "scan"
     assert choose_radius_strategy(n, bits, m, 64) == "scan"
+    assert choose_radius_strategy(n, bits, m, 8) == "tables"  # in-memory tables: up to radius 8 at 1M (refit)
+    assert choose_radius_strategy(n, bits, m, 9) == "scan"
     assert choose_radius_strategy(2_000, bits, m, 3) == "scan"  # tiny index: just scan
+    # skewed buckets (learned codes) move the break-even radius down
+    assert choose_radius_strategy(n, bits, m, 8, skew=4.0) == "scan"
     # A slow scan (numpy backend) moves the break-even radius up, never down.
     for r in range(1, 20):
         if choose_radius_strategy(n, bits, m, r) == "tables":

@@ -1,5 +1,5 @@
-"""Radius search over a generation (RadiusIndex, what the query server ranks with): multi-index tables and
-flat scan give the brute-force answer, in order."""
+"""Radius search over a generation (RadiusIndex, what the query server ranks with): the in-memory multi-index
+tables and the flat scan give the brute-force answer, in order."""
 
 import numpy as np
 import pytest
@@ -30,18 +30,21 @@ def brute(queries, codes, seqs, radius):
 
 @pytest.fixture
 def force(monkeypatch):
-    """force(strategy) makes the cost model answer ``strategy``; returns the list of tables lookups made."""
+    """force(strategy) makes the cost model answer ``strategy`` and the tables build inside the query;
+    returns the list of radii the tables answered."""
     calls = []
+    real = RadiusIndex.range_search_tables
 
-    real = Store.table_candidates
-
-    def candidates(store, generation, queries, radius):
-        calls.append(generation)
-        return real(store, generation, queries, radius)
+    def tables(self, queries, radius):
+        self.wait = True
+        found = real(self, queries, radius)
+        if found is not None:
+            calls.append(radius)
+        return found
 
     def force_(strategy):
         monkeypatch.setattr(radius_mod, "choose_radius_strategy", lambda *a, **k: strategy)
-        monkeypatch.setattr(Store, "table_candidates", candidates)
+        monkeypatch.setattr(RadiusIndex, "range_search_tables", tables)
         return calls
 
     return force_
@@ -68,7 +71,7 @@ def test_radius_search_matches_brute_force(tmp_path, force, strategy, radius):
         # the server's ranking: the same hits, as item ids
         hits = query._rank(store, g, q, k=len(codes), radius=radius)
         assert [(h.id, h.distance) for h in hits] == [(f"i{n}", int(dist[n])) for n in want]
-    assert len(calls) == (10 if strategy == "tables" else 0)
+    assert len(calls) == (10 if strategy == "tables" else 0)  # 5 queries, each by RadiusIndex and by _rank
 
 
 @pytest.mark.parametrize("strategy", ["tables", "scan"])
@@ -100,20 +103,53 @@ def test_batches_overwrites_removals_and_unapplied_items(tmp_path, force, strate
     assert len(calls) == (5 if strategy == "tables" else 0)
 
 
-def test_a_replaced_generation_is_scanned(tmp_path, monkeypatch):
-    """Tables are looked up only for the store's live generation; for any other the flat index answers."""
+def test_each_generation_has_its_own_tables_kept_in_step_with_the_follower(tmp_path, monkeypatch):
+    """The tables belong to a generation's flat index: built once, followed through the LiveIndex's adds and
+    overwrites (tail scan, rebuild), replaced with the index on a re-encode; the first query over a
+    generation scans while they build in the background."""
     rng = np.random.default_rng(3)
     store = Store(tmp_path, bits=32)
-    codes = rng.integers(0, 256, (500, 4), dtype=np.uint8)
-    store.write_batch([ItemWrite(f"i{n}", c.tobytes(), b"", "image/png", None) for n, c in enumerate(codes)])
-    g = LiveIndex(store).current
-    assert store.table_candidates(g.generation + 1, codes[:2], 5) is None
-    assert store.table_candidates(g.generation, codes[:2], 5) is not None
+    base = rng.integers(0, 256, (10, 4), dtype=np.uint8)
+    store.write_batch([ItemWrite(f"i{n}", c.tobytes(), b"", "image/png", None) for n, c in enumerate(clustered(rng, base, 3000))])
+    live = LiveIndex(store)
     monkeypatch.setattr(radius_mod, "choose_radius_strategy", lambda *a, **k: "tables")
-    got = RadiusIndex(g.index, lambda *a: None, generation=g.generation, m=store.tables.m).range_search(codes[:3], 9)
-    want = g.index.range_search(codes[:3], 9)
-    for a, b in zip(got, want):
+    g = live.current
+    index = RadiusIndex.over_store(g.index, store, g.generation)
+    first = index.range_search(base[:3], 5)
+    assert index.last_strategy == "scan"  # no tables yet: the flat index answered, a build started
+    index.tables.build()
+    assert RadiusIndex.over_store(g.index, store, g.generation).tables is index.tables  # one per flat index
+    for a, b in zip(index.range_search(base[:3], 5), first):
         np.testing.assert_array_equal(a, b)
+    assert index.last_strategy == "tables"
+    # the follower applies new items and overwrites: the tables answer for them at once
+    store.write_batch([ItemWrite(f"i{n}", c.tobytes(), b"", "image/png", None) for n, c in enumerate(clustered(rng, base, 400))])
+    store.write_batch([ItemWrite(f"new{n}", c.tobytes(), b"", "image/png", None) for n, c in enumerate(clustered(rng, base, 300))])
+    assert live.refresh() == 700
+    seqs = np.array(sorted(int(s) for s in range(1, 3701) if s in g.index), np.int64)
+    codes, _ = g.index.reconstruct_batch(seqs)
+    index = RadiusIndex.over_store(g.index, store, g.generation)
+    for radius in (1, 3, 6):
+        lims, D, I = index.range_search(base[:4], radius)
+        assert index.last_strategy == "tables"
+        for j, (want_d, want_i) in enumerate(brute(base[:4], codes, seqs, radius)):
+            np.testing.assert_array_equal(I[lims[j] : lims[j + 1]], want_i)
+            np.testing.assert_array_equal(D[lims[j] : lims[j + 1]], want_d)
+    # a re-encode swaps in a new flat index: new tables
+    gen, _ = store.begin_generation()
+    ids = [f"i{n}" for n in range(3000)] + [f"new{n}" for n in range(300)]
+    new_codes = clustered(rng, base, len(ids))
+    store.put_generation_codes(gen, ids, new_codes)
+    store.swap_generation(gen, 2, ids, new_codes)
+    live.refresh()
+    g2 = live.current
+    assert g2.generation == gen and g2.index is not g.index
+    index2 = RadiusIndex.over_store(g2.index, store, g2.generation)
+    assert index2.tables is not index.tables
+    index2.wait = True
+    for a, b in zip(index2.range_search(base[:3], 4), g2.index.range_search(base[:3], 4)):
+        np.testing.assert_array_equal(a, b)
+    assert index2.last_strategy == "tables"
 
 
 def test_search_is_the_flat_index_and_queries_are_checked(tmp_path):
