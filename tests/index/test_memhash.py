@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamhash.index import memhash
 from streamhash.codes import hamming_brute
+from streamhash.index import memhash
 from streamhash.index.backends import make_index
 from streamhash.index.memhash import MemHash, memhash_for, substring_values
 from streamhash.index.multihash import MultiHashTables
