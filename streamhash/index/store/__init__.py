@@ -126,17 +126,6 @@ class Store:
     def seqs_live(self, seqs: Sequence[int]) -> np.ndarray:
         return self.changes.seqs_live(seqs)
 
-    def table_candidates(self, generation: int, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The multi-index tables' candidates (lims, seqs) for ``queries`` within ``radius``, or None when
-        ``generation`` is no longer the live one (its tables may be gone): checked and probed in one snapshot."""
-
-        def read(txn):
-            if int(self.read_meta(txn)["generation"]) != generation:
-                return None
-            return self.tables.candidates_batch(txn, self.db["tables"], generation, queries, radius)
-
-        return self._read(read)
-
     # offsets and topic ids
     def offsets(self) -> dict[tuple[str, int], int]:
         return self.offset_map.all()
