@@ -14,6 +14,7 @@ WORKER_ONLY = {
     "streamhash_learning_rounds_total", "streamhash_index_mi", "streamhash_candidate_mi",
     "streamhash_reencode_triggers_total", "streamhash_drift_detections_total", "streamhash_offset_resets_total",
     "streamhash_learning_round_failures_total", "streamhash_learning_quarantined_items_total",
+    "streamhash_reencoded_images_total", "streamhash_learn_lag_seconds", "streamhash_learning_blocked",
 }
 QUERY_ONLY = {
     "streamhash_queries_total", "streamhash_query_duration_seconds", "streamhash_freshness_seconds",
