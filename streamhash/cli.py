@@ -139,6 +139,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", dest="server.host")
     p.add_argument("--port", dest="server.port", type=int)
     p.add_argument("--backend", dest="server.backend", choices=backend_names())
+    p.add_argument("--workers", dest="server.workers", type=int,
+                   help="server processes over the same read-only store, each with its own in-memory index (default 1)")
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:

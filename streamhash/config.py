@@ -170,6 +170,14 @@ class ServerSettings(BaseModel):
     max_k: int = 10_000
     backend: str = "auto"  # a Hamming backend registered in streamhash.index.backends
     search_threads: int = 1
+    # Concurrent top-k /search requests share one kernel call: the batcher takes every request queued
+    # when it is free (at most batch_max); batch_window_s > 0 also waits that long for more (a lone
+    # client then pays it; at 0 it pays nothing). batch_enabled=false: each search ranked on its own.
+    batch_enabled: bool = True
+    batch_max: int = Field(256, ge=1)
+    batch_window_s: float = Field(0.0, ge=0.0)
+    # uvicorn worker processes over the same read-only store; each holds its own LiveIndex in memory
+    workers: int = Field(1, ge=1)
 
     @field_validator("backend")
     @classmethod

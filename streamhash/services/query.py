@@ -17,13 +17,14 @@ goes through the same checks as an ingested one (:func:`streamhash.records.decod
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -39,8 +40,10 @@ from streamhash.index.store import Store
 from streamhash.memory import pin_malloc_mmap_threshold
 from streamhash.model.hashnet import HashNet
 from streamhash.records import MAX_KEY_BYTES, ImageSpec, content_type_of, decode_image
+from streamhash.services.batching import MicroBatcher
 from streamhash.services.http_api import (
-    CountResponses, Hit, PayloadTooLarge, SearchRequest, SearchResponse, bounded_request, max_body_bytes, parse_search,
+    CountResponses, FastJSONResponse, Hit, PayloadTooLarge, SearchRequest, SearchResponse, bounded_request, max_body_bytes,
+    parse_search,
 )
 from streamhash.services.web import LiveStatus, install
 
@@ -80,12 +83,18 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
     encoder = QueryEncoder(store, ImageSpec.from_settings(settings))
     body_limit = max_body_bytes(settings)
     status = LiveStatus(live)
+    # Top-k searches waiting at the same moment share one kernel call (each takes its first k of the
+    # batch's largest k); off (batch_enabled=false) each search is ranked alone in the thread pool.
+    batcher = MicroBatcher(lambda g, items: _rank_batch(store, g, items), max_batch=settings.server.batch_max,
+                           window_s=settings.server.batch_window_s) if settings.server.batch_enabled else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         live.start()  # the follower and the sampler threads run exactly as long as the server
         status.start()
         yield
+        if batcher is not None:
+            await batcher.aclose()
         status.stop()
         live.stop()
 
@@ -93,14 +102,14 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
     # no validator badge either: Swagger UI would send the spec's URL to an outside validator
     app = FastAPIOffline(title="streamhash query", version=__version__, lifespan=lifespan,
                          description="Hamming ranking over the live streamhash index.",
-                         swagger_ui_parameters={"validatorUrl": None})
-    app.state.live, app.state.store = live, store
+                         swagger_ui_parameters={"validatorUrl": None}, default_response_class=FastJSONResponse)
+    app.state.live, app.state.store, app.state.batcher = live, store, batcher
     app.add_middleware(CountResponses, path="/search")
     install(app, store, live, status)  # before /items/{item_id:path}, which would take /items/x/image
 
     @app.exception_handler(BadQueryError)
     def _bad_query(_request: Request, exc: BadQueryError):
-        return JSONResponse(status_code=400, content={"detail": str(exc)})
+        return FastJSONResponse(status_code=400, content={"detail": str(exc)})
 
     @app.post("/search", response_model=SearchResponse, openapi_extra={
         "requestBody": {"content": {
@@ -125,13 +134,17 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
         else:
             # Encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
             q = await run_in_threadpool(encoder.encode, image, model_version)
-        hits = await run_in_threadpool(_rank, store, g, q, req.k, req.radius)
+        if batcher is not None and req.radius is None:
+            hits = await batcher.submit(g, (q, req.k))  # the kernel runs in the batcher's thread: no other hop
+        else:
+            hits = (await run_in_threadpool(_rank, store, g, q[None], [req.k], req.radius))[0]
         if req.item_id is not None and (req.radius is None or req.radius > 0):
             hits = _query_first(store, hits, req.item_id, req.k)
         took = time.perf_counter() - t0
         m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
-        return SearchResponse(results=hits, model_version=model_version, generation=g.generation,
-                              index_size=g.index.ntotal, code_hex=to_hex(q), took_ms=took * 1000)
+        # a SearchResponse's fields, rendered by orjson without a pydantic round trip (the schema is response_model's)
+        return FastJSONResponse({"results": hits, "model_version": model_version, "generation": g.generation,
+                                 "index_size": g.index.ntotal, "code_hex": to_hex(q), "took_ms": took * 1000})
 
     @app.get("/items/{item_id:path}")
     def get_item(item_id: str):
@@ -158,20 +171,43 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
     return app
 
 
-def _rank(store: Store, g: Generation, q: np.ndarray, k: int, radius: int | None) -> list[Hit]:
-    index = RadiusIndex.over_store(g.index, store, g.generation)
+def _rank_batch(store: Store, g: Generation, items: list[tuple[np.ndarray, int]]) -> list[list[dict]]:
+    """The batcher's call: top-k of every (query, k) in ``items`` over generation ``g``."""
+    return _rank(store, g, np.stack([q for q, _ in items]), [k for _, k in items], None)
+
+
+def _rank(store: Store, g: Generation, q: np.ndarray, k: int | list[int], radius: int | None):
+    """The hits of query code ``q`` over generation ``g`` as a list of :class:`Hit`; or, for a matrix of
+    codes ``q`` and a list ``k`` (one k per row), each row's hits as ``Hit`` dicts (what the server
+    renders), all from one kernel call.
+
+    Top-k: one search at the largest k; the kernel's order (distance, then index order) does not depend
+    on k, so each row's first k are exactly its own top-k search. Radius: hits at distance < radius,
+    the first k of each row's.
+    """
+    if np.ndim(q) == 1:
+        return [Hit(**h) for h in _rank(store, g, np.asarray(q)[None], [int(k)], radius)[0]]
+    Q, ks = q, k
     if radius is None:
-        D, I = index.search(q[None], k)
-        pairs = [(int(d), int(i)) for d, i in zip(D[0], I[0]) if i >= 0]
+        D, I = g.index.search(Q, max(ks))
+        rows = [[(d, i) for d, i in zip(D[r, :k].tolist(), I[r, :k].tolist()) if i >= 0] for r, k in enumerate(ks)]
     else:
-        _, D, I = index.range_search(q[None], radius)
-        pairs = [(int(d), int(i)) for d, i in zip(D[:k], I[:k])]
-    hits = []
-    for (d, _), got in zip(pairs, g.resolve([s for _, s in pairs])):  # one LMDB read for all hits
-        if got is not None:  # removed between search and lookup: skip
-            item_id, labels = got
-            hits.append(Hit(id=item_id, distance=d, labels=list(labels) if labels is not None else None))
-    return hits
+        index = RadiusIndex.over_store(g.index, store, g.generation)
+        lims, D, I = index.range_search(Q, radius)
+        lims = lims.tolist()
+        rows = [list(zip(D[lims[r]:lims[r + 1]][:k].tolist(), I[lims[r]:lims[r + 1]][:k].tolist()))
+                for r, k in enumerate(ks)]
+    resolved = iter(g.resolve([s for pairs in rows for _, s in pairs]))  # one LMDB read for every hit of the batch
+    out = []
+    for pairs in rows:
+        hits = []
+        for d, _ in pairs:
+            got = next(resolved)
+            if got is not None:  # removed between search and lookup: skip
+                item_id, labels = got
+                hits.append({"id": item_id, "distance": d, "labels": list(labels) if labels is not None else None})
+        out.append(hits)
+    return out
 
 
 def _stored_code(store: Store, g: Generation, item_id: str) -> np.ndarray:
@@ -189,36 +225,73 @@ def _stored_code(store: Store, g: Generation, item_id: str) -> np.ndarray:
     raise HTTPException(409, f"item {item_id!r} is not in generation {g.generation} yet; retry")
 
 
-def _query_first(store: Store, hits: list[Hit], item_id: str, k: int) -> list[Hit]:
+def _query_first(store: Store, hits: list[dict], item_id: str, k: int) -> list[dict]:
     """The query item first: ties at distance 0 come back in index order, and k of them may leave it out."""
-    own = [h for h in hits if h.id == item_id]
+    own = [h for h in hits if h["id"] == item_id]
     if not own:
         labels = store.labels_of([item_id])[0]
-        own = [Hit(id=item_id, distance=0, labels=list(labels) if labels is not None else None)]
-    return (own + [h for h in hits if h.id != item_id])[:k]
+        own = [{"id": item_id, "distance": 0, "labels": list(labels) if labels is not None else None}]
+    return (own + [h for h in hits if h["id"] != item_id])[:k]
+
+
+SETTINGS_ENV = "STREAMHASH_SERVE_SETTINGS_JSON"  # run() hands its settings (CLI flags applied) to its workers
+
+
+def _open_store(settings: Settings) -> Store | None:
+    from streamhash.errors import StoreError
+
+    deadline = time.monotonic() + settings.server.store_wait_s
+    while True:  # the worker may not have created the store yet
+        try:
+            return Store(settings.store.path, readonly=True)
+        except StoreError as exc:
+            if time.monotonic() > deadline:
+                log.error("%s", exc)
+                return None
+            time.sleep(0.5)
+
+
+def _prepare_process(settings: Settings) -> None:
+    pin_malloc_mmap_threshold()
+    import torch
+
+    torch.set_num_threads(settings.model.torch_threads)  # two OpenMP pools on 2 cores: 0.5 ms encode became 40 ms
+
+
+def app_from_env() -> FastAPI:
+    """The app factory of each ``--workers`` process: settings from ``run()`` (or the environment), and a
+    store handle and LiveIndex of its own (each worker holds its own copy of the in-memory index)."""
+    raw = os.environ.get(SETTINGS_ENV)
+    settings = Settings.model_validate_json(raw) if raw else Settings()
+    _prepare_process(settings)
+    store = _open_store(settings)
+    if store is None:
+        raise SystemExit(f"no store at {settings.store.path}")
+    return create_app(settings, store)
 
 
 def run(settings: Settings) -> int:
     """The query server process: serve HTTP until stopped; returns its exit code."""
     import uvicorn
 
-    from streamhash.errors import EXIT_USAGE, StoreError
+    from streamhash.errors import EXIT_USAGE
 
-    pin_malloc_mmap_threshold()
     settings.log_startup("streamhash serve")
-    import torch
-
-    torch.set_num_threads(settings.model.torch_threads)  # two OpenMP pools on 2 cores: 0.5 ms encode became 40 ms
-    deadline = time.monotonic() + settings.server.store_wait_s
-    while True:  # the worker may not have created the store yet
-        try:
-            store = Store(settings.store.path, readonly=True)
-            break
-        except StoreError as exc:
-            if time.monotonic() > deadline:
-                log.error("%s", exc)
-                return EXIT_USAGE
-            time.sleep(0.5)
-    app = create_app(settings, store)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning", access_log=False)
+    opts = dict(host=settings.server.host, port=settings.server.port, log_level="warning", access_log=False,
+                loop="auto", http="auto")  # uvloop and httptools when installed (uvicorn[standard])
+    if settings.server.workers > 1:
+        # each worker process imports the factory and builds its own app, store handle and LiveIndex
+        _prepare_process(settings)
+        store = _open_store(settings)  # wait for the store here, once, before starting the workers
+        if store is None:
+            return EXIT_USAGE
+        store.close()
+        os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"kafka"})  # the query server never uses Kafka
+        uvicorn.run("streamhash.services.query:app_from_env", factory=True, workers=settings.server.workers, **opts)
+        return 0
+    _prepare_process(settings)
+    store = _open_store(settings)
+    if store is None:
+        return EXIT_USAGE
+    uvicorn.run(create_app(settings, store), **opts)
     return 0

@@ -217,3 +217,70 @@ def test_a_search_names_exactly_one_of_three_sources(server, body):
     client, _ = server
     r = client.post("/search", json=body)
     assert r.status_code == 400 and "exactly one of image_base64, code_hex or item_id" in r.json()["detail"]
+
+
+def _tied_store(path, n: int = 400) -> tuple[Store, np.ndarray]:
+    """n items whose 32-bit codes take only 12 values: nearly every top-k ends inside a run of ties."""
+    store = Store(path, bits=32)
+    store.put_model(HashNet(HashNetConfig(bits=32)).to_bytes(), make_current=True)
+    rng = np.random.default_rng(7)
+    distinct = rng.integers(0, 256, (12, 4), dtype=np.uint8)
+    codes = distinct[rng.integers(0, len(distinct), n)]
+    store.write_batch([ItemWrite(f"t-{i}", codes[i].tobytes(), b"", "image/png", (i % 5,)) for i in range(n)])
+    return store, codes
+
+
+def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, codes = _tied_store(tmp_path)
+    rng = np.random.default_rng(3)
+    bodies = []
+    for i in range(120):
+        k = int(rng.integers(1, 60))
+        if i % 5 == 0:
+            bodies.append({"item_id": f"t-{int(rng.integers(0, len(codes)))}", "k": k})
+        elif i % 7 == 0:
+            bodies.append({"code_hex": codes[i].tobytes().hex(), "k": k, "radius": int(rng.integers(0, 20))})
+        else:
+            bodies.append({"code_hex": rng.integers(0, 256, 4, dtype=np.uint8).tobytes().hex(), "k": k})
+    strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
+    try:
+        plain = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}), store)
+        with TestClient(plain) as client:
+            expected = [strip(client.post("/search", json=b)) for b in bodies]
+        # a window makes sure the concurrent requests really meet in batches
+        batched = query.create_app(Settings(store={"path": str(tmp_path)},
+                                            server={"batch_window_s": 0.02, "batch_max": 32}), store)
+        with TestClient(batched) as client:
+            with ThreadPoolExecutor(16) as pool:
+                got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
+            assert all(r.status_code == 200 for r in got), [r.text for r in got if r.status_code != 200][:3]
+            assert [strip(r) for r in got] == expected
+            batcher = batched.state.batcher
+            assert batcher.requests == sum(1 for b in bodies if "radius" not in b)
+            assert batcher.batches < batcher.requests  # some requests shared a kernel call
+            # and the top-k of each is the kernel's own answer at that k
+            g = batched.state.live.current
+            for b, r in zip(bodies, expected):
+                if "code_hex" in b and "radius" not in b:
+                    _, I = g.index.search(np.frombuffer(bytes.fromhex(b["code_hex"]), np.uint8)[None], b["k"])
+                    assert [h["id"] for h in r["results"]] == [item_id for item_id, _ in g.resolve(I[0][I[0] >= 0])]
+    finally:
+        store.close()
+
+
+def test_settings_for_workers_round_trip_through_the_environment(tmp_path, monkeypatch):
+    store, _ = make_store(tmp_path)
+    store.close()
+    s = Settings(store={"path": str(tmp_path)}, server={"workers": 3, "batch_max": 7, "refresh_interval_s": 0.01})
+    monkeypatch.setenv(query.SETTINGS_ENV, s.model_dump_json(exclude={"kafka"}))
+    monkeypatch.setattr(query, "_prepare_process", lambda _settings: None)  # leave this process's torch threads alone
+    app = query.app_from_env()
+    try:
+        assert app.state.batcher.max_batch == 7
+        with TestClient(app) as client:
+            r = client.post("/search", json={"code_hex": "00000000", "k": 3})
+            assert r.status_code == 200 and len(r.json()["results"]) == 3
+    finally:
+        app.state.store.close()

@@ -1,0 +1,106 @@
+"""Micro-batching for the query server: concurrent requests answered by one kernel call.
+
+A request is ``submit``-ted with a key (requests with equal keys can share a call: the same generation)
+and an item (its query). One task per event loop takes everything queued at that moment, up to
+``max_batch`` (and, with ``window_s > 0``, what arrives within that window while the batch is not full),
+groups it by key and runs ``run_batch(key, items)`` once per group in a thread: the Hamming kernel
+releases the GIL, so the event loop keeps reading requests meanwhile, and those become the next batch.
+A lone request finds nothing else queued and goes at once: no added latency at the default window of 0.
+
+``run_batch`` returns one result per item, in order; an exception it raises goes to every request of
+that group (and to no other group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+
+class MicroBatcher:
+    def __init__(self, run_batch: RunBatch, *, max_batch: int = 256, window_s: float = 0.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.run_batch, self.max_batch, self.window_s = run_batch, int(max_batch), float(window_s)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self.batches = 0  # kernel calls made (groups run), for tests and benchmarks
+        self.requests = 0
+
+    async def submit(self, key: Hashable, item: Any) -> Any:
+        """The result for ``item``, computed in a batch with whatever else waits under ``key``."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._start(loop)
+        fut = loop.create_future()
+        self._queue.put_nowait((key, item, fut))
+        return await fut
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        # one task per event loop (a test client opens a new loop per `with`): created on first use
+        self._loop, self._queue = loop, asyncio.Queue()
+        self._task = loop.create_task(self._serve(self._queue), name="streamhash-search-batcher")
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _serve(self, queue: asyncio.Queue) -> None:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            if self.window_s > 0 and len(batch) < self.max_batch:
+                deadline = asyncio.get_running_loop().time() + self.window_s
+                while len(batch) < self.max_batch:
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+            batch = [b for b in batch if not b[2].done()]  # a client that went away cancelled its future
+            if not batch:
+                continue
+            groups: dict[Hashable, list] = {}
+            for key, item, fut in batch:
+                groups.setdefault(key, []).append((item, fut))
+            try:
+                outcomes = await asyncio.to_thread(self._run_groups, groups)
+            except asyncio.CancelledError:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.cancel()
+                raise
+            for (results, error), members in zip(outcomes, groups.values()):
+                for i, (_, fut) in enumerate(members):
+                    if fut.done():
+                        continue
+                    if error is not None:
+                        fut.set_exception(error)
+                    else:
+                        fut.set_result(results[i])
+
+    def _run_groups(self, groups: dict[Hashable, list]) -> list[tuple[Sequence[Any] | None, BaseException | None]]:
+        outcomes = []
+        for key, members in groups.items():
+            self.batches += 1
+            self.requests += len(members)
+            try:
+                results = self.run_batch(key, [item for item, _ in members])
+                if len(results) != len(members):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(members)} items")
+                outcomes.append((results, None))
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+                outcomes.append((None, exc))
+        return outcomes
