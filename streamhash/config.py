@@ -165,7 +165,11 @@ class LearnSettings(BaseModel):
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
-    refresh_interval_s: float = 0.05
+    refresh_interval_s: float = 0.05  # how often the follower polls the store when no notification wakes it
+    # Wake the follower on each store commit (inotify on the store directory, Linux, local filesystems);
+    # polling every notify_fallback_interval_s stays as the safety net. False: poll every refresh_interval_s.
+    notify: bool = True
+    notify_fallback_interval_s: float = Field(1.0, gt=0)
     store_wait_s: float = 60.0  # at start-up, how long to wait for a worker to create the store
     max_k: int = 10_000
     backend: str = "auto"  # a Hamming backend registered in streamhash.index.backends

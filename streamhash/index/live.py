@@ -26,6 +26,7 @@ import numpy as np
 
 from streamhash import metrics as m
 from streamhash.index.hamming import BinaryIndex, Int64Multimap, make_index
+from streamhash.index.notify import Waiter, make_waiter
 from streamhash.index.store import Store
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,25 @@ class Generation:
 
 
 class LiveIndex:
-    def __init__(self, store: Store, *, backend: str = "auto", threads: int = 1, refresh_interval_s: float = 0.05):
+    """Follows the store on a thread (:meth:`start`).
+
+    With ``notify`` (the default) the follower is woken by the kernel when a commit writes the store
+    (inotify on its directory, :mod:`streamhash.index.notify`), so freshness does not depend on an
+    interval nor on how busy the machine is, and it polls only every ``fallback_interval_s`` as a
+    safety net. Without a notification (``notify=False``, or inotify unavailable) it polls every
+    ``refresh_interval_s``.
+    """
+
+    def __init__(self, store: Store, *, backend: str = "auto", threads: int = 1, refresh_interval_s: float = 0.05,
+                 notify: bool = True, fallback_interval_s: float = 1.0):
         self.store = store
         self.backend, self.threads = backend, threads
         self.refresh_interval_s = refresh_interval_s
+        self.notify, self.fallback_interval_s = notify, fallback_interval_s
         self.current: Generation = self._build()
         self._publish(self.current)
         self._stop = threading.Event()
+        self._waiter: Waiter | None = None
         self._thread: threading.Thread | None = None
 
     def _new_index(self) -> BinaryIndex:
@@ -139,20 +152,48 @@ class LiveIndex:
         m.INDEX_GENERATION.labels(process="query").set(g.generation)
         m.MODEL_VERSION.labels(process="query").set(g.model_version)
 
+    @property
+    def notifying(self) -> bool:
+        """Whether the follower is woken by commit notifications (else it polls)."""
+        return self._waiter is not None and self._waiter.notifying
+
     def start(self) -> "LiveIndex":
-        self._thread = threading.Thread(target=self._follow, name="live-index", daemon=True)
+        # Watch before the first refresh: a commit between the two is then seen by one or the other.
+        self._waiter = make_waiter(self.store.path, notify=self.notify)
+        self._thread = threading.Thread(target=self._follow, args=(self._waiter,), name="live-index", daemon=True)
         self._thread.start()
         return self
 
-    def _follow(self) -> None:
-        while not self._stop.wait(self.refresh_interval_s):
-            try:
-                self.refresh()
-            except Exception:  # keep serving the last good state; the error is logged with its cause
-                log.exception("index refresh failed; retrying")
-                self._stop.wait(1.0)
+    # After a notification, re-check at 2, 4, 8 ... ms (capped at refresh_interval_s) for this long. LMDB
+    # writes a commit's meta page (the write that notifies) *before* it publishes the new txn id to
+    # readers in lock.mdb, so a refresh woken at once can miss the commit that woke it, and no further
+    # event comes; the re-checks catch it within milliseconds instead of at the fallback poll.
+    SETTLE_S = 0.25
+
+    def _follow(self, waiter: Waiter) -> None:
+        recheck, notified_at = 0.0, -1e9
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.refresh()
+                except Exception:  # keep serving the last good state; the error is logged with its cause
+                    log.exception("index refresh failed; retrying")
+                    self._stop.wait(1.0)
+                if not waiter.notifying:
+                    timeout = self.refresh_interval_s
+                elif time.monotonic() - notified_at < self.SETTLE_S:
+                    recheck = min(recheck * 2, self.refresh_interval_s)
+                    timeout = recheck
+                else:
+                    timeout = max(self.refresh_interval_s, self.fallback_interval_s)
+                if waiter.wait(timeout) and waiter.notifying:  # a commit, the timeout, or stop()
+                    recheck, notified_at = 0.001, time.monotonic()
+        finally:
+            waiter.close()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._waiter is not None:
+            self._waiter.interrupt()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -3,6 +3,9 @@ swaps, and answers exactly what brute force over the store's current items answe
 
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -150,3 +153,77 @@ def test_holds_at_most_64_bytes_an_item_beyond_the_code(store):
     tracemalloc.stop()
     assert live.current.index.ntotal == n
     assert built / n - BITS // 8 <= 64 and grown / n - BITS // 8 <= 64, (built / n, grown / n)
+
+
+def wait_visible(live: LiveIndex, item_id: str, within_s: float) -> float | None:
+    """Seconds until ``item_id`` is searchable in the follower, or None after ``within_s``."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < within_s:
+        g = live.current
+        if g.last_seq and any(r and r[0] == item_id for r in g.resolve([g.last_seq])):
+            return time.perf_counter() - t0
+        time.sleep(0.002)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_a_commit_wakes_the_follower_long_before_the_poll_interval(store):
+    rng = np.random.default_rng(6)
+    write(store, rng, ["first"])
+    live = LiveIndex(store, refresh_interval_s=10.0, fallback_interval_s=10.0).start()
+    try:
+        assert live.notifying
+        time.sleep(0.05)  # the follower's first refresh is done: it now waits on the notification
+        for i in range(5):
+            write(store, rng, [f"n{i}"])
+            took = wait_visible(live, f"n{i}", 0.5)
+            assert took is not None, f"n{i} not visible within 0.5 s of its commit"
+        write(store, rng, [f"burst{i}" for i in range(50)])  # commits in a burst: one wake, all applied
+        for i in range(20):
+            write(store, rng, [f"b{i}"])
+        assert wait_visible(live, "b19", 0.5) is not None
+        check_against_store(live, store, rng)
+    finally:
+        t0 = time.perf_counter()
+        live.stop()
+        assert time.perf_counter() - t0 < 0.5 and not live._thread.is_alive()
+
+
+def test_without_notification_the_poll_still_follows(store):
+    rng = np.random.default_rng(7)
+    write(store, rng, ["first"])
+    live = LiveIndex(store, refresh_interval_s=0.05, notify=False).start()
+    try:
+        assert not live.notifying
+        write(store, rng, ["polled"])
+        assert wait_visible(live, "polled", 2.0) is not None
+    finally:
+        live.stop()
+
+
+def test_falls_back_to_polling_when_inotify_is_unavailable(store, monkeypatch):
+    from streamhash.index import notify
+
+    def broken(path):
+        raise OSError(24, "inotify_init1: Too many open files")
+
+    monkeypatch.setattr(notify, "InotifyWaiter", broken)
+    rng = np.random.default_rng(8)
+    write(store, rng, ["first"])
+    live = LiveIndex(store, refresh_interval_s=0.05, fallback_interval_s=10.0).start()
+    try:
+        assert not live.notifying
+        write(store, rng, ["polled"])
+        assert wait_visible(live, "polled", 2.0) is not None  # the 50 ms poll, not the 10 s fallback
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("notify", [True, False])
+def test_stop_returns_promptly_with_long_intervals(store, notify):
+    write(store, np.random.default_rng(9), ["first"])
+    live = LiveIndex(store, refresh_interval_s=30.0, fallback_interval_s=30.0, notify=notify).start()
+    time.sleep(0.1)
+    t0 = time.perf_counter()
+    live.stop()
+    assert time.perf_counter() - t0 < 0.5 and not live._thread.is_alive()
