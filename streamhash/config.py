@@ -180,6 +180,7 @@ class ServerSettings(BaseModel):
     batch_enabled: bool = True
     batch_max: int = Field(256, ge=1)
     batch_window_s: float = Field(0.0, ge=0.0)
+    batch_inflight: int = Field(2, ge=1)  # batches ranked at the same time (the kernel scales ~linearly per query)
     # uvicorn worker processes over the same read-only store; each holds its own LiveIndex in memory
     workers: int = Field(1, ge=1)
 

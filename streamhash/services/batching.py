@@ -6,6 +6,9 @@ and an item (its query). One task per event loop takes everything queued at that
 groups it by key and runs ``run_batch(key, items)`` once per group in a thread: the Hamming kernel
 releases the GIL, so the event loop keeps reading requests meanwhile, and those become the next batch.
 A lone request finds nothing else queued and goes at once: no added latency at the default window of 0.
+Up to ``max_inflight`` batches run at the same time (the kernel's cost is nearly linear in the number of
+queries, so one batch at a time would leave the other cores idle); the next batch is gathered while
+they run.
 
 ``run_batch`` returns one result per item, in order; an exception it raises goes to every request of
 that group (and to no other group).
@@ -14,6 +17,7 @@ that group (and to no other group).
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -21,15 +25,17 @@ RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
 
 
 class MicroBatcher:
-    def __init__(self, run_batch: RunBatch, *, max_batch: int = 256, window_s: float = 0.0):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    def __init__(self, run_batch: RunBatch, *, max_batch: int = 256, window_s: float = 0.0, max_inflight: int = 1):
+        if max_batch < 1 or max_inflight < 1:
+            raise ValueError(f"max_batch and max_inflight must be >= 1, got {max_batch} and {max_inflight}")
         self.run_batch, self.max_batch, self.window_s = run_batch, int(max_batch), float(window_s)
+        self.max_inflight = int(max_inflight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self.batches = 0  # kernel calls made (groups run), for tests and benchmarks
         self.requests = 0
+        self._count_lock = threading.Lock()
 
     async def submit(self, key: Hashable, item: Any) -> Any:
         """The result for ``item``, computed in a batch with whatever else waits under ``key``."""
@@ -55,23 +61,40 @@ class MicroBatcher:
                 pass
 
     async def _serve(self, queue: asyncio.Queue) -> None:
-        while True:
-            batch = [await queue.get()]
-            while len(batch) < self.max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            if self.window_s > 0 and len(batch) < self.max_batch:
-                deadline = asyncio.get_running_loop().time() + self.window_s
-                while len(batch) < self.max_batch:
-                    left = deadline - asyncio.get_running_loop().time()
-                    if left <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(queue.get(), left))
-                    except asyncio.TimeoutError:
-                        break
+        slots = asyncio.Semaphore(self.max_inflight)
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                batch = [await queue.get()]
+                await slots.acquire()  # wait for a free slot: meanwhile more requests queue up for this batch
+                batch = await self._gather(queue, batch)
+                task = asyncio.get_running_loop().create_task(self._run(batch, slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for task in list(running):
+                task.cancel()
+
+    async def _gather(self, queue: asyncio.Queue, batch: list) -> list:
+        while len(batch) < self.max_batch and not queue.empty():
+            batch.append(queue.get_nowait())
+        if self.window_s > 0 and len(batch) < self.max_batch:
+            deadline = asyncio.get_running_loop().time() + self.window_s
+            while len(batch) < self.max_batch:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+        return batch
+
+    async def _run(self, batch: list, slots: asyncio.Semaphore) -> None:
+        try:
             batch = [b for b in batch if not b[2].done()]  # a client that went away cancelled its future
             if not batch:
-                continue
+                return
             groups: dict[Hashable, list] = {}
             for key, item, fut in batch:
                 groups.setdefault(key, []).append((item, fut))
@@ -90,12 +113,15 @@ class MicroBatcher:
                         fut.set_exception(error)
                     else:
                         fut.set_result(results[i])
+        finally:
+            slots.release()
 
     def _run_groups(self, groups: dict[Hashable, list]) -> list[tuple[Sequence[Any] | None, BaseException | None]]:
         outcomes = []
         for key, members in groups.items():
-            self.batches += 1
-            self.requests += len(members)
+            with self._count_lock:
+                self.batches += 1
+                self.requests += len(members)
             try:
                 results = self.run_batch(key, [item for item, _ in members])
                 if len(results) != len(members):

@@ -79,14 +79,16 @@ class QueryEncoder:
 def create_app(settings: Settings, store: Store | None = None, live: LiveIndex | None = None) -> FastAPI:
     store = store or Store(settings.store.path, readonly=True)
     live = live or LiveIndex(store, backend=settings.server.backend, threads=settings.server.search_threads,
-                             refresh_interval_s=settings.server.refresh_interval_s)
+                             refresh_interval_s=settings.server.refresh_interval_s, notify=settings.server.notify,
+                             fallback_interval_s=settings.server.notify_fallback_interval_s)
     encoder = QueryEncoder(store, ImageSpec.from_settings(settings))
     body_limit = max_body_bytes(settings)
     status = LiveStatus(live)
     # Top-k searches waiting at the same moment share one kernel call (each takes its first k of the
     # batch's largest k); off (batch_enabled=false) each search is ranked alone in the thread pool.
     batcher = MicroBatcher(lambda g, items: _rank_batch(store, g, items), max_batch=settings.server.batch_max,
-                           window_s=settings.server.batch_window_s) if settings.server.batch_enabled else None
+                           window_s=settings.server.batch_window_s,
+                           max_inflight=settings.server.batch_inflight) if settings.server.batch_enabled else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -145,3 +145,22 @@ def test_a_wrong_number_of_results_is_an_error():
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError):
         MicroBatcher(lambda k, i: i, max_batch=0)
+
+
+def test_max_inflight_batches_run_at_the_same_time():
+    both = threading.Barrier(2, timeout=5)  # passes only when two batches are inside run_batch together
+
+    def batch(key, items):
+        both.wait()
+        return list(items)
+
+    async def main():
+        b = MicroBatcher(batch, max_inflight=2)
+        first = asyncio.ensure_future(b.submit("a", 1))
+        await asyncio.sleep(0.05)  # the first batch is running (and waiting at the barrier)
+        second = await b.submit("b", 2)
+        out = [await first, second]
+        await b.aclose()
+        return out
+
+    assert run(main()) == [1, 2]
