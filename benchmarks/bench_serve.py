@@ -146,6 +146,9 @@ def run_config(name: str, env: dict, store: Path, work: Path, args, nbytes: int,
         assert size == args.items, f"index has {size} items, expected {args.items}"
         print(f"{name:>10} server idle after {wait_idle(proc.pid):.1f} s", file=sys.stderr)
         with mp.get_context("spawn").Pool(max(args.concurrency)) as pool:
+            # every client process started (interpreter, imports) before anything is measured
+            pool.map(time.sleep, [0.5] * max(args.concurrency), chunksize=1)
+            wait_idle(proc.pid)
             for c in args.concurrency:
                 start_at = time.time() + 1.0
                 lats = pool.map(client, [(port, args.requests, nbytes, 1000 * c + i, start_at) for i in range(c)])
