@@ -154,8 +154,16 @@ class LearnSettings(BaseModel):
     epochs: int = 3
     gamma: float = 200.0
     mu: float = 50.0
+    # The re-encode test (streamhash.learn.online): fire iff the MI gain of the selective re-encode
+    # exceeds mi_threshold + mi_sigmas * (its bootstrap standard deviation over mi_bootstrap resamples).
+    # mi_threshold is a margin on top of the noise bound; a negative one lowers it (-10: always fire).
     mi_threshold: float = 0.0
+    mi_sigmas: float = Field(2.0, ge=0)
+    mi_bootstrap: int = Field(200, ge=0)
     reservoir_size: int = 1000
+    # Labeled items held out of learning (chosen by a hash of the id, so the same ones after a restart):
+    # never in B_new or Omega, they keep inferred codes and let the re-encode test see stale codes.
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
     # Labels become columns of a multi-hot matrix (omega x (max label + 1)) in every round, so a message
     # labelled 10**20 would make every later round fail. 9999 leaves room for a few thousand classes.
     max_label: int = Field(9999, ge=0)

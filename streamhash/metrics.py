@@ -84,6 +84,9 @@ LEARNING_ROUND_FAILURES = Counter("streamhash_learning_round_failures_total", "D
 LEARNING_QUARANTINED = Counter("streamhash_learning_quarantined_items_total", "Labeled items excluded from learning after a failed round", registry=_W)
 INDEX_MI = Gauge("streamhash_index_mi", "Mutual-information quality of the live codes on the reservoir", registry=_W)
 CANDIDATE_MI = Gauge("streamhash_candidate_mi", "Mutual-information quality of the candidate codes on the reservoir", registry=_W)
+MI_GAIN_SIGMA = Gauge("streamhash_mi_gain_sigma", "Bootstrap standard deviation of the MI gain of a re-encode, last round", registry=_W)
+REENCODE_COST_ITEMS = Gauge("streamhash_reencode_cost_items",
+                            "Images a re-encode would decode and encode (stale inferred codes), estimated at the last round", registry=_W)
 REENCODE_TRIGGERS = Counter("streamhash_reencode_triggers_total", "Re-encodes triggered by the MI test", registry=_W)
 REENCODE_SECONDS = Histogram("streamhash_reencode_duration_seconds", "Re-encode duration",
                              buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=_W)

@@ -17,10 +17,24 @@ Wiring (streamhash/services/learner.py is the real one)::
         lags = hasher.clock() - report.arrivals         # per learned item, arrival -> learned code
 
 Another incremental learner plugs in through ``learner=`` (any :class:`~streamhash.learn.base.IncrementalHasher`).
+
+The re-encode test is MIHash's (Cakir et al. 2017): compare the index as it is with the index as it
+would be after the selective re-encode. The reservoir samples uniformly from every labeled item
+observed — learned ones and a labeled *hold-out* (``holdout_fraction`` of the labeled items, chosen by
+a hash of the id so a restart picks the same ones) that never enters B_new or Omega and so keeps its
+inferred code. Each reservoir item is a query, encoded by the current network; the database is the
+other reservoir items, once with their live codes (learned codes, inferred codes at the version that
+made them) and once with the candidate codes (learned codes unchanged, inferred ones replaced by the
+current network's encodings). The gain is the mean per-query difference of exact I(D; C)
+(:func:`~streamhash.learn.mi.mi_gain`), its noise ``sigma`` a bootstrap over the queries; the trigger
+fires iff ``gain > mi_threshold + mi_sigmas * sigma``. Every inferred code predates the network a round
+has just trained, so the re-encode's cost — the images it decodes and encodes — is the number of
+inferred codes (:attr:`OnlineHasher.n_inferred`, an estimate: a re-sent id counts twice).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Sequence
@@ -30,12 +44,24 @@ import numpy as np
 
 from streamhash.config import LearnSettings
 from streamhash.learn.base import IncrementalHasher
-from streamhash.learn.dihn import DIHNLearner, FetchImages, RoundResult
+from streamhash.learn.dihn import DIHNLearner, FetchImages, RoundResult, _ItemIds
 from streamhash.learn.labels import normalise_label_sets
-from streamhash.learn.mi import mi_quality
+from streamhash.learn.mi import MIGain, mi_gain
 from streamhash.learn.reservoir import Reservoir
 from streamhash.learn.trigger import MITrigger, TriggerDecision
 from streamhash.model.hashnet import HashNet
+
+
+def in_holdout(ids: Sequence, fraction: float) -> np.ndarray:
+    """Whether each id is in the labeled hold-out: the first 8 bytes of BLAKE2b of the id (str or int,
+    typed as the learner keys them) read as a fraction of 2**64, below ``fraction``. The same ids in
+    every process and after every restart (Python's ``hash`` of a str is salted per process)."""
+    ids = list(ids)
+    if fraction <= 0 or not ids:
+        return np.zeros(len(ids), bool)
+    h = np.fromiter((int.from_bytes(hashlib.blake2b(_ItemIds.key(i), digest_size=8).digest(), "little") for i in ids),
+                    np.uint64, len(ids))
+    return h < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,7 @@ class RoundReport:
     # when the learned items were observed (``clock()`` time, float64, one per item; an item sent
     # twice before its round counts once, at its last arrival)
     arrivals: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    mi: MIGain | None = None  # the whole comparison (queries, codes it would change)
 
     @property
     def reencode(self) -> bool:
@@ -56,6 +83,15 @@ class RoundReport:
     @property
     def gain(self) -> float:
         return self.decision.gain
+
+    @property
+    def sigma(self) -> float:
+        return self.decision.sigma
+
+    @property
+    def cost(self) -> int:
+        """Estimated images a re-encode decodes and encodes (the stale inferred codes)."""
+        return self.decision.cost
 
 
 class OnlineHasher:
@@ -70,18 +106,25 @@ class OnlineHasher:
             kw = {"gamma": s.gamma, "mu": s.mu, "omega": s.omega, "epochs": s.epochs, "seed": seed, "device": device}
             learner = DIHNLearner(net, **{**kw, **learner_kwargs})
         self.learner = learner
+        self.seed = int(seed)
+        # payload per labeled item: (label set, whether its stored code stays inferred)
         self.reservoir = Reservoir(s.reservoir_size, seed=seed)
-        self.trigger = MITrigger(s.mi_threshold, require_drift=require_drift)
+        self.trigger = MITrigger(s.mi_threshold, require_drift=require_drift, sigmas=s.mi_sigmas)
         self._lock = threading.Lock()  # guards the buffer (observe runs on the ingest thread)
         self._learner_lock = threading.Lock()  # the learner is single-threaded: a round, a drain, a re-encode
-        self._buffer: list[tuple[list, np.ndarray, list, bool, float]] = []
+        # (ids, codes, label sets, frozen, observed at, inferred): ``inferred`` marks the labeled items
+        # whose code is not learned — the hold-out, or old codes that were never learned
+        self._buffer: list[tuple[list, np.ndarray, list, bool, float, np.ndarray]] = []
         self._buffered_labeled = 0
         # (observed at, labeled items) per batch drained but not learned yet, oldest first: a pair per
         # batch, not per item, so waiting items cost nothing beyond the learner's own bookkeeping
         self._arrivals: list[tuple[float, int]] = []
         self.clock = clock
         self.items_seen = self.labeled_seen = 0
+        self.n_inferred = 0  # items drained whose stored code is a network output (unlabeled, hold-out, quarantined)
+        self.holdout_seen = 0
         self.first_seen: float | None = None
+        self.rounds = 0
 
     @property
     def net(self) -> HashNet:
@@ -90,15 +133,24 @@ class OnlineHasher:
     def snapshot_net(self) -> HashNet:
         return HashNet.from_bytes(self.learner.net.to_bytes())
 
-    def observe(self, ids: Sequence, codes: np.ndarray, labels=None, *, frozen: bool = False) -> None:
-        """Items just indexed (ids, their packed codes, labels). Labeled ones are learned next round
-        (``frozen=True`` registers them as old codes instead, e.g. when rebuilding from the store)."""
+    def observe(self, ids: Sequence, codes: np.ndarray, labels=None, *, frozen: bool = False, learned: bool = True) -> None:
+        """Items just indexed (ids, their packed codes, labels). Labeled ones are learned next round,
+        except the hold-out (``holdout_fraction``, by id), which keeps its inferred code.
+
+        ``frozen=True`` registers them as old codes instead, e.g. when rebuilding from the store: learned
+        ones (``learned=True``) or, with ``learned=False``, inferred codes that must never be learned
+        from (quarantined items: they leave Gamma, as :meth:`quarantine_pending` makes them)."""
         ids = list(ids)
         sets = normalise_label_sets(labels) if labels is not None else [frozenset()] * len(ids)
-        labeled, now = sum(1 for x in sets if x), self.clock()
+        has = np.fromiter((bool(x) for x in sets), bool, len(sets))
+        if frozen:
+            inferred = has if not learned else np.zeros(len(ids), bool)
+        else:
+            inferred = has & in_holdout(ids, self.settings.holdout_fraction)
+        labeled, now = int(has.sum()), self.clock()
         with self._lock:
-            self._buffer.append((ids, np.asarray(codes), sets, frozen, now))
-            self._buffered_labeled += 0 if frozen else labeled  # frozen ones are old codes
+            self._buffer.append((ids, np.asarray(codes), sets, frozen, now, inferred))
+            self._buffered_labeled += 0 if frozen else labeled - int(inferred.sum())  # frozen ones are old codes
             self.items_seen += len(ids)
             self.labeled_seen += labeled
             self.first_seen = now if self.first_seen is None else self.first_seen
@@ -107,13 +159,16 @@ class OnlineHasher:
         """Move observed items into the learner (caller holds ``_learner_lock``)."""
         with self._lock:
             buf, self._buffer, self._buffered_labeled = self._buffer, [], 0
-        for ids, codes, sets, frozen, t in buf:
-            self.learner.add_items(ids, codes, sets, frozen=frozen)
+        for ids, codes, sets, frozen, t, inferred in buf:
+            learn_sets = [frozenset() if x else lab for lab, x in zip(sets, inferred.tolist())] if inferred.any() else sets
+            self.learner.add_items(ids, codes, learn_sets, frozen=frozen)  # the hold-out: unlabeled to the learner
             labeled = 0
-            for i, lab in zip(ids, sets):
+            for i, lab, x in zip(ids, sets, inferred.tolist()):
                 if lab:
-                    self.reservoir.update(i, lab)
-                    labeled += 1
+                    self.reservoir.update(i, (lab, x))
+                    labeled += not x
+                self.n_inferred += x or not lab
+            self.holdout_seen += 0 if frozen else int(inferred.sum())
             if labeled and not frozen:
                 self._arrivals.append((t, labeled))
 
@@ -140,7 +195,8 @@ class OnlineHasher:
         """Seconds the oldest labeled item not learned yet has waited (None: none waits)."""
         with self._lock:
             first = self._arrivals[0][0] if self._arrivals else next(
-                (t for _, _, sets, frozen, t in self._buffer if not frozen and any(sets)), None)
+                (t for _, _, sets, frozen, t, inferred in self._buffer
+                 if not frozen and any(lab and not x for lab, x in zip(sets, inferred.tolist()))), None)
         return None if first is None else self.clock() - first
 
     def cannot_learn(self) -> bool:
@@ -155,25 +211,38 @@ class OnlineHasher:
         t = np.repeat(np.array([a for a, _ in log], np.float64), np.array([c for _, c in log], np.int64))
         return t[len(t) - n_learned:] if len(t) > n_learned else t  # the re-sent: their last arrival counts
 
-    def mi_live_and_candidate(self, fetch_images: FetchImages) -> tuple[float, float]:
+    def mi_test(self, fetch_images: FetchImages) -> MIGain:
+        """The MIHash comparison on the reservoir (caller holds ``_learner_lock``, after a round): queries
+        encoded by the current network; database = the reservoir's live codes vs its codes after the
+        selective re-encode (learned ones kept, inferred ones replaced by the queries' encodings)."""
         ids = list(self.reservoir.ids)
-        labels = list(self.reservoir.payloads)
         if len(ids) < 2:
-            return 0.0, 0.0
-        bits = self.learner.bits
-        live = mi_quality(self.learner.codes(ids), labels, bits)
-        cand = mi_quality(self.learner.encode(np.asarray(fetch_images(ids))), labels, bits)
-        return live, cand
+            return MIGain(0.0, 0.0, 0.0, 0.0, len(ids), 0)
+        labels = [p[0] for p in self.reservoir.payloads]
+        inferred = np.array([p[1] for p in self.reservoir.payloads], bool)
+        live = self.learner.codes(ids)
+        query = self.learner.encode(np.asarray(fetch_images(ids)))
+        cand = live.copy()
+        cand[inferred] = query[inferred]
+        return mi_gain(query, live, cand, labels, self.learner.bits, n_boot=self.settings.mi_bootstrap,
+                       seed=self.seed * 1_000_003 + self.rounds)
+
+    def mi_live_and_candidate(self, fetch_images: FetchImages) -> tuple[float, float]:
+        with self._learner_lock:
+            g = self.mi_test(fetch_images)
+        return g.live, g.candidate
 
     def learn_round(self, fetch_images: FetchImages) -> RoundReport:
         with self._learner_lock:
             self._drain()
             res = self.learner.learn_round(fetch_images)
+            self.rounds += 1
             arrivals = self._take_arrivals(len(res.ids))
             t0 = time.perf_counter()
-            live, cand = self.mi_live_and_candidate(fetch_images)
-        decision = self.trigger.update(live, cand)
-        return RoundReport(res, live, cand, decision, time.perf_counter() - t0, arrivals)
+            g = self.mi_test(fetch_images)
+            cost = self.n_inferred  # every inferred code predates the network this round trained
+        decision = self.trigger.update(g.live, g.candidate, g.sigma, cost)
+        return RoundReport(res, g.live, g.candidate, decision, time.perf_counter() - t0, arrivals, g)
 
     def quarantine_pending(self) -> list:
         """After a failed round: the pending labeled items stay indexed but are never learned from
@@ -181,7 +250,13 @@ class OnlineHasher:
         with self._learner_lock:
             self._drain()
             self._arrivals = []
-            return self.learner.quarantine_pending()
+            ids = self.learner.quarantine_pending()
+            self.n_inferred += len(ids)
+            gone = set(ids)
+            for k, item_id in enumerate(self.reservoir.ids):  # they keep inferred codes now
+                if item_id in gone:
+                    self.reservoir.payloads[k] = (self.reservoir.payloads[k][0], True)
+            return ids
 
     def reencode(self, fetch_images: FetchImages, ids: Sequence | None = None) -> tuple[list, np.ndarray]:
         """Encode every known item (or ``ids``) with the current network; codes are stored as live."""
@@ -202,12 +277,12 @@ class OnlineHasher:
             for item_id in getattr(self.learner, "pending_ids", ()):
                 at.pop(item_id, None)
             with self._lock:
-                for b, (bids, bcodes, sets, frozen, t) in enumerate(self._buffer):
+                for b, (bids, bcodes, sets, frozen, t, inf) in enumerate(self._buffer):
                     hits = [(j, at.pop(i)) for j, i in enumerate(bids) if i in at]
                     if hits:
                         bcodes = bcodes.copy()
                         bcodes[[j for j, _ in hits]] = codes[[k for _, k in hits]]
-                        self._buffer[b] = (bids, bcodes, sets, frozen, t)
+                        self._buffer[b] = (bids, bcodes, sets, frozen, t, inf)
             known, rows = list(at), list(at.values())
             if not known:
                 return

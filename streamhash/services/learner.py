@@ -5,11 +5,14 @@ only appends to a buffer) and never blocks polling. One round, in order:
 
 1. ``learn_round``: train the network on Omega sampled from the store (images from LMDB blobs),
    learn the codes of the new labeled items by DCC; old codes stay frozen;
-2. store the new model version; compare the MI of live and candidate codes on the reservoir;
+2. store the new model version; run the MIHash test on the reservoir (labeled items of the whole
+   index, a never-learned hold-out among them): queries encoded by the new network against the index's
+   codes as they are vs after the selective re-encode; the gain must beat its bootstrap noise bound
+   (``streamhash_mi_gain_sigma``); the cost, stale inferred codes, is ``streamhash_reencode_cost_items``;
 3. no re-encode: write the learned codes and make the new version current in one transaction
    (old codes are compatible by construction: the network was trained against them), then publish
    the new network to the ingest path;
-4. re-encode (the MI gain exceeded the threshold): write the learned codes, then build generation
+4. re-encode (the MI gain exceeded threshold + mi_sigmas x sigma): write the learned codes, then build generation
    g+1 beside the live one: learned codes (frozen, DIHN) and codes the new network inferred already
    are copied, only the stale inferred ones decoded and encoded; catch up items ingested meanwhile
    (the last few inside the swap transaction), swap atomically with the new version, publish, then
@@ -56,16 +59,22 @@ class LearnerThread(threading.Thread):
         self.hasher = OnlineHasher(HashNet.from_bytes(net.to_bytes()), s.learn, seed=s.model.seed, device=str(self.device))
         snap = self.store.snapshot()
         if snap.ids:
-            # A restart: learned codes stay frozen; labeled items indexed but never learned (the worker
-            # stopped before their round) are pending again, so the first round learns them.
+            # A restart: learned codes stay frozen; quarantined ones keep their inferred codes, out of
+            # learning; labeled items indexed but never learned (the worker stopped before their round)
+            # are pending again, so the first round learns them — but for the hold-out, the same items
+            # as before (chosen by id), which keeps its inferred codes.
             labels = [set(x) if x else None for x in snap.labels]
-            old = np.flatnonzero(snap.learned | snap.quarantined | np.array([x is None for x in labels], bool))
-            new = np.setdiff1d(np.arange(len(snap.ids)), old)
-            for rows, frozen in ((old, True), (new, False)):
+            unlabeled = np.array([x is None for x in labels], bool)
+            learned = np.flatnonzero(snap.learned | (unlabeled & ~snap.quarantined))
+            quarantined = np.flatnonzero(snap.quarantined & ~snap.learned)
+            new = np.setdiff1d(np.arange(len(snap.ids)), np.concatenate([learned, quarantined]))
+            for rows, frozen, was_learned in ((learned, True, True), (quarantined, True, False), (new, False, False)):
                 if len(rows):
-                    self.hasher.observe([snap.ids[i] for i in rows], snap.codes[rows], [labels[i] for i in rows], frozen=frozen)
-            if len(new):
-                log.info("%d labeled items were indexed but not learned before the restart: learning them next", len(new))
+                    self.hasher.observe([snap.ids[i] for i in rows], snap.codes[rows], [labels[i] for i in rows],
+                                        frozen=frozen, learned=was_learned)
+            n_new = self.hasher.n_pending
+            if n_new:
+                log.info("%d labeled items were indexed but not learned before the restart: learning them next", n_new)
         self.stop_event, self.round_requested = threading.Event(), threading.Event()
         self.blocked = False
         m.LEARNING_BLOCKED.labels(reason="no_labels").set(0)
@@ -132,13 +141,17 @@ class LearnerThread(threading.Thread):
         m.LEARNING_ROUND_SECONDS.observe(time.perf_counter() - t0)
         m.INDEX_MI.set(report.mi_live)
         m.CANDIDATE_MI.set(report.mi_candidate)
+        m.MI_GAIN_SIGMA.set(report.sigma)
+        m.REENCODE_COST_ITEMS.set(report.cost)
         if report.decision.drift:
             m.DRIFT_DETECTIONS.inc()
         net = self.hasher.snapshot_net().to(self.device)
         version = self.store.put_model(net.to_bytes())
-        log.info("round %d: %d codes learned (%d changed), MI live %.4f candidate %.4f gain %+.4f -> %s",
+        log.info("round %d: %d codes learned (%d changed), MI live %.4f candidate %.4f gain %+.4f (bound %.4f, "
+                 "sigma %.4f, %d reservoir codes would change) -> %s (cost: ~%d stale inferred codes)",
                  report.round.round, len(report.round.ids), report.round.changed, report.mi_live,
-                 report.mi_candidate, report.gain, "re-encode" if report.reencode else "keep codes")
+                 report.mi_candidate, report.gain, report.decision.bound, report.sigma,
+                 report.mi.changed if report.mi else 0, "re-encode" if report.reencode else "keep codes", report.cost)
         if report.reencode:
             m.REENCODE_TRIGGERS.inc()
             with m.REENCODE_SECONDS.time():

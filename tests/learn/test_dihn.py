@@ -5,7 +5,7 @@ import torch
 from streamhash.codes import unpack_signs
 from streamhash.learn.dihn import DIHNLearner, dcc_update
 from streamhash.learn.mi import mi_quality
-from streamhash.learn.online import OnlineHasher
+from streamhash.learn.online import OnlineHasher, in_holdout
 from streamhash.config import LearnSettings
 from streamhash.model.hashnet import HashNet, HashNetConfig
 
@@ -159,8 +159,11 @@ def test_online_hasher_round_and_trigger():
     h.observe(range(150), net.encode(x[:150]), y[:150])
     assert h.ready()
     rep = h.learn_round(fetch)
-    assert len(rep.round.ids) == 150 and len(h.reservoir) == 50
-    assert rep.reencode == (rep.mi_candidate - rep.mi_live > 0.0)
+    held = in_holdout(range(150), h.settings.holdout_fraction)
+    assert 0 < held.sum() < 40  # the default hold-out: ~10% of the labeled items, never learned
+    assert sorted(rep.round.ids) == np.flatnonzero(~held).tolist() and len(h.reservoir) == 50
+    assert rep.reencode == (rep.mi_candidate - rep.mi_live > 2 * rep.sigma)
+    assert rep.cost == held.sum() and rep.gain == pytest.approx(rep.mi_candidate - rep.mi_live)
     ids, codes = h.reencode(fetch)
     np.testing.assert_array_equal(codes, h.net.encode(x[:150]))
 
@@ -258,7 +261,7 @@ def test_bookkeeping_holds_at_most_64_bytes_an_item_beyond_the_code():
 
 def test_online_hasher_ready_folds_unlabeled_items_into_the_learner():
     net = HashNet(HashNetConfig(bits=16, seed=0))
-    h = OnlineHasher(net, LearnSettings(round_every=10))
+    h = OnlineHasher(net, LearnSettings(round_every=10, holdout_fraction=0.0))
     h.observe([f"u{i}" for i in range(50)], np.zeros((50, 2), np.uint8), None)
     assert not h.ready()  # unlabeled items never make a round due ...
     assert h._buffer == [] and h.learner.n_items == 50  # ... but leave the per-item buffer
@@ -269,7 +272,7 @@ def test_online_hasher_ready_folds_unlabeled_items_into_the_learner():
 def test_quarantined_items_keep_their_codes_and_leave_learning():
     x, y = synth(120, [0, 1, 2], 12)
     net = HashNet(HashNetConfig(bits=16, seed=0))
-    h = OnlineHasher(net, LearnSettings(round_every=10, omega=100, epochs=1), iters=1)
+    h = OnlineHasher(net, LearnSettings(round_every=10, omega=100, epochs=1, holdout_fraction=0.0), iters=1)
     codes = net.encode(x)
     h.observe(range(60), codes[:60], y[:60], frozen=True)
     h.observe(range(60, 120), codes[60:], y[60:])
@@ -304,7 +307,8 @@ class FakeClock:
 def test_a_round_is_due_by_count_or_by_the_age_of_the_oldest_labeled_item():
     clock = FakeClock()
     net = HashNet(HashNetConfig(bits=16, seed=0))
-    h = OnlineHasher(net, LearnSettings(round_every=10, round_max_age_s=60, round_min_items=2), clock=clock)
+    h = OnlineHasher(net, LearnSettings(round_every=10, round_max_age_s=60, round_min_items=2, holdout_fraction=0.0),
+                     clock=clock)
     h.observe(["u0", "u1"], np.zeros((2, 2), np.uint8), None)
     clock.t += 100
     assert not h.ready() and h.oldest_pending_age() is None  # unlabeled items never wait for a round
@@ -385,5 +389,6 @@ def test_online_hasher_holds_at_most_64_bytes_an_item_beyond_the_code_while_item
     gc.collect()
     grown = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    assert h.n_pending == len(batches) * 256 + 1 and h.oldest_pending_age() is not None
+    held = sum(int(in_holdout(ids, h.settings.holdout_fraction).sum()) for ids, _, _ in batches)
+    assert h.n_pending == len(batches) * 256 + 1 - held and h.oldest_pending_age() is not None
     assert grown / h.learner.n_items - bits // 8 <= 64, grown / h.learner.n_items

@@ -19,7 +19,7 @@ from tests.conftest import synthetic_images
 
 
 def make_worker(path, *, labeled: bool = True, **learn):
-    settings = Settings(learn={"round_every": 10_000, "omega": 64, "epochs": 1, "reservoir_size": 50, **learn})
+    settings = Settings(learn={"round_every": 10_000, "omega": 64, "epochs": 1, "reservoir_size": 50, "holdout_fraction": 0.0, **learn})
     store = Store(path, bits=32)
     net = HashNet(HashNetConfig(bits=32))
     version = store.put_model(net.to_bytes(), make_current=True)
@@ -157,4 +157,33 @@ def test_an_unlabeled_only_stream_says_it_cannot_learn(tmp_path, caplog):
     learner.on_indexed([SimpleNamespace(id="l0", labels=(3,))], w.state.current().net.encode(images[:1]), [120])
     learner.check_blocked()
     assert blocked() == 0 and "learning starts" in caplog.text
+    w.store.close()
+
+
+def test_the_holdout_keeps_inferred_codes_and_the_mi_test_reports_its_noise_and_cost(tmp_path):
+    from streamhash.learn.online import in_holdout
+
+    w = make_worker(tmp_path / "index", holdout_fraction=0.25)
+    labeled = [f"i{i}" for i in range(120) if i % 3]
+    held = {i for i, h in zip(labeled, in_holdout(labeled, 0.25)) if h}
+    assert 5 < len(held) < 40
+    learner, rounds = LearnerThread(w), []
+    assert learner.hasher.n_pending == 80 - len(held)
+    real = learner.hasher.learn_round
+    learner.hasher.learn_round = lambda fetch: rounds.append(real(fetch)) or rounds[-1]
+    learner.request_round()
+    run_until(learner, lambda: w.state.current().version == 2)
+    rep = rounds[0]
+    assert set(rep.round.ids) == set(labeled) - held
+    assert rep.cost == 40 + len(held)  # the unlabeled and the hold-out: every inferred code is stale now
+    assert rep.mi.n == 50 and rep.sigma >= 0 and rep.reencode == (rep.gain > 2 * rep.sigma)
+    gauge = m.WORKER_REGISTRY.get_sample_value
+    assert gauge("streamhash_mi_gain_sigma") == pytest.approx(rep.sigma)
+    assert gauge("streamhash_reencode_cost_items") == 40 + len(held)
+    ids, learned, _ = w.store.provenance()
+    learned_ids = {i for i, x in zip(ids, learned) if x}
+    assert learned_ids == set(labeled) - held  # the hold-out kept its inferred codes
+    restarted = LearnerThread(w)  # the same hold-out after a restart: nothing left to learn
+    assert restarted.hasher.n_pending == 0 and not restarted.hasher.ready()
+    assert restarted.hasher.n_inferred == 40 + len(held)
     w.store.close()
