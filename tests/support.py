@@ -17,6 +17,17 @@ from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.services.processes import scrape, spawn, wait_for, wait_http
 
 
+def module_kafka(broker, name: str):
+    """Topics and a group of a module's own (``{name}.images``, ``{name}.images.dlq``, ``{name}-workers``), created."""
+    from streamhash.config import KafkaSettings
+    from streamhash.kafka.topics import ensure_topics
+
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic=f"{name}.images",
+                          dlq_topic=f"{name}.images.dlq", group_id=f"{name}-workers")
+    ensure_topics(kafka)
+    return kafka
+
+
 def env_for(kafka, store: Path, metrics_port: int = 0, http_port: int = 0) -> dict:
     return {
         "STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "STREAMHASH_KAFKA__TOPIC": kafka.topic,

@@ -12,10 +12,9 @@ import httpx
 import pytest
 
 from streamhash.kafka.broker import free_port
-from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
 from streamhash.services.processes import spawn, stop, wait_for, wait_http
-from tests.support import env_for, produce, start_worker
+from tests.support import env_for, module_kafka, produce, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -37,12 +36,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 @pytest.fixture(scope="module")
 def system(broker, tmp_path_factory):
     """A worker and a query server over one store, with N labeled images indexed."""
-    from streamhash.config import KafkaSettings
-
     tmp = tmp_path_factory.mktemp("browser")
-    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic="browser.images",
-                          dlq_topic="browser.images.dlq", group_id="browser-workers")
-    ensure_topics(kafka)
+    kafka = module_kafka(broker, "browser")
     env = env_for(kafka, tmp / "index", free_port(), free_port())
     worker, _ = start_worker(env, tmp / "worker.log")
     server = spawn(["serve"], env=env, log_path=tmp / "serve.log")

@@ -12,11 +12,10 @@ from PIL import Image
 
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import make_producer
-from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_npy, message_headers
 from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
 from tests.photos import photo, saved
-from tests.support import env_for, start_worker
+from tests.support import env_for, module_kafka, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +45,8 @@ def message(i: int) -> tuple[bytes, str]:
 
 @pytest.fixture(scope="module")
 def natural(broker, tmp_path_factory):
-    from streamhash.config import KafkaSettings
-
     tmp = tmp_path_factory.mktemp("natural")
-    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic="natural.images",
-                          dlq_topic="natural.images.dlq", group_id="natural-workers")
-    ensure_topics(kafka)
+    kafka = module_kafka(broker, "natural")
     env = env_for(kafka, tmp / "index", free_port(), free_port())
     env.update({"STREAMHASH_MODEL__BACKBONE": "efficientnet_lite0", "STREAMHASH_MODEL__IMAGE_SIZE": "224",
                 "STREAMHASH_MODEL__CHANNELS": "3", "STREAMHASH_MODEL__BITS": "64",
