@@ -20,8 +20,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.errors import BadQueryError
+from streamhash.records import MAX_KEY_BYTES
 
 _BODY_SLACK_BYTES = 64 * 1024  # JSON fields, multipart boundaries and part headers around the image
+
+
+def check_item_id(item_id: str) -> None:
+    """400 for an id the contract cannot hold (LMDB refuses empty keys and keys past 511 bytes with an error)."""
+    if not 0 < len(item_id.encode()) <= MAX_KEY_BYTES:
+        raise BadQueryError(f"an item id is 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {len(item_id.encode())} bytes")
 
 
 def max_body_bytes(settings: Settings) -> int:

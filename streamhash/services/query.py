@@ -39,11 +39,11 @@ from streamhash.index.radius import RadiusIndex
 from streamhash.index.store import Store
 from streamhash.memory import pin_malloc_mmap_threshold
 from streamhash.model.hashnet import HashNet
-from streamhash.records import MAX_KEY_BYTES, ImageSpec, content_type_of, decode_image
+from streamhash.records import ImageSpec, content_type_of, decode_image
 from streamhash.services.batching import MicroBatcher
 from streamhash.services.http_api import (
-    CountResponses, FastJSONResponse, Hit, PayloadTooLarge, SearchRequest, SearchResponse, bounded_request, max_body_bytes,
-    parse_search,
+    CountResponses, FastJSONResponse, Hit, PayloadTooLarge, SearchRequest, SearchResponse, bounded_request, check_item_id,
+    max_body_bytes, parse_search,
 )
 from streamhash.services.web import LiveStatus, install
 
@@ -150,9 +150,7 @@ def create_app(settings: Settings, store: Store | None = None, live: LiveIndex |
 
     @app.get("/items/{item_id:path}")
     def get_item(item_id: str):
-        # LMDB refuses empty keys and keys past 511 bytes with an error; the contract allows 1..256 bytes
-        if not 0 < len(item_id.encode()) <= MAX_KEY_BYTES:
-            raise HTTPException(400, f"an item id is 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {len(item_id.encode())} bytes")
+        check_item_id(item_id)
         rec = store.get_item(item_id)
         if rec is None:
             raise HTTPException(404, f"no item {item_id!r}")
@@ -214,8 +212,7 @@ def _rank(store: Store, g: Generation, q: np.ndarray, k: int | list[int], radius
 
 def _stored_code(store: Store, g: Generation, item_id: str) -> np.ndarray:
     """The item's code in generation ``g``: the one being searched, so the item is at distance 0 from itself."""
-    if not 0 < len(item_id.encode()) <= MAX_KEY_BYTES:
-        raise BadQueryError(f"an item id is 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {len(item_id.encode())} bytes")
+    check_item_id(item_id)
     rec = store.get_item(item_id)
     if rec is None:
         raise HTTPException(404, f"no item {item_id!r}")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from streamhash.index.live import Generation, LiveIndex, Resolved
 from streamhash.index.store import Store
-from streamhash.records import MAX_KEY_BYTES
+from streamhash.services.http_api import check_item_id
 
 STATIC = Path(__file__).parent / "static"
 MAX_THUMB_PX = 512  # a thumbnail is made per request: bound the work one GET can ask for
@@ -138,11 +138,6 @@ def thumbnail(raw: bytes, ctype: str, size: int) -> bytes:
     return out.getvalue()
 
 
-def _check_id(item_id: str) -> None:
-    if not 0 < len(item_id.encode()) <= MAX_KEY_BYTES:
-        raise HTTPException(400, f"an item id is 1 to {MAX_KEY_BYTES} bytes of UTF-8, got {len(item_id.encode())} bytes")
-
-
 def install(app: FastAPI, store: Store, live: LiveIndex, status: LiveStatus) -> None:
     """Add the page, its assets and the routes it uses. Call before ``GET /items/{item_id:path}`` is
     registered: routes match in order, and that one would take ``/items/x/image`` as the id ``x/image``."""
@@ -158,7 +153,7 @@ def install(app: FastAPI, store: Store, live: LiveIndex, status: LiveStatus) -> 
                                                                            "application/x-npy": {}}}})
     def item_image(item_id: str, size: str | None = None):
         """The stored bytes with their content type; with ``size``, a PNG thumbnail (``.npy`` too)."""
-        _check_id(item_id)
+        check_item_id(item_id)
         px = None
         if size is not None:
             if not size.isascii() or not size.isdigit() or not 1 <= int(size) <= MAX_THUMB_PX:
