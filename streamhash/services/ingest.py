@@ -78,6 +78,12 @@ class _Prepared:
     codes: Future  # -> (generation, model version, np.ndarray (len(valid), bits/8))
     epoch: int  # Positions.epoch when polled: partitions rewound since then are dropped from the batch
 
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these valid records (the others were dead-lettered or belong to a rewound log)."""
+        self.valid = [self.valid[i] for i in rows]
+        self.sources = [self.sources[i] for i in rows]
+        self.stamps = [self.stamps[i] for i in rows]
+
 
 class IngestWorker:
     def __init__(self, settings: Settings, listeners: list[IngestListener] | None = None,
@@ -199,7 +205,7 @@ class IngestWorker:
         rewound = self.positions.rewound_since(p.epoch)
         if rewound:  # the log was reset under this batch: its records come again from the new log's start
             keep = [i for i, src in enumerate(p.sources) if (src.topic, src.partition) not in rewound]
-            p.valid, p.sources, p.stamps = [p.valid[i] for i in keep], [p.sources[i] for i in keep], [p.stamps[i] for i in keep]
+            p.keep(keep)
             p.next_offsets = {k: v for k, v in p.next_offsets.items() if k not in rewound}
             codes = codes[keep]
         while True:
@@ -234,7 +240,7 @@ class IngestWorker:
                 keep.append(i)
             except Exception as exc:
                 self.dead_letters.send(p.sources[i], RecordRejected("encode", f"{type(exc).__name__}: {exc}"))
-        p.valid, p.sources, p.stamps = [p.valid[i] for i in keep], [p.sources[i] for i in keep], [p.stamps[i] for i in keep]
+        p.keep(keep)
         return self._encode(p.valid)
 
     def _encode(self, valid: list[ImageRecord]) -> tuple[int, int, np.ndarray]:

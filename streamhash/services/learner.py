@@ -87,11 +87,15 @@ class LearnerThread(threading.Thread):
         self.round_requested.set()
 
     def fetch_images(self, ids: list[str]) -> np.ndarray:
-        out = []
-        for item_id, got in zip(ids, self.store.get_blobs(ids)):
+        blobs = self.store.get_blobs(ids)
+        for item_id, got in zip(ids, blobs):
             if got is None:
                 raise StoreError(f"item {item_id!r} has no stored image")
-            out.append(decode_image(got[0], got[1], self.spec))
+        return self.decode(blobs)
+
+    def decode(self, blobs: list[tuple[bytes, str]]) -> np.ndarray:
+        """Stored (bytes, content type) pairs -> the network's input, as the worker decoded them on ingest."""
+        out = [decode_image(raw, ctype, self.spec) for raw, ctype in blobs]
         return np.stack(out) if out else np.zeros((0, *self.spec.shape), np.uint8)
 
     def run(self) -> None:
@@ -169,15 +173,11 @@ class LearnerThread(threading.Thread):
         for lag in (self.hasher.clock() - arrivals).tolist():
             m.LEARN_LAG_SECONDS.observe(max(lag, 0.0))
 
-    def _encode_ids(self, net: HashNet, ids: list[str]) -> np.ndarray:
-        parts = [net.encode(self.fetch_images(ids[i:i + self.chunk])) for i in range(0, len(ids), self.chunk)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.store.code_bytes), np.uint8)
-
     def reencode(self, net: HashNet, version: int) -> None:
-        def encode_blobs(blobs) -> np.ndarray:  # the stragglers, inside the swap transaction
-            return net.encode(np.stack([decode_image(b, ctype, self.spec) for b, ctype in blobs]))
-
-        builder = GenerationBuilder(self.store, encode_ids=lambda ids: self._encode_ids(net, ids), encode_blobs=encode_blobs,
+        # The builder hands over at most `chunk` ids at a time; the stragglers' blobs come from inside
+        # the swap transaction.
+        builder = GenerationBuilder(self.store, encode_ids=lambda ids: net.encode(self.fetch_images(ids)),
+                                    encode_blobs=lambda blobs: net.encode(self.decode(blobs)),
                                     chunk=self.chunk, catch_up_rounds=self.catch_up_rounds)
         gen = builder.build(version)
         self.state.publish(net, version=version, generation=gen)  # before the drop: ingestion leaves the old one first
