@@ -32,6 +32,10 @@ class KafkaSettings(BaseModel):
     bootstrap_servers: str | None = None
     topic: str = "streamhash.images"
     dlq_topic: str = "streamhash.images.dlq"
+    # The learner's topics (streamhash.kafka.modelbus): model versions (compacted, one partition) and
+    # learned codes (co-partitioned with `topic`: same partition count, created with it).
+    models_topic: str = "streamhash.models"
+    codes_topic: str = "streamhash.codes"
     group_id: str = "streamhash-worker"
     # Tansu holds JoinGroup for about half the session timeout (KAFKA.md); the defaults
     # below suit both it and real Kafka. Raise them for a busy real cluster.
@@ -66,8 +70,11 @@ class KafkaSettings(BaseModel):
 
 
 class StoreSettings(BaseModel):
+    # The store root: one shard (LMDB environment) per (topic, partition) under it (streamhash.index.store.root)
     path: Path = Path("var/index")
-    shard: int = 0
+    # How long a worker newly assigned a partition waits for the previous owner to close its shard
+    # (finish the batch in hand); past it the partition is paused and tried again on every poll.
+    shard_lock_wait_s: float = Field(10.0, ge=0)
     initial_map_size_bytes: int = 64 * 1024 * 1024
     # Ceiling for on-demand growth; a write past it (or past the disk) is StoreFullError.
     max_map_size_bytes: int = 1 << 40
@@ -144,7 +151,14 @@ class WorkerSettings(BaseModel):
 
 
 class LearnSettings(BaseModel):
-    enabled: bool = True
+    enabled: bool = True  # the demo starts a learner process; `streamhash learner` ignores it
+    # The learner process (`streamhash learner`) yields the cores to ingestion: a niceness added at start
+    # and one torch thread (model.torch_threads is the workers' setting).
+    nice: int = Field(10, ge=0, le=19)
+    torch_threads: int = Field(1, ge=1)
+    metrics_port: int = 9103
+    # How often the learner reads the shards' change logs for new items
+    follow_interval_s: float = Field(0.5, gt=0)
     round_every: int = 2000  # new labeled items between DIHN rounds
     # A round also runs once the oldest labeled item not learned yet has waited this long, so a slow
     # (or class-ordered) stream does not sit on inferred codes for hours; 0: round_every alone decides.

@@ -5,14 +5,17 @@ No item ids or labels are ever used as label values; the only labels are small c
 
 Each process kind has its own registry and serves only that one, so a query server does not
 export the worker's lag or learning metrics as constant zeros (nor the worker the query ones):
-:data:`WORKER_REGISTRY` (the ingest worker and its learner thread) and :data:`QUERY_REGISTRY`
-(``streamhash serve``). Both carry the process, platform and GC collectors and ``streamhash_build_info``;
-the gauges labelled ``process`` are in both, each process setting only its own label value.
+:data:`WORKER_REGISTRY` (the ingest worker), :data:`LEARNER_REGISTRY` (``streamhash learner``) and
+:data:`QUERY_REGISTRY` (``streamhash serve``). All carry the process, platform and GC collectors and
+``streamhash_build_info``; the gauges labelled ``process`` are in all, each process setting only its own
+label value. Per-shard gauges are labelled ``shard`` (``topic/partition``: one per partition, a closed set).
 
 >>> names = lambda r: {f.name for f in r.collect()}
 >>> "streamhash_consumer_lag_messages" in names(WORKER_REGISTRY) - names(QUERY_REGISTRY)
 True
->>> "process_start_time_seconds" in names(WORKER_REGISTRY) & names(QUERY_REGISTRY)
+>>> "process_start_time_seconds" in names(WORKER_REGISTRY) & names(QUERY_REGISTRY) & names(LEARNER_REGISTRY)
+True
+>>> "streamhash_learning_rounds" in names(LEARNER_REGISTRY) - names(WORKER_REGISTRY)
 True
 """
 
@@ -45,11 +48,14 @@ def _process_registry() -> CollectorRegistry:
 
 WORKER_REGISTRY = _process_registry()
 QUERY_REGISTRY = _process_registry()
-REGISTRIES = {"worker": WORKER_REGISTRY, "query": QUERY_REGISTRY}
+LEARNER_REGISTRY = _process_registry()
+REGISTRIES = {"worker": WORKER_REGISTRY, "query": QUERY_REGISTRY, "learner": LEARNER_REGISTRY}
 
 
 def _in_both(metric):
+    """Registered in every process's registry (the name keeps its history: it once meant two)."""
     QUERY_REGISTRY.register(metric)
+    LEARNER_REGISTRY.register(metric)
     return metric
 
 
@@ -73,10 +79,24 @@ ASSIGNED_PARTITIONS = Gauge("streamhash_assigned_partitions", "Partitions of the
 CONSUMER_LAG = Gauge("streamhash_consumer_lag_messages", "Sum over assigned partitions of high watermark minus position", registry=_W)
 LAST_COMMIT = Gauge("streamhash_last_commit_timestamp_seconds", "Unix time of the last committed batch", registry=_W)
 STORE_FULL = Counter("streamhash_store_full_total", "Writes refused because the disk or map-size ceiling is full", registry=_W)
+SHARDS_OPEN = Gauge("streamhash_shards_open", "Shards (one per assigned partition) this worker holds open", registry=_W)
+SHARD_ITEMS = Gauge("streamhash_shard_items", "Items in each shard this worker owns", ["shard"], registry=_W)
+SHARD_GENERATION = Gauge("streamhash_shard_generation", "Index generation of each shard this worker owns", ["shard"], registry=_W)
+SHARD_MODEL_VERSION = Gauge("streamhash_shard_model_version", "Model version each owned shard encodes with", ["shard"], registry=_W)
+SHARD_LOCK_WAITS = Counter("streamhash_shard_lock_waits_total",
+                           "Assigned partitions paused because the previous owner still held the shard's lock", registry=_W)
+SHARD_REENCODES = Counter("streamhash_shard_reencodes_total", "Shards re-encoded into an announced generation", registry=_W)
+CODE_UPDATES = Counter("streamhash_code_updates_total", "Learned-code messages from the learner, by result (applied, stale: "
+                       "the item was written again since; missing: not in the shard; quarantined)", ["result"], registry=_W)
 OFFSET_RESETS = Counter("streamhash_offset_resets_total", "Partition positions moved because the committed or stored offset was out of range",
                         ["topic", "partition"], registry=_W)
 
-# learning (issue 3): the worker's learner thread
+# learning: the learner process (`streamhash learner`); the worker applies what it publishes
+_W_ = _W
+_W = LEARNER_REGISTRY
+LEARNER_MODEL_VERSION = Gauge("streamhash_learner_published_model_version", "Latest model version the learner published", registry=_W)
+LEARNER_GENERATION = Gauge("streamhash_learner_published_generation", "Generation of the latest model the learner published", registry=_W)
+LEARNER_CODES_PUBLISHED = Counter("streamhash_learned_codes_published_total", "Learned codes published on the codes topic", registry=_W)
 LEARNING_ROUNDS = Counter("streamhash_learning_rounds_total", "DIHN learning rounds completed", registry=_W)
 LEARNING_ROUND_SECONDS = Histogram("streamhash_learning_round_duration_seconds", "DIHN round duration",
                                    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=_W)
@@ -88,16 +108,18 @@ MI_GAIN_SIGMA = Gauge("streamhash_mi_gain_sigma", "Bootstrap standard deviation 
 REENCODE_COST_ITEMS = Gauge("streamhash_reencode_cost_items",
                             "Images a re-encode would decode and encode (stale inferred codes), estimated at the last round", registry=_W)
 REENCODE_TRIGGERS = Counter("streamhash_reencode_triggers_total", "Re-encodes triggered by the MI test", registry=_W)
-REENCODE_SECONDS = Histogram("streamhash_reencode_duration_seconds", "Re-encode duration",
-                             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=_W)
+# a re-encode runs in the worker, shard by shard
+REENCODE_SECONDS = Histogram("streamhash_reencode_duration_seconds", "Re-encode duration of one shard",
+                             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=_W_)
 DRIFT_DETECTIONS = Counter("streamhash_drift_detections_total", "Drifts detected on the live index MI", registry=_W)
 REENCODED_IMAGES = Counter("streamhash_reencoded_images_total",
-                           "Images decoded and encoded by re-encodes (learned and up-to-date codes are copied, not counted)", registry=_W)
+                           "Images decoded and encoded by re-encodes (learned and up-to-date codes are copied, not counted)", registry=_W_)
 LEARN_LAG_SECONDS = Histogram("streamhash_learn_lag_seconds", "Time from a labeled item reaching the learner to its learned code stored",
                               buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 10800), registry=_W)
 # 1 while the worker cannot learn; reason "no_labels": only unlabeled items seen, the initial network serves
-LEARNING_BLOCKED = Gauge("streamhash_learning_blocked", "1 while the worker cannot learn, by reason", ["reason"], registry=_W)
+LEARNING_BLOCKED = Gauge("streamhash_learning_blocked", "1 while the learner cannot learn, by reason", ["reason"], registry=_W)
 
+_W = _W_
 # query worker
 _Q = QUERY_REGISTRY
 QUERIES = Counter("streamhash_queries_total", "Search requests answered, by response status", ["endpoint", "status"], registry=_Q)

@@ -1,7 +1,9 @@
-"""Create the image and dead-letter topics up front.
+"""Create the topics up front: images, dead letters, and the learner's models and codes.
 
 Partitions are the unit of scale (DESIGN.md) and Tansu cannot add partitions later, so the count
-is chosen here, once. Topics that exist are left as they are.
+is chosen here, once. Topics that exist are left as they are, except that the codes topic must have
+the images topic's partition count (co-partitioning: the worker owning images partition p owns codes
+partition p): a mismatch is refused with what to do.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from streamhash.config import KafkaSettings
+from streamhash.errors import ConfigError
+from streamhash.kafka.modelbus import MAX_MODEL_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +24,29 @@ def ensure_topics(kafka: KafkaSettings) -> None:
     admin = KafkaAdminClient(client_id="streamhash-admin", **kafka.client_kwargs())
     try:
         existing = set(admin.list_topics())
-        wanted = [kafka.topic, kafka.dlq_topic]
-        new = [NewTopic(t, num_partitions=kafka.topic_partitions, replication_factor=1) for t in wanted if t not in existing]
+        n = partition_count(admin, kafka.topic) if kafka.topic in existing else kafka.topic_partitions
+        wanted = {
+            kafka.topic: NewTopic(kafka.topic, num_partitions=n, replication_factor=1),
+            kafka.dlq_topic: NewTopic(kafka.dlq_topic, num_partitions=n, replication_factor=1),
+            kafka.codes_topic: NewTopic(kafka.codes_topic, num_partitions=n, replication_factor=1),
+            kafka.models_topic: NewTopic(kafka.models_topic, num_partitions=1, replication_factor=1, topic_configs={
+                "cleanup.policy": "compact", "max.message.bytes": str(MAX_MODEL_BYTES)}),
+        }
+        new = [t for name, t in wanted.items() if name not in existing]
         if new:
             try:
                 admin.create_topics(new)
                 log.info("created topics %s", [t.name for t in new])
             except TopicAlreadyExistsError:
-                pass  # another worker won the race
+                pass  # another process won the race
+        if kafka.codes_topic in existing and (got := partition_count(admin, kafka.codes_topic)) != n:
+            raise ConfigError(
+                f"topic {kafka.codes_topic} has {got} partitions but {kafka.topic} has {n}: they must be co-partitioned "
+                f"(a worker applies the learned codes of the partitions it owns). Delete {kafka.codes_topic} and let "
+                f"streamhash create it, or set STREAMHASH_KAFKA__CODES_TOPIC to a new name.")
     finally:
         admin.close()
+
+
+def partition_count(admin: KafkaAdminClient, topic: str) -> int:
+    return len(admin.describe_topics([topic])[0]["partitions"])
