@@ -140,8 +140,8 @@ class Store:
         self.offset_map.set_topic_id(topic, topic_id)
 
     # models
-    def put_model(self, raw: bytes, *, make_current: bool = False) -> int:
-        return self.models.put(raw, make_current=make_current)
+    def put_model(self, raw: bytes, *, make_current: bool = False, version: int | None = None) -> int:
+        return self.models.put(raw, make_current=make_current, version=version)
 
     def get_model(self, version: int | None = None) -> tuple[int, bytes | None]:
         return self.models.get(version)

@@ -12,16 +12,17 @@ class Models:
     def __init__(self, env: Environment):
         self.env = env
 
-    def put(self, raw: bytes, *, make_current: bool = False) -> int:
-        """Store a serialised model under the next version number."""
+    def put(self, raw: bytes, *, make_current: bool = False, version: int | None = None) -> int:
+        """Store a serialised model under ``version`` (the learner's number, from the models topic) or, without
+        one, under the next version number of this store."""
 
         def txn_fn(txn):
             cur = txn.cursor(db=self.env.db["models"])
-            version = from_u64(cur.key()) + 1 if cur.last() else 1
-            txn.put(u64(version), raw, db=self.env.db["models"])
+            v = version if version is not None else from_u64(cur.key()) + 1 if cur.last() else 1
+            txn.put(u64(v), raw, db=self.env.db["models"])
             if make_current:
-                txn.put(b"model_version", json.dumps(version).encode(), db=self.env.db["meta"])
-            return version
+                txn.put(b"model_version", json.dumps(v).encode(), db=self.env.db["meta"])
+            return v
 
         return self.env.write(txn_fn)
 
