@@ -17,10 +17,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from streamhash.index.backends import backend_names
 
@@ -33,9 +33,11 @@ class KafkaSettings(BaseModel):
     topic: str = "streamhash.images"
     dlq_topic: str = "streamhash.images.dlq"
     # The learner's topics (streamhash.kafka.modelbus): model versions (compacted, one partition) and
-    # learned codes (co-partitioned with `topic`: same partition count, created with it).
-    models_topic: str = "streamhash.models"
-    codes_topic: str = "streamhash.codes"
+    # learned codes (co-partitioned with `topic`: same partition count, created with it). Empty: named
+    # after `topic` without its ".images" suffix, so streamhash.images -> streamhash.models, streamhash.codes,
+    # and two pipelines on one cluster never share a model.
+    models_topic: str = ""
+    codes_topic: str = ""
     group_id: str = "streamhash-worker"
     # Tansu holds JoinGroup for about half the session timeout (KAFKA.md); the defaults
     # below suit both it and real Kafka. Raise them for a busy real cluster.
@@ -52,6 +54,13 @@ class KafkaSettings(BaseModel):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     topic_partitions: int = 4
+
+    @model_validator(mode="after")
+    def _learner_topics(self) -> "KafkaSettings":
+        base = self.topic.removesuffix(".images")
+        self.models_topic = self.models_topic or f"{base}.models"
+        self.codes_topic = self.codes_topic or f"{base}.codes"
+        return self
 
     def client_kwargs(self) -> dict:
         """Connection keyword arguments shared by kafka-python producers and consumers."""
@@ -205,6 +214,17 @@ class ServerSettings(BaseModel):
     batch_inflight: int = Field(2, ge=1)  # batches ranked at the same time (the kernel scales ~linearly per query)
     # uvicorn worker processes over the same read-only store; each holds its own LiveIndex in memory
     workers: int = Field(1, ge=1)
+    # A router (`streamhash serve --shards URL,URL`): no store, each /search sent to these query servers at once
+    # and merged; one that has not answered within shard_timeout_s is left out and the response says so.
+    shards: Annotated[list[str], NoDecode] = Field(default_factory=list)  # NoDecode: the env holds URL,URL, not JSON
+    shard_timeout_s: float = Field(1.0, gt=0)
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _split_urls(cls, v):
+        if isinstance(v, str):
+            v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
+        return [u.strip().rstrip("/") for u in v if u.strip()]
 
     @field_validator("backend")
     @classmethod

@@ -18,7 +18,8 @@ from streamhash.services.processes import scrape, spawn, wait_for, wait_http
 
 
 def module_kafka(broker, name: str):
-    """Topics and a group of a module's own (``{name}.images``, ``{name}.images.dlq``, ``{name}-workers``), created."""
+    """Topics and a group of a module's own (``{name}.images``, ``{name}.images.dlq``, ``{name}.models``,
+    ``{name}.codes``, ``{name}-workers``), created."""
     from streamhash.config import KafkaSettings
     from streamhash.kafka.topics import ensure_topics
 
@@ -32,6 +33,7 @@ def env_for(kafka, store: Path, metrics_port: int = 0, http_port: int = 0) -> di
     return {
         "STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "STREAMHASH_KAFKA__TOPIC": kafka.topic,
         "STREAMHASH_KAFKA__DLQ_TOPIC": kafka.dlq_topic, "STREAMHASH_KAFKA__GROUP_ID": kafka.group_id,
+        "STREAMHASH_KAFKA__MODELS_TOPIC": kafka.models_topic, "STREAMHASH_KAFKA__CODES_TOPIC": kafka.codes_topic,
         "STREAMHASH_STORE__PATH": str(store), "STREAMHASH_WORKER__METRICS_PORT": str(metrics_port),
         "STREAMHASH_SERVER__PORT": str(http_port), "STREAMHASH_LEARN__ENABLED": "false",
     }
@@ -46,14 +48,25 @@ def start_worker(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def read_store(path: Path) -> dict:
-    """Open the store read-only in a fresh process (one LMDB env per process) and report its contents."""
+    """Open every shard under the store root read-only in a fresh process (one LMDB env per process) and
+    report their contents: ``ids`` (all shards, shard order then seq order), ``offsets``, and per shard
+    ``shards[name] = {"ids", "next_seq", "generation", "model_version"}``."""
     code = textwrap.dedent(f"""
         import json
         from streamhash.index.store import Store
-        s = Store({str(path)!r}, readonly=True)
-        snap = s.snapshot()
-        print(json.dumps({{"ids": snap.ids, "next_seq": s.read_meta()["next_seq"],
-                           "offsets": {{f"{{t}}:{{p}}": o for (t, p), o in s.offsets().items()}}}}))
+        from streamhash.index.store.root import StoreRoot
+        root = StoreRoot({str(path)!r}, create=False)
+        out = {{"ids": [], "offsets": {{}}, "shards": {{}}}}
+        for key in root.shards():
+            s = Store(root.shard_path(key), readonly=True)
+            snap, meta = s.snapshot(), s.read_meta()
+            out["ids"] += snap.ids
+            out["offsets"].update({{f"{{t}}:{{p}}": o for (t, p), o in s.offsets().items()}})
+            out["shards"][f"{{key.topic}}/{{key.partition}}"] = {{
+                "ids": snap.ids, "next_seq": meta["next_seq"], "generation": meta["generation"],
+                "model_version": meta["model_version"], "learned": int(snap.learned.sum())}}
+            s.close()
+        print(json.dumps(out))
     """)
     return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 

@@ -69,7 +69,8 @@ def test_every_valid_image_is_indexed_exactly_once(pipeline):
     assert pipeline["worker"].returncode == 0
     content = read_store(pipeline["store"])
     assert sorted(content["ids"]) == sorted(f"img-{i}" for i in range(1000))
-    assert content["next_seq"] == 1001  # no message was written twice
+    assert sum(sh["next_seq"] - 1 for sh in content["shards"].values()) == 1000  # no message was written twice
+    assert len(content["shards"]) == 4  # a shard per partition, each id in the one its key hashes to
     total = sum(content["offsets"].values())
     assert total == 1000 + len(MALFORMED)  # every offset, malformed ones included, is accounted for
 

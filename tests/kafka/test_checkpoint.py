@@ -1,4 +1,4 @@
-"""The commit order as code, checked with fakes: DLQ flush, then one store transaction, then Kafka."""
+"""The commit order as code, checked with fakes: DLQ flush, then the shards' transactions, then Kafka."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Recorder:
     def flush(self):
         self._step("flush")
 
-    def write_batch(self, items, offsets, **kw):
+    def write_state(self, items):
         self._step("write")
         return list(range(len(items)))
 
@@ -32,12 +32,12 @@ class Recorder:
 def checkpoint(fail=None):
     log: list = []
     r = Recorder(log, fail or {})
-    return Checkpoint(consumer=r, store=r, dead_letters=r), log
+    return Checkpoint(consumer=r, dead_letters=r), r, log
 
 
 def test_flush_then_state_then_offsets():
-    cp, log = checkpoint()
-    assert cp.commit(["a", "b"], {("t", 0): 7}) == [0, 1]
+    cp, r, log = checkpoint()
+    assert cp.commit(lambda: r.write_state(["a", "b"]), {("t", 0): 7}) == [0, 1]
     assert log == ["flush", "write", ("commit", {("t", 0): 7})]
 
 
@@ -46,14 +46,14 @@ def test_flush_then_state_then_offsets():
 def test_a_failed_step_stops_the_steps_after_it(step, error):
     """A dead letter not acknowledged must not let its offset pass; a batch not stored must not be
     committed to Kafka (the caller retries the batch, or re-encodes it for the new generation)."""
-    cp, log = checkpoint({step: error})
+    cp, r, log = checkpoint({step: error})
     with pytest.raises(type(error)):
-        cp.commit(["a"], {("t", 0): 1})
+        cp.commit(lambda: r.write_state(["a"]), {("t", 0): 1})
     assert log[-1] == step and not any(isinstance(x, tuple) for x in log)
 
 
 def test_a_failed_kafka_commit_is_not_an_error():
     """The store already holds the offsets; the next owner of the partition seeks to them."""
-    cp, log = checkpoint({"commit": KafkaTimeoutError()})
-    assert cp.commit(["a"], {("t", 0): 1}) == [0]
+    cp, r, log = checkpoint({"commit": KafkaTimeoutError()})
+    assert cp.commit(lambda: r.write_state(["a"]), {("t", 0): 1}) == [0]
     assert log == ["flush", "write", ("commit", {("t", 0): 1})]

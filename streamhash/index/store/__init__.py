@@ -95,6 +95,9 @@ class Store:
     def quarantine(self, ids: list[str]) -> None:
         self.items.quarantine(ids)
 
+    def apply_updates(self, updates, offsets: dict[tuple[str, int], int]) -> dict[str, int]:
+        return self.items.apply_updates(updates, offsets)
+
     def count(self) -> int:
         return self.items.count()
 
@@ -147,8 +150,8 @@ class Store:
         return self.models.get(version)
 
     # generations: GenerationBuilder drives these; the steps stay here for tests and tools
-    def begin_generation(self) -> tuple[int, int]:
-        return self.generations.begin()
+    def begin_generation(self, gen: int | None = None) -> tuple[int, int]:
+        return self.generations.begin(gen)
 
     def put_generation_codes(self, gen: int, ids: list[str], codes: np.ndarray) -> None:
         self.generations.put_codes(gen, ids, codes)

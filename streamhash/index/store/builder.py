@@ -37,10 +37,11 @@ class GenerationBuilder:
         self.replaced: int | None = None  # swapped out, kept until drop_replaced: readers may still be on it
         self.images_reencoded = self.codes_copied = 0
 
-    def build(self, model_version: int) -> int:
-        """Build the next generation from every stored item and make it live with ``model_version``; returns it."""
+    def build(self, model_version: int, generation: int | None = None) -> int:
+        """Build ``generation`` (default: the next) from every stored item and make it live with ``model_version``;
+        returns it."""
         gens = self.store.generations
-        gen, watermark = gens.begin()
+        gen, watermark = gens.begin(generation)
         self.images_reencoded = self.codes_copied = 0
         encoded: list[str] = []
         try:

@@ -35,14 +35,18 @@ class Generations:
     def __init__(self, env: Environment, tables, items: Items):
         self.env, self.tables, self.items = env, tables, items
 
-    def begin(self) -> tuple[int, int]:
-        """Open generation ``current + 1`` beside the live one; returns (generation, seq watermark).
+    def begin(self, gen: int | None = None) -> tuple[int, int]:
+        """Open generation ``gen`` (default ``current + 1``; the learner's number when it announced one) beside
+        the live one; returns (generation, seq watermark).
 
         Items written after the watermark are caught up by :meth:`swap`. Leftovers of an
         earlier, interrupted build of the same generation are cleared first.
         """
         meta = self.env.read_meta()
-        gen = int(meta["generation"]) + 1
+        current = int(meta["generation"])
+        gen = current + 1 if gen is None else gen
+        if gen <= current:
+            raise StoreError(f"generation {gen} is not above the live generation {current} of {self.env.path}")
         self.drop(gen)
         self.env.write(lambda txn: self.env.put_meta(txn, {"pending_generation": gen}))
         return gen, int(meta["next_seq"]) - 1

@@ -97,17 +97,53 @@ class Items:
                 raw = txn.get(key, db=db["items"])
                 if raw is None:
                     continue
-                rec = json.loads(raw)
-                rec["recoded"] = True  # not a new message: followers must not count it as fresh
-                rec["learned"] = True  # a DCC code: the learner must not take it as pending after a restart
-                self.unlink(txn, key, rec, gens)
-                self.link(txn, key, rec, gen, seq, code.tobytes())
+                self._learned(txn, key, json.loads(raw), gens, gen, seq, code.tobytes())
                 seqs.append(seq)
                 seq += 1
             txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])
             if model_version is not None:
                 txn.put(b"model_version", json.dumps(model_version).encode(), db=db["meta"])
             return seqs
+
+        return self.env.write(txn_fn)
+
+    def _learned(self, txn, key: bytes, rec: dict, gens: list[int], gen: int, seq: int, code: bytes) -> None:
+        rec["recoded"] = True  # not a new message: followers must not count it as fresh
+        rec["learned"] = True  # a DCC code: the learner must not take it as pending after a restart
+        self.unlink(txn, key, rec, gens)
+        self.link(txn, key, rec, gen, seq, code)
+
+    def apply_updates(self, updates, offsets: dict[tuple[str, int], int]) -> dict[str, int]:
+        """The learner's code updates (:class:`~streamhash.kafka.modelbus.CodeUpdate`) and the codes topic's
+        offsets, in one transaction; returns how many were applied, quarantined, stale or missing.
+
+        An update names the seq its item had when the learner read it: an item written again since
+        (a re-sent id, or a learned code already applied) is ``stale`` and left as it is.
+        """
+        db = self.env.db
+
+        def txn_fn(txn):
+            meta = self.env.read_meta(txn)
+            gen, seq = int(meta["generation"]), int(meta["next_seq"])
+            gens, results = live_generations(meta), {"applied": 0, "quarantined": 0, "stale": 0, "missing": 0}
+            for u in updates:
+                key = u.item_id.encode()
+                raw = txn.get(key, db=db["items"])
+                rec = json.loads(raw) if raw is not None else None
+                if rec is None or rec["seq"] != u.seq:
+                    results["missing" if rec is None else "stale"] += 1
+                elif u.kind == "quarantine":
+                    txn.put(key, json.dumps({**rec, "quarantined": True}).encode(), db=db["items"])
+                    results["quarantined"] += 1
+                elif len(u.code) != self.code_bytes:
+                    raise StoreError(f"learned code of {len(u.code)} bytes for item {u.item_id!r}, store holds {self.code_bytes}")
+                else:
+                    self._learned(txn, key, rec, gens, gen, seq, u.code)
+                    seq += 1
+                    results["applied"] += 1
+            txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])
+            self.offsets.put(txn, offsets)
+            return results
 
         return self.env.write(txn_fn)
 

@@ -24,12 +24,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamhash.errors import StoreError, StoreLockedError
+from streamhash.errors import StoreError
 
 LAYOUT = {"layout": "shard-per-partition", "version": 1}
 LAYOUT_FILE = "streamhash-root.json"
@@ -46,7 +44,8 @@ class ShardKey:
     partition: int
 
     def __str__(self) -> str:
-        return f"{self.topic}[{self.partition}]"
+        """``topic/partition``: its directory under ``shards/``, the ``shard`` label of metrics and responses."""
+        return f"{self.topic}/{self.partition}"
 
 
 class StoreRoot:
@@ -89,15 +88,3 @@ class StoreRoot:
                     found.append(ShardKey(topic_dir.name, int(part.name)))
         return sorted(found)
 
-
-def open_shard(root: StoreRoot, key: ShardKey, open_store: Callable, *, wait_s: float = 0.0, poll_s: float = 0.1):
-    """``open_store(path)`` for a shard, retrying for ``wait_s`` while another process holds its writer lock
-    (the previous owner finishing the batch in hand after a rebalance); StoreLockedError after that."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return open_store(root.shard_path(key))
-        except StoreLockedError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(poll_s)

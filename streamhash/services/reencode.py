@@ -1,0 +1,100 @@
+"""The worker's re-encoder: each shard it owns into the generation the learner announced, one at a time.
+
+The learner announces a re-encode on ``streamhash.models`` (a model whose generation is above a
+shard's). The worker that owns the shard builds that generation beside the live one with
+:class:`~streamhash.index.store.GenerationBuilder` (learned codes and codes the new network inferred
+already are copied; only stale inferred ones are decoded and encoded), swaps it in one transaction
+and drops the old one, while ingestion goes on. A shard assigned later with an older generation is
+queued when it is opened. The learner never writes a shard.
+
+Ownership: a shard is closed (its partition revoked) only between builds (:meth:`Reencoder.holding`),
+so a build never runs on a closed environment and the next owner waits at most one build.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from streamhash import metrics as m
+from streamhash.index.store import GenerationBuilder
+from streamhash.records import decode_image
+
+log = logging.getLogger("streamhash.worker")
+
+
+class Reencoder(threading.Thread):
+    def __init__(self, worker, *, chunk: int = 2048):
+        super().__init__(name="reencoder", daemon=True)
+        self.worker, self.chunk = worker, chunk
+        self._queue: deque = deque()
+        self._wake = threading.Condition()
+        self._building = threading.Lock()  # held for a whole build: closing a shard takes it too
+        self._stop = False
+
+    def submit(self, key) -> None:
+        with self._wake:
+            if key not in self._queue:
+                self._queue.append(key)
+            self._wake.notify()
+
+    def holding(self):
+        """A context in which no build runs (for closing a shard)."""
+        return self._building
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+
+    def run(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.worker.settings.model.torch_threads)
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._queue or self._stop)
+                if self._stop:
+                    return
+                key = self._queue.popleft()
+            with self._building:
+                try:
+                    self.build(key)
+                except Exception:  # a failed build drops what it wrote; the shard stays live at its generation
+                    log.exception("re-encoding shard %s failed; it keeps serving its generation. Retrying in 5 s", key)
+                    threading.Timer(5.0, self.submit, (key,)).start()
+
+    def build(self, key) -> None:
+        store, target = self.worker.shards.get(key), self.worker.announced
+        if store is None or target is None:
+            return  # revoked meanwhile: the next owner re-encodes it when it opens it
+        if int(store.read_meta()["generation"]) >= target.generation:
+            return
+        net = self.worker.nets.get(target.version)
+        store.put_model(target.raw, version=target.version)  # beside the current one: the swap makes it current
+        spec = self.worker.spec
+
+        def decode(blobs):
+            out = [decode_image(raw, ctype, spec) for raw, ctype in blobs]
+            return np.stack(out) if out else np.zeros((0, *spec.shape), np.uint8)
+
+        t0 = time.perf_counter()
+        # items are overwritten, never deleted: every id the builder hands over has a blob
+        builder = GenerationBuilder(store, encode_ids=lambda ids: net.encode(decode(store.get_blobs(ids))),
+                                    encode_blobs=lambda blobs: net.encode(decode(blobs)),
+                                    chunk=self.chunk)
+        gen = builder.build(target.version, target.generation)
+        builder.drop_replaced()
+        m.REENCODE_SECONDS.observe(time.perf_counter() - t0)
+        m.REENCODED_IMAGES.inc(builder.images_reencoded)
+        m.SHARD_REENCODES.inc()
+        self.worker.shard_changed(key)
+        log.info("shard %s: generation %d with model %d in %.1fs (%d images re-encoded, %d codes kept)", key, gen,
+                 target.version, time.perf_counter() - t0, builder.images_reencoded, builder.codes_copied)
