@@ -288,3 +288,16 @@ def test_stragglers_of_the_swap_are_copied_when_learned_and_encoded_otherwise(tm
     assert len(seen) == 1 and reencoded == ["id0", "id1", "late1"]
     assert s.get_item("late0")["code"] == bytes([5] * 4) and s.get_item("late1")["code"] == bytes([9] * 4)
     assert [s.get_item(i)["model"] for i in ("id0", "late1")] == [2, 2]
+
+
+def test_a_shard_is_built_into_the_generation_the_learner_announced(tmp_path):
+    """Shards re-encode on their own schedule (a shard unowned for a while skips generations): each is built
+    straight into the announced number, so every shard reports the learner's generation, never a local count."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(4))
+    builder = GenerationBuilder(s, encode_ids=lambda ids: np.zeros((len(ids), 4), np.uint8))
+    assert builder.build(7, generation=5) == 5
+    builder.drop_replaced()
+    assert s.read_meta()["generation"] == 5 and s.read_meta()["model_version"] == 7 and s.count() == 4
+    with pytest.raises(StoreError, match="not above"):
+        s.begin_generation(5)

@@ -66,3 +66,26 @@ def test_learned_codes_and_the_inferring_model_are_recorded(tmp_path):
     s.put_codes(["id1"], np.zeros((1, 4), np.uint8), model_version=5)
     assert s.snapshot().learned.tolist() == [False, False, True]  # id1 moved to the end with its new seq
     assert s.get_item("id0")["model"] == 4
+
+
+def test_learner_updates_apply_by_seq_with_the_codes_offset_in_one_transaction(tmp_path):
+    """A learned code is for the item the learner read (its seq): an id written again since keeps its
+    new code; an unknown id is counted missing; the codes topic's offset moves with them."""
+    from streamhash.kafka.modelbus import CodeUpdate
+
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3))  # seqs 1, 2, 3
+    s.write_batch(items(1, seed=5))  # id0 written again: seq 4
+    code = bytes([7, 7, 7, 7])
+    got = s.apply_updates([CodeUpdate("id1", 2, "learned", 2, code), CodeUpdate("id0", 1, "learned", 2, code),
+                           CodeUpdate("nope", 9, "learned", 2, code), CodeUpdate("id2", 3, "quarantine", 2)],
+                          {("t.codes", 0): 4})
+    assert got == {"applied": 1, "stale": 1, "missing": 1, "quarantined": 1}
+    assert s.get_item("id1")["code"] == code and s.get_item("id1")["learned"]
+    assert s.get_item("id0")["code"] == items(1, seed=5)[0].code
+    assert s.get_item("id2")["quarantined"] and s.offsets() == {("t.codes", 0): 4}
+    again = s.apply_updates([CodeUpdate("id1", 2, "learned", 2, code)], {("t.codes", 0): 5})
+    assert again["stale"] == 1  # applying gave id1 a new seq: a re-published update is a no-op
+    with pytest.raises(StoreError):
+        s.apply_updates([CodeUpdate("id1", s.get_item("id1")["seq"], "learned", 2, b"\x01")], {})
+    assert s.offsets() == {("t.codes", 0): 5}  # the refused transaction wrote nothing
