@@ -72,3 +72,70 @@ def test_two_workers_one_killed_mid_stream_leave_every_id_in_exactly_one_shard_o
     assert {i: list(v) for i, v in content["labels"].items()} == latest
     log = (tmp_path / "worker1.log").read_text()
     assert "opened shard" in log
+
+
+def test_a_worker_follows_the_learners_topics_codes_by_partition_models_by_version_reencodes_by_generation(broker, tmp_path):
+    """What the learner publishes, applied by the worker owning each shard: a model of the shards' generation
+    becomes their network; learned codes land in the shard of their partition, by seq; a model of a higher
+    generation is re-encoded into by each shard, learned codes kept and stale inferred ones encoded anew."""
+    from streamhash.config import ModelSettings
+    from streamhash.index.store import Store
+    from streamhash.index.store.root import StoreRoot
+    from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelPublisher
+    from streamhash.model.hashnet import HashNet, HashNetConfig
+    from streamhash.records import decode_image
+    from tests.conftest import synthetic_images
+    from tests.support import produce
+
+    kafka = module_kafka(broker, "follow")
+    root = tmp_path / "index"
+    worker, url = start_worker(env_for(kafka, root, free_port()), tmp_path / "worker.log")
+    produce(kafka, 2000, "img-", seed=4)
+    wait_for(lambda: scrape(url).get('streamhash_index_items{process="worker"}', 0) >= 2000, 60, "2,000 indexed")
+    publisher = ModelPublisher(kafka)
+    mc = ModelSettings()
+    net2 = HashNet(HashNetConfig(bits=mc.bits, seed=2))
+    publisher.publish_model(ModelAnnouncement(2, 1, False, net2.to_bytes()))
+    wait_for(lambda: all(v == 2 for k, v in scrape(url).items() if k.startswith("streamhash_shard_model_version")), 30,
+             "every shard to take model 2")
+    before = read_store(root)
+    learned = {}
+    for name, shard in before["shards"].items():
+        p = int(name.rsplit("/", 1)[1])
+        for seq, item_id in enumerate(shard["ids"][:5], start=1):  # first five of each shard: seqs 1..5
+            learned[item_id] = (p, CodeUpdate(item_id, seq, "learned", 2, bytes([p, seq, 0, 255])))
+    stale = CodeUpdate(before["shards"][f"{kafka.topic}/0"]["ids"][5], 999, "learned", 2, b"\0\0\0\0")
+    publisher.publish_codes([pu for pu in learned.values()] + [(0, stale)])
+    wait_for(lambda: total(scrape(url), "streamhash_code_updates_total") >= 21, 30, "the code updates applied")
+    s = scrape(url)
+    assert s['streamhash_code_updates_total{result="applied"}'] == 20
+    assert s['streamhash_code_updates_total{result="stale"}'] == 1
+
+    net3 = HashNet(HashNetConfig(bits=mc.bits, seed=3))
+    publisher.publish_model(ModelAnnouncement(3, 2, True, net3.to_bytes()))
+    wait_for(lambda: all(v == 2 for k, v in scrape(url).items() if k.startswith("streamhash_shard_generation")), 60,
+             "every shard re-encoded into generation 2")
+    assert scrape(url)["streamhash_shard_reencodes_total"] == 4
+    publisher.close()
+    assert stop(worker) == 0
+    images, _ = synthetic_images(2000, seed=4)
+    inferred = {}
+    store_root = StoreRoot(root, create=False)
+    for key in store_root.shards():
+        store = Store(store_root.shard_path(key), readonly=True)
+        meta = store.read_meta()
+        assert (meta["generation"], meta["model_version"]) == (2, 3)
+        for item_id in store.snapshot().ids:
+            rec = store.get_item(item_id, with_blob=True)
+            if item_id in learned:
+                assert rec["code"] == learned[item_id][1].code  # learned: frozen across the re-encode
+            else:
+                inferred[item_id] = (rec["code"], rec["blob"])
+        store.close()
+    from streamhash.config import Settings
+    from streamhash.records import ImageSpec
+
+    spec = ImageSpec.from_settings(Settings())
+    some = list(inferred.items())[:50]
+    expected = net3.encode(np.stack([decode_image(blob, "application/x-npy", spec) for _, (_, blob) in some]))
+    assert [code for _, (code, _) in some] == [row.tobytes() for row in expected]  # inferred: encoded by model 3
