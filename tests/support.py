@@ -72,6 +72,13 @@ def read_store(path: Path) -> dict:
     return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+def partition_of(item_id: str, partitions: int = 4) -> int:
+    """Where kafka-python's default partitioner puts a key (the Java client's murmur2)."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(item_id.encode()) & 0x7FFFFFFF) % partitions
+
+
 def produce(kafka, n: int, prefix: str, seed: int, start: int = 0) -> None:
     """``n`` labeled synthetic images as .npy messages keyed ``{prefix}{start + i}``."""
     from tests.conftest import synthetic_images

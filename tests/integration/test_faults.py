@@ -100,30 +100,58 @@ def test_poison_messages_go_to_the_dlq_and_the_batch_around_them_is_indexed(brok
     assert sorted(read_store(tmp_path / "index")["ids"]) == sorted(f"ok-{i}" for i in range(200))
 
 
-def test_a_second_worker_on_the_same_store_is_refused_and_signals_never_kill(broker, kafka_settings, tmp_path):
-    """Two workers on one store once swapped generations under each other and livelocked. SIGUSR1 once
-    killed a worker started without learning (rc -10)."""
+def test_a_shard_held_by_another_process_pauses_its_partition_until_released(broker, kafka_settings, tmp_path):
+    """The previous owner of a partition may still hold its shard (finishing a batch, or hung): the new owner
+    pauses that partition, goes on with the others, and resumes it where the shard left off once it is free.
+    Two workers on one store once swapped generations under each other and livelocked; now the shard's
+    lock makes its owner the only writer. SIGUSR1 (learning is another process now) never kills a worker."""
+    import subprocess
+    import sys
+
+    from streamhash.index.store.root import ShardKey, StoreRoot
+    from tests.support import partition_of
+
     ensure_topics(kafka_settings)
-    env = env_for(kafka_settings, tmp_path / "index", free_port())
-    first, url = start_worker(env, tmp_path / "worker1.log")
-    second = spawn(["worker"], env={**env, "STREAMHASH_WORKER__METRICS_PORT": str(free_port())},
-                   log_path=tmp_path / "worker2.log")
-    assert second.wait(timeout=60) == 73  # EX_CANTCREAT: restarting will not help while the first runs
-    assert "already open for writing by pid" in (tmp_path / "worker2.log").read_text()
-    os.kill(first.pid, signal.SIGUSR1)  # learning is off in env_for
-    produce(kafka_settings, 50, "u-", seed=6)
-    wait_for(lambda: scrape(url).get('streamhash_index_items{process="worker"}', 0) >= 50, 60, "ingest after SIGUSR1")
-    assert first.poll() is None
-    assert "SIGUSR1 ignored: learning is disabled" in (tmp_path / "worker1.log").read_text()
-    assert stop(first) == 0
+    path = StoreRoot(tmp_path / "index").shard_path(ShardKey(kafka_settings.topic, 2))
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+from streamhash.index.store import Store
+s = Store({str(path)!r}, bits=32)
+print("held", flush=True)
+sys.stdin.readline()
+s.close()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = env_for(kafka_settings, tmp_path / "index", free_port())
+        worker, url = start_worker(env, tmp_path / "worker.log")
+        produce(kafka_settings, 400, "u-", seed=6)
+        on_2 = sum(partition_of(f"u-{i}") == 2 for i in range(400))
+        wait_for(lambda: scrape(url).get('streamhash_index_items{process="worker"}', 0) >= 400 - on_2, 60, "the free partitions")
+        os.kill(worker.pid, signal.SIGUSR1)
+        time.sleep(1.5)
+        s = scrape(url)
+        assert s['streamhash_index_items{process="worker"}'] == 400 - on_2
+        assert s["streamhash_shard_lock_waits_total"] == 2  # images and codes partition 2: one shard
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=10)
+        wait_for(lambda: scrape(url).get('streamhash_index_items{process="worker"}', 0) >= 400, 60, "partition 2 after release")
+        assert worker.poll() is None
+        assert stop(worker) == 0
+    finally:
+        holder.kill()
+    log = (tmp_path / "worker.log").read_text()
+    assert "still held by its previous owner" in log and "is free after" in log and "streamhash learner" in log
+    content = read_store(tmp_path / "index")
+    assert sorted(content["ids"]) == sorted(f"u-{i}" for i in range(400))
 
 
 def test_sigusr1_during_start_up_is_not_a_kill(broker, kafka_settings, tmp_path):
     env = env_for(kafka_settings, tmp_path / "index", free_port())
-    env["STREAMHASH_LEARN__ENABLED"] = "true"
     log = tmp_path / "worker.log"
     proc = spawn(["worker"], env=env, log_path=log)
-    for _ in range(4):  # importing torch, loading the model, before and after the learner exists
+    for _ in range(4):  # importing torch, opening the root, joining the group
         time.sleep(0.7)
         os.kill(proc.pid, signal.SIGUSR1)
     url = f"http://127.0.0.1:{env['STREAMHASH_WORKER__METRICS_PORT']}/metrics"

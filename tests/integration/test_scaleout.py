@@ -12,19 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from kafka.partitioner.default import murmur2
 
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.services.processes import scrape, stop, total, wait_for
-from tests.support import env_for, module_kafka, read_store, start_worker
+from tests.support import env_for, module_kafka, partition_of, read_store, start_worker
 
 pytestmark = pytest.mark.integration
-
-
-def partition_of(item_id: str, partitions: int = 4) -> int:
-    """Where kafka-python's default partitioner puts a key (the Java client's murmur2)."""
-    return (murmur2(item_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def test_two_workers_one_killed_mid_stream_leave_every_id_in_exactly_one_shard_once(broker, tmp_path):
