@@ -1,4 +1,4 @@
-"""``streamhash`` command line: broker, produce, worker, serve, query, demo, eval.
+"""``streamhash`` command line: broker, produce, worker, learner, serve, query, demo, eval.
 
 Every flag maps to a settings field (``dest="section.field"``), so each one can also be set by
 environment variable (``STREAMHASH_SECTION__FIELD``); flags win over the environment.
@@ -134,6 +134,17 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-idle-s", type=float, default=None, help="exit after this long with nothing to consume")
 
 
+def learner_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers", help="Kafka bootstrap servers")
+    p.add_argument("--topic", dest="kafka.topic", help="the images topic whose shards it learns from")
+    p.add_argument("--store", dest="store.path", help="the store root the workers write (read-only here)")
+    p.add_argument("--bits", dest="model.bits", type=int)
+    p.add_argument("--device", dest="model.device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--metrics-port", dest="learn.metrics_port", type=int)
+    p.add_argument("--nice", dest="learn.nice", type=int, help="niceness added at start (default 10): ingestion keeps the cores")
+    p.add_argument("--torch-threads", dest="learn.torch_threads", type=int, help="default 1")
+
+
 def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", dest="store.path", help="LMDB directory to serve (read-only)")
     p.add_argument("--host", dest="server.host")
@@ -162,6 +173,12 @@ def _worker(args) -> int:
     from streamhash.services import worker
 
     return worker.run(_settings_with_logging(args), max_idle_s=args.max_idle_s)
+
+
+def _learner(args) -> int:
+    from streamhash.services import learner
+
+    return learner.run(_settings_with_logging(args))
 
 
 def _serve(args) -> int:
@@ -207,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run an ingest worker (same as streamhash-worker)")
     worker_arguments(w)
     w.set_defaults(func=_worker)
+
+    lr = sub.add_parser("learner", help="run the learner: DIHN rounds over the shards, models and codes published "
+                        "(same as streamhash-learner)")
+    learner_arguments(lr)
+    lr.set_defaults(func=_learner)
 
     s = sub.add_parser("serve", help="run the query server (HTTP search + /metrics)")
     serve_arguments(s)

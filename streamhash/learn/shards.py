@@ -1,0 +1,190 @@
+"""The learner's read-only view of a store root: every shard of the images topic, followed through its change log.
+
+:class:`ShardFeed` opens each shard under the root read-only as it appears (a worker creates a shard
+when it is first assigned the partition) and feeds its items to an
+:class:`~streamhash.learn.online.OnlineHasher`, the way the query server's LiveIndex follows a store:
+from the last seq it read, O(new items). It never opens a shard writable.
+
+- A shard seen for the first time (a start, a restart, a new partition) is read whole from one
+  snapshot: learned codes frozen, quarantined items out of learning, labeled items indexed but never
+  learned pending (:func:`observe_snapshot`).
+- A change with a Kafka timestamp is a new or re-sent item: observed. A change without one is a learned
+  code the shard's worker applied (``put_codes`` / ``apply_updates`` link it under a new seq): the
+  hasher's code of that item is set to it, or, for an item pending again after a restart (its code
+  was in flight), the seq it will be published with moves on, so the newer learned code wins.
+- A shard whose generation changed (its worker re-encoded it) is read again: the codes of every item
+  already seen are replaced by the new generation's (:meth:`OnlineHasher.apply_reencode`), so DIHN
+  keeps training against the codes the index serves.
+
+Blobs for a round (Omega, the MI reservoir) are read from the shard that holds each id. An id lives in
+exactly one shard (``index.store.root``), so no id -> shard map is kept, which would cost more than the
+hasher's own bookkeeping (~45 B an item): each shard is asked for the ids the earlier ones lacked.
+Only items that will be learned keep where they live (partition, seq), until their code is published.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import lmdb
+import numpy as np
+
+from streamhash.errors import SchemaMismatchError, StoreError
+from streamhash.index.store import Snapshot, Store
+from streamhash.index.store.root import ShardKey, StoreRoot
+from streamhash.learn.online import OnlineHasher, in_holdout
+from streamhash.records import ImageSpec, decode_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Shard:
+    key: ShardKey
+    store: Store
+    generation: int
+    last_seq: int = 0
+
+
+class ShardFeed:
+    """The shards of ``topic`` under ``root``, followed into ``hasher``; ``pending_at`` maps each item a
+    round will learn to (partition, seq) — where its learned code goes and which version of it was learned."""
+
+    def __init__(self, root: StoreRoot, topic: str, hasher: OnlineHasher, spec: ImageSpec, *, chunk: int = 10_000):
+        self.root, self.topic, self.hasher, self.spec, self.chunk = root, topic, hasher, spec, chunk
+        self.shards: dict[ShardKey, _Shard] = {}
+        self.pending_at: dict[str, tuple[int, int]] = {}
+
+    def poll(self) -> int:
+        """Open the shards that appeared, read what every shard wrote since; returns the changes read."""
+        for key in self.root.shards():
+            if key.topic == self.topic and key not in self.shards:
+                self._open(key)
+        return sum(self._follow(s) for s in self.shards.values())
+
+    def behind(self, generation: int) -> list[ShardKey]:
+        """Shards still below ``generation``: their workers have not re-encoded them yet."""
+        return [s.key for s in self.shards.values() if s.generation < generation]
+
+    def generations(self) -> dict[ShardKey, int]:
+        return {k: s.generation for k, s in self.shards.items()}
+
+    def _open(self, key: ShardKey) -> None:
+        try:
+            store = Store(self.root.shard_path(key), readonly=True)
+        except (StoreError, lmdb.Error, KeyError) as exc:  # its worker is still creating it: next poll
+            log.debug("shard %s not readable yet: %r", key, exc)
+            return
+        if store.bits != self.hasher.net.cfg.bits:
+            store.close()
+            raise SchemaMismatchError(f"shard {key} holds {store.bits}-bit codes, the learner's model "
+                                      f"{self.hasher.net.cfg.bits}-bit ones (model.bits)")
+        snap = store.snapshot()
+        shard = _Shard(key, store, snap.generation, int(snap.seqs.max()) if len(snap.seqs) else 0)
+        new = observe_snapshot(self.hasher, snap)
+        self._remember_pending(key, [snap.ids[i] for i in new], snap.seqs[new].tolist(), [snap.labels[i] for i in new])
+        self.shards[key] = shard
+        log.info("following shard %s: %d items, generation %d%s", key, len(snap.ids), snap.generation,
+                 f"; {len(new)} labeled items indexed but never learned are learned next" if len(new) else "")
+
+    def _follow(self, shard: _Shard) -> int:
+        gen, _, changes = shard.store.changes_since(shard.last_seq, self.chunk)
+        if gen != shard.generation:
+            self._reread(shard)
+            gen, _, changes = shard.store.changes_since(shard.last_seq, self.chunk)
+            if gen != shard.generation:  # swapped again meanwhile: next poll
+                return 0
+        fresh = [c for c in changes if c.ts is not None]
+        if fresh:
+            ids = [c.id for c in fresh]
+            self.hasher.observe(ids, _codes(fresh), [set(c.labels) if c.labels else None for c in fresh])
+            self._remember_pending(shard.key, ids, [c.seq for c in fresh], [c.labels for c in fresh])
+        recoded = [c for c in changes if c.ts is None and not self._moved(shard.key, c.id, c.seq)]
+        if recoded:
+            self.hasher.apply_reencode([c.id for c in recoded], _codes(recoded))
+        if changes:
+            shard.last_seq = changes[-1].seq
+        return len(changes)
+
+    def _moved(self, key: ShardKey, item_id: str, seq: int) -> bool:
+        """A learned code applied to an item pending here (in flight when the learner restarted): the code
+        this learner learns will follow it, so it is published with the item's new seq."""
+        if item_id not in self.pending_at:
+            return False
+        self.pending_at[item_id] = (key.partition, seq)
+        return True
+
+    def _reread(self, shard: _Shard) -> None:
+        """The shard's worker swapped in another generation: the codes of the items seen so far, from it."""
+        def on_chunk(seqs, codes, ids):
+            seen = np.flatnonzero(seqs <= shard.last_seq)
+            self.hasher.apply_reencode([ids[i] for i in seen], codes[seen])
+
+        before = shard.generation
+        shard.generation, _, _ = shard.store.read_generation(on_chunk, self.chunk)
+        log.info("shard %s re-encoded: generation %d -> %d", shard.key, before, shard.generation)
+
+    def _remember_pending(self, key: ShardKey, ids: list[str], seqs: list[int], labels: list) -> None:
+        """(partition, seq) of the items a round will learn: labeled, outside the hold-out (which keeps its
+        inferred code and would never leave the map)."""
+        held = in_holdout(ids, self.hasher.settings.holdout_fraction)
+        for item_id, seq, lab, h in zip(ids, seqs, labels, held.tolist()):
+            if lab and not h:
+                self.pending_at[item_id] = (key.partition, int(seq))
+            else:
+                self.pending_at.pop(item_id, None)  # re-sent unlabeled: nothing of it to publish any more
+
+    def take_pending(self, ids: list[str]) -> list[tuple[str, int, int]]:
+        """(id, partition, seq) of items whose code is about to be published; they leave the map."""
+        out = []
+        for item_id in ids:
+            at = self.pending_at.pop(item_id, None)
+            if at is None:
+                log.warning("item %r was learned but its shard is unknown: its code is not published", item_id)
+            else:
+                out.append((item_id, *at))
+        return out
+
+    def fetch_images(self, ids: list) -> np.ndarray:
+        """The network's input for each id, decoded from the blob in the shard that holds it."""
+        found: dict[str, tuple[bytes, str]] = {}
+        for shard in self.shards.values():
+            missing = [i for i in ids if i not in found]
+            if not missing:
+                break
+            found.update((i, b) for i, b in zip(missing, shard.store.get_blobs(missing)) if b is not None)
+        absent = [i for i in ids if i not in found]
+        if absent:
+            raise StoreError(f"{len(absent)} items have no stored image in any shard, e.g. {absent[:3]}")
+        out = [decode_image(*found[i], self.spec) for i in ids]
+        return np.stack(out) if out else np.zeros((0, *self.spec.shape), np.uint8)
+
+    def close(self) -> None:
+        for s in self.shards.values():
+            s.store.close()
+        self.shards.clear()
+
+
+def observe_snapshot(hasher: OnlineHasher, snap: Snapshot) -> np.ndarray:
+    """Register a shard read whole; returns the rows observed as new (labeled, never learned nor quarantined).
+
+    Learned codes stay frozen; quarantined ones keep their inferred codes, out of learning; labeled
+    items indexed but never learned (the learner stopped before their round, or their code was never
+    applied) are pending again, so the next round learns them — except the hold-out (chosen by id, the
+    same items as before), which keeps its inferred code.
+    """
+    labels = [set(x) if x else None for x in snap.labels]
+    unlabeled = np.array([x is None for x in labels], bool)
+    learned = np.flatnonzero(snap.learned | (unlabeled & ~snap.quarantined))
+    quarantined = np.flatnonzero(snap.quarantined & ~snap.learned)
+    new = np.setdiff1d(np.arange(len(snap.ids)), np.concatenate([learned, quarantined]))
+    for rows, frozen, was_learned in ((learned, True, True), (quarantined, True, False), (new, False, False)):
+        if len(rows):
+            hasher.observe([snap.ids[i] for i in rows], snap.codes[rows], [labels[i] for i in rows],
+                           frozen=frozen, learned=was_learned)
+    return new
+
+
+def _codes(changes) -> np.ndarray:
+    return np.frombuffer(b"".join(c.code for c in changes), np.uint8).reshape(len(changes), -1)
