@@ -8,8 +8,8 @@
    the rate is n / (last batch committed - partitions assigned): topic to committed LMDB index.
 3. Freshness: with the worker and the query server running, single images are sent at 20/s and
    each is timed from send to visible through ``GET /items/{id}``.
-4. Query latency: ``--query-items`` random codes are written straight into a second LMDB store
-   (the ranking does not care how they got there); a worker ingests into that store at
+4. Query latency: ``--query-items`` random codes are written straight into the 4 shards of a second
+   store root (the ranking does not care how they got there); a worker ingests into those shards at
    ``--ingest-rate`` images/s while the query server answers ``POST /search`` with k=10 by code
    and by PNG image; client-side wall time per request, after 20 warm-up requests.
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamhash.config import KafkaSettings  # noqa: E402
 from streamhash.data.fashion_mnist import load_all  # noqa: E402
-from streamhash.index.store import ItemWrite, Store  # noqa: E402
+from benchmarks.bench_serve import build_store  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
@@ -61,14 +61,9 @@ def bare_encode(images: np.ndarray, values: list[bytes], batch: int) -> dict:
 def query_latency_while_ingesting(bootstrap: str, work: Path, stream, stream_y, values, args) -> dict:
     """HTTP search latency over ``--query-items`` codes while a worker ingests into the same store."""
     qstore = work / "query-index"
-    store = Store(qstore, bits=32)
-    store.put_model(HashNet(HashNetConfig(bits=32)).to_bytes(), make_current=True)
-    codes = np.random.default_rng(1).integers(0, 256, (args.query_items, 4), dtype=np.uint8)
-    for start in range(0, args.query_items, 20_000):
-        store.write_batch([ItemWrite(f"q-{i}", codes[i].tobytes(), b"", "image/png", (int(i % 10),))
-                           for i in range(start, min(start + 20_000, args.query_items))])
-    store.close()
     kafka = KafkaSettings(bootstrap_servers=bootstrap, topic="bench.query.images", dlq_topic="bench.query.dlq", group_id="bench-q")
+    # the random codes in the topic's 4 shards, beside which the worker's images are ingested
+    codes = build_store(qstore, args.query_items, 32, partitions=kafka.topic_partitions, topic=kafka.topic, prefix="q-")
     ensure_topics(kafka)
     metrics_port, http_port = free_port(), free_port()
     env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "STREAMHASH_KAFKA__TOPIC": kafka.topic,

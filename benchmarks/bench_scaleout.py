@@ -36,13 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamhash.config import KafkaSettings  # noqa: E402
 from streamhash.data.fashion_mnist import load_all  # noqa: E402
-from streamhash.index.store import ItemWrite, Store  # noqa: E402
-from streamhash.index.store.root import ShardKey, StoreRoot  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
-from streamhash.config import ModelSettings  # noqa: E402
-from streamhash.model.state import initial_net  # noqa: E402
+from benchmarks.bench_serve import build_store  # noqa: E402
 from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http  # noqa: E402
 from tests.support import read_store  # noqa: E402
 
@@ -136,24 +133,9 @@ def learner_phase(bootstrap: str, work: Path, images, labels, fmt: str, n: int, 
         producer.close()
 
 
-def fill_shards(root: Path, topic: str, items: int, bits: int) -> np.ndarray:
-    store_root = StoreRoot(root)
-    codes = np.random.default_rng(1).integers(0, 256, (items, bits // 8), dtype=np.uint8)
-    net = initial_net(ModelSettings(bits=bits)).to_bytes()
-    per = -(-items // PARTITIONS)
-    for p in range(PARTITIONS):
-        store = Store(store_root.shard_path(ShardKey(topic, p)), bits=bits, shard=p)
-        store.put_model(net, make_current=True, version=1)
-        for start in range(p * per, min((p + 1) * per, items), 20_000):
-            store.write_batch([ItemWrite(f"q-{i}", codes[i].tobytes(), b"", "image/png", (int(i % 10),))
-                               for i in range(start, min(start + 20_000, (p + 1) * per, items))])
-        store.close()
-    return codes
-
-
 def query_phase(work: Path, items: int, queries: int) -> dict:
     root = work / "root-query"
-    codes = fill_shards(root, "bench.images", items, 32)
+    codes = build_store(root, items, 32, partitions=PARTITIONS, prefix="q-")
     halves = [work / "root-a", work / "root-b"]  # the same shards, two per root: one server per root
     for half, parts in zip(halves, ([0, 1], [2, 3])):
         for p in parts:

@@ -31,22 +31,34 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamhash.index.store import ItemWrite, Store  # noqa: E402
+from streamhash.index.store.root import ShardKey, StoreRoot  # noqa: E402
 from streamhash.kafka.broker import free_port  # noqa: E402
 from streamhash.services.processes import spawn, stop, wait_http  # noqa: E402
 
 WARMUP = 20
 
 
-def build_store(path: Path, n: int, bits: int) -> None:
-    from streamhash.model.hashnet import HashNet, HashNetConfig
+def build_store(root: Path, n: int, bits: int, *, partitions: int = 1, topic: str = "bench.images",
+                prefix: str = "b-") -> np.ndarray:
+    """A store root holding ``n`` random codes (ids ``{prefix}{i}``, labels i % 10) spread over ``partitions``
+    shards, written straight into LMDB (ranking does not care how they got there), each shard with the
+    seeded initial network as model version 1; returns the codes."""
+    from streamhash.config import ModelSettings
+    from streamhash.model.state import initial_net
 
-    store = Store(path, bits=bits)
-    store.put_model(HashNet(HashNetConfig(bits=bits)).to_bytes(), make_current=True)
+    store_root = StoreRoot(root)
+    net = initial_net(ModelSettings(bits=bits)).to_bytes()
     codes = np.random.default_rng(0).integers(0, 256, (n, bits // 8), dtype=np.uint8)
-    for start in range(0, n, 50_000):
-        store.write_batch([ItemWrite(f"b-{i}", codes[i].tobytes(), b"", "image/png", (i % 10,))
-                           for i in range(start, min(start + 50_000, n))])
-    store.close()
+    per = -(-n // partitions)
+    for p in range(partitions):
+        store = Store(store_root.shard_path(ShardKey(topic, p)), bits=bits, shard=p)
+        store.put_model(net, make_current=True, version=1)
+        end = min((p + 1) * per, n)
+        for start in range(p * per, end, 50_000):
+            store.write_batch([ItemWrite(f"{prefix}{i}", codes[i].tobytes(), b"", "image/png", (i % 10,))
+                               for i in range(start, min(start + 50_000, end))])
+        store.close()
+    return codes
 
 
 def client(args: tuple[int, int, int, int, float]) -> list[float]:
