@@ -131,6 +131,11 @@ FRESHNESS_SECONDS = Histogram(
 )
 INDEX_REFRESH_SECONDS = Histogram("streamhash_index_refresh_duration_seconds", "Time to apply one batch of store changes",
                                   buckets=_LATENCY_BUCKETS, registry=_Q)
+QUERY_SHARDS = Gauge("streamhash_query_shards", "Shards this query server serves (a router: shards its remotes answered with)",
+                     registry=_Q)
+# shard: the remote's position in --shards (a closed set; URLs are not label values); result: ok, timeout or error
+ROUTER_SHARD_REQUESTS = Counter("streamhash_router_shard_requests_total", "Requests a router sent to each remote query server, "
+                                "by result", ["shard", "result"], registry=_Q)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1", registry: CollectorRegistry = WORKER_REGISTRY) -> None:
