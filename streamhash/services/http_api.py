@@ -61,15 +61,30 @@ class Hit(BaseModel):
     id: str
     distance: int
     labels: list[int] | None
+    shard: str | None = Field(None, description="the shard holding the item, topic/partition")
+
+
+class ShardAnswer(BaseModel):
+    """One shard a search used, or one that did not answer (then ``answered`` is false and ``error`` says why)."""
+
+    shard: str | None = Field(None, description="topic/partition; absent for a remote that did not answer")
+    url: str | None = Field(None, description="the query server holding the shard (a router's answers)")
+    generation: int | None = None
+    model_version: int | None = Field(None, description="the model whose network encoded the query for this shard")
+    index_size: int | None = None
+    answered: bool
+    error: str | None = None
 
 
 class SearchResponse(BaseModel):
-    results: list[Hit]
-    model_version: int
-    generation: int
-    index_size: int
-    code_hex: str
+    results: list[Hit] = Field(description="by distance, then shard (topic, partition), then insertion into the shard")
+    model_version: int = Field(description="of the newest shard used (highest generation, then model version)")
+    generation: int = Field(description="of the newest shard used")
+    index_size: int = Field(description="items in every shard used")
+    code_hex: str = Field(description="the query code for the newest shard")
     took_ms: float
+    shards: list[ShardAnswer] = Field(description="every shard the search used, with its generation and model version")
+    partial: bool = Field(description="true when a shard did not answer: the results leave its items out")
 
 
 class CountResponses:

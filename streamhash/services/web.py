@@ -5,9 +5,10 @@
 PNG thumbnail with ``?size=N``; ``GET /random`` names a random item of the live generation.
 
 ``/status`` is derived from this process's own view of the index, sampled every second
-(:class:`LiveStatus`): the ingest rate from the index size over time, learning rounds from model
-versions (each round publishes the next version), re-encodes from generation changes. The worker's
-metrics are its own: the query server never reads them.
+(:class:`LiveStatus`): the ingest rate from the index size (summed over the shards) over time, learning
+rounds from model versions (each round publishes the next version, a number shared by every shard),
+re-encodes from generation changes (of the newest shard). The worker's metrics are its own: the query
+server never reads them. Items are looked up in every shard: an id lives in exactly one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from streamhash.index.live import Generation, LiveIndex, Resolved
-from streamhash.index.store import Store
+from streamhash.index.live import Generation, Resolved
+from streamhash.index.sharded import ShardedIndex, View
 from streamhash.services.http_api import check_item_id
 
 STATIC = Path(__file__).parent / "static"
@@ -35,11 +36,19 @@ RATE_WINDOW_S = 10.0  # ingest rate: the index's growth over this span, steadier
 SAMPLE_EVERY_S = 1.0
 
 
-class LiveStatus:
-    """Samples (time, index size, generation, model version) of the live index; a deque of the last WINDOW_S."""
+def totals(view: View) -> tuple[int, int, int]:
+    """(items in every shard, generation, model version of the newest shard)."""
+    newest = view.newest
+    return view.index_size, newest.g.generation if newest else 0, newest.model_version if newest else 0
 
-    def __init__(self, live: LiveIndex, every_s: float = SAMPLE_EVERY_S, window_s: float = WINDOW_S):
-        self.live, self.every_s, self.window_s = live, every_s, window_s
+
+class LiveStatus:
+    """Samples (time, index size, generation, model version) of the live index; a deque of the last WINDOW_S.
+    ``source``: a ShardedIndex, or any callable returning (index size, generation, model version)."""
+
+    def __init__(self, source, every_s: float = SAMPLE_EVERY_S, window_s: float = WINDOW_S):
+        self.read = (lambda: totals(source.view())) if isinstance(source, ShardedIndex) else source
+        self.every_s, self.window_s = every_s, window_s
         self._samples: deque[tuple[float, int, int, int]] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -47,8 +56,7 @@ class LiveStatus:
         self.first = self.sample()
 
     def now(self) -> tuple[float, int, int, int]:
-        g = self.live.current
-        return time.monotonic(), g.index.ntotal, g.generation, g.model_version
+        return (time.monotonic(), *self.read())
 
     def sample(self) -> tuple[float, int, int, int]:
         s = self.now()
@@ -113,6 +121,21 @@ def random_item(g: Generation, rng: np.random.Generator) -> Resolved | None:
     return g.resolve([int(ids[0, 0])])[0] if ids[0, 0] >= 0 else None
 
 
+def random_sharded(view: View, rng: np.random.Generator) -> tuple[Resolved, int] | None:
+    """A uniformly random item of every shard together (a shard drawn in proportion to its size), and the
+    generation of its shard; None when every shard is empty."""
+    sizes = np.array([v.g.index.ntotal for v in view.shards], np.float64)
+    for _ in range(4):  # a shard may empty between reading its size and sampling it
+        if sizes.sum() == 0:
+            return None
+        v = view.shards[int(rng.choice(len(sizes), p=sizes / sizes.sum()))]
+        got = random_item(v.g, rng)
+        if got is not None:
+            return got, v.g.generation
+        sizes[v.pos] = 0
+    return None
+
+
 def _stored_image(raw: bytes, ctype: str) -> Image.Image:
     """The stored bytes as they are (not the network's input): the worker checked their declared size."""
     if ctype == "application/x-npy":
@@ -138,7 +161,7 @@ def thumbnail(raw: bytes, ctype: str, size: int) -> bytes:
     return out.getvalue()
 
 
-def install(app: FastAPI, store: Store, live: LiveIndex, status: LiveStatus) -> None:
+def install(app: FastAPI, index: ShardedIndex, status: LiveStatus) -> None:
     """Add the page, its assets and the routes it uses. Call before ``GET /items/{item_id:path}`` is
     registered: routes match in order, and that one would take ``/items/x/image`` as the id ``x/image``."""
     router = APIRouter()
@@ -159,7 +182,7 @@ def install(app: FastAPI, store: Store, live: LiveIndex, status: LiveStatus) -> 
             if not size.isascii() or not size.isdigit() or not 1 <= int(size) <= MAX_THUMB_PX:
                 raise HTTPException(400, f"size is a whole number of pixels from 1 to {MAX_THUMB_PX}, got {size[:20]!r}")
             px = int(size)
-        got = store.get_blobs([item_id])[0]
+        got = next((b for b in (s.store.get_blobs([item_id])[0] for s in index.shards) if b is not None), None)
         if got is None:
             raise HTTPException(404, f"no image for item {item_id!r}")
         raw, ctype = got
@@ -173,14 +196,13 @@ def install(app: FastAPI, store: Store, live: LiveIndex, status: LiveStatus) -> 
 
     @router.get("/random")
     def random():
-        """A random item of the generation being searched."""
-        g = live.current
+        """A random item of the generations being searched (every shard)."""
         with rng_lock:
-            got = random_item(g, rng)
+            got = random_sharded(index.view(), rng)
         if got is None:
             raise HTTPException(404, "the index is empty")
-        item_id, labels = got
-        return {"id": item_id, "labels": list(labels) if labels is not None else None, "generation": g.generation}
+        (item_id, labels), generation = got
+        return {"id": item_id, "labels": list(labels) if labels is not None else None, "generation": generation}
 
     @router.get("/status")
     def live_status():

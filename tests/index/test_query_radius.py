@@ -9,7 +9,9 @@ import streamhash.services.query as query
 from streamhash.codes import hamming_brute
 from streamhash.index.live import LiveIndex
 from streamhash.index.radius import RadiusIndex
+from streamhash.index.sharded import Shard, View
 from streamhash.index.store import ItemWrite, Store
+from streamhash.index.store.root import ShardKey
 
 
 def clustered(rng, base, n):
@@ -68,9 +70,10 @@ def test_radius_search_matches_brute_force(tmp_path, force, strategy, radius):
         want = want[np.lexsort((want, dist[want]))]  # (distance, insertion order)
         np.testing.assert_array_equal(I, want + 1)  # seqs start at 1
         np.testing.assert_array_equal(D, dist[want])
-        # the server's ranking: the same hits, as item ids
-        hits = query._rank(store, g, q, k=len(codes), radius=radius)
-        assert [(h.id, h.distance) for h in hits] == [(f"i{n}", int(dist[n])) for n in want]
+        # the server's ranking (one shard): the same hits, as item ids
+        view = View([Shard(ShardKey("t", 0), store, live)])
+        hits = query._rank(view, [[q]], [len(codes)], radius)[0]
+        assert [(h["id"], h["distance"]) for h in hits] == [(f"i{n}", int(dist[n])) for n in want]
     assert len(calls) == (10 if strategy == "tables" else 0)  # 5 queries, each by RadiusIndex and by _rank
 
 

@@ -1,5 +1,6 @@
-"""The query server in-process (no broker, no worker): over a real LMDB store with a model and a few items,
-every client mistake is a 4xx with a message, and every /search response is counted by status."""
+"""The query server in-process (no broker, no worker): over a real store root with two LMDB shards, a model
+and a few items, every client mistake is a 4xx with a message, every /search response is counted by
+status, results are merged across shards exactly, and each shard is ranked with its own model."""
 
 from __future__ import annotations
 
@@ -12,40 +13,65 @@ from fastapi.testclient import TestClient
 
 import streamhash.services.query as query
 from streamhash import metrics as m
+from streamhash.codes import hamming_brute
 from streamhash.config import Settings
+from streamhash.index.sharded import ShardedIndex
 from streamhash.index.store import ItemWrite, Store
+from streamhash.index.store.root import ShardKey, StoreRoot
 from streamhash.model.hashnet import HashNet, HashNetConfig
 from streamhash.records import encode_png
 from tests.test_records import jpeg_declaring, npy_declaring, png_declaring, real_png
 
 N_ITEMS = 8
+SHARDS = 2
+TOPIC = "images"
 
 
-def make_store(path, n: int = N_ITEMS) -> tuple[Store, np.ndarray]:
-    """A store as a worker leaves it: a current model, and n items encoded with it."""
-    store = Store(path, bits=32)
+def shard_stores(path, n_shards: int = SHARDS, bits: int = 32) -> dict[int, Store]:
+    """Writable shards ``images/0 .. n-1`` under a store root at ``path``, by partition."""
+    root = StoreRoot(path)
+    return {p: Store(root.shard_path(ShardKey(TOPIC, p)), bits=bits, shard=p) for p in range(n_shards)}
+
+
+def make_root(path, n: int = N_ITEMS, n_shards: int = SHARDS) -> tuple[dict[int, Store], np.ndarray]:
+    """A root as the workers leave it: in every shard the current model (version 1, the same network), and
+    n items encoded with it, item i in shard i % n_shards."""
+    stores = shard_stores(path, n_shards)
     net = HashNet(HashNetConfig(bits=32))
-    store.put_model(net.to_bytes(), make_current=True)
+    for store in stores.values():
+        store.put_model(net.to_bytes(), make_current=True, version=1)
     images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
     codes = net.encode(images)
-    store.write_batch([ItemWrite(f"item-{i}", codes[i].tobytes(), encode_png(images[i]), "image/png", (i % 3,))
-                       for i in range(n)])
-    return store, images
+    for i in range(n):
+        stores[i % n_shards].write_batch([ItemWrite(f"item-{i}", codes[i].tobytes(), encode_png(images[i]), "image/png",
+                                                    (i % 3,))])
+    return stores, images
+
+
+def index_over(path, stores: dict[int, Store], **kw) -> ShardedIndex:
+    """The server's ShardedIndex over the test's own handles (LMDB allows one per environment and process)."""
+    return ShardedIndex(StoreRoot(path, create=False), open_store=lambda key, _path: stores[key.partition],
+                        refresh_interval_s=0.01, **kw)
 
 
 def settings_for(path, **store) -> Settings:
     return Settings(store={"path": str(path), **store}, server={"refresh_interval_s": 0.01})
 
 
+def close_all(stores: dict[int, Store]) -> None:
+    for store in stores.values():
+        store.close()
+
+
 @contextmanager
 def serving(path, **store_settings):
-    store, images = make_store(path)
-    app = query.create_app(settings_for(path, **store_settings), store)
+    stores, images = make_root(path)
+    app = query.create_app(settings_for(path, **store_settings), index_over(path, stores))
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             yield client, images
     finally:
-        store.close()
+        close_all(stores)
 
 
 @pytest.fixture
@@ -168,10 +194,12 @@ def test_item_ids_outside_the_contract_are_4xx(server, path, status, fragment):
     assert fragment in r.json()["detail"]
 
 
-def test_items_are_served(server):
+def test_items_are_served_from_the_shard_holding_them(server):
     client, _ = server
-    r = client.get("/items/item-4")
-    assert r.status_code == 200 and r.json()["labels"] == [1] and r.json()["visible"] in (True, False)
+    for i in (4, 5):
+        r = client.get(f"/items/item-{i}")
+        assert r.status_code == 200 and r.json()["labels"] == [i % 3] and r.json()["visible"] in (True, False)
+        assert r.json()["shard"] == f"images/{i % SHARDS}"
 
 
 def test_every_search_response_is_counted_by_status(small_server, monkeypatch):
@@ -219,21 +247,36 @@ def test_a_search_names_exactly_one_of_three_sources(server, body):
     assert r.status_code == 400 and "exactly one of image_base64, code_hex or item_id" in r.json()["detail"]
 
 
-def _tied_store(path, n: int = 400) -> tuple[Store, np.ndarray]:
-    """n items whose 32-bit codes take only 12 values: nearly every top-k ends inside a run of ties."""
-    store = Store(path, bits=32)
-    store.put_model(HashNet(HashNetConfig(bits=32)).to_bytes(), make_current=True)
+def _tied_root(path, n: int = 400, n_shards: int = 3) -> tuple[dict[int, Store], np.ndarray]:
+    """n items over 3 shards whose 32-bit codes take only 12 values: nearly every top-k ends inside a run of
+    ties, which the merge breaks by shard, then by insertion."""
+    stores = shard_stores(path, n_shards)
+    for store in stores.values():
+        store.put_model(HashNet(HashNetConfig(bits=32)).to_bytes(), make_current=True, version=1)
     rng = np.random.default_rng(7)
     distinct = rng.integers(0, 256, (12, 4), dtype=np.uint8)
     codes = distinct[rng.integers(0, len(distinct), n)]
-    store.write_batch([ItemWrite(f"t-{i}", codes[i].tobytes(), b"", "image/png", (i % 5,)) for i in range(n)])
-    return store, codes
+    where = rng.integers(0, n_shards, n)
+    for i in range(n):
+        stores[int(where[i])].write_batch([ItemWrite(f"t-{i}", codes[i].tobytes(), b"", "image/png", (i % 5,))])
+    return stores, codes
+
+
+def brute_hits(stores: dict[int, Store], q: np.ndarray, k: int, radius: int | None = None) -> list[tuple[str, int, str]]:
+    """(id, distance, shard) of the first k items by (distance, shard, seq) over every shard's snapshot."""
+    rows = []
+    for p in sorted(stores):
+        snap = stores[p].snapshot()
+        dist = hamming_brute(q[None], snap.codes)[0]
+        rows += [(int(d), p, int(seq), item_id) for d, seq, item_id in zip(dist, snap.seqs, snap.ids)]
+    rows.sort()
+    return [(item_id, d, f"{TOPIC}/{p}") for d, p, _, item_id in rows if radius is None or d < radius][:k]
 
 
 def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    store, codes = _tied_store(tmp_path)
+    stores, codes = _tied_root(tmp_path)
     rng = np.random.default_rng(3)
     bodies = []
     for i in range(120):
@@ -246,12 +289,13 @@ def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_pa
             bodies.append({"code_hex": rng.integers(0, 256, 4, dtype=np.uint8).tobytes().hex(), "k": k})
     strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
     try:
-        plain = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}), store)
+        plain = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}),
+                                 index_over(tmp_path, stores))
         with TestClient(plain) as client:
             expected = [strip(client.post("/search", json=b)) for b in bodies]
         # a window makes sure the concurrent requests really meet in batches
-        batched = query.create_app(Settings(store={"path": str(tmp_path)},
-                                            server={"batch_window_s": 0.02, "batch_max": 32}), store)
+        batched = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_window_s": 0.02, "batch_max": 32}),
+                                   index_over(tmp_path, stores))
         with TestClient(batched) as client:
             with ThreadPoolExecutor(16) as pool:
                 got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
@@ -260,19 +304,97 @@ def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_pa
             batcher = batched.state.batcher
             assert batcher.requests == sum(1 for b in bodies if "radius" not in b)
             assert batcher.batches < batcher.requests  # some requests shared a kernel call
-            # and the top-k of each is the kernel's own answer at that k
-            g = batched.state.live.current
-            for b, r in zip(bodies, expected):
-                if "code_hex" in b and "radius" not in b:
-                    _, I = g.index.search(np.frombuffer(bytes.fromhex(b["code_hex"]), np.uint8)[None], b["k"])
-                    assert [h["id"] for h in r["results"]] == [item_id for item_id, _ in g.resolve(I[0][I[0] >= 0])]
+        # and each answer is brute force over the union of the shards, in the documented order
+        for b, r in zip(bodies, expected):
+            assert r["index_size"] == len(codes) and r["partial"] is False
+            assert [(s["shard"], s["answered"], s["index_size"]) for s in r["shards"]] == \
+                [(f"{TOPIC}/{p}", True, stores[p].count()) for p in range(3)]
+            hits = [(h["id"], h["distance"], h["shard"]) for h in r["results"]]
+            if "code_hex" in b:
+                q = np.frombuffer(bytes.fromhex(b["code_hex"]), np.uint8)
+                assert hits == brute_hits(stores, q, b["k"], b.get("radius"))
+            else:  # by item: the item first, then the others in order
+                q = codes[int(b["item_id"][2:])]
+                want = brute_hits(stores, q, len(codes))
+                want = ([h for h in want if h[0] == b["item_id"]] + [h for h in want if h[0] != b["item_id"]])[:b["k"]]
+                assert hits == want
     finally:
-        store.close()
+        close_all(stores)
+
+
+def _two_generations(path) -> tuple[dict[int, Store], np.ndarray, HashNet, HashNet]:
+    """A rolling re-encode half done: shard 0 serves generation 1 (network v1), shard 1 has been re-encoded
+    into generation 2 by network v2 (a different network: another code space)."""
+    stores = shard_stores(path)
+    net1, net2 = HashNet(HashNetConfig(bits=32, seed=1)), HashNet(HashNetConfig(bits=32, seed=2))
+    images = np.random.default_rng(5).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    for p, store in stores.items():
+        store.put_model(net1.to_bytes(), make_current=True, version=1)
+        mine = list(range(p, len(images), 2))
+        store.write_batch([ItemWrite(f"g-{i}", net1.encode(images[i:i + 1])[0].tobytes(), encode_png(images[i]),
+                                     "image/png", (i % 3,)) for i in mine])
+    store = stores[1]
+    store.put_model(net2.to_bytes(), version=2)
+    gen, _ = store.begin_generation()
+    ids = [f"g-{i}" for i in range(1, len(images), 2)]
+    store.put_generation_codes(gen, ids, net2.encode(images[1::2]))
+    store.swap_generation(gen, 2, [], np.zeros((0, 4), np.uint8))
+    return stores, images, net1, net2
+
+
+def test_during_a_rolling_reencode_each_shard_is_ranked_with_its_own_model(tmp_path):
+    stores, images, net1, net2 = _two_generations(tmp_path)
+    codes = {0: net1.encode(images[0::2]), 1: net2.encode(images[1::2])}  # what each shard holds
+    ids = {0: [f"g-{i}" for i in range(0, 12, 2)], 1: [f"g-{i}" for i in range(1, 12, 2)]}
+
+    def expected(q_by_shard):
+        rows = sorted((int(d), p, n) for p in (0, 1) for n, d in enumerate(hamming_brute(q_by_shard[p][None], codes[p])[0]))
+        return [(ids[p][n], d, f"{TOPIC}/{p}") for d, p, n in rows]
+
+    try:
+        app = query.create_app(settings_for(tmp_path), index_over(tmp_path, stores))
+        with TestClient(app) as client:
+            r = client.post("/search", json={"image_base64": b64(encode_png(images[3])), "k": 12}).json()
+            q1, q2 = net1.encode(images[3:4])[0], net2.encode(images[3:4])[0]
+            assert [(h["id"], h["distance"], h["shard"]) for h in r["results"]] == expected({0: q1, 1: q2})
+            assert ("g-3", 0) in [(h["id"], h["distance"]) for h in r["results"]]  # in shard 1, by v2's code
+            assert (r["model_version"], r["generation"], r["code_hex"], r["partial"]) == (2, 2, q2.tobytes().hex(), False)
+            assert [(s["shard"], s["generation"], s["model_version"]) for s in r["shards"]] == \
+                [(f"{TOPIC}/0", 1, 1), (f"{TOPIC}/1", 2, 2)]
+            # by a stored item of shard 0: its code there, its image encoded by v2 for shard 1
+            r = client.post("/search", json={"item_id": "g-4", "k": 12}).json()
+            want = expected({0: codes[0][2], 1: net2.encode(images[4:5])[0]})
+            want = [h for h in want if h[0] == "g-4"] + [h for h in want if h[0] != "g-4"]
+            assert [(h["id"], h["distance"], h["shard"]) for h in r["results"]] == want
+            health = client.get("/healthz").json()
+            assert (health["generation"], health["model_version"], health["index_size"]) == (2, 2, 12)
+            assert [(s["shard"], s["generation"], s["model_version"]) for s in health["shards"]] == \
+                [(f"{TOPIC}/0", 1, 1), (f"{TOPIC}/1", 2, 2)]
+    finally:
+        close_all(stores)
+
+
+def test_a_shard_whose_model_is_missing_is_named_and_the_answer_is_partial(tmp_path):
+    stores, images = make_root(tmp_path, n_shards=1)
+    late = Store(StoreRoot(tmp_path).shard_path(ShardKey(TOPIC, 1)), bits=32, shard=1)  # items, no model yet
+    late.write_batch([ItemWrite("orphan", bytes(4), b"", "image/png", None)])
+    stores[1] = late
+    try:
+        app = query.create_app(settings_for(tmp_path), index_over(tmp_path, stores))
+        with TestClient(app) as client:
+            r = client.post("/search", json={"image_base64": b64(encode_png(images[2])), "k": 20}).json()
+            assert r["partial"] is True and "orphan" not in [h["id"] for h in r["results"]]
+            assert ("item-2", 0) in [(h["id"], h["distance"]) for h in r["results"]] and len(r["results"]) == N_ITEMS
+            assert [(s["shard"], s["answered"]) for s in r["shards"]] == [(f"{TOPIC}/0", True), (f"{TOPIC}/1", False)]
+            assert "no model" in r["shards"][1]["error"]
+            r = client.post("/search", json={"code_hex": "00000000", "k": 20}).json()  # a code needs no model
+            assert r["partial"] is False and "orphan" in [h["id"] for h in r["results"]]
+    finally:
+        close_all(stores)
 
 
 def test_settings_for_workers_round_trip_through_the_environment(tmp_path, monkeypatch):
-    store, _ = make_store(tmp_path)
-    store.close()
+    close_all(make_root(tmp_path)[0])  # closed: the app opens the shards read-only itself
     s = Settings(store={"path": str(tmp_path)}, server={"workers": 3, "batch_max": 7, "refresh_interval_s": 0.01})
     monkeypatch.setenv(query.SETTINGS_ENV, s.model_dump_json(exclude={"kafka"}))
     monkeypatch.setattr(query, "_prepare_process", lambda _settings: None)  # leave this process's torch threads alone
@@ -282,5 +404,18 @@ def test_settings_for_workers_round_trip_through_the_environment(tmp_path, monke
         with TestClient(app) as client:
             r = client.post("/search", json={"code_hex": "00000000", "k": 3})
             assert r.status_code == 200 and len(r.json()["results"]) == 3
+            assert [sh["shard"] for sh in r.json()["shards"]] == [f"{TOPIC}/0", f"{TOPIC}/1"]
     finally:
-        app.state.store.close()
+        app.state.index.close()
+
+
+def test_a_legacy_store_is_refused_and_a_missing_root_waited_for(tmp_path):
+    import time
+
+    close_all({0: Store(tmp_path / "old", bits=32)})  # data.mdb directly under the path: before shards
+    t0 = time.monotonic()
+    assert query._open_root(Settings(store={"path": str(tmp_path / "old")}, server={"store_wait_s": 30})) is None
+    assert time.monotonic() - t0 < 5  # refused at once, with what to do: waiting would not help
+    assert query._open_root(Settings(store={"path": str(tmp_path / "none")}, server={"store_wait_s": 0.2})) is None
+    StoreRoot(tmp_path / "new")
+    assert query._open_root(Settings(store={"path": str(tmp_path / "new")})).path == tmp_path / "new"

@@ -1,5 +1,6 @@
-"""The search page's server side in-process, over a real LMDB store: stored images and thumbnails, a random
-item, search by a stored item, the live status, and pages that load nothing from outside the server."""
+"""The search page's server side in-process, over a real store root of two LMDB shards: stored images and
+thumbnails, a random item, search by a stored item, the live status, and pages that load nothing from
+outside the server. Items are looked up in whichever shard holds them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from streamhash.index.hamming import make_index
 from streamhash.index.store import ItemWrite
 from streamhash.records import encode_npy, encode_png
 from streamhash.services.web import STATIC, LiveStatus, random_item
-from tests.services.test_query_server import N_ITEMS, serving
+from tests.services.test_query_server import N_ITEMS, SHARDS, serving
 
 EXTERNAL = re.compile(r"https?://|(?:src|href|url)\s*[=(:]\s*[\"']?//", re.IGNORECASE)
 
@@ -24,7 +25,7 @@ EXTERNAL = re.compile(r"https?://|(?:src|href|url)\s*[=(:]\s*[\"']?//", re.IGNOR
 @pytest.fixture
 def served(tmp_path):
     with serving(tmp_path) as (client, images):
-        yield client, images, client.app.state.store
+        yield client, images, client.app.state.index.shards[0].store  # new items go to shard images/0
 
 
 def put(store, item_id: str, raw: bytes, ctype: str, labels=(1,)) -> None:
@@ -106,20 +107,20 @@ def test_random_names_stored_items_and_not_always_the_same(served):
     got = [client.get("/random").json() for _ in range(40)]
     assert {g["id"] for g in got} <= {f"item-{i}" for i in range(N_ITEMS)}
     assert len({g["id"] for g in got}) > 1
+    assert {int(g["id"].split("-")[1]) % SHARDS for g in got} == set(range(SHARDS))  # from every shard
     assert all(g["labels"] == [int(g["id"].split("-")[1]) % 3] for g in got)
 
 
 def test_random_on_an_empty_index_is_404(tmp_path):
     from fastapi.testclient import TestClient
 
-    from streamhash.index.store import Store
     from streamhash.services import query
-    from tests.services.test_query_server import settings_for
+    from tests.services.test_query_server import close_all, index_over, settings_for, shard_stores
 
-    store = Store(tmp_path, bits=32)
-    with TestClient(query.create_app(settings_for(tmp_path), store)) as client:
+    stores = shard_stores(tmp_path)
+    with TestClient(query.create_app(settings_for(tmp_path), index_over(tmp_path, stores))) as client:
         r = client.get("/random")
-    store.close()
+    close_all(stores)
     assert r.status_code == 404 and "empty" in r.json()["detail"]
 
 
@@ -139,7 +140,7 @@ def test_search_by_a_stored_item_puts_it_first_at_distance_zero(served):
         assert r.status_code == 200, r.text
         assert [(h["id"], h["distance"]) for h in r.json()["results"]] == [(f"item-{i}", 0)]
     res = client.post("/search", json={"item_id": "item-4", "k": N_ITEMS}).json()["results"]
-    assert res[0] == {"id": "item-4", "distance": 0, "labels": [1]} and len(res) == N_ITEMS
+    assert res[0] == {"id": "item-4", "distance": 0, "labels": [1], "shard": "images/0"} and len(res) == N_ITEMS
     assert [h["distance"] for h in res] == sorted(h["distance"] for h in res)
     assert client.post("/search", json={"item_id": "item-4", "radius": 0}).json()["results"] == []
     res = client.post("/search", json={"item_id": "item-4", "radius": 1, "k": N_ITEMS}).json()["results"]
@@ -148,10 +149,10 @@ def test_search_by_a_stored_item_puts_it_first_at_distance_zero(served):
 
 def test_search_by_an_item_the_live_index_has_not_applied_yet(served):
     client, images, store = served
-    client.app.state.live.stop()  # the follower stops: the store's code of this generation answers
+    client.app.state.index.stop()  # the followers stop: the store's code of this generation answers
     put(store, "late", encode_png(images[0]), "image/png")
     r = client.post("/search", json={"item_id": "late", "k": 3})
-    assert r.status_code == 200 and r.json()["results"][0] == {"id": "late", "distance": 0, "labels": [1]}
+    assert r.status_code == 200 and r.json()["results"][0] == {"id": "late", "distance": 0, "labels": [1], "shard": "images/0"}
 
 
 @pytest.mark.parametrize("body,status,fragment", [
@@ -178,7 +179,7 @@ def test_status_follows_the_live_index(served):
 
 def test_rounds_and_reencodes_are_counted_from_what_the_server_saw():
     g = SimpleNamespace(index=SimpleNamespace(ntotal=0), generation=1, model_version=1)
-    status = LiveStatus(SimpleNamespace(current=g), window_s=3600)
+    status = LiveStatus(lambda: (g.index.ntotal, g.generation, g.model_version), window_s=3600)
     for version in (2, 3, 4):  # three learning rounds, the third with a re-encode
         g.model_version, g.index.ntotal = version, g.index.ntotal + 100
         status.sample()

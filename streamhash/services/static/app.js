@@ -66,9 +66,13 @@ async function search() {
 }
 
 function render(answer) {
+  const shards = answer.shards || [];
+  // a shard that did not answer is said, never hidden: its items are missing from these results
+  const missing = shards.filter((s) => !s.answered).map((s) => s.shard || s.url);
   $("summary").textContent = `${answer.results.length} results · model version ${answer.model_version} · ` +
-    `generation ${answer.generation} · ${answer.index_size} items · ${answer.took_ms.toFixed(1)} ms · ` +
-    `query code ${answer.code_hex}`;
+    `generation ${answer.generation} · ${answer.index_size} items in ${shards.length} shards · ` +
+    `${answer.took_ms.toFixed(1)} ms · query code ${answer.code_hex}` +
+    (answer.partial ? ` · PARTIAL: no answer from ${missing.join(", ")}` : "");
   const items = answer.results.map((hit) => {
     const li = document.createElement("li");
     li.className = "hit";

@@ -1,0 +1,150 @@
+"""The query code for each shard of a search: every shard is ranked against a query in its own code space.
+
+During a rolling re-encode the shards serve different generations, whose codes come from different
+networks; a query image is therefore encoded once per distinct model version among the shards of the
+query's view, each time with the network stored in a shard at that version (the learner's version
+numbers are global: a version is the same network in every shard). A search by a stored item uses the
+item's stored code for the shards serving the item's generation (so it is at distance 0 from itself),
+and its stored image encoded by their own model for shards serving another.
+
+A shard that cannot be given a query (its model is not stored yet) is left out of the ranking with the
+reason, which the response reports (``answered: false``); a shard with no model and no items has nothing
+to rank and is simply answered.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import HTTPException
+
+from streamhash.errors import BadQueryError, RecordRejected
+from streamhash.index.sharded import ShardedIndex, ShardView, View
+from streamhash.index.store import Store
+from streamhash.model.hashnet import HashNet
+from streamhash.records import ImageSpec, content_type_of, decode_image
+from streamhash.services.http_api import PayloadTooLarge, check_item_id
+
+
+@dataclass
+class ShardQueries:
+    """One search's query code per shard of its view (None: the shard is not ranked) and why a shard is not."""
+
+    codes: list[np.ndarray | None]
+    errors: list[str | None]
+
+    @classmethod
+    def same(cls, view: View, code: np.ndarray) -> "ShardQueries":
+        return cls([code] * len(view), [None] * len(view))
+
+    def check_some(self) -> None:
+        """400 when shards exist but none could be given a query (as one store without a model was)."""
+        if self.codes and all(c is None for c in self.codes) and any(self.errors):
+            raise BadQueryError(next(e for e in self.errors if e) + "; search by code_hex or retry")
+
+
+class QueryEncoder:
+    """Query images encoded with each shard's model version; networks cached by version."""
+
+    def __init__(self, spec: ImageSpec):
+        self.spec = spec
+        self._nets: dict[int, HashNet] = {}
+        self._lock = threading.Lock()
+
+    def decode(self, raw: bytes) -> np.ndarray:
+        if len(raw) > self.spec.max_value_bytes:
+            raise PayloadTooLarge(f"query image of {len(raw)} bytes exceeds the {self.spec.max_value_bytes}-byte limit")
+        try:
+            return decode_image(raw, content_type_of(raw, None), self.spec)
+        except RecordRejected as exc:
+            raise BadQueryError(f"query image rejected: {exc.message}") from None
+
+    def net(self, version: int, stores: list[Store]) -> HashNet | None:
+        """The network of ``version``, read from the first of ``stores`` (shards serving it) that holds it."""
+        with self._lock:
+            if version not in self._nets:
+                raw = next((r for r in (s.get_model(version)[1] for s in stores) if r is not None), None)
+                if raw is None:
+                    return None
+                self._nets[version] = HashNet.from_bytes(raw)
+            return self._nets[version]
+
+    def forget_except(self, versions: set[int]) -> None:
+        """Drop networks no shard serves any more (a re-encode finished everywhere)."""
+        with self._lock:
+            if len(self._nets) > len(versions) + 2:
+                self._nets = {v: n for v, n in self._nets.items() if v in versions}
+
+    def for_image(self, image: np.ndarray, view: View, only: set[int] | None = None) -> ShardQueries:
+        """``image`` encoded once per model version in ``view`` (``only``: just these shard positions)."""
+        codes: list[np.ndarray | None] = [None] * len(view)
+        errors: list[str | None] = [None] * len(view)
+        by_version: dict[int, np.ndarray | str] = {}
+        for v in view.shards:
+            if only is not None and v.pos not in only:
+                continue
+            if v.model_version not in by_version:
+                by_version[v.model_version] = self._encode(image, view, v)
+            got = by_version[v.model_version]
+            if isinstance(got, str):
+                errors[v.pos] = None if v.g.index.ntotal == 0 else got  # nothing to rank: not a missing answer
+            else:
+                codes[v.pos] = got
+        self.forget_except({v.model_version for v in view.shards})
+        return ShardQueries(codes, errors)
+
+    def _encode(self, image: np.ndarray, view: View, v: ShardView) -> np.ndarray | str:
+        if v.model_version <= 0:
+            return f"shard {v.name} has no model yet"
+        net = self.net(v.model_version, [w.shard.store for w in view.shards if w.model_version == v.model_version])
+        if net is None:
+            return f"model version {v.model_version} is not in shard {v.name} yet"
+        return net.encode(image[None])[0]
+
+
+def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: str) -> tuple[ShardQueries, ShardView]:
+    """The queries of a search by a stored item, and the shard holding it."""
+    check_item_id(item_id)
+    found = index.find_item(item_id)
+    if found is None:
+        raise HTTPException(404, f"no item {item_id!r}")
+    shard, rec = found
+    own = view.by_name(shard.name)
+    if own is None:  # a shard added after this search took its view
+        raise HTTPException(409, f"item {item_id!r} is in shard {shard.name}, not served yet; retry")
+    code = stored_code(own, rec, item_id)
+    queries = ShardQueries([None] * len(view), [None] * len(view))
+    other = set()
+    for v in view.shards:
+        if v.g.generation == own.g.generation:
+            queries.codes[v.pos] = code
+        else:
+            other.add(v.pos)
+    if other:  # a rolling re-encode: the item's image in the code space of each other generation
+        blob = shard.store.get_blobs([item_id])[0]
+        if blob is None:
+            for pos in other:
+                queries.errors[pos] = f"item {item_id!r} has no stored image to encode for generation {view.shards[pos].g.generation}"
+        else:
+            try:
+                image = encoder.decode(blob[0])
+            except (BadQueryError, HTTPException) as exc:
+                for pos in other:
+                    queries.errors[pos] = f"the stored image of {item_id!r} cannot be encoded: {exc}"
+            else:
+                encoded = encoder.for_image(image, view, only=other)
+                for pos in other:
+                    queries.codes[pos], queries.errors[pos] = encoded.codes[pos], encoded.errors[pos]
+    return queries, own
+
+
+def stored_code(v: ShardView, rec: dict, item_id: str) -> np.ndarray:
+    """The item's code in the generation searched in its shard, so the item is at distance 0 from itself."""
+    try:
+        return v.g.index.reconstruct(rec["seq"])
+    except KeyError:  # written after the generation's last refresh: the store's code is right if it is of that generation
+        if rec["generation"] == v.g.generation and rec["code"]:
+            return np.frombuffer(rec["code"], np.uint8)
+    raise HTTPException(409, f"item {item_id!r} is not in generation {v.g.generation} of shard {v.name} yet; retry")
