@@ -146,11 +146,16 @@ def learner_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", dest="store.path", help="LMDB directory to serve (read-only)")
+    p.add_argument("--store", dest="store.path", help="store root to serve, every shard under it (read-only)")
     p.add_argument("--host", dest="server.host")
     p.add_argument("--port", dest="server.port", type=int)
     p.add_argument("--backend", dest="server.backend", choices=backend_names())
     p.add_argument("--workers", dest="server.workers", type=int,
+    p.add_argument("--shards", dest="server.shards", metavar="URL,URL,...",
+                   help="run a router instead: no store, each search sent to these query servers and merged (in this "
+                        "order for ties)")
+    p.add_argument("--shard-timeout-s", dest="server.shard_timeout_s", type=float,
+                   help="a router's wait for each query server; one past it is left out and named (default 1.0)")
                    help="server processes over the same read-only store, each with its own in-memory index (default 1)")
 
 
@@ -181,10 +186,15 @@ def _learner(args) -> int:
     return learner.run(_settings_with_logging(args))
 
 
+    settings = _settings_with_logging(args)
+    if settings.server.shards:  # a router holds no store and never encodes: it does not load torch
+        from streamhash.services import router
+
+        return router.run(settings)
 def _serve(args) -> int:
     from streamhash.services import query
 
-    return query.run(_settings_with_logging(args))
+    return query.run(settings)
 
 
 def _demo(args) -> int:
@@ -230,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     learner_arguments(lr)
     lr.set_defaults(func=_learner)
 
-    s = sub.add_parser("serve", help="run the query server (HTTP search + /metrics)")
+    s = sub.add_parser("serve", help="run the query server over a store root (HTTP search + /metrics), or a router (--shards)")
     serve_arguments(s)
     s.set_defaults(func=_serve)
 
