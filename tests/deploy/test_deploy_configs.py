@@ -6,8 +6,10 @@
 - Every ``streamhash_*`` metric named in the alerts, their tests, the dashboard and the README
   exists in streamhash/metrics.py (read from the live prometheus_client registry), so renaming a
   metric in code without updating the dashboards fails here.
-- compose.yaml: services, mounted files, and every ``STREAMHASH_*`` variable maps onto a real
-  field of streamhash.config.Settings and validates.
+- compose.yaml: services (N scalable workers over one shared store root, one learner, a query
+  server, a router in front), mounted files, and every ``STREAMHASH_*`` variable maps onto a real
+  field of streamhash.config.Settings and validates; Prometheus scrapes each kind of process
+  (the workers by DNS service discovery), and the alerts and dashboard cover shards and processes.
 - A real ``prometheus`` process scrapes streamhash's metrics from this test process and answers
   the query API with the value we incremented, with our alert rules loaded and healthy.
 
@@ -41,6 +43,10 @@ DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 COMPOSE = DEPLOY / "compose.yaml"
 README = DEPLOY / "README.md"
+SCALING = ROOT / "docs" / "SCALING.md"
+# The job names the alerts and the dashboard select on, one per kind of process.
+JOBS = {"worker": "streamhash-worker", "learner": "streamhash-learner", "query": "streamhash-query",
+        "router": "streamhash-router"}
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -78,6 +84,8 @@ def exposed_metric_names() -> set[str]:
     names: set[str] = set()
     for family in (f for registry in REGISTRIES.values() for f in registry.collect()):
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        if family.type in ("histogram", "summary"):
+            names.add(family.name)  # prose names a histogram by its family name
         names.update(sample.name for sample in family.samples)  # what is exposed right now
     return {n for n in names if n.startswith("streamhash_")}
 
@@ -167,7 +175,7 @@ def test_metric_names_in_deploy_files_exist_in_code():
     assert "streamhash_query_duration_seconds_bucket" in names
     assert "streamhash_build_info" in names
 
-    sources = {p: p.read_text() for p in (ALERTS, ALERTS_TEST, README, *DASHBOARDS) if p.exists()}
+    sources = {p: p.read_text() for p in (ALERTS, ALERTS_TEST, README, PROM_CONFIG, SCALING, *DASHBOARDS) if p.exists()}
     assert ALERTS in sources and DASHBOARDS, "deploy/prometheus/alerts.yml or the Grafana dashboard is missing"
     unknown = {
         f"{path.relative_to(ROOT)}: {ref}"
@@ -210,10 +218,57 @@ def test_dashboard_shows_the_required_metrics():
         "streamhash_drift_detections_total",
         "streamhash_model_version",
         "streamhash_index_generation",
+        # the scale-out: shards, the learner, the router
+        "streamhash_shard_items",
+        "streamhash_shard_generation",
+        "streamhash_shard_model_version",
+        "streamhash_shards_open",
+        "streamhash_assigned_partitions",
+        "streamhash_code_updates_total",
+        "streamhash_shard_reencodes_total",
+        "streamhash_shard_lock_waits_total",
+        "streamhash_learner_published_model_version",
+        "streamhash_learner_published_generation",
+        "streamhash_learned_codes_published_total",
+        "streamhash_query_shards",
+        "streamhash_router_shard_requests_total",
     ]
     missing = [m for m in required if m not in exprs]
     assert not missing, f"dashboard lacks panels for {missing}"
     assert "by (stage)" in exprs
+
+
+def _panels(dash_path: Path) -> list[dict]:
+    out, stack = [], list(json.loads(dash_path.read_text())["panels"])
+    while stack:
+        panel = stack.pop()
+        out.append(panel)
+        stack.extend(panel.get("panels", []))
+    return out
+
+
+def test_dashboard_has_per_shard_and_per_process_panels():
+    """The scale-out dashboard: per-shard panels split by the `shard` label (its legend names the shard),
+    per-process panels split by job and instance, and no query still grouping worker metrics by a
+    `shard` *target* label (a worker owns several shards; prometheus.yml sets no such label)."""
+    per_shard, per_process = [], []
+    for dash in DASHBOARDS:
+        for panel in _panels(dash):
+            for t in panel.get("targets", []):
+                expr, legend = t.get("expr", ""), t.get("legendFormat", "")
+                if re.match(r"\w+ by \((shard|shard, instance)\) \(streamhash_shard_", expr):  # one series per shard
+                    per_shard.append(panel["title"])
+                    assert "{{shard}}" in legend or t.get("format") == "table", f"{panel['title']}: legend lacks the shard"
+                if re.search(r"process_[a-z_]+\{job=~\"streamhash-\.\*\"\}", expr):
+                    per_process.append(panel["title"])
+                    assert "{{job}}" in legend and "{{instance}}" in legend, f"{panel['title']}: legend lacks job/instance"
+    assert len(set(per_shard)) >= 4, f"per-shard panels: {sorted(set(per_shard))}"
+    assert len(set(per_process)) >= 3, f"per-process panels: {sorted(set(per_process))}"
+    for dash in DASHBOARDS:
+        for title, expr in dashboard_exprs(dash):
+            if re.search(r"by \([^)]*\bshard\b", expr):
+                assert "streamhash_shard_" in expr or "streamhash_router_" in expr, (
+                    f"{title}: groups {expr!r} by shard, which only the per-shard series carry")
 
 
 def test_dashboard_structure_and_datasource():
@@ -277,32 +332,115 @@ def prom_config():
     return yaml.safe_load(PROM_CONFIG.read_text())
 
 
+def _volumes(svc: dict) -> dict[str, str]:
+    """source -> target of a service's volumes (short syntax)."""
+    return {v.split(":")[0]: v.split(":")[1] for v in svc.get("volumes", [])}
+
+
+def _kafka_topics(compose) -> dict[str, str]:
+    """topic -> its kafka-topics.sh --create command line, from kafka-init."""
+    script = "\n".join(compose["services"]["kafka-init"]["command"]).replace("\\\n", " ")
+    return {m.group(1): line for line in script.splitlines() if "--create" in line
+            for m in [re.search(r"--topic (\S+)", line)] if m}
+
+
 def test_compose_services(compose):
     services = compose["services"]
-    for name in ("kafka", "kafka-init", "worker", "query", "prometheus", "grafana"):
+    for name in ("kafka", "kafka-init", "worker", "learner", "query", "router", "prometheus", "grafana"):
         assert name in services, f"compose.yaml has no {name} service"
     assert services["kafka"]["image"].startswith("apache/kafka:")
     kenv = services["kafka"]["environment"]
     assert "controller" in kenv["KAFKA_PROCESS_ROLES"] and "KAFKA_ZOOKEEPER_CONNECT" not in kenv  # KRaft
     assert str(kenv["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]).lower() == "true"
-    init = "\n".join(services["kafka-init"]["command"])
-    for topic in ("streamhash.images", "streamhash.images.dlq", "streamhash.models"):
-        assert f"--topic {topic} " in init, f"kafka-init does not create {topic}"
-    assert "cleanup.policy=compact" in init
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
     assert services["worker"]["command"] == ["streamhash-worker"]
+    assert services["learner"]["command"] == ["streamhash", "learner"]
     assert services["query"]["command"] == ["streamhash", "serve"]
-    assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert (DEPLOY / services["worker"]["build"]["context"] / services["worker"]["build"]["dockerfile"]).is_file()
-    # worker and query share the LMDB volume and the same store path
-    w_vol = {v.split(":")[0] for v in services["worker"]["volumes"]}
-    q_vol = {v.split(":")[0] for v in services["query"]["volumes"]}
-    assert w_vol & q_vol & set(compose["volumes"]), "worker and query do not share the LMDB volume"
-    w_env, q_env = services["worker"]["environment"], services["query"]["environment"]
-    assert w_env["STREAMHASH_STORE__PATH"] == q_env["STREAMHASH_STORE__PATH"]
-    assert w_env["STREAMHASH_WORKER__METRICS_HOST"] == "0.0.0.0"
-    assert q_env["STREAMHASH_SERVER__HOST"] == "0.0.0.0"
+    assert services["router"]["command"][:2] == ["streamhash", "serve"]
+    for name in ("worker", "learner", "query", "router"):
+        build = services[name]["build"]
+        assert build["dockerfile"] == "deploy/Dockerfile"
+        assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+    w_env = services["worker"]["environment"]
+    assert w_env["STREAMHASH_WORKER__METRICS_HOST"] == "0.0.0.0"  # the learner serves its metrics on it too
+    assert services["query"]["environment"]["STREAMHASH_SERVER__HOST"] == "0.0.0.0"
+    assert services["router"]["environment"]["STREAMHASH_SERVER__HOST"] == "0.0.0.0"
+
+
+def test_compose_topics_match_the_code(compose):
+    """kafka-init creates what streamhash.kafka.topics.ensure_topics would: the codes topic
+    co-partitioned with the images topic, the models topic one compacted partition."""
+    from streamhash.config import KafkaSettings
+    from streamhash.kafka.modelbus import MAX_MODEL_BYTES
+
+    topics = _kafka_topics(compose)
+    env = compose["services"]["worker"]["environment"]
+    k = KafkaSettings()
+    names = {field: env.get(f"STREAMHASH_KAFKA__{field.upper()}", getattr(k, field))
+             for field in ("topic", "dlq_topic", "codes_topic", "models_topic")}
+    for field, topic in names.items():
+        assert topic in topics, f"kafka-init does not create {topic} ({field})"
+
+    def partitions(topic):
+        return int(re.search(r"--partitions (\d+)", topics[topic]).group(1))
+
+    n = partitions(names["topic"])
+    assert partitions(names["codes_topic"]) == n, "the codes topic must be co-partitioned with the images topic"
+    assert partitions(names["dlq_topic"]) == n
+    assert int(env["STREAMHASH_KAFKA__TOPIC_PARTITIONS"]) == n
+    models = topics[names["models_topic"]]
+    assert partitions(names["models_topic"]) == 1 and "cleanup.policy=compact" in models
+    assert f"max.message.bytes={MAX_MODEL_BYTES}" in models
+
+
+def test_compose_workers_scale_over_one_store_root(compose):
+    """`docker compose up --scale worker=N` works: no fixed name or host port on the worker; every
+    replica, the learner and the query server use the same root on the same volume, in the host PID
+    namespace (LMDB records readers by PID in lock.mdb)."""
+    services = compose["services"]
+    worker = services["worker"]
+    assert "container_name" not in worker and "hostname" not in worker, "a fixed name cannot be scaled"
+    for port in worker.get("ports", []):
+        # "9101" (container port only, an ephemeral host port each) is fine; "9101:9101",
+        # "127.0.0.1:9101:9101" or a long form with `published` binds one host port: one replica only.
+        fixed = bool(port.get("published")) if isinstance(port, dict) else ":" in str(port)
+        assert not fixed, f"worker publishes a fixed host port: {port}"
+    assert worker.get("deploy", {}).get("replicas", 1) >= 2, "the compose file should start several workers"
+
+    root = worker["environment"]["STREAMHASH_STORE__PATH"]
+    w_vols = _volumes(worker)
+    for name in ("learner", "query"):
+        svc = services[name]
+        assert svc["environment"]["STREAMHASH_STORE__PATH"] == root, f"{name} does not use the workers' store root"
+        shared = {src for src, dst in _volumes(svc).items() if w_vols.get(src) == dst}
+        assert shared & set(compose["volumes"]), f"{name} does not mount the workers' store volume"
+        assert svc.get("pid") == "host", f"{name} opens LMDB without the host PID namespace"
+    assert worker.get("pid") == "host"
+    assert any(root.startswith(dst.rstrip("/") + "/") for dst in w_vols.values()), "the root is not on the volume"
+    # A root must not be a pre-shard store directory (data.mdb directly under it): not the old shard-0 path.
+    assert not root.rstrip("/").endswith("shard-0")
+
+
+def test_compose_one_learner_and_a_router(compose):
+    from streamhash.config import ServerSettings
+
+    services = compose["services"]
+    learner = services["learner"]
+    assert learner.get("deploy", {}).get("replicas", 1) == 1, "exactly one learner owns the model"
+    assert learner["environment"]["STREAMHASH_KAFKA__BOOTSTRAP_SERVERS"] == \
+        services["worker"]["environment"]["STREAMHASH_KAFKA__BOOTSTRAP_SERVERS"]
+
+    router = services["router"]
+    assert "STREAMHASH_STORE__PATH" not in router["environment"] and not router.get("volumes"), "a router has no store"
+    shards = ServerSettings(shards=router["environment"]["STREAMHASH_SERVER__SHARDS"]).shards
+    assert shards, "the router lists no query server"
+    q_port = services["query"]["environment"]["STREAMHASH_SERVER__PORT"]
+    for url in shards:
+        u = urllib.parse.urlsplit(url)
+        assert u.scheme == "http" and u.hostname in services, f"router remote {url} is not a compose service"
+        assert services[u.hostname]["command"] == ["streamhash", "serve"] and str(u.port) == q_port
+    assert float(router["environment"]["STREAMHASH_SERVER__SHARD_TIMEOUT_S"]) > 0
 
 
 def test_compose_bind_mounts_exist(compose):
@@ -340,25 +478,63 @@ def test_compose_env_maps_onto_settings(compose, monkeypatch):
             got = s
             for part in key.removeprefix("STREAMHASH_").lower().split("__"):
                 got = getattr(got, part)
+            if isinstance(got, list):  # a list setting is written URL,URL in the environment
+                got = ",".join(map(str, got))
             assert str(got) == value, f"{name}: {key}={value!r} read back as {got!r}"
 
 
 def test_prometheus_scrapes_the_compose_services(compose, prom_config):
     jobs = {j["job_name"]: j for j in prom_config["scrape_configs"]}
     services = compose["services"]
-    w_port = services["worker"]["environment"]["STREAMHASH_WORKER__METRICS_PORT"]
-    q_port = services["query"]["environment"]["STREAMHASH_SERVER__PORT"]
-    w_targets = [t for sc in jobs["streamhash-worker"]["static_configs"] for t in sc["targets"]]
-    q_targets = [t for sc in jobs["streamhash-query"]["static_configs"] for t in sc["targets"]]
-    assert f"worker:{w_port}" in w_targets
-    assert f"query:{q_port}" in q_targets
-    assert jobs["streamhash-query"].get("metrics_path", "/metrics") == "/metrics"
-    for t in w_targets + q_targets:
-        assert t.split(":")[0] in services, f"scrape target {t} is not a compose service"
+    env = services["worker"]["environment"]
+    ports = {
+        "worker": env["STREAMHASH_WORKER__METRICS_PORT"],
+        "learner": services["learner"]["environment"]["STREAMHASH_LEARN__METRICS_PORT"],
+        "query": services["query"]["environment"]["STREAMHASH_SERVER__PORT"],
+        "router": services["router"]["environment"]["STREAMHASH_SERVER__PORT"],
+    }
+    # Scaled workers: DNS service discovery on the compose service name, at the metrics port.
+    worker_job = jobs[JOBS["worker"]]
+    assert "static_configs" not in worker_job, "scaled workers cannot be listed statically"
+    dns = worker_job["dns_sd_configs"]
+    assert any("worker" in d["names"] and d.get("type", "SRV") == "A" and str(d["port"]) == ports["worker"] for d in dns)
+    for kind in ("learner", "query", "router"):
+        job = jobs[JOBS[kind]]
+        targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+        assert f"{kind}:{ports[kind]}" in targets, f"{JOBS[kind]} does not scrape {kind}:{ports[kind]}"
+        for t in targets:
+            assert t.split(":")[0] in services, f"scrape target {t} is not a compose service"
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+    # A `shard` target label would collide with the per-shard series' own label (renamed exported_shard).
+    for job in prom_config["scrape_configs"]:
+        for sc in job.get("static_configs", []):
+            assert "shard" not in sc.get("labels", {}), f"{job['job_name']} sets a shard target label"
+        assert not any(r.get("target_label") == "shard" for r in job.get("relabel_configs", []))
     assert "alerts.yml" in prom_config["rule_files"]
-    # the alerts select on these job names
     alerts = ALERTS.read_text()
-    assert 'job="streamhash-worker"' in alerts and 'job="streamhash-query"' in alerts
+    for job in JOBS.values():
+        assert f'job="{job}"' in alerts, f"no alert selects job {job}"
+
+
+def test_alerts_cover_shards_and_processes():
+    """The scale-out's alerts exist, and each is unit-tested firing in alerts_test.yml."""
+    defined = set(re.findall(r"^\s*- alert:\s*(\S+)", ALERTS.read_text(), flags=re.M))
+    required = {
+        "StreamhashShardBehindLearner",  # a shard at an older generation than the learner published
+        "StreamhashShardNotOpen",  # a partition's shard open in no worker
+        "StreamhashShardOpenStuck",  # a worker cannot open an assigned partition's shard
+        "StreamhashLearnedCodesMissing",  # codes topic not co-partitioned
+        "StreamhashLearnerDown",
+        "StreamhashNoWorkers",  # DNS discovery: a dead worker is no target, so `up == 0` cannot see it
+        "StreamhashRouterDown",
+        "StreamhashRouterPartialAnswers",
+        "StreamhashWorkerDown",
+        "StreamhashQueryServerDown",
+    }
+    assert required <= defined, f"missing alerts: {sorted(required - defined)}"
+    text = ALERTS_TEST.read_text()
+    fired = {m.group(1) for m in re.finditer(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:\s*\n", text)}
+    assert required <= fired, f"alerts never tested firing: {sorted(required - fired)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,7 +560,7 @@ def test_real_prometheus_scrapes_streamhash_metrics(tmp_path):
         "rule_files": [str(ALERTS)],
         "scrape_configs": [{
             "job_name": "streamhash-test",
-            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"shard": "0"}}],
+            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
         }],
     }))
     log = (tmp_path / "prometheus.log").open("w")
@@ -427,7 +603,7 @@ def test_real_prometheus_scrapes_streamhash_metrics(tmp_path):
 
     try:
         wait_for("/-/ready", lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200 or None)
-        consumed = 'streamhash_messages_consumed_total{job="streamhash-test",shard="0"}'
+        consumed = 'streamhash_messages_consumed_total{job="streamhash-test"}'
         before = REGISTRY.get_sample_value("streamhash_messages_consumed_total") or 0.0
 
         metrics.MESSAGES_CONSUMED.inc(1000)
@@ -436,6 +612,14 @@ def test_real_prometheus_scrapes_streamhash_metrics(tmp_path):
         wait_for("second scrape", equals(consumed, before + 1234))
         assert REGISTRY.get_sample_value("streamhash_messages_consumed_total") == before + 1234
         assert query('up{job="streamhash-test"}') == 1.0
+
+        # A per-shard series keeps its own `shard` label (no target label renames it to exported_shard).
+        shard = "streamhash.images[0]"
+        metrics.SHARD_ITEMS.labels(shard=shard).set(77)
+        try:
+            wait_for("a per-shard series", equals(f'max by (shard) (streamhash_shard_items{{shard="{shard}"}})', 77))
+        finally:
+            metrics.SHARD_ITEMS.remove(shard)
 
         # The real alerts.yml is loaded and every rule evaluates without error.
         want_alerts = set(re.findall(r"^\s*- alert:\s*(\S+)", ALERTS.read_text(), flags=re.M))
