@@ -7,7 +7,8 @@ order** (distance, shard, insertion), which is the global (distance, shard, inse
 URLs are listed in shard order. The answer lists the shards of every remote that answered (each with
 ``url``, generation and model version) and ``{"url", "answered": false, "error"}`` for each that did not;
 ``partial`` is true when any did not (or a remote's own answer was partial): a missing remote is never
-silent. 503 only when none answered; a 4xx that every answering remote gave (a bad request) is passed on.
+silent. When no remote answered 200: a 4xx is passed on if every remote gave one (a bad request, an item
+nobody holds), else 503 with the same ``shards`` list (a remote that did not answer may have held the item).
 
 A search by ``item_id`` goes to every remote; the one holding the item answers and the others say 404.
 Those are then asked again with the item's code (``code_hex`` of the holder's answer), so they rank
