@@ -234,6 +234,25 @@ def resume(settings: Settings) -> tuple[HashNet, int, int]:
     return net, last.version, last.generation
 
 
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to the process's niceness, and to its autogroup's when the process leads its session.
+
+    With autogroup scheduling (Linux's default where ``/proc/sys/kernel/sched_autogroup_enabled`` is 1) CFS
+    shares the CPU between sessions first and applies a niceness only within a session: a learner niced
+    +10 in a session of its own (the demo's processes, a supervisor's) still took 0.6 of a core from a
+    saturated worker. A session's autogroup is its leader's and its children's alone, so the leader may
+    lower it; any other process leaves it as it is (in a shell's session the niceness works within it).
+    In a container a cgroup's CPU weight decides instead, and the write changes nothing.
+    """
+    os.nice(nice)
+    if nice and os.getsid(0) == os.getpid():
+        try:
+            with open("/proc/self/autogroup", "w") as fh:
+                fh.write(str(min(19, os.getpriority(os.PRIO_PROCESS, 0))))
+        except OSError:  # no autogroups here (another kernel, or scheduling by cgroup)
+            pass
+
+
 def run(settings: Settings) -> int:
     """The learner process; returns its exit code."""
     from streamhash.kafka.topics import ensure_topics
@@ -244,7 +263,7 @@ def run(settings: Settings) -> int:
     stopping, asked = threading.Event(), threading.Event()
     install_signal_handlers(stopping.set)
     signal.signal(signal.SIGUSR1, lambda *_: asked.set())
-    os.nice(settings.learn.nice)  # ingestion keeps the cores: the learner gets what they leave idle
+    lower_priority(settings.learn.nice)  # ingestion keeps the cores: the learner gets what they leave idle
     torch.set_num_threads(settings.learn.torch_threads)
     pin_malloc_mmap_threshold()
     if not settings.kafka.bootstrap_servers:

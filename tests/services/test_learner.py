@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -324,7 +325,11 @@ def test_the_learner_process_runs_niced_learns_on_sigusr1_and_never_locks_a_shar
     proc = spawn(["learner"], env=env, log_path=log)
     try:
         wait_http(f"http://127.0.0.1:{port}/metrics", 120, proc, log)
-        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+        niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == niceness
+        autogroup = Path(f"/proc/{proc.pid}/autogroup")  # it leads its session: its autogroup yields too
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == str(niceness)
         wait_for(lambda: "following shard" in log.read_text(), 60, "the learner to read the shard")
         proc.send_signal(signal.SIGUSR1)  # a round now, though round_every is far away
         models = wait_for(lambda: published_models(kafka), 120, "a published model")
