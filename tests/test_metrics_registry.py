@@ -11,14 +11,19 @@ from streamhash import metrics as m
 WORKER_ONLY = {
     "streamhash_messages_consumed_total", "streamhash_items_indexed_total", "streamhash_messages_dead_lettered_total",
     "streamhash_consumer_lag_messages", "streamhash_last_commit_timestamp_seconds", "streamhash_store_full_total",
+    "streamhash_offset_resets_total", "streamhash_reencoded_images_total", "streamhash_shards_open",
+    "streamhash_shard_lock_waits_total", "streamhash_shard_reencodes_total", "streamhash_code_updates_total",
+}
+LEARNER_ONLY = {
     "streamhash_learning_rounds_total", "streamhash_index_mi", "streamhash_candidate_mi",
-    "streamhash_reencode_triggers_total", "streamhash_drift_detections_total", "streamhash_offset_resets_total",
+    "streamhash_reencode_triggers_total", "streamhash_drift_detections_total",
     "streamhash_learning_round_failures_total", "streamhash_learning_quarantined_items_total",
-    "streamhash_reencoded_images_total", "streamhash_learn_lag_seconds", "streamhash_learning_blocked",
+    "streamhash_learn_lag_seconds", "streamhash_learning_blocked", "streamhash_learner_published_model_version",
+    "streamhash_learned_codes_published_total",
 }
 QUERY_ONLY = {
     "streamhash_queries_total", "streamhash_query_duration_seconds", "streamhash_freshness_seconds",
-    "streamhash_index_refresh_duration_seconds",
+    "streamhash_index_refresh_duration_seconds", "streamhash_query_shards", "streamhash_router_shard_requests_total",
 }
 BOTH = {"streamhash_build_info", "streamhash_index_items", "streamhash_model_version", "streamhash_index_generation",
         "process_start_time_seconds", "python_info"}
@@ -31,7 +36,9 @@ def exposed(registry) -> set[str]:
             for line in text.splitlines() if line}
 
 
-@pytest.mark.parametrize("kind,own,foreign", [("worker", WORKER_ONLY, QUERY_ONLY), ("query", QUERY_ONLY, WORKER_ONLY)])
+@pytest.mark.parametrize("kind,own,foreign", [("worker", WORKER_ONLY, QUERY_ONLY | LEARNER_ONLY),
+                                               ("learner", LEARNER_ONLY, QUERY_ONLY | WORKER_ONLY),
+                                               ("query", QUERY_ONLY, WORKER_ONLY | LEARNER_ONLY)])
 def test_each_registry_has_its_own_metrics_only(kind, own, foreign):
     names = exposed(m.REGISTRIES[kind])
     assert own <= names
