@@ -1,14 +1,18 @@
 """``streamhash demo``: the whole system on the embedded broker, with Fashion-MNIST.
 
-Starts Tansu (unless ``STREAMHASH_KAFKA__BOOTSTRAP_SERVERS`` names a cluster), a worker and the
-query server as separate processes, streams ``--limit`` images plus a handful of malformed
-messages as fast as the producer goes (the ingest rate), then measures freshness with single probe
-images sent 20 per second (send -> visible in the query server), queries with held-out images, and
-prints a summary (``--json``: the same as one JSON object on the last line).
+Starts Tansu (unless ``STREAMHASH_KAFKA__BOOTSTRAP_SERVERS`` names a cluster), a worker, the learner
+(``streamhash learner``, unless ``STREAMHASH_LEARN__ENABLED=false``) and the query server as separate
+processes, streams ``--limit`` images plus a handful of malformed messages as fast as the producer goes
+(the ingest rate, with the learner training beside the worker), then measures freshness with single
+probe images sent 20 per second (send -> visible in the query server), queries with held-out images,
+lets the learner finish learning the stream and queries again, and prints a summary (``--json``: the
+same as one JSON object on the last line).
 
 Protocol: the stream is the first ``--limit`` images of a seeded shuffle of the 60,000 training
 images; queries are ``--queries`` images drawn from the 10,000 test images, which are never
-indexed; precision@10 counts returned items whose label equals the query's.
+indexed; precision@10 counts returned items whose label equals the query's. It is measured twice: once
+the stream is indexed (with the model the shards had then) and once every labeled item of the stream
+is learned (each code published by the learner, every shard at the learner's last model version).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from streamhash.errors import EXIT_DATASET_MISSING, DatasetMissingError
 from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
+from streamhash.learn.online import in_holdout
 from streamhash.records import encode_npy, encode_png, message_headers
 from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
 
@@ -70,6 +75,41 @@ def measure_freshness(producer, topic: str, server: str, images: np.ndarray, lab
     return delays
 
 
+def precision_at_10(server: str, images: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """Mean precision@10 of HTTP searches with these images, and each search's latency (seconds)."""
+    hits, latencies = [], []
+    with httpx.Client(timeout=30) as client:
+        for img, lab in zip(images, labels):
+            body = {"image_base64": base64.b64encode(encode_png(img)).decode(), "k": 10}
+            t = time.perf_counter()
+            r = client.post(f"{server}/search", json=body)
+            latencies.append(time.perf_counter() - t)
+            r.raise_for_status()
+            hits.append(np.mean([h["labels"] == [int(lab)] for h in r.json()["results"]]))
+    return float(np.mean(hits)), latencies
+
+
+def wait_for_learning(learner, learner_url: str, server: str, expected_codes: int, timeout: float) -> None:
+    """Until the learner has published a code for each of ``expected_codes`` items and every shard serves
+    its last model. SIGUSR1 now and then: the last partial round need not wait for ``round_max_age_s``."""
+    asked = [0.0]
+
+    def learned() -> bool:
+        if learner.poll() is not None:
+            raise RuntimeError(f"the learner exited with {learner.returncode} (see learner.log in the demo's workdir)")
+        s = scrape(learner_url)
+        if s.get("streamhash_learned_codes_published_total", 0) < expected_codes:
+            if time.monotonic() - asked[0] > 10:
+                learner.send_signal(signal.SIGUSR1)
+                asked[0] = time.monotonic()
+            return False
+        version = s.get("streamhash_learner_published_model_version", 0)
+        shards = httpx.get(f"{server}/healthz").json().get("shards") or [{"model_version": 0}]
+        return all(sh["model_version"] >= version for sh in shards)
+
+    wait_for(learned, timeout, "the learner to learn every labeled item of the stream", interval=0.5)
+
+
 def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, keep_running: bool, quiet: bool,
              probes: int = 50) -> dict:
     train_x, train_y = load_split("train", settings.data.fashion_mnist_dir)
@@ -84,16 +124,23 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
         broker = EmbeddedBroker(home=workdir).start()
         settings.kafka.bootstrap_servers = broker.bootstrap_servers
     ensure_topics(settings.kafka)
-    worker_metrics, http_port = free_port(), free_port()
+    worker_metrics, learner_metrics, http_port = free_port(), free_port(), free_port()
     server = f"http://127.0.0.1:{http_port}"
     env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
            "STREAMHASH_STORE__PATH": str(workdir / "index"), "STREAMHASH_WORKER__METRICS_PORT": str(worker_metrics),
-           "STREAMHASH_SERVER__PORT": str(http_port), "STREAMHASH_MODEL__BITS": str(settings.model.bits)}
+           "STREAMHASH_SERVER__PORT": str(http_port), "STREAMHASH_MODEL__BITS": str(settings.model.bits),
+           "STREAMHASH_LEARN__METRICS_PORT": str(learner_metrics)}
+    learner_url = f"http://127.0.0.1:{learner_metrics}/metrics"
     procs = []
     try:
         worker = spawn(["worker"], env=env, log_path=workdir / "worker.log")
         procs.append(worker)
         wait_http(f"http://127.0.0.1:{worker_metrics}/metrics", 120, worker, workdir / "worker.log")
+        learner = None
+        if settings.learn.enabled:  # its own process, niced: ingestion keeps the cores
+            learner = spawn(["learner"], env=env, log_path=workdir / "learner.log")
+            procs.append(learner)
+            wait_http(learner_url, 120, learner, workdir / "learner.log")
         srv = spawn(["serve"], env=env, log_path=workdir / "serve.log")
         procs.append(srv)
         wait_http(f"{server}/healthz", 120, srv, workdir / "serve.log")
@@ -127,17 +174,17 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
         delays = measure_freshness(producer, settings.kafka.topic, server, train_x[spare], train_y[spare])
         producer.close()
 
-        hits, latencies = [], []
-        with httpx.Client(timeout=30) as client:
-            for i in q_idx:
-                body = {"image_base64": base64.b64encode(encode_png(test_x[i])).decode(), "k": 10}
-                t = time.perf_counter()
-                r = client.post(f"{server}/search", json=body)
-                latencies.append(time.perf_counter() - t)
-                r.raise_for_status()
-                hits.append(np.mean([h["labels"] == [int(test_y[i])] for h in r.json()["results"]]))
+        p10_indexed, latencies = precision_at_10(server, test_x[q_idx], test_y[q_idx])
+        version_indexed = httpx.get(f"{server}/healthz").json()["model_version"]
+        p10 = p10_indexed
+        if learner is not None:
+            # every labeled item of the stream but the hold-out (it keeps its inferred code) gets a learned code
+            ids = [f"fmnist-train-{i}" for i in range(produced)]
+            expected = int((~in_holdout(ids, settings.learn.holdout_fraction)).sum())
+            wait_for_learning(learner, learner_url, server, expected, 300 + limit / 20)
+            p10, _ = precision_at_10(server, test_x[q_idx], test_y[q_idx])
         health = httpx.get(f"{server}/healthz").json()
-        wm = scrape(worker_url)
+        lm = scrape(learner_url) if learner is not None else {}
         summary = {
             "produced": produced, "malformed_sent": len(MALFORMED), "indexed": int(indexed), "dead_lettered": int(dead),
             "index_size": health["index_size"], "bits": settings.model.bits,
@@ -146,18 +193,20 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
             "freshness_p99_s": round(float(np.percentile(delays, 99)), 3) if delays else None,
             "freshness_probes": len(delays), "freshness_probes_sent": probes,
             "query_p50_ms": percentile_ms(latencies, 50), "query_p99_ms": percentile_ms(latencies, 99),
-            "queries": len(latencies), "precision_at_10": round(float(np.mean(hits)), 4),
+            "queries": len(latencies), "precision_at_10": round(p10, 4),
+            "precision_at_10_indexed": round(p10_indexed, 4), "model_version_indexed": version_indexed,
             "model_version": health["model_version"], "generation": health["generation"],
-            "learning_rounds": int(wm.get("streamhash_learning_rounds_total", 0)),
-            "reencodes": int(wm.get("streamhash_reencode_triggers_total", 0)),
-            "index_mi": round(wm.get("streamhash_index_mi", 0.0), 4), "candidate_mi": round(wm.get("streamhash_candidate_mi", 0.0), 4),
-            "metrics_urls": [worker_url, f"{server}/metrics"], "search_url": f"{server}/search", "docs_url": f"{server}/docs",
-            "page_url": f"{server}/",
+            "learning_rounds": int(lm.get("streamhash_learning_rounds_total", 0)),
+            "reencodes": int(lm.get("streamhash_reencode_triggers_total", 0)),
+            "index_mi": round(lm.get("streamhash_index_mi", 0.0), 4),
+            "candidate_mi": round(lm.get("streamhash_candidate_mi", 0.0), 4),
+            "metrics_urls": [worker_url, *([learner_url] if learner is not None else []), f"{server}/metrics"],
+            "search_url": f"{server}/search", "docs_url": f"{server}/docs", "page_url": f"{server}/",
             "bootstrap_servers": settings.kafka.bootstrap_servers,
         }
         if keep_running:
             print_summary(summary)
-            print(f"\nsearch page: {summary['page_url']}   (broker, worker with its learner, query server keep running; Ctrl-C stops them all)",
+            print(f"\nsearch page: {summary['page_url']}   (broker, worker, learner, query server keep running; Ctrl-C stops them all)",
                   flush=True)
             _serve_until_interrupted(procs)
         return summary
@@ -195,8 +244,9 @@ streamhash demo: {s['produced']} Fashion-MNIST images + {s['malformed_sent']} ma
   ingest rate        {s['ingest_images_per_s']} images/s  (first send -> last item committed)
   freshness          p50 {s['freshness_p50_s']} s, p99 {s['freshness_p99_s']} s  ({s['freshness_probes']}/{s['freshness_probes_sent']} probes, sent -> queryable)
   query latency      p50 {s['query_p50_ms']} ms, p99 {s['query_p99_ms']} ms  ({s['queries']} HTTP searches, k=10)
-  precision@10       {s['precision_at_10']}  (held-out test images, same-label neighbours)
-  learning           {s['learning_rounds']} DIHN round(s), {s['reencodes']} MI-triggered re-encodes; model v{s['model_version']}, generation {s['generation']}
+  precision@10       {s['precision_at_10_indexed']} once indexed (model v{s['model_version_indexed']}) -> {s['precision_at_10']} once learned (model v{s['model_version']})
+                     (held-out test images, same-label neighbours)
+  learning           {s['learning_rounds']} DIHN round(s) in the learner process, {s['reencodes']} MI-triggered re-encodes; model v{s['model_version']}, generation {s['generation']}
                      (last round: MI of live codes {s['index_mi']}, of candidate codes {s['candidate_mi']})
   metrics            {'  '.join(s['metrics_urls'])}
   search             POST {s['search_url']}   (API docs: {s['docs_url']})""")
