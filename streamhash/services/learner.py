@@ -106,7 +106,8 @@ class Learner:
         self.set_blocked("reencode", bool(behind), level=logging.INFO, detail=(
             f"shards {[str(k) for k in behind]} are below generation {self.generation}: no round until their "
             f"workers have re-encoded them"))
-        if behind or not (self.hasher.ready() or self.round_requested.is_set()):
+        due = self.hasher.ready()  # also while blocked: it folds what was read into the learner's compact bookkeeping
+        if behind or not (due or self.round_requested.is_set()):
             return False
         self.round_requested.clear()
         if self.hasher.n_pending == 0:

@@ -72,9 +72,23 @@ def write_shard(root, topic: str, partition: int, **kw) -> dict[str, int]:
     return {it.id: s for it, s in zip(batch, seqs)}
 
 
-def in_subprocess(code: str) -> None:
-    """Write to a shard the learner holds open: from another process, as its worker would."""
-    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, cwd=os.getcwd())
+def in_subprocess(code: str) -> str:
+    """Write to a shard the learner holds open: from another process, as its worker would; returns its stdout."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, cwd=os.getcwd(),
+                          capture_output=True, text=True).stdout
+
+
+def apply_codes(root, topic: str, updates: list[CodeUpdate]) -> dict[str, int]:
+    """What the worker owning partition 0 does with the codes partition: apply them by seq; returns id -> new seq."""
+    rows = [(u.item_id, u.seq, u.kind, u.model_version, u.code.hex()) for u in updates]
+    return json.loads(in_subprocess(f"""
+        import json
+        from streamhash.index.store import Store
+        from streamhash.kafka.modelbus import CodeUpdate
+        store = Store({str(StoreRoot(root).shard_path(ShardKey(topic, 0)))!r}, bits=32)
+        store.apply_updates([CodeUpdate(i, s, k, v, bytes.fromhex(c)) for i, s, k, v, c in {rows!r}], {{}})
+        print(json.dumps({{i: store.get_item(i)["seq"] for i, *_ in {rows!r}}}))
+    """))
 
 
 def published_models(kafka) -> list:
@@ -199,6 +213,32 @@ def test_a_restarted_learner_resumes_from_the_latest_published_model(kafka, tmp_
     assert [a.version for a in published_models(kafka)] == [2, 3]
     again = [u for _, _, u in published_codes(kafka) if u.model_version == 3]
     assert len(again) == 40
+
+
+def test_learned_codes_applied_by_the_worker_are_followed_and_one_in_flight_at_a_restart_is_superseded(
+        kafka, tmp_path, learners):
+    root = tmp_path / "index"
+    write_shard(root, kafka.topic, 0)
+    first = start(settings_for(kafka, root), learners)
+    round_now(first)
+    published = [u for _, _, u in published_codes(kafka)]
+    first.close()  # stops before the worker applied its codes
+    learners.remove(first)
+
+    restarted = start(settings_for(kafka, root), learners)
+    assert not restarted.step() and restarted.hasher.n_pending == 40  # not learned in the shard yet
+    new_seqs = apply_codes(root, kafka.topic, published)  # the worker catches up with the first learner's codes
+    restarted.step()
+    assert restarted.hasher.n_pending == 40  # still learned next: its own codes follow the applied ones
+    round_now(restarted)
+    again = [u for _, _, u in published_codes(kafka) if u.model_version == 3]
+    assert {u.item_id: u.seq for u in again} == new_seqs  # so the worker applies them, not skips them as stale
+
+    after = apply_codes(root, kafka.topic, again)
+    restarted.step()  # learned codes the index now serves are the learner's own: nothing pending, nothing changed
+    assert restarted.hasher.n_pending == 0 and set(after) == set(new_seqs)
+    codes = restarted.hasher.learner.codes([u.item_id for u in again])
+    assert [c.tobytes() for c in codes] == [u.code for u in again]
 
 
 def test_a_failed_round_publishes_quarantine_marks_and_the_next_round_learns(kafka, tmp_path, learners):
