@@ -160,6 +160,8 @@ def test_models_in_version_order_then_each_code_on_its_shards_partition(kafka, t
 
     models = published_models(kafka)
     assert [(a.version, a.generation, a.reencode) for a in models] == [(2, 1, False), (3, 1, False)]
+    # the MI test's cost: every inferred code (the unlabeled items of both shards) predates the new network
+    assert m.LEARNER_REGISTRY.get_sample_value("streamhash_reencode_cost_items") == 40
     assert HashNet.from_bytes(models[-1].raw).to_bytes() == learner.hasher.net.to_bytes()
     codes = published_codes(kafka)
     labeled = {f"p{p}-i{i}" for p in (0, 1) for i in range(N) if i % 3}
