@@ -38,7 +38,9 @@ warning, and ``streamhash_learning_blocked{reason="no_labels"}`` at 1). A restar
 latest model on ``streamhash.models`` (none: the seeded initial network, version 1, generation 1).
 
 The process yields the cores to ingestion: ``learn.nice`` added to its niceness and ``learn.torch_threads``
-(1) torch threads.
+(1) torch threads. Run exactly one per models topic: it numbers the versions. Exit codes: 0 stopped
+(SIGTERM, SIGINT), 2 no broker configured, 75 the broker failed (restart with back-off), 78 the root, a
+shard or the models topic does not fit this model's settings (the message says what to do).
 """
 
 from __future__ import annotations
