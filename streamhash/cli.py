@@ -125,12 +125,11 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers", help="Kafka bootstrap servers (env STREAMHASH_KAFKA__BOOTSTRAP_SERVERS)")
     p.add_argument("--topic", dest="kafka.topic")
     p.add_argument("--group-id", dest="kafka.group_id")
-    p.add_argument("--store", dest="store.path", help="LMDB directory of this worker's shard")
-    p.add_argument("--shard", dest="store.shard", type=int)
+    p.add_argument("--store", dest="store.path", help="store root: one LMDB shard per (topic, partition) under it, "
+                   "shared by every worker of the group (env STREAMHASH_STORE__PATH)")
     p.add_argument("--bits", dest="model.bits", type=int)
     p.add_argument("--device", dest="model.device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--metrics-port", dest="worker.metrics_port", type=int)
-    p.add_argument("--no-learn", dest="learn.enabled", action="store_const", const=False)
     p.add_argument("--max-idle-s", type=float, default=None, help="exit after this long with nothing to consume")
 
 
@@ -151,12 +150,12 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", dest="server.port", type=int)
     p.add_argument("--backend", dest="server.backend", choices=backend_names())
     p.add_argument("--workers", dest="server.workers", type=int,
+                   help="server processes over the same read-only store, each with its own in-memory index (default 1)")
     p.add_argument("--shards", dest="server.shards", metavar="URL,URL,...",
                    help="run a router instead: no store, each search sent to these query servers and merged (in this "
                         "order for ties)")
     p.add_argument("--shard-timeout-s", dest="server.shard_timeout_s", type=float,
                    help="a router's wait for each query server; one past it is left out and named (default 1.0)")
-                   help="server processes over the same read-only store, each with its own in-memory index (default 1)")
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -186,12 +185,12 @@ def _learner(args) -> int:
     return learner.run(_settings_with_logging(args))
 
 
+def _serve(args) -> int:
     settings = _settings_with_logging(args)
     if settings.server.shards:  # a router holds no store and never encodes: it does not load torch
         from streamhash.services import router
 
         return router.run(settings)
-def _serve(args) -> int:
     from streamhash.services import query
 
     return query.run(settings)
