@@ -138,6 +138,7 @@ class Items:
                 elif len(u.code) != self.code_bytes:
                     raise StoreError(f"learned code of {len(u.code)} bytes for item {u.item_id!r}, store holds {self.code_bytes}")
                 else:
+                    rec["learned_by"] = u.model_version  # the published model this code was learned with
                     self._learned(txn, key, rec, gens, gen, seq, u.code)
                     seq += 1
                     results["applied"] += 1

@@ -81,7 +81,7 @@ def test_learner_updates_apply_by_seq_with_the_codes_offset_in_one_transaction(t
                            CodeUpdate("nope", 9, "learned", 2, code), CodeUpdate("id2", 3, "quarantine", 2)],
                           {("t.codes", 0): 4})
     assert got == {"applied": 1, "stale": 1, "missing": 1, "quarantined": 1}
-    assert s.get_item("id1")["code"] == code and s.get_item("id1")["learned"]
+    assert s.get_item("id1")["code"] == code and s.get_item("id1")["learned"] and s.get_item("id1")["learned_by"] == 2
     assert s.get_item("id0")["code"] == items(1, seed=5)[0].code
     assert s.get_item("id2")["quarantined"] and s.offsets() == {("t.codes", 0): 4}
     again = s.apply_updates([CodeUpdate("id1", 2, "learned", 2, code)], {("t.codes", 0): 5})
