@@ -284,8 +284,12 @@ class BinaryIndex(ABC):
         return out.view(np.uint64)
 
     # ------------------------------------------------------------------ writes
-    def add_with_ids(self, codes: np.ndarray, ids: np.ndarray) -> None:
-        """Append codes under ids; an id already present (or repeated in the batch) keeps its last code."""
+    def add_with_ids(self, codes: np.ndarray, ids: np.ndarray, *, replacing=None) -> None:
+        """Append codes under ids; an id already present (or repeated in the batch) keeps its last code.
+
+        ``replacing``: ids removed in the same step, so a search sees the old entries or the new ones, never
+        neither (an item re-coded under a new id, as the store's seqs do, must not vanish for a moment).
+        """
         words = self._words(codes, "codes")
         ids = np.asarray(ids, np.int64).reshape(-1)
         if len(ids) != len(words):
@@ -298,9 +302,16 @@ class BinaryIndex(ABC):
                 keep = np.sort(order[np.append(srt[1:] != srt[:-1], True)])
                 words, ids = words[keep], ids[keep]
         n = len(ids)
-        if n == 0:
+        gone = np.unique(np.asarray(replacing, np.int64).reshape(-1)) if replacing is not None else ids[:0]
+        if n == 0 and len(gone) == 0:
             return
         with self._lock.write():
+            if len(gone):
+                rows = self._rows_for(gone)
+                self._kill(rows[rows >= 0])
+            if n == 0:
+                self._maybe_compact()
+                return
             # ids above every stored one (the store's seqs) are new: no lookup, the id column stays sorted
             appending = self._ids_sorted and increasing and (self._n == 0 or ids[0] > self._ids[self._n - 1])
             if not appending:

@@ -129,16 +129,16 @@ class LiveIndex:
         with m.INDEX_REFRESH_SECONDS.time():
             hashes = id_hashes([c.id for c in changes])
             which, old = g.seq_of_hash.find(hashes)
-            if len(old):
-                # Each match is the seq an overwritten item had, unless another item shares the id's
-                # 64-bit hash: that one still has its seq in the store, an overwritten one does not.
-                stale = ~self.store.seqs_live(old)
-                g.index.remove_ids(old[stale])
-                g.seq_of_hash.remove(hashes[which[stale]], old[stale])
+            # Each match is the seq an overwritten item had, unless another item shares the id's
+            # 64-bit hash: that one still has its seq in the store, an overwritten one does not.
+            stale = ~self.store.seqs_live(old) if len(old) else np.zeros(0, bool)
             seqs = np.array([c.seq for c in changes], np.int64)
             codes = np.frombuffer(b"".join(c.code for c in changes), np.uint8).reshape(len(changes), -1)
-            g.index.add_with_ids(codes, seqs)
+            # one step: a query sees an overwritten (or re-coded) item under its old seq or its new one, never missing
+            g.index.add_with_ids(codes, seqs, replacing=old[stale])
             g.seq_of_hash.add(hashes, seqs)
+            if len(old):
+                g.seq_of_hash.remove(hashes[which[stale]], old[stale])
             g.last_seq = int(seqs[-1])
         now = time.time()
         for c in changes:
