@@ -1,10 +1,20 @@
-"""A worker on a real broker learns from a stream of class-structured images: precision@10 of the live
-index rises, an MI-triggered re-encode swaps generations, and queries during the swap all succeed
-against one complete generation each."""
+"""Learning across processes on a real broker: a worker, the learner and a query server over a 4-shard root.
+
+precision@10 of the live index rises as the learner's codes and models reach the shards; an MI-triggered
+re-encode rolls across the 4 shards (each worker-owned shard re-encoded and swapped on its own) while
+queries run: every query succeeds, each shard in an answer is one generation, never going back. The
+learner killed with -9 and restarted resumes from the models topic: versions stay consecutive, and no
+shard holds a model or a learned code of a version that was never published.
+"""
 
 from __future__ import annotations
 
 import base64
+import json
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -13,6 +23,7 @@ import numpy as np
 import pytest
 
 from streamhash.kafka.broker import free_port
+from streamhash.kafka.modelbus import ModelReader
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
@@ -33,59 +44,110 @@ def precision_at_10(base: str, images, labels) -> float:
     return float(np.mean(hits))
 
 
-def test_worker_learns_reencodes_and_queries_survive_the_swap(kafka_settings, tmp_path):
+def shard_versions(root) -> dict:
+    """Per shard: its model version and the versions its learned codes came with (read in a fresh process)."""
+    code = textwrap.dedent(f"""
+        import json
+        from streamhash.index.store import Store
+        from streamhash.index.store.root import StoreRoot
+        root, out = StoreRoot({str(root)!r}, create=False), {{}}
+        for key in root.shards():
+            s = Store(root.shard_path(key), readonly=True)
+            learned_by = sorted({{s.get_item(i).get("learned_by") for i in s.snapshot().ids}} - {{None}})
+            out[str(key)] = {{"model_version": s.read_meta()["model_version"], "learned_by": learned_by,
+                              "generation": s.read_meta()["generation"]}}
+        print(json.dumps(out))
+    """)
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes_after_kill_9(kafka_settings, tmp_path):
     ensure_topics(kafka_settings)
-    images, labels = synthetic_images(2600, seed=11, noise=70, shift=2)
-    stream, queries, q_labels = images[:2400], images[2400:], labels[2400:]
+    images, labels = synthetic_images(3400, seed=11, noise=70, shift=2)
+    stream, queries, q_labels = images[:3200], images[3200:], labels[3200:]
     env = env_for(kafka_settings, tmp_path / "index", free_port(), free_port())
-    env.update({"STREAMHASH_LEARN__ENABLED": "true", "STREAMHASH_LEARN__ROUND_EVERY": "1200",
+    env.update({"STREAMHASH_LEARN__ROUND_EVERY": "1200", "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
                 "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "3", "STREAMHASH_LEARN__RESERVOIR_SIZE": "300",
                 # threshold below any possible gain: the first round's trigger must fire
                 "STREAMHASH_LEARN__MI_THRESHOLD": "-10"})
+    learner_url = f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
     worker, metrics_url = start_worker(env, tmp_path / "worker.log")
     server = spawn(["serve"], env=env, log_path=tmp_path / "serve.log")
+    learner = spawn(["learner"], env=env, log_path=tmp_path / "learner.log")
     base = f"http://127.0.0.1:{env['STREAMHASH_SERVER__PORT']}"
     try:
         wait_http(f"{base}/healthz", 60, server, tmp_path / "serve.log")
+        wait_http(learner_url, 60, learner, tmp_path / "learner.log")
         producer = make_producer(kafka_settings)
-        # a first half, indexed with the untrained network, below the round threshold
+        # a first part, indexed with the untrained network, below the round threshold
         send(producer, kafka_settings.topic, from_arrays(stream[:1000], labels[:1000], prefix="s-"), progress=False)
-        wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= 1000, 60, "first half indexed")
+        wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= 1000, 60, "first part indexed")
         before = precision_at_10(base, queries, q_labels)
         assert httpx.get(f"{base}/healthz").json()["generation"] == 1
 
         seen, errors, stop_q = [], [], threading.Event()
 
-        def hammer():  # queries all through the round and the swap
+        def hammer():  # queries all through the rounds and the rolling re-encode
             with httpx.Client(timeout=30) as c:
                 while not stop_q.is_set():
                     r = c.post(f"{base}/search", json={"image_base64": base64.b64encode(encode_png(queries[0])).decode(), "k": 5})
-                    if r.status_code != 200:
+                    if r.status_code != 200 or r.json()["partial"]:
                         errors.append(r.text)
                     else:
                         j = r.json()
-                        seen.append((j["generation"], j["model_version"], j["index_size"]))
+                        seen.append(({s["shard"]: s["generation"] for s in j["shards"]}, j["index_size"],
+                                     {s["shard"]: s["index_size"] for s in j["shards"]}))
 
         t = threading.Thread(target=hammer)
         t.start()
-        send(producer, kafka_settings.topic, from_arrays(stream[1000:], labels[1000:2400], prefix="s-", start=1000), progress=False)
-        producer.close()
-        wait_for(lambda: scrape(metrics_url).get("streamhash_reencode_triggers_total", 0) >= 1
-                 and httpx.get(f"{base}/healthz").json()["generation"] >= 2, 300, "a round and a re-encode")
+        send(producer, kafka_settings.topic, from_arrays(stream[1000:2400], labels[1000:2400], prefix="s-", start=1000),
+             progress=False)
+        wait_for(lambda: scrape(learner_url).get("streamhash_reencode_triggers_total", 0) >= 1
+                 and scrape(metrics_url).get("streamhash_shard_reencodes_total", 0) >= 4, 300,
+                 "a round, its re-encode announced, and all four shards re-encoded")
         wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= 2400, 60, "everything indexed")
+        wait_for(lambda: all(s["generation"] >= 2 for s in httpx.get(f"{base}/healthz").json()["shards"]), 60,
+                 "the query server on generation 2 everywhere")
         time.sleep(0.5)
         stop_q.set()
         t.join()
         after = precision_at_10(base, queries, q_labels)
+
+        # the learner dies mid-stream (-9: no clean-up) and comes back; rounds go on from the models topic
+        rounds = scrape(learner_url)["streamhash_learning_rounds_total"]
+        send(producer, kafka_settings.topic, from_arrays(stream[2400:], labels[2400:3200], prefix="s-", start=2400),
+             progress=False)
+        producer.close()
+        time.sleep(1.0)
+        learner.send_signal(signal.SIGKILL)
+        learner.wait()
+        learner = spawn(["learner"], env=env, log_path=tmp_path / "learner2.log")
+        wait_http(learner_url, 60, learner, tmp_path / "learner2.log")
+        learner.send_signal(signal.SIGUSR1)  # a round now, whatever is pending
+        wait_for(lambda: scrape(learner_url).get("streamhash_learning_rounds_total", 0) >= 1, 300, "a round after the restart")
+        time.sleep(3.0)  # the worker applies the round's codes
     finally:
+        stop(learner)
         stop(server)
         stop(worker)
 
     assert not errors, errors[:3]
-    gens = [g for g, _, _ in seen]
-    assert gens == sorted(gens) and gens[0] == 1 and gens[-1] >= 2  # one generation per answer, never back
-    # a generation is complete when it becomes visible: the index never shrinks across the swap
-    sizes = [n for _, _, n in seen]
-    assert all(b >= a for a, b in zip(sizes, sizes[1:]))
-    print(f"precision@10 before learning {before:.3f}, after {after:.3f}; {len(seen)} queries during the swap")
+    for shard in seen[0][0]:  # each shard: one generation per answer, never going back
+        gens = [s[shard] for s, _, _ in seen if shard in s]
+        assert gens == sorted(gens) and gens[0] == 1 and gens[-1] >= 2, (shard, gens)
+    # a generation is complete when it becomes visible: the index never shrinks across the swaps
+    sizes = [n for _, n, _ in seen]
+    assert all(b >= a for a, b in zip(sizes, sizes[1:])), [(seen[i], seen[i + 1]) for i in range(len(sizes) - 1)
+                                                             if sizes[i + 1] < sizes[i]][:3]
+    print(f"precision@10 before learning {before:.3f}, after {after:.3f}; {len(seen)} queries during the re-encode; "
+          f"{rounds:.0f} rounds before the kill")
     assert after > before + 0.1, (before, after)
+
+    reader = ModelReader(kafka_settings)
+    published = [a.version for a in reader.read_to_end()]
+    reader.close()
+    assert published == list(range(2, 2 + len(published))) and len(published) >= 2  # consecutive across the restart
+    for shard, got in shard_versions(tmp_path / "index").items():
+        assert got["model_version"] in [1, *published], (shard, got)
+        assert set(got["learned_by"]) <= set(published), (shard, got)
+    assert f"learner at model version {published[-2]}" in (tmp_path / "learner2.log").read_text()  # resumed, then +1
