@@ -1,6 +1,7 @@
 """`streamhash demo --json` end to end (needs Fashion-MNIST; `make data` provides it)."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -58,7 +59,10 @@ def test_demo_serve_stays_up_until_ctrl_c_then_stops_everything(tmp_path):
     assert page, "".join(lines)[-3000:]
     time.sleep(2)  # still up some time after the summary
     assert httpx.get(page + "healthz").json()["index_size"] >= 600
-    worker_pid = int((tmp_path / "demo" / "index" / "writer.lock").read_text().split()[1])
+    locks = sorted((tmp_path / "demo" / "index" / "shards").glob("*/*/writer.lock"))
+    worker_pid = int(locks[0].read_text().split()[1])  # the one worker holds every shard
+    learner_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_learner(p, tmp_path)]
+    assert len(locks) == 4 and len(learner_pids) == 1
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
     assert proc.wait(timeout=60) == 0
     try:
@@ -66,4 +70,14 @@ def test_demo_serve_stays_up_until_ctrl_c_then_stops_everything(tmp_path):
         raise AssertionError("the query server is still up")
     except httpx.HTTPError:
         pass
-    assert not os.path.exists(f"/proc/{worker_pid}")
+    assert not os.path.exists(f"/proc/{worker_pid}") and not os.path.exists(f"/proc/{learner_pids[0]}")
+
+
+def _is_learner(proc_dir, tmp_path) -> bool:
+    """A `streamhash learner` process of this demo (its command line and its environment's store root)."""
+    try:
+        cmd = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        env = (proc_dir / "environ").read_bytes()
+    except OSError:
+        return False
+    return b"learner" in cmd and str(tmp_path / "demo").encode() in env
