@@ -5,8 +5,9 @@ worker holds open (:class:`~streamhash.index.store.shards.OwnedShards`), and che
 broker's logs still hold what the shards say they consumed:
 
 * a partition whose shard was just opened (assigned to this worker) is sought to the shard's stored
-  offset; with none stored, to Kafka's committed offset or the log start. Records polled for it before
-  that are dropped and fetched again from there, so a rebalance neither skips nor repeats a record;
+  offset; with none stored, to the log start (never to Kafka's committed offset: a shard holds its whole
+  partition). Records polled for it before that are dropped and fetched again from there, so a
+  rebalance neither skips nor repeats a record;
 * a partition whose log no longer holds what its shard consumed is rewound to its log start, stored
   offset too. Two signs: a topic id that differs from the one stored in the shard (the topic was
   deleted and re-created, or a memory-storage broker restarted: a new log may already be past the old
@@ -46,14 +47,12 @@ class Positions:
             self.applied.update(ours)
             at = ours.get((tp.topic, tp.partition))
             if at is None:
-                committed = self.consumer.committed(tp)
-                if committed is None:
-                    self.consumer.seek_to_beginning(tp)
-                    log.info("%s[%d]: new shard, consuming from the log start", tp.topic, tp.partition)
-                    continue
-                at = committed
-            log.info("resuming %s[%d] at offset %d (from its shard%s)", tp.topic, tp.partition, at,
-                     "" if (tp.topic, tp.partition) in ours else "'s Kafka commit: none stored")
+                # Not Kafka's committed offset: a new shard must hold its whole partition, and a group's
+                # commits may come from a shard that is elsewhere (another root, or moved aside).
+                self.consumer.seek_to_beginning(tp)
+                log.info("%s[%d]: no offset in its shard, consuming from the log start", tp.topic, tp.partition)
+                continue
+            log.info("resuming %s[%d] at offset %d (from its shard)", tp.topic, tp.partition, at)
             self.consumer.seek(tp, at)
 
     def forget(self, tps) -> None:

@@ -72,14 +72,14 @@ def rec(topic, partition, offset):
 T0, T1 = TopicPartition("t", 0), TopicPartition("t", 1)
 
 
-def test_opened_shards_resume_at_their_stored_offset_else_kafkas_else_the_log_start():
-    T2 = TopicPartition("t", 2)
-    consumer = FakeConsumer([T0, T1, T2], committed={T0: 40, T1: 90}, position=77, log_start=5)
+def test_opened_shards_resume_at_their_stored_offset_else_the_log_start_never_kafkas():
+    """A new shard holds its whole partition: the group's committed offset may come from a shard elsewhere
+    (a root moved aside, another machine), and starting there would leave the new shard without its head."""
+    consumer = FakeConsumer([T0, T1], committed={T0: 40, T1: 90}, position=77, log_start=5)
     pos = Positions(consumer, FakeShards({("t", 0): 50}))
-    pos.resume([T0, T1, T2])
+    pos.resume([T0, T1])
     assert consumer.positions[T0] == 50  # the shard is the truth (a crash between its commit and Kafka's)
-    assert consumer.positions[T1] == 90  # a new shard: where the group's commits left off
-    assert consumer.positions[T2] == 5  # nothing anywhere: the log start
+    assert consumer.positions[T1] == 5  # no offset in the shard: the log start, not Kafka's 90
     assert pos.applied == {("t", 0): 50}
 
 

@@ -57,9 +57,8 @@ class StoreRoot:
             raise LegacyLayoutError(
                 f"{self.path} holds a single-environment store from an older streamhash (data.mdb directly under "
                 f"it); this version keeps one shard per (topic, partition) under shards/. Move it aside (or delete "
-                f"it) and start the workers on an empty root: they re-consume the topic from its start (set "
-                f"STREAMHASH_KAFKA__GROUP_ID to a new group if the old one committed offsets). Query servers may "
-                f"keep serving the old directory meanwhile.")
+                f"it) and start the workers on an empty root: each new shard consumes its partition from the log "
+                f"start. The earlier streamhash version can keep serving the old directory meanwhile.")
         marker = self.path / LAYOUT_FILE
         if marker.exists():
             found = json.loads(marker.read_text())
