@@ -118,22 +118,32 @@ def valid_messages(n: int, prefix: str, seed: int = 0, start: int = 0):
 
 # ------------------------------------------------------------------------------------------ read back
 def read_store(path: Path) -> dict:
-    """Ids, seq counter and learner code updates of a store, read in a fresh process."""
+    """Ids, seq writes and learner code updates of every shard under a store root, read in a fresh process."""
     code = textwrap.dedent("""
         import json, sys
         from streamhash.index.store import Store
-        s = Store(sys.argv[1], readonly=True)
-        def read(txn):
-            ids, recoded = [], 0
-            for k, v in txn.cursor(db=s.db["items"]):
-                ids.append(k.decode())
-                recoded += bool(json.loads(v).get("recoded"))
-            return ids, recoded, txn.stat(s.db["changes"])["entries"]
-        ids, recoded, changes = s._read(read)
-        meta = s.read_meta()
-        print(json.dumps({"ids": ids, "recoded": recoded, "changes": changes, "next_seq": meta["next_seq"],
-                          "generation": meta["generation"], "model_version": meta["model_version"],
-                          "offsets": {f"{t}:{p}": o for (t, p), o in s.offsets().items()}}))
+        from streamhash.index.store.root import StoreRoot
+        root = StoreRoot(sys.argv[1], create=False)
+        out = {"ids": [], "recoded": 0, "changes": 0, "next_seq": 1, "offsets": {}, "generations": {}, "model_versions": {}}
+        for key in root.shards():
+            s = Store(root.shard_path(key), readonly=True)
+            def read(txn):
+                ids, recoded = [], 0
+                for k, v in txn.cursor(db=s.db["items"]):
+                    ids.append(k.decode())
+                    recoded += bool(json.loads(v).get("recoded"))
+                return ids, recoded, txn.stat(s.db["changes"])["entries"]
+            ids, recoded, changes = s._read(read)
+            meta = s.read_meta()
+            out["ids"] += ids
+            out["recoded"] += recoded
+            out["changes"] += changes
+            out["next_seq"] += meta["next_seq"] - 1  # seq writes of all shards, as one counter
+            out["generations"][str(key)] = meta["generation"]
+            out["model_versions"][str(key)] = meta["model_version"]
+            out["offsets"].update({f"{t}:{p}": o for (t, p), o in s.offsets().items()})
+            s.close()
+        print(json.dumps(out))
     """)
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -205,13 +215,15 @@ class Rig:
             "STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers, "STREAMHASH_KAFKA__TOPIC": self.kafka.topic,
             "STREAMHASH_KAFKA__DLQ_TOPIC": self.kafka.dlq_topic, "STREAMHASH_KAFKA__GROUP_ID": self.kafka.group_id,
             "STREAMHASH_STORE__PATH": str(self.store), "STREAMHASH_WORKER__METRICS_PORT": str(free_port()),
-            "STREAMHASH_SERVER__PORT": str(free_port()), "STREAMHASH_LEARN__ENABLED": "true" if learn else "false",
+            "STREAMHASH_SERVER__PORT": str(free_port()), "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
             "STREAMHASH_LEARN__ROUND_EVERY": "300", "STREAMHASH_LEARN__OMEGA": "500", "STREAMHASH_LEARN__EPOCHS": "1",
             "STREAMHASH_LOG_LEVEL": "INFO", **(env or {}),
         }
         self.ledger = Ledger()
         self.worker: subprocess.Popen | None = None
         self.server: subprocess.Popen | None = None
+        self.learn = learn  # a learner process beside the worker (started with the query server)
+        self.learner: subprocess.Popen | None = None
         self.starts = 0
         self.exits: list[int] = []  # exit codes of worker runs that ended on their own
 
@@ -242,10 +254,24 @@ class Rig:
         return self.worker
 
     def start_server(self, timeout: float = 120) -> None:
-        wait_for(lambda: (self.store / "data.mdb").exists(), 60, "the store to exist", 0.2)
+        wait_for(lambda: (self.store / "streamhash-root.json").exists(), 60, "the store root to exist", 0.2)
         self.server = spawn(["serve"], env=self.env, log_path=self.log("serve"))
         SPAWNED.append(self.server)
         wait_http(f"{self.base}/healthz", timeout, self.server, self.log("serve"))
+        if self.learn and self.learner is None:
+            self.learner = spawn(["learner"], env=self.env, log_path=self.log("learner"))
+            SPAWNED.append(self.learner)
+            wait_http(self.learner_url, timeout, self.learner, self.log("learner"))
+
+    @property
+    def learner_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
+
+    def learner_metric(self, name: str, default: float = 0.0) -> float:
+        try:
+            return total(scrape(self.learner_url), name)
+        except (httpx.HTTPError, OSError):
+            return default
 
     def metric(self, name: str, default: float = 0.0) -> float:
         try:
@@ -314,12 +340,15 @@ class Rig:
         code = stop(self.worker, 30) if self.worker is not None else None
         if self.server is not None:
             stop(self.server)
+        learner_code = stop(self.learner, 30) if self.learner is not None else None
         acc = account(self.ledger, read_store(self.store), read_dlq(self.kafka))
-        out = {**acc, **health, "worker_exit_on_sigterm": code, "worker_starts": self.starts,
+        out = {**acc, **health, "worker_exit_on_sigterm": code, "learner_exit_on_sigterm": learner_code,
+               "worker_starts": self.starts,
                "unplanned_worker_exits": self.exits, **extra}
         out["ok"] = bool(acc["lost"] == 0 and acc["duplicated"] == 0 and acc["indexed"] == acc["produced_valid"]
                          and acc["dead_lettered"] == acc["produced_poison"] and not acc["store_error"]
                          and health.get("worker_alive") and health.get("serving") and code == want_exit
+                         and learner_code in (None, 0)
                          and out.get("ok", True))
         if not out["ok"]:
             out["worker_log_tail"] = log_excerpt(self.log("worker"))
@@ -375,7 +404,7 @@ def fault_kill9(broker, work, q) -> dict:
         if rig.worker.poll() is not None:
             rig.exits.append(rig.worker.returncode)
         points.append({"items": rig.metric('streamhash_index_items{process="worker"}'),
-                       "rounds": rig.metric("streamhash_learning_rounds_total")})
+                       "rounds": rig.learner_metric("streamhash_learning_rounds_total")})
         rig.kill9()
         if i < kills - 1:
             try:  # one restart in five is killed again before it is even assigned partitions
@@ -387,8 +416,8 @@ def fault_kill9(broker, work, q) -> dict:
     rig.start_worker()
     settled = rig.settle(len(rig.ledger.valid), 300, quiet_s=30)
     return rig.finish({"kills": kills, "killed_at": points, "settled": settled,
-                       "learning_rounds_last_run": rig.metric("streamhash_learning_rounds_total"),
-                       "reencodes_last_run": rig.metric("streamhash_reencode_triggers_total")})
+                       "learning_rounds": rig.learner_metric("streamhash_learning_rounds_total"),
+                       "reencodes": rig.learner_metric("streamhash_reencode_triggers_total")})
 
 
 def fault_map_growth(broker, work, q) -> dict:
@@ -402,8 +431,8 @@ def fault_map_growth(broker, work, q) -> dict:
     settled = rig.settle(n, 300, quiet_s=60)
     log = rig.log("worker").read_text(errors="replace")
     extra = {"settled": settled, "map_grows": log.count("growing LMDB map"),
-             "learning_rounds": rig.metric("streamhash_learning_rounds_total"),
-             "reencodes": rig.metric("streamhash_reencode_triggers_total")}
+             "learning_rounds": rig.learner_metric("streamhash_learning_rounds_total"),
+             "reencodes": rig.learner_metric("streamhash_reencode_triggers_total")}
     if settled["settled"] == "no_progress":  # a deadlock: SIGTERM may not even stop it
         extra["ok"] = False
     return rig.finish(extra)

@@ -72,7 +72,7 @@ def main() -> int:
         t0 = time.monotonic()
         producer.start()
         peaks = {"worker_rss_anon_mb": 0.0, "worker_rss_file_mb": 0.0, "server_rss_anon_mb": 0.0,
-                 "server_rss_file_mb": 0.0, "data_mdb_mb": 0.0}
+                 "server_rss_file_mb": 0.0, "learner_rss_anon_mb": 0.0, "learner_rss_file_mb": 0.0, "data_mdb_mb": 0.0}
         last_items, last_t, samples, rates = 0.0, t0, 0, []
         status, complete_at = "timeout", None
         while time.monotonic() - t0 < args.timeout:
@@ -84,20 +84,25 @@ def main() -> int:
                 s = scrape(rig.metrics_url)
             except Exception:  # a slow scrape under load is a sample lost, not a failure
                 continue
+            try:
+                lm = scrape(rig.learner_url)
+            except Exception:
+                lm = {}
             now = time.monotonic()
             items = s.get('streamhash_index_items{process="worker"}', 0)
-            mdb = rig.store / "data.mdb"
+            shards = list(rig.store.glob("shards/*/*/data.mdb"))
             sample = {
                 "t_s": round(now - t0, 1), "produced": rig.ledger.sent, "indexed": int(items),
                 "ingest_per_s": round((items - last_items) / (now - last_t), 1),
                 "lag": int(s.get("streamhash_consumer_lag_messages", 0)),
-                "rounds": int(s.get("streamhash_learning_rounds_total", 0)),
-                "round_failures": int(s.get("streamhash_learning_round_failures_total", 0)),
-                "reencodes": int(s.get("streamhash_reencode_triggers_total", 0)),
+                "rounds": int(lm.get("streamhash_learning_rounds_total", 0)),
+                "round_failures": int(lm.get("streamhash_learning_round_failures_total", 0)),
+                "reencodes": int(lm.get("streamhash_reencode_triggers_total", 0)),
                 "dead_lettered": int(total(s, "streamhash_messages_dead_lettered_total")),
                 **{f"{name}_rss_{kind.lower()[3:]}_mb": rss_mb(proc.pid, kind)
-                   for name, proc in (("worker", rig.worker), ("server", rig.server)) for kind in ("RssAnon", "RssFile")},
-                "data_mdb_mb": round(mdb.stat().st_size / 2**20, 1) if mdb.exists() else None,
+                   for name, proc in (("worker", rig.worker), ("server", rig.server), ("learner", rig.learner))
+                   for kind in ("RssAnon", "RssFile")},
+                "data_mdb_mb": round(sum(p.stat().st_size for p in shards) / 2**20, 1),  # every shard
             }
             for k in peaks:
                 peaks[k] = max(peaks[k], sample[k] or 0)
