@@ -49,19 +49,21 @@ def start_worker(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
 
 def read_store(path: Path) -> dict:
     """Open every shard under the store root read-only in a fresh process (one LMDB env per process) and
-    report their contents: ``ids`` (all shards, shard order then seq order), ``labels`` by id, ``offsets``, and per shard
+    report their contents: ``ids`` (all shards, shard order then seq order), ``labels`` and ``codes`` (hex) by id,
+    ``offsets``, and per shard
     ``shards[name] = {"ids", "next_seq", "generation", "model_version"}``."""
     code = textwrap.dedent(f"""
         import json
         from streamhash.index.store import Store
         from streamhash.index.store.root import StoreRoot
         root = StoreRoot({str(path)!r}, create=False)
-        out = {{"ids": [], "labels": {{}}, "offsets": {{}}, "shards": {{}}}}
+        out = {{"ids": [], "labels": {{}}, "codes": {{}}, "offsets": {{}}, "shards": {{}}}}
         for key in root.shards():
             s = Store(root.shard_path(key), readonly=True)
             snap, meta = s.snapshot(), s.read_meta()
             out["ids"] += snap.ids
             out["labels"].update(zip(snap.ids, snap.labels))
+            out["codes"].update(zip(snap.ids, (c.tobytes().hex() for c in snap.codes)))
             out["offsets"].update({{f"{{t}}:{{p}}": o for (t, p), o in s.offsets().items()}})
             out["shards"][f"{{key.topic}}/{{key.partition}}"] = {{
                 "ids": snap.ids, "next_seq": meta["next_seq"], "generation": meta["generation"],

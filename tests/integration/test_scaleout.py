@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -133,3 +134,66 @@ def test_a_worker_follows_the_learners_topics_codes_by_partition_models_by_versi
     some = list(inferred.items())[:50]
     expected = net3.encode(np.stack([decode_image(blob, "application/x-npy", spec) for _, (_, blob) in some]))
     assert [code for _, (code, _) in some] == [row.tobytes() for row in expected]  # inferred: encoded by model 3
+
+
+def test_two_workers_a_learner_and_a_query_server_one_worker_killed_merged_results_equal_brute_force(broker, tmp_path):
+    """The issue's whole picture on one machine: the learner's codes reach the shards of their partitions
+    across a worker's kill -9 and the takeover, and the query server's merged top-k over the four shards
+    equals brute force over the union (ties: distance, then shard order, then seq)."""
+    from streamhash.codes import from_hex, hamming_brute
+    from streamhash.services.processes import spawn, wait_http
+    from tests.conftest import synthetic_images
+
+    kafka = module_kafka(broker, "scale3")
+    root = tmp_path / "index"
+    env = env_for(kafka, root, free_port(), free_port())
+    env.update({"STREAMHASH_LEARN__METRICS_PORT": str(free_port()), "STREAMHASH_LEARN__ROUND_EVERY": "2000",
+                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "1"})
+    workers = [start_worker({**env, "STREAMHASH_WORKER__METRICS_PORT": str(free_port())}, tmp_path / f"worker{n}.log")
+               for n in range(2)]
+    learner = spawn(["learner"], env=env, log_path=tmp_path / "learner.log")
+    server = spawn(["serve"], env=env, log_path=tmp_path / "serve.log")
+    base, lurl = f"http://127.0.0.1:{env['STREAMHASH_SERVER__PORT']}", f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
+    try:
+        wait_http(lurl, 60, learner, tmp_path / "learner.log")
+        wait_http(f"{base}/healthz", 60, server, tmp_path / "serve.log")
+        images, labels = synthetic_images(8000, seed=12)
+        producer = make_producer(kafka)
+        send(producer, kafka.topic, from_arrays(images[:4000], labels[:4000], prefix="img-", fmt="npy"), progress=False)
+        wait_for(lambda: scrape(lurl).get("streamhash_learned_codes_published_total", 0) > 0, 120, "learned codes")
+        workers[0][0].send_signal(signal.SIGKILL)
+        workers[0][0].wait()
+        send(producer, kafka.topic, from_arrays(images[4000:], labels[4000:], prefix="img-", fmt="npy", start=4000),
+             progress=False)
+        producer.close()
+        survivor = workers[1][1]
+        wait_for(lambda: scrape(survivor).get('streamhash_index_items{process="worker"}', 0) >= 8000, 120, "all indexed")
+        learner.send_signal(signal.SIGUSR1)  # learn what is pending now rather than at the age limit
+        published = scrape(lurl)["streamhash_learned_codes_published_total"]
+        wait_for(lambda: scrape(lurl)["streamhash_learned_codes_published_total"] > published, 120, "a round after the kill")
+        assert stop(learner) == 0
+        wait_for(lambda: scrape(survivor).get("streamhash_consumer_lag_messages", 1) == 0, 60, "the survivor caught up")
+        time.sleep(1.5)  # the codes topic's last batch
+        s = scrape(survivor)
+        assert stop(workers[1][0]) == 0
+        content = read_store(root)
+        last = {name: sh["next_seq"] - 1 for name, sh in content["shards"].items()}
+        wait_for(lambda: {s["shard"]: s["last_seq"] for s in httpx.get(f"{base}/healthz").json()["shards"]} == last, 30,
+                 "the query server on the shards' last writes")
+        assert s.get('streamhash_code_updates_total{result="missing"}', 0) == 0  # every code went to its item's shard
+        assert sum(sh["learned"] for sh in content["shards"].values()) > 0
+        ids = content["ids"]
+        assert len(ids) == len(set(ids)) == 8000
+        # brute force over the union, in (shard order, seq order) = read_store's order
+        codes = np.stack([from_hex(content["codes"][i], 32) for i in ids])
+        rng = np.random.default_rng(0)
+        queries = np.concatenate([codes[rng.choice(len(codes), 5)], rng.integers(0, 256, (5, 4), dtype=np.uint8)])
+        dist = hamming_brute(queries, codes)
+        for q, d in zip(queries, dist):
+            order = np.argsort(d, kind="stable")[:50]
+            r = httpx.post(f"{base}/search", json={"code_hex": q.tobytes().hex(), "k": 50}).json()
+            assert not r["partial"] and len(r["shards"]) == 4
+            assert [(h["id"], h["distance"]) for h in r["results"]] == [(ids[j], int(d[j])) for j in order]
+    finally:
+        for p in (learner, server, *(w for w, _ in workers)):
+            stop(p)
