@@ -9,10 +9,11 @@ Every phase runs the product's processes (``streamhash worker``, ``streamhash le
    one group over one store root; rate = n / (last commit of any worker - first assignment of any worker),
    rebalances included. ``exactly_once``: every id in one shard once, one seq per message.
 2. **ingest with the learner**: one worker and one learner (nice 10, one torch thread, its defaults);
-   5,000 labeled images first, until the learner has finished a round; then ``--n`` more, timed from their
-   first send to the last commit, while the learner trains (``round_every`` 1,000: rounds back to back).
-   ``learner_rounds`` and ``learner_busy_share`` (round seconds finished inside the window / window) show
-   that it did train meanwhile. The baseline runs the same steps without the learner, in the same run.
+   5,000 labeled images first, until the learner has finished a round; then ``--learner-n`` more (enough
+   for rounds to finish inside the window), timed from their first send to the last commit, while the
+   learner trains (``round_every`` 1,000: rounds back to back). ``learner_rounds`` (rounds finished inside
+   the window) and ``learner_cpu_cores_in_window`` (its CPU seconds from /proc / window) show that it
+   did train meanwhile. The baseline runs the same steps without the learner, in the same run.
 3. **queries over shards**: ``--query-items`` random codes written straight into 4 shards (ranking does not
    care how they got there); one ``streamhash serve`` over the root answers ``POST /search`` by code, k=10,
    client wall time. Then the shards split over two roots, one server each, and a router in front:
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -94,6 +96,12 @@ def ingest_phase(bootstrap: str, work: Path, images, labels, values_fmt: str, wo
     return {"images_per_s": round(rate), "exactly_once": once, "shards": len(content["shards"])}
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def learner_phase(bootstrap: str, work: Path, images, labels, fmt: str, n: int, with_learner: bool) -> dict:
     """One worker; 5,000 labeled images first (and the learner's first round over them), then ``n`` more,
     timed from their first send to the last commit. Without the learner: the same steps, the baseline."""
@@ -114,6 +122,7 @@ def learner_phase(bootstrap: str, work: Path, images, labels, fmt: str, n: int, 
             wait_http(lurl, 120, learner, work / "learner.log")
             wait_for(lambda: scrape(lurl).get("streamhash_learning_rounds_total", 0) >= 1, 600, "the learner's first round")
             before = scrape(lurl)
+            cpu0 = cpu_seconds(learner.pid)
         t0 = time.time()
         send(producer, kafka.topic, from_arrays(images[warm:warm + n], labels[warm:warm + n], prefix="l-", fmt=fmt,
                                                 start=warm), progress=False)
@@ -121,10 +130,9 @@ def learner_phase(bootstrap: str, work: Path, images, labels, fmt: str, n: int, 
         window = scrape(wurl)["streamhash_last_commit_timestamp_seconds"] - t0
         out = {"rate": n / window, "window_s": window}
         if learner is not None:
+            out["cpu_s"] = cpu_seconds(learner.pid) - cpu0
             after = scrape(lurl)
             out["rounds"] = after["streamhash_learning_rounds_total"] - before["streamhash_learning_rounds_total"]
-            out["busy_s"] = (after["streamhash_learning_round_duration_seconds_sum"]
-                             - before["streamhash_learning_round_duration_seconds_sum"])
         return out
     finally:
         for p in (learner, worker):
@@ -191,6 +199,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--format", choices=["png", "npy"], default="png")
+    ap.add_argument("--learner-n", type=int, default=60_000, help="images timed beside the learner (after 5,000 first): "
+                    "long enough for rounds (~10 s each) to finish inside the window")
     ap.add_argument("--query-items", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: ingest,learner,query")
@@ -215,14 +225,16 @@ def main() -> int:
                             "ingest_2_vs_1": round(two["images_per_s"] / one["images_per_s"], 3),
                             "exactly_once": one["exactly_once"] and two["exactly_once"], "shards": two["shards"]})
             if "learner" not in skip:
-                base = learner_phase(broker.bootstrap_servers, work, images, labels, args.format, args.n, False)
-                got = learner_phase(broker.bootstrap_servers, work, images, labels, args.format, args.n, True)
+                base = learner_phase(broker.bootstrap_servers, work, images, labels, args.format, args.learner_n, False)
+                got = learner_phase(broker.bootstrap_servers, work, images, labels, args.format, args.learner_n, True)
                 out.update({"ingest_without_learner_images_per_s": round(base["rate"]),
                             "ingest_with_learner_images_per_s": round(got["rate"]),
                             "with_vs_without_learner": round(got["rate"] / base["rate"], 3),
+                            "learner_window_s": round(got["window_s"], 1),
+                            # rounds finished inside the window (the one running at its end is not counted),
+                            # and the learner's CPU seconds in it per second: it trained meanwhile
                             "learner_rounds": int(got["rounds"]),
-                            # rounds finished inside the window; the one running at its end is not counted
-                            "learner_busy_share": round(got["busy_s"] / got["window_s"], 3)})
+                            "learner_cpu_cores_in_window": round(got["cpu_s"] / got["window_s"], 3)})
     if "query" not in skip:
         out.update(query_phase(work, args.query_items, args.queries))
     for k, v in out.items():
