@@ -165,3 +165,16 @@ def _up(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_store_of_the_single_environment_layout_is_refused_with_what_to_do(tmp_path):
+    """Before shards a store was one LMDB environment at the store path; opening shards beside it would
+    split an index in two without a word. The worker exits 78 (EX_CONFIG) saying what to do."""
+    from streamhash.index.store import Store
+
+    Store(tmp_path / "index", bits=32).close()
+    env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "STREAMHASH_STORE__PATH": str(tmp_path / "index"),
+           "STREAMHASH_WORKER__METRICS_PORT": "0"}
+    proc = spawn(["worker"], env=env, log_path=tmp_path / "worker.log")
+    assert proc.wait(timeout=60) == 78
+    assert "Move it aside" in (tmp_path / "worker.log").read_text()
