@@ -70,14 +70,19 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     # ranked alone in the thread pool.
     batcher = MicroBatcher(_rank_batch, max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
                            max_inflight=settings.server.batch_inflight) if settings.server.batch_enabled else None
+    # Query images waiting at the same moment over the same view share one encode call per model version.
+    encodes = MicroBatcher(lambda _key, items: encoder.for_images([img for _, img in items], items[0][0]),
+                           max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
+                           max_inflight=settings.server.batch_inflight) if settings.server.batch_enabled else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         index.start()  # the followers, the root's rescan and the sampler run exactly as long as the server
         status.start()
         yield
-        if batcher is not None:
-            await batcher.aclose()
+        for b in (batcher, encodes):
+            if b is not None:
+                await b.aclose()
         status.stop()
         index.stop()
 
@@ -86,7 +91,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     app = FastAPIOffline(title="streamhash query", version=__version__, lifespan=lifespan,
                          description="Hamming ranking over the live streamhash index, merged across its shards.",
                          swagger_ui_parameters={"validatorUrl": None}, default_response_class=FastJSONResponse)
-    app.state.index, app.state.batcher = index, batcher
+    app.state.index, app.state.batcher, app.state.encodes = index, batcher, encodes
     app.add_middleware(CountResponses, path="/search")
     install(app, index, status)  # before /items/{item_id:path}, which would take /items/x/image
 
@@ -114,8 +119,12 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         elif req.item_id is not None:
             queries, _ = await run_in_threadpool(for_item, index, view, encoder, req.item_id)
         else:
-            # Encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
-            queries = await run_in_threadpool(lambda: encoder.for_image(encoder.decode(image), view))
+            # Decoding, encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
+            decoded = await run_in_threadpool(encoder.decode, image)
+            if encodes is not None:
+                queries = await encodes.submit(view.key, (view, decoded))
+            else:
+                queries = await run_in_threadpool(encoder.for_image, decoded, view)
         queries.check_some()
         if batcher is not None and req.radius is None:
             hits = await batcher.submit(view.key, (view, queries.codes, req.k))  # ranked in the batcher's thread: no other hop

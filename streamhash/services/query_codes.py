@@ -79,29 +79,34 @@ class QueryEncoder:
 
     def for_image(self, image: np.ndarray, view: View, only: set[int] | None = None) -> ShardQueries:
         """``image`` encoded once per model version in ``view`` (``only``: just these shard positions)."""
-        codes: list[np.ndarray | None] = [None] * len(view)
-        errors: list[str | None] = [None] * len(view)
+        return self.for_images([image], view, only)[0]
+
+    def for_images(self, images: list[np.ndarray], view: View, only: set[int] | None = None) -> list[ShardQueries]:
+        """Each image's queries: one encode call per model version in ``view`` for all of them (the server's
+        concurrent image searches meet here in one batch, as their rankings do in the kernel)."""
+        out = [ShardQueries([None] * len(view), [None] * len(view)) for _ in images]
         by_version: dict[int, np.ndarray | str] = {}
         for v in view.shards:
             if only is not None and v.pos not in only:
                 continue
             if v.model_version not in by_version:
-                by_version[v.model_version] = self._encode(image, view, v)
+                by_version[v.model_version] = self._encode(images, view, v)
             got = by_version[v.model_version]
-            if isinstance(got, str):
-                errors[v.pos] = None if v.g.index.ntotal == 0 else got  # nothing to rank: not a missing answer
-            else:
-                codes[v.pos] = got
+            for i, q in enumerate(out):
+                if isinstance(got, str):
+                    q.errors[v.pos] = None if v.g.index.ntotal == 0 else got  # nothing to rank: not a missing answer
+                else:
+                    q.codes[v.pos] = got[i]
         self.forget_except({v.model_version for v in view.shards})
-        return ShardQueries(codes, errors)
+        return out
 
-    def _encode(self, image: np.ndarray, view: View, v: ShardView) -> np.ndarray | str:
+    def _encode(self, images: list[np.ndarray], view: View, v: ShardView) -> np.ndarray | str:
         if v.model_version <= 0:
             return f"shard {v.name} has no model yet"
         net = self.net(v.model_version, [w.shard.store for w in view.shards if w.model_version == v.model_version])
         if net is None:
             return f"model version {v.model_version} is not in shard {v.name} yet"
-        return net.encode(image[None])[0]
+        return net.encode(np.stack(images))
 
 
 def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: str) -> tuple[ShardQueries, ShardView]:

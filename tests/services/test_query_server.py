@@ -322,6 +322,33 @@ def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_pa
         close_all(stores)
 
 
+def test_concurrent_image_searches_share_encode_calls_and_answer_as_one_by_one(tmp_path):
+    """Image queries arriving together are encoded in one call per model version (as their rankings share
+    a kernel call): the same codes and hits as one at a time, in fewer encode calls than requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores, images = make_root(tmp_path, n=40)
+    rng = np.random.default_rng(4)
+    bodies = [{"image_base64": b64(encode_png(images[int(rng.integers(0, 40))])), "k": int(rng.integers(1, 40))}
+              for _ in range(60)]
+    strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
+    try:
+        plain = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}),
+                                 index_over(tmp_path, stores))
+        with TestClient(plain) as client:
+            expected = [strip(client.post("/search", json=b)) for b in bodies]
+        batched = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_window_s": 0.02, "batch_max": 32}),
+                                   index_over(tmp_path, stores))
+        with TestClient(batched) as client:
+            with ThreadPoolExecutor(16) as pool:
+                got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
+            assert [strip(r) for r in got] == expected
+            encodes = batched.state.encodes
+            assert encodes.requests == len(bodies) and encodes.batches < encodes.requests
+    finally:
+        close_all(stores)
+
+
 def _two_generations(path) -> tuple[dict[int, Store], np.ndarray, HashNet, HashNet]:
     """A rolling re-encode half done: shard 0 serves generation 1 (network v1), shard 1 has been re-encoded
     into generation 2 by network v2 (a different network: another code space)."""
