@@ -7,7 +7,8 @@
 2. Ingest: ``--n`` images are produced to a fresh topic first; then one worker process starts and
    the rate is n / (last batch committed - partitions assigned): topic to committed LMDB index.
 3. Freshness: with the worker and the query server running, single images are sent at 20/s and
-   each is timed from send to visible through ``GET /items/{id}``.
+   each is timed from send to visible through ``GET /items/{id}``. ``--learn``: with the learner process
+   training on the images just ingested meanwhile (its rounds and CPU during the probes are reported).
 4. Query latency: ``--query-items`` random codes are written straight into the 4 shards of a second
    store root (the ranking does not care how they got there); a worker ingests into those shards at
    ``--ingest-rate`` images/s while the query server answers ``POST /search`` with k=10 by code
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import shutil
 import sys
 import threading
@@ -104,6 +106,12 @@ def query_latency_while_ingesting(bootstrap: str, work: Path, stream, stream_y, 
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentiles(xs: list[float], scale: float = 1.0) -> tuple[float, float]:
     return round(float(np.percentile(xs, 50)) * scale, 3), round(float(np.percentile(xs, 99)) * scale, 3)
 
@@ -116,6 +124,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--ingest-rate", type=float, default=1000, help="images/s ingested while queries run")
     ap.add_argument("--workdir", default="var/bench-ingest")
+    ap.add_argument("--learn", action="store_true", help="freshness with the learner process training beside ingest")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -155,10 +164,27 @@ def main() -> int:
             server = spawn(["serve"], env=env, log_path=work / "serve.log")
             base = f"http://127.0.0.1:{http_port}"
             wait_http(f"{base}/healthz", 60, server, work / "serve.log")
+            learner = None
+            if args.learn:  # the learner process trains on the 20k just indexed while the probes run
+                lport = free_port()
+                env["STREAMHASH_LEARN__METRICS_PORT"] = str(lport)
+                learner = spawn(["learner"], env=env, log_path=work / "learner.log")
+                lurl = f"http://127.0.0.1:{lport}/metrics"
+                wait_http(lurl, 120, learner, work / "learner.log")
+                # it reads the shards, then trains on the 20k pending: past start-up (~3 CPU s) it is in a round
+                wait_for(lambda: cpu_seconds(learner.pid) > 6, 120, "the learner to be training")
+                before, cpu0 = scrape(lurl), cpu_seconds(learner.pid)
             probe_idx = order[args.n: args.n + 100]
+            t_probe = time.time()
             delays = measure_freshness(producer, kafka.topic, base, images[probe_idx], labels[probe_idx])
             out["freshness_p50_s"], out["freshness_p99_s"] = percentiles(delays)
             out["freshness_probes"] = len(delays)
+            if learner is not None:
+                after = scrape(lurl)
+                out["learner_rounds_during_probes"] = int(after["streamhash_learning_rounds_total"]
+                                                          - before["streamhash_learning_rounds_total"])
+                out["learner_cpu_cores_during_probes"] = round((cpu_seconds(learner.pid) - cpu0) / (time.time() - t_probe), 3)
+                stop(learner)
             stop(server)
         finally:
             stop(worker)

@@ -1,16 +1,18 @@
-"""The query server under concurrent load: /search by code, 1 and 8 clients, batched vs unbatched.
+"""The query server under load from an external generator, while a worker ingests into the served shards.
 
-    .venv/bin/python benchmarks/bench_serve.py --items 100000 --requests 500
+    .venv/bin/python benchmarks/bench_serve.py --items 1000000 --json     # needs `wrk` (apt install wrk)
 
-Writes ``--items`` random codes straight into a fresh LMDB store (``Store.write_batch``; no broker, no
-worker), starts a real ``streamhash serve`` process over it for each server configuration
-(``batch``: the micro-batcher, the default; ``nobatch``: ``STREAMHASH_SERVER__BATCH_ENABLED=false``,
-each search ranked alone in the thread pool as before the batcher; ``batch-wN``: ``--workers N``
-processes, with ``--workers``), then runs 1 and 8 client processes (``--concurrency``), each sending
-``--requests`` searches (k=10) one after another over a keep-alive connection. Prints requests/s
-(all clients together) and p50/p99 latency as seen by the clients per configuration and concurrency,
-the server's resident memory, and ends with one JSON line.
-Clients and server share the machine's cores: on a small machine the clients' own cost is in the figures.
+Writes ``--items`` random codes straight into the 4 shards of a fresh store root (ranking does not care how
+they got there), starts the embedded broker and a real ``streamhash worker`` that ingests PNG images into
+those shards at ``--ingest-rate`` images/s (0: none) for the whole run, and a real ``streamhash serve``
+over the root for each server configuration (``batch``: the micro-batcher, the default; ``nobatch``:
+``STREAMHASH_SERVER__BATCH_ENABLED=false``; ``batch-wN``: ``--workers N``). Load comes from ``wrk``
+(``--latency``, a Lua script cycling through pre-made ``POST /search`` bodies by code, k=10) at 1, 8 and 64
+connections (``--connections``) for ``--duration`` seconds each, after a warm-up; every response must be a
+200. ``kernel_ms_batch1`` is the same merged search over the same shards in this process (the library's
+:class:`~streamhash.index.sharded.ShardedIndex`, one query at a time), measured in the same run, and
+``overhead_ratio`` = the server's p50 at 1 connection / that kernel time. wrk, the server, the worker and
+the broker share the machine's cores: on a small machine their own cost is in the figures.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import multiprocessing as mp
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamhash.index.store import ItemWrite, Store  # noqa: E402
 from streamhash.index.store.root import ShardKey, StoreRoot  # noqa: E402
-from streamhash.kafka.broker import free_port  # noqa: E402
-from streamhash.services.processes import spawn, stop, wait_http  # noqa: E402
+from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
+from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
 
-WARMUP = 20
+PARTITIONS = 4
+TOPIC = "bench.serve.images"
+WRK_SCRIPT = """
+local bodies = {}
+for line in io.lines(os.getenv("STREAMHASH_BENCH_BODIES")) do bodies[#bodies + 1] = line end
+local i = math.random(#bodies)
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, "/search", nil, bodies[i])
+end
+"""
 
 
 def build_store(root: Path, n: int, bits: int, *, partitions: int = 1, topic: str = "bench.images",
@@ -61,29 +78,44 @@ def build_store(root: Path, n: int, bits: int, *, partitions: int = 1, topic: st
     return codes
 
 
-def client(args: tuple[int, int, int, int, float]) -> list[float]:
-    """One client: ``n`` searches after a warm-up, one at a time; the latencies in seconds."""
-    port, n, nbytes, seed, start_at = args
-    rng = np.random.default_rng(seed)
-    bodies = [json.dumps({"code_hex": rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes().hex(), "k": 10}).encode()
-              for _ in range(n + WARMUP)]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"content-type": "application/json"}
-    lat = []
-    for i, body in enumerate(bodies):
-        if i == WARMUP:
-            while time.time() < start_at:  # every client starts measuring together
-                time.sleep(0.001)
+def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path) -> dict:
+    """One wrk run: requests/s and the p50/p99 latency it reports; raises if any response was not a 200."""
+    script = work / "search.lua"
+    script.write_text(WRK_SCRIPT)
+    cmd = ["wrk", f"-t{min(connections, os.cpu_count() or 1)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+           "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STREAMHASH_BENCH_BODIES": str(bodies)},
+                         timeout=seconds + 60)
+    text = out.stdout
+    if out.returncode != 0 or "Non-2xx" in text or "Socket errors" in text:
+        raise RuntimeError(f"wrk failed or saw errors:\n{text}\n{out.stderr}")
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+[a-z]+)$", text, re.M))
+    return {"rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))),
+            "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]),
+            "requests": int(re.search(r"(\d+) requests in", text).group(1))}
+
+
+def _ms(value: str) -> float:
+    number, unit = re.match(r"([\d.]+)([a-z]+)", value).groups()
+    return round(float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit], 3)
+
+
+def kernel_ms(root: Path, codes: np.ndarray, n: int = 300) -> float:
+    """The server's ranking for one query by code, in this process: the merged top-10 over every shard."""
+    from streamhash.index.sharded import ShardedIndex
+
+    index = ShardedIndex(root)
+    try:
+        view = index.view()
+        qs = codes[np.random.default_rng(7).choice(len(codes), n)]
+        for q in qs[:20]:
+            view.search([q[None]] * len(view), 10)
         t = time.perf_counter()
-        conn.request("POST", "/search", body, headers)
-        r = conn.getresponse()
-        data = r.read()
-        if r.status != 200:
-            raise RuntimeError(f"/search answered {r.status}: {data[:200]!r}")
-        if i >= WARMUP:
-            lat.append(time.perf_counter() - t)
-    conn.close()
-    return lat
+        for q in qs:
+            view.search([q[None]] * len(view), 10)
+        return round((time.perf_counter() - t) / n * 1e3, 4)
+    finally:
+        index.close()
 
 
 def tree_rss_mib(pid: int) -> tuple[float, list[float]]:
@@ -146,29 +178,23 @@ def wait_idle(pid: int, timeout: float = 300.0) -> float:
     return time.monotonic() - t0
 
 
-def run_config(name: str, env: dict, store: Path, work: Path, args, nbytes: int, serve_args: list[str]) -> dict:
+def run_config(name: str, env: dict, root: Path, work: Path, args, bodies: Path, serve_args: list[str]) -> dict:
     port = free_port()
     log = work / f"serve-{name}.log"
-    proc = spawn(["serve", *serve_args], env={"STREAMHASH_STORE__PATH": str(store), "STREAMHASH_SERVER__PORT": str(port),
+    proc = spawn(["serve", *serve_args], env={"STREAMHASH_STORE__PATH": str(root), "STREAMHASH_SERVER__PORT": str(port),
                                              "STREAMHASH_LOG_LEVEL": "WARNING", **env}, log_path=log)
     out: dict = {}
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 300, proc, log)
-        size = json.loads(_get(port, "/healthz"))["index_size"]
-        assert size == args.items, f"index has {size} items, expected {args.items}"
+        wait_for(lambda: json.loads(_get(port, "/healthz"))["index_size"] >= args.items, 300, "the index to load")
         print(f"{name:>10} server idle after {wait_idle(proc.pid):.1f} s", file=sys.stderr)
-        with mp.get_context("spawn").Pool(max(args.concurrency)) as pool:
-            # every client process started (interpreter, imports) before anything is measured
-            pool.map(time.sleep, [0.5] * max(args.concurrency), chunksize=1)
-            wait_idle(proc.pid)
-            for c in args.concurrency:
-                start_at = time.time() + 1.0
-                lats = pool.map(client, [(port, args.requests, nbytes, 1000 * c + i, start_at) for i in range(c)])
-                flat = np.concatenate(lats)
-                # throughput over the measured part: total requests / the slowest client's measured time
-                span = max(sum(x) for x in lats)
-                out[f"c{c}"] = {"requests_per_s": round(len(flat) / span), "p50_ms": round(float(np.percentile(flat, 50)) * 1e3, 3),
-                                "p99_ms": round(float(np.percentile(flat, 99)) * 1e3, 3), "requests": int(len(flat))}
+        wrk(port, 1, 2, bodies, work)  # warm-up
+        for c in args.connections:
+            r = wrk(port, c, args.duration, bodies, work)
+            out[f"rps_{c}"], out[f"p50_ms_{c}"], out[f"p99_ms_{c}"] = r["rps"], r["p50_ms"], r["p99_ms"]
+            print(f"{name:>10} {c:>2} connection(s): {r['rps']:>6} requests/s  p50 {r['p50_ms']:.3f} ms  "
+                  f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} requests)", file=sys.stderr)
+        out["index_size_after"] = json.loads(_get(port, "/healthz"))["index_size"]
         main_rss, child_rss = tree_rss_mib(proc.pid)
         out["rss_mib"] = {"server": main_rss, "workers": child_rss}
     finally:
@@ -186,46 +212,101 @@ def _get(port: int, path: str) -> bytes:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--bits", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=500, help="measured searches per client")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--workers", type=int, default=0, help="also run the batched server with this many worker processes")
+    ap.add_argument("--connections", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per connection count")
+    ap.add_argument("--ingest-rate", type=float, default=1000.0, help="images/s a worker ingests meanwhile (0: none)")
+    ap.add_argument("--workers", type=int, default=0, help="also run the batched server with this many processes")
     ap.add_argument("--no-reference", action="store_true", help="skip the unbatched server")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line")
     ap.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary directory, removed)")
     args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt install wrk)", file=sys.stderr)
+        return 2
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
-    store = work / "index"
+    root = work / "index"
     try:
-        if store.exists():
-            shutil.rmtree(store)
+        shutil.rmtree(root, ignore_errors=True)
         t = time.perf_counter()
-        build_store(store, args.items, args.bits)
-        print(f"store of {args.items} items x {args.bits} bits written in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        codes = build_store(root, args.items, args.bits, partitions=PARTITIONS, topic=TOPIC)
+        print(f"{args.items} items x {args.bits} bits in {PARTITIONS} shards written in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr)
+        bodies = work / "bodies.jsonl"
+        rng = np.random.default_rng(1)
+        bodies.write_text("".join(json.dumps({"code_hex": c.tobytes().hex(), "k": 10}) + "\n"
+                                  for c in rng.integers(0, 256, (5000, args.bits // 8), dtype=np.uint8)))
+        result: dict = {"items": args.items, "bits": args.bits, "shards": PARTITIONS, "k": 10, "cores": os.cpu_count(),
+                        "duration_s": args.duration, "ingest_rate": args.ingest_rate,
+                        "kernel_ms_batch1": kernel_ms(root, codes)}
         configs = [("batch", {}, [])]
         if not args.no_reference:
             configs.append(("nobatch", {"STREAMHASH_SERVER__BATCH_ENABLED": "false"}, []))
         if args.workers > 1:
             configs.append((f"batch-w{args.workers}", {}, ["--workers", str(args.workers)]))
-        result: dict = {"items": args.items, "bits": args.bits, "requests_per_client": args.requests, "k": 10,
-                        "cores": os.cpu_count()}
-        for name, env, serve_args in configs:
-            result[name] = run_config(name, env, store, work, args, args.bits // 8, serve_args)
-            for c in args.concurrency:
-                r = result[name][f"c{c}"]
-                print(f"{name:>10} {c} client(s): {r['requests_per_s']:>6} requests/s  p50 {r['p50_ms']:.2f} ms  "
-                      f"p99 {r['p99_ms']:.2f} ms", file=sys.stderr)
-            print(f"{name:>10} resident memory (MiB): {result[name]['rss_mib']}", file=sys.stderr)
+        with EmbeddedBroker(home=work / "broker") as broker, ingesting(broker, root, work, args.ingest_rate) as ingest:
+            for name, env, serve_args in configs:
+                result[name] = run_config(name, env, root, work, args, bodies, serve_args)
+                print(f"{name:>10} resident memory (MiB): {result[name]['rss_mib']}", file=sys.stderr)
+            result["images_ingested_meanwhile"] = ingest()
+        result.update({k: v for k, v in result["batch"].items() if k.startswith(("rps_", "p50_", "p99_"))})
+        result["overhead_ratio"] = round(result["p50_ms_1"] / result["kernel_ms_batch1"], 2) if "p50_ms_1" in result else None
         if "nobatch" in result:
-            for c in args.concurrency:
-                result[f"batch_vs_nobatch_c{c}"] = round(result["batch"][f"c{c}"]["requests_per_s"]
-                                                         / result["nobatch"][f"c{c}"]["requests_per_s"], 2)
-        print(json.dumps(result))
+            for c in args.connections:
+                result[f"batch_vs_nobatch_rps_{c}"] = round(result["batch"][f"rps_{c}"] / result["nobatch"][f"rps_{c}"], 2)
+        if args.json:
+            print(json.dumps(result))
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+@contextmanager
+def ingesting(broker, root: Path, work: Path, rate: float):
+    """A worker over ``root`` ingesting synthetic PNG images at ``rate``/s until the block ends; yields a
+    function returning how many it indexed so far."""
+    from streamhash.config import KafkaSettings
+    from streamhash.kafka.produce import from_arrays, make_producer, send
+    from streamhash.kafka.topics import ensure_topics
+    from tests.conftest import synthetic_images
+
+    if not rate:
+        yield lambda: 0
+        return
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic=TOPIC, group_id="bench-serve",
+                          topic_partitions=PARTITIONS)
+    ensure_topics(kafka)
+    mport = free_port()
+    env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMHASH_KAFKA__TOPIC": TOPIC,
+           "STREAMHASH_KAFKA__GROUP_ID": "bench-serve", "STREAMHASH_STORE__PATH": str(root),
+           "STREAMHASH_WORKER__METRICS_PORT": str(mport), "STREAMHASH_LOG_LEVEL": "WARNING"}
+    worker = spawn(["worker"], env=env, log_path=work / "worker.log")
+    url = f"http://127.0.0.1:{mport}/metrics"
+    stop_feed = threading.Event()
+    images, labels = synthetic_images(20_000, seed=3)
+
+    def feed():
+        producer = make_producer(kafka)
+        start = 0
+        while not stop_feed.is_set():
+            batch = from_arrays(images, labels, prefix="live-", start=start)
+            send(producer, TOPIC, (m for m in batch if not stop_feed.is_set()), rate=rate, progress=False)
+            start += len(images)
+        producer.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        wait_http(url, 120, worker, work / "worker.log")
+        wait_for(lambda: scrape(url).get("streamhash_assigned_partitions", 0) > 0, 60, "assignment")
+        feeder.start()
+        yield lambda: int(scrape(url).get("streamhash_items_indexed_total", 0))
+    finally:
+        stop_feed.set()
+        feeder.join(timeout=30)
+        stop(worker)
 
 
 if __name__ == "__main__":
