@@ -82,7 +82,7 @@ def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path) -
     """One wrk run: requests/s and the p50/p99 latency it reports; raises if any response was not a 200."""
     script = work / "search.lua"
     script.write_text(WRK_SCRIPT)
-    cmd = ["wrk", f"-t{min(connections, os.cpu_count() or 1)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+    cmd = ["wrk", f"-t{args_threads(connections)}", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
            "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STREAMHASH_BENCH_BODIES": str(bodies)},
                          timeout=seconds + 60)
@@ -93,6 +93,15 @@ def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path) -
     return {"rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))),
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]),
             "requests": int(re.search(r"(\d+) requests in", text).group(1))}
+
+
+def args_threads(connections: int) -> int:
+    """wrk's threads: one per connection up to WRK_THREADS (set from --wrk-threads): on a small machine every
+    load-generator thread is a core taken from the server."""
+    return max(1, min(connections, WRK_THREADS[0]))
+
+
+WRK_THREADS = [1]
 
 
 def _ms(value: str) -> float:
@@ -214,14 +223,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--bits", type=int, default=32)
+    ap.add_argument("--shards", type=int, default=PARTITIONS, help="partitions of the topic, shards of the root")
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per connection count")
     ap.add_argument("--ingest-rate", type=float, default=1000.0, help="images/s a worker ingests meanwhile (0: none)")
     ap.add_argument("--workers", type=int, default=0, help="also run the batched server with this many processes")
     ap.add_argument("--no-reference", action="store_true", help="skip the unbatched server")
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (at most one per connection)")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
     ap.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary directory, removed)")
     args = ap.parse_args()
+    WRK_THREADS[0] = args.wrk_threads
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt install wrk)", file=sys.stderr)
         return 2
@@ -231,22 +243,23 @@ def main() -> int:
     try:
         shutil.rmtree(root, ignore_errors=True)
         t = time.perf_counter()
-        codes = build_store(root, args.items, args.bits, partitions=PARTITIONS, topic=TOPIC)
-        print(f"{args.items} items x {args.bits} bits in {PARTITIONS} shards written in {time.perf_counter() - t:.1f} s",
+        codes = build_store(root, args.items, args.bits, partitions=args.shards, topic=TOPIC)
+        print(f"{args.items} items x {args.bits} bits in {args.shards} shards written in {time.perf_counter() - t:.1f} s",
               file=sys.stderr)
         bodies = work / "bodies.jsonl"
         rng = np.random.default_rng(1)
         bodies.write_text("".join(json.dumps({"code_hex": c.tobytes().hex(), "k": 10}) + "\n"
                                   for c in rng.integers(0, 256, (5000, args.bits // 8), dtype=np.uint8)))
-        result: dict = {"items": args.items, "bits": args.bits, "shards": PARTITIONS, "k": 10, "cores": os.cpu_count(),
-                        "duration_s": args.duration, "ingest_rate": args.ingest_rate,
+        result: dict = {"items": args.items, "bits": args.bits, "shards": args.shards, "k": 10, "cores": os.cpu_count(),
+                        "duration_s": args.duration, "ingest_rate": args.ingest_rate, "wrk_threads": args.wrk_threads,
                         "kernel_ms_batch1": kernel_ms(root, codes)}
         configs = [("batch", {}, [])]
         if not args.no_reference:
             configs.append(("nobatch", {"STREAMHASH_SERVER__BATCH_ENABLED": "false"}, []))
         if args.workers > 1:
             configs.append((f"batch-w{args.workers}", {}, ["--workers", str(args.workers)]))
-        with EmbeddedBroker(home=work / "broker") as broker, ingesting(broker, root, work, args.ingest_rate) as ingest:
+        with EmbeddedBroker(home=work / "broker") as broker, \
+                ingesting(broker, root, work, args.ingest_rate, args.shards) as ingest:
             for name, env, serve_args in configs:
                 result[name] = run_config(name, env, root, work, args, bodies, serve_args)
                 print(f"{name:>10} resident memory (MiB): {result[name]['rss_mib']}", file=sys.stderr)
@@ -265,7 +278,7 @@ def main() -> int:
 
 
 @contextmanager
-def ingesting(broker, root: Path, work: Path, rate: float):
+def ingesting(broker, root: Path, work: Path, rate: float, partitions: int):
     """A worker over ``root`` ingesting synthetic PNG images at ``rate``/s until the block ends; yields a
     function returning how many it indexed so far."""
     from streamhash.config import KafkaSettings
@@ -277,7 +290,7 @@ def ingesting(broker, root: Path, work: Path, rate: float):
         yield lambda: 0
         return
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic=TOPIC, group_id="bench-serve",
-                          topic_partitions=PARTITIONS)
+                          topic_partitions=partitions)
     ensure_topics(kafka)
     mport = free_port()
     env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMHASH_KAFKA__TOPIC": TOPIC,
