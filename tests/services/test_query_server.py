@@ -273,9 +273,25 @@ def brute_hits(stores: dict[int, Store], q: np.ndarray, k: int, radius: int | No
     return [(item_id, d, f"{TOPIC}/{p}") for d, p, _, item_id in rows if radius is None or d < radius][:k]
 
 
-def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_path):
+def one_by_one_then_together(path, stores, bodies):
+    """The answers of an unbatched server taking ``bodies`` one at a time, those of a batched server taking
+    them 16 at once (a window makes sure they really meet in batches), and the batched app."""
     from concurrent.futures import ThreadPoolExecutor
 
+    strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
+    plain = query.create_app(Settings(store={"path": str(path)}, server={"batch_enabled": False}), index_over(path, stores))
+    with TestClient(plain) as client:
+        expected = [strip(client.post("/search", json=b)) for b in bodies]
+    batched = query.create_app(Settings(store={"path": str(path)}, server={"batch_window_s": 0.02, "batch_max": 32}),
+                               index_over(path, stores))
+    with TestClient(batched) as client:
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
+    assert all(r.status_code == 200 for r in got), [r.text for r in got if r.status_code != 200][:3]
+    return expected, [strip(r) for r in got], batched
+
+
+def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_path):
     stores, codes = _tied_root(tmp_path)
     rng = np.random.default_rng(3)
     bodies = []
@@ -287,23 +303,12 @@ def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_pa
             bodies.append({"code_hex": codes[i].tobytes().hex(), "k": k, "radius": int(rng.integers(0, 20))})
         else:
             bodies.append({"code_hex": rng.integers(0, 256, 4, dtype=np.uint8).tobytes().hex(), "k": k})
-    strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
     try:
-        plain = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}),
-                                 index_over(tmp_path, stores))
-        with TestClient(plain) as client:
-            expected = [strip(client.post("/search", json=b)) for b in bodies]
-        # a window makes sure the concurrent requests really meet in batches
-        batched = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_window_s": 0.02, "batch_max": 32}),
-                                   index_over(tmp_path, stores))
-        with TestClient(batched) as client:
-            with ThreadPoolExecutor(16) as pool:
-                got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
-            assert all(r.status_code == 200 for r in got), [r.text for r in got if r.status_code != 200][:3]
-            assert [strip(r) for r in got] == expected
-            batcher = batched.state.batcher
-            assert batcher.requests == sum(1 for b in bodies if "radius" not in b)
-            assert batcher.batches < batcher.requests  # some requests shared a kernel call
+        expected, got, batched = one_by_one_then_together(tmp_path, stores, bodies)
+        assert got == expected
+        batcher = batched.state.batcher
+        assert batcher.requests == sum(1 for b in bodies if "radius" not in b)
+        assert batcher.batches < batcher.requests  # some requests shared a kernel call
         # and each answer is brute force over the union of the shards, in the documented order
         for b, r in zip(bodies, expected):
             assert r["index_size"] == len(codes) and r["partial"] is False
@@ -325,26 +330,15 @@ def test_concurrent_searches_are_batched_and_answer_exactly_as_one_by_one(tmp_pa
 def test_concurrent_image_searches_share_encode_calls_and_answer_as_one_by_one(tmp_path):
     """Image queries arriving together are encoded in one call per model version (as their rankings share
     a kernel call): the same codes and hits as one at a time, in fewer encode calls than requests."""
-    from concurrent.futures import ThreadPoolExecutor
-
     stores, images = make_root(tmp_path, n=40)
     rng = np.random.default_rng(4)
     bodies = [{"image_base64": b64(encode_png(images[int(rng.integers(0, 40))])), "k": int(rng.integers(1, 40))}
               for _ in range(60)]
-    strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
     try:
-        plain = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}),
-                                 index_over(tmp_path, stores))
-        with TestClient(plain) as client:
-            expected = [strip(client.post("/search", json=b)) for b in bodies]
-        batched = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_window_s": 0.02, "batch_max": 32}),
-                                   index_over(tmp_path, stores))
-        with TestClient(batched) as client:
-            with ThreadPoolExecutor(16) as pool:
-                got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
-            assert [strip(r) for r in got] == expected
-            encodes = batched.state.encodes
-            assert encodes.requests == len(bodies) and encodes.batches < encodes.requests
+        expected, got, batched = one_by_one_then_together(tmp_path, stores, bodies)
+        assert got == expected
+        encodes = batched.state.encodes
+        assert encodes.requests == len(bodies) and encodes.batches < encodes.requests
     finally:
         close_all(stores)
 
