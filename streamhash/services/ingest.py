@@ -130,6 +130,9 @@ class IngestWorker:
         return store
 
     def _load_net(self, version: int) -> HashNet:
+        a = self.announced
+        if a is not None and a.version == version:  # read from the models topic, maybe in no shard yet
+            return HashNet.from_bytes(a.raw, self.device)
         for _, store in self.shards:
             raw = store.get_model(version)[1]
             if raw is not None:

@@ -197,3 +197,29 @@ def test_two_workers_a_learner_and_a_query_server_one_worker_killed_merged_resul
     finally:
         for p in (learner, server, *(w for w, _ in workers)):
             stop(p)
+
+
+def test_a_worker_started_after_a_reencode_was_announced_reencodes_its_shards(broker, tmp_path):
+    """The announcement is read from the models topic at start-up, before any shard opens: a restarted worker
+    whose shards are behind re-encodes them with the announced network (it is in no shard yet)."""
+    from streamhash.config import ModelSettings
+    from streamhash.kafka.modelbus import ModelAnnouncement, ModelPublisher
+    from streamhash.model.hashnet import HashNet, HashNetConfig
+    from tests.support import produce
+
+    kafka = module_kafka(broker, "restart")
+    root = tmp_path / "index"
+    env = env_for(kafka, root, free_port())
+    worker, url = start_worker(env, tmp_path / "worker1.log")
+    produce(kafka, 400, "img-", seed=5)
+    wait_for(lambda: scrape(url).get('streamhash_index_items{process="worker"}', 0) >= 400, 60, "400 indexed")
+    assert stop(worker) == 0
+    publisher = ModelPublisher(kafka)
+    publisher.publish_model(ModelAnnouncement(2, 2, True, HashNet(HashNetConfig(bits=ModelSettings().bits, seed=9)).to_bytes()))
+    publisher.close()
+    worker, url = start_worker(env, tmp_path / "worker2.log")
+    wait_for(lambda: scrape(url).get("streamhash_shard_reencodes_total", 0) >= 4, 60, "the four shards re-encoded")
+    assert stop(worker) == 0
+    content = read_store(root)
+    assert {(sh["generation"], sh["model_version"]) for sh in content["shards"].values()} == {(2, 2)}
+    assert len(content["ids"]) == 400
