@@ -209,7 +209,8 @@ class BinaryIndex(ABC):
 
     @property
     def ntotal(self) -> int:
-        return self._n - self._ndead
+        with self._lock.read():  # two fields a write changes one after the other: read them from one state
+            return self._n - self._ndead
 
     def _grow(self, need: int) -> None:
         cap = len(self._ids)

@@ -70,7 +70,8 @@ def test_follows_writes_overwrites_and_learned_codes(store):
 def test_a_query_never_sees_a_re_coded_item_missing(store):
     """A learned code (or an overwrite) gives the item a new seq; the follower once removed the old seq and
     added the new one in two steps, and a query between them found the index short (2,400 -> 2,344 in
-    the learning integration test, the 56 learned codes of one round)."""
+    the learning integration test, the 56 learned codes of one round); ``ntotal`` read the index's two counters while a write was
+    between them."""
     import threading
 
     rng = np.random.default_rng(3)
@@ -82,6 +83,7 @@ def test_a_query_never_sees_a_re_coded_item_missing(store):
     def watch():
         while not done.is_set():
             sizes.append(live.current.index.ntotal)
+            time.sleep(0)  # yield the GIL: the refreshes must run between the looks
 
     t = threading.Thread(target=watch)
     t.start()
