@@ -151,3 +151,67 @@ def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes
         assert got["model_version"] in [1, *published], (shard, got)
         assert set(got["learned_by"]) <= set(published), (shard, got)
     assert f"learner at model version {published[-2]}" in (tmp_path / "learner2.log").read_text()  # resumed, then +1
+
+
+def test_a_class_ordered_partly_labeled_stream_triggers_a_reencode_that_raises_precision(kafka_settings, tmp_path):
+    """The re-encoding issue's worker test: classes 0-4, then 5-9, a quarter of the items labeled. The learner
+    learns 0-4; classes 5-9 then arrive while it is stopped (SIGSTOP), so their unlabeled items are indexed
+    with codes of a network that never saw them. Resumed, it learns 5-9: those codes are stale, the MI test
+    (default threshold and noise bound) fires, the workers re-encode, and precision@10 of the live index,
+    judged by every item's true class (most carry no label), is higher than before."""
+    ensure_topics(kafka_settings)
+    images, labels = synthetic_images(4400, seed=21, noise=70, shift=2)
+    first, second = np.flatnonzero(labels[:4000] < 5), np.flatnonzero(labels[:4000] >= 5)
+    truth = np.concatenate([labels[first], labels[second]])
+    shown = [int(y) if i % 4 == 0 else None for i, y in enumerate(truth)]  # a quarter labeled
+    queries, q_labels = images[4000:], labels[4000:]
+    true_class = {f"c-{i}": int(y) for i, y in enumerate(truth)}
+    env = env_for(kafka_settings, tmp_path / "index", free_port(), free_port())
+    env.update({"STREAMHASH_LEARN__ROUND_EVERY": "250", "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
+                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "3", "STREAMHASH_LEARN__RESERVOIR_SIZE": "400"})
+    learner_url = f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
+    worker, _ = start_worker(env, tmp_path / "worker.log")
+    server = spawn(["serve"], env=env, log_path=tmp_path / "serve.log")
+    learner = spawn(["learner"], env=env, log_path=tmp_path / "learner.log")
+    base = f"http://127.0.0.1:{env['STREAMHASH_SERVER__PORT']}"
+    size = lambda: httpx.get(f"{base}/healthz").json()["index_size"]  # noqa: E731
+
+    def precision() -> float:
+        hits = []
+        with httpx.Client(timeout=30) as c:
+            for img, lab in zip(queries, q_labels):
+                r = c.post(f"{base}/search", json={"image_base64": base64.b64encode(encode_png(img)).decode(), "k": 10})
+                r.raise_for_status()
+                hits += [true_class[h["id"]] == int(lab) for h in r.json()["results"]]
+        return float(np.mean(hits))
+
+    try:
+        wait_http(f"{base}/healthz", 60, server, tmp_path / "serve.log")
+        wait_http(learner_url, 60, learner, tmp_path / "learner.log")
+        producer = make_producer(kafka_settings)
+        n1 = len(first)
+        send(producer, kafka_settings.topic, from_arrays(images[first], shown[:n1], prefix="c-"), progress=False)
+        wait_for(lambda: size() >= n1, 120, "classes 0-4 indexed")
+        labeled_1 = sum(x is not None for x in shown[:n1])  # less the ~10 % hold-out, never learned
+        wait_for(lambda: scrape(learner_url).get("streamhash_learned_codes_published_total", 0) >= 0.8 * labeled_1, 300,
+                 "classes 0-4 learned")
+        triggers_before = scrape(learner_url).get("streamhash_reencode_triggers_total", 0)
+        learner.send_signal(signal.SIGSTOP)
+        send(producer, kafka_settings.topic, from_arrays(images[second], shown[n1:], prefix="c-", start=n1), progress=False)
+        producer.close()
+        wait_for(lambda: size() >= 4000, 120, "classes 5-9 indexed")
+        generation = max(s["generation"] for s in httpx.get(f"{base}/healthz").json()["shards"])
+        before = precision()
+        learner.send_signal(signal.SIGCONT)
+        wait_for(lambda: scrape(learner_url).get("streamhash_reencode_triggers_total", 0) > triggers_before, 600,
+                 "the MI test to fire on classes 5-9")
+        wait_for(lambda: all(s["generation"] > generation for s in httpx.get(f"{base}/healthz").json()["shards"]), 120,
+                 "every shard re-encoded")
+        after = precision()
+    finally:
+        learner.send_signal(signal.SIGCONT)
+        stop(learner)
+        stop(server)
+        stop(worker)
+    print(f"precision@10 by true class: {before:.3f} before the trigger, {after:.3f} after")
+    assert after > before, (before, after)
