@@ -41,7 +41,7 @@ from streamhash.config import Settings
 from streamhash.errors import BadQueryError
 from streamhash.index.sharded import ShardedIndex, View
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
-from streamhash.memory import pin_malloc_mmap_threshold
+from streamhash.memory import freeze_startup_objects, pin_malloc_mmap_threshold
 from streamhash.records import ImageSpec
 from streamhash.services.batching import MicroBatcher
 from streamhash.services.http_api import (
@@ -79,6 +79,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     async def lifespan(_app: FastAPI):
         index.start()  # the followers, the root's rescan and the sampler run exactly as long as the server
         status.start()
+        freeze_startup_objects()  # full collections walking start-up's objects stalled every request behind them
         yield
         for b in (batcher, encodes):
             if b is not None:

@@ -440,3 +440,17 @@ def test_a_legacy_store_is_refused_and_a_missing_root_waited_for(tmp_path):
     assert query._open_root(Settings(store={"path": str(tmp_path / "none")}, server={"store_wait_s": 0.2})) is None
     StoreRoot(tmp_path / "new")
     assert query._open_root(Settings(store={"path": str(tmp_path / "new")})).path == tmp_path / "new"
+
+
+def test_the_server_exempts_its_start_up_objects_from_garbage_collection(tmp_path):
+    """Full collections walked every object start-up left (torch, FastAPI, the network): under 8 connections
+    the p99 was 78 ms with the collector, 7 ms without (RESULTS, "Serving")."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        with serving(tmp_path) as (client, _images):
+            assert client.get("/healthz").status_code == 200
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()  # the test process's objects go back to the collector
