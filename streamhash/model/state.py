@@ -37,6 +37,18 @@ def ensure_model(store, mc) -> int:
     return version
 
 
+def stored_net(stores, version: int, device="cpu"):
+    """The network stored under ``version`` in the first of ``stores`` that holds it; LookupError if none does
+    (a version is the same network in every shard that has it)."""
+    from streamhash.model.hashnet import HashNet
+
+    for store in stores:
+        raw = store.get_model(version)[1]
+        if raw is not None:
+            return HashNet.from_bytes(raw, device)
+    raise LookupError(f"model version {version} is not stored in any of these shards yet")
+
+
 class NetCache:
     """version -> network, loaded on first use by ``loader(version)``; the newest few are kept."""
 
@@ -55,7 +67,3 @@ class NetCache:
                 for old in sorted(self._nets)[:-self.keep]:
                     del self._nets[old]
         return net
-
-    def put(self, version: int, net) -> None:
-        with self._lock:
-            self._nets[version] = net

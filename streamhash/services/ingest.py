@@ -55,7 +55,7 @@ from streamhash.kafka.produce import make_producer
 from streamhash.kafka.topics import ensure_topics
 from streamhash.model.hashnet import HashNet, resolve_device
 from streamhash.memory import freeze_startup_objects
-from streamhash.model.state import NetCache, ensure_model
+from streamhash.model.state import NetCache, ensure_model, stored_net
 from streamhash.records import ImageRecord, ImageSpec, parse_message
 from streamhash.services.reencode import Reencoder
 
@@ -134,11 +134,7 @@ class IngestWorker:
         a = self.announced
         if a is not None and a.version == version:  # read from the models topic, maybe in no shard yet
             return HashNet.from_bytes(a.raw, self.device)
-        for _, store in self.shards:
-            raw = store.get_model(version)[1]
-            if raw is not None:
-                return HashNet.from_bytes(raw, self.device)
-        raise StoreError(f"model version {version} is in none of this worker's shards")
+        return stored_net((store for _, store in self.shards), version, self.device)
 
     def connect(self) -> None:
         k = self.settings.kafka
@@ -182,7 +178,8 @@ class IngestWorker:
         """
         if self.consumer is None:
             self.connect()
-        freeze_startup_objects()  # a full collection over torch's and kafka's objects paused commits for ~60 ms
+        # as in the query server (where it stalled requests ~60-80 ms): full collections over start-up's objects
+        freeze_startup_objects()
         last_data = time.monotonic()
         in_flight: _Prepared | None = None
         try:
@@ -281,8 +278,7 @@ class IngestWorker:
         newest = latest(fresh)
         if newest is None or (self.announced is not None and newest.version <= self.announced.version):
             return
-        self.announced = newest
-        self.nets.put(newest.version, HashNet.from_bytes(newest.raw, self.device))
+        self.announced = newest  # its network is loaded on first use (_load_net)
         log.info("model version %d (generation %d%s) published by the learner", newest.version, newest.generation,
                  ", a re-encode" if newest.reencode else "")
         for key, store in self.shards:

@@ -62,7 +62,7 @@ def sharded_index(settings: Settings, root: StoreRoot | None = None) -> ShardedI
 
 def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI:
     index = index or sharded_index(settings)
-    encoder = QueryEncoder(ImageSpec.from_settings(settings))
+    encoder = QueryEncoder(ImageSpec.from_settings(settings), index)
     body_limit = max_body_bytes(settings)
     status = LiveStatus(index)
     # Top-k searches waiting at the same moment over the same shard generations share one kernel call per

@@ -14,7 +14,6 @@ to rank and is simply answered.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +21,7 @@ from fastapi import HTTPException
 
 from streamhash.errors import BadQueryError, RecordRejected
 from streamhash.index.sharded import ShardedIndex, ShardView, View
-from streamhash.index.store import Store
-from streamhash.model.hashnet import HashNet
+from streamhash.model.state import NetCache, stored_net
 from streamhash.records import ImageSpec, content_type_of, decode_image
 from streamhash.services.http_api import PayloadTooLarge, check_item_id
 
@@ -46,12 +44,11 @@ class ShardQueries:
 
 
 class QueryEncoder:
-    """Query images encoded with each shard's model version; networks cached by version."""
+    """Query images encoded with each shard's model version; networks loaded from the shards, cached by version."""
 
-    def __init__(self, spec: ImageSpec):
+    def __init__(self, spec: ImageSpec, index: ShardedIndex):
         self.spec = spec
-        self._nets: dict[int, HashNet] = {}
-        self._lock = threading.Lock()
+        self.nets = NetCache(lambda version: stored_net((shard.store for shard in index.shards), version))
 
     def decode(self, raw: bytes) -> np.ndarray:
         if len(raw) > self.spec.max_value_bytes:
@@ -60,22 +57,6 @@ class QueryEncoder:
             return decode_image(raw, content_type_of(raw, None), self.spec)
         except RecordRejected as exc:
             raise BadQueryError(f"query image rejected: {exc.message}") from None
-
-    def net(self, version: int, stores: list[Store]) -> HashNet | None:
-        """The network of ``version``, read from the first of ``stores`` (shards serving it) that holds it."""
-        with self._lock:
-            if version not in self._nets:
-                raw = next((r for r in (s.get_model(version)[1] for s in stores) if r is not None), None)
-                if raw is None:
-                    return None
-                self._nets[version] = HashNet.from_bytes(raw)
-            return self._nets[version]
-
-    def forget_except(self, versions: set[int]) -> None:
-        """Drop networks no shard serves any more (a re-encode finished everywhere)."""
-        with self._lock:
-            if len(self._nets) > len(versions) + 2:
-                self._nets = {v: n for v, n in self._nets.items() if v in versions}
 
     def for_image(self, image: np.ndarray, view: View, only: set[int] | None = None) -> ShardQueries:
         """``image`` encoded once per model version in ``view`` (``only``: just these shard positions)."""
@@ -97,14 +78,14 @@ class QueryEncoder:
                     q.errors[v.pos] = None if v.g.index.ntotal == 0 else got  # nothing to rank: not a missing answer
                 else:
                     q.codes[v.pos] = got[i]
-        self.forget_except({v.model_version for v in view.shards})
         return out
 
     def _encode(self, images: list[np.ndarray], view: View, v: ShardView) -> np.ndarray | str:
         if v.model_version <= 0:
             return f"shard {v.name} has no model yet"
-        net = self.net(v.model_version, [w.shard.store for w in view.shards if w.model_version == v.model_version])
-        if net is None:
+        try:
+            net = self.nets.get(v.model_version)
+        except LookupError:
             return f"model version {v.model_version} is not in shard {v.name} yet"
         return net.encode(np.stack(images))
 
