@@ -187,6 +187,12 @@ def decode_image(value: bytes, content_type: str, spec: ImageSpec) -> np.ndarray
     return np.ascontiguousarray(arr)
 
 
+def decode_images(blobs, spec: ImageSpec) -> np.ndarray:
+    """Stored ``(bytes, content type)`` pairs -> the network's input batch, shape (n, *spec.shape), as on ingest."""
+    out = [decode_image(raw, ctype, spec) for raw, ctype in blobs]
+    return np.stack(out) if out else np.zeros((0, *spec.shape), np.uint8)
+
+
 def _decode_npy(value: bytes, spec: ImageSpec) -> np.ndarray:
     # The header alone says how much np.load would allocate; read it and check before any data is touched.
     fp = io.BytesIO(value)

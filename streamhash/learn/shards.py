@@ -34,7 +34,7 @@ from streamhash.errors import SchemaMismatchError, StoreError
 from streamhash.index.store import Snapshot, Store
 from streamhash.index.store.root import ShardKey, StoreRoot
 from streamhash.learn.online import OnlineHasher, in_holdout
-from streamhash.records import ImageSpec, decode_image
+from streamhash.records import ImageSpec, decode_images
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,7 @@ class ShardFeed:
         absent = [i for i in ids if i not in found]
         if absent:
             raise StoreError(f"{len(absent)} items have no stored image in any shard, e.g. {absent[:3]}")
-        out = [decode_image(*found[i], self.spec) for i in ids]
-        return np.stack(out) if out else np.zeros((0, *self.spec.shape), np.uint8)
+        return decode_images([found[i] for i in ids], self.spec)
 
     def close(self) -> None:
         for s in self.shards.values():

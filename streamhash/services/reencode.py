@@ -18,11 +18,10 @@ import threading
 import time
 from collections import deque
 
-import numpy as np
 
 from streamhash import metrics as m
 from streamhash.index.store import GenerationBuilder
-from streamhash.records import decode_image
+from streamhash.records import decode_images
 
 log = logging.getLogger("streamhash.worker")
 
@@ -80,15 +79,10 @@ class Reencoder(threading.Thread):
         net = self.worker.nets.get(target.version)
         store.put_model(target.raw, version=target.version)  # beside the current one: the swap makes it current
         spec = self.worker.spec
-
-        def decode(blobs):
-            out = [decode_image(raw, ctype, spec) for raw, ctype in blobs]
-            return np.stack(out) if out else np.zeros((0, *spec.shape), np.uint8)
-
         t0 = time.perf_counter()
         # items are overwritten, never deleted: every id the builder hands over has a blob
-        builder = GenerationBuilder(store, encode_ids=lambda ids: net.encode(decode(store.get_blobs(ids))),
-                                    encode_blobs=lambda blobs: net.encode(decode(blobs)),
+        builder = GenerationBuilder(store, encode_ids=lambda ids: net.encode(decode_images(store.get_blobs(ids), spec)),
+                                    encode_blobs=lambda blobs: net.encode(decode_images(blobs, spec)),
                                     chunk=self.chunk)
         gen = builder.build(target.version, target.generation)
         builder.drop_replaced()
