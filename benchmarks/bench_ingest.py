@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import shutil
 import sys
 import threading
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamhash.config import KafkaSettings  # noqa: E402
 from streamhash.data.fashion_mnist import load_all  # noqa: E402
-from benchmarks.bench_serve import build_store  # noqa: E402
+from benchmarks.bench_serve import build_store, cpu_seconds  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
@@ -104,12 +103,6 @@ def query_latency_while_ingesting(bootstrap: str, work: Path, stream, stream_y, 
         stop(worker)
         producer.close(timeout=5)
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(xs: list[float], scale: float = 1.0) -> tuple[float, float]:

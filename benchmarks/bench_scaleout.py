@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -41,7 +40,7 @@ from streamhash.data.fashion_mnist import load_all  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
-from benchmarks.bench_serve import build_store  # noqa: E402
+from benchmarks.bench_serve import build_store, cpu_seconds  # noqa: E402
 from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http  # noqa: E402
 from tests.support import read_store  # noqa: E402
 
@@ -94,12 +93,6 @@ def ingest_phase(bootstrap: str, work: Path, images, labels, values_fmt: str, wo
     once = (len(ids) == len(set(ids)) == len(images)
             and sum(sh["next_seq"] - 1 for sh in content["shards"].values()) == len(images))
     return {"images_per_s": round(rate), "exactly_once": once, "shards": len(content["shards"])}
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def learner_phase(bootstrap: str, work: Path, images, labels, fmt: str, n: int, with_learner: bool) -> dict:
