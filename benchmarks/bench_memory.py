@@ -10,7 +10,7 @@ before the items arrive to just after, divided by the number of items, minus the
   refreshes), then searching once so lazily built lookup structures exist;
 * ``learner``: an :class:`~streamhash.learn.online.OnlineHasher` observing the items in ingest-sized
   batches (256) with ids like ``img-0123456`` and one label each, asked ``ready()`` after each batch
-  as the learner thread asks every 0.5 s (which folds the observed items into the learner);
+  as the learner asks every 0.5 s (which folds the observed items into the learner);
 * ``dicts``: the reference measured in the same run: the per-item Python containers the live index
   used to hold (seq -> id, seq -> labels and id -> seq dicts over the same ids and label tuples).
   ``ratio_to_dicts`` is each side's bytes per item over this one's.
@@ -105,7 +105,7 @@ def child_learner(n: int, bits: int, path: str) -> dict:
         codes = rng.integers(0, 256, (m, bits // 8), dtype=np.uint8)
         labels = [{int(x)} for x in rng.integers(0, LABELS, m)]
         hasher.observe(ids, codes, labels)
-        hasher.ready()  # the learner thread asks every 0.5 s; it folds the buffer into the learner
+        hasher.ready()  # the learner asks every 0.5 s; it folds the buffer into the learner
     took = time.perf_counter() - t0
     assert hasher.learner.n_items == n + OBSERVE_BATCH
     return {"bytes": settle() - before, "seconds": took}

@@ -153,8 +153,6 @@ class WorkerSettings(BaseModel):
     write_attempts: int = 6
     retry_backoff_s: float = 0.5
     retry_backoff_max_s: float = 30.0
-    # A batch encoded just before a re-encode's swap waits this long for the new model to be published.
-    generation_wait_s: float = 5.0
     metrics_port: int = 9101
     metrics_host: str = "127.0.0.1"
 

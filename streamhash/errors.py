@@ -62,6 +62,5 @@ class BadQueryError(StreamhashError):
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_DATASET_MISSING = 3  # a named dataset is not on disk; the message says how to get it
-EXIT_CANTCREAT = 73  # the store is locked by another writer: restarting will not help until it stops
 EXIT_TEMPFAIL = 75  # disk or map full: retried, then stopped with nothing lost; restart with back-off
 EXIT_CONFIG = 78  # the store root or the topics are not what this build can use; the message says what to do

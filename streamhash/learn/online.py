@@ -1,19 +1,17 @@
-"""The learner the worker runs: an incremental hasher (DIHN by default) + reservoir + MI re-encode trigger.
+"""What the learner process runs: an incremental hasher (DIHN by default) + reservoir + MI re-encode trigger.
 
 Wiring (streamhash/services/learner.py is the real one)::
 
     hasher = OnlineHasher(net, settings.learn, seed=settings.model.seed)
-    # ingest path, after the store committed (any thread; cheap, never blocks on a round):
+    # items the shards committed (the learner's ShardFeed; cheap, never blocks on a round):
     hasher.observe(ids, packed_codes, labels)          # labels: list of label sets / ints, None = unlabeled
-    # learner thread:
+    # the learner's loop:
     if hasher.ready():                                  # round_every labeled items, or the oldest waited round_max_age_s
         report = hasher.learn_round(fetch_images)       # fetch_images(ids) -> uint8 images from the store's blobs
         net = hasher.snapshot_net()                     # a copy to publish; the hasher keeps training its own
-        if report.reencode:                             # the MI test fired: store the learned codes, then build
-            store.put_codes(report.round.ids, report.round.codes)   # a new generation with `net` (learned
-            ...; hasher.apply_reencode(ids, codes)      # codes copied); the inferred codes the index now holds
-        else:
-            store.put_codes(report.round.ids, report.round.codes, model_version=version)
+        # publish `net` (a new generation when report.reencode: the workers re-encode their shards, learned
+        # codes copied), then the learned codes report.round.ids / .codes; a re-encoded shard's inferred
+        # codes come back as hasher.apply_reencode(ids, codes)
         lags = hasher.clock() - report.arrivals         # per learned item, arrival -> learned code
 
 Another incremental learner plugs in through ``learner=`` (any :class:`~streamhash.learn.base.IncrementalHasher`).
