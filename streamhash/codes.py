@@ -52,3 +52,16 @@ def hamming_brute(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
     q = np.unpackbits(np.asarray(queries, dtype=np.uint8), axis=1).astype(np.int32)
     c = np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=1).astype(np.int32)
     return (q[:, None, :] != c[None, :, :]).sum(axis=2).astype(np.int32)
+
+
+def stale(learned, model, version: int) -> np.ndarray:
+    """Which stored codes a re-encode to network ``version`` replaces: the inferred ones (network outputs)
+    made by another version, or by none recorded (-1). Learned codes (DCC, fitted to labels) never are: a
+    re-encode would undo what the labels taught. Shared by the store's generation builder and the eval
+    harness, so both re-encode the same codes.
+
+    >>> stale([True, False, False, False], [3, 3, 2, -1], 3).tolist()
+    [False, False, True, True]
+    """
+    return ~np.asarray(learned, bool) & (np.asarray(model, np.int64) != int(version))
+

@@ -173,6 +173,10 @@ class LearnSettings(BaseModel):
     round_min_items: int = Field(1, ge=1)  # labeled items an age-triggered round needs at least
     omega: int = 2000
     epochs: int = 3
+    iters: int = Field(3, ge=1)  # alternations per round: network epochs on Omega, then a DCC update of B_new
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    new_fraction: float = Field(0.5, ge=0, le=1)  # share of Omega drawn from the round's new items
     gamma: float = 200.0
     mu: float = 50.0
     # The re-encode test (streamhash.learn.online): fire iff the MI gain of the selective re-encode

@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 
+from streamhash.codes import stale
 from streamhash.errors import StoreError
 from streamhash.index.store.env import Environment
 from streamhash.index.store.items import Items
@@ -91,7 +92,7 @@ class Generations:
         return self.env.write(lambda txn: self._copy_current(txn, gen, ids, model_version))
 
     def _copy_current(self, txn, gen: int, ids, model_version: int) -> tuple[int, list[tuple[str, int]]]:
-        db, stale, copied = self.env.db, [], 0
+        db, to_encode, copied = self.env.db, [], 0
         live = u64(int(self.env.read_meta(txn)["generation"]))
         for item_id in ids:
             key = item_id.encode()
@@ -100,12 +101,13 @@ class Generations:
                 continue
             rec = json.loads(raw)
             code = txn.get(live + key, db=db["codes"])
-            if code is not None and (rec.get("learned") or rec.get("model") == model_version):
+            made_by = -1 if rec.get("model") is None else rec["model"]
+            if code is not None and not stale(bool(rec.get("learned")), made_by, model_version):
                 self._put_code(txn, gen, key, rec["seq"], code)
                 copied += 1
             else:
-                stale.append((item_id, rec["seq"]))
-        return copied, stale
+                to_encode.append((item_id, rec["seq"]))
+        return copied, to_encode
 
     def provenance(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Every live item's (ids, learned, model) in seq order, from one snapshot: learned (bool) marks a
