@@ -3,4 +3,4 @@
 Kept import-light (no torch here): ``streamhash --help`` builds the eval sub-command from it.
 """
 
-METHODS = ("streamhash", "dihn_no_reencode", "reencode_every_round", "full_retrain", "frozen", "lsh")
+METHODS = ("streamhash", "selective_every_round", "full_every_round", "never_reencode", "full_retrain", "lsh")

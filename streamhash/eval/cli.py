@@ -1,6 +1,6 @@
 """``streamhash eval`` / ``python -m streamhash.eval``: run a protocol, print a table, optionally JSON.
 
-    python -m streamhash.eval --protocol class-incremental --bits 32 --quick --json --out benchmarks/
+    python -m streamhash.eval --protocol partial-labels --bits 32 --quick --json --out benchmarks/
 """
 
 from __future__ import annotations
@@ -13,52 +13,70 @@ from pathlib import Path
 
 from streamhash.errors import DatasetMissingError
 from streamhash.eval import METHODS
+from streamhash.eval.protocols import PROTOCOLS
 
-QUICK = {"retrieval_limit": 12_000, "queries_per_class": 50, "chunks": 3, "stream": 6_000, "chunk_size": 2_000,
-         "init_iters": 10, "round_iters": 3, "omega": 1000, "reservoir": 500}
+# stream sizes (make_stream) and learner settings (LearnSettings) of a reduced run
+QUICK_STREAM = {"retrieval_limit": 12_000, "queries_per_class": 50, "chunks": 3, "stream": 6_000, "chunk_size": 1_500}
+QUICK_LEARN = {"iters": 3, "omega": 1000, "reservoir_size": 500}
+QUICK_INIT_ITERS = 10
+# the learner process's defaults, except alternations per round (the harness runs one round per chunk)
+EVAL_LEARN = {"iters": 8, "reservoir_size": 1000}
+JSON_KEYS = ("map", "map_at_1000", "p_r2", "p_at_1000", "reencodes", "images_reencoded", "seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--protocol", choices=["class-incremental", "online"], default="class-incremental")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="class-incremental")
     parser.add_argument("--bits", type=int, default=32, choices=[16, 32, 48, 64])
-    parser.add_argument("--quick", action="store_true", help="reduced run (12k retrieval, 500 queries), < 5 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="reduced run (12k retrieval, 500 queries, short stream)")
     parser.add_argument("--json", action="store_true", help="last line of output: one JSON object")
     parser.add_argument("--out", type=Path, default=None, help="folder: the plot goes to OUT/plots/incremental_<protocol>_<bits>.png")
     parser.add_argument("--save-json", type=Path, default=None, help="write the full result (curves, MI log) here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--labeled-fraction", type=float, default=None,
+                        help="share of items that arrive labeled (default: 1 for class-incremental and online, 0.25 otherwise)")
     parser.add_argument("--chunks", type=int, default=None, help="class-incremental: number of stream chunks")
-    parser.add_argument("--chunk-size", type=int, default=None, help="online: items per chunk")
-    parser.add_argument("--init-iters", type=int, default=None)
-    parser.add_argument("--round-iters", type=int, default=None)
+    parser.add_argument("--stream", type=int, default=None, help="online, partial-labels, domain-shift, cold-start: Fashion-MNIST items streamed")
+    parser.add_argument("--chunk-size", type=int, default=None, help="items per chunk (all but class-incremental)")
+    parser.add_argument("--init-iters", type=int, default=None, help="alternations of the initial model")
+    parser.add_argument("--round-iters", type=int, default=None, help="alternations per round (LearnSettings.iters)")
     parser.add_argument("--omega", type=int, default=None)
     parser.add_argument("--mi-threshold", type=float, default=None)
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder")
 
 
-def config_from_args(args):
-    from streamhash.eval.protocols import ProtocolConfig
+def stream_kwargs(args) -> dict:
+    kw = dict(QUICK_STREAM) if args.quick else {}
+    for name in ("chunks", "stream", "chunk_size", "labeled_fraction"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return kw | {"seed": args.seed}
 
-    kw = dict(QUICK) if args.quick else {}
-    kw.update(protocol=args.protocol, bits=args.bits, seed=args.seed)
-    for name in ("chunks", "chunk_size", "init_iters", "round_iters", "omega", "mi_threshold"):
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
+
+def config_from_args(args):
+    from streamhash.config import LearnSettings
+    from streamhash.eval.harness import EvalConfig
+
+    learn = dict(EVAL_LEARN) | (QUICK_LEARN if args.quick else {})
+    for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("mi_threshold", "mi_threshold")):
+        if getattr(args, arg) is not None:
+            learn[key] = getattr(args, arg)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = set(methods) - set(METHODS)
     if bad:
         raise ValueError(f"unknown methods {sorted(bad)}; choose from {METHODS}")
-    kw["methods"] = methods
-    return ProtocolConfig(**kw)
+    init_iters = args.init_iters if args.init_iters is not None else (QUICK_INIT_ITERS if args.quick else 40)
+    return EvalConfig(protocol=args.protocol, bits=args.bits, seed=args.seed, init_iters=init_iters, methods=methods,
+                      learn=LearnSettings(**learn))
 
 
 def run(args) -> int:
     import torch
 
     from streamhash.data.fashion_mnist import load_all
-    from streamhash.eval.protocols import run_protocol
+    from streamhash.eval.harness import run as run_stream
+    from streamhash.eval.protocols import make_stream
     from streamhash.eval.report import curve_table, markdown_table, plot
 
     torch.set_num_threads(args.threads)
@@ -66,14 +84,19 @@ def run(args) -> int:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     try:
         images, labels = load_all(args.data_dir)
+        digits = None
+        if args.protocol == "domain-shift":
+            from streamhash.data.digits import load_digits_28
+
+            digits = load_digits_28()
     except DatasetMissingError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    stream = make_stream(args.protocol, images, labels, digits=digits, **stream_kwargs(args))
     t0 = time.perf_counter()
-    result = run_protocol(cfg, images, labels, log=log)
+    result = run_stream(stream, cfg, log=log)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    table = markdown_table(result)
-    log(table)
+    log(markdown_table(result))
     log(curve_table(result))
     if args.out:
         tag = f"{cfg.protocol}_{cfg.bits}{'_quick' if args.quick else ''}"
@@ -82,9 +105,9 @@ def run(args) -> int:
     if args.save_json:
         args.save_json.write_text(json.dumps(result, indent=1, default=str))
     if args.json:
-        slim = {"protocol": result["protocol"], "bits": result["bits"], "methods": {
-            n: {k: m[k] for k in ("map", "map_at_1000", "p_r2", "reencodes", "train_seconds", "reencode_seconds")}
-            for n, m in result["methods"].items()}}
+        slim = {"protocol": result["protocol"], "bits": result["bits"], "database": result["database"],
+                "budget": result["budget"], "methods": {
+                    n: {k: m[k] for k in JSON_KEYS} for n, m in result["methods"].items()}}
         print(json.dumps(slim))
     return 0
 

@@ -1,238 +1,99 @@
-"""Fashion-MNIST protocols and the methods compared on them, all in one run.
+"""The streams the methods are compared on: which images are queries, which form the initial database
+D0, which arrive in which chunk, which carry a label, and what the database is at each step.
 
-Split (both protocols, seeded): 1,000 queries, 100 per class, drawn from the 70,000 images; the other
-69,000 form the retrieval set R.
+Queries: ``queries_per_class`` per class (seeded), never in the database. Labels: an item is labeled
+with probability ``labeled_fraction`` (seeded, the same items for every method); the others arrive
+unlabeled and keep the codes the network gives them. A labeled query and database item are relevant
+when their classes are equal.
 
-**class-incremental** (DIHN's): the initial database D0 = items of R with classes 0-6; the stream =
-items of R with classes 7-9 in a seeded shuffle, cut into ``chunks`` equal chunks. At step t the
-database is D0 + chunks 1..t; queries whose class is not yet in the database have no relevant item
-and are left out of mAP@all (see metrics).
-
-**online** (the online-hashing literature's): the stream is the first ``stream`` items of a seeded
-shuffle of R, cut into chunks of ``chunk_size``; the first chunk plays D0. The database is always all
-of R: streamed items hold the codes the method gave them; items not streamed yet are encoded with the
-method's current network when the index is evaluated (they are indexed "now").
-
-Every method starts from the same initial model: ADSH (= DIHN with every code learnable) trained on
-D0 for ``init_iters`` alternations; D0's codes are its learned codes. Then, per chunk:
-
-* ``streamhash``: a DIHN round on the chunk (old codes frozen, the chunk's codes learned), then the MI
-  test on a reservoir of the labeled items seen so far: re-encode every stored item with the new
-  network iff Q(candidate) - Q(live) > threshold.
-* ``dihn_no_reencode``: the same rounds, never re-encodes.
-* ``reencode_every_round``: the same rounds, re-encodes after every round.
-* ``full_retrain``: ADSH from a fresh network on everything seen (D0 + chunks 1..t), ``init_iters``
-  alternations; every stored code is replaced (learned codes for the training items, network codes
-  for the rest) — the accuracy upper bound.
-* ``frozen``: the initial model; new items get its encodings on arrival.
-* ``lsh``: random projections of centred pixels (mean of D0).
-
-A re-encode replaces every stored code with the current network's encoding. Queries are always
-encoded with the method's current network. ``train_seconds`` is the stream learning time (the shared
-initial training is reported once as ``init_seconds``); ``reencode_seconds`` the time spent
-re-encoding; ``mi_seconds`` the MI tests.
+* ``class-incremental`` (DIHN's): R = the 69,000 non-query Fashion-MNIST images. D0 = R's classes 0-6;
+  the stream = R's classes 7-9, shuffled, in ``chunks`` chunks. Database = D0 + the chunks so far.
+* ``online`` (the online-hashing literature's): the stream = the first ``stream`` items of a shuffle of
+  R in chunks of ``chunk_size``, the first chunk playing D0. The database is always all of R: items not
+  streamed yet are encoded by the method's current network when it is evaluated.
+* ``partial-labels``: the stream = ``stream`` / 2 items of R's classes 0-4, shuffled, then as many of
+  classes 5-9, in chunks of ``chunk_size``, the first chunk playing D0; 25% labeled by default.
+  Database = the items streamed so far. The second half brings classes the network has never seen,
+  so the codes it gave the first half's unlabeled items go stale.
+* ``domain-shift``: ``stream`` / 2 Fashion-MNIST items of R, then scikit-learn's 8x8 digits upscaled to
+  28x28 (:mod:`streamhash.data.digits`, labels 10-19, 20 queries per class, the other 1,597 streamed),
+  in chunks of ``chunk_size``, the first playing D0; 25% labeled by default. Database = streamed so far.
+* ``cold-start``: as ``online`` but the network starts untrained (no initial model: the first chunk
+  is learned by the first round) and the database = the items streamed so far; 25% labeled.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from streamhash.eval import METHODS
-from streamhash.eval.lsh import LSH
-from streamhash.eval.metrics import retrieval_metrics
-from streamhash.learn.dihn import DIHNLearner
-from streamhash.learn.mi import mi_quality
-from streamhash.learn.reservoir import Reservoir
-from streamhash.learn.trigger import MITrigger
-from streamhash.model.hashnet import HashNet, HashNetConfig
+PROTOCOLS = ("class-incremental", "online", "partial-labels", "domain-shift", "cold-start")
+DEFAULT_LABELED = {"class-incremental": 1.0, "online": 1.0, "partial-labels": 0.25, "domain-shift": 0.25,
+                   "cold-start": 0.25}
+DIGITS_QUERIES_PER_CLASS = 20
 
 
-@dataclass
-class ProtocolConfig:
-    protocol: str = "class-incremental"
-    bits: int = 32
-    seed: int = 0
-    queries_per_class: int = 100
-    retrieval_limit: int | None = None  # subsample R (quick mode)
-    chunks: int = 5  # class-incremental
-    stream: int = 20_000  # online
-    chunk_size: int = 2_000  # online
-    init_iters: int = 40
-    round_iters: int = 8
-    omega: int = 2000
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    gamma: float = 200.0
-    mu: float = 50.0
-    new_fraction: float = 0.5
-    reservoir: int = 1000
-    mi_threshold: float = 0.0
-    topk: int = 1000
-    methods: tuple = METHODS
+@dataclass(frozen=True)
+class Stream:
+    images: np.ndarray  # (n, 28, 28) uint8: every image any index below refers to
+    labels: np.ndarray  # (n,) int64
+    labeled: np.ndarray  # (n,) bool: whether the item arrives with its label
+    queries: np.ndarray  # indices
+    d0: np.ndarray  # the initial database (empty for cold-start: its first chunk is chunks[0])
+    chunks: list  # arrays of indices, in arrival order
+    everything: np.ndarray | None  # the database when it is "all of R" (online), else None: what has arrived
+    train_initial: bool  # whether D0's labeled items train the shared initial model
 
 
-@dataclass
-class MethodState:
-    name: str
-    learner: DIHNLearner | None = None
-    lsh: LSH | None = None
-    train_seconds: float = 0.0
-    reencode_seconds: float = 0.0
-    mi_seconds: float = 0.0
-    reencodes: int = 0
-    events: list = field(default_factory=list)  # stream positions of re-encodes
-    curve: list = field(default_factory=list)  # (stream position, metrics dict)
-    mi_log: list = field(default_factory=list)
+def split_queries(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    q = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+                                for c in np.unique(labels)]))
+    rest = np.ones(len(labels), bool)
+    rest[q] = False
+    return q, np.flatnonzero(rest)
 
 
-def split_queries(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def cut(order: np.ndarray, size: int) -> list:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def make_stream(protocol: str, images: np.ndarray, labels: np.ndarray, *, seed: int = 0, queries_per_class: int = 100,
+                retrieval_limit: int | None = None, chunks: int = 5, stream: int = 20_000, chunk_size: int = 2_000,
+                labeled_fraction: float | None = None, digits=None) -> Stream:
+    """``digits``: (images, labels) of the second domain (``domain-shift`` only)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
     rng = np.random.default_rng(seed)
-    q = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
-                        for c in np.unique(labels)])
-    q = np.sort(q)
-    mask = np.ones(len(labels), bool)
-    mask[q] = False
-    return q, np.flatnonzero(mask)
-
-
-def make_learner(cfg: ProtocolConfig, seed_offset: int = 0) -> DIHNLearner:
-    net = HashNet(HashNetConfig(bits=cfg.bits, seed=cfg.seed + seed_offset))
-    return DIHNLearner(net, gamma=cfg.gamma, mu=cfg.mu, omega=cfg.omega, epochs=cfg.epochs,
-                       iters=cfg.round_iters, lr=cfg.lr, batch_size=cfg.batch_size,
-                       new_fraction=cfg.new_fraction, seed=cfg.seed + seed_offset)
-
-
-def run_protocol(cfg: ProtocolConfig, images: np.ndarray, labels: np.ndarray, log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    q_idx, r_idx = split_queries(labels, cfg.queries_per_class, cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
-    if cfg.retrieval_limit and cfg.retrieval_limit < len(r_idx):
-        r_idx = np.sort(rng.choice(r_idx, cfg.retrieval_limit, replace=False))
-    if cfg.protocol == "class-incremental":
-        d0 = r_idx[labels[r_idx] < 7]
-        stream = rng.permutation(r_idx[labels[r_idx] >= 7])
-        chunks = np.array_split(stream, cfg.chunks)
-        background = np.zeros(0, np.int64)  # every database item is in D0 or the stream
-    elif cfg.protocol == "online":
-        order = rng.permutation(r_idx)
-        s = order[: cfg.stream]
-        d0 = s[: cfg.chunk_size]
-        chunks = [s[i:i + cfg.chunk_size] for i in range(cfg.chunk_size, len(s), cfg.chunk_size)]
-        background = np.sort(order[cfg.stream:])  # in the database, not in the stream
-        # stream items past the stream length are the background; first-chunk items are D0
-    else:
-        raise ValueError(f"unknown protocol {cfg.protocol!r}")
-    fetch = lambda ids: images[np.asarray(ids, dtype=np.int64)]  # noqa: E731  ids = dataset indices
-    q_images, q_labels = images[q_idx], labels[q_idx]
-    log(f"[{cfg.protocol}] {len(q_idx)} queries, D0 {len(d0)}, {len(chunks)} chunks of ~{len(chunks[0]) if chunks else 0}, "
-        f"background {len(background)}, bits {cfg.bits}")
-
-    # ---- shared initial model: ADSH on D0
-    t0 = time.perf_counter()
-    init = make_learner(cfg)
-    init.add_items(d0.tolist(), init.encode(images[d0]), labels[d0], frozen=False)
-    init.learn_round(fetch, iters=cfg.init_iters)
-    init_seconds = time.perf_counter() - t0
-    log(f"initial model: {init_seconds:.1f}s")
-    init_bytes = init.to_bytes()
-
-    states: dict[str, MethodState] = {}
-    for name in cfg.methods:
-        st = MethodState(name)
-        if name == "lsh":
-            st.lsh = LSH(cfg.bits, images[0].size, seed=cfg.seed).fit(images[d0])
-        else:
-            st.learner = DIHNLearner.from_bytes(init_bytes)
-        states[name] = st
-    reservoir = Reservoir(cfg.reservoir, seed=cfg.seed)
-    reservoir.update_many(d0.tolist(), labels[d0].tolist())
-    trigger = MITrigger(cfg.mi_threshold)
-    seen = [d0]
-    pos = len(d0) if cfg.protocol == "online" else 0
-
-    def evaluate(st: MethodState, position: int) -> dict:
-        db_idx = np.concatenate(seen)
-        if st.lsh is not None:
-            db_codes = st.lsh.encode(images[db_idx])
-            q_codes = st.lsh.encode(q_images)
-        else:
-            db_codes = st.learner.codes(db_idx.tolist())
-            q_codes = st.learner.encode(q_images)
-        if len(background):
-            enc = st.lsh.encode if st.lsh is not None else st.learner.encode
-            db_codes = np.concatenate([db_codes, enc(images[background])])
-            db_idx = np.concatenate([db_idx, background])
-        m = retrieval_metrics(q_codes, q_labels, db_codes, labels[db_idx], cfg.bits, topk=cfg.topk)
-        st.curve.append((position, m))
-        return m
-
-    for st in states.values():
-        evaluate(st, pos)
-    log(f"step 0 pos {pos}: " + ", ".join(f"{n} {s.curve[-1][1]['map']:.4f}" for n, s in states.items()))
-
-    for step, chunk in enumerate(chunks, 1):
-        seen.append(chunk)
-        pos += len(chunk)
-        reservoir.update_many(chunk.tolist(), labels[chunk].tolist())
-        for name, st in states.items():
-            if name == "lsh":
-                continue
-            L = st.learner
-            if name == "full_retrain":
-                t = time.perf_counter()
-                all_idx = np.concatenate(seen)
-                L = make_learner(cfg)
-                L.add_items(all_idx.tolist(), L.encode(images[all_idx]), labels[all_idx], frozen=False)
-                L.learn_round(fetch, iters=cfg.init_iters)
-                st.learner = L
-                st.train_seconds += time.perf_counter() - t
-                st.reencodes += 1
-                st.events.append(pos)
-                continue
-            # arrival: provisional codes from the current network
-            L.add_items(chunk.tolist(), L.encode(images[chunk]), labels[chunk], frozen=(name == "frozen"))
-            if name == "frozen":
-                continue
-            t = time.perf_counter()
-            L.learn_round(fetch)
-            st.train_seconds += time.perf_counter() - t
-            fire = name == "reencode_every_round"
-            if name == "streamhash":
-                t = time.perf_counter()
-                r_ids = list(reservoir.ids)
-                r_lab = list(reservoir.payloads)
-                live = mi_quality(L.codes(r_ids), r_lab, cfg.bits)
-                cand = mi_quality(L.encode(fetch(r_ids)), r_lab, cfg.bits)
-                dec = trigger.update(live, cand)
-                st.mi_seconds += time.perf_counter() - t
-                st.mi_log.append({"pos": pos, "live": live, "candidate": cand, "gain": dec.gain,
-                                  "fire": dec.fire, "drift": dec.drift})
-                fire = dec.fire
-            if fire:
-                t = time.perf_counter()
-                L.reencode(fetch)
-                st.reencode_seconds += time.perf_counter() - t
-                st.reencodes += 1
-                st.events.append(pos)
-        for st in states.values():
-            evaluate(st, pos)
-        log(f"step {step} pos {pos}: " + ", ".join(f"{n} {s.curve[-1][1]['map']:.4f}" for n, s in states.items()))
-
-    out = {"protocol": cfg.protocol, "bits": cfg.bits, "init_seconds": init_seconds, "config": cfg.__dict__ | {"methods": list(cfg.methods)},
-           "methods": {}}
-    for name, st in states.items():
-        final = st.curve[-1][1]
-        out["methods"][name] = {
-            "map": final["map"], "map_at_1000": final["map_at_k"], "p_r2": final["p_r2"],
-            "p_at_1000": final["p_at_k"], "reencodes": st.reencodes, "train_seconds": round(st.train_seconds, 2),
-            "reencode_seconds": round(st.reencode_seconds, 2), "mi_seconds": round(st.mi_seconds, 2),
-            "events": st.events, "curve": [(p, m["map"]) for p, m in st.curve],
-        }
-        if st.mi_log:
-            out["methods"][name]["mi_log"] = st.mi_log
-    return out
+    q, r = split_queries(labels, queries_per_class, rng)
+    rng = np.random.default_rng(seed + 1)
+    if retrieval_limit and retrieval_limit < len(r):
+        r = np.sort(rng.choice(r, retrieval_limit, replace=False))
+    everything, train_initial = None, True
+    if protocol == "class-incremental":
+        d0 = r[labels[r] < 7]
+        parts = np.array_split(rng.permutation(r[labels[r] >= 7]), chunks)
+    elif protocol in ("online", "cold-start"):
+        parts = cut(rng.permutation(r)[:stream], chunk_size)
+        d0, parts = (parts[0], parts[1:]) if protocol == "online" else (np.zeros(0, np.int64), parts)
+        everything = r if protocol == "online" else None
+        train_initial = protocol == "online"
+    elif protocol == "partial-labels":
+        half = stream // 2
+        order = np.concatenate([rng.permutation(r[labels[r] < 5])[:half], rng.permutation(r[labels[r] >= 5])[:half]])
+        d0, *parts = cut(order, chunk_size)
+    else:  # domain-shift
+        if digits is None:
+            raise ValueError("domain-shift needs the second dataset (digits=(images, labels))")
+        d_images, d_labels = digits
+        offset = len(images)
+        dq, dr = split_queries(d_labels, min(DIGITS_QUERIES_PER_CLASS, queries_per_class), rng)
+        images = np.concatenate([images, d_images])
+        labels = np.concatenate([labels, d_labels + 10])  # classes of their own: a digit is not a garment
+        q = np.concatenate([q, dq + offset])
+        order = np.concatenate([rng.permutation(r)[:stream // 2], rng.permutation(dr + offset)])
+        d0, *parts = cut(order, chunk_size)
+    fraction = DEFAULT_LABELED[protocol] if labeled_fraction is None else float(labeled_fraction)
+    labeled = np.random.default_rng(seed + 2).random(len(labels)) < fraction
+    return Stream(images, labels, labeled, q, np.asarray(d0, np.int64), [np.asarray(p, np.int64) for p in parts],
+                  everything, train_initial)

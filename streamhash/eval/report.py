@@ -9,11 +9,13 @@ LABELS = {"map": "mAP@all", "map_at_1000": "mAP@1000", "p_r2": "P@r<=2", "reenco
 
 
 def markdown_table(result: dict) -> str:
-    rows = ["| method | mAP@all | mAP@1000 | P(r<=2) | P@1000 | re-encodes | learn s | re-encode s | MI test s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| method | mAP@all | mAP@1000 | P(r<=2) | P@1000 | re-encodes | images re-encoded | seconds | learn s "
+            "| re-encode s | MI test s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in result["methods"].items():
-        rows.append(f"| {name} | {m['map']:.4f} | {m['map_at_1000']:.4f} | {m['p_r2']:.4f} | {m.get('p_at_1000', 0):.4f} | "
-                    f"{m['reencodes']} | {m['train_seconds']:.1f} | {m['reencode_seconds']:.1f} | {m.get('mi_seconds', 0):.1f} |")
+        rows.append(f"| {name} | {m['map']:.4f} | {m['map_at_1000']:.4f} | {m['p_r2']:.4f} | {m['p_at_1000']:.4f} | "
+                    f"{m['reencodes']} | {m['images_reencoded']:,} | {m['seconds']:.1f} | {m['train_seconds']:.1f} | "
+                    f"{m['reencode_seconds']:.1f} | {m['mi_seconds']:.1f} |")
     return "\n".join(rows)
 
 
@@ -36,7 +38,7 @@ def plot(result: dict, path: Path) -> Path:
     for name, m in result["methods"].items():
         xs = [p for p, _ in m["curve"]]
         ys = [v for _, v in m["curve"]]
-        style = {"dihn_no_reencode": dict(ls="--", lw=2.5, alpha=0.7), "streamhash": dict(lw=1.2)}.get(name, {})
+        style = {"never_reencode": dict(ls="--", lw=2.5, alpha=0.7), "streamhash": dict(lw=1.2)}.get(name, {})
         (line,) = ax.plot(xs, ys, marker="o", ms=3, label=f"{name} ({m['reencodes']} re-enc.)", **style)
         if name != "full_retrain":
             ev = [(p, v) for p, v in m["curve"] if p in set(m["events"])]

@@ -1,0 +1,115 @@
+"""The eval harness: the streams are what the protocols say, and every method's stored codes are what
+its policy says (checked by re-encoding by hand), on small synthetic streams."""
+
+import numpy as np
+import pytest
+
+from streamhash.codes import stale
+from streamhash.config import LearnSettings
+from streamhash.eval.harness import EvalConfig, run
+from streamhash.eval.methods import Incremental, Initial
+from streamhash.eval.metrics import retrieval_metrics
+from streamhash.eval.protocols import make_stream
+from tests.conftest import synthetic_images
+
+SMALL = dict(omega=200, epochs=1, iters=1, reservoir_size=100, mi_bootstrap=20)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_images(3000, noise=60, seed=3)
+
+
+def small_stream(protocol, data, **kw):
+    images, labels = data
+    return make_stream(protocol, images, labels, queries_per_class=10, stream=1200, chunk_size=400, chunks=2, **kw)
+
+
+def test_partial_labels_is_class_ordered_and_a_quarter_labeled(data):
+    s = small_stream("partial-labels", data)
+    order = np.concatenate([s.d0, *s.chunks])
+    assert len(order) == 1200 and len(np.unique(order)) == 1200
+    assert not np.isin(order, s.queries).any()
+    assert (s.labels[order[:600]] < 5).all() and (s.labels[order[600:]] >= 5).all()
+    assert 0.2 < s.labeled[order].mean() < 0.3
+    assert s.everything is None and s.train_initial
+
+
+def test_online_database_is_all_of_r_at_every_step(data, monkeypatch):
+    s = small_stream("online", data)
+    images, labels = data
+    assert len(s.everything) == len(labels) - len(s.queries)
+    cfg = EvalConfig(protocol="online", bits=16, methods=("never_reencode", "lsh"), init_iters=1,
+                     learn=LearnSettings(**SMALL))
+    seen = []
+    import streamhash.eval.harness as h
+
+    def spy(q, ql, db, dbl, bits, topk):
+        seen.append(len(db))
+        return retrieval_metrics(q, ql, db, dbl, bits, topk=topk)
+
+    monkeypatch.setattr(h, "retrieval_metrics", spy)
+    run(s, cfg, log=lambda *a: None)
+    assert len(seen) == 2 * (1 + len(s.chunks)) and set(seen) == {len(s.everything)}
+
+
+def test_domain_shift_gives_the_second_dataset_classes_of_its_own(data):
+    images, labels = data
+    digits = synthetic_images(400, noise=30, seed=1007, size=28)
+    s = make_stream("domain-shift", images, labels, digits=digits, queries_per_class=10, stream=800, chunk_size=300)
+    order = np.concatenate([s.d0, *s.chunks])
+    second = order >= len(images)
+    assert (s.labels[order[second]] >= 10).all() and (s.labels[order[~second]] < 10).all()
+    assert second[-1] and not second[:400].any()  # Fashion-MNIST first, then the digits
+    assert ((s.labels[s.queries] >= 10).sum()) == 100
+
+
+@pytest.mark.parametrize("policy", ["streamhash", "selective_every_round", "full_every_round", "never_reencode"])
+def test_stored_codes_follow_the_policy(data, policy):
+    """After each round: learned codes are the round's, and the codes a re-encode replaces are exactly
+    the stale inferred ones (all of them for full_every_round), re-encoded with the current network."""
+    s = small_stream("partial-labels", data)
+    fetch = lambda ids: s.images[np.asarray(ids, np.int64)]  # noqa: E731
+    settings = LearnSettings(**SMALL, mi_threshold=-10.0 if policy == "streamhash" else 0.0)  # make it fire
+    init = Initial(s, settings, 16, 0, 1, fetch)
+    m = Incremental(policy, s, 16, settings, init, 0, fetch)
+    for step, chunk in enumerate(s.chunks, 1):
+        before = m.table.codes.copy(), m.table.learned.copy(), m.table.model.copy()
+        m.arrive(chunk, step * len(chunk), step == len(s.chunks))
+        t = m.table
+        ids = t.ids
+        now = m.encode(ids)
+        learned_now = t.learned[ids]
+        if policy == "never_reencode":
+            old = np.isin(ids, np.concatenate([s.d0, *s.chunks[:step - 1]])) if step > 1 else np.isin(ids, s.d0)
+            keep = old & ~learned_now
+            np.testing.assert_array_equal(t.codes[ids[keep]], before[0][ids[keep]])
+            assert m.reencodes == 0
+        elif policy == "full_every_round":
+            np.testing.assert_array_equal(t.codes[ids], now)
+            assert not learned_now.any()
+        else:
+            np.testing.assert_array_equal(t.codes[ids[~learned_now]], now[~learned_now])
+            # learned codes were not touched by the re-encode: they equal what the learner holds
+            np.testing.assert_array_equal(t.codes[ids[learned_now]], m.hasher.learner.codes(ids[learned_now].tolist()))
+            assert not stale(t.learned[ids], t.model[ids], m.version).any()
+            assert m.reencodes == step
+        # the learner was told: the codes it trains against are the ones stored
+        np.testing.assert_array_equal(m.hasher.learner.codes(ids.tolist()), t.codes[ids])
+
+
+def test_full_retrain_gets_the_incremental_budget_and_every_method_reports(data):
+    s = small_stream("partial-labels", data)
+    cfg = EvalConfig(protocol="partial-labels", bits=16, init_iters=2, learn=LearnSettings(**SMALL))
+    out = run(s, cfg, log=lambda *a: None)
+    b = out["budget"]
+    assert b["full_retrain_alternations"] == 2 + len(s.chunks) * 1
+    ms = out["methods"]
+    assert set(ms) == {"streamhash", "selective_every_round", "full_every_round", "never_reencode", "full_retrain", "lsh"}
+    assert ms["never_reencode"]["reencodes"] == ms["lsh"]["reencodes"] == 0
+    assert ms["selective_every_round"]["reencodes"] == len(s.chunks)
+    assert ms["full_retrain"]["images_reencoded"] == out["database"] == 1200
+    # selective never re-encodes a learned code, full does: full re-encodes more images
+    assert ms["full_every_round"]["images_reencoded"] > ms["selective_every_round"]["images_reencoded"] > 0
+    for m in ms.values():
+        assert 0 <= m["map"] <= 1 and m["seconds"] >= 0
