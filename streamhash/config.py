@@ -214,6 +214,8 @@ class ServerSettings(BaseModel):
     batch_max: int = Field(256, ge=1)
     batch_window_s: float = Field(0.0, ge=0.0)
     batch_inflight: int = Field(2, ge=1)  # batches ranked at the same time (the kernel scales ~linearly per query)
+    # Rank a batch on the event loop's thread: no hand-off to a thread and back, no request read meanwhile.
+    batch_in_loop: bool = False
     # uvicorn worker processes over the same read-only store; each holds its own LiveIndex in memory
     workers: int = Field(1, ge=1)
     # A router (`streamhash serve --shards URL,URL`): no store, each /search sent to these query servers at once

@@ -100,9 +100,10 @@ class ShardView:
     def name(self) -> str:
         return self.shard.name
 
-    def describe(self) -> dict:
+    def describe(self, size: int | None = None) -> dict:
+        """Name, generation, model version and ``size`` (default: the index's size now)."""
         return {"shard": self.name, "generation": self.g.generation, "model_version": self.model_version,
-                "index_size": self.g.index.ntotal}
+                "index_size": self.g.index.ntotal if size is None else size}
 
 
 class View:

@@ -15,6 +15,7 @@ import orjson
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamhash import metrics as m
@@ -115,21 +116,30 @@ class CountResponses:
         m.QUERIES.labels(endpoint=self.path, status=str(status)).inc()
 
 
-async def bounded_request(request: Request, limit: int) -> Request:
-    """The request with its body read, refusing (413) a body past ``limit`` bytes without holding more than that."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isascii() or not declared.isdigit():
-            raise BadQueryError(f"bad Content-Length header {declared[:40]!r}")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the {limit}-byte limit")
+async def read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
+    """The request body from ``receive``, refusing (413) one past ``limit`` bytes without holding more than that."""
+    if content_length is not None:
+        if not content_length.isascii() or not content_length.isdigit():
+            raise BadQueryError(f"bad Content-Length header {content_length[:40]!r}")
+        if int(content_length) > limit:
+            raise PayloadTooLarge(f"request body of {int(content_length)} bytes exceeds the {limit}-byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
+    while True:  # chunked bodies declare no length: count as they arrive
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
         chunks.append(chunk)
-    body, replayed = b"".join(chunks), False
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def bounded_request(request: Request, limit: int) -> Request:
+    """The request with its body read (:func:`read_body`), for handlers that go on to ``form()`` or ``body()``."""
+    body, replayed = await read_body(request.receive, request.headers.get("content-length"), limit), False
 
     async def replay() -> Message:
         nonlocal replayed
@@ -142,19 +152,26 @@ async def bounded_request(request: Request, limit: int) -> Request:
 
 
 async def parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
-    ctype = request.headers.get("content-type", "")
-    try:
-        if ctype.startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
             async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled upload
                 upload = form.get("image")
                 if upload is None or isinstance(upload, str):
                     raise BadQueryError("multipart search needs an `image` file field")
                 req = SearchRequest(k=form.get("k", 10), radius=form.get("radius"))
                 return req, await upload.read()
-        req = SearchRequest.model_validate_json(await request.body())
+        except ValueError as exc:  # pydantic.ValidationError is a ValueError
+            raise BadQueryError(f"bad search request: {exc}") from None
+    return parse_json_search(await request.body())
+
+
+def parse_json_search(body: bytes) -> tuple[SearchRequest, bytes | None]:
+    """A JSON /search body as a request and its query image's bytes (None unless ``image_base64``); 400 if bad."""
+    try:
+        req = SearchRequest.model_validate_json(body)
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise BadQueryError(f"bad search request: {exc}") from None
-    if sum(v is not None for v in (req.image_base64, req.code_hex, req.item_id)) != 1:
+    if (req.image_base64 is not None) + (req.code_hex is not None) + (req.item_id is not None) != 1:
         raise BadQueryError("give exactly one of image_base64, code_hex or item_id")
     if req.image_base64 is None:
         return req, None

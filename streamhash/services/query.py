@@ -48,6 +48,7 @@ from streamhash.services.http_api import (
     CountResponses, FastJSONResponse, SearchRequest, SearchResponse, bounded_request, check_item_id, max_body_bytes,
     parse_search,
 )
+from streamhash.services.lean import LeanSearch, answer_ahead
 from streamhash.services.query_codes import QueryEncoder, ShardQueries, for_item
 from streamhash.services.web import LiveStatus, install
 
@@ -69,7 +70,8 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     # shard (each takes its first k of the batch's largest k); off (batch_enabled=false) each search is
     # ranked alone in the thread pool.
     batcher = MicroBatcher(_rank_batch, max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
-                           max_inflight=settings.server.batch_inflight) if settings.server.batch_enabled else None
+                           max_inflight=settings.server.batch_inflight, in_loop=settings.server.batch_in_loop) \
+        if settings.server.batch_enabled else None
     # Query images waiting at the same moment over the same view share one encode call per model version.
     encodes = MicroBatcher(lambda _key, items: encoder.for_images([img for _, img in items], items[0][0]),
                            max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
@@ -100,15 +102,10 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     def _bad_query(_request: Request, exc: BadQueryError):
         return FastJSONResponse(status_code=400, content={"detail": str(exc)})
 
-    @app.post("/search", response_model=SearchResponse, openapi_extra={
-        "requestBody": {"content": {
-            "application/json": {"schema": SearchRequest.model_json_schema()},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}, "radius": {"type": "integer"}}}},
-        }, "required": True}})
-    async def search(request: Request) -> SearchResponse:
-        t0 = time.perf_counter()
-        req, image = await parse_search(await bounded_request(request, body_limit))
+    search_seconds = m.QUERY_SECONDS.labels(endpoint="/search")
+
+    async def answer(req: SearchRequest, image: bytes | None, t0: float) -> dict:
+        """A search's response fields: what both the lean JSON path and FastAPI's route (multipart) render."""
         if req.k > settings.server.max_k:
             raise BadQueryError(f"k={req.k} exceeds the limit of {settings.server.max_k}")
         view = index.view()  # one generation per shard for the whole query
@@ -134,9 +131,22 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         if req.item_id is not None and (req.radius is None or req.radius > 0):
             hits = _query_first(view, hits, req.item_id, req.k)
         took = time.perf_counter() - t0
-        m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
+        search_seconds.observe(took)
         # a SearchResponse's fields, rendered by orjson without a pydantic round trip (the schema is response_model's)
-        return FastJSONResponse({**_summary(view, queries), "results": hits, "took_ms": took * 1000})
+        return {**_summary(view, queries), "results": hits, "took_ms": took * 1000}
+
+    answer_ahead(app, LeanSearch(answer, body_limit))  # a JSON search never enters FastAPI's layers
+
+    @app.post("/search", response_model=SearchResponse, openapi_extra={
+        "requestBody": {"content": {
+            "application/json": {"schema": SearchRequest.model_json_schema()},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}, "radius": {"type": "integer"}}}},
+        }, "required": True}})
+    async def search(request: Request) -> SearchResponse:
+        t0 = time.perf_counter()
+        req, image = await parse_search(await bounded_request(request, body_limit))
+        return FastJSONResponse(await answer(req, image, t0))
 
     @app.get("/items/{item_id:path}")
     def get_item(item_id: str):
@@ -167,13 +177,14 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
 def _summary(view: View, queries: ShardQueries) -> dict:
     """What a /search response says besides its hits: the shards used, each with its generation and model."""
     newest = view.newest
-    shards = [{**v.describe(), "answered": err is None, **({"error": err} if err else {})}
-              for v, err in zip(view.shards, queries.errors)]
+    sizes = [v.g.index.ntotal for v in view.shards]  # once each: every read takes the index's lock
+    shards = [{**v.describe(size), "answered": err is None, **({"error": err} if err else {})}
+              for v, size, err in zip(view.shards, sizes, queries.errors)]
     code = queries.codes[newest.pos] if newest is not None else None
     if code is None:
         code = next((c for c in queries.codes if c is not None), None)
     return {"model_version": newest.model_version if newest else 0, "generation": newest.g.generation if newest else 0,
-            "index_size": view.index_size, "code_hex": to_hex(code) if code is not None else "",
+            "index_size": sum(sizes), "code_hex": to_hex(code) if code is not None else "",
             "shards": shards, "partial": any(err is not None for err in queries.errors)}
 
 
@@ -188,36 +199,44 @@ def _rank(view: View, codes: list[list[np.ndarray | None]], ks: list[int], radiu
 
     Top-k: one search at the largest k; the merged order (distance, shard, insertion) does not depend on k,
     so each row's first k are exactly its own top-k search. Radius: hits at distance < radius, each row's first k.
+    A few hits per search: past the kernel, plain lists cost less than numpy's per-call overhead.
     """
     nq = len(codes)
     queries, ranked = [], []
     for i in range(len(view)):
         col = [c[i] for c in codes]
-        have = np.array([c is not None for c in col])
-        if not have.any():
+        have = [c is not None for c in col]
+        if not any(have):
             queries.append(None)
             ranked.append(None)
-            continue
-        zero = np.zeros(view.shards[i].g.index.code_size, np.uint8)
-        queries.append(np.stack([c if c is not None else zero for c in col]))
-        ranked.append(None if have.all() else have)
+        elif all(have):
+            queries.append(col[0][None] if nq == 1 else np.stack(col))
+            ranked.append(None)
+        else:
+            zero = np.zeros(view.shards[i].g.index.code_size, np.uint8)
+            queries.append(np.stack([c if c is not None else zero for c in col]))
+            ranked.append(np.array(have))
     if radius is None:
         D, S, I = view.search(queries, max(ks), ranked, nq=nq)
-        rows = [(D[r, :k], S[r, :k], I[r, :k]) for r, k in enumerate(ks)]
-        rows = [(d[i >= 0], s[i >= 0], i[i >= 0]) for d, s, i in rows]
+        rows = [(d[:k], s[:k], i[:k]) for d, s, i, k in zip(D.tolist(), S.tolist(), I.tolist(), ks)]
     else:
         lims, D, S, I = view.range_search(queries, radius, ranked, nq=nq)
-        lims = lims.tolist()
+        lims, D, S, I = lims.tolist(), D.tolist(), S.tolist(), I.tolist()
         rows = [(D[a:b][:k], S[a:b][:k], I[a:b][:k]) for a, b, k in zip(lims, lims[1:], ks)]
+    wanted: dict[int, list[int]] = {}  # shard position -> the seqs of every hit of the batch there (-1: padding)
+    for _, s, i in rows:
+        for pos, seq in zip(s, i):
+            if seq >= 0:
+                wanted.setdefault(pos, []).append(seq)
     # one store read per shard for every hit of the batch
-    resolved = iter(view.resolve(np.concatenate([s for _, s, _ in rows]), np.concatenate([i for _, _, i in rows])))
+    found = {pos: dict(zip(seqs, view.shards[pos].g.resolve(seqs))) for pos, seqs in wanted.items()}
     names = [v.name for v in view.shards]
     out = []
-    for d, s, _ in rows:
+    for d, s, i in rows:
         hits = []
-        for dist, pos in zip(d.tolist(), s.tolist()):
-            got = next(resolved)
-            if got is not None:  # removed between search and lookup: skip
+        for dist, pos, seq in zip(d, s, i):
+            got = found[pos][seq] if seq >= 0 else None
+            if got is not None:  # None: padding, or removed between search and lookup: skip
                 item_id, labels = got
                 hits.append({"id": item_id, "distance": dist, "labels": list(labels) if labels is not None else None,
                              "shard": names[pos]})

@@ -164,3 +164,22 @@ def test_max_inflight_batches_run_at_the_same_time():
         return out
 
     assert run(main()) == [1, 2]
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_in_loop_batches_run_on_the_event_loops_thread(in_loop):
+    """in_loop spares the hand-off to a thread and back, which cost more than a small search's ranking."""
+    ran_on = []
+
+    def batch(key, items):
+        ran_on.append(threading.get_ident())
+        return list(items)
+
+    async def main():
+        b = MicroBatcher(batch, in_loop=in_loop)
+        got = await asyncio.gather(*(b.submit("a", i) for i in range(5)))
+        await b.aclose()
+        return got
+
+    assert run(main()) == list(range(5))
+    assert (set(ran_on) == {threading.get_ident()}) is in_loop

@@ -454,3 +454,39 @@ def test_the_server_exempts_its_start_up_objects_from_garbage_collection(tmp_pat
             assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()  # the test process's objects go back to the collector
+
+
+def test_a_json_search_is_answered_ahead_of_fastapis_layers(tmp_path):
+    """FastAPI's middleware, routing and dependency layers cost more than ranking a search by code (RESULTS,
+    "Serving"): a JSON search skips them with the same contract; multipart searches and other paths go through."""
+    seen = []
+
+    class Spy:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                seen.append((scope["method"], scope["path"]))
+            await self.app(scope, receive, send)
+
+    stores, images = make_root(tmp_path)
+    app = query.create_app(settings_for(tmp_path), index_over(tmp_path, stores))
+    app.add_middleware(Spy)
+    try:
+        with TestClient(app) as client:
+            r = client.post("/search", json={"code_hex": "00000000", "k": 3})
+            assert r.status_code == 200 and len(r.json()["results"]) == 3
+            assert r.headers["content-type"] == "application/json"
+            assert client.post("/search", content=b'{"code_hex": 5}').status_code == 400  # no content type: JSON
+            r = client.post("/search", json={"item_id": "no-such-item"})
+            assert r.status_code == 404 and "no item" in r.json()["detail"]
+            assert seen == []
+            r = client.post("/search", files={"image": ("q.png", encode_png(images[1]), "image/png")}, data={"k": "2"})
+            assert r.status_code == 200 and len(r.json()["results"]) == 2
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"].keys() == \
+                {"application/json", "multipart/form-data"}
+            assert seen == [("POST", "/search"), ("GET", "/healthz"), ("GET", "/openapi.json")]
+    finally:
+        close_all(stores)
