@@ -230,6 +230,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="also run the batched server with this many processes")
     ap.add_argument("--no-reference", action="store_true", help="skip the unbatched server")
     ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (at most one per connection)")
+    ap.add_argument("--server-env", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="settings for every server run, e.g. STREAMHASH_SERVER__BATCH_IN_LOOP=false")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
     ap.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary directory, removed)")
     args = ap.parse_args()
@@ -253,11 +255,13 @@ def main() -> int:
         result: dict = {"items": args.items, "bits": args.bits, "shards": args.shards, "k": 10, "cores": os.cpu_count(),
                         "duration_s": args.duration, "ingest_rate": args.ingest_rate, "wrk_threads": args.wrk_threads,
                         "kernel_ms_batch1": kernel_ms(root, codes)}
-        configs = [("batch", {}, [])]
+        common = dict(kv.split("=", 1) for kv in args.server_env)
+        result["server_env"] = common
+        configs = [("batch", common, [])]
         if not args.no_reference:
-            configs.append(("nobatch", {"STREAMHASH_SERVER__BATCH_ENABLED": "false"}, []))
+            configs.append(("nobatch", {**common, "STREAMHASH_SERVER__BATCH_ENABLED": "false"}, []))
         if args.workers > 1:
-            configs.append((f"batch-w{args.workers}", {}, ["--workers", str(args.workers)]))
+            configs.append((f"batch-w{args.workers}", common, ["--workers", str(args.workers)]))
         with EmbeddedBroker(home=work / "broker") as broker, \
                 ingesting(broker, root, work, args.ingest_rate, args.shards) as ingest:
             for name, env, serve_args in configs:

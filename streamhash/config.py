@@ -214,8 +214,9 @@ class ServerSettings(BaseModel):
     batch_max: int = Field(256, ge=1)
     batch_window_s: float = Field(0.0, ge=0.0)
     batch_inflight: int = Field(2, ge=1)  # batches ranked at the same time (the kernel scales ~linearly per query)
-    # Rank a batch on the event loop's thread: no hand-off to a thread and back, no request read meanwhile.
-    batch_in_loop: bool = False
+    # Rank a batch on the event loop's thread: no hand-off to a thread and back (on 2 cores, wrk at 1M: p50 at 1
+    # connection 0.53 -> 0.43 ms, p99 at 8 connections 6.7 -> 3.6 ms); no request is read while it runs.
+    batch_in_loop: bool = True
     # uvicorn worker processes over the same read-only store; each holds its own LiveIndex in memory
     workers: int = Field(1, ge=1)
     # A router (`streamhash serve --shards URL,URL`): no store, each /search sent to these query servers at once

@@ -67,8 +67,8 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     body_limit = max_body_bytes(settings)
     status = LiveStatus(index)
     # Top-k searches waiting at the same moment over the same shard generations share one kernel call per
-    # shard (each takes its first k of the batch's largest k); off (batch_enabled=false) each search is
-    # ranked alone in the thread pool.
+    # shard (each takes its first k of the batch's largest k), on the event loop's thread unless
+    # batch_in_loop=false; off (batch_enabled=false) each search is ranked alone in the thread pool.
     batcher = MicroBatcher(_rank_batch, max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
                            max_inflight=settings.server.batch_inflight, in_loop=settings.server.batch_in_loop) \
         if settings.server.batch_enabled else None
@@ -125,7 +125,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
                 queries = await run_in_threadpool(encoder.for_image, decoded, view)
         queries.check_some()
         if batcher is not None and req.radius is None:
-            hits = await batcher.submit(view.key, (view, queries.codes, req.k))  # ranked in the batcher's thread: no other hop
+            hits = await batcher.submit(view.key, (view, queries.codes, req.k))
         else:
             hits = (await run_in_threadpool(_rank, view, [queries.codes], [req.k], req.radius))[0]
         if req.item_id is not None and (req.radius is None or req.radius > 0):
