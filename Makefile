@@ -57,7 +57,7 @@ bench: install data
 	$(BIN)/python benchmarks/bench_hamming.py
 
 eval: install data
-	$(BIN)/streamhash eval --protocol class-incremental --quick
+	$(BIN)/streamhash eval --protocol partial-labels --quick
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

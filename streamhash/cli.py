@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from streamhash.eval import cli as eval_cli
 
-    e = sub.add_parser("eval", help="retrieval evaluation on Fashion-MNIST (class-incremental and online protocols)")
+    e = sub.add_parser("eval", help="the learner against its baselines on streams of Fashion-MNIST (and digits): "
+                                    "class-incremental, online, partial-labels, domain-shift, cold-start")
     eval_cli.add_arguments(e)
     e.set_defaults(func=eval_cli.run)
     return p

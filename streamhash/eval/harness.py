@@ -7,7 +7,6 @@ the MI tests it uses, re-encodes); the shared initial model is reported once (``
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
