@@ -12,7 +12,8 @@ connections (``--connections``) for ``--duration`` seconds each, after a warm-up
 200. ``kernel_ms_batch1`` is the same merged search over the same shards in this process (the library's
 :class:`~streamhash.index.sharded.ShardedIndex`, one query at a time), measured in the same run, and
 ``overhead_ratio`` = the server's p50 at 1 connection / that kernel time. wrk, the server, the worker and
-the broker share the machine's cores: on a small machine their own cost is in the figures.
+the broker share the machine's cores: on a small machine their own cost is in the figures; ``other_cores_N``
+is how many cores anything else kept busy during the run at N connections (a shared machine).
 """
 
 from __future__ import annotations
@@ -84,15 +85,24 @@ def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path) -
     script.write_text(WRK_SCRIPT)
     cmd = ["wrk", f"-t{args_threads(connections)}", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
            "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}"]
+    busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(os.getpid()), time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STREAMHASH_BENCH_BODIES": str(bodies)},
                          timeout=seconds + 60)
+    # cores busy with anything but this benchmark's processes (wrk, server, worker, broker) during the run
+    other = ((machine_busy_seconds() - busy0) - (cpu_seconds(os.getpid()) - mine0)) / (time.monotonic() - t0)
     text = out.stdout
     if out.returncode != 0 or "Non-2xx" in text or "Socket errors" in text:
         raise RuntimeError(f"wrk failed or saw errors:\n{text}\n{out.stderr}")
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+[a-z]+)$", text, re.M))
     return {"rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))),
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]),
-            "requests": int(re.search(r"(\d+) requests in", text).group(1))}
+            "requests": int(re.search(r"(\d+) requests in", text).group(1)), "other_cores": round(max(other, 0.0), 2)}
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def args_threads(connections: int) -> int:
@@ -201,8 +211,10 @@ def run_config(name: str, env: dict, root: Path, work: Path, args, bodies: Path,
         for c in args.connections:
             r = wrk(port, c, args.duration, bodies, work)
             out[f"rps_{c}"], out[f"p50_ms_{c}"], out[f"p99_ms_{c}"] = r["rps"], r["p50_ms"], r["p99_ms"]
+            out[f"other_cores_{c}"] = r["other_cores"]
             print(f"{name:>10} {c:>2} connection(s): {r['rps']:>6} requests/s  p50 {r['p50_ms']:.3f} ms  "
-                  f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} requests)", file=sys.stderr)
+                  f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} requests; other work on {r['other_cores']} cores)",
+                  file=sys.stderr)
         out["index_size_after"] = json.loads(_get(port, "/healthz"))["index_size"]
         main_rss, child_rss = tree_rss_mib(proc.pid)
         out["rss_mib"] = {"server": main_rss, "workers": child_rss}
