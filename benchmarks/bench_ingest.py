@@ -7,7 +7,8 @@
 2. Ingest: ``--n`` images are produced to a fresh topic first; then one worker process starts and
    the rate is n / (last batch committed - partitions assigned): topic to committed LMDB index.
 3. Freshness: with the worker and the query server running, single images are sent at 20/s and
-   each is timed from send to visible through ``GET /items/{id}``. ``--learn``: with the learner process
+   each is timed from send to visible through ``GET /items/{id}``, split into send -> broker ack -> the
+   worker's commit -> visible in the query server (the slowest three probes are listed). ``--learn``: with the learner process
    training on the images just ingested meanwhile (its rounds and CPU during the probes are reported).
 4. Query latency: ``--query-items`` random codes are written straight into the 4 shards of a second
    store root (the ranking does not care how they got there); a worker ingests into those shards at
@@ -39,8 +40,7 @@ from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
 from streamhash.model.hashnet import HashNet, HashNetConfig  # noqa: E402
-from streamhash.records import ImageSpec, encode_png, parse_message  # noqa: E402
-from streamhash.services.demo import measure_freshness  # noqa: E402
+from streamhash.records import ImageSpec, encode_png, message_headers, parse_message  # noqa: E402
 from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
 
 
@@ -102,6 +102,46 @@ def query_latency_while_ingesting(bootstrap: str, work: Path, stream, stream_y, 
         stop(server)
         stop(worker)
         producer.close(timeout=5)
+    return out
+
+
+def probe_freshness(producer, topic: str, base: str, images: np.ndarray, labels: np.ndarray, *,
+                    interval: float = 0.05, timeout: float = 10.0) -> list[dict]:
+    """Probes sent one at a time (as ``demo.measure_freshness``), each split in three: ``acked`` (send to the
+    broker's acknowledgement), ``committed`` (to the worker's LMDB commit: ``GET /items`` finds it in the
+    store) and ``visible`` (to the query server's index having it); seconds from send, and ``at`` (wall clock)."""
+    rows = []
+    with httpx.Client(timeout=5) as client:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            item_id = f"probe-{i}"
+            sent = time.time()
+            producer.send(topic, key=item_id.encode(), value=encode_png(img), headers=message_headers(int(lab), "image/png"))
+            producer.flush()
+            row = {"at": sent, "acked": time.time() - sent}
+            while time.time() - sent < timeout:
+                r = client.get(f"{base}/items/{item_id}")
+                if r.status_code == 200:
+                    row.setdefault("committed", time.time() - sent)
+                    if r.json()["visible"]:
+                        row["visible"] = time.time() - sent
+                        rows.append(row)
+                        break
+                time.sleep(0.002)
+            time.sleep(interval)
+    return rows
+
+
+def freshness_summary(rows: list[dict]) -> dict:
+    """p50/p99 from send to visible, the p99 of each stage, and the slowest three probes split by stage."""
+    out = dict(zip(("freshness_p50_s", "freshness_p99_s"), percentiles([r["visible"] for r in rows])))
+    out["freshness_probes"] = len(rows)
+    out["freshness_stage_p99_s"] = {
+        "send_to_ack": percentiles([r["acked"] for r in rows])[1],
+        "ack_to_commit": percentiles([r["committed"] - r["acked"] for r in rows])[1],
+        "commit_to_visible": percentiles([r["visible"] - r["committed"] for r in rows])[1]}
+    slow = sorted(rows, key=lambda r: -r["visible"])[:3]
+    out["freshness_slowest"] = [{"at": time.strftime("%H:%M:%S", time.localtime(r["at"])) + f".{int(r['at'] % 1 * 1000):03d}",
+                                 **{k: round(r[k], 4) for k in ("acked", "committed", "visible")}} for r in slow]
     return out
 
 
@@ -169,9 +209,7 @@ def main() -> int:
                 before, cpu0 = scrape(lurl), cpu_seconds(learner.pid)
             probe_idx = order[args.n: args.n + 100]
             t_probe = time.time()
-            delays = measure_freshness(producer, kafka.topic, base, images[probe_idx], labels[probe_idx])
-            out["freshness_p50_s"], out["freshness_p99_s"] = percentiles(delays)
-            out["freshness_probes"] = len(delays)
+            out.update(freshness_summary(probe_freshness(producer, kafka.topic, base, images[probe_idx], labels[probe_idx])))
             if learner is not None:
                 after = scrape(lurl)
                 out["learner_rounds_during_probes"] = int(after["streamhash_learning_rounds_total"]
