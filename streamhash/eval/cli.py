@@ -21,7 +21,7 @@ QUICK_LEARN = {"iters": 3, "omega": 1000, "reservoir_size": 500}
 QUICK_INIT_ITERS = 10
 # the learner process's defaults, except alternations per round (the harness runs one round per chunk)
 EVAL_LEARN = {"iters": 8, "reservoir_size": 1000}
-JSON_KEYS = ("map", "map_at_1000", "p_r2", "p_at_1000", "reencodes", "images_reencoded", "seconds")
+JSON_KEYS = ("map", "map_at_1000", "p_r2", "p_at_1000", "reencodes", "images_reencoded", "seconds", "cpu_seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-iters", type=int, default=None, help="alternations per round (LearnSettings.iters)")
     parser.add_argument("--omega", type=int, default=None)
     parser.add_argument("--mi-threshold", type=float, default=None)
+    parser.add_argument("--holdout-fraction", type=float, default=None, help="LearnSettings.holdout_fraction")
+    parser.add_argument("--reservoir", type=int, default=None, help="LearnSettings.reservoir_size")
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder")
 
 
@@ -59,7 +61,8 @@ def config_from_args(args):
     from streamhash.eval.harness import EvalConfig
 
     learn = dict(EVAL_LEARN) | (QUICK_LEARN if args.quick else {})
-    for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("mi_threshold", "mi_threshold")):
+    for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("mi_threshold", "mi_threshold"),
+                     ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size")):
         if getattr(args, arg) is not None:
             learn[key] = getattr(args, arg)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

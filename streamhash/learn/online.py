@@ -231,16 +231,19 @@ class OnlineHasher:
             g = self.mi_test(fetch_images)
         return g.live, g.candidate
 
-    def learn_round(self, fetch_images: FetchImages) -> RoundReport:
+    def learn_round(self, fetch_images: FetchImages, *, test: bool = True) -> RoundReport:
+        """One round, then the re-encode test (``test=False``: skipped, the decision is not to re-encode;
+        for a caller whose re-encode policy does not depend on it)."""
         with self._learner_lock:
             self._drain()
             res = self.learner.learn_round(fetch_images)
             self.rounds += 1
             arrivals = self._take_arrivals(len(res.ids))
             t0 = time.perf_counter()
-            g = self.mi_test(fetch_images)
+            g = self.mi_test(fetch_images) if test else MIGain(0.0, 0.0, 0.0, 0.0, 0, 0)
             cost = self.n_inferred  # every inferred code predates the network this round trained
-        decision = self.trigger.update(g.live, g.candidate, g.sigma, cost)
+        decision = (self.trigger.update(g.live, g.candidate, g.sigma, cost) if test else
+                    TriggerDecision(0.0, 0.0, 0.0, self.trigger.threshold, False, False, False, cost=cost))
         return RoundReport(res, g.live, g.candidate, decision, time.perf_counter() - t0, arrivals, g)
 
     def quarantine_pending(self) -> list:
