@@ -109,6 +109,15 @@ def test_stale_random_inferred_codes_and_a_separating_network_fire():
     assert rep.mi_live < rep.mi_candidate
 
 
+def test_a_round_without_the_test_does_not_fire_or_feed_the_trigger():
+    """``test=False`` (a caller whose re-encode policy ignores the test): the case above would fire."""
+    y, learned, good_net, random_net = world()
+    h = hasher_with(StubLearner(good_net, y, learned), LearnSettings(reservoir_size=300, holdout_fraction=0.3), y, random_net)
+    rep = h.learn_round(lambda ids: np.asarray(ids), test=False)
+    assert not rep.reencode and rep.mi.n == 0 and rep.cost == in_holdout(range(len(y)), 0.3).sum()
+    assert h.trigger.fired == 0 and h.trigger.last is None
+
+
 def test_everything_learned_gives_zero_gain_and_never_fires():
     y, learned, good_net, random_net = world()
     s = LearnSettings(reservoir_size=300, holdout_fraction=0.0)
