@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from streamhash.index.store.env import Environment
 from streamhash.index.store.layout import from_u64, labels_of_record, u64
@@ -56,7 +57,7 @@ class ChangeLog:
             if not cur.set_range(u64(after_seq + 1)):
                 return gen, model_version, out
             for k, key in cur:
-                rec = json.loads(txn.get(key, db=db["items"]))
+                rec = orjson.loads(txn.get(key, db=db["items"]))  # the follower's per-change cost: ~3x json.loads
                 code = txn.get(gen_prefix + key, db=db["codes"])
                 labels = tuple(rec["labels"]) if rec["labels"] is not None else None
                 out.append(Change(from_u64(k), key.decode(), code, labels, None if rec.get("recoded") else rec["ts"]))
