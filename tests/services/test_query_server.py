@@ -490,3 +490,31 @@ def test_a_json_search_is_answered_ahead_of_fastapis_layers(tmp_path):
             assert seen == [("POST", "/search"), ("GET", "/healthz"), ("GET", "/openapi.json")]
     finally:
         close_all(stores)
+
+
+def test_searches_are_ranked_on_the_event_loops_thread_by_default(tmp_path, monkeypatch):
+    """No hand-off to a thread and back per batch (it cost more than a small search's ranking)."""
+    import threading
+
+    rank, ranked_on, loop_thread = query._rank, [], []
+
+    def spy_rank(*a):
+        ranked_on.append(threading.get_ident())
+        return rank(*a)
+
+    monkeypatch.setattr(query, "_rank", spy_rank)
+    stores, _ = make_root(tmp_path)
+    app = query.create_app(settings_for(tmp_path), index_over(tmp_path, stores))
+
+    @app.middleware("http")
+    async def note_loop_thread(request, call_next):  # middleware runs on the event loop
+        loop_thread.append(threading.get_ident())
+        return await call_next(request)
+
+    try:
+        with TestClient(app) as client:
+            assert client.post("/search", json={"code_hex": "00000000", "k": 3}).status_code == 200
+            assert client.get("/healthz").status_code == 200
+        assert ranked_on and set(ranked_on) == set(loop_thread)
+    finally:
+        close_all(stores)
