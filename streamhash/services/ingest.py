@@ -61,6 +61,11 @@ from streamhash.services.reencode import Reencoder
 
 log = logging.getLogger("streamhash.worker")
 
+# Learned-code updates in one batch at most (~30 us each to apply on an idle core): an image polled
+# meanwhile waits for one such batch, ~10 ms, not for a learner round's thousands (see IngestWorker._poll).
+CODES_PER_BATCH = 250
+HELD_CODES_MAX = 50_000  # code updates held at most (~10 MB); past it batches take more to catch up
+
 
 class _TrackAssignment(ConsumerRebalanceListener):
     """Runs on kafka-python's IO thread: only logs; the poll thread opens and closes shards."""
@@ -116,6 +121,7 @@ class IngestWorker:
         self.models: ModelReader | None = None
         self._ready: set[TopicPartition] = set()  # assigned partitions whose shard is open and position resumed
         self._waiting: dict[TopicPartition, float] = {}  # paused: the previous owner still holds the shard
+        self._held_codes: list = []  # code-update records polled, not yet in a batch (see _poll)
 
     def _open_store(self, path) -> Store:
         s = self.settings
@@ -205,10 +211,46 @@ class IngestWorker:
         return EXIT_OK
 
     def _poll(self, timeout_ms: int) -> list:
+        """The next batch's records: every image polled, and at most CODES_PER_BATCH of the learner's code
+        updates (oldest first); the rest of the codes are held here for the next batches.
+
+        Learned codes never hold images back. A learner round publishes thousands of code updates at once,
+        they are fetched in one go, and kafka-python hands a fetch's records out before those of later
+        fetches: an image fetched behind them waited until all were applied, 1,000 per batch (ack -> commit
+        p99 0.19-0.32 s in bench_ingest --learn). So while polls return only codes, poll on (parsing one
+        is ~3 us, applying one ~30 us) until an image or nothing comes, and apply the codes a short batch
+        at a time beside the images. (Pausing the codes partitions instead is unsafe in kafka-python
+        3.0.12: a paused partition's parsed records are handed back only when the fetcher's in-line slot
+        is None, not merely exhausted, and a parked partition is never fetched again: tried, the codes
+        partitions stalled after 2,750 of 20,000 updates.) Offsets are untouched: a batch commits
+        the offsets of the records it holds, held codes are not committed, and a held partition's codes
+        are dropped when it is revoked, sought or rewound (they are fetched again from where its shard
+        left off).
+        """
+        codes_topic = self.settings.kafka.codes_topic
+        images = []
+        more = self._poll_once(0 if self._held_codes else timeout_ms)
+        while True:
+            images += [r for r in more if r.topic != codes_topic]
+            self._held_codes += [r for r in more if r.topic == codes_topic]
+            if not more or images or len(self._held_codes) >= HELD_CODES_MAX:
+                break
+            more = self._poll_once(0)  # only codes so far: an image may be fetched behind them
+        n = max(CODES_PER_BATCH, len(self._held_codes) - HELD_CODES_MAX)  # past the bound: catch up
+        codes, self._held_codes = self._held_codes[:n], self._held_codes[n:]
+        return images + codes
+
+    def _poll_once(self, timeout_ms: int) -> list:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         skip = self._open_assigned()
         self._adopt_announcements()
+        epoch = self.positions.epoch
         records = self.positions.keep(polled, skip)
+        if self._held_codes:  # drop those whose partition was revoked, sought to its shard's offset or rewound
+            gone = set(skip) | self.positions.rewound_since(epoch)
+            assigned = self.consumer.assignment()
+            self._held_codes = [r for r in self._held_codes if (r.topic, r.partition) not in gone
+                                and TopicPartition(r.topic, r.partition) in assigned]
         m.CONSUMER_LAG.set(self.positions.lag(self.settings.kafka.topic))
         return records
 
