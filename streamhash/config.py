@@ -186,6 +186,10 @@ class LearnSettings(BaseModel):
     mi_sigmas: float = Field(2.0, ge=0)
     mi_bootstrap: int = Field(200, ge=0)
     reservoir_size: int = 1000
+    # Stratify the reservoir by provenance: half its slots for labeled items with inferred codes (the
+    # hold-out), each stratum weighed back to its share of the index in the MI comparison. More sensitive
+    # after a shift, more re-encodes (benchmarks/RESULTS.md, "stratified reservoir"); off by default.
+    reservoir_strata: bool = False
     # Labeled items held out of learning (chosen by a hash of the id, so the same ones after a restart):
     # never in B_new or Omega, they keep inferred codes and let the re-encode test see stale codes.
     holdout_fraction: float = Field(0.1, ge=0, lt=1)

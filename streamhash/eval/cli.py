@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mi-threshold", type=float, default=None)
     parser.add_argument("--holdout-fraction", type=float, default=None, help="LearnSettings.holdout_fraction")
     parser.add_argument("--reservoir", type=int, default=None, help="LearnSettings.reservoir_size")
+    parser.add_argument("--reservoir-strata", action="store_true", default=None, help="LearnSettings.reservoir_strata")
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder")
 
 
@@ -62,7 +63,8 @@ def config_from_args(args):
 
     learn = dict(EVAL_LEARN) | (QUICK_LEARN if args.quick else {})
     for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("mi_threshold", "mi_threshold"),
-                     ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size")):
+                     ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size"),
+                     ("reservoir_strata", "reservoir_strata")):
         if getattr(args, arg) is not None:
             learn[key] = getattr(args, arg)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

@@ -106,7 +106,7 @@ def _mi_from_histograms(h_pos: np.ndarray, h_neg: np.ndarray) -> np.ndarray:
 
 
 def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np.ndarray, labels, bits: int, *,
-            n_boot: int = 200, seed: int = 0, chunk: int = 50) -> MIGain:
+            n_boot: int = 200, seed: int = 0, chunk: int = 50, db_weights: np.ndarray | None = None) -> MIGain:
     """Compare two versions of a database on the same labeled items, MIHash-style.
 
     Item i is a query (``query_codes[i]``: the current network's encoding of it) and the database is
@@ -120,6 +120,8 @@ def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np
     (the per-query differences) misses that part, which dominates when the codes that change are few —
     each changed database code moves every query's MI the same way — and it fires on pure noise (two
     networks of the same quality: about one draw in four at 2 sigma, against about 2% here).
+    ``db_weights`` (n,): how much each item weighs on the database side (a stratified sample weighed back
+    to the population it stands for); queries keep equal weight.
     The histograms of all resamples are one matrix product per distance value and class:
     (anchors x items) 0/1 masks times the (items x resamples) weights.
     """
@@ -135,7 +137,7 @@ def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np
         return MIGain(0.0, 0.0, 0.0, 0.0, n, changed)
     if not changed:
         q = float(mi_per_anchor(query_codes, labels, bits, db_codes=live_codes).mean())
-        return MIGain(q, q, 0.0, 0.0, n, 0)
+        return MIGain(q, q, 0.0, 0.0, n, 0)  # db weights do not matter: the gain is exactly 0
     off = ~np.eye(n, dtype=bool)
     nbr = neighbour_matrix(labels)
     pos, neg = nbr & off, ~nbr & off
@@ -149,6 +151,8 @@ def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np
     live_mi, cand_mi = [], []
     for b0 in range(0, weights.shape[1], chunk):
         w = weights[:, b0:b0 + chunk]
+        if db_weights is not None:
+            w = w * np.asarray(db_weights, np.float32)[:, None]
         w_u, w_c = w[uc], w[ch]
         shape = (n, bits + 1, w.shape[1])
         hists = {k: np.zeros(shape, np.float32) for k in ("lp", "ln", "cp", "cn")}

@@ -107,7 +107,12 @@ class OnlineHasher:
         self.learner = learner
         self.seed = int(seed)
         # payload per labeled item: (label set, whether its stored code stays inferred)
-        self.reservoir = Reservoir(s.reservoir_size, seed=seed)
+        # With reservoir_strata, the labeled items with inferred codes (hold-out, quarantined) get a reservoir
+        # of their own with half the slots: the stale codes a re-encode fixes are inferred, a small share of
+        # the labeled items; :meth:`mi_test` weighs each stratum back to its share of the whole index.
+        strata = s.reservoir_strata
+        self.reservoir = Reservoir(s.reservoir_size - s.reservoir_size // 2 if strata else s.reservoir_size, seed=seed)
+        self.inferred_reservoir = Reservoir(max(s.reservoir_size // 2, 1), seed=seed + 1) if strata else None
         self.trigger = MITrigger(s.mi_threshold, require_drift=require_drift, sigmas=s.mi_sigmas)
         self._lock = threading.Lock()  # guards the buffer (observe runs on the ingest thread)
         self._learner_lock = threading.Lock()  # the learner is single-threaded: a round, a drain, a re-encode
@@ -164,7 +169,7 @@ class OnlineHasher:
             labeled = 0
             for i, lab, x in zip(ids, sets, inferred.tolist()):
                 if lab:
-                    self.reservoir.update(i, (lab, x))
+                    (self.inferred_reservoir if x and self.inferred_reservoir is not None else self.reservoir).update(i, (lab, x))
                     labeled += not x
                 self.n_inferred += x or not lab
             self.holdout_seen += 0 if frozen else int(inferred.sum())
@@ -214,17 +219,28 @@ class OnlineHasher:
         """The MIHash comparison on the reservoir (caller holds ``_learner_lock``, after a round): queries
         encoded by the current network; database = the reservoir's live codes vs its codes after the
         selective re-encode (learned ones kept, inferred ones replaced by the queries' encodings)."""
-        ids = list(self.reservoir.ids)
+        samples = [self.reservoir] + ([self.inferred_reservoir] if self.inferred_reservoir is not None else [])
+        ids = [i for r in samples for i in r.ids]
         if len(ids) < 2:
             return MIGain(0.0, 0.0, 0.0, 0.0, len(ids), 0)
-        labels = [p[0] for p in self.reservoir.payloads]
-        inferred = np.array([p[1] for p in self.reservoir.payloads], bool)
+        payloads = [p for r in samples for p in r.payloads]
+        labels = [p[0] for p in payloads]
+        inferred = np.array([p[1] for p in payloads], bool)
+        db_weights = self._strata_weights(inferred) if self.inferred_reservoir is not None else None
         live = self.learner.codes(ids)
         query = self.learner.encode(np.asarray(fetch_images(ids)))
         cand = live.copy()
         cand[inferred] = query[inferred]
         return mi_gain(query, live, cand, labels, self.learner.bits, n_boot=self.settings.mi_bootstrap,
-                       seed=self.seed * 1_000_003 + self.rounds)
+                       seed=self.seed * 1_000_003 + self.rounds, db_weights=db_weights)
+
+    def _strata_weights(self, inferred: np.ndarray) -> np.ndarray | None:
+        """Per sampled item, its provenance's share of the index (inferred: unlabeled items too) over its
+        share of the sample, scaled to a mean of 1."""
+        in_index = np.array([max(self.items_seen - self.n_inferred, 0), self.n_inferred], np.float64)
+        in_sample = np.array([(~inferred).sum(), inferred.sum()], np.float64)
+        w = np.where(in_sample > 0, in_index / np.maximum(in_sample, 1), 0.0)[inferred.astype(int)]
+        return w * (len(w) / w.sum()) if w.sum() > 0 else None
 
     def mi_live_and_candidate(self, fetch_images: FetchImages) -> tuple[float, float]:
         with self._learner_lock:

@@ -208,3 +208,20 @@ def test_holdout_items_never_enter_b_new_or_omega_and_stay_held_after_a_restart(
         # the reservoir samples every labeled item, the hold-out included, marked as inferred
         flags = dict(zip(h.reservoir.ids, (p[1] for p in h.reservoir.payloads)))
         assert set(flags) == set(range(200)) and {i for i, f in flags.items() if f} == held
+
+
+def test_stratified_reservoir_gives_the_holdout_half_the_slots_and_weighs_it_back():
+    """reservoir_strata: the labeled items with inferred codes fill a stratum of their own; in the MI
+    comparison each stratum weighs its share of the index (here 30% inferred), not of the sample (50%)."""
+    y, learned, good_net, random_net = world(n=600)
+    s = LearnSettings(reservoir_size=200, holdout_fraction=0.3, reservoir_strata=True)
+    h = hasher_with(StubLearner(good_net, y, learned), s, y, random_net)
+    rep = h.learn_round(lambda ids: np.asarray(ids))
+    held = set(np.flatnonzero(in_holdout(range(len(y)), 0.3)).tolist())
+    assert len(h.reservoir) == len(h.inferred_reservoir) == 100
+    assert set(h.inferred_reservoir.ids) <= held and not set(h.reservoir.ids) & held
+    inferred = np.array([True] * 100 + [False] * 100)
+    w = h._strata_weights(inferred)
+    share = len(held) / len(y)
+    assert w[:100].sum() / w.sum() == pytest.approx(share)  # the inferred stratum weighs its index share
+    assert rep.reencode and rep.gain > 2 * rep.sigma  # stale random codes still fire
