@@ -40,7 +40,8 @@ from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
 from streamhash.model.hashnet import HashNet, HashNetConfig  # noqa: E402
-from streamhash.records import ImageSpec, encode_png, message_headers, parse_message  # noqa: E402
+from streamhash.records import ImageSpec, encode_png, parse_message  # noqa: E402
+from streamhash.services.demo import probe_freshness  # noqa: E402
 from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
 
 
@@ -103,32 +104,6 @@ def query_latency_while_ingesting(bootstrap: str, work: Path, stream, stream_y, 
         stop(worker)
         producer.close(timeout=5)
     return out
-
-
-def probe_freshness(producer, topic: str, base: str, images: np.ndarray, labels: np.ndarray, *,
-                    interval: float = 0.05, timeout: float = 10.0) -> list[dict]:
-    """Probes sent one at a time (as ``demo.measure_freshness``), each split in three: ``acked`` (send to the
-    broker's acknowledgement), ``committed`` (to the worker's LMDB commit: ``GET /items`` finds it in the
-    store) and ``visible`` (to the query server's index having it); seconds from send, and ``at`` (wall clock)."""
-    rows = []
-    with httpx.Client(timeout=5) as client:
-        for i, (img, lab) in enumerate(zip(images, labels)):
-            item_id = f"probe-{i}"
-            sent = time.time()
-            producer.send(topic, key=item_id.encode(), value=encode_png(img), headers=message_headers(int(lab), "image/png"))
-            producer.flush()
-            row = {"at": sent, "acked": time.time() - sent}
-            while time.time() - sent < timeout:
-                r = client.get(f"{base}/items/{item_id}")
-                if r.status_code == 200:
-                    row.setdefault("committed", time.time() - sent)
-                    if r.json()["visible"]:
-                        row["visible"] = time.time() - sent
-                        rows.append(row)
-                        break
-                time.sleep(0.002)
-            time.sleep(interval)
-    return rows
 
 
 def freshness_summary(rows: list[dict]) -> dict:

@@ -55,24 +55,36 @@ def percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 2) if values else None
 
 
-def measure_freshness(producer, topic: str, server: str, images: np.ndarray, labels: np.ndarray, *,
-                      interval: float = 0.05, timeout: float = 10.0) -> list[float]:
-    """Send probe images one at a time and time each from send to visible in the query server."""
-    delays = []
+def probe_freshness(producer, topic: str, server: str, images: np.ndarray, labels: np.ndarray, *,
+                    interval: float = 0.05, timeout: float = 10.0) -> list[dict]:
+    """Send probe images one at a time; each row times one from send (seconds): ``acked`` (the broker's
+    acknowledgement), ``committed`` (the worker's LMDB commit: ``GET /items`` finds it in the store) and
+    ``visible`` (in the query server's index), with ``at`` (when it was sent, wall clock). A probe not
+    visible within ``timeout`` has no row."""
+    rows = []
     with httpx.Client(timeout=5) as client:
         for i, (img, lab) in enumerate(zip(images, labels)):
             item_id = f"probe-{i}"
             sent = time.time()
             producer.send(topic, key=item_id.encode(), value=encode_png(img), headers=message_headers(int(lab), "image/png"))
             producer.flush()
+            row = {"at": sent, "acked": time.time() - sent}
             while time.time() - sent < timeout:
                 r = client.get(f"{server}/items/{item_id}")
-                if r.status_code == 200 and r.json()["visible"]:
-                    delays.append(time.time() - sent)
-                    break
+                if r.status_code == 200:
+                    row.setdefault("committed", time.time() - sent)
+                    if r.json()["visible"]:
+                        row["visible"] = time.time() - sent
+                        rows.append(row)
+                        break
                 time.sleep(0.002)
             time.sleep(interval)
-    return delays
+    return rows
+
+
+def measure_freshness(producer, topic: str, server: str, images: np.ndarray, labels: np.ndarray, **kw) -> list[float]:
+    """Seconds from send to visible in the query server, per probe (:func:`probe_freshness`)."""
+    return [row["visible"] for row in probe_freshness(producer, topic, server, images, labels, **kw)]
 
 
 def precision_at_10(server: str, images: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
