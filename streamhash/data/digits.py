@@ -11,9 +11,6 @@ import numpy as np
 
 from streamhash.errors import DatasetMissingError
 
-N_IMAGES = 1797
-
-
 def load_digits_28() -> tuple[np.ndarray, np.ndarray]:
     """(images (1797, 28, 28) uint8, labels (1797,) int64)."""
     try:

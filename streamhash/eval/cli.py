@@ -19,8 +19,6 @@ from streamhash.eval.protocols import PROTOCOLS
 QUICK_STREAM = {"retrieval_limit": 12_000, "queries_per_class": 50, "chunks": 3, "stream": 6_000, "chunk_size": 1_500}
 QUICK_LEARN = {"iters": 3, "omega": 1000, "reservoir_size": 500}
 QUICK_INIT_ITERS = 10
-# the learner process's defaults, except alternations per round (the harness runs one round per chunk)
-EVAL_LEARN = {"iters": 8, "reservoir_size": 1000}
 JSON_KEYS = ("map", "map_at_1000", "p_r2", "p_at_1000", "reencodes", "images_reencoded", "seconds", "cpu_seconds")
 
 
@@ -59,7 +57,7 @@ def stream_kwargs(args) -> dict:
 
 def config_from_args(args):
     from streamhash.config import LearnSettings
-    from streamhash.eval.harness import EvalConfig
+    from streamhash.eval.harness import EVAL_LEARN, EvalConfig
 
     learn = dict(EVAL_LEARN) | (QUICK_LEARN if args.quick else {})
     for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("mi_threshold", "mi_threshold"),

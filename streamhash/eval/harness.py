@@ -19,6 +19,10 @@ from streamhash.eval.metrics import retrieval_metrics
 from streamhash.eval.protocols import Stream
 
 
+# the learner process's defaults, except alternations per round (the harness runs one round per chunk)
+EVAL_LEARN = {"iters": 8, "reservoir_size": 1000}
+
+
 @dataclass
 class EvalConfig:
     protocol: str = "class-incremental"
@@ -28,7 +32,7 @@ class EvalConfig:
     topk: int = 1000
     methods: tuple = METHODS
     # the learner process's settings, with one round per chunk: round_every / round_max_age_s play no part
-    learn: LearnSettings = field(default_factory=lambda: LearnSettings(iters=8, reservoir_size=1000))
+    learn: LearnSettings = field(default_factory=lambda: LearnSettings(**EVAL_LEARN))
 
 
 def evaluate(m: Method, stream: Stream, q_codes: np.ndarray, cfg: EvalConfig, position: int) -> dict:
