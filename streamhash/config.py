@@ -186,12 +186,13 @@ class LearnSettings(BaseModel):
     mi_sigmas: float = Field(2.0, ge=0)
     mi_bootstrap: int = Field(200, ge=0)
     reservoir_size: int = 1000
-    # Stratify the reservoir by provenance: half its slots for labeled items with inferred codes (the
-    # hold-out), each stratum weighed back to its share of the index in the MI comparison. More sensitive
+    # Stratify the reservoir by provenance: half its slots for the labeled items standing for inferred codes
+    # (the hold-out), each stratum weighed back to its share of the index in the MI comparison. More sensitive
     # after a shift, more re-encodes (benchmarks/RESULTS.md, "stratified reservoir"); off by default.
     reservoir_strata: bool = False
-    # Labeled items held out of learning (chosen by a hash of the id, so the same ones after a restart):
-    # never in B_new or Omega, they keep inferred codes and let the re-encode test see stale codes.
+    # Labeled items held out of the network's training (chosen by a hash of the id, so the same ones after a
+    # restart): never in Omega, their codes learned like the others'; the re-encode test compares the inferred
+    # code each would hold unlabeled (its shadow) with the current network's, to see stale codes.
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
     # Labels become columns of a multi-hot matrix (omega x (max label + 1)) in every round, so a message
     # labelled 10**20 would make every later round fail. 9999 leaves room for a few thousand classes.

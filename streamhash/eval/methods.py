@@ -56,7 +56,7 @@ class CodeTable:
 
 class Initial:
     """The shared starting point: ADSH (DIHN with every code learnable) on D0's labeled items, minus the
-    learner's labeled hold-out, which keeps inferred codes as the learner process would give them."""
+    learner's labeled hold-out, whose images the learner never trains on (the first round learns their codes)."""
 
     def __init__(self, stream, settings: LearnSettings, bits: int, seed: int, iters: int, fetch):
         self.hasher = OnlineHasher(HashNet(HashNetConfig(bits=bits, seed=seed)), settings, seed=seed)
@@ -127,10 +127,14 @@ class Incremental(Method):
             self.table.put(d0, init.codes, learned=False, model=0)
             self.table.learned[d0[trained]] = True
             labels = self._labels(d0)
-            for mask, learned in ((trained, True), (~trained, False)):
+            # as the learner process finds a shard: learned and unlabeled codes frozen; the labeled ones never
+            # learned (D0's hold-out, left out of the initial model) observed as new: the first round learns
+            # their codes, and their codes at arrival are the re-encode test's shadows
+            holdout = ~trained & stream.labeled[d0]
+            for mask, frozen in ((~holdout, True), (holdout, False)):
                 if mask.any():
                     self.hasher.observe(d0[mask].tolist(), init.codes[mask], [labels[i] for i in np.flatnonzero(mask)],
-                                        frozen=True, learned=learned)
+                                        frozen=frozen)
 
     def _labels(self, idx: np.ndarray) -> list:
         s = self.stream

@@ -11,7 +11,8 @@ works on, and the Gamma statistics are accumulated a chunk of rows at a time.
 A round (:meth:`DIHNLearner.learn_round`), for ``iters`` alternations:
 
 1. sample Omega (``omega`` items) from the labeled database Gamma, ``new_fraction`` of it from the
-   not-yet-learned labeled items B_new (DIHN's incremental set), the rest from the old ones;
+   not-yet-learned labeled items B_new (DIHN's incremental set), the rest from the old ones; items
+   added as ``held`` never are (the caller's hold-out: codes learned, images never trained on);
 2. train F for ``epochs`` epochs on Omega with every database code fixed, minimising
    :class:`streamhash.model.losses.DIHNLoss`;
 3. update B_new only, bit by bit, by discrete cyclic coordinate descent (ADSH / DIHN):
@@ -190,6 +191,7 @@ class DIHNLearner:
         self._codes = np.zeros((0, self.bits // 8), np.uint8)  # packed
         self._group = np.zeros(0, np.int32)  # -1 = unlabeled
         self._frozen = np.zeros(0, bool)
+        self._held = np.zeros(0, bool)  # never in Omega: the network never trains on their images (a hold-out)
         self._groups: list[frozenset[int]] = []
         self._group_of: dict[frozenset[int], int] = {}
         self._cache: dict = {}  # images given to learn_many, for learners without a fetch callback
@@ -209,7 +211,7 @@ class DIHNLearner:
         if n + extra <= cap:
             return
         new_cap = max(n + extra, 2 * cap, 1024)
-        for name in ("_codes", "_group", "_frozen"):
+        for name in ("_codes", "_group", "_frozen", "_held"):
             old = getattr(self, name)
             arr = np.zeros((new_cap,) + old.shape[1:], dtype=old.dtype)  # rows past n are never read
             arr[:n] = old[:n]
@@ -225,13 +227,15 @@ class DIHNLearner:
             self._group_of[s] = g
         return g
 
-    def add_items(self, ids: Sequence, codes, labels=None, *, frozen: bool = True) -> None:
+    def add_items(self, ids: Sequence, codes, labels=None, *, frozen: bool = True, held=None) -> None:
         """Register stored items: their ids, current codes (packed uint8 or +-1) and labels.
 
         ``frozen=True``: an old code, never changed by learning. ``frozen=False``: a labeled item joins
         B_new, its code (the provisional one it was indexed with) is learned at the next round.
         Unlabeled items (``labels`` None, or a None / empty entry) are always frozen and never learned
-        from. A re-added id overwrites that row (re-sent message).
+        from. ``held`` (a bool per item): items never sampled into Omega, so the network never trains on
+        their images; their codes are learned like the others' (DCC needs their labels, not their images).
+        A re-added id overwrites that row (re-sent message).
         """
         ids = list(ids)
         packed = _as_packed(codes, self.bits)
@@ -251,8 +255,11 @@ class DIHNLearner:
         groups = np.array([self._group_index(s) for s in sets], np.int32)  # groups numbered in batch order
         last = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]  # a repeated id keeps its last entry
         groups = groups[last]
+        held = np.zeros(len(ids), bool) if held is None else np.asarray(held, bool)
+        held = held[last] & (groups >= 0)
         self._codes[rows[last]] = packed[last]
         self._group[rows[last]] = groups
+        self._held[rows[last]] = held
         self._frozen[rows[last]] = frozen | (groups < 0)
 
     def rows(self, ids: Sequence) -> np.ndarray:
@@ -350,7 +357,7 @@ class DIHNLearner:
 
     def _sample_omega(self) -> np.ndarray:
         n = len(self._ids)
-        labeled = self._group[:n] >= 0
+        labeled = (self._group[:n] >= 0) & ~self._held[:n]
         new_rows = np.flatnonzero(labeled & ~self._frozen[:n])
         old_rows = np.flatnonzero(labeled & self._frozen[:n])
         m = min(self.omega, len(new_rows) + len(old_rows))
@@ -479,6 +486,7 @@ class DIHNLearner:
             "codes": torch.from_numpy(self._codes[:n].copy()),
             "group": torch.from_numpy(self._group[:n].copy()),
             "frozen": torch.from_numpy(self._frozen[:n].copy()),
+            "held": torch.from_numpy(self._held[:n].copy()),
             "groups": [sorted(s) for s in self._groups],
             "opt": self._opt.state_dict(),
             "rng": self._rng.bit_generator.state,
@@ -509,6 +517,8 @@ class DIHNLearner:
         self._codes[:n] = st["codes"].numpy()
         self._group[:n] = st["group"].numpy()
         self._frozen[:n] = st["frozen"].numpy()
+        if "held" in st:  # absent from states saved before held items could be learned
+            self._held[:n] = st["held"].numpy()
         ints = [i for i in ids if isinstance(i, int)]
         self._next_auto_id = max(ints) + 1 if ints else 0
         return self

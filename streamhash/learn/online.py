@@ -19,15 +19,22 @@ Another incremental learner plugs in through ``learner=`` (any :class:`~streamha
 The re-encode test is MIHash's (Cakir et al. 2017): compare the index as it is with the index as it
 would be after the selective re-encode. The reservoir samples uniformly from every labeled item
 observed — learned ones and a labeled *hold-out* (``holdout_fraction`` of the labeled items, chosen by
-a hash of the id so a restart picks the same ones) that never enters B_new or Omega and so keeps its
-inferred code. Each reservoir item is a query, encoded by the current network; the database is the
-other reservoir items, once with their live codes (learned codes, inferred codes at the version that
-made them) and once with the candidate codes (learned codes unchanged, inferred ones replaced by the
+a hash of the id so a restart picks the same ones) whose images never enter Omega, so the network is
+never trained on them and encodes them as it encodes an unlabeled item. The hold-out's codes in the
+index are learned like every labeled item's (DCC needs labels, not images: a label is never wasted);
+the test keeps, for each hold-out item in the reservoir, its *shadow* — the inferred code the index
+would hold for it were it unlabeled: its code at arrival, replaced by the current network's encoding
+at each re-encode. Each reservoir item is a query, encoded by the current network; the database is the
+other reservoir items, once with their live codes (learned codes; shadows; quarantined items' inferred
+codes) and once with the candidate codes (learned codes unchanged, inferred ones replaced by the
 current network's encodings). The gain is the mean per-query difference of exact I(D; C)
 (:func:`~streamhash.learn.mi.mi_gain`), its noise ``sigma`` a bootstrap over the queries; the trigger
-fires iff ``gain > mi_threshold + mi_sigmas * sigma``. Every inferred code predates the network a round
-has just trained, so the re-encode's cost — the images it decodes and encodes — is the number of
-inferred codes (:attr:`OnlineHasher.n_inferred`, an estimate: a re-sent id counts twice).
+fires iff ``gain > mi_threshold + mi_sigmas * sigma`` and the index holds an inferred code to re-encode.
+Every inferred code predates the network a round has just trained, so the re-encode's cost — the
+images it decodes and encodes — is the number of inferred codes (:attr:`OnlineHasher.n_inferred`, an
+estimate: a re-sent id counts twice): the unlabeled and quarantined items. A learner restarted from
+the store knows no shadows of the hold-out learned before it: those stand in the reservoir as the
+learned items they are, and the arrivals after the restart make the next sensor.
 """
 
 from __future__ import annotations
@@ -106,7 +113,8 @@ class OnlineHasher:
             learner = DIHNLearner(net, **{**kw, **learner_kwargs})
         self.learner = learner
         self.seed = int(seed)
-        # payload per labeled item: (label set, whether its stored code stays inferred)
+        # payload per labeled item: (label set, whether it stands for an inferred code, its shadow: the
+        # hold-out's inferred code as bytes, None where the learner's code is the live one)
         # With reservoir_strata, the labeled items with inferred codes (hold-out, quarantined) get a reservoir
         # of their own with half the slots: the stale codes a re-encode fixes are inferred, a small share of
         # the labeled items; :meth:`mi_test` weighs each stratum back to its share of the whole index.
@@ -116,8 +124,8 @@ class OnlineHasher:
         self.trigger = MITrigger(s.mi_threshold, require_drift=require_drift, sigmas=s.mi_sigmas)
         self._lock = threading.Lock()  # guards the buffer (observe runs on the ingest thread)
         self._learner_lock = threading.Lock()  # the learner is single-threaded: a round, a drain, a re-encode
-        # (ids, codes, label sets, frozen, observed at, inferred): ``inferred`` marks the labeled items
-        # whose code is not learned — the hold-out, or old codes that were never learned
+        # (ids, codes, label sets, frozen, observed at, inferred): ``inferred`` marks labeled items that stand
+        # for inferred codes in the test — the hold-out (new ones), or old codes never learned (quarantined)
         self._buffer: list[tuple[list, np.ndarray, list, bool, float, np.ndarray]] = []
         self._buffered_labeled = 0
         # (observed at, labeled items) per batch drained but not learned yet, oldest first: a pair per
@@ -125,7 +133,7 @@ class OnlineHasher:
         self._arrivals: list[tuple[float, int]] = []
         self.clock = clock
         self.items_seen = self.labeled_seen = 0
-        self.n_inferred = 0  # items drained whose stored code is a network output (unlabeled, hold-out, quarantined)
+        self.n_inferred = 0  # items drained whose stored code stays a network output (unlabeled, quarantined)
         self.holdout_seen = 0
         self.first_seen: float | None = None
         self.rounds = 0
@@ -138,8 +146,9 @@ class OnlineHasher:
         return HashNet.from_bytes(self.learner.net.to_bytes())
 
     def observe(self, ids: Sequence, codes: np.ndarray, labels=None, *, frozen: bool = False, learned: bool = True) -> None:
-        """Items just indexed (ids, their packed codes, labels). Labeled ones are learned next round,
-        except the hold-out (``holdout_fraction``, by id), which keeps its inferred code.
+        """Items just indexed (ids, their packed codes, labels). Labeled ones are learned next round; the
+        hold-out (``holdout_fraction``, by id) too, but its images never train the network, and its code at
+        arrival is the shadow the re-encode test compares.
 
         ``frozen=True`` registers them as old codes instead, e.g. when rebuilding from the store: learned
         ones (``learned=True``) or, with ``learned=False``, inferred codes that must never be learned
@@ -154,7 +163,7 @@ class OnlineHasher:
         labeled, now = int(has.sum()), self.clock()
         with self._lock:
             self._buffer.append((ids, np.asarray(codes), sets, frozen, now, inferred))
-            self._buffered_labeled += 0 if frozen else labeled - int(inferred.sum())  # frozen ones are old codes
+            self._buffered_labeled += 0 if frozen else labeled  # frozen ones are old codes
             self.items_seen += len(ids)
             self.labeled_seen += labeled
             self.first_seen = now if self.first_seen is None else self.first_seen
@@ -164,14 +173,18 @@ class OnlineHasher:
         with self._lock:
             buf, self._buffer, self._buffered_labeled = self._buffer, [], 0
         for ids, codes, sets, frozen, t, inferred in buf:
-            learn_sets = [frozenset() if x else lab for lab, x in zip(sets, inferred.tolist())] if inferred.any() else sets
-            self.learner.add_items(ids, codes, learn_sets, frozen=frozen)  # the hold-out: unlabeled to the learner
+            if frozen:  # old codes; the inferred ones (quarantined) are never learned from: unlabeled to the learner
+                learn_sets = [frozenset() if x else lab for lab, x in zip(sets, inferred.tolist())] if inferred.any() else sets
+                self.learner.add_items(ids, codes, learn_sets, frozen=True)
+            else:
+                self.learner.add_items(ids, codes, sets, frozen=False, held=inferred)
             labeled = 0
-            for i, lab, x in zip(ids, sets, inferred.tolist()):
+            for i, code, lab, x in zip(ids, codes, sets, inferred.tolist()):
                 if lab:
-                    (self.inferred_reservoir if x and self.inferred_reservoir is not None else self.reservoir).update(i, (lab, x))
-                    labeled += not x
-                self.n_inferred += x or not lab
+                    shadow = code.tobytes() if x and not frozen else None
+                    (self.inferred_reservoir if x and self.inferred_reservoir is not None else self.reservoir).update(i, (lab, x, shadow))
+                    labeled += 1
+                self.n_inferred += (x and frozen) or not lab
             self.holdout_seen += 0 if frozen else int(inferred.sum())
             if labeled and not frozen:
                 self._arrivals.append((t, labeled))
@@ -199,8 +212,7 @@ class OnlineHasher:
         """Seconds the oldest labeled item not learned yet has waited (None: none waits)."""
         with self._lock:
             first = self._arrivals[0][0] if self._arrivals else next(
-                (t for _, _, sets, frozen, t, inferred in self._buffer
-                 if not frozen and any(lab and not x for lab, x in zip(sets, inferred.tolist()))), None)
+                (t for _, _, sets, frozen, t, _ in self._buffer if not frozen and any(sets)), None)
         return None if first is None else self.clock() - first
 
     def cannot_learn(self) -> bool:
@@ -215,24 +227,44 @@ class OnlineHasher:
         t = np.repeat(np.array([a for a, _ in log], np.float64), np.array([c for _, c in log], np.int64))
         return t[len(t) - n_learned:] if len(t) > n_learned else t  # the re-sent: their last arrival counts
 
+    def _samples(self) -> list[Reservoir]:
+        return [self.reservoir] + ([self.inferred_reservoir] if self.inferred_reservoir is not None else [])
+
     def mi_test(self, fetch_images: FetchImages) -> MIGain:
         """The MIHash comparison on the reservoir (caller holds ``_learner_lock``, after a round): queries
         encoded by the current network; database = the reservoir's live codes vs its codes after the
         selective re-encode (learned ones kept, inferred ones replaced by the queries' encodings)."""
-        samples = [self.reservoir] + ([self.inferred_reservoir] if self.inferred_reservoir is not None else [])
-        ids = [i for r in samples for i in r.ids]
+        return self._compare(fetch_images)[0]
+
+    def _compare(self, fetch_images: FetchImages) -> tuple[MIGain, np.ndarray | None]:
+        """The comparison and the queries' codes (None: too few items to compare)."""
+        ids = [i for r in self._samples() for i in r.ids]
         if len(ids) < 2:
-            return MIGain(0.0, 0.0, 0.0, 0.0, len(ids), 0)
-        payloads = [p for r in samples for p in r.payloads]
+            return MIGain(0.0, 0.0, 0.0, 0.0, len(ids), 0), None
+        payloads = [p for r in self._samples() for p in r.payloads]
         labels = [p[0] for p in payloads]
         inferred = np.array([p[1] for p in payloads], bool)
         db_weights = self._strata_weights(inferred) if self.inferred_reservoir is not None else None
         live = self.learner.codes(ids)
+        for k, p in enumerate(payloads):
+            if p[2] is not None:
+                live[k] = np.frombuffer(p[2], np.uint8)
         query = self.learner.encode(np.asarray(fetch_images(ids)))
         cand = live.copy()
         cand[inferred] = query[inferred]
-        return mi_gain(query, live, cand, labels, self.learner.bits, n_boot=self.settings.mi_bootstrap,
-                       seed=self.seed * 1_000_003 + self.rounds, db_weights=db_weights)
+        g = mi_gain(query, live, cand, labels, self.learner.bits, n_boot=self.settings.mi_bootstrap,
+                    seed=self.seed * 1_000_003 + self.rounds, db_weights=db_weights)
+        return g, query
+
+    def _refresh_shadows(self, query: np.ndarray) -> None:
+        """After a re-encode: the hold-out's shadows become what the re-encode gives the inferred codes,
+        the current network's encodings (``query``, in :meth:`_compare`'s order)."""
+        k = 0
+        for r in self._samples():
+            for j, p in enumerate(r.payloads):
+                if p[2] is not None:
+                    r.payloads[j] = (p[0], p[1], query[k].tobytes())
+                k += 1
 
     def _strata_weights(self, inferred: np.ndarray) -> np.ndarray | None:
         """Per sampled item, its provenance's share of the index (inferred: unlabeled items too) over its
@@ -256,10 +288,12 @@ class OnlineHasher:
             self.rounds += 1
             arrivals = self._take_arrivals(len(res.ids))
             t0 = time.perf_counter()
-            g = self.mi_test(fetch_images) if test else MIGain(0.0, 0.0, 0.0, 0.0, 0, 0)
+            g, query = self._compare(fetch_images) if test else (MIGain(0.0, 0.0, 0.0, 0.0, 0, 0), None)
             cost = self.n_inferred  # every inferred code predates the network this round trained
-        decision = (self.trigger.update(g.live, g.candidate, g.sigma, cost) if test else
-                    TriggerDecision(0.0, 0.0, 0.0, self.trigger.threshold, False, False, False, cost=cost))
+            decision = (self.trigger.update(g.live, g.candidate, g.sigma, cost) if test else
+                        TriggerDecision(0.0, 0.0, 0.0, self.trigger.threshold, False, False, False, cost=cost))
+            if decision.fire and query is not None:
+                self._refresh_shadows(query)
         return RoundReport(res, g.live, g.candidate, decision, time.perf_counter() - t0, arrivals, g)
 
     def quarantine_pending(self) -> list:
@@ -271,9 +305,10 @@ class OnlineHasher:
             ids = self.learner.quarantine_pending()
             self.n_inferred += len(ids)
             gone = set(ids)
-            for k, item_id in enumerate(self.reservoir.ids):  # they keep inferred codes now
-                if item_id in gone:
-                    self.reservoir.payloads[k] = (self.reservoir.payloads[k][0], True)
+            for r in self._samples():  # they keep inferred codes now: the index's, which the learner holds
+                for k, item_id in enumerate(r.ids):
+                    if item_id in gone:
+                        r.payloads[k] = (r.payloads[k][0], True, None)
             return ids
 
     def reencode(self, fetch_images: FetchImages, ids: Sequence | None = None) -> tuple[list, np.ndarray]:

@@ -33,7 +33,7 @@ import numpy as np
 from streamhash.errors import SchemaMismatchError, StoreError
 from streamhash.index.store import Snapshot, Store
 from streamhash.index.store.root import ShardKey, StoreRoot
-from streamhash.learn.online import OnlineHasher, in_holdout
+from streamhash.learn.online import OnlineHasher
 from streamhash.records import ImageSpec, decode_images
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,9 @@ class ShardFeed:
         log.info("shard %s re-encoded: generation %d -> %d", shard.key, before, shard.generation)
 
     def _remember_pending(self, key: ShardKey, ids: list[str], seqs: list[int], labels: list) -> None:
-        """(partition, seq) of the items a round will learn: labeled, outside the hold-out (which keeps its
-        inferred code and would never leave the map)."""
-        held = in_holdout(ids, self.hasher.settings.holdout_fraction)
-        for item_id, seq, lab, h in zip(ids, seqs, labels, held.tolist()):
-            if lab and not h:
+        """(partition, seq) of the items a round will learn: the labeled ones."""
+        for item_id, seq, lab in zip(ids, seqs, labels):
+            if lab:
                 self.pending_at[item_id] = (key.partition, int(seq))
             else:
                 self.pending_at.pop(item_id, None)  # re-sent unlabeled: nothing of it to publish any more
@@ -170,8 +168,8 @@ def observe_snapshot(hasher: OnlineHasher, snap: Snapshot) -> np.ndarray:
 
     Learned codes stay frozen; quarantined ones keep their inferred codes, out of learning; labeled
     items indexed but never learned (the learner stopped before their round, or their code was never
-    applied) are pending again, so the next round learns them — except the hold-out (chosen by id, the
-    same items as before), which keeps its inferred code.
+    applied) are pending again, so the next round learns them (the hold-out among them, chosen by id, the
+    same items as before: learned, never trained on, its stored code its shadow in the re-encode test).
     """
     labels = [set(x) if x else None for x in snap.labels]
     unlabeled = np.array([x is None for x in labels], bool)

@@ -4,8 +4,9 @@ After each learning round the caller runs the MIHash comparison (:func:`streamha
 on a reservoir of labeled items: queries encoded by the new network against the reservoir's codes as
 the index holds them (*live*) and as the selective re-encode would leave them (*candidate*). It passes
 the two MI values, the bootstrap standard deviation ``sigma`` of their difference and the re-encode's
-cost. :class:`MITrigger` fires iff ``gain > threshold + sigmas * sigma`` (``sigmas`` = 2 by default):
-the gain must clear the noise of its own estimate; ``threshold`` (0 by default) is a margin on top, and
+cost. :class:`MITrigger` fires iff ``gain > threshold + sigmas * sigma`` (``sigmas`` = 2 by default)
+and the cost is not 0 (nothing to re-encode: every stored code is learned): the gain must clear the
+noise of its own estimate; ``threshold`` (0 by default) is a margin on top, and
 a negative one lowers the bar (below any possible gain: always re-encode). With ``sigma`` left at 0
 this is the plain ``gain > threshold`` test.
 
@@ -67,9 +68,9 @@ class MITrigger:
         self.fired = 0
         self.last: TriggerDecision | None = None
 
-    def update(self, live: float, candidate: float, sigma: float = 0.0, cost: int = 0) -> TriggerDecision:
-        """Feed one round's (live, candidate) MI, the gain's standard deviation and the re-encode cost;
-        returns the decision (``.fire`` = re-encode now). The drift detector sees the live MI."""
+    def update(self, live: float, candidate: float, sigma: float = 0.0, cost: int | None = None) -> TriggerDecision:
+        """Feed one round's (live, candidate) MI, the gain's standard deviation and the re-encode cost
+        (None: unknown); returns the decision (``.fire`` = re-encode now). The drift detector sees the live MI."""
         self.detector.update(live)
         drifted = self.detector.drift_detected
         if drifted:
@@ -77,13 +78,13 @@ class MITrigger:
         gain = float(candidate) - float(live)
         armed = self.armed
         bound = self.threshold + self.sigmas * float(sigma)
-        fire = armed and gain > bound
+        fire = armed and gain > bound and cost != 0
         if fire:
             self.fired += 1
             if self.require_drift:
                 self.armed = False
         self.last = TriggerDecision(float(live), float(candidate), gain, self.threshold, drifted, armed, fire,
-                                    float(sigma), bound, int(cost))
+                                    float(sigma), bound, int(cost or 0))
         return self.last
 
     @property

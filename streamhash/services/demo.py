@@ -34,7 +34,6 @@ from streamhash.errors import EXIT_DATASET_MISSING, DatasetMissingError
 from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
-from streamhash.learn.online import in_holdout
 from streamhash.records import encode_npy, encode_png, message_headers
 from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
 
@@ -190,9 +189,8 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
         version_indexed = httpx.get(f"{server}/healthz").json()["model_version"]
         p10 = p10_indexed
         if learner is not None:
-            # every labeled item of the stream but the hold-out (it keeps its inferred code) gets a learned code
-            ids = [f"fmnist-train-{i}" for i in range(produced)]
-            expected = int((~in_holdout(ids, settings.learn.holdout_fraction)).sum())
+            # every labeled item of the stream gets a learned code (the hold-out too: only its images are not trained on)
+            expected = produced
             wait_for_learning(learner, learner_url, server, expected, 300 + limit / 20)
             p10, _ = precision_at_10(server, test_x[q_idx], test_y[q_idx])
         health = httpx.get(f"{server}/healthz").json()

@@ -12,8 +12,8 @@ reader table, the host's PID namespace), like a query server, so it runs where t
 One round, in order:
 
 1. ``learn_round``: train the network on Omega, learn the codes of the new labeled items by DCC; old
-   codes stay frozen. Then the MIHash test on the reservoir (labeled items of every shard, a
-   never-learned hold-out among them): queries encoded by the new network against the index's codes as
+   codes stay frozen. Then the MIHash test on the reservoir (labeled items of every shard, a hold-out
+   never trained on among them, standing for inferred codes): queries encoded by the new network against the index's codes as
    they are vs after the selective re-encode; it fires when the gain beats its bootstrap noise bound
    (``streamhash_mi_gain_sigma``); its cost, the stale inferred codes, is ``streamhash_reencode_cost_items``;
 2. publish the model on ``streamhash.models`` (:mod:`streamhash.kafka.modelbus`): version = last

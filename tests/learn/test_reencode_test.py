@@ -1,6 +1,8 @@
 """The MIHash re-encode test: index as it is vs after the selective re-encode, on a reservoir that holds a
-labeled hold-out; fires only when the gain clears its bootstrap noise bound. Synthetic cases with a
-known answer, a stub learner standing in for the network (its "images" are item indices)."""
+labeled hold-out (learned codes, never trained on; the test compares their shadows, the inferred codes they
+would hold unlabeled); fires only when the gain clears its bootstrap noise bound and the index holds
+inferred codes to re-encode. Synthetic cases with a known answer, a stub learner standing in for the
+network (its "images" are item indices); every fourth item unlabeled, as in a partly labeled stream."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class StubLearner:
     def n_pending(self) -> int:
         return len(self.pending)
 
-    def add_items(self, ids, codes, labels=None, *, frozen=True):
+    def add_items(self, ids, codes, labels=None, *, frozen=True, held=None):
         for i, c, lab in zip(ids, codes, labels if labels is not None else [None] * len(ids)):
             self.codes_of[i] = np.asarray(c)
             if lab and not frozen:
@@ -90,10 +92,16 @@ def world(n=400, n_classes=5, seed=0, flip=0.1):
     return y, learned, good_net, random_net
 
 
-def hasher_with(stub, settings: LearnSettings, y, indexed_codes, seed=0):
+def hasher_with(stub, settings: LearnSettings, y, indexed_codes, seed=0, unlabeled_every=4):
+    """Every ``unlabeled_every``-th item unlabeled (0: all labeled): the inferred codes a re-encode would fix."""
     h = OnlineHasher(HashNet(HashNetConfig(bits=BITS)), settings, learner=stub, seed=seed)
-    h.observe(list(range(len(y))), indexed_codes, [int(v) for v in y])
+    h.observe(list(range(len(y))), indexed_codes,
+              [None if unlabeled_every and i % unlabeled_every == 0 else int(v) for i, v in enumerate(y)])
     return h
+
+
+def n_unlabeled(n, every=4):
+    return len(range(0, n, every))
 
 
 def test_stale_random_inferred_codes_and_a_separating_network_fire():
@@ -101,12 +109,26 @@ def test_stale_random_inferred_codes_and_a_separating_network_fire():
     s = LearnSettings(reservoir_size=300, holdout_fraction=0.3)
     h = hasher_with(StubLearner(good_net, y, learned), s, y, random_net)
     rep = h.learn_round(lambda ids: np.asarray(ids))
-    held = in_holdout(range(len(y)), 0.3)
-    assert sorted(rep.round.ids) == np.flatnonzero(~held).tolist()  # the hold-out was not learned
-    assert rep.mi.changed > 0 and rep.gain > 0.05
+    assert sorted(rep.round.ids) == [i for i in range(len(y)) if i % 4]  # every labeled item learned, hold-out too
+    assert rep.mi.changed > 0 and rep.gain > 0.05  # the hold-out's shadows: random codes, as the unlabeled ones
     assert rep.sigma > 0 and rep.gain > 2 * rep.sigma and rep.reencode
-    assert rep.cost == held.sum()  # the hold-out's stale codes: the images a re-encode decodes and encodes
+    assert rep.cost == n_unlabeled(len(y))  # the unlabeled items' stale codes: the images a re-encode decodes and encodes
     assert rep.mi_live < rep.mi_candidate
+    # the re-encode gives the inferred codes the current network's encodings, and the shadows follow:
+    # the same network again finds nothing to gain
+    again = h.learn_round(lambda ids: np.asarray(ids))
+    assert again.mi.changed == 0 and again.gain == 0.0 and not again.reencode
+
+
+def test_a_fully_labeled_index_never_fires_however_stale_the_shadows():
+    """Every stored code learned (class-incremental): nothing to re-encode, so no trigger, though the
+    hold-out's shadows are random codes the current network would beat."""
+    y, learned, good_net, random_net = world()
+    h = hasher_with(StubLearner(good_net, y, learned), LearnSettings(reservoir_size=300, holdout_fraction=0.3), y,
+                    random_net, unlabeled_every=0)
+    rep = h.learn_round(lambda ids: np.asarray(ids))
+    assert rep.gain > 2 * rep.sigma > 0 and rep.cost == 0
+    assert not rep.reencode and h.trigger.fired == 0
 
 
 def test_a_round_without_the_test_does_not_fire_or_feed_the_trigger():
@@ -114,7 +136,7 @@ def test_a_round_without_the_test_does_not_fire_or_feed_the_trigger():
     y, learned, good_net, random_net = world()
     h = hasher_with(StubLearner(good_net, y, learned), LearnSettings(reservoir_size=300, holdout_fraction=0.3), y, random_net)
     rep = h.learn_round(lambda ids: np.asarray(ids), test=False)
-    assert not rep.reencode and rep.mi.n == 0 and rep.cost == in_holdout(range(len(y)), 0.3).sum()
+    assert not rep.reencode and rep.mi.n == 0 and rep.cost == n_unlabeled(len(y))
     assert h.trigger.fired == 0 and h.trigger.last is None
 
 
@@ -125,7 +147,7 @@ def test_everything_learned_gives_zero_gain_and_never_fires():
     h = hasher_with(stub, s, y, random_net)
     for r in range(3):
         rep = h.learn_round(lambda ids: np.asarray(ids))
-        assert rep.gain == 0.0 and rep.sigma == 0.0 and rep.mi.changed == 0 and rep.cost == 0
+        assert rep.gain == 0.0 and rep.sigma == 0.0 and rep.mi.changed == 0 and rep.cost == n_unlabeled(len(y))
         assert not rep.reencode
 
 
@@ -187,7 +209,7 @@ def test_holdout_is_deterministic_across_processes_and_sized_by_the_fraction():
     assert int(out.stdout) == int(np.flatnonzero(mask).sum())
 
 
-def test_holdout_items_never_enter_b_new_or_omega_and_stay_held_after_a_restart():
+def test_holdout_items_are_learned_never_enter_omega_and_are_the_same_after_a_restart():
     from tests.learn.test_dihn import synth
 
     x, y = synth(200, [0, 1, 2, 3], 4)
@@ -195,33 +217,37 @@ def test_holdout_items_never_enter_b_new_or_omega_and_stay_held_after_a_restart(
     s = LearnSettings(round_every=50, omega=150, epochs=1, reservoir_size=200, holdout_fraction=0.25)
     held = set(np.flatnonzero(in_holdout(range(200), 0.25)).tolist())
     assert 20 < len(held) < 80
+    arrival = net.encode(x)
     for restart in range(2):
         h = OnlineHasher(net, s, iters=1)
-        h.observe(range(200), net.encode(x), y)
-        assert h.n_pending == 200 - len(held)
+        h.observe(range(200), arrival, y)
+        assert h.n_pending == 200
         h.ready()  # folds them into the learner
-        assert not held & set(h.learner.pending_ids)  # never in B_new
+        assert held <= set(h.learner.pending_ids)  # in B_new: their codes are learned
         asked = []
         res = h.learner.learn_round(lambda ids, asked=asked: asked.extend(ids) or x[np.asarray(ids)])
-        assert asked and not held & set(asked)  # never in Omega
-        assert not held & set(res.ids)
-        # the reservoir samples every labeled item, the hold-out included, marked as inferred
-        flags = dict(zip(h.reservoir.ids, (p[1] for p in h.reservoir.payloads)))
-        assert set(flags) == set(range(200)) and {i for i, f in flags.items() if f} == held
+        assert asked and not held & set(asked)  # never in Omega: the network never sees their images
+        assert held <= set(res.ids)
+        # the reservoir samples every labeled item; the hold-out stands for inferred codes, with its arrival
+        # codes as shadows
+        payloads = dict(zip(h.reservoir.ids, h.reservoir.payloads))
+        assert set(payloads) == set(range(200)) and {i for i, p in payloads.items() if p[1]} == held
+        assert all(payloads[i][2] == arrival[i].tobytes() for i in held)
 
 
 def test_stratified_reservoir_gives_the_holdout_half_the_slots_and_weighs_it_back():
-    """reservoir_strata: the labeled items with inferred codes fill a stratum of their own; in the MI
-    comparison each stratum weighs its share of the index (here 30% inferred), not of the sample (50%)."""
+    """reservoir_strata: the hold-out, standing for the inferred codes, fills a stratum of its own; in the MI
+    comparison each stratum weighs its share of the index (here 25% inferred: the unlabeled), not of the
+    sample (50%)."""
     y, learned, good_net, random_net = world(n=600)
     s = LearnSettings(reservoir_size=200, holdout_fraction=0.3, reservoir_strata=True)
     h = hasher_with(StubLearner(good_net, y, learned), s, y, random_net)
     rep = h.learn_round(lambda ids: np.asarray(ids))
-    held = set(np.flatnonzero(in_holdout(range(len(y)), 0.3)).tolist())
+    held = {i for i in np.flatnonzero(in_holdout(range(len(y)), 0.3)).tolist() if i % 4}
     assert len(h.reservoir) == len(h.inferred_reservoir) == 100
     assert set(h.inferred_reservoir.ids) <= held and not set(h.reservoir.ids) & held
     inferred = np.array([True] * 100 + [False] * 100)
     w = h._strata_weights(inferred)
-    share = len(held) / len(y)
+    share = n_unlabeled(len(y)) / len(y)
     assert w[:100].sum() / w.sum() == pytest.approx(share)  # the inferred stratum weighs its index share
     assert rep.reencode and rep.gain > 2 * rep.sigma  # stale random codes still fire

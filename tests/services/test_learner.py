@@ -147,11 +147,13 @@ def round_now(learner: Learner) -> None:
     assert learner.step(), "no round ran"
 
 
-def test_models_in_version_order_then_each_code_on_its_shards_partition(kafka, tmp_path, learners):
+@pytest.mark.parametrize("holdout", [0.0, 0.3])
+def test_models_in_version_order_then_each_code_on_its_shards_partition(kafka, tmp_path, learners, holdout):
+    """With a hold-out too: its images are never trained on, but its codes are learned and published."""
     root = tmp_path / "index"
     seqs = write_shard(root, kafka.topic, 0)
     files = shard_files(root)
-    learner = start(settings_for(kafka, root), learners)
+    learner = start(settings_for(kafka, root, holdout_fraction=holdout), learners)
     assert (learner.version, learner.generation) == (1, 1)  # nothing published yet: the seeded network
     round_now(learner)
     # a shard that appears later (its partition's first message) is followed too
