@@ -89,7 +89,7 @@ def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path, p
            "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}"]
     pids = pids or {}
     busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(os.getpid()), time.monotonic()
-    each0, wrk0 = {k: cpu_seconds(p) for k, p in pids.items()}, _children_cpu_seconds()
+    each0, wrk0, own0 = {k: cpu_seconds(p) for k, p in pids.items()}, _children_cpu_seconds(), _own_cpu_seconds()
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STREAMHASH_BENCH_BODIES": str(bodies)},
                          timeout=seconds + 60)
     elapsed = time.monotonic() - t0
@@ -98,6 +98,7 @@ def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path, p
     # and how the benchmark's own share split: on 2 cores, what the server got beside the worker, broker and wrk
     cores = {k: round((cpu_seconds(p) - each0[k]) / elapsed, 2) for k, p in pids.items()}
     cores["wrk"] = round((_children_cpu_seconds() - wrk0) / elapsed, 2)  # reaped children: wrk, just waited for
+    cores["bench"] = round((_own_cpu_seconds() - own0) / elapsed, 2)  # this process: the producer feeding the worker
     text = out.stdout
     if out.returncode != 0 or "Non-2xx" in text or "Socket errors" in text:
         raise RuntimeError(f"wrk failed or saw errors:\n{text}\n{out.stderr}")
@@ -106,6 +107,11 @@ def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path, p
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]),
             "requests": int(re.search(r"(\d+) requests in", text).group(1)), "other_cores": round(max(other, 0.0), 2),
             "cores": cores}
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _children_cpu_seconds() -> float:
