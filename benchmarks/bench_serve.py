@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -79,24 +80,43 @@ def build_store(root: Path, n: int, bits: int, *, partitions: int = 1, topic: st
     return codes
 
 
-def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path) -> dict:
-    """One wrk run: requests/s and the p50/p99 latency it reports; raises if any response was not a 200."""
+def wrk(port: int, connections: int, seconds: float, bodies: Path, work: Path, pids: dict[str, int] | None = None) -> dict:
+    """One wrk run: requests/s and the p50/p99 latency it reports; raises if any response was not a 200.
+    ``cores``: the cores each of ``pids`` (and wrk itself) kept busy during the run."""
     script = work / "search.lua"
     script.write_text(WRK_SCRIPT)
     cmd = ["wrk", f"-t{args_threads(connections)}", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
            "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}"]
+    pids = pids or {}
     busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(os.getpid()), time.monotonic()
+    each0, wrk0, own0 = {k: cpu_seconds(p) for k, p in pids.items()}, _children_cpu_seconds(), _own_cpu_seconds()
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STREAMHASH_BENCH_BODIES": str(bodies)},
                          timeout=seconds + 60)
+    elapsed = time.monotonic() - t0
     # cores busy with anything but this benchmark's processes (wrk, server, worker, broker) during the run
-    other = ((machine_busy_seconds() - busy0) - (cpu_seconds(os.getpid()) - mine0)) / (time.monotonic() - t0)
+    other = ((machine_busy_seconds() - busy0) - (cpu_seconds(os.getpid()) - mine0)) / elapsed
+    # and how the benchmark's own share split: on 2 cores, what the server got beside the worker, broker and wrk
+    cores = {k: round((cpu_seconds(p) - each0[k]) / elapsed, 2) for k, p in pids.items()}
+    cores["wrk"] = round((_children_cpu_seconds() - wrk0) / elapsed, 2)  # reaped children: wrk, just waited for
+    cores["bench"] = round((_own_cpu_seconds() - own0) / elapsed, 2)  # this process: the producer feeding the worker
     text = out.stdout
     if out.returncode != 0 or "Non-2xx" in text or "Socket errors" in text:
         raise RuntimeError(f"wrk failed or saw errors:\n{text}\n{out.stderr}")
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+[a-z]+)$", text, re.M))
     return {"rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))),
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"]),
-            "requests": int(re.search(r"(\d+) requests in", text).group(1)), "other_cores": round(max(other, 0.0), 2)}
+            "requests": int(re.search(r"(\d+) requests in", text).group(1)), "other_cores": round(max(other, 0.0), 2),
+            "cores": cores}
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def machine_busy_seconds() -> float:
@@ -197,7 +217,8 @@ def wait_idle(pid: int, timeout: float = 300.0) -> float:
     return time.monotonic() - t0
 
 
-def run_config(name: str, env: dict, root: Path, work: Path, args, bodies: Path, serve_args: list[str]) -> dict:
+def run_config(name: str, env: dict, root: Path, work: Path, args, bodies: Path, serve_args: list[str],
+               pids: dict[str, int]) -> dict:
     port = free_port()
     log = work / f"serve-{name}.log"
     proc = spawn(["serve", *serve_args], env={"STREAMHASH_STORE__PATH": str(root), "STREAMHASH_SERVER__PORT": str(port),
@@ -209,12 +230,12 @@ def run_config(name: str, env: dict, root: Path, work: Path, args, bodies: Path,
         print(f"{name:>10} server idle after {wait_idle(proc.pid):.1f} s", file=sys.stderr)
         wrk(port, 1, 2, bodies, work)  # warm-up
         for c in args.connections:
-            r = wrk(port, c, args.duration, bodies, work)
+            r = wrk(port, c, args.duration, bodies, work, {"server": proc.pid, **pids})
             out[f"rps_{c}"], out[f"p50_ms_{c}"], out[f"p99_ms_{c}"] = r["rps"], r["p50_ms"], r["p99_ms"]
-            out[f"other_cores_{c}"] = r["other_cores"]
+            out[f"other_cores_{c}"], out[f"cores_{c}"] = r["other_cores"], r["cores"]
             print(f"{name:>10} {c:>2} connection(s): {r['rps']:>6} requests/s  p50 {r['p50_ms']:.3f} ms  "
-                  f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} requests; other work on {r['other_cores']} cores)",
-                  file=sys.stderr)
+                  f"p99 {r['p99_ms']:.3f} ms  ({r['requests']} requests; other work on {r['other_cores']} cores; "
+                  f"cores {r['cores']})", file=sys.stderr)
         out["index_size_after"] = json.loads(_get(port, "/healthz"))["index_size"]
         main_rss, child_rss = tree_rss_mib(proc.pid)
         out["rss_mib"] = {"server": main_rss, "workers": child_rss}
@@ -277,7 +298,8 @@ def main() -> int:
         with EmbeddedBroker(home=work / "broker") as broker, \
                 ingesting(broker, root, work, args.ingest_rate, args.shards) as ingest:
             for name, env, serve_args in configs:
-                result[name] = run_config(name, env, root, work, args, bodies, serve_args)
+                pids = {"broker": broker.proc.pid, **({"worker": ingest.worker_pid} if ingest.worker_pid else {})}
+                result[name] = run_config(name, env, root, work, args, bodies, serve_args, pids)
                 print(f"{name:>10} resident memory (MiB): {result[name]['rss_mib']}", file=sys.stderr)
             result["images_ingested_meanwhile"] = ingest()
         result.update({k: v for k, v in result["batch"].items() if k.startswith(("rps_", "p50_", "p99_"))})
@@ -296,14 +318,16 @@ def main() -> int:
 @contextmanager
 def ingesting(broker, root: Path, work: Path, rate: float, partitions: int):
     """A worker over ``root`` ingesting synthetic PNG images at ``rate``/s until the block ends; yields a
-    function returning how many it indexed so far."""
+    function returning how many it indexed so far (its ``worker_pid``: the worker's pid, None without one)."""
     from streamhash.config import KafkaSettings
     from streamhash.kafka.produce import from_arrays, make_producer, send
     from streamhash.kafka.topics import ensure_topics
     from tests.conftest import synthetic_images
 
     if not rate:
-        yield lambda: 0
+        none = lambda: 0  # noqa: E731
+        none.worker_pid = None
+        yield none
         return
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic=TOPIC, group_id="bench-serve",
                           topic_partitions=partitions)
@@ -331,7 +355,12 @@ def ingesting(broker, root: Path, work: Path, rate: float, partitions: int):
         wait_http(url, 120, worker, work / "worker.log")
         wait_for(lambda: scrape(url).get("streamhash_assigned_partitions", 0) > 0, 60, "assignment")
         feeder.start()
-        yield lambda: int(scrape(url).get("streamhash_items_indexed_total", 0))
+
+        def indexed() -> int:
+            return int(scrape(url).get("streamhash_items_indexed_total", 0))
+
+        indexed.worker_pid = worker.pid
+        yield indexed
     finally:
         stop_feed.set()
         feeder.join(timeout=30)

@@ -208,6 +208,9 @@ class ServerSettings(BaseModel):
     # polling every notify_fallback_interval_s stays as the safety net. False: poll every refresh_interval_s.
     notify: bool = True
     notify_fallback_interval_s: float = Field(1.0, gt=0)
+    # At most one follower refresh per shard this often: a worker commits every few ms under ingest, and each
+    # refresh takes the GIL and the index's write lock from the searches; it adds up to this much to freshness.
+    refresh_min_gap_s: float = Field(0.005, ge=0.0)
     store_wait_s: float = 60.0  # at start-up, how long to wait for a worker to create the store
     max_k: int = 10_000
     backend: str = "auto"  # a Hamming backend registered in streamhash.index.backends

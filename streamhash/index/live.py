@@ -80,14 +80,22 @@ class LiveIndex:
     interval nor on how busy the machine is, and it polls only every ``fallback_interval_s`` as a
     safety net. Without a notification (``notify=False``, or inotify unavailable) it polls every
     ``refresh_interval_s``.
+
+    Under ingest a shard is committed to every few ms, and each commit's page writes raise several
+    notifications: the follower refreshes at most once every ``min_gap_s`` (what commits meanwhile is
+    applied in one go, a few ms later), and a wake-up with nothing committed since its last read costs a
+    look at LMDB's meta page, not a transaction (:meth:`Store.changes_if_committed`). Every refresh
+    takes the GIL and the index's write lock from the searches.
     """
 
     def __init__(self, store: Store, *, backend: str = "auto", threads: int = 1, refresh_interval_s: float = 0.05,
-                 notify: bool = True, fallback_interval_s: float = 1.0):
+                 notify: bool = True, fallback_interval_s: float = 1.0, min_gap_s: float = 0.005):
         self.store = store
         self.backend, self.threads = backend, threads
         self.refresh_interval_s = refresh_interval_s
         self.notify, self.fallback_interval_s = notify, fallback_interval_s
+        self.min_gap_s = min_gap_s
+        self._seen_txnid = -1  # the LMDB snapshot the last refresh read (-1: none since the generation was built)
         self.current: Generation = self._build()
         self._publish(self.current)
         self._stop = threading.Event()
@@ -111,11 +119,15 @@ class LiveIndex:
     def refresh(self) -> int:
         """Apply new store changes; rebuild on a generation change. Returns the number applied."""
         g = self.current
-        gen, model_version, changes = self.store.changes_since(g.last_seq)
+        got = self.store.changes_if_committed(g.last_seq, self._seen_txnid)
+        if got is None:
+            return 0
+        txnid, gen, model_version, changes = got
         if gen != g.generation:
             t0 = time.perf_counter()
             new = self._build()
             self.current = new  # one reference swap: queries see the old or the new generation, never both
+            self._seen_txnid = -1
             log.info("swapped to generation %d (model %d, %d items) in %.2fs",
                      new.generation, new.model_version, new.index.ntotal, time.perf_counter() - t0)
             self._publish(new)
@@ -125,6 +137,7 @@ class LiveIndex:
             g.model_version = model_version
             self._publish(g)
         if not changes:
+            self._seen_txnid = txnid
             return 0
         with m.INDEX_REFRESH_SECONDS.time():
             hashes = id_hashes([c.id for c in changes])
@@ -140,6 +153,7 @@ class LiveIndex:
             if len(old):
                 g.seq_of_hash.remove(hashes[which[stale]], old[stale])
             g.last_seq = int(seqs[-1])
+        self._seen_txnid = txnid  # only once applied: a refresh that failed reads the same snapshot again
         now = time.time()
         for c in changes:
             if c.ts is not None:  # learned-code updates are not new messages
@@ -164,16 +178,20 @@ class LiveIndex:
         self._thread.start()
         return self
 
-    # After a notification, re-check at 2, 4, 8 ... ms (capped at refresh_interval_s) for this long. LMDB
-    # writes a commit's meta page (the write that notifies) *before* it publishes the new txn id to
-    # readers in lock.mdb, so a refresh woken at once can miss the commit that woke it, and no further
-    # event comes; the re-checks catch it within milliseconds instead of at the fallback poll.
+    # After a notification, re-check at 2, 4, 8 ... ms (at least min_gap_s, capped at refresh_interval_s) for
+    # this long. LMDB writes a commit's meta page (the write that notifies) *before* it publishes the new
+    # txn id to readers in lock.mdb, so a refresh woken at once can miss the commit that woke it, and no
+    # further event comes; the re-checks catch it within milliseconds instead of at the fallback poll.
     SETTLE_S = 0.25
 
     def _follow(self, waiter: Waiter) -> None:
-        recheck, notified_at = 0.0, -1e9
+        recheck, notified_at, last = 0.0, -1e9, -1e9
         try:
             while not self._stop.is_set():
+                early = self.min_gap_s - (time.monotonic() - last)
+                if early > 0 and self._stop.wait(early):  # woken again within min_gap_s: let commits gather
+                    break
+                last = time.monotonic()
                 try:
                     self.refresh()
                 except Exception:  # keep serving the last good state; the error is logged with its cause
@@ -187,7 +205,7 @@ class LiveIndex:
                 else:
                     timeout = max(self.refresh_interval_s, self.fallback_interval_s)
                 if waiter.wait(timeout) and waiter.notifying:  # a commit, the timeout, or stop()
-                    recheck, notified_at = 0.001, time.monotonic()
+                    recheck, notified_at = max(0.001, self.min_gap_s), time.monotonic()
         finally:
             waiter.close()
 

@@ -58,7 +58,8 @@ log = logging.getLogger("streamhash.query")
 def sharded_index(settings: Settings, root: StoreRoot | None = None) -> ShardedIndex:
     s = settings.server
     return ShardedIndex(root or StoreRoot(settings.store.path, create=False), backend=s.backend, threads=s.search_threads,
-                        refresh_interval_s=s.refresh_interval_s, notify=s.notify, fallback_interval_s=s.notify_fallback_interval_s)
+                        refresh_interval_s=s.refresh_interval_s, notify=s.notify, fallback_interval_s=s.notify_fallback_interval_s,
+                        min_gap_s=s.refresh_min_gap_s)
 
 
 def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI:

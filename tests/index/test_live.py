@@ -257,3 +257,31 @@ def test_stop_returns_promptly_with_long_intervals(store, notify):
     t0 = time.perf_counter()
     live.stop()
     assert time.perf_counter() - t0 < 0.5 and not live._thread.is_alive()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_a_stream_of_commits_is_applied_at_most_once_per_gap(store):
+    """Under ingest a shard is committed to every few ms: the follower reads the store at most once every
+    min_gap_s (each read takes the GIL and the index's write lock from searches), and still shows every item."""
+    rng = np.random.default_rng(10)
+    write(store, rng, ["first"])
+    live = LiveIndex(store, refresh_interval_s=10.0, fallback_interval_s=10.0, min_gap_s=0.05).start()
+    try:
+        time.sleep(0.1)  # the first refresh is done
+        reads = []
+        read = store._env.read
+        store._env.read = lambda fn: reads.append(time.monotonic()) or read(fn)
+        t0 = time.monotonic()
+        for i in range(100):
+            write(store, rng, [f"s{i}"])
+            time.sleep(0.002)
+        took = time.monotonic() - t0
+        assert wait_visible(live, "s99", 1.0) is not None
+        check_against_store(live, store, rng)
+        during = [t for t in reads if t <= t0 + took]
+        assert len(during) <= took / 0.05 + 2, f"{len(during)} store reads in {took:.3f} s of commits"
+        time.sleep(0.3)  # past the re-checks: a wake-up with nothing committed opens no transaction
+        n = len(reads)
+        assert live.refresh() == 0 and len(reads) == n
+    finally:
+        live.stop()

@@ -111,6 +111,10 @@ class Store:
     def changes_since(self, after_seq: int, limit: int = 100_000) -> tuple[int, int, list[Change]]:
         return self.changes.changes_since(after_seq, limit)
 
+    def changes_if_committed(self, after_seq: int, seen_txnid: int,
+                             limit: int = 100_000) -> tuple[int, int, int, list[Change]] | None:
+        return self.changes.changes_if_committed(after_seq, seen_txnid, limit)
+
     def snapshot(self) -> Snapshot:
         return self.changes.snapshot()
 

@@ -46,26 +46,34 @@ class ChangeLog:
 
     def changes_since(self, after_seq: int, limit: int = 100_000) -> tuple[int, int, list[Change]]:
         """(generation, model version, items written after ``after_seq`` in seq order), from one snapshot."""
+        return self.env.read(lambda txn: self._changes(txn, after_seq, limit))
+
+    def changes_if_committed(self, after_seq: int, seen_txnid: int,
+                             limit: int = 100_000) -> tuple[int, int, int, list[Change]] | None:
+        """(snapshot's txn id, generation, model version, changes) as :meth:`changes_since`, or None when
+        nothing was committed since the snapshot of ``seen_txnid``: a follower woken for nothing (a
+        commit's page writes before its meta page, a re-check) then opens no transaction and parses no meta."""
+        if self.env.last_txnid() == seen_txnid:
+            return None
+        return self.env.read(lambda txn: (txn.id(), *self._changes(txn, after_seq, limit)))
+
+    def _changes(self, txn, after_seq: int, limit: int) -> tuple[int, int, list[Change]]:
         db = self.env.db
-
-        def read(txn):
-            meta = self.env.read_meta(txn)
-            gen, model_version = int(meta["generation"]), int(meta["model_version"])
-            gen_prefix = u64(gen)
-            out: list[Change] = []
-            cur = txn.cursor(db=db["changes"])
-            if not cur.set_range(u64(after_seq + 1)):
-                return gen, model_version, out
-            for k, key in cur:
-                rec = orjson.loads(txn.get(key, db=db["items"]))  # the follower's per-change cost: ~3x json.loads
-                code = txn.get(gen_prefix + key, db=db["codes"])
-                labels = tuple(rec["labels"]) if rec["labels"] is not None else None
-                out.append(Change(from_u64(k), key.decode(), code, labels, None if rec.get("recoded") else rec["ts"]))
-                if len(out) >= limit:
-                    break
+        meta = self.env.read_meta(txn)
+        gen, model_version = int(meta["generation"]), int(meta["model_version"])
+        gen_prefix = u64(gen)
+        out: list[Change] = []
+        cur = txn.cursor(db=db["changes"])
+        if not cur.set_range(u64(after_seq + 1)):
             return gen, model_version, out
-
-        return self.env.read(read)
+        for k, key in cur:
+            rec = orjson.loads(txn.get(key, db=db["items"]))  # the follower's per-change cost: ~3x json.loads
+            code = txn.get(gen_prefix + key, db=db["codes"])
+            labels = tuple(rec["labels"]) if rec["labels"] is not None else None
+            out.append(Change(from_u64(k), key.decode(), code, labels, None if rec.get("recoded") else rec["ts"]))
+            if len(out) >= limit:
+                break
+        return gen, model_version, out
 
     def snapshot(self) -> Snapshot:
         """Every live item of the current generation, in seq order, from one MVCC snapshot."""

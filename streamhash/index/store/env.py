@@ -109,6 +109,11 @@ class Environment:
         with self._resize.write():
             self.env.set_mapsize(new)
 
+    def last_txnid(self) -> int:
+        """The id of the newest commit whose meta page is written, without a transaction. A reader's snapshot
+        may still be one behind it (LMDB publishes the id to readers just after), never ahead."""
+        return self.env.info()["last_txnid"]
+
     def read_meta(self, txn=None) -> dict:
         def read(t):
             return {k.decode(): json.loads(v) for k, v in t.cursor(db=self.db["meta"])}

@@ -89,3 +89,20 @@ def test_learner_updates_apply_by_seq_with_the_codes_offset_in_one_transaction(t
     with pytest.raises(StoreError):
         s.apply_updates([CodeUpdate("id1", s.get_item("id1")["seq"], "learned", 2, b"\x01")], {})
     assert s.offsets() == {("t.codes", 0): 5}  # the refused transaction wrote nothing
+
+
+def test_changes_if_committed_reads_only_after_a_commit(tmp_path):
+    """A follower's wake-up with nothing committed since its last snapshot opens no transaction."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(3))
+    txnid, gen, model_version, changes = s.changes_if_committed(0, -1)
+    assert [c.seq for c in changes] == [1, 2, 3] and (gen, model_version) == s.changes_since(0)[:2]
+    reads = []
+    read = s._env.read
+    s._env.read = lambda fn: reads.append(1) or read(fn)
+    assert s.changes_if_committed(3, txnid) is None and not reads
+    s.write_batch(items(1, seed=4))
+    txnid2, _, _, changes = s.changes_if_committed(3, txnid)
+    assert txnid2 > txnid and [c.seq for c in changes] == [4] and len(reads) == 1
+    s.set_offset("t", 0, 5)  # any commit moves the snapshot: read again, nothing new in the change log
+    assert s.changes_if_committed(4, txnid2)[3] == []
