@@ -157,7 +157,7 @@ class Store:
         self.generations.put_codes(gen, ids, codes)
 
     def ids_missing_from(self, gen: int, after_seq: int = 0) -> list[str]:
-        return self.generations.ids_missing(gen, after_seq)
+        return self.generations.ids_missing(gen, after_seq)[0]
 
     def swap_generation(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
                         after_seq: int = 0, encode_blobs=None, reencoded: list[str] | None = None) -> int:
@@ -168,7 +168,7 @@ class Store:
         """Every live item's (ids, learned, model version that inferred its code or -1), in seq order."""
         return self.generations.provenance()
 
-    def drop_generation(self, gen: int, chunk: int = 10_000) -> int:
+    def drop_generation(self, gen: int, chunk: int | None = None) -> int:
         return self.generations.drop(gen, chunk)
 
     def abandon_pending_generation(self) -> int | None:

@@ -49,10 +49,11 @@ class GenerationBuilder:
             for i in range(0, len(ids), self.chunk):
                 self._fill(gen, ids[i:i + self.chunk], model_version, encoded)
             for _ in range(self.catch_up_rounds):  # items ingested while building; the window shrinks each time
-                missing = gens.ids_missing(gen, watermark)
+                missing, read_to = gens.ids_missing(gen, watermark)
+                self._fill(gen, missing, model_version, encoded)
+                watermark = read_to  # what was read has its code now: the next reads (the swap's too) start after it
                 if not missing:
                     break
-                self._fill(gen, missing, model_version, encoded)
             no_codes = np.zeros((0, self.store.code_bytes), np.uint8)
             before = len(encoded)
             self.replaced = gens.swap(gen, model_version, [], no_codes, after_seq=watermark,
