@@ -16,12 +16,13 @@ drives the whole protocol; the steps are here. As a state machine (the two meta 
     live g+1, g replaced  --crash (start-up clean-up)-->     live g+1
 
 Every step runs in short background transactions (:meth:`Environment.write`'s ``background``) that an
-ingest commit of the same shard waits for at most one of: codes are copied, written and dropped at most
-``txn_items`` items a transaction, and the swap does work in proportion to the items written since the
-builder's last catch-up, not to the shard: ``meta.pending_codes`` counts the items holding a code in
-the generation being built (kept by every write that adds or removes one), so the swap proves the
-generation complete by comparing two numbers, and item records are not rewritten to name the new
-network (``meta.generation_model`` does, :func:`~streamhash.index.store.items.inferred_by`).
+ingest commit of the same shard waits for at most one of: codes are copied and written ``txn_items``
+items a transaction and dropped ``TXN_KEYS_DROPPED`` keys a transaction, and the swap does work in
+proportion to the items written since the builder's last catch-up, not to the shard:
+``meta.pending_codes`` counts the items holding a code in the generation being built (kept by every
+write that adds or removes one), so the swap proves the generation complete by comparing two numbers,
+and item records are not rewritten to name the new network (``meta.generation_model`` does,
+:func:`~streamhash.index.store.items.inferred_by`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ from streamhash.index.store.layout import from_u64, u64
 
 log = logging.getLogger(__name__)
 
-# Items a re-encode reads or writes in one transaction (~15 us each, plus the commit's sync): an ingest
-# commit of the shard waits for at most one such transaction, a few ms.
+# Items a re-encode copies or writes in one transaction: ~13 ms a transaction here, half of it the commit
+# writing the pages those codes and hash-table rows touched (2,048 took 46 ms). An ingest commit of the
+# shard waits for at most one such transaction.
 TXN_ITEMS = 256
+# Keys a drop deletes in one transaction: ~1 us each, so the commit (~2 ms) dominates up to this many.
+TXN_KEYS_DROPPED = 2048
 
 
 class Generations:
@@ -202,10 +206,10 @@ class Generations:
             reencoded.extend(late)
         return replaced
 
-    def drop(self, gen: int, chunk: int | None = None) -> int:
-        """Delete every code and table entry of ``gen`` (a replaced or abandoned one), at most ``chunk`` keys
-        (default ``txn_items``) a transaction."""
-        prefix, dropped, chunk = u64(gen), 0, chunk or self.txn_items
+    def drop(self, gen: int, chunk: int = TXN_KEYS_DROPPED) -> int:
+        """Delete every code and table entry of ``gen`` (a replaced or abandoned one), at most ``chunk`` keys a
+        transaction."""
+        prefix, dropped = u64(gen), 0
         for db in (self.env.db["codes"], self.env.db["tables"]):
             while True:
                 def txn_fn(txn, db=db):
