@@ -11,7 +11,7 @@
    worker's commit -> visible in the query server (the slowest three probes are listed). ``--learn``: with the learner process
    training on the images just ingested meanwhile (its rounds and CPU during the probes are reported);
    the probes go on past the first 100 until its round's re-encode is done on every shard (at most
-   600 probes), and those sent while the shards re-encoded are summed up apart
+   2,400 probes), and those sent while the shards re-encoded are summed up apart
    (``freshness_during_reencode``, the window read from the worker's log). All probes are saved in
    ``probes.json`` in the work directory.
 4. Query latency: ``--query-items`` random codes are written straight into the 4 shards of a second
@@ -48,7 +48,9 @@ from streamhash.records import ImageSpec, encode_png, parse_message  # noqa: E40
 from streamhash.services.demo import probe_freshness  # noqa: E402
 from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
 
-MAX_PROBES = 600  # --learn: 30 s of probes at most, when no re-encode comes
+# --learn: 2 minutes of probes at most. The learner runs niced: on a busy machine its round took more
+# than the 30 s once allowed (0.24 of a core), and no re-encode came.
+MAX_PROBES = 2400
 
 
 def bare_encode(images: np.ndarray, values: list[bytes], batch: int) -> dict:
