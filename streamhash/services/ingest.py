@@ -413,7 +413,7 @@ class IngestWorker:
 
         def write_state() -> None:
             # Shards with images first: a shard holding only code updates may wait on its LMDB writer lock
-            # (a re-encode's copy or swap transaction, 0.1-0.2 s), and images need not wait behind it.
+            # (for the one re-encode transaction in progress, ~10 ms), and images need not wait behind it.
             for key in sorted(offsets, key=lambda k: (k not in rows, k)):
                 if all(self.positions.applied.get(tp, 0) >= nxt for tp, nxt in offsets[key].items()):
                     continue  # a retry of this batch: this shard committed it already
