@@ -398,3 +398,24 @@ def test_the_swap_still_refuses_a_generation_an_item_has_no_code_in(tmp_path):
     s.put_generation_codes(gen, ["id2"], np.ones((1, 4), np.uint8))
     assert s.swap_generation(gen, 3, [], np.zeros((0, 4), np.uint8), after_seq=s.read_meta()["next_seq"] - 1) == 1
     assert s.get_item("id2")["code"] == bytes([1] * 4) and s.get_item("id0")["model"] == 3
+
+
+def test_a_build_pauses_before_each_of_its_steps(tmp_path):
+    """The worker's re-encoder lets the ingest path go first before every step (Reencoder.pause): a step is at
+    most one transaction or one encoded chunk, so a batch never waits for more than one."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(600), model_version=1)
+    s.put_codes([f"id{i}" for i in range(0, 600, 3)], np.full((200, 4), 3, np.uint8))
+    events, write = [], s._env.write
+
+    def logged(fn, **kw):
+        events.append("txn")
+        return write(fn, **kw)
+
+    s._env.write = logged
+    builder = GenerationBuilder(s, encode_ids=Encoder(lambda call: events.append("encode")), chunk=256,
+                                pause=lambda: events.append("pause"))
+    assert builder.build(2) == 2 and builder.images_reencoded == 400
+    steps = events[events.index("pause"):]  # after begin
+    assert all(steps[i - 1] == "pause" for i, e in enumerate(steps) if e != "pause")
+    assert steps.count("encode") == 2 and steps.count("txn") == 3 + 2 + 1  # copies, writes of 256 + 144, swap
