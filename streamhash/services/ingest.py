@@ -110,6 +110,8 @@ class IngestWorker:
         self._follower: threading.Thread | None = None
         self._follower_stop = threading.Event()
         self.stopping = stopping or threading.Event()
+        # Set while the poll thread waits for records with no batch in hand: the re-encoder's turn (Reencoder.pause)
+        self.idle = threading.Event()
         # OpenMP thread counts are per calling thread: set it where torch runs.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder", initializer=torch.set_num_threads,
                                           initargs=(s.model.torch_threads,))
@@ -191,7 +193,11 @@ class IngestWorker:
         try:
             while not self.stopping.is_set():
                 # With a batch in flight, only take what is already fetched: never hold it back for a wait.
+                if in_flight is None:
+                    self.idle.set()
                 records = self._poll(0 if in_flight else self.settings.worker.poll_timeout_ms)
+                if records:
+                    self.idle.clear()
                 prepared = self.prepare(records) if records else None
                 if in_flight is not None:
                     self.finish_with_retry(in_flight)
@@ -207,6 +213,7 @@ class IngestWorker:
             log.error("stopping: %r. Nothing was lost: offsets of unwritten messages were not committed.", exc)
             return EXIT_TEMPFAIL  # a supervisor should restart with back-off, not in a tight loop
         finally:
+            self.idle.set()  # a re-encode left waiting for a turn goes on (and is stopped) without the loop
             self.close()
         return EXIT_OK
 
