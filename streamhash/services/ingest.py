@@ -64,8 +64,8 @@ log = logging.getLogger("streamhash.worker")
 # Learned-code updates in one batch at most (~30 us each to apply on an idle core): an image polled
 # meanwhile waits for one such batch, not for a learner round's thousands (see IngestWorker._poll). 250
 # took 22-55 ms on the busy 2-core machine beside the learner and a re-encode (bench_ingest --learn), where
-# every probe sent while a round's codes were applied took 0.05-0.17 s; 100 keep that wait near 10-20 ms,
-# at the cost of more batches (a Kafka commit each) to apply a round's codes.
+# every probe sent while a round's codes were applied took 0.05-0.17 s. 100 took 21-24 ms there (30-48 ms
+# with the batch's Kafka commit), at the cost of more batches (a Kafka commit each) for a round's codes.
 CODES_PER_BATCH = 100
 HELD_CODES_MAX = 50_000  # code updates held at most (~10 MB); past it batches take more to catch up
 
