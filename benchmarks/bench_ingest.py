@@ -9,7 +9,11 @@
 3. Freshness: with the worker and the query server running, single images are sent at 20/s and
    each is timed from send to visible through ``GET /items/{id}``, split into send -> broker ack -> the
    worker's commit -> visible in the query server (the slowest three probes are listed). ``--learn``: with the learner process
-   training on the images just ingested meanwhile (its rounds and CPU during the probes are reported).
+   training on the images just ingested meanwhile (its rounds and CPU during the probes are reported);
+   the probes go on past the first 100 until its round's re-encode is done on every shard (at most
+   2,400 probes), and those sent while the shards re-encoded are summed up apart
+   (``freshness_during_reencode``, the window read from the worker's log). All probes are saved in
+   ``probes.json`` in the work directory.
 4. Query latency: ``--query-items`` random codes are written straight into the 4 shards of a second
    store root (the ranking does not care how they got there); a worker ingests into those shards at
    ``--ingest-rate`` images/s while the query server answers ``POST /search`` with k=10 by code
@@ -43,6 +47,10 @@ from streamhash.model.hashnet import HashNet, HashNetConfig  # noqa: E402
 from streamhash.records import ImageSpec, encode_png, parse_message  # noqa: E402
 from streamhash.services.demo import probe_freshness  # noqa: E402
 from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http  # noqa: E402
+
+# --learn: 2 minutes of probes at most. The learner runs niced: on a busy machine its round took more
+# than the 30 s once allowed (0.24 of a core), and no re-encode came.
+MAX_PROBES = 2400
 
 
 def bare_encode(images: np.ndarray, values: list[bytes], batch: int) -> dict:
@@ -120,6 +128,31 @@ def freshness_summary(rows: list[dict]) -> dict:
     return out
 
 
+def reencode_window(worker_log: Path) -> tuple[float, float] | None:
+    """(first re-encode announced, last shard swapped), epoch seconds, from the worker's log lines."""
+    start = end = None
+    for line in worker_log.read_text().splitlines():
+        if "a re-encode) published by the learner" in line or ": generation " in line and " with model " in line:
+            at = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+            start, end = (at if start is None else start), at
+    return None if start is None or end == start else (start, end)
+
+
+def reencode_window_summary(rows: list[dict], worker_log: Path) -> dict:
+    """The probes sent from the re-encode's announcement to 1 s after the last shard swapped."""
+    window = reencode_window(worker_log)
+    if window is None:
+        return {"probes": 0}
+    inside = [r for r in rows if window[0] <= r["at"] <= window[1] + 1.0]
+    fmt = "%H:%M:%S"
+    out = {"from": time.strftime(fmt, time.localtime(window[0])), "to": time.strftime(fmt, time.localtime(window[1])),
+           "probes": len(inside)}
+    if inside:
+        out["p50_s"], out["p99_s"] = percentiles([r["visible"] for r in inside])
+        out["max_s"] = round(max(r["visible"] for r in inside), 4)
+    return out
+
+
 def percentiles(xs: list[float], scale: float = 1.0) -> tuple[float, float]:
     return round(float(np.percentile(xs, 50)) * scale, 3), round(float(np.percentile(xs, 99)) * scale, 3)
 
@@ -150,7 +183,10 @@ def main() -> int:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
         ensure_topics(kafka)
         producer = make_producer(kafka)
-        send(producer, kafka.topic, from_arrays(stream, stream_y, prefix="b-", fmt=args.format), progress=False)
+        # every tenth item unlabeled: inferred codes for --learn's re-encode (~2,000, the size the 10% labeled
+        # hold-out's used to be; an all-labeled index has every code learned and nothing to re-encode)
+        shown = [None if i % 10 == 0 else int(y) for i, y in enumerate(stream_y)]
+        send(producer, kafka.topic, from_arrays(stream, shown, prefix="b-", fmt=args.format), progress=False)
         metrics_port, http_port = free_port(), free_port()
         env = {"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMHASH_STORE__PATH": str(work / "index"),
                "STREAMHASH_WORKER__METRICS_PORT": str(metrics_port), "STREAMHASH_SERVER__PORT": str(http_port),
@@ -182,10 +218,20 @@ def main() -> int:
                 # it reads the shards, then trains on the 20k pending: past start-up (~3 CPU s) it is in a round
                 wait_for(lambda: cpu_seconds(learner.pid) > 6, 120, "the learner to be training")
                 before, cpu0 = scrape(lurl), cpu_seconds(learner.pid)
-            probe_idx = order[args.n: args.n + 100]
-            t_probe = time.time()
-            out.update(freshness_summary(probe_freshness(producer, kafka.topic, base, images[probe_idx], labels[probe_idx])))
+            t_probe, rows, sent, until = time.time(), [], 0, None if args.learn else 100
+            reencodes0 = scrape(url).get("streamhash_shard_reencodes_total", 0)
+            while sent < (until or MAX_PROBES):
+                probe_idx = order[args.n + sent: args.n + sent + 20]
+                rows += probe_freshness(producer, kafka.topic, base, images[probe_idx], labels[probe_idx], first=sent)
+                sent += len(probe_idx)
+                reencoded = scrape(url).get("streamhash_shard_reencodes_total", 0) - reencodes0
+                if until is None and reencoded >= kafka.topic_partitions:  # 20 more: the query server swaps after
+                    until = max(100, sent + 20)
+            (work / "probes.json").write_text(json.dumps(rows))
+            out.update(freshness_summary(rows))
             if learner is not None:
+                out["reencodes_during_probes"] = int(reencoded)
+                out["freshness_during_reencode"] = reencode_window_summary(rows, work / "worker.log")
                 after = scrape(lurl)
                 out["learner_rounds_during_probes"] = int(after["streamhash_learning_rounds_total"]
                                                           - before["streamhash_learning_rounds_total"])

@@ -55,14 +55,15 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 
 
 def probe_freshness(producer, topic: str, server: str, images: np.ndarray, labels: np.ndarray, *,
-                    interval: float = 0.05, timeout: float = 10.0) -> list[dict]:
+                    interval: float = 0.05, timeout: float = 10.0, first: int = 0) -> list[dict]:
     """Send probe images one at a time; each row times one from send (seconds): ``acked`` (the broker's
     acknowledgement), ``committed`` (the worker's LMDB commit: ``GET /items`` finds it in the store) and
     ``visible`` (in the query server's index), with ``at`` (when it was sent, wall clock). A probe not
-    visible within ``timeout`` has no row."""
+    visible within ``timeout`` has no row. Ids are ``probe-{first}``, ``probe-{first + 1}``...: a later
+    call passes on ``first`` so that it never re-sends an id already visible."""
     rows = []
     with httpx.Client(timeout=5) as client:
-        for i, (img, lab) in enumerate(zip(images, labels)):
+        for i, (img, lab) in enumerate(zip(images, labels), start=first):
             item_id = f"probe-{i}"
             sent = time.time()
             producer.send(topic, key=item_id.encode(), value=encode_png(img), headers=message_headers(int(lab), "image/png"))

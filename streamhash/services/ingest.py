@@ -62,8 +62,11 @@ from streamhash.services.reencode import Reencoder
 log = logging.getLogger("streamhash.worker")
 
 # Learned-code updates in one batch at most (~30 us each to apply on an idle core): an image polled
-# meanwhile waits for one such batch, ~10 ms, not for a learner round's thousands (see IngestWorker._poll).
-CODES_PER_BATCH = 250
+# meanwhile waits for one such batch, not for a learner round's thousands (see IngestWorker._poll). 250
+# took 22-55 ms on the busy 2-core machine beside the learner and a re-encode (bench_ingest --learn), where
+# every probe sent while a round's codes were applied took 0.05-0.17 s. 100 took 21-24 ms there (30-48 ms
+# with the batch's Kafka commit), at the cost of more batches (a Kafka commit each) for a round's codes.
+CODES_PER_BATCH = 100
 HELD_CODES_MAX = 50_000  # code updates held at most (~10 MB); past it batches take more to catch up
 
 
@@ -110,6 +113,8 @@ class IngestWorker:
         self._follower: threading.Thread | None = None
         self._follower_stop = threading.Event()
         self.stopping = stopping or threading.Event()
+        # Set while the poll thread waits for records with no batch in hand: the re-encoder's turn (Reencoder.pause)
+        self.idle = threading.Event()
         # OpenMP thread counts are per calling thread: set it where torch runs.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder", initializer=torch.set_num_threads,
                                           initargs=(s.model.torch_threads,))
@@ -191,7 +196,11 @@ class IngestWorker:
         try:
             while not self.stopping.is_set():
                 # With a batch in flight, only take what is already fetched: never hold it back for a wait.
+                if in_flight is None:
+                    self.idle.set()
                 records = self._poll(0 if in_flight else self.settings.worker.poll_timeout_ms)
+                if records:
+                    self.idle.clear()
                 prepared = self.prepare(records) if records else None
                 if in_flight is not None:
                     self.finish_with_retry(in_flight)
@@ -207,6 +216,7 @@ class IngestWorker:
             log.error("stopping: %r. Nothing was lost: offsets of unwritten messages were not committed.", exc)
             return EXIT_TEMPFAIL  # a supervisor should restart with back-off, not in a tight loop
         finally:
+            self.idle.set()  # a re-encode left waiting for a turn goes on (and is stopped) without the loop
             self.close()
         return EXIT_OK
 
@@ -413,7 +423,7 @@ class IngestWorker:
 
         def write_state() -> None:
             # Shards with images first: a shard holding only code updates may wait on its LMDB writer lock
-            # (a re-encode's copy or swap transaction, 0.1-0.2 s), and images need not wait behind it.
+            # (for the one re-encode transaction in progress, ~10 ms), and images need not wait behind it.
             for key in sorted(offsets, key=lambda k: (k not in rows, k)):
                 if all(self.positions.applied.get(tp, 0) >= nxt for tp, nxt in offsets[key].items()):
                     continue  # a retry of this batch: this shard committed it already

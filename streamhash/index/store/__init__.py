@@ -22,7 +22,7 @@ import numpy as np
 from streamhash.index.store.builder import GenerationBuilder
 from streamhash.index.store.changes import Change, ChangeLog, Snapshot
 from streamhash.index.store.env import Environment
-from streamhash.index.store.generations import Generations
+from streamhash.index.store.generations import TXN_KEYS_DROPPED, Generations
 from streamhash.index.store.items import Items, ItemWrite
 from streamhash.index.store.layout import DB_NAMES, SCHEMA_VERSION, from_u64, init_meta, offset_key, u64
 from streamhash.index.store.models import Models
@@ -161,7 +161,7 @@ class Store:
         self.generations.put_codes(gen, ids, codes)
 
     def ids_missing_from(self, gen: int, after_seq: int = 0) -> list[str]:
-        return self.generations.ids_missing(gen, after_seq)
+        return self.generations.ids_missing(gen, after_seq)[0]
 
     def swap_generation(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
                         after_seq: int = 0, encode_blobs=None, reencoded: list[str] | None = None) -> int:
@@ -172,7 +172,7 @@ class Store:
         """Every live item's (ids, learned, model version that inferred its code or -1), in seq order."""
         return self.generations.provenance()
 
-    def drop_generation(self, gen: int, chunk: int = 10_000) -> int:
+    def drop_generation(self, gen: int, chunk: int = TXN_KEYS_DROPPED) -> int:
         return self.generations.drop(gen, chunk)
 
     def abandon_pending_generation(self) -> int | None:

@@ -8,6 +8,14 @@ the map on their own failed with "Cannot set_mapsize while a write transaction i
 deadlock. Across processes: one writable handle per environment, enforced by an exclusive ``flock`` on
 ``writer.lock`` beside ``data.mdb``; read-only handles in other processes adopt growth on
 ``MapResizedError``.
+
+Two kinds of writers: the ingest path's, which someone waits on (a batch's freshness), and a re-encode's
+(``background=True``), which may take a while as long as it never stands in front of the other kind. A
+background transaction starts only while no other writer waits for the lock, so an ingest commit waits
+at most for the one background transaction in progress; a re-encode keeps each of its transactions
+short (:mod:`.generations`) so that wait is short too. CPython's lock is not fair: a thread that
+releases it and takes it again at once (a build's next chunk) would otherwise overtake a thread
+already waiting for it.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ class Environment:
         self.max_map_size = max_map_size
         self.map_growth_factor = map_growth_factor
         self._writer = threading.Lock()
+        self._turn = threading.Condition()  # background writers wait on it for no other writer to be waiting
+        self._writers_waiting = 0  # writers (background ones included) waiting for or holding ``_writer``
         self._resize = RWLock()
         self._lock_file = None
         if readonly and not (self.path / "data.mdb").exists():
@@ -67,28 +77,43 @@ class Environment:
                     self.env.set_mapsize(0)
         raise StoreError("map kept resizing under a reader")
 
-    def write(self, fn):
+    def write(self, fn, *, background: bool = False):
         """Run ``fn(txn)`` in one write transaction, growing the map when it is full.
 
+        ``background``: wait until no other writer is waiting, so a foreground writer never waits for
+        more than the background transaction already in progress.
         Disk-full conditions are raised as StoreFullError in every form LMDB reports them: MDB_MAP_FULL
         at the ceiling, ENOSPC, and EIO (what tmpfs and some filesystems return from the commit's write).
         """
         if self.readonly:
             raise StoreError("store opened read-only")
-        with self._writer:
-            while True:
-                try:
-                    with self.env.begin(write=True) as txn:
-                        return fn(txn)
-                except lmdb.MapFullError:
-                    self._grow()
-                except lmdb.MapResizedError:
-                    with self._resize.write():
-                        self.env.set_mapsize(0)
-                except lmdb.Error as exc:
-                    if _is_disk_full(exc):
-                        raise StoreFullError(f"disk full writing {self.path}: {exc}") from exc
-                    raise
+        with self._turn:
+            if background:
+                self._turn.wait_for(lambda: self._writers_waiting == 0)
+            self._writers_waiting += 1
+        try:
+            with self._writer:
+                return self._write_locked(fn)
+        finally:
+            with self._turn:
+                self._writers_waiting -= 1
+                self._turn.notify_all()
+
+    def _write_locked(self, fn):
+        """The transaction itself, retried after growing the map (``_writer`` held)."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                with self._resize.write():
+                    self.env.set_mapsize(0)
+            except lmdb.Error as exc:
+                if _is_disk_full(exc):
+                    raise StoreFullError(f"disk full writing {self.path}: {exc}") from exc
+                raise
 
     def _grow(self) -> None:
         """Double the map (called with ``_writer`` held and no write transaction open)."""

@@ -14,6 +14,15 @@ drives the whole protocol; the steps are here. As a state machine (the two meta 
     live g+1, g replaced  --drop g-->                        live g+1
     building g+1          --failure (abandon), crash (start-up clean-up)-->  live g
     live g+1, g replaced  --crash (start-up clean-up)-->     live g+1
+
+Every step runs in short background transactions (:meth:`Environment.write`'s ``background``) that an
+ingest commit of the same shard waits for at most one of: codes are copied and written ``txn_items``
+items a transaction and dropped ``TXN_KEYS_DROPPED`` keys a transaction, and the swap does work in
+proportion to the items written since the builder's last catch-up, not to the shard:
+``meta.pending_codes`` counts the items holding a code in the generation being built (kept by every
+write that adds or removes one), so the swap proves the generation complete by comparing two numbers,
+and item records are not rewritten to name the new network (``meta.generation_model`` does,
+:func:`~streamhash.index.store.items.inferred_by`).
 """
 
 from __future__ import annotations
@@ -26,15 +35,25 @@ import numpy as np
 from streamhash.codes import stale
 from streamhash.errors import StoreError
 from streamhash.index.store.env import Environment
-from streamhash.index.store.items import Items
+from streamhash.index.store.items import Items, count_pending_codes, inferred_by
 from streamhash.index.store.layout import from_u64, u64
 
 log = logging.getLogger(__name__)
 
+# Items a re-encode copies or writes in one transaction: ~13 ms a transaction here, half of it the commit
+# writing the pages those codes and hash-table rows touched (2,048 took 46 ms). An ingest commit of the
+# shard waits for at most one such transaction.
+TXN_ITEMS = 256
+# Keys a drop deletes in one transaction: ~1 us each, so the commit (~2 ms) dominates up to this many.
+TXN_KEYS_DROPPED = 2048
+
 
 class Generations:
-    def __init__(self, env: Environment, tables, items: Items):
-        self.env, self.tables, self.items = env, tables, items
+    def __init__(self, env: Environment, tables, items: Items, *, txn_items: int = TXN_ITEMS):
+        self.env, self.tables, self.items, self.txn_items = env, tables, items, txn_items
+
+    def _write(self, fn):
+        return self.env.write(fn, background=True)  # never ahead of an ingest commit waiting for the writer
 
     def begin(self, gen: int | None = None) -> tuple[int, int]:
         """Open generation ``gen`` (default ``current + 1``; the learner's number when it announced one) beside
@@ -49,7 +68,7 @@ class Generations:
         if gen <= current:
             raise StoreError(f"generation {gen} is not above the live generation {current} of {self.env.path}")
         self.drop(gen)
-        self.env.write(lambda txn: self.env.put_meta(txn, {"pending_generation": gen}))
+        self._write(lambda txn: self.env.put_meta(txn, {"pending_generation": gen, "pending_codes": 0}))
         return gen, int(meta["next_seq"]) - 1
 
     def put_codes(self, gen: int, ids: list[str], codes: np.ndarray, seqs=None) -> None:
@@ -59,10 +78,13 @@ class Generations:
         skipped: its code came from the image it replaced, and leaving it missing makes the catch-up
         encode the new one.
         """
-        self.env.write(lambda txn: self._put_codes(txn, gen, ids, codes, seqs))
+        codes = np.asarray(codes, np.uint8)
+        for i in range(0, len(ids), self.txn_items):
+            part = slice(i, i + self.txn_items)
+            self._write(lambda txn: self._put_codes(txn, gen, ids[part], codes[part], None if seqs is None else seqs[part]))
 
     def _put_codes(self, txn, gen: int, ids: list[str], codes: np.ndarray, seqs=None) -> None:
-        db = self.env.db
+        db, added = self.env.db, 0
         for k, (item_id, code) in enumerate(zip(ids, np.asarray(codes, np.uint8))):
             key = item_id.encode()
             raw = txn.get(key, db=db["items"])
@@ -71,15 +93,18 @@ class Generations:
             seq = json.loads(raw)["seq"]
             if seqs is not None and seq != seqs[k]:
                 continue
-            self._put_code(txn, gen, key, seq, code.tobytes())
+            added += self._put_code(txn, gen, key, seq, code.tobytes())
+        count_pending_codes(self.env, txn, added)
 
-    def _put_code(self, txn, gen: int, key: bytes, seq: int, code: bytes) -> None:
+    def _put_code(self, txn, gen: int, key: bytes, seq: int, code: bytes) -> int:
+        """Write one code into ``gen``; returns 1 if the item held none there yet (the caller counts it)."""
         db, prefix = self.env.db, u64(gen)
         old = txn.get(prefix + key, db=db["codes"])
         if old is not None:
             self.tables.remove(txn, db["tables"], gen, seq, old)
         txn.put(prefix + key, code, db=db["codes"])
         self.tables.add(txn, db["tables"], gen, seq, code)
+        return int(old is None)
 
     def copy_current(self, gen: int, ids: list[str], model_version: int) -> tuple[int, list[tuple[str, int]]]:
         """Copy into ``gen`` the live code of each item it may keep; return how many, and (id, seq) of those to encode.
@@ -89,11 +114,17 @@ class Generations:
         (or by none recorded), are stale. Decided per item inside the transaction that copies, so an
         item written again meanwhile is judged by what it is now.
         """
-        return self.env.write(lambda txn: self._copy_current(txn, gen, ids, model_version))
+        copied, to_encode = 0, []
+        for i in range(0, len(ids), self.txn_items):
+            n, stale_part = self._write(lambda txn: self._copy_current(txn, gen, ids[i:i + self.txn_items], model_version))
+            copied += n
+            to_encode += stale_part
+        return copied, to_encode
 
     def _copy_current(self, txn, gen: int, ids, model_version: int) -> tuple[int, list[tuple[str, int]]]:
-        db, to_encode, copied = self.env.db, [], 0
-        live = u64(int(self.env.read_meta(txn)["generation"]))
+        db, to_encode, copied, added = self.env.db, [], 0, 0
+        meta = self.env.read_meta(txn)
+        live = u64(int(meta["generation"]))
         for item_id in ids:
             key = item_id.encode()
             raw = txn.get(key, db=db["items"])
@@ -101,12 +132,12 @@ class Generations:
                 continue
             rec = json.loads(raw)
             code = txn.get(live + key, db=db["codes"])
-            made_by = -1 if rec.get("model") is None else rec["model"]
-            if code is not None and not stale(bool(rec.get("learned")), made_by, model_version):
-                self._put_code(txn, gen, key, rec["seq"], code)
+            if code is not None and not stale(bool(rec.get("learned")), inferred_by(rec, meta), model_version):
+                added += self._put_code(txn, gen, key, rec["seq"], code)
                 copied += 1
             else:
                 to_encode.append((item_id, rec["seq"]))
+        count_pending_codes(self.env, txn, added)
         return copied, to_encode
 
     def provenance(self) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -114,39 +145,28 @@ class Generations:
         DCC code, model (int64) the network version that inferred the code otherwise (-1: none recorded)."""
 
         def read(txn):
-            ids, learned, model = [], [], []
+            ids, learned, model, meta = [], [], [], self.env.read_meta(txn)
             for _, key in txn.cursor(db=self.env.db["changes"]):
                 rec = json.loads(txn.get(key, db=self.env.db["items"]))
                 ids.append(key.decode())
                 learned.append(bool(rec.get("learned")))
-                model.append(-1 if rec.get("model") is None else int(rec["model"]))
+                model.append(inferred_by(rec, meta))
             return ids, np.array(learned, bool), np.array(model, np.int64)
 
         return self.env.read(read)
 
-    def mark_reencoded(self, txn, ids, model_version: int) -> None:
-        """Record ``model_version`` as the network that inferred these items' codes (in the swap: the
-        records must name the network of the live generation, not of one still being built)."""
-        db = self.env.db["items"]
-        for item_id in ids:
-            raw = txn.get(item_id.encode(), db=db)
-            if raw is not None:
-                rec = json.loads(raw)
-                if not rec.get("learned") and rec.get("model") != model_version:
-                    rec["model"] = model_version  # seq kept: not a change followers replay
-                    txn.put(item_id.encode(), json.dumps(rec).encode(), db=db)
-
-    def ids_missing(self, gen: int, after_seq: int = 0) -> list[str]:
-        """Ids written after ``after_seq`` that have no code in generation ``gen`` yet."""
+    def ids_missing(self, gen: int, after_seq: int = 0) -> tuple[list[str], int]:
+        """Ids written after ``after_seq`` that have no code in generation ``gen`` yet, and the last seq read
+        (``after_seq`` if none): once these have theirs, only items written after it can lack one."""
         return self.env.read(lambda txn: self._ids_missing(txn, gen, after_seq))
 
-    def _ids_missing(self, txn, gen: int, after_seq: int) -> list[str]:
-        cur, prefix, out = txn.cursor(db=self.env.db["changes"]), u64(gen), []
+    def _ids_missing(self, txn, gen: int, after_seq: int) -> tuple[list[str], int]:
+        cur, prefix, out, last = txn.cursor(db=self.env.db["changes"]), u64(gen), [], None
         if cur.set_range(u64(after_seq + 1)):
-            for _, key in cur:
+            for last, key in cur:
                 if txn.get(prefix + key, db=self.env.db["codes"]) is None:
                     out.append(key.decode())
-        return out
+        return out, after_seq if last is None else from_u64(last)
 
     def swap(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
              after_seq: int = 0, encode_blobs=None, reencoded: list[str] | None = None) -> int:
@@ -159,9 +179,9 @@ class Generations:
         short step instead of the catch-up chasing it forever. Without it, or if an older item lacks a
         code, StoreError: readers switch to a complete generation or not at all.
 
-        ``reencoded``: the ids the caller encoded for ``gen`` (``ids`` included, or not: both are marked);
-        their records name ``model_version`` from this transaction on, and the stragglers encoded here
-        are appended to the list. Returns the generation that was replaced.
+        The transaction reads the items written after ``after_seq``, no others: a builder passes the
+        last seq its catch-up read. ``reencoded``: the stragglers encoded here are appended to it.
+        Returns the generation that was replaced.
         """
 
         def txn_fn(txn):
@@ -169,23 +189,26 @@ class Generations:
             if meta.get("pending_generation") != gen:
                 raise StoreError(f"generation {gen} is not being built (pending: {meta.get('pending_generation')})")
             self._put_codes(txn, gen, ids, codes)
-            late = [i for i, _ in self._copy_current(txn, gen, self._ids_missing(txn, gen, after_seq), model_version)[1]]
+            late = [i for i, _ in self._copy_current(txn, gen, self._ids_missing(txn, gen, after_seq)[0], model_version)[1]]
             if late and encode_blobs is not None:
                 self._put_codes(txn, gen, late, encode_blobs([self.items.blob_in(txn, k.encode()) for k in late]))
-            missing = self._ids_missing(txn, gen, 0)
-            if missing:
-                raise StoreError(f"item {missing[0]!r} has no code in generation {gen}; catch it up first")
-            self.mark_reencoded(txn, [*ids, *(reencoded or ()), *late], model_version)
-            self.env.put_meta(txn, {"generation": gen, "model_version": model_version, "pending_generation": None})
+            holding, items = self.env.read_meta(txn)["pending_codes"], txn.stat(self.env.db["items"])["entries"]
+            if holding != items:
+                missing = self._ids_missing(txn, gen, 0)[0]  # a scan, but only to name the gap in the error
+                gap = f"item {missing[0]!r} has" if missing else f"{items - holding} items have"
+                raise StoreError(f"{gap} no code in generation {gen}; catch it up first")
+            self.env.put_meta(txn, {"generation": gen, "model_version": model_version, "generation_model": model_version,
+                                    "pending_generation": None, "pending_codes": None})
             return int(meta["generation"]), late
 
-        replaced, late = self.env.write(txn_fn)
+        replaced, late = self._write(txn_fn)
         if reencoded is not None:
             reencoded.extend(late)
         return replaced
 
-    def drop(self, gen: int, chunk: int = 10_000) -> int:
-        """Delete every code and table entry of ``gen`` (a replaced or abandoned one), in bounded transactions."""
+    def drop(self, gen: int, chunk: int = TXN_KEYS_DROPPED) -> int:
+        """Delete every code and table entry of ``gen`` (a replaced or abandoned one), at most ``chunk`` keys a
+        transaction."""
         prefix, dropped = u64(gen), 0
         for db in (self.env.db["codes"], self.env.db["tables"]):
             while True:
@@ -200,7 +223,7 @@ class Generations:
                         n += 1
                     return n
 
-                n = self.env.write(txn_fn)
+                n = self._write(txn_fn)
                 dropped += n
                 if n < chunk:
                     break
@@ -214,7 +237,7 @@ class Generations:
             if self.env.read_meta(txn).get("pending_generation") == gen:
                 self.env.put_meta(txn, {"pending_generation": None})
 
-        self.env.write(txn_fn)
+        self._write(txn_fn)
         return dropped
 
     def clean_up_after_crash(self) -> int | None:

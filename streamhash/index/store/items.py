@@ -38,6 +38,26 @@ def live_generations(meta: dict) -> list[int]:
     return [int(meta["generation"])] + ([int(meta["pending_generation"])] if meta.get("pending_generation") else [])
 
 
+def count_pending_codes(env: Environment, txn, n: int) -> None:
+    """Add ``n`` to ``meta.pending_codes``, how many items hold a code in the generation being built: the
+    swap's proof that every item has one, without reading them all (each item holds at most one)."""
+    raw = txn.get(b"pending_codes", db=env.db["meta"])
+    txn.put(b"pending_codes", json.dumps((json.loads(raw) or 0) + n if raw else n).encode(), db=env.db["meta"])
+
+
+def inferred_by(rec: dict, meta: dict) -> int:
+    """The network that inferred an item's code in the live generation (-1: none recorded).
+
+    A record names the network that encoded the item when it was written; a re-encode does not rewrite
+    records (their number would make its swap long), it records ``generation_model``, the network the
+    live generation was built with: every inferred code in it is that network's or a later one's.
+    Learned codes keep the version they were written with (they are never inferred).
+    """
+    made_by = -1 if rec.get("model") is None else int(rec["model"])
+    built_by = meta.get("generation_model")
+    return made_by if rec.get("learned") or built_by is None else max(made_by, int(built_by))
+
+
 class Items:
     def __init__(self, env: Environment, tables, code_bytes: int, offsets: Offsets):
         self.env, self.tables, self.code_bytes, self.offsets = env, tables, code_bytes, offsets
@@ -172,11 +192,13 @@ class Items:
 
     def unlink(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
         db = self.env.db
-        for gen in gens:
+        for i, gen in enumerate(gens):
             old_code = txn.get(u64(gen) + key, db=db["codes"])
             if old_code is not None:
                 self.tables.remove(txn, db["tables"], gen, rec["seq"], old_code)
                 txn.delete(u64(gen) + key, db=db["codes"])
+                if i:  # the generation being built lost this item's code: its catch-up writes it again
+                    count_pending_codes(self.env, txn, -1)
         txn.delete(u64(rec["seq"]), db=db["changes"])
 
     def count(self) -> int:
@@ -191,8 +213,11 @@ class Items:
             if raw is None:
                 return None
             rec = json.loads(raw)
+            meta = self.env.read_meta(txn)
             rec["id"] = item_id
-            rec["generation"] = int(self.env.read_meta(txn)["generation"])
+            made_by = inferred_by(rec, meta)
+            rec["model"] = None if made_by < 0 else made_by
+            rec["generation"] = int(meta["generation"])
             rec["code"] = txn.get(u64(rec["generation"]) + key, db=db["codes"])
             if with_blob:
                 rec["blob"] = txn.get(key, db=db["blobs"])

@@ -19,7 +19,9 @@ in-memory Hamming index uses, so ties break by insertion order.
 
 Meta keys and their writers: ``schema_version``, ``bits``, ``shard``, ``backbone``, ``multihash_tables``
 and ``created`` (here, once); ``next_seq`` (items); ``model_version`` (models, items, generations);
-``generation`` and ``pending_generation`` (generations); ``topic_ids`` (offsets). Item records carry
+``generation``, ``pending_generation``, ``generation_model`` (the network the live generation was built
+with) and ``pending_codes`` (items holding a code in the pending one; items lower it when a write drops
+one) (generations); ``topic_ids`` (offsets). Item records carry
 ``recoded``, ``learned`` (a learned code replaced the inferred one), ``learned_by`` (the model version it was
 learned with, when it came from the learner's codes topic) and ``quarantined`` besides.
 """

@@ -157,3 +157,35 @@ def test_a_full_disk_is_store_full_not_a_crash(tiny_tmpfs):
             n += 1
     assert 0 < n < 10_000
     assert s.count() == 20 * n  # every committed batch is intact; the failed one left nothing
+
+
+def test_an_ingest_commit_waits_for_one_background_transaction_not_for_the_next_ones(tmp_path):
+    """A re-encode writes chunk after chunk; an ingest commit arriving meanwhile is next once the chunk in
+    progress commits. CPython's lock is not fair: before, the re-encoder released it and took it again
+    at once, and the commit waited behind chunk after chunk."""
+    import threading
+    import time
+
+    env = Store(tmp_path, bits=32)._env
+    order, inside, release = [], threading.Event(), threading.Event()
+
+    def chunk(n):
+        def fn(txn):
+            order.append(f"chunk {n}")
+            if n == 0:
+                inside.set()
+                release.wait(10)
+        return fn
+
+    build = threading.Thread(target=lambda: [env.write(chunk(n), background=True) for n in range(3)])
+    build.start()
+    assert inside.wait(10)
+    ingest = threading.Thread(target=lambda: env.write(lambda txn: order.append("ingest")))
+    ingest.start()
+    deadline = time.monotonic() + 10
+    while env._writers_waiting < 2 and time.monotonic() < deadline:  # the commit waits for the writer lock
+        time.sleep(0.001)
+    release.set()
+    build.join(10)
+    ingest.join(10)
+    assert order == ["chunk 0", "ingest", "chunk 1", "chunk 2"]

@@ -301,3 +301,121 @@ def test_a_shard_is_built_into_the_generation_the_learner_announced(tmp_path):
     assert s.read_meta()["generation"] == 5 and s.read_meta()["model_version"] == 7 and s.count() == 4
     with pytest.raises(StoreError, match="not above"):
         s.begin_generation(5)
+
+
+class ItemReads:
+    """Wraps a store's write transactions to count, per transaction, the item records read and the change-log
+    entries walked: the work a transaction does per item of the shard, whatever the clock says."""
+
+    def __init__(self, s):
+        self.s, self.per_txn, write = s, [], s._env.write
+
+        def counted(fn, **kw):
+            return write(lambda txn: self._run(fn, txn), **kw)
+
+        s._env.write = counted
+
+    def _run(self, fn, txn):
+        proxy = _CountingTxn(txn, self.s.db)
+        try:
+            return fn(proxy)
+        finally:
+            self.per_txn.append((getattr(fn, "__qualname__", ""), proxy.reads))
+
+
+class _CountingTxn:
+    def __init__(self, txn, db):
+        self._txn, self._db, self.reads = txn, db, 0
+
+    def get(self, key, *args, db=None, **kw):
+        self.reads += db is self._db["items"]
+        return self._txn.get(key, *args, db=db, **kw)
+
+    def cursor(self, db=None):
+        cur = self._txn.cursor(db=db)
+        return _CountingCursor(cur, self) if db is self._db["changes"] else cur
+
+    def __getattr__(self, name):
+        return getattr(self._txn, name)
+
+
+class _CountingCursor:
+    def __init__(self, cur, owner):
+        self._cur, self._owner = cur, owner
+
+    def __iter__(self):
+        for entry in self._cur:
+            self._owner.reads += 1
+            yield entry
+
+    def __getattr__(self, name):
+        return getattr(self._cur, name)
+
+
+def test_a_reencode_writes_in_short_transactions_and_its_swap_reads_only_the_items_written_since(tmp_path):
+    """An ingest commit of the shard waits for the re-encode's transaction in progress: each must be short,
+    whatever the shard's size. Before, the builder copied and wrote 2,048 items a transaction and the
+    swap read every item of the shard (its completeness check) and rewrote every re-encoded record
+    (5,506 item reads in the swap here)."""
+    s = Store(tmp_path, bits=32)
+    for i in range(0, 3000, 1000):
+        s.write_batch(items(1000, prefix=f"b{i}-", seed=i), model_version=1)
+    s.put_codes([f"b0-{i}" for i in range(0, 1000, 2)], np.full((500, 4), 3, np.uint8))  # learned: copied
+    written = []
+
+    def during(call):  # the ingest path goes on: a new item, an overwrite, and a learned code during the build
+        if call == 1:
+            written.append(s.write_batch([ItemWrite("late", bytes(4), b"x", "image/png", None)], model_version=1))
+            s.write_batch([ItemWrite("b1000-5", bytes(4), b"y", "image/png", (1,))], model_version=1)
+            s.put_codes(["b2000-7"], np.full((1, 4), 5, np.uint8))
+
+    reads = ItemReads(s)
+    builder = GenerationBuilder(s, encode_ids=Encoder(during), encode_blobs=lambda blobs: np.zeros((len(blobs), 4), np.uint8))
+    assert builder.build(2) == 2 and builder.drop_replaced() > 0
+    swap = [n for name, n in reads.per_txn if name.startswith("Generations.swap")]
+    assert swap == [0]  # the catch-up read the three items written meanwhile; nothing was written after it
+    txn_items = s.generations.txn_items
+    assert max(n for _, n in reads.per_txn) <= txn_items + 1, sorted(reads.per_txn, key=lambda r: -r[1])[:3]
+    snap = s.snapshot()
+    assert (snap.generation, len(snap.ids), s.read_meta()["pending_generation"]) == (2, 3001, None)
+    codes = dict(zip(snap.ids, map(bytes, snap.codes)))
+    assert codes["b0-0"] == bytes([3] * 4) and codes["b2000-7"] == bytes([5] * 4)
+    assert codes["late"] == codes["b1000-5"] == codes["b0-1"] == bytes([7] * 4)
+    assert s.ids_missing_from(2) == [] and not holds_generation(s, 1)
+
+
+def test_the_swap_still_refuses_a_generation_an_item_has_no_code_in(tmp_path):
+    """The swap no longer reads every item to check the generation is complete: it counts the codes written
+    into it (meta.pending_codes), kept in step by the ingest path's overwrites during the build."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(4))
+    gen, watermark = s.begin_generation()
+    s.put_generation_codes(gen, ["id0", "id1", "id2", "id3"], np.zeros((4, 4), np.uint8))
+    s.write_batch([ItemWrite("id2", bytes(4), b"x", "image/png", None)])  # its code in gen is dropped
+    assert s.read_meta()["pending_codes"] == 3
+    with pytest.raises(StoreError, match="item 'id2' has no code in generation 2"):
+        s.swap_generation(gen, 3, [], np.zeros((0, 4), np.uint8), after_seq=s.read_meta()["next_seq"] - 1)
+    s.put_generation_codes(gen, ["id2"], np.ones((1, 4), np.uint8))
+    assert s.swap_generation(gen, 3, [], np.zeros((0, 4), np.uint8), after_seq=s.read_meta()["next_seq"] - 1) == 1
+    assert s.get_item("id2")["code"] == bytes([1] * 4) and s.get_item("id0")["model"] == 3
+
+
+def test_a_build_pauses_before_each_of_its_steps(tmp_path):
+    """The worker's re-encoder lets the ingest path go first before every step (Reencoder.pause): a step is at
+    most one transaction or one encoded chunk, so a batch never waits for more than one."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(600), model_version=1)
+    s.put_codes([f"id{i}" for i in range(0, 600, 3)], np.full((200, 4), 3, np.uint8))
+    events, write = [], s._env.write
+
+    def logged(fn, **kw):
+        events.append("txn")
+        return write(fn, **kw)
+
+    s._env.write = logged
+    builder = GenerationBuilder(s, encode_ids=Encoder(lambda call: events.append("encode")), chunk=256,
+                                pause=lambda: events.append("pause"))
+    assert builder.build(2) == 2 and builder.images_reencoded == 400
+    steps = events[events.index("pause"):]  # after begin
+    assert all(steps[i - 1] == "pause" for i, e in enumerate(steps) if e != "pause")
+    assert steps.count("encode") == 2 and steps.count("txn") == 3 + 2 + 1  # copies, writes of 256 + 144, swap
