@@ -34,13 +34,15 @@ from tests.support import env_for, start_worker
 pytestmark = pytest.mark.integration
 
 
-def precision_at_10(base: str, images, labels) -> float:
+def precision_at_10(base: str, images, labels, truth: dict[str, int]) -> float:
+    """Of each query's 10 hits, the share of its class, judged by every hit's true class (``truth``: id ->
+    class), since unlabeled hits carry no label."""
     hits = []
     with httpx.Client(timeout=30) as c:
         for img, lab in zip(images, labels):
             r = c.post(f"{base}/search", json={"image_base64": base64.b64encode(encode_png(img)).decode(), "k": 10})
             r.raise_for_status()
-            hits += [h["labels"] == [int(lab)] for h in r.json()["results"]]
+            hits += [truth[h["id"]] == int(lab) for h in r.json()["results"]]
     return float(np.mean(hits))
 
 
@@ -67,6 +69,7 @@ def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes
     stream, queries, q_labels = images[:3200], images[3200:], labels[3200:]
     # every fourth item unlabeled: inferred codes, what a re-encode re-encodes (an all-learned index has none)
     shown = [int(y) if i % 4 else None for i, y in enumerate(labels[:3200])]
+    truth = {f"s-{i}": int(y) for i, y in enumerate(labels[:3200])}
     env = env_for(kafka_settings, tmp_path / "index", free_port(), free_port())
     env.update({"STREAMHASH_LEARN__ROUND_EVERY": "1200", "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
                 "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "3", "STREAMHASH_LEARN__RESERVOIR_SIZE": "300",
@@ -84,7 +87,7 @@ def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes
         # a first part, indexed with the untrained network, below the round threshold
         send(producer, kafka_settings.topic, from_arrays(stream[:1000], shown[:1000], prefix="s-"), progress=False)
         wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= 1000, 60, "first part indexed")
-        before = precision_at_10(base, queries, q_labels)
+        before = precision_at_10(base, queries, q_labels, truth)
         assert httpx.get(f"{base}/healthz").json()["generation"] == 1
 
         seen, errors, stop_q = [], [], threading.Event()
@@ -113,7 +116,7 @@ def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes
         time.sleep(0.5)
         stop_q.set()
         t.join()
-        after = precision_at_10(base, queries, q_labels)
+        after = precision_at_10(base, queries, q_labels, truth)
 
         # the learner dies mid-stream (-9: no clean-up) and comes back; rounds go on from the models topic
         rounds = scrape(learner_url)["streamhash_learning_rounds_total"]
@@ -178,15 +181,6 @@ def test_a_class_ordered_partly_labeled_stream_triggers_a_reencode_that_raises_p
     base = f"http://127.0.0.1:{env['STREAMHASH_SERVER__PORT']}"
     size = lambda: httpx.get(f"{base}/healthz").json()["index_size"]  # noqa: E731
 
-    def precision() -> float:
-        hits = []
-        with httpx.Client(timeout=30) as c:
-            for img, lab in zip(queries, q_labels):
-                r = c.post(f"{base}/search", json={"image_base64": base64.b64encode(encode_png(img)).decode(), "k": 10})
-                r.raise_for_status()
-                hits += [true_class[h["id"]] == int(lab) for h in r.json()["results"]]
-        return float(np.mean(hits))
-
     try:
         wait_http(f"{base}/healthz", 60, server, tmp_path / "serve.log")
         wait_http(learner_url, 60, learner, tmp_path / "learner.log")
@@ -203,13 +197,13 @@ def test_a_class_ordered_partly_labeled_stream_triggers_a_reencode_that_raises_p
         producer.close()
         wait_for(lambda: size() >= 4000, 120, "classes 5-9 indexed")
         generation = max(s["generation"] for s in httpx.get(f"{base}/healthz").json()["shards"])
-        before = precision()
+        before = precision_at_10(base, queries, q_labels, true_class)
         learner.send_signal(signal.SIGCONT)
         wait_for(lambda: scrape(learner_url).get("streamhash_reencode_triggers_total", 0) > triggers_before, 600,
                  "the MI test to fire on classes 5-9")
         wait_for(lambda: all(s["generation"] > generation for s in httpx.get(f"{base}/healthz").json()["shards"]), 120,
                  "every shard re-encoded")
-        after = precision()
+        after = precision_at_10(base, queries, q_labels, true_class)
     finally:
         learner.send_signal(signal.SIGCONT)
         stop(learner)
