@@ -238,10 +238,11 @@ class OnlineHasher:
 
     def _compare(self, fetch_images: FetchImages) -> tuple[MIGain, np.ndarray | None]:
         """The comparison and the queries' codes (None: too few items to compare)."""
-        ids = [i for r in self._samples() for i in r.ids]
+        samples = self._samples()
+        ids = [i for r in samples for i in r.ids]
         if len(ids) < 2:
             return MIGain(0.0, 0.0, 0.0, 0.0, len(ids), 0), None
-        payloads = [p for r in self._samples() for p in r.payloads]
+        payloads = [p for r in samples for p in r.payloads]
         labels = [p[0] for p in payloads]
         inferred = np.array([p[1] for p in payloads], bool)
         db_weights = self._strata_weights(inferred) if self.inferred_reservoir is not None else None

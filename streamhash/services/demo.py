@@ -191,8 +191,7 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
         p10 = p10_indexed
         if learner is not None:
             # every labeled item of the stream gets a learned code (the hold-out too: only its images are not trained on)
-            expected = produced
-            wait_for_learning(learner, learner_url, server, expected, 300 + limit / 20)
+            wait_for_learning(learner, learner_url, server, produced, 300 + limit / 20)
             p10, _ = precision_at_10(server, test_x[q_idx], test_y[q_idx])
         health = httpx.get(f"{server}/healthz").json()
         lm = scrape(learner_url) if learner is not None else {}
