@@ -46,6 +46,9 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
     max_poll_records: int = 1000
+    # Kafka's committed offsets are a hint (each shard stores its partitions' offsets with its data): the
+    # worker commits them at most this often, not after every batch (streamhash.kafka.checkpoint).
+    offset_commit_interval_s: float = Field(1.0, ge=0)
     fetch_max_bytes: int = 52_428_800
     # How long the broker may hold a fetch waiting for data: bounds freshness when traffic is light.
     fetch_max_wait_ms: int = 100

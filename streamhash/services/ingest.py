@@ -165,7 +165,7 @@ class IngestWorker:
             partition_assignment_strategy=[RangePartitionAssignor], client_id="streamhash-worker",
         )
         self.positions = Positions(self.consumer, self.shards)
-        self.checkpoint = Checkpoint(self.consumer, self.dead_letters)
+        self.checkpoint = Checkpoint(self.consumer, self.dead_letters, interval_s=k.offset_commit_interval_s)
         self.consumer.subscribe([k.topic, k.codes_topic], listener=_TrackAssignment())
         self.reencoder.start()
 
@@ -208,7 +208,9 @@ class IngestWorker:
                 self._close_revoked()
                 if records:
                     last_data = time.monotonic()
-                elif max_idle_s is not None and time.monotonic() - last_data > max_idle_s and not self.reencoder.pending():
+                    continue
+                self.checkpoint.flush_due()  # idle: the group's lag reads 0 within an interval
+                if max_idle_s is not None and time.monotonic() - last_data > max_idle_s and not self.reencoder.pending():
                     break
             if in_flight is not None:
                 self.finish_with_retry(in_flight)
@@ -310,6 +312,7 @@ class IngestWorker:
             self._ready.discard(tp)
             self._waiting.pop(tp, None)
             self.positions.forget([tp])
+            self.checkpoint.forget([(tp.topic, tp.partition)])
         owned = {self.shards.key_of(tp.topic, tp.partition) for tp in assigned}
         for key, _ in self.shards:
             if key not in owned:
@@ -502,6 +505,8 @@ class IngestWorker:
         self.encoder.shutdown(wait=True)
         self.reencoder.stop()
         if self.consumer is not None:
+            if self.checkpoint is not None:
+                self.checkpoint.flush_offsets()
             self.consumer.close(autocommit=False)
             self.consumer = None
         if self.dead_letters is not None:

@@ -57,3 +57,28 @@ def test_a_failed_kafka_commit_is_not_an_error():
     cp, r, log = checkpoint({"commit": KafkaTimeoutError()})
     assert cp.commit(lambda: r.write_state(["a"]), {("t", 0): 1}) == [0]
     assert log == ["flush", "write", ("commit", {("t", 0): 1})]
+
+
+def test_kafka_offsets_are_committed_at_most_once_per_interval_and_the_newest_is_sent():
+    """Every batch's state is written, but Kafka's offsets (a hint: the shards hold the truth) only once per
+    interval, with each partition's newest offset; what is pending is committed on flush."""
+    now = [0.0]
+    log: list = []
+    r = Recorder(log, {})
+    cp = Checkpoint(consumer=r, dead_letters=r, interval_s=1.0, clock=lambda: now[0])
+    cp.commit(lambda: r.write_state(["a"]), {("t", 0): 1})
+    now[0] = 0.4
+    cp.commit(lambda: r.write_state(["b"]), {("t", 0): 2, ("t", 1): 5})
+    now[0] = 0.8
+    cp.commit(lambda: r.write_state(["c"]), {("t", 1): 6})
+    assert log == ["flush", "write", ("commit", {("t", 0): 1}), "flush", "write", "flush", "write"]
+    now[0] = 1.1
+    cp.commit(lambda: r.write_state(["d"]), {("t", 0): 3})
+    assert log[-1] == ("commit", {("t", 0): 3, ("t", 1): 6})
+    cp.commit(lambda: r.write_state(["e"]), {("t", 2): 9})
+    cp.forget([("t", 2)])  # revoked: the new owner commits it
+    cp.commit(lambda: r.write_state(["f"]), {("t", 1): 7})
+    cp.flush_offsets()
+    assert log[-1] == ("commit", {("t", 1): 7})
+    cp.flush_offsets()  # nothing pending: no request
+    assert log[-1] == ("commit", {("t", 1): 7}) and log.count("write") == 6
