@@ -10,13 +10,20 @@ queued when it is opened. The learner never writes a shard.
 Ownership: a shard is closed (its partition revoked) only between builds (:meth:`Reencoder.holding`),
 so a build never runs on a closed environment and the next owner waits at most one build.
 
-Ingestion first: a build takes each of its steps (256 items copied, encoded or written) when the poll
+Ingestion first: a build takes each of its steps (items copied, encoded or written) when the poll
 thread is idle (:meth:`Reencoder.pause`), or after waiting ``YIELD_MAX_S`` for it. Its steps hold the
 GIL most of the time (JSON records, PNG decoding): run back to back beside a batch, they slowed it
 (250 learned codes applied in 22-55 ms beside a re-encode in ``bench_ingest --learn``, about 1.5x their
 time alone in-process), and freshness p99 beside the learner stayed at 0.12-0.16 s once the LMDB writer
 no longer made ingest wait. Its LMDB transactions
 never stand in front of an ingest commit either (``Environment.write(background=True)``).
+
+A step is 64 images encoded, on one torch thread. Timed in ``bench_ingest --learn`` (the learner taking
+~0.8 of the 2 cores), 256-image steps on the worker's two torch threads took 110-140 ms each, and a probe
+image polled meanwhile waited for the poll thread's share of the cores: during the re-encode p99 0.15-0.18
+s; with 64 on one thread, steps took 2-40 ms and p99 was 0.11 s. A re-encode of ~2,000 images takes ~60
+steps (encode, write) instead of ~16: under a steady stream (a step per ``YIELD_MAX_S``) ~5 s longer. (Running the thread at a lower
+priority was tried and was worse, p99 0.18 s: a preempted step holds the GIL the poll thread waits for.)
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ YIELD_MAX_S = 0.1
 
 
 class Reencoder(threading.Thread):
-    def __init__(self, worker, *, chunk: int = 256):
+    def __init__(self, worker, *, chunk: int = 64):
         super().__init__(name="reencoder", daemon=True)
         self.worker, self.chunk = worker, chunk
         self._queue: deque = deque()
@@ -72,7 +79,7 @@ class Reencoder(threading.Thread):
     def run(self) -> None:
         import torch
 
-        torch.set_num_threads(self.worker.settings.model.torch_threads)
+        torch.set_num_threads(1)  # background work: one core at most, the other stays the ingest thread's
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._queue or self._stop)
