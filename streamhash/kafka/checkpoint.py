@@ -63,14 +63,18 @@ class Checkpoint:
         for key in keys:
             self._pending.pop(key, None)
 
-    def flush_offsets(self) -> None:
-        """Commit every pending offset to Kafka now."""
+    def flush_offsets(self, timeout_s: float | None = None) -> None:
+        """Commit every pending offset to Kafka now (waiting at most ``timeout_s``, default the client's
+        request timeout: a worker stopping beside a dead broker should not wait 30 s for a hint)."""
         self._last_commit = self.clock()
         if not self._pending:
             return
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in self._pending.items()}
         self._pending = {}
         try:
-            self.consumer.commit(offsets)
+            if timeout_s is None:
+                self.consumer.commit(offsets)
+            else:
+                self.consumer.commit(offsets, timeout_ms=int(timeout_s * 1000))
         except KafkaError as exc:
             log.warning("Kafka offset commit failed (%r); the shards' offsets are ahead and will be used on reassignment", exc)

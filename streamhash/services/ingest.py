@@ -506,7 +506,7 @@ class IngestWorker:
         self.reencoder.stop()
         if self.consumer is not None:
             if self.checkpoint is not None:
-                self.checkpoint.flush_offsets()
+                self.checkpoint.flush_offsets(timeout_s=5)
             self.consumer.close(autocommit=False)
             self.consumer = None
         if self.dead_letters is not None:

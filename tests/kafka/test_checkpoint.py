@@ -20,7 +20,7 @@ class Recorder:
         self._step("write")
         return list(range(len(items)))
 
-    def commit(self, offsets):
+    def commit(self, offsets, timeout_ms=None):
         self._step("commit", {(tp.topic, tp.partition): o.offset for tp, o in offsets.items()})
 
     def _step(self, name, arg=None):
@@ -78,7 +78,7 @@ def test_kafka_offsets_are_committed_at_most_once_per_interval_and_the_newest_is
     cp.commit(lambda: r.write_state(["e"]), {("t", 2): 9})
     cp.forget([("t", 2)])  # revoked: the new owner commits it
     cp.commit(lambda: r.write_state(["f"]), {("t", 1): 7})
-    cp.flush_offsets()
+    cp.flush_offsets(timeout_s=5)
     assert log[-1] == ("commit", {("t", 1): 7})
     cp.flush_offsets()  # nothing pending: no request
     assert log[-1] == ("commit", {("t", 1): 7}) and log.count("write") == 6
