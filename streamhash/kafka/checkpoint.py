@@ -72,9 +72,6 @@ class Checkpoint:
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in self._pending.items()}
         self._pending = {}
         try:
-            if timeout_s is None:
-                self.consumer.commit(offsets)
-            else:
-                self.consumer.commit(offsets, timeout_ms=int(timeout_s * 1000))
+            self.consumer.commit(offsets, timeout_ms=None if timeout_s is None else int(timeout_s * 1000))
         except KafkaError as exc:
             log.warning("Kafka offset commit failed (%r); the shards' offsets are ahead and will be used on reassignment", exc)

@@ -65,7 +65,7 @@ log = logging.getLogger("streamhash.worker")
 # meanwhile waits for one such batch, not for a learner round's thousands (see IngestWorker._poll). 250
 # took 22-55 ms on the busy 2-core machine beside the learner and a re-encode (bench_ingest --learn), where
 # every probe sent while a round's codes were applied took 0.05-0.17 s. 100 took 21-24 ms there (30-48 ms
-# with the batch's Kafka commit), at the cost of more batches (a Kafka commit each) for a round's codes.
+# with the Kafka offset commit each batch then made; now at most one a second, streamhash.kafka.checkpoint).
 CODES_PER_BATCH = 100
 HELD_CODES_MAX = 50_000  # code updates held at most (~10 MB); past it batches take more to catch up
 

@@ -22,8 +22,9 @@ A step is 64 images encoded, on one torch thread. Timed in ``bench_ingest --lear
 ~0.8 of the 2 cores), 256-image steps on the worker's two torch threads took 110-140 ms each, and a probe
 image polled meanwhile waited for the poll thread's share of the cores: during the re-encode p99 0.15-0.18
 s; with 64 on one thread, steps took 2-40 ms and p99 was 0.11 s. A re-encode of ~2,000 images takes ~60
-steps (encode, write) instead of ~16: under a steady stream (a step per ``YIELD_MAX_S``) ~5 s longer. (Running the thread at a lower
-priority was tried and was worse, p99 0.18 s: a preempted step holds the GIL the poll thread waits for.)
+steps (encode, write) instead of ~16: under a steady stream (a step per ``YIELD_MAX_S``) ~5 s longer.
+(Running the thread at a lower priority was tried and was worse, p99 0.18 s: a preempted step holds the
+GIL the poll thread waits for.)
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
@@ -73,6 +73,14 @@ def test_every_valid_image_is_indexed_exactly_once(pipeline):
     assert len(content["shards"]) == 4  # a shard per partition, each id in the one its key hashes to
     total = sum(content["offsets"].values())
     assert total == 1000 + len(MALFORMED)  # every offset, malformed ones included, is accounted for
+    # Kafka's committed offsets (a hint, committed at most once a second) caught up with the shards' by the stop
+    kafka = pipeline["kafka"]
+    reader = KafkaConsumer(**kafka.client_kwargs(), group_id=kafka.group_id, enable_auto_commit=False)
+    try:
+        committed = {f"{kafka.topic}:{p}": reader.committed(TopicPartition(kafka.topic, p)) for p in range(4)}
+    finally:
+        reader.close(autocommit=False)
+    assert committed == {k: v for k, v in content["offsets"].items() if k.startswith(kafka.topic + ":")}
 
 
 def test_every_malformed_message_is_in_the_dlq_with_its_reason(pipeline):
