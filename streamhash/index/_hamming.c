@@ -1,7 +1,9 @@
 /* Native Hamming kernels for streamhash.index.hamming (exact top-k and range search).
  *
- * Codes are rows of W little-endian 64-bit words (the Python side zero-pads widths that are not a
- * multiple of 64, so padding bits never differ). Rows are in insertion order; a row may be dead
+ * Codes are rows of W little-endian words of `wb` bytes: 64-bit words (wb = 8), or one 32-bit word
+ * (wb = 4, W = 1) for codes of at most 32 bits, which halves the bytes a scan reads and lets one
+ * AVX-512 instruction count 16 rows instead of 8. The Python side zero-pads widths that are not a
+ * multiple of the word, so padding bits never differ. Rows are in insertion order; a row may be dead
  * (tombstoned) until the Python side compacts.
  *
  * Top-k is a streaming counting select. Distances are bounded by d, so per query we keep a
@@ -120,11 +122,13 @@ static void topk_emit(topk_t *t, int32_t *out_d, int64_t *out_r, int64_t *off) {
 }
 
 /* ------------------------------------------------------------------ scan loops */
-/* Each scan pushes rows [r0, r1) of `codes` against one query into its top-k state. */
-typedef void (*scan_fn)(const uint64_t *codes, int64_t r0, int64_t r1, int W, const uint64_t *q,
-                        topk_t *t, const uint8_t *dead);
+/* Each scan pushes rows [r0, r1) of `codes` against one query `q` into its top-k state; codes and q
+ * are in the scan's word width (uint64_t for the wide scans, uint32_t for the narrow ones). */
+typedef void (*scan_fn)(const void *codes, int64_t r0, int64_t r1, int W, const void *q, topk_t *t,
+                        const uint8_t *dead);
 
 #define SCALAR_SCAN_BODY                                                        \
+    const uint64_t *codes = codes_, *q = q_;                                    \
     int thr = topk_thr(t);                                                      \
     for (int64_t i = r0; i < r1; i++) {                                         \
         const uint64_t *c = codes + i * W;                                      \
@@ -136,15 +140,37 @@ typedef void (*scan_fn)(const uint64_t *codes, int64_t r0, int64_t r1, int W, co
         }                                                                       \
     }
 
-static void scan_generic(const uint64_t *codes, int64_t r0, int64_t r1, int W, const uint64_t *q,
-                         topk_t *t, const uint8_t *dead) {
+#define SCALAR_SCAN32_BODY                                                      \
+    const uint32_t *codes = codes_, q = *(const uint32_t *)q_;                  \
+    (void)W;                                                                    \
+    int thr = topk_thr(t);                                                      \
+    for (int64_t i = r0; i < r1; i++) {                                         \
+        int dist = __builtin_popcount(codes[i] ^ q);                            \
+        if (dist < thr) {                                                       \
+            topk_push(t, i, dist, dead);                                        \
+            thr = topk_thr(t);                                                  \
+        }                                                                       \
+    }
+
+static void scan_generic(const void *codes_, int64_t r0, int64_t r1, int W, const void *q_, topk_t *t,
+                         const uint8_t *dead) {
     SCALAR_SCAN_BODY
 }
 
+static void scan32_generic(const void *codes_, int64_t r0, int64_t r1, int W, const void *q_, topk_t *t,
+                           const uint8_t *dead) {
+    SCALAR_SCAN32_BODY
+}
+
 #ifdef SH_X86
-__attribute__((target("popcnt"))) static void scan_popcnt(const uint64_t *codes, int64_t r0, int64_t r1, int W,
-                                                          const uint64_t *q, topk_t *t, const uint8_t *dead) {
+__attribute__((target("popcnt"))) static void scan_popcnt(const void *codes_, int64_t r0, int64_t r1, int W,
+                                                          const void *q_, topk_t *t, const uint8_t *dead) {
     SCALAR_SCAN_BODY
+}
+
+__attribute__((target("popcnt"))) static void scan32_popcnt(const void *codes_, int64_t r0, int64_t r1, int W,
+                                                            const void *q_, topk_t *t, const uint8_t *dead) {
+    SCALAR_SCAN32_BODY
 }
 
 #define AVX512 __attribute__((target("popcnt,avx512f,avx512vpopcntdq"), always_inline)) static inline
@@ -175,9 +201,11 @@ AVX512 void scan_avx512_w(const uint64_t *codes, int64_t r0, int64_t r1, const i
         const uint64_t *c = codes + i * W;
         __m512i d0 = dist8(c, W, vq), d1 = dist8(c + 8 * W, W, vq);
         __m512i d2 = dist8(c + 16 * W, W, vq), d3 = dist8(c + 24 * W, W, vq);
+        /* One compare for the 32 rows: the common case once the top-k has warmed up is that none passes. */
+        if (!_mm512_cmplt_epu64_mask(_mm512_min_epu64(_mm512_min_epu64(d0, d1), _mm512_min_epu64(d2, d3)), thr))
+            continue;
         uint32_t m = (uint32_t)_mm512_cmplt_epi64_mask(d0, thr) | (uint32_t)_mm512_cmplt_epi64_mask(d1, thr) << 8 |
                      (uint32_t)_mm512_cmplt_epi64_mask(d2, thr) << 16 | (uint32_t)_mm512_cmplt_epi64_mask(d3, thr) << 24;
-        if (!m) continue; /* the common case once the top-k has warmed up */
         uint64_t dd[32];
         _mm512_storeu_si512(dd, d0);
         _mm512_storeu_si512(dd + 8, d1);
@@ -196,9 +224,10 @@ AVX512 void scan_avx512_w(const uint64_t *codes, int64_t r0, int64_t r1, const i
     }
 }
 
-__attribute__((target("popcnt,avx512f,avx512vpopcntdq"))) static void scan_avx512(const uint64_t *codes, int64_t r0,
-                                                                           int64_t r1, int W, const uint64_t *q,
+__attribute__((target("popcnt,avx512f,avx512vpopcntdq"))) static void scan_avx512(const void *codes_, int64_t r0,
+                                                                           int64_t r1, int W, const void *q_,
                                                                            topk_t *t, const uint8_t *dead) {
+    const uint64_t *codes = codes_, *q = q_;
     switch (W) {
     case 1: scan_avx512_w(codes, r0, r1, 1, q, t, dead); break;
     case 2: scan_avx512_w(codes, r0, r1, 2, q, t, dead); break;
@@ -206,37 +235,70 @@ __attribute__((target("popcnt,avx512f,avx512vpopcntdq"))) static void scan_avx51
     default: scan_popcnt(codes, r0, r1, W, q, t, dead);
     }
 }
+
+/* 32-bit codes, 16 rows a vector: half the bytes and half the popcounts of the 64-bit words. */
+__attribute__((target("popcnt,avx512f,avx512vpopcntdq"))) static void scan32_avx512(const void *codes_, int64_t r0,
+                                                                             int64_t r1, int W, const void *q_,
+                                                                             topk_t *t, const uint8_t *dead) {
+    const uint32_t *codes = codes_, q = *(const uint32_t *)q_;
+    (void)W;
+    const __m512i vq = _mm512_set1_epi32((int)q);
+    int64_t i = r0;
+    for (; i + 64 <= r1; i += 64) {
+        const __m512i thr = _mm512_set1_epi32(topk_thr(t));
+        const uint32_t *c = codes + i;
+#define D16(j) _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_loadu_si512(c + 16 * (j)), vq))
+        __m512i d0 = D16(0), d1 = D16(1), d2 = D16(2), d3 = D16(3);
+#undef D16
+        if (!_mm512_cmplt_epu32_mask(_mm512_min_epu32(_mm512_min_epu32(d0, d1), _mm512_min_epu32(d2, d3)), thr))
+            continue;
+        uint64_t m = (uint64_t)_mm512_cmplt_epu32_mask(d0, thr) | (uint64_t)_mm512_cmplt_epu32_mask(d1, thr) << 16 |
+                     (uint64_t)_mm512_cmplt_epu32_mask(d2, thr) << 32 | (uint64_t)_mm512_cmplt_epu32_mask(d3, thr) << 48;
+        uint32_t dd[64];
+        _mm512_storeu_si512(dd, d0);
+        _mm512_storeu_si512(dd + 16, d1);
+        _mm512_storeu_si512(dd + 32, d2);
+        _mm512_storeu_si512(dd + 48, d3);
+        while (m) {
+            int j = __builtin_ctzll(m);
+            m &= m - 1;
+            topk_push(t, i + j, (int)dd[j], dead); /* re-checks against the (maybe lower) limit */
+        }
+    }
+    for (; i < r1; i++) topk_push(t, i, (int)_mm_popcnt_u32(codes[i] ^ q), dead);
+}
 #endif
 
-static scan_fn pick_scan(int W, const char **name) {
+/* The scan for rows of W words of wb bytes (wb = 4 only with W = 1: checked by the bindings). */
+static scan_fn pick_scan(int W, int wb, const char **name) {
 #ifdef SH_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
-        (W == 1 || W == 2 || W == 4)) {
-        *name = "avx512-vpopcntdq";
-        return scan_avx512;
+        (wb == 4 || W == 1 || W == 2 || W == 4)) {
+        *name = wb == 4 ? "avx512-vpopcntdq-32" : "avx512-vpopcntdq";
+        return wb == 4 ? scan32_avx512 : scan_avx512;
     }
     if (__builtin_cpu_supports("popcnt")) {
-        *name = "popcnt";
-        return scan_popcnt;
+        *name = wb == 4 ? "popcnt-32" : "popcnt";
+        return wb == 4 ? scan32_popcnt : scan_popcnt;
     }
 #endif
-    *name = "generic";
-    return scan_generic;
+    *name = wb == 4 ? "generic-32" : "generic";
+    return wb == 4 ? scan32_generic : scan_generic;
 }
 
 /* ------------------------------------------------------------------ driver */
 /* Scan rows [r0, r1) for nq queries into their states (which must be initialised). With several
  * queries, block over the database so one block stays in cache while every query scans it.
  * Runs without the GIL. Returns nonzero when a state ran out of memory. */
-static int scan_all(const uint64_t *C, int64_t r0, int64_t r1, int W, const uint64_t *Q, Py_ssize_t nq,
+static int scan_all(const void *C, int64_t r0, int64_t r1, int W, int wb, const void *Q, Py_ssize_t nq,
                     const uint8_t *dead, int64_t block, topk_t *st) {
     const char *name;
-    scan_fn scan = pick_scan(W, &name);
+    scan_fn scan = pick_scan(W, wb, &name);
     int64_t step = nq > 1 ? block : (r1 - r0);
     for (int64_t b0 = r0; b0 < r1; b0 += step) {
         int64_t b1 = b0 + step < r1 ? b0 + step : r1;
-        for (Py_ssize_t j = 0; j < nq; j++) scan(C, b0, b1, W, Q + j * W, &st[j], dead);
+        for (Py_ssize_t j = 0; j < nq; j++) scan(C, b0, b1, W, (const char *)Q + j * W * wb, &st[j], dead);
     }
     int err = 0;
     for (Py_ssize_t j = 0; j < nq; j++) err |= st[j].oom;
@@ -275,17 +337,17 @@ static void common_release(common_args *a) {
 }
 
 /* Validate the buffers shared by search and range_search; on error release them and return -1. */
-static int common_check(common_args *a, PyObject *dead_obj, Py_ssize_t r1, int W, int d, Py_ssize_t nq) {
+static int common_check(common_args *a, PyObject *dead_obj, Py_ssize_t r1, int W, int wb, int d, Py_ssize_t nq) {
     a->have_dead = 0;
     if (dead_obj != Py_None) {
         if (PyObject_GetBuffer(dead_obj, &a->dead, PyBUF_SIMPLE) < 0) goto fail;
         a->have_dead = 1;
     }
-    if (W < 1 || d < 1 || d > 65535 || r1 < 0 || nq < 0) {
+    if (W < 1 || d < 1 || d > 65535 || r1 < 0 || nq < 0 || !(wb == 8 || (wb == 4 && W == 1 && d <= 32))) {
         PyErr_SetString(PyExc_ValueError, "bad arguments");
         goto fail;
     }
-    if (a->codes.len < r1 * W * 8 || a->queries.len < nq * W * 8 || (a->have_dead && a->dead.len < r1)) {
+    if (a->codes.len < r1 * W * wb || a->queries.len < nq * W * wb || (a->have_dead && a->dead.len < r1)) {
         PyErr_SetString(PyExc_ValueError, "codes, queries or dead buffer too small");
         goto fail;
     }
@@ -295,19 +357,19 @@ fail:
     return -1;
 }
 
-/* search(codes, r0, r1, W, d, queries, nq, k, dead_or_None, out_D, out_rows, block_rows)
+/* search(codes, r0, r1, W, wb, d, queries, nq, k, dead_or_None, out_D, out_rows, block_rows)
  * Top-k over rows [r0, r1). out_D (nq*k int32) and out_rows (nq*k int64) must be pre-filled with
  * the padding; only the first min(k, live rows) slots of each query are written. */
 static PyObject *py_search(PyObject *self, PyObject *args) {
     common_args a;
     Py_buffer od, orow;
     Py_ssize_t r0, r1, nq, block;
-    int W, d, k;
+    int W, wb, d, k;
     PyObject *dead_obj;
-    if (!PyArg_ParseTuple(args, "y*nniiy*niOw*w*n", &a.codes, &r0, &r1, &W, &d, &a.queries, &nq, &k, &dead_obj,
+    if (!PyArg_ParseTuple(args, "y*nniiiy*niOw*w*n", &a.codes, &r0, &r1, &W, &wb, &d, &a.queries, &nq, &k, &dead_obj,
                           &od, &orow, &block))
         return NULL;
-    if (common_check(&a, dead_obj, r1, W, d, nq) < 0) goto out;
+    if (common_check(&a, dead_obj, r1, W, wb, d, nq) < 0) goto out;
     if (k < 1 || r0 < 0 || r0 > r1 || od.len < nq * k * 4 || orow.len < nq * k * 8) {
         PyErr_SetString(PyExc_ValueError, "bad k/row range or output buffers too small");
         common_release(&a);
@@ -317,7 +379,7 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     topk_t *st = states_new(nq, d, k, d + 1);
     int64_t *off = malloc(((size_t)d + 1) * sizeof(int64_t));
-    err = !st || !off || scan_all(a.codes.buf, r0, r1, W, a.queries.buf, nq, a.have_dead ? a.dead.buf : NULL,
+    err = !st || !off || scan_all(a.codes.buf, r0, r1, W, wb, a.queries.buf, nq, a.have_dead ? a.dead.buf : NULL,
                                   block > 0 ? block : 1 << 14, st);
     if (!err)
         for (Py_ssize_t j = 0; j < nq; j++)
@@ -334,18 +396,18 @@ out:
     Py_RETURN_NONE;
 }
 
-/* range_search(codes, n, W, d, queries, nq, radius, dead_or_None, block_rows)
+/* range_search(codes, n, W, wb, d, queries, nq, radius, dead_or_None, block_rows)
  *   -> (lims bytearray of nq+1 int64, D bytearray of int32, rows bytearray of int64)
  * Rows at distance < radius, sorted by (distance, row) per query. One pass: a range search is a
  * top-k with k unbounded and the threshold pinned at the radius. */
 static PyObject *py_range_search(PyObject *self, PyObject *args) {
     common_args a;
     Py_ssize_t n, nq, block;
-    int W, d, radius;
+    int W, wb, d, radius;
     PyObject *dead_obj, *lims = NULL, *D = NULL, *R = NULL;
-    if (!PyArg_ParseTuple(args, "y*niiy*niOn", &a.codes, &n, &W, &d, &a.queries, &nq, &radius, &dead_obj, &block))
+    if (!PyArg_ParseTuple(args, "y*niiiy*niOn", &a.codes, &n, &W, &wb, &d, &a.queries, &nq, &radius, &dead_obj, &block))
         return NULL;
-    if (common_check(&a, dead_obj, n, W, d, nq) < 0) return NULL;
+    if (common_check(&a, dead_obj, n, W, wb, d, nq) < 0) return NULL;
     if (radius < 1 || radius > d + 1) {
         PyErr_SetString(PyExc_ValueError, "radius must be in [1, d + 1]");
         common_release(&a);
@@ -355,7 +417,7 @@ static PyObject *py_range_search(PyObject *self, PyObject *args) {
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
     st = states_new(nq, d, INT64_MAX, radius);
-    err = !st || scan_all(a.codes.buf, 0, n, W, a.queries.buf, nq, a.have_dead ? a.dead.buf : NULL,
+    err = !st || scan_all(a.codes.buf, 0, n, W, wb, a.queries.buf, nq, a.have_dead ? a.dead.buf : NULL,
                           block > 0 ? block : 1 << 14, st);
     Py_END_ALLOW_THREADS
     if (err) {
@@ -440,9 +502,9 @@ static void sort_u64(uint64_t *a, int64_t n) {
 }
 
 typedef struct {
-    const uint64_t *codes;
+    const void *codes; /* rows of W words of wb bytes, as in the flat scans */
     int64_t ncodes;
-    int W, d, radius, m;
+    int W, wb, d, radius, m;
     const uint8_t *dead;
     const uint64_t *qsub;
     const int32_t *tw, *tb;
@@ -486,9 +548,13 @@ __attribute__((always_inline)) static inline int mih_probe_body(const mih_t *t, 
             for (int64_t p = lo; p < hi; p++) {
                 const int64_t r = t->rows[p];
                 if (r >= t->ncodes || (t->dead && t->dead[r])) continue;
-                const uint64_t *c = t->codes + r * W;
                 int dist = 0;
-                for (int w = 0; w < W; w++) dist += __builtin_popcountll(c[w] ^ q[w]);
+                if (t->wb == 4) {
+                    dist = __builtin_popcount(((const uint32_t *)t->codes)[r] ^ *(const uint32_t *)q);
+                } else {
+                    const uint64_t *c = (const uint64_t *)t->codes + r * W;
+                    for (int w = 0; w < W; w++) dist += __builtin_popcountll(c[w] ^ q[w]);
+                }
                 if (dist < t->radius && vec_push(out, (uint64_t)dist << 32 | (uint64_t)r)) return -1;
             }
         }
@@ -507,15 +573,15 @@ __attribute__((target("popcnt"))) static int mih_probe_popcnt(const mih_t *t, co
 }
 #endif
 
-/* mih_range(codes, W, d, queries, nq, radius, dead_or_None, qsub, m, tw, tb, dir, dir_off, rows, vals_or_None,
+/* mih_range(codes, W, wb, d, queries, nq, radius, dead_or_None, qsub, m, tw, tb, dir, dir_off, rows, vals_or_None,
  *           masks, mask_off, tail0, tail1) -> (lims bytearray of nq+1 int64, D bytearray int32, rows bytearray int64)
  * qsub: nq*m uint64 substring values of the queries; tw, tb: m int32; dir_off, mask_off: m+1 int64. */
 static PyObject *py_mih_range(PyObject *self, PyObject *args) {
     Py_buffer codes, queries, qsub, tw, tb, dir, dir_off, rows, masks, mask_off, dead, vals;
     PyObject *dead_obj, *vals_obj, *lims = NULL, *Dout = NULL, *Rout = NULL;
     Py_ssize_t nq, tail0, tail1;
-    int W, d, radius, m, have_dead = 0, have_vals = 0;
-    if (!PyArg_ParseTuple(args, "y*iiy*niOy*iy*y*y*y*y*Oy*y*nn", &codes, &W, &d, &queries, &nq, &radius, &dead_obj,
+    int W, wb, d, radius, m, have_dead = 0, have_vals = 0;
+    if (!PyArg_ParseTuple(args, "y*iiiy*niOy*iy*y*y*y*y*Oy*y*nn", &codes, &W, &wb, &d, &queries, &nq, &radius, &dead_obj,
                           &qsub, &m, &tw, &tb, &dir, &dir_off, &rows, &vals_obj, &masks, &mask_off, &tail0, &tail1))
         return NULL;
     Py_buffer *bufs[] = {&codes, &queries, &qsub, &tw, &tb, &dir, &dir_off, &rows, &masks, &mask_off};
@@ -529,15 +595,16 @@ static PyObject *py_mih_range(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(vals_obj, &vals, PyBUF_SIMPLE) < 0) goto done;
         have_vals = 1;
     }
-    int64_t ncodes = W > 0 ? codes.len / (W * 8) : 0;
-    if (W < 1 || d < 1 || d > 65535 || m < 1 || nq < 0 || radius < 1 || radius > d + 1 || tail0 < 0 ||
-        tail1 < tail0 || tail1 > ncodes || queries.len < nq * W * 8 || qsub.len < nq * m * 8 ||
+    int64_t ncodes = W > 0 && wb > 0 ? codes.len / (W * wb) : 0;
+    if (W < 1 || d < 1 || d > 65535 || !(wb == 8 || (wb == 4 && W == 1 && d <= 32)) || m < 1 || nq < 0 ||
+        radius < 1 || radius > d + 1 || tail0 < 0 ||
+        tail1 < tail0 || tail1 > ncodes || queries.len < nq * W * wb || qsub.len < nq * m * 8 ||
         tw.len < m * 4 || tb.len < m * 4 || dir_off.len < (m + 1) * 8 || mask_off.len < (m + 1) * 8 ||
         (have_dead && dead.len < ncodes)) {
         PyErr_SetString(PyExc_ValueError, "mih_range: bad arguments");
         goto done;
     }
-    mih_t t = {codes.buf, ncodes, W, d, radius, m, have_dead ? dead.buf : NULL, qsub.buf, tw.buf, tb.buf,
+    mih_t t = {codes.buf, ncodes, W, wb, d, radius, m, have_dead ? dead.buf : NULL, qsub.buf, tw.buf, tb.buf,
                dir.buf, dir_off.buf, rows.buf, have_vals ? vals.buf : NULL, 0, masks.buf, mask_off.buf};
     t.nrows = rows.len / 4;
     if (have_vals && vals.len / 8 < t.nrows) t.nrows = vals.len / 8;
@@ -575,10 +642,10 @@ static PyObject *py_mih_range(PyObject *self, PyObject *args) {
     if (__builtin_cpu_supports("popcnt")) probe = mih_probe_popcnt;
 #endif
     const char *name;
-    scan_fn scan = pick_scan(W, &name);
+    scan_fn scan = pick_scan(W, wb, &name);
     L[0] = 0;
     for (Py_ssize_t i = 0; i < nq && !err; i++) {
-        const uint64_t *q = (const uint64_t *)queries.buf + i * W;
+        const uint64_t *q = (const uint64_t *)((const char *)queries.buf + i * W * wb); /* wb = 4: read as uint32 */
         int64_t start = out.len;
         err = probe(&t, q, t.qsub + i * m, &out);
         if (!err && tail1 > tail0) {
@@ -633,10 +700,10 @@ done:
 }
 
 static PyObject *py_kernel_name(PyObject *self, PyObject *args) {
-    int W;
-    if (!PyArg_ParseTuple(args, "i", &W)) return NULL;
+    int W, wb = 8;
+    if (!PyArg_ParseTuple(args, "i|i", &W, &wb)) return NULL;
     const char *name;
-    pick_scan(W, &name);
+    pick_scan(W, wb, &name);
     return PyUnicode_FromString(name);
 }
 
@@ -644,7 +711,7 @@ static PyMethodDef methods[] = {
     {"search", py_search, METH_VARARGS, "Exact top-k Hamming search over rows [r0, r1)."},
     {"range_search", py_range_search, METH_VARARGS, "Rows at distance < radius, sorted by (distance, row)."},
     {"mih_range", py_mih_range, METH_VARARGS, "Multi-index hash probe + verify: rows at distance < radius, by (distance, row)."},
-    {"kernel_name", py_kernel_name, METH_VARARGS, "Which scan loop this CPU uses for W words."},
+    {"kernel_name", py_kernel_name, METH_VARARGS, "Which scan loop this CPU uses for W words of wb bytes (default 8)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -292,13 +292,6 @@ class MemHash:
             return np.array(out, np.uint64).reshape(len(queries), self.m)
         return substring_values(queries, self.layout.bounds)
 
-    def _query_words(self, queries: np.ndarray) -> np.ndarray:
-        if self.code_size == self.words * 8:
-            return np.ascontiguousarray(queries).view(np.uint64)
-        out = np.zeros((len(queries), self.words * 8), np.uint8)
-        out[:, : self.code_size] = queries
-        return out.view(np.uint64)
-
     def range_search(self, queries: np.ndarray, radius: int, *, wait: bool = False):
         """(lims, D int32, I int64) of the codes at distance < ``radius``, sorted by (distance, row) per query,
         which is the flat index's order; None when no tables are built yet (see :meth:`current`).
@@ -312,8 +305,8 @@ class MemHash:
         if int(moff[-1]) > MAX_PROBES:
             return None
         qsub = self._query_substrings(queries)
-        qw = self._query_words(queries)
         flat = self.flat
+        qw = flat._words(queries, "queries")
         for _ in range(2):
             snap, found, stale = self._snap, None, True
             with flat._lock.read():  # one acquisition: validity, tail length and the probe itself
@@ -324,8 +317,8 @@ class MemHash:
                         dead = flat._dead if flat._ndead else None
                         if _native is not None:
                             lims, D, R = _native.mih_range(
-                                flat._codes, self.words, self.d, qw, nq, radius, dead, qsub, self.m, snap.tw, snap.tb,
-                                snap.dir, snap.dir_off, snap.rows, snap.vals, masks, moff, snap.n, n)
+                                flat._codes, self.words, flat.word.itemsize, self.d, qw, nq, radius, dead, qsub, self.m,
+                                snap.tw, snap.tb, snap.dir, snap.dir_off, snap.rows, snap.vals, masks, moff, snap.n, n)
                             D, R = np.frombuffer(D, np.int32), np.frombuffer(R, np.int64)
                             lims = np.frombuffer(lims, np.int64)
                         else:

@@ -46,6 +46,7 @@ class TorchIndex(BinaryIndex):
     """Exact top-k / range search with torch; ``threads`` is accepted for API symmetry and ignored."""
 
     backend = "torch"
+    narrow = False  # the device mirror is int64 words (torch has no unsigned 32-bit bitwise_count)
     max_elements = 1 << 25  # (queries x rows x words) per chunk: bounds device temporaries
 
     @classmethod

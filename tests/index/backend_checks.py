@@ -20,12 +20,14 @@ from streamhash.index.hamming import PAD_DISTANCE
 
 
 def yield_checks():
-    for d in [8, 16, 24, 40, 64, 72, 128, 192, 256]:
+    for d in [8, 16, 24, 32, 40, 64, 72, 128, 192, 256]:
         yield partial(check_random_vs_brute, d=d)
-    for d in [24, 64, 72]:
+    for d in [24, 32, 64, 72]:
         yield partial(check_adversarial_ties, d=d)
+    for d in [32, 40]:  # one word of 32 bits (tombstones in the narrow scan), one of 64
+        yield partial(check_churn_with_compaction, d=d)
     yield from (check_empty_and_k_larger_than_index, check_radius_is_strict, check_overwrite_and_remove_change_tie_order,
-                check_churn_with_compaction, check_threads_split_matches, check_search_while_adding,
+                check_threads_split_matches, check_search_while_adding,
                 check_reconstruct_batch, check_reconstruct_batch_follows_churn_of_store_like_ids)
 
 
@@ -193,10 +195,9 @@ def check_overwrite_and_remove_change_tie_order(factory):
     assert index.ntotal == 0 and index.search(q, 1)[1].tolist() == [[-1]]
 
 
-def check_churn_with_compaction(factory):
+def check_churn_with_compaction(factory, d):
     """Interleaved adds, overwrites and removes (tombstones, then compaction) against the model."""
     rng = np.random.default_rng(7)
-    d = 40
     index, model = factory(d), Model()
     for step in range(12):
         n = int(rng.integers(1, 400))
