@@ -46,7 +46,7 @@ from streamhash.records import ImageSpec
 from streamhash.services.batching import MicroBatcher
 from streamhash.services.http_api import (
     CountResponses, FastJSONResponse, SearchRequest, SearchResponse, bounded_request, check_item_id, max_body_bytes,
-    parse_search,
+    parse_search, uvicorn_options,
 )
 from streamhash.services.lean import LeanSearch, answer_ahead
 from streamhash.services.query_codes import QueryEncoder, ShardQueries, for_item
@@ -312,8 +312,7 @@ def run(settings: Settings) -> int:
 
         return router.run(settings)
     settings.log_startup("streamhash serve")
-    opts = dict(host=settings.server.host, port=settings.server.port, log_level="warning", access_log=False,
-                loop="auto", http="auto")  # uvloop and httptools when installed (uvicorn[standard])
+    opts = uvicorn_options(settings)
     _prepare_process(settings)
     root = _open_root(settings)  # wait for the root here, once, before starting any worker process
     if root is None:

@@ -36,6 +36,7 @@ from streamhash.config import Settings
 from streamhash.errors import BadQueryError
 from streamhash.services.http_api import (
     CountResponses, FastJSONResponse, SearchResponse, bounded_request, check_item_id, max_body_bytes, parse_search,
+    uvicorn_options,
 )
 
 log = logging.getLogger("streamhash.router")
@@ -205,6 +206,5 @@ def run(settings: Settings) -> int:
 
     settings.log_startup("streamhash serve (router)")
     log.info("routing to %d query servers: %s", len(settings.server.shards), ", ".join(settings.server.shards))
-    uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port, log_level="warning",
-                access_log=False, loop="auto", http="auto")
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
