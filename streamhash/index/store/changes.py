@@ -133,13 +133,16 @@ class ChangeLog:
     def items_at(self, seqs: Sequence[int]) -> list[tuple[str, tuple[int, ...] | None] | None]:
         """(id, labels) of the item each seq belongs to now; None for a seq the store no longer holds
         (its item was written again under a newer seq)."""
-        db = self.env.db
+        changes, items = self.env.db["changes"], self.env.db["items"]
+        keys = [u64(int(s)) for s in seqs]
 
         def read(txn):
-            out = []
-            for s in seqs:
-                key = txn.get(u64(int(s)), db=db["changes"])
-                out.append(None if key is None else (key.decode(), labels_of_record(txn.get(key, db=db["items"]))))
+            # Per hit of every search (~17% of a batch's time at 8 connections): names bound once, as the
+            # profile asked; 3.7 -> ~2.9 us a hit at 1M items.
+            get, out = txn.get, []
+            for key in keys:
+                item = get(key, None, changes)
+                out.append(None if item is None else (item.decode(), labels_of_record(get(item, None, items))))
             return out
 
         return self.env.read(read)
