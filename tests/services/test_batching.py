@@ -15,7 +15,8 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_a_lone_request_is_answered_alone_and_at_once():
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_a_lone_request_is_answered_alone_and_at_once(in_loop):
     calls = []
 
     def batch(key, items):
@@ -23,7 +24,7 @@ def test_a_lone_request_is_answered_alone_and_at_once():
         return [x * 2 for x in items]
 
     async def main():
-        b = MicroBatcher(batch)
+        b = MicroBatcher(batch, in_loop=in_loop)
         t = time.perf_counter()
         got = await b.submit("g", 21)
         took = time.perf_counter() - t
@@ -62,7 +63,8 @@ def test_requests_waiting_together_share_one_call_per_key_in_order():
     assert calls[1:] == [("a", list(range(0, 20, 2))), ("b", list(range(1, 20, 2)))]
 
 
-def test_max_batch_bounds_a_call():
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_max_batch_bounds_a_call(in_loop):
     sizes = []
 
     def batch(key, items):
@@ -71,7 +73,7 @@ def test_max_batch_bounds_a_call():
         return list(items)
 
     async def main():
-        b = MicroBatcher(batch, max_batch=4)
+        b = MicroBatcher(batch, max_batch=4, in_loop=in_loop)
         out = await asyncio.gather(*(b.submit(0, i) for i in range(17)))
         await b.aclose()
         return out
@@ -80,7 +82,8 @@ def test_max_batch_bounds_a_call():
     assert max(sizes) <= 4 and sum(sizes) == 17
 
 
-def test_a_window_gathers_requests_that_arrive_within_it():
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_a_window_gathers_requests_that_arrive_within_it(in_loop):
     sizes = []
 
     def batch(key, items):
@@ -88,7 +91,7 @@ def test_a_window_gathers_requests_that_arrive_within_it():
         return list(items)
 
     async def main():
-        b = MicroBatcher(batch, window_s=0.2)
+        b = MicroBatcher(batch, window_s=0.2, in_loop=in_loop)
         tasks = []
         for i in range(5):
             tasks.append(asyncio.ensure_future(b.submit(0, i)))
@@ -101,7 +104,8 @@ def test_a_window_gathers_requests_that_arrive_within_it():
     assert sizes == [5]
 
 
-def test_an_error_reaches_only_its_group():
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_an_error_reaches_only_its_group(in_loop):
     gate = threading.Event()
 
     def batch(key, items):
@@ -112,7 +116,7 @@ def test_an_error_reaches_only_its_group():
         return list(items)
 
     async def main():
-        b = MicroBatcher(batch)
+        b = MicroBatcher(batch, in_loop=in_loop)
         first = asyncio.ensure_future(b.submit("block", 0))
         await asyncio.sleep(0.05)
         good = [asyncio.ensure_future(b.submit("good", i)) for i in range(3)]
@@ -130,9 +134,10 @@ def test_an_error_reaches_only_its_group():
     assert again == 7
 
 
-def test_a_wrong_number_of_results_is_an_error():
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_a_wrong_number_of_results_is_an_error(in_loop):
     async def main():
-        b = MicroBatcher(lambda key, items: [])
+        b = MicroBatcher(lambda key, items: [], in_loop=in_loop)
         try:
             with pytest.raises(RuntimeError, match="0 results for 1 items"):
                 await b.submit(0, 1)
