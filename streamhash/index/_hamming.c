@@ -104,8 +104,9 @@ static inline void topk_push(topk_t *t, int64_t row, int dist, const uint8_t *de
     }
 }
 
-/* Counting sort of the held candidates into out_d/out_r (k slots, padded by the caller). */
-static void topk_emit(topk_t *t, int32_t *out_d, int64_t *out_r, int64_t *off) {
+/* Counting sort of the held candidates into out_d/out_r (at most k slots); returns how many were written.
+ * With `ids`, out_r gets ids[row] rather than the row: the caller spares a numpy pass per search. */
+static int64_t topk_emit(topk_t *t, int32_t *out_d, int64_t *out_r, int64_t *off, const int64_t *ids) {
     int64_t acc = 0;
     for (int v = 0; v <= t->lim; v++) {
         off[v] = acc;
@@ -117,8 +118,9 @@ static void topk_emit(topk_t *t, int32_t *out_d, int64_t *out_r, int64_t *off) {
         int64_t pos = off[v]++;
         if (pos >= t->k) continue; /* a later tie at lim */
         out_d[pos] = v;
-        out_r[pos] = t->rows[i];
+        out_r[pos] = ids ? ids[t->rows[i]] : t->rows[i];
     }
+    return acc < t->k ? acc : t->k;
 }
 
 /* ------------------------------------------------------------------ scan loops */
@@ -357,21 +359,26 @@ fail:
     return -1;
 }
 
-/* search(codes, r0, r1, W, wb, d, queries, nq, k, dead_or_None, out_D, out_rows, block_rows)
- * Top-k over rows [r0, r1). out_D (nq*k int32) and out_rows (nq*k int64) must be pre-filled with
- * the padding; only the first min(k, live rows) slots of each query are written. */
+/* search(codes, r0, r1, W, wb, d, queries, nq, k, dead_or_None, out_D, out_rows, block_rows, ids_or_None)
+ * Top-k over rows [r0, r1) into out_D (nq*k int32) and out_rows (nq*k int64), padded with INT32_MAX / -1
+ * past the live rows. With ids (int64, one per row), out_rows holds ids[row] instead of rows. */
 static PyObject *py_search(PyObject *self, PyObject *args) {
     common_args a;
-    Py_buffer od, orow;
+    Py_buffer od, orow, ids = {0};
     Py_ssize_t r0, r1, nq, block;
     int W, wb, d, k;
-    PyObject *dead_obj;
-    if (!PyArg_ParseTuple(args, "y*nniiiy*niOw*w*n", &a.codes, &r0, &r1, &W, &wb, &d, &a.queries, &nq, &k, &dead_obj,
-                          &od, &orow, &block))
+    PyObject *dead_obj, *ids_obj;
+    if (!PyArg_ParseTuple(args, "y*nniiiy*niOw*w*nO", &a.codes, &r0, &r1, &W, &wb, &d, &a.queries, &nq, &k, &dead_obj,
+                          &od, &orow, &block, &ids_obj))
         return NULL;
     if (common_check(&a, dead_obj, r1, W, wb, d, nq) < 0) goto out;
-    if (k < 1 || r0 < 0 || r0 > r1 || od.len < nq * k * 4 || orow.len < nq * k * 8) {
-        PyErr_SetString(PyExc_ValueError, "bad k/row range or output buffers too small");
+    if (ids_obj != Py_None && PyObject_GetBuffer(ids_obj, &ids, PyBUF_SIMPLE) < 0) {
+        common_release(&a);
+        goto out;
+    }
+    if (k < 1 || r0 < 0 || r0 > r1 || od.len < nq * k * 4 || orow.len < nq * k * 8 ||
+        (ids.obj && ids.len < r1 * 8)) {
+        PyErr_SetString(PyExc_ValueError, "bad k/row range, output buffers or ids too small");
         common_release(&a);
         goto out;
     }
@@ -382,8 +389,14 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
     err = !st || !off || scan_all(a.codes.buf, r0, r1, W, wb, a.queries.buf, nq, a.have_dead ? a.dead.buf : NULL,
                                   block > 0 ? block : 1 << 14, st);
     if (!err)
-        for (Py_ssize_t j = 0; j < nq; j++)
-            topk_emit(&st[j], (int32_t *)od.buf + j * k, (int64_t *)orow.buf + j * k, off);
+        for (Py_ssize_t j = 0; j < nq; j++) {
+            int32_t *D = (int32_t *)od.buf + j * k;
+            int64_t *R = (int64_t *)orow.buf + j * k;
+            for (int64_t pos = topk_emit(&st[j], D, R, off, ids.obj ? (const int64_t *)ids.buf : NULL); pos < k; pos++) {
+                D[pos] = INT32_MAX; /* padding, as FAISS pads */
+                R[pos] = -1;
+            }
+        }
     states_free(st, nq);
     free(off);
     Py_END_ALLOW_THREADS
@@ -392,6 +405,7 @@ static PyObject *py_search(PyObject *self, PyObject *args) {
 out:
     PyBuffer_Release(&od);
     PyBuffer_Release(&orow);
+    if (ids.obj) PyBuffer_Release(&ids);
     if (PyErr_Occurred()) return NULL;
     Py_RETURN_NONE;
 }
@@ -440,7 +454,7 @@ static PyObject *py_range_search(PyObject *self, PyObject *args) {
     int64_t *OR = (int64_t *)PyByteArray_AS_STRING(R);
     L[0] = 0;
     for (Py_ssize_t j = 0; j < nq; j++) {
-        topk_emit(&st[j], OD + L[j], OR + L[j], off);
+        topk_emit(&st[j], OD + L[j], OR + L[j], off, NULL);
         L[j + 1] = L[j] + st[j].len;
     }
     free(off);

@@ -408,9 +408,7 @@ class BinaryIndex(ABC):
             raise ValueError(f"k must be >= 1, got {k}")
         q = self._words(queries, "queries")
         with self._lock.read():
-            D, R = self._search_rows(q, int(k))
-            I = np.where(R >= 0, self._ids[np.maximum(R, 0)], -1)
-        return D, I
+            return self._search_ids(q, int(k))
 
     def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Codes at distance < radius: (lims int64 (nq+1,), D int32, I int64), query i in [lims[i], lims[i+1])."""
@@ -426,10 +424,19 @@ class BinaryIndex(ABC):
     def _dead_arg(self):
         return self._dead if self._ndead else None
 
+    def _search_ids(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k as (distance, id); a backend that can write ids itself overrides it."""
+        D, R = self._search_rows(q, k)
+        return D, np.where(R >= 0, self._ids[np.maximum(R, 0)], -1)
+
+    def _one_call(self, nq: int) -> bool:
+        """Whether a search of nq queries runs as one ``_topk`` call (no thread pool, or too small to split)."""
+        return self._pool is None or self._n * nq < (1 << 16)
+
     def _search_rows(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k as (distance, row) over all rows, split across threads when asked to."""
         n, nq = self._n, len(q)
-        if self._pool is None or n * nq < (1 << 16):
+        if self._one_call(nq):
             return self._topk(q, k, 0, n)
         if nq >= self.threads:  # split the queries
             parts = np.array_split(np.arange(nq), self.threads)
@@ -561,11 +568,17 @@ class NativeIndex(BinaryIndex):
         """The scan loop this CPU runs (``avx512-vpopcntdq``, ``popcnt`` or ``generic``; ``-32`` for 32-bit words)."""
         return _native.kernel_name(self.words, self.word.itemsize)
 
-    def _topk(self, q, k, r0, r1):
-        D, R = padded(len(q), k)
+    def _search_ids(self, q, k):
+        if self._one_call(len(q)):  # the kernel writes the ids (and the padding) itself
+            return self._topk(q, k, 0, self._n, self._ids)
+        return super()._search_ids(q, k)
+
+    def _topk(self, q, k, r0, r1, ids=None):
+        """With ``ids`` (the id of every row), ids in place of rows."""
+        D, R = np.empty((len(q), k), np.int32), np.empty((len(q), k), np.int64)  # the kernel pads
         q = np.require(q, self.word, ["C", "A"])  # the kernel reads whole aligned words
         _native.search(self._codes, r0, r1, self.words, self._wb, self.d, q, len(q), k, self._dead_arg(), D, R,
-                       self._block)
+                       self._block, ids)
         return D, R
 
     def _range_rows(self, q, radius):
