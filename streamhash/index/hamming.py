@@ -199,6 +199,7 @@ class BinaryIndex(ABC):
     def _reset_storage(self) -> None:
         self._n = 0  # rows in use, live and dead
         self._ndead = 0
+        self._live = 0  # _n - _ndead as of the last finished write (_settle): what ntotal reads, without the lock
         self._codes = np.zeros((self._MIN_CAPACITY, self.words), self.word)
         self._ids = np.zeros(self._MIN_CAPACITY, np.int64)
         self._dead = np.zeros(self._MIN_CAPACITY, np.uint8)
@@ -214,8 +215,9 @@ class BinaryIndex(ABC):
 
     @property
     def ntotal(self) -> int:
-        with self._lock.read():  # two fields a write changes one after the other: read them from one state
-            return self._n - self._ndead
+        # One attribute, written whole by a writer holding the lock: every response reads it once per shard,
+        # and taking the lock for it cost ~3% of a search's CPU.
+        return self._live
 
     def _grow(self, need: int) -> None:
         cap = len(self._ids)
@@ -263,6 +265,12 @@ class BinaryIndex(ABC):
         self._rows_by_id = Int64Multimap()
         self._rows_by_id.add(self._ids[live], live)
         self._ids_sorted, self._row_map = False, None
+
+    def _settle(self) -> None:
+        """The end of every write (the lock held): compact when worth it, then publish the live count, so that
+        ntotal never sees a write half done (rows killed, their replacements not yet added)."""
+        self._maybe_compact()
+        self._live = self._n - self._ndead
 
     def _maybe_compact(self) -> None:
         if self._ndead and (self._ndead == self._n or (self._ndead > 64 and 4 * self._ndead > self._n)):
@@ -317,7 +325,7 @@ class BinaryIndex(ABC):
                 rows = self._rows_for(gone)
                 self._kill(rows[rows >= 0])
             if n == 0:
-                self._maybe_compact()
+                self._settle()
                 return
             # ids above every stored one (the store's seqs) are new: no lookup, the id column stays sorted
             appending = self._ids_sorted and increasing and (self._n == 0 or ids[0] > self._ids[self._n - 1])
@@ -336,7 +344,7 @@ class BinaryIndex(ABC):
             else:
                 self._extend_row_map(ids, self._n)
             self._n += n
-            self._maybe_compact()
+            self._settle()
 
     def remove_ids(self, ids) -> int:
         """Remove ids (unknown ones are ignored); return how many were removed."""
@@ -345,7 +353,7 @@ class BinaryIndex(ABC):
             rows = self._rows_for(ids)
             rows = rows[rows >= 0]
             self._kill(rows)
-            self._maybe_compact()
+            self._settle()
         return len(rows)
 
     def _extend_row_map(self, ids: np.ndarray, first_row: int) -> None:

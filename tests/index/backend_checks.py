@@ -8,6 +8,7 @@ backends, ``test_backend_registry`` against one registered by a test.
 
 from __future__ import annotations
 
+import sys
 import threading
 from functools import partial
 
@@ -27,7 +28,7 @@ def yield_checks():
     for d in [32, 40]:  # one word of 32 bits (tombstones in the narrow scan), one of 64
         yield partial(check_churn_with_compaction, d=d)
     yield from (check_empty_and_k_larger_than_index, check_radius_is_strict, check_overwrite_and_remove_change_tie_order,
-                check_threads_split_matches, check_search_while_adding,
+                check_threads_split_matches, check_search_while_adding, check_ntotal_never_sees_half_a_write,
                 check_reconstruct_batch, check_reconstruct_batch_follows_churn_of_store_like_ids)
 
 
@@ -226,6 +227,34 @@ def check_threads_split_matches(factory):
         q = rand_codes(rng, nq, 64, density=0.1)
         for a, b in zip(one.search(q, 50), many.search(q, 50)):
             np.testing.assert_array_equal(a, b)
+
+
+def check_ntotal_never_sees_half_a_write(factory):
+    """ntotal is read without the lock: a reader must still never see a replacement's old rows gone and its new
+    ones not yet added (items re-coded under new ids, as the store's seqs are, keep the count constant)."""
+    rng = np.random.default_rng(6)
+    index = factory(32)
+    n = 300
+    index.add_with_ids(rand_codes(rng, n, 32), np.arange(n))
+    seen, stop = set(), threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            seen.add(index.ntotal)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible: inside a write, too
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(200):
+            old = np.arange(n) + n * i
+            index.add_with_ids(rand_codes(rng, n, 32), old + n, replacing=old)
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(switch)
+    assert seen == {n}
 
 
 def check_search_while_adding(factory):
