@@ -178,7 +178,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
 def _summary(view: View, queries: ShardQueries) -> dict:
     """What a /search response says besides its hits: the shards used, each with its generation and model."""
     newest = view.newest
-    sizes = [v.g.index.ntotal for v in view.shards]  # once each: every read takes the index's lock
+    sizes = [v.g.index.ntotal for v in view.shards]  # once each: the total is the sum of the sizes shown
     shards = [{**v.describe(size), "answered": err is None, **({"error": err} if err else {})}
               for v, size, err in zip(view.shards, sizes, queries.errors)]
     code = queries.codes[newest.pos] if newest is not None else None
