@@ -271,16 +271,20 @@ __attribute__((target("popcnt,avx512f,avx512vpopcntdq"))) static void scan32_avx
 }
 #endif
 
+/* The widest scan the process may run: 0 generic, 1 popcnt, 2 AVX-512 (the default). Set by
+ * limit_kernel, so the narrower scans can be tested and compared on a CPU that would pick a wider one. */
+static int max_level = 2;
+
 /* The scan for rows of W words of wb bytes (wb = 4 only with W = 1: checked by the bindings). */
 static scan_fn pick_scan(int W, int wb, const char **name) {
 #ifdef SH_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+    if (max_level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
         (wb == 4 || W == 1 || W == 2 || W == 4)) {
         *name = wb == 4 ? "avx512-vpopcntdq-32" : "avx512-vpopcntdq";
         return wb == 4 ? scan32_avx512 : scan_avx512;
     }
-    if (__builtin_cpu_supports("popcnt")) {
+    if (max_level >= 1 && __builtin_cpu_supports("popcnt")) {
         *name = wb == 4 ? "popcnt-32" : "popcnt";
         return wb == 4 ? scan32_popcnt : scan_popcnt;
     }
@@ -653,7 +657,7 @@ static PyObject *py_mih_range(PyObject *self, PyObject *args) {
     int (*probe)(const mih_t *, const uint64_t *, const uint64_t *, vec64 *) = mih_probe_generic;
 #ifdef SH_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("popcnt")) probe = mih_probe_popcnt;
+    if (max_level >= 1 && __builtin_cpu_supports("popcnt")) probe = mih_probe_popcnt;
 #endif
     const char *name;
     scan_fn scan = pick_scan(W, wb, &name);
@@ -721,11 +725,23 @@ static PyObject *py_kernel_name(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(name);
 }
 
+static PyObject *py_limit_kernel(PyObject *self, PyObject *args) {
+    int level, previous = max_level;
+    if (!PyArg_ParseTuple(args, "i", &level)) return NULL;
+    if (level < 0 || level > 2) {
+        PyErr_SetString(PyExc_ValueError, "kernel level must be 0 (generic), 1 (popcnt) or 2 (avx512)");
+        return NULL;
+    }
+    max_level = level;
+    return PyLong_FromLong(previous);
+}
+
 static PyMethodDef methods[] = {
     {"search", py_search, METH_VARARGS, "Exact top-k Hamming search over rows [r0, r1)."},
     {"range_search", py_range_search, METH_VARARGS, "Rows at distance < radius, sorted by (distance, row)."},
     {"mih_range", py_mih_range, METH_VARARGS, "Multi-index hash probe + verify: rows at distance < radius, by (distance, row)."},
     {"kernel_name", py_kernel_name, METH_VARARGS, "Which scan loop this CPU uses for W words of wb bytes (default 8)."},
+    {"limit_kernel", py_limit_kernel, METH_VARARGS, "Cap the scans at level 0 generic, 1 popcnt, 2 avx512; returns the previous cap."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -65,6 +65,23 @@ def native_available() -> bool:
     return _native is not None
 
 
+KERNELS = ("generic", "popcnt", "avx512")  # the native scan loops, narrowest first
+
+
+def limit_kernel(name: str) -> str:
+    """Let the native scans go no wider than ``name`` (one of :data:`KERNELS`) in this process; returns the
+    previous limit. Within it the CPU still decides: ``avx512`` runs ``popcnt`` on a CPU without AVX-512.
+
+    This is how the narrower scans are tested and compared on a machine that would pick a wider one
+    (numpy's ``NPY_DISABLE_CPU_FEATURES`` does the same); :attr:`NativeIndex.kernel` says what runs.
+    """
+    if _native is None:
+        raise RuntimeError("the native Hamming kernel was not built (no C compiler at install time?)")
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {name!r}")
+    return KERNELS[_native.limit_kernel(KERNELS.index(name))]
+
+
 _EMPTY = np.zeros(0, np.int64)
 
 

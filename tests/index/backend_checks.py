@@ -3,7 +3,7 @@
 Each check takes ``factory(d, threads=1)``, which makes an empty index of the backend, and compares
 it with :class:`Model`, a brute-force reference (:func:`streamhash.codes.hamming_brute` and a
 stable sort). :func:`yield_checks` lists them; ``test_hamming`` runs them against the built-in
-backends, ``test_backend_registry`` against one registered by a test.
+backends (the native one under each of its scans), ``test_backend_registry`` against one registered by a test.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from streamhash.codes import hamming_brute
+from streamhash.index import hamming
 from streamhash.index.backends import get_backend, make_index
 from streamhash.index.hamming import PAD_DISTANCE
 
@@ -36,6 +37,17 @@ def check_id(check) -> str:
     if isinstance(check, partial):
         return check.func.__name__ + "".join(f"[{k}={v}]" for k, v in check.keywords.items())
     return check.__name__
+
+
+def limit_to(request, kernel: str) -> None:
+    """Hold the native scans to ``kernel`` for one test (skipped where the CPU cannot run that scan)."""
+    if not hamming.native_available():
+        pytest.skip("the native kernel is not built here")
+    previous = hamming.limit_kernel(kernel)
+    request.addfinalizer(lambda: hamming.limit_kernel(previous))
+    for d in (32, 64):
+        if not hamming.make_index(d, "native").kernel.startswith(kernel):
+            pytest.skip(f"this CPU cannot run the {kernel} scan")
 
 
 def factory_for(name: str):

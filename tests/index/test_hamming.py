@@ -8,18 +8,22 @@ import pytest
 
 from streamhash.index import hamming
 from streamhash.index.backends import backend_names, make_index
-from tests.index.backend_checks import Model, check_id, compare, factory_for, rand_codes, yield_checks
+from tests.index.backend_checks import Model, check_id, compare, factory_for, limit_to, rand_codes, yield_checks
 
 torch = pytest.importorskip("torch")
 HAVE_CUDA = torch.cuda.is_available()
 
-# every backend registered when this module is collected, and the torch one on the CPU as well
-BACKENDS = [name for name in backend_names() if name != "auto"] + ["torch-cpu"]
+# every backend registered when this module is collected, the torch one on the CPU as well, and the
+# native backend held to each narrower scan than the one this CPU picks (native:popcnt, native:generic)
+BACKENDS = [name for name in backend_names() if name != "auto"] + ["torch-cpu", "native:popcnt", "native:generic"]
 
 
 @pytest.fixture(params=BACKENDS)
 def factory(request):
-    return factory_for(request.param)
+    name, _, kernel = request.param.partition(":")
+    if kernel:
+        limit_to(request, kernel)
+    return factory_for(name)
 
 
 @pytest.mark.parametrize("check", list(yield_checks()), ids=check_id)

@@ -10,15 +10,20 @@ from streamhash.index import memhash
 from streamhash.index.backends import make_index
 from streamhash.index.memhash import MemHash, memhash_for, substring_values
 from streamhash.index.multihash import MultiHashTables
+from tests.index.backend_checks import limit_to
 
 BACKENDS = ["numpy"] + (["native"] if memhash._native is not None else [])
 
 
-@pytest.fixture(params=["native", "numpy"] if memhash._native is not None else ["numpy"])
+@pytest.fixture(params=["native", "native:popcnt", "native:generic", "numpy"])
 def probe(request, monkeypatch):
-    """Run the probe through the C routine or its numpy twin."""
+    """Run the probe through the C routine (under each of its scans) or its numpy twin."""
     if request.param == "numpy":
         monkeypatch.setattr(memhash, "_native", None)
+    elif memhash._native is None:
+        pytest.skip("the native kernel is not built here")
+    elif ":" in request.param:
+        limit_to(request, request.param.partition(":")[2])
     return request.param
 
 
