@@ -22,6 +22,7 @@ import argparse
 import http.client
 import json
 import os
+import platform
 import re
 import resource
 import shutil
@@ -188,6 +189,16 @@ def tree_rss_mib(pid: int) -> tuple[float, list[float]]:
     return round(rss(pid), 1), out
 
 
+def cpu_model() -> str:
+    """The CPU's model name: these shared machines are not all alike, and a run's figures belong to its CPU."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines())
+    except (OSError, ValueError):
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, v in fields.items()}  # a VM may hide all but the vendor's name
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of ``pid`` and its descendants so far."""
     total, todo = 0.0, [pid]
@@ -286,7 +297,8 @@ def main() -> int:
         rng = np.random.default_rng(1)
         bodies.write_text("".join(json.dumps({"code_hex": c.tobytes().hex(), "k": 10}) + "\n"
                                   for c in rng.integers(0, 256, (5000, args.bits // 8), dtype=np.uint8)))
-        result: dict = {"items": args.items, "bits": args.bits, "shards": args.shards, "k": 10, "cores": os.cpu_count(),
+        result: dict = {"items": args.items, "bits": args.bits, "shards": args.shards, "k": 10, "cpu": cpu_model(),
+                        "cores": os.cpu_count(),
                         "duration_s": args.duration, "ingest_rate": args.ingest_rate, "wrk_threads": args.wrk_threads,
                         "kernel_ms_batch1": kernel_ms(root, codes)}
         common = dict(kv.split("=", 1) for kv in args.server_env)
