@@ -13,8 +13,9 @@ to a thread and back (~30 us a batch, more than a small search's ranking) nor to
 price of reading no request while it runs; those wait in the sockets and make the next batch
 (``max_inflight`` does not apply).
 
-``run_batch`` returns one result per item, in order; an exception it raises goes to every request of
-that group (and to no other group).
+``run_batch`` returns one result per item, in order; an exception in an item's place goes to that request
+alone (a query image that does not decode), and an exception it raises goes to every request of that group
+(and to no other group).
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ class MicroBatcher:
                     continue
                 if error is not None:
                     fut.set_exception(error)
+                elif isinstance(results[i], BaseException):
+                    fut.set_exception(results[i])
                 else:
                     fut.set_result(results[i])
 

@@ -73,8 +73,9 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     batcher = MicroBatcher(_rank_batch, max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
                            max_inflight=settings.server.batch_inflight, in_loop=settings.server.batch_in_loop) \
         if settings.server.batch_enabled else None
-    # Query images waiting at the same moment over the same view share one encode call per model version.
-    encodes = MicroBatcher(lambda _key, items: encoder.for_images([img for _, img in items], items[0][0]),
+    # Query images waiting at the same moment over the same view share one encode call per model version,
+    # decoded in the same hand-off to a thread (two hops cost ~0.5 ms of a ~1.6 ms image search at one client).
+    encodes = MicroBatcher(lambda _key, items: encoder.for_raw_images([raw for _, raw in items], items[0][0]),
                            max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
                            max_inflight=settings.server.batch_inflight) if settings.server.batch_enabled else None
 
@@ -118,12 +119,12 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         elif req.item_id is not None:
             queries, _ = await run_in_threadpool(for_item, index, view, encoder, req.item_id)
         else:
-            # Decoding, encoding and ranking are CPU work: off the event loop, so slow queries don't stall /healthz.
-            decoded = await run_in_threadpool(encoder.decode, image)
+            # Decoding and encoding are CPU work that grows with the upload and the batch: off the event loop,
+            # so a large image does not stall /healthz.
             if encodes is not None:
-                queries = await encodes.submit(view.key, (view, decoded))
+                queries = await encodes.submit(view.key, (view, image))
             else:
-                queries = await run_in_threadpool(encoder.for_image, decoded, view)
+                queries = await run_in_threadpool(encoder.for_raw_image, image, view)
         queries.check_some()
         if batcher is not None and req.radius is None:
             hits = await batcher.submit(view.key, (view, queries.codes, req.k))

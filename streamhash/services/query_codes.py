@@ -58,6 +58,24 @@ class QueryEncoder:
         except RecordRejected as exc:
             raise BadQueryError(f"query image rejected: {exc.message}") from None
 
+    def for_raw_image(self, raw: bytes, view: View) -> ShardQueries:
+        """An encoded image's queries: decoded and encoded in one call, so a search hands off to a thread once."""
+        return self.for_image(self.decode(raw), view)
+
+    def for_raw_images(self, raws: list[bytes], view: View) -> list[ShardQueries | Exception]:
+        """:meth:`for_raw_image` of each, one encode call for all; an image that does not decode gets its error
+        in its place (the server's batch of concurrent image searches: one bad image fails only its own)."""
+        out: list[ShardQueries | Exception | None] = []
+        images = []
+        for raw in raws:
+            try:
+                images.append(self.decode(raw))
+                out.append(None)
+            except (BadQueryError, PayloadTooLarge) as exc:
+                out.append(exc)
+        encoded = iter(self.for_images(images, view) if images else ())
+        return [got if got is not None else next(encoded) for got in out]
+
     def for_image(self, image: np.ndarray, view: View, only: set[int] | None = None) -> ShardQueries:
         """``image`` encoded once per model version in ``view`` (``only``: just these shard positions)."""
         return self.for_images([image], view, only)[0]

@@ -135,6 +135,24 @@ def test_an_error_reaches_only_its_group(in_loop):
 
 
 @pytest.mark.parametrize("in_loop", [False, True])
+def test_an_exception_in_an_items_place_reaches_only_that_request(in_loop):
+    def batch(key, items):
+        return [ValueError(f"bad {i}") if i % 2 else i * 10 for i in items]
+
+    async def main():
+        b = MicroBatcher(batch, in_loop=in_loop, window_s=0.02)
+        futs = [asyncio.ensure_future(b.submit("k", i)) for i in range(6)]
+        await asyncio.wait(futs)
+        await b.aclose()
+        return [("raised", str(f.exception())) if f.exception() else ("answered", f.result()) for f in futs], b.batches
+
+    outcomes, batches = run(main())
+    assert batches == 1
+    assert outcomes == [("answered", 0), ("raised", "bad 1"), ("answered", 20), ("raised", "bad 3"), ("answered", 40),
+                        ("raised", "bad 5")]
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
 def test_a_wrong_number_of_results_is_an_error(in_loop):
     async def main():
         b = MicroBatcher(lambda key, items: [], in_loop=in_loop)

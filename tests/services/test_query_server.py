@@ -343,6 +343,41 @@ def test_concurrent_image_searches_share_encode_calls_and_answer_as_one_by_one(t
         close_all(stores)
 
 
+def test_an_undecodable_image_fails_alone_in_its_encode_batch(tmp_path, monkeypatch):
+    """Query images are decoded in their encode batch: a bad one gets its own 400, and the good ones it shared
+    the batch with get the answers they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streamhash.services.query_codes import QueryEncoder
+
+    stores, images = make_root(tmp_path, n=40)
+    good = [{"image_base64": b64(encode_png(images[i])), "k": 7} for i in range(16)]
+    bad = {"image_base64": b64(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "k": 7}
+    bodies = [bad if i % 4 == 1 else good[i] for i in range(16)]
+    batches = []
+    original = QueryEncoder.for_raw_images
+    monkeypatch.setattr(QueryEncoder, "for_raw_images", lambda self, raws, view: batches.append(len(raws)) or
+                        original(self, raws, view))
+    strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
+    try:
+        alone = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}),
+                                 index_over(tmp_path, stores))
+        with TestClient(alone) as client:
+            expected = [strip(client.post("/search", json=b)) if b is not bad else None for b in bodies]
+        batched = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_window_s": 0.05}),
+                                   index_over(tmp_path, stores))
+        with TestClient(batched) as client, ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
+        assert max(batches) > 1  # images met in a batch
+        for b, want, r in zip(bodies, expected, got):
+            if b is bad:
+                assert r.status_code == 400 and "query image rejected" in r.json()["detail"]
+            else:
+                assert r.status_code == 200 and strip(r) == want
+    finally:
+        close_all(stores)
+
+
 def _two_generations(path) -> tuple[dict[int, Store], np.ndarray, HashNet, HashNet]:
     """A rolling re-encode half done: shard 0 serves generation 1 (network v1), shard 1 has been re-encoded
     into generation 2 by network v2 (a different network: another code space)."""
