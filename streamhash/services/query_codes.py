@@ -58,18 +58,19 @@ class QueryEncoder:
         except RecordRejected as exc:
             raise BadQueryError(f"query image rejected: {exc.message}") from None
 
-    def for_raw_image(self, raw: bytes, view: View) -> ShardQueries:
-        """An encoded image's queries: decoded and encoded in one call, so a search hands off to a thread once."""
-        return self.for_image(self.decode(raw), view)
+    def for_upload(self, upload: bytes | np.ndarray, view: View) -> ShardQueries:
+        """The queries of an uploaded image: its file's bytes (decoded here, in the same call as the encode, so
+        a search hands off to a thread once) or the image already decoded."""
+        return self.for_image(self.decode(upload) if isinstance(upload, bytes) else upload, view)
 
-    def for_raw_images(self, raws: list[bytes], view: View) -> list[ShardQueries | Exception]:
-        """:meth:`for_raw_image` of each, one encode call for all; an image that does not decode gets its error
+    def for_uploads(self, uploads: list[bytes | np.ndarray], view: View) -> list[ShardQueries | Exception]:
+        """:meth:`for_upload` of each, one encode call for all; an image that does not decode gets its error
         in its place (the server's batch of concurrent image searches: one bad image fails only its own)."""
         out: list[ShardQueries | Exception | None] = []
         images = []
-        for raw in raws:
+        for upload in uploads:
             try:
-                images.append(self.decode(raw))
+                images.append(self.decode(upload) if isinstance(upload, bytes) else upload)
                 out.append(None)
             except (BadQueryError, PayloadTooLarge) as exc:
                 out.append(exc)

@@ -344,33 +344,47 @@ def test_concurrent_image_searches_share_encode_calls_and_answer_as_one_by_one(t
 
 
 def test_an_undecodable_image_fails_alone_in_its_encode_batch(tmp_path, monkeypatch):
-    """Query images are decoded in their encode batch: a bad one gets its own 400, and the good ones it shared
-    the batch with get the answers they get alone."""
+    """Small query images are decoded in their encode batch, large ones before it: a bad one gets its own 400,
+    and the good ones it shared the batch with get the answers they get alone."""
+    import io
     from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image, PngImagePlugin
 
     from streamhash.services.query_codes import QueryEncoder
 
     stores, images = make_root(tmp_path, n=40)
-    good = [{"image_base64": b64(encode_png(images[i])), "k": 7} for i in range(16)]
-    bad = {"image_base64": b64(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "k": 7}
-    bodies = [bad if i % 4 == 1 else good[i] for i in range(16)]
+    bodies = [{"image_base64": b64(encode_png(images[i])), "k": 7} for i in range(16)]
+    for i in (1, 5, 9, 13):
+        bodies[i] = {"image_base64": b64(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "k": 7}
+    padding = PngImagePlugin.PngInfo()  # images[0]'s pixels in a file past DECODE_IN_BATCH_BYTES
+    padding.add_text("padding", "x" * query.DECODE_IN_BATCH_BYTES)
+    large = io.BytesIO()
+    Image.fromarray(images[0]).save(large, "PNG", pnginfo=padding)
+    assert len(large.getvalue()) > query.DECODE_IN_BATCH_BYTES
+    bodies.append({"image_base64": b64(large.getvalue()), "k": 7})
+    bodies.append({"image_base64": b64(b"\x89PNG\r\n\x1a\n" + b"\x00" * query.DECODE_IN_BATCH_BYTES), "k": 7})
     batches = []
-    original = QueryEncoder.for_raw_images
-    monkeypatch.setattr(QueryEncoder, "for_raw_images", lambda self, raws, view: batches.append(len(raws)) or
-                        original(self, raws, view))
+    original = QueryEncoder.for_uploads
+    monkeypatch.setattr(QueryEncoder, "for_uploads", lambda self, uploads, view:
+                        batches.append([isinstance(u, bytes) for u in uploads]) or original(self, uploads, view))
     strip = lambda r: {key: v for key, v in r.json().items() if key != "took_ms"}  # noqa: E731
     try:
         alone = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_enabled": False}),
                                  index_over(tmp_path, stores))
         with TestClient(alone) as client:
-            expected = [strip(client.post("/search", json=b)) if b is not bad else None for b in bodies]
+            expected = [strip(client.post("/search", json=b)) for b in bodies]
+        assert [i for i, want in enumerate(expected) if "detail" in want] == [1, 5, 9, 13, 17]
+        assert expected[16] == expected[0]  # the large file: the same pixels, the same answer
         batched = query.create_app(Settings(store={"path": str(tmp_path)}, server={"batch_window_s": 0.05}),
                                    index_over(tmp_path, stores))
-        with TestClient(batched) as client, ThreadPoolExecutor(16) as pool:
+        with TestClient(batched) as client, ThreadPoolExecutor(len(bodies)) as pool:
             got = list(pool.map(lambda b: client.post("/search", json=b), bodies))
-        assert max(batches) > 1  # images met in a batch
-        for b, want, r in zip(bodies, expected, got):
-            if b is bad:
+        assert max(map(len, batches)) > 1  # images met in a batch
+        # the 16 small files reached the batches undecoded, the large good one decoded (the large bad one never did)
+        assert sorted(sum(batches, [])) == [False] + [True] * 16
+        for want, r in zip(expected, got):
+            if "detail" in want:
                 assert r.status_code == 400 and "query image rejected" in r.json()["detail"]
             else:
                 assert r.status_code == 200 and strip(r) == want
