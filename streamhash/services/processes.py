@@ -13,11 +13,12 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def spawn(args: list[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """``python -m streamhash ARGS`` in its own process group, output to ``log_path``."""
+def spawn(args: list[str], *, env: dict[str, str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """``python -m streamhash ARGS`` in its own process group, output to ``log_path``. ``cwd``: another
+    checkout, whose ``streamhash`` package the process then imports (``-m`` puts the directory first)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "streamhash", *args], env={**os.environ, **env},
+        return subprocess.Popen([sys.executable, "-m", "streamhash", *args], env={**os.environ, **env}, cwd=cwd,
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
