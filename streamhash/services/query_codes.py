@@ -58,10 +58,14 @@ class QueryEncoder:
         except RecordRejected as exc:
             raise BadQueryError(f"query image rejected: {exc.message}") from None
 
+    def pixels(self, upload: bytes | np.ndarray) -> np.ndarray:
+        """An uploaded image as the network takes it: its file's bytes decoded, or the image already decoded."""
+        return self.decode(upload) if isinstance(upload, bytes) else upload
+
     def for_upload(self, upload: bytes | np.ndarray, view: View) -> ShardQueries:
-        """The queries of an uploaded image: its file's bytes (decoded here, in the same call as the encode, so
-        a search hands off to a thread once) or the image already decoded."""
-        return self.for_image(self.decode(upload) if isinstance(upload, bytes) else upload, view)
+        """The queries of an uploaded image, decoded (:meth:`pixels`) in the same call as the encode, so a search
+        hands off to a thread once."""
+        return self.for_image(self.pixels(upload), view)
 
     def for_uploads(self, uploads: list[bytes | np.ndarray], view: View) -> list[ShardQueries | Exception]:
         """:meth:`for_upload` of each, one encode call for all; an image that does not decode gets its error
@@ -70,7 +74,7 @@ class QueryEncoder:
         images = []
         for upload in uploads:
             try:
-                images.append(self.decode(upload) if isinstance(upload, bytes) else upload)
+                images.append(self.pixels(upload))
                 out.append(None)
             except (BadQueryError, PayloadTooLarge) as exc:
                 out.append(exc)
