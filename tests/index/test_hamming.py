@@ -50,6 +50,18 @@ def test_auto_backend():
     assert make_index(64).backend == want
 
 
+@pytest.mark.skipif(not hamming.native_available(), reason="the native kernel is not built here")
+def test_a_kernel_limit_that_names_no_scan_is_refused_and_changes_nothing():
+    before = make_index(64, "native").kernel
+    for bad in ("sse", "", "AVX512"):
+        with pytest.raises(ValueError, match="kernel must be one of"):
+            hamming.limit_kernel(bad)
+    with pytest.raises(ValueError, match="kernel level must be"):
+        hamming._native.limit_kernel(3)
+    assert make_index(64, "native").kernel == before
+    assert hamming.limit_kernel("avx512") == "avx512"  # the limit was never moved
+
+
 @pytest.mark.skipif(HAVE_CUDA, reason="checks the error raised without CUDA")
 def test_torch_backend_without_cuda_raises():
     with pytest.raises(RuntimeError, match="CUDA"):
