@@ -276,6 +276,13 @@ class DataSettings(BaseModel):
     home: Path = Path("data")
 
 
+class SecuritySettings(BaseModel):
+    # A shared secret with which the learner signs every model version and learned-code message (HMAC-SHA256)
+    # and workers verify before adopting: a principal that may write to the models or codes topic but does not
+    # hold the key cannot plant a model. None: unsigned, every well-formed internal message is taken.
+    model_key: SecretStr | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMHASH_", env_nested_delimiter="__", extra="ignore")
 
@@ -290,6 +297,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     produce: ProduceSettings = Field(default_factory=ProduceSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     def redacted_json(self) -> str:
         """JSON of every setting with secrets shown as ``**********``."""
