@@ -1,8 +1,10 @@
 """One settings model for every process.
 
 Every field can be set by environment variable with the ``STREAMHASH_`` prefix, nested
-sections joined by ``__`` (``STREAMHASH_KAFKA__BOOTSTRAP_SERVERS=host:9092``). CLI flags
-override the environment; both go through this model, so validation happens in one place.
+sections joined by ``__`` (``STREAMHASH_KAFKA__BOOTSTRAP_SERVERS=host:9092``), or in a TOML file named by
+``STREAMHASH_CONFIG`` (``[kafka]`` / ``topic = "..."``). CLI flags override the environment, which overrides
+the file; all of them go through this model in one validation, so values derived from others (the internal
+topics' names from ``kafka.topic``) follow whichever source set them.
 
 >>> s = Settings(kafka={"bootstrap_servers": "k:9092"})
 >>> s.kafka.bootstrap_servers
@@ -15,27 +17,43 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from streamhash.errors import ConfigError
 
 from streamhash.index.backends import backend_names
 
 log = logging.getLogger(__name__)
 
 
+def derived_topics(topic: str) -> dict[str, str]:
+    """The internal topics' names for the images topic ``topic``: the one rule, applied to every internal topic
+    (a new one is added here) left empty in the settings.
+
+    >>> derived_topics("shop.images")
+    {'dlq_topic': 'shop.images.dlq', 'models_topic': 'shop.models', 'codes_topic': 'shop.codes'}
+    """
+    base = topic.removesuffix(".images")
+    return {"dlq_topic": f"{topic}.dlq", "models_topic": f"{base}.models", "codes_topic": f"{base}.codes"}
+
+
 class KafkaSettings(BaseModel):
     # None means "start the embedded broker" for the demo; workers require a value.
     bootstrap_servers: str | None = None
     topic: str = "streamhash.images"
-    dlq_topic: str = "streamhash.images.dlq"
-    # The learner's topics (streamhash.kafka.modelbus): model versions (compacted, one partition) and
-    # learned codes (co-partitioned with `topic`: same partition count, created with it). Empty: named
-    # after `topic` without its ".images" suffix, so streamhash.images -> streamhash.models, streamhash.codes,
-    # and two pipelines on one cluster never share a model.
+    # Every internal topic is named after `topic` unless set explicitly (DERIVED_TOPICS), whichever source set
+    # `topic` (flag, environment, STREAMHASH_CONFIG file): two pipelines on one cluster never share a DLQ, a
+    # model or a learned code. The DLQ: `<topic>.dlq`. The learner's topics (streamhash.kafka.modelbus): model
+    # versions (compacted, one partition) and learned codes (co-partitioned with `topic`: same partition count,
+    # created with it), named after `topic` without its ".images" suffix: streamhash.images -> streamhash.models,
+    # streamhash.codes.
+    dlq_topic: str = ""
     models_topic: str = ""
     codes_topic: str = ""
     group_id: str = "streamhash-worker"
@@ -62,10 +80,10 @@ class KafkaSettings(BaseModel):
     topic_partitions: int = 4
 
     @model_validator(mode="after")
-    def _learner_topics(self) -> "KafkaSettings":
-        base = self.topic.removesuffix(".images")
-        self.models_topic = self.models_topic or f"{base}.models"
-        self.codes_topic = self.codes_topic or f"{base}.codes"
+    def _derived_topics(self) -> "KafkaSettings":
+        for name, derived in derived_topics(self.topic).items():
+            if not getattr(self, name):
+                setattr(self, name, derived)
         return self
 
     def client_kwargs(self) -> dict:
@@ -283,6 +301,9 @@ class SecuritySettings(BaseModel):
     model_key: SecretStr | None = None
 
 
+CONFIG_ENV = "STREAMHASH_CONFIG"  # names a TOML settings file, below the environment and the flags
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMHASH_", env_nested_delimiter="__", extra="ignore")
 
@@ -299,6 +320,19 @@ class Settings(BaseSettings):
     demo: DemoSettings = Field(default_factory=DemoSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: CLI flags (init), the environment, the STREAMHASH_CONFIG file. No implicit .env: a stray
+        # file in the working directory must not change a process's settings.
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            return init_settings, env_settings
+        if not Path(path).is_file():
+            raise ConfigError(f"{CONFIG_ENV}={path}: no such file (a TOML settings file)")
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=Path(path))
+
     def redacted_json(self) -> str:
         """JSON of every setting with secrets shown as ``**********``."""
         return json.dumps(json.loads(self.model_dump_json()), sort_keys=True)
@@ -308,23 +342,14 @@ class Settings(BaseSettings):
 
 
 def load_settings(overrides: dict | None = None) -> Settings:
-    """Environment first, then CLI overrides (nested dicts, ``None`` values ignored)."""
-    base = Settings()
-    if not overrides:
-        return base
-    merged = base.model_dump()
-    _deep_merge(merged, overrides)
-    return Settings.model_validate(merged)
+    """CLI overrides (nested dicts, ``None`` values ignored) over the environment over the ``STREAMHASH_CONFIG``
+    file, validated once from the merged raw values: a derived value (an internal topic's name) follows the
+    ``kafka.topic`` of the highest source, not the one validated before the flags were applied."""
+    return Settings(**_without_none(overrides or {}))
 
 
-def _deep_merge(into: dict, new: dict) -> None:
-    for key, value in new.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
+def _without_none(values: dict) -> dict:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from streamhash.cli import build_parser, document_env, settings_from_args
-from streamhash.config import load_settings
+from streamhash.config import CONFIG_ENV, KafkaSettings, Settings, load_settings
+from streamhash.errors import ConfigError
 
 
 def test_env_nested_and_flags_override(monkeypatch):
@@ -43,3 +44,65 @@ def test_invalid_values_are_refused(monkeypatch):
     monkeypatch.setenv("STREAMHASH_MODEL__BITS", "12")
     with pytest.raises(ValidationError, match="multiple of 8"):
         load_settings()
+
+
+# Every internal topic follows the images topic, whichever source set it (issue 26: `--topic B.images` on the
+# command line kept the models and codes topics of the environment's topic, and the DLQ never followed at all).
+DERIVED_B = {"topic": "B.images", "dlq_topic": "B.images.dlq", "models_topic": "B.models", "codes_topic": "B.codes"}
+
+
+def _topics(s) -> dict:
+    return {name: getattr(s.kafka, name) for name in DERIVED_B}
+
+
+@pytest.mark.parametrize("command", ["worker", "learner"])
+def test_topic_flag_moves_every_internal_topic(monkeypatch, command):
+    monkeypatch.setenv("STREAMHASH_KAFKA__TOPIC", "A.images")  # the environment names another pipeline
+    args = document_env(build_parser()).parse_args([command, "--topic", "B.images"])
+    assert _topics(settings_from_args(args)) == DERIVED_B
+
+
+def test_topic_environment_moves_every_internal_topic(monkeypatch):
+    monkeypatch.setenv("STREAMHASH_KAFKA__TOPIC", "B.images")
+    assert _topics(load_settings()) == DERIVED_B
+
+
+def test_topic_in_the_config_file_moves_every_internal_topic(monkeypatch, tmp_path):
+    path = tmp_path / "streamhash.toml"
+    path.write_text('[kafka]\ntopic = "B.images"\ngroup_id = "b-workers"\n')
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    s = load_settings()
+    assert _topics(s) == DERIVED_B and s.kafka.group_id == "b-workers"
+
+
+def test_sources_rank_flag_over_environment_over_file(monkeypatch, tmp_path):
+    path = tmp_path / "streamhash.toml"
+    path.write_text('[kafka]\ntopic = "F.images"\nbootstrap_servers = "file:9092"\n[model]\nbits = 16\n')
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    monkeypatch.setenv("STREAMHASH_KAFKA__TOPIC", "E.images")
+    monkeypatch.setenv("STREAMHASH_MODEL__BITS", "64")
+    s = load_settings()
+    assert (s.kafka.topic, s.kafka.models_topic, s.kafka.bootstrap_servers, s.model.bits) == \
+        ("E.images", "E.models", "file:9092", 64)
+    args = document_env(build_parser()).parse_args(["worker", "--topic", "C.images"])
+    assert settings_from_args(args).kafka.dlq_topic == "C.images.dlq"
+
+
+def test_a_missing_config_file_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings()
+
+
+def test_explicit_internal_topics_are_kept(monkeypatch):
+    monkeypatch.setenv("STREAMHASH_KAFKA__DLQ_TOPIC", "dead")
+    monkeypatch.setenv("STREAMHASH_KAFKA__MODELS_TOPIC", "m")
+    args = document_env(build_parser()).parse_args(["worker", "--topic", "B.images"])
+    k = settings_from_args(args).kafka
+    assert (k.dlq_topic, k.models_topic, k.codes_topic) == ("dead", "m", "B.codes")
+    assert KafkaSettings(topic="x", codes_topic="c").codes_topic == "c"
+
+
+def test_default_topic_names_are_unchanged():
+    assert _topics(Settings()) == {"topic": "streamhash.images", "dlq_topic": "streamhash.images.dlq",
+                                   "models_topic": "streamhash.models", "codes_topic": "streamhash.codes"}
