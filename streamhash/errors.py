@@ -22,6 +22,12 @@ class RecordRejected(StreamhashError):
         self.message = message
 
 
+class InternalRecordRejected(RecordRejected):
+    """A record on an internal topic (``stage`` ``models`` or ``codes``) that is not adopted: malformed, unsigned
+    or wrongly signed, out of order, or a network that does not load, fit or encode. It is dead-lettered and
+    skipped; the previous model keeps serving and ingest goes on."""
+
+
 class StoreError(StreamhashError):
     """The LMDB store cannot do what was asked."""
 
@@ -60,7 +66,12 @@ class BadQueryError(StreamhashError):
 
 # Process exit codes (sysexits.h), one place so supervisors and tests agree.
 EXIT_OK = 0
+EXIT_NOT_FOUND = 1  # a search that found nothing (within the radius, or an empty index), as grep's 1
 EXIT_USAGE = 2
 EXIT_DATASET_MISSING = 3  # a named dataset is not on disk; the message says how to get it
+EXIT_DATAERR = 65  # the input breaks the contract: an image the server or the producer's check refuses
+EXIT_NOINPUT = 66  # a file or folder named on the command line is missing or unreadable
+EXIT_UNAVAILABLE = 69  # the query server or the broker cannot be reached
+EXIT_SOFTWARE = 70  # the server answered 5xx: its log says why
 EXIT_TEMPFAIL = 75  # disk or map full: retried, then stopped with nothing lost; restart with back-off
 EXIT_CONFIG = 78  # the store root or the topics are not what this build can use; the message says what to do

@@ -65,6 +65,10 @@ BUILD_INFO.info({"version": __version__})
 INDEX_ITEMS = _in_both(Gauge("streamhash_index_items", "Items in the index", ["process"], registry=WORKER_REGISTRY))
 MODEL_VERSION = _in_both(Gauge("streamhash_model_version", "Model version in use", ["process"], registry=WORKER_REGISTRY))
 INDEX_GENERATION = _in_both(Gauge("streamhash_index_generation", "Index generation in use", ["process"], registry=WORKER_REGISTRY))
+# topic: models or codes. Workers dead-letter what they refuse; the learner and query servers skip it with a warning.
+INTERNAL_REJECTED = _in_both(Counter("streamhash_internal_rejected_total", "Records of the internal models and codes topics "
+                                     "refused (malformed, unsigned, out of order, a network that does not load or fit)",
+                                     ["topic"], registry=WORKER_REGISTRY))
 
 # ingest worker
 _W = WORKER_REGISTRY
@@ -136,6 +140,9 @@ QUERY_SHARDS = Gauge("streamhash_query_shards", "Shards this query server serves
 # shard: the remote's position in --shards (a closed set; URLs are not label values); result: ok, timeout or error
 ROUTER_SHARD_REQUESTS = Counter("streamhash_router_shard_requests_total", "Requests a router sent to each remote query server, "
                                 "by result", ["shard", "result"], registry=_Q)
+# reason: header_timeout, header_size, connection_cap (a new one refused), evicted_idle (an idle one closed for it)
+HTTP_CONNECTIONS_CLOSED = Counter("streamhash_http_connections_closed_total", "Client connections a query server or "
+                                  "router closed to stay within its bounds, by reason", ["reason"], registry=_Q)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1", registry: CollectorRegistry = WORKER_REGISTRY) -> None:

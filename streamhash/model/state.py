@@ -37,6 +37,38 @@ def ensure_model(store, mc) -> int:
     return version
 
 
+def checked_model(announcement, mc, device="cpu"):
+    """``announcement`` with its network loaded, if the network fits these model settings and encodes a probe;
+    else :class:`~streamhash.errors.InternalRecordRejected` (stage ``models``) saying why. What every reader of
+    the models topic runs before it adopts a version: a shard only ever stores a network that works."""
+    import dataclasses
+
+    import numpy as np
+
+    from streamhash.errors import InternalRecordRejected
+    from streamhash.model.hashnet import HashNet
+
+    def bad(reason: str) -> InternalRecordRejected:
+        return InternalRecordRejected("models", f"model version {announcement.version}: {reason}")
+
+    try:
+        net = HashNet.from_bytes(announcement.raw, device)
+    except Exception as exc:  # noqa: BLE001  (torch.load and load_state_dict raise many kinds on forged bytes)
+        raise bad(f"the network does not load: {type(exc).__name__}: {str(exc)[:200]}") from None
+    want = {"bits": mc.bits, "backbone": mc.backbone, "image_size": mc.image_size, "channels": mc.channels}
+    got = {k: getattr(net.cfg, k) for k in want}
+    if got != want:
+        raise bad(f"the network is {got}, this index is {want}")
+    probe = np.random.default_rng(0).integers(0, 256, (2, mc.image_size, mc.image_size, mc.channels), np.uint8)
+    try:
+        real = net.encode_real(probe.squeeze(-1) if mc.channels == 1 else probe)
+    except Exception as exc:  # noqa: BLE001
+        raise bad(f"the network does not encode a probe image: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if real.shape != (2, mc.bits) or not np.isfinite(real).all():
+        raise bad(f"the network's output on a probe image is {real.shape}, finite={bool(np.isfinite(real).all())}")
+    return dataclasses.replace(announcement, net=net)
+
+
 def stored_net(stores, version: int, device="cpu"):
     """The network stored under ``version`` in the first of ``stores`` that holds it; LookupError if none does
     (a version is the same network in every shard that has it)."""
