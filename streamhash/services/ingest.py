@@ -43,19 +43,20 @@ from kafka.errors import KafkaError
 
 from streamhash import metrics as m
 from streamhash.config import Settings
-from streamhash.errors import EXIT_OK, EXIT_TEMPFAIL, GenerationChanged, RecordRejected, StoreError, StoreFullError
+from streamhash.errors import (EXIT_OK, EXIT_TEMPFAIL, GenerationChanged, InternalRecordRejected, RecordRejected, StoreError,
+                               StoreFullError)
 from streamhash.index.store import ItemWrite, Store
 from streamhash.index.store.root import ShardKey, StoreRoot
 from streamhash.index.store.shards import OwnedShards
 from streamhash.kafka.checkpoint import Checkpoint
 from streamhash.kafka.dlq import DeadLetters
-from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelReader, latest
+from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelReader, latest, parse_code
 from streamhash.kafka.positions import Positions
 from streamhash.kafka.produce import make_producer
 from streamhash.kafka.topics import ensure_topics
 from streamhash.model.hashnet import HashNet, resolve_device
 from streamhash.memory import freeze_startup_objects
-from streamhash.model.state import NetCache, ensure_model, stored_net
+from streamhash.model.state import NetCache, checked_model, ensure_model, stored_net
 from streamhash.records import ImageRecord, ImageSpec, parse_message
 from streamhash.services.reencode import Reencoder
 
@@ -110,6 +111,9 @@ class IngestWorker:
         self.nets = NetCache(self._load_net)
         self.announced: ModelAnnouncement | None = None  # the newest version on streamhash.models
         self._announcements: queue.SimpleQueue = queue.SimpleQueue()
+        self._rejected: queue.SimpleQueue = queue.SimpleQueue()  # (record, error): models-topic records refused
+        key = s.security.model_key
+        self.model_key = key.get_secret_value().encode() if key else None
         self._follower: threading.Thread | None = None
         self._follower_stop = threading.Event()
         self.stopping = stopping or threading.Event()
@@ -132,7 +136,7 @@ class IngestWorker:
         s = self.settings
         store = Store(path, bits=s.model.bits, shard=int(path.name), backbone=s.model.backbone,
                       initial_map_size=s.store.initial_map_size_bytes, max_map_size=s.store.max_map_size_bytes,
-                      multihash_tables=s.store.multihash_tables, map_growth_factor=s.store.map_growth_factor)
+                      map_growth_factor=s.store.map_growth_factor)
         try:
             store.abandon_pending_generation()  # a re-encode interrupted by a crash starts over
             ensure_model(store, s.model)
@@ -144,13 +148,14 @@ class IngestWorker:
     def _load_net(self, version: int) -> HashNet:
         a = self.announced
         if a is not None and a.version == version:  # read from the models topic, maybe in no shard yet
-            return HashNet.from_bytes(a.raw, self.device)
+            return a.net if a.net is not None else HashNet.from_bytes(a.raw, self.device)
         return stored_net((store for _, store in self.shards), version, self.device)
 
     def connect(self) -> None:
         k = self.settings.kafka
         ensure_topics(k)
-        self.models = ModelReader(k)
+        self.models = ModelReader(k, key=self.model_key, on_reject=self._model_rejected,
+                                  check=lambda a: checked_model(a, self.settings.model, self.device))
         self.announced = latest(self.models.read_to_end())  # before any shard opens: it adopts the newest
         self._follower = threading.Thread(target=self._follow_models, name="models", daemon=True)
         self._follower.start()
@@ -178,6 +183,13 @@ class IngestWorker:
             except Exception as exc:  # the reader reconnects by itself; never let the follower die
                 log.warning("reading %s: %r", self.settings.kafka.models_topic, exc)
                 self._follower_stop.wait(1.0)
+
+    def _model_rejected(self, record, exc: InternalRecordRejected) -> None:
+        """A models-topic record that is not a usable model: counted, logged, and dead-lettered by the poll thread
+        (the reader's thread must not touch the dead-letter producer's batch). The previous model keeps serving."""
+        m.INTERNAL_REJECTED.labels(topic="models").inc()
+        log.warning("not adopting a record of %s: %s", record.topic, exc)
+        self._rejected.put((record, exc))
 
     def run(self, *, max_idle_s: float | None = None) -> int:
         """Consume until stopped (or idle for ``max_idle_s``); return a process exit code.
@@ -327,6 +339,8 @@ class IngestWorker:
 
     # models: a version of a shard's generation becomes its network; a higher generation is re-encoded into
     def _adopt_announcements(self) -> None:
+        while self.dead_letters is not None and not self._rejected.empty():
+            self.dead_letters.send(*self._rejected.get())  # flushed with the next batch's checkpoint
         fresh = []
         while not self._announcements.empty():
             fresh.append(self._announcements.get())
@@ -378,7 +392,7 @@ class IngestWorker:
 
     def prepare(self, records) -> _Prepared:
         """Parse, send rejects to the DLQ producer, and start encoding on the encoder thread."""
-        codes_topic = self.settings.kafka.codes_topic
+        codes_topic, code_bytes = self.settings.kafka.codes_topic, self.settings.model.bits // 8
         valid: list[ImageRecord] = []
         sources, stamps, shards = [], [], []
         updates: dict[ShardKey, list[CodeUpdate]] = defaultdict(list)
@@ -388,12 +402,16 @@ class IngestWorker:
             next_offsets[key] = max(next_offsets.get(key, 0), rec.offset + 1)
             try:
                 if rec.topic == codes_topic:
-                    updates[self.shards.key_of(*key)].append(CodeUpdate.from_record(rec.key, rec.value))
+                    updates[self.shards.key_of(*key)].append(parse_code(rec, code_bytes, self.model_key))
                     continue
                 m.MESSAGES_CONSUMED.inc()
                 valid.append(parse_message(rec.key, rec.value, rec.headers, self.spec))
             except Exception as exc:  # RecordRejected, or a bug: either way this record, not the partition
-                self.dead_letters.send(rec, exc if rec.topic != codes_topic else RecordRejected("codes", repr(exc)))
+                if rec.topic == codes_topic:
+                    m.INTERNAL_REJECTED.labels(topic="codes").inc()
+                    if not isinstance(exc, InternalRecordRejected):
+                        exc = InternalRecordRejected("codes", f"{type(exc).__name__}: {exc}")
+                self.dead_letters.send(rec, exc)
                 continue
             sources.append(rec)
             stamps.append(rec.timestamp / 1000.0)
