@@ -5,7 +5,8 @@ H x W x 1, 3 or 4) bytes, turned into the network's input by the spec's :class:`
 (``streamhash.imaging``: colour mode, size policy); the record keeps the bytes as received. Headers: ``labels``
 (comma-separated non-negative ints up to ``ImageSpec.max_label``, at most ``ImageSpec.max_labels``
 of them; absent = unlabeled) and ``content-type`` (``image/png``, ``image/jpeg``,
-``application/x-npy``; when absent the type is sniffed from the magic bytes).
+``application/x-npy``; when absent the type is sniffed from the magic bytes), each at most once; every header
+is bounded (count, name and value sizes, ``labels`` to what its bounds allow) before any is parsed.
 
 Values come from anyone who can produce to the topic, so nothing here trusts them: an image's
 declared size is checked against ``ImageSpec.max_pixels`` before a single pixel is decoded, and
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 
 MAX_KEY_BYTES = 256
 CONTENT_TYPES = ("image/png", "image/jpeg", "application/x-npy")
+# Headers come from anyone who can produce to the topic: bounded before any is parsed (read_headers).
+CONTRACT_HEADERS = ("labels", "content-type")  # the headers the contract reads: each at most once
+MAX_HEADERS = 64
+MAX_HEADER_NAME_BYTES = 256
+MAX_HEADER_VALUE_BYTES = 4096  # any header; `labels` has its own, tighter bound (labels_header_limit)
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"\x93NUMPY": "application/x-npy"}
 # Only the decoder the content type names: PIL would otherwise identify any of its ~40 formats
 # (TIFF, PSD, ...) behind an image/png header, each one more decoder exposed to the topic.
@@ -154,6 +160,37 @@ def _clip(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
+def labels_header_limit(spec: ImageSpec) -> int:
+    """The longest ``labels`` header a sane producer sends: max_labels labels of max_label's digits, each with a
+    separator and a space (64 x 6 = 384 bytes by default)."""
+    return spec.max_labels * (len(str(spec.max_label)) + 2)
+
+
+def read_headers(headers, spec: ImageSpec) -> dict[str, bytes | None]:
+    """The message's headers by lower-cased name, checked before any is parsed: at most MAX_HEADERS of them,
+    names and values within MAX_HEADER_NAME_BYTES / MAX_HEADER_VALUE_BYTES (``labels`` within
+    :func:`labels_header_limit`), and each header of the contract at most once: with two ``labels`` headers
+    nobody can say which the producer meant, so the message is refused rather than the last one winning."""
+    headers = list(headers or [])
+    if len(headers) > MAX_HEADERS:
+        raise RecordRejected("headers", f"{len(headers)} headers, over the limit of {MAX_HEADERS}")
+    out: dict[str, bytes | None] = {}
+    for name, value in headers:
+        name = name.decode("utf-8", errors="replace") if isinstance(name, bytes) else name
+        if len(name.encode("utf-8", errors="replace")) > MAX_HEADER_NAME_BYTES:
+            raise RecordRejected("headers", f"header name {_clip(name, 40)!r} exceeds {MAX_HEADER_NAME_BYTES} bytes")
+        key = name.lower()
+        limit = labels_header_limit(spec) if key == "labels" else MAX_HEADER_VALUE_BYTES
+        if value is not None and len(value) > limit:
+            raise RecordRejected("headers", f"header {_clip(name, 40)!r} of {len(value)} bytes exceeds the {limit}-byte "
+                                            "limit" + (" (max_labels_per_item labels up to max_label)" if key == "labels" else ""))
+        if key in CONTRACT_HEADERS and key in out:
+            raise RecordRejected("headers", f"duplicated header {key!r}: a message carries each of "
+                                            f"{', '.join(CONTRACT_HEADERS)} at most once")
+        out[key] = value
+    return out
+
+
 def content_type_of(value: bytes, header: bytes | None) -> str:
     if header is not None:
         ctype = header.decode("utf-8", errors="replace").strip().lower()
@@ -251,7 +288,7 @@ def _parse_message(key: bytes | None, value: bytes | None, headers, spec: ImageS
         raise RecordRejected("value", "empty value")
     if len(value) > spec.max_value_bytes:
         raise RecordRejected("value", f"value of {len(value)} bytes exceeds the {spec.max_value_bytes}-byte limit")
-    hdr = {k.lower(): v for k, v in (headers or [])}
+    hdr = read_headers(headers, spec)
     labels = parse_labels(hdr.get("labels"), spec.max_label, spec.max_labels)
     ctype = content_type_of(value, hdr.get("content-type"))
     return ImageRecord(item_id, decode_image(value, ctype, spec), labels, ctype, value)

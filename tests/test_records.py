@@ -215,7 +215,7 @@ def test_plain_rejections_name_no_other_cause():
 @pytest.mark.parametrize("raw,fragment", [
     (b"99999999999999999999", "exceeds the maximum label 9999 (STREAMHASH_LEARN__MAX_LABEL)"),
     (b"3,10000", "exceeds the maximum label 9999"),
-    (b"1" * 5000, "exceeds the maximum label"),  # int() refuses 4300+ digits: it raised ValueError
+    (b"1" * 300, "exceeds the maximum label"),
     (",".join(map(str, range(65))).encode(), "more than 64 distinct labels on one item (STREAMHASH_LEARN__MAX_LABELS_PER_ITEM)"),
     ("\u00b2".encode(), "non-negative integers"),  # str.isdigit() is true, int() raised ValueError
     ("\u0661".encode(), "non-negative integers"),  # Arabic-Indic one: int() read it as 1
@@ -234,6 +234,59 @@ def test_label_bounds_come_from_the_spec():
     for raw in (b"21", b"1,2,3"):
         with pytest.raises(RecordRejected):
             parse_message(b"k", encode_png(GRAY), [("labels", raw)], spec)
+
+
+def test_huge_numbers_are_refused_without_int():
+    # int() refuses 4300+ digits (it raised ValueError); parse_labels counts digits first. A message never gets
+    # here with such a header (read_headers bounds it), other callers may.
+    with pytest.raises(RecordRejected, match="exceeds the maximum label"):
+        parse_labels(b"1" * 5000)
+
+
+# Issue 26: with two `labels` headers the last silently won, and a 1 MB `labels` header was parsed.
+@pytest.mark.parametrize("headers", [
+    [("labels", b"1"), ("labels", b"2")],
+    [("labels", b"1"), ("Labels", b"1")],  # header names are case-insensitive: the same header twice
+    [("content-type", b"image/png"), ("content-type", b"image/png")],
+])
+def test_a_duplicated_contract_header_is_rejected(headers):
+    with pytest.raises(RecordRejected) as info:
+        parse_message(b"k", encode_png(GRAY), headers, SPEC)
+    assert info.value.stage == "headers" and "duplicated header" in info.value.message
+
+
+def test_other_headers_may_repeat():
+    headers = [("trace", b"a"), ("trace", b"b"), ("labels", b"4")]
+    assert parse_message(b"k", encode_png(GRAY), headers, SPEC).labels == (4,)
+
+
+@pytest.mark.parametrize("headers,fragment", [
+    ([("labels", b"7," * 500_000)], "header 'labels' of 1000000 bytes exceeds the 384-byte limit"),
+    ([("labels", b"1" * 385)], "exceeds the 384-byte limit"),
+    ([("x-anything", b"a" * 4097)], "header 'x-anything' of 4097 bytes exceeds the 4096-byte limit"),
+    ([("n" * 300, b"v")], "exceeds 256 bytes"),
+    ([(f"h{i}", b"") for i in range(65)], "65 headers, over the limit of 64"),
+])
+def test_oversized_headers_are_rejected_before_parsing(headers, fragment, monkeypatch):
+    import streamhash.records as records
+
+    def never(*_a, **_k):
+        raise AssertionError("a header past its bound was parsed")
+
+    monkeypatch.setattr(records, "parse_labels", never)
+    with pytest.raises(RecordRejected) as info:
+        parse_message(b"k", encode_png(GRAY), headers, SPEC)
+    assert info.value.stage == "headers" and fragment in info.value.message and len(info.value.message) < 300
+
+
+def test_the_labels_bound_fits_the_largest_valid_header():
+    spec = ImageSpec(28, 28, 1, max_value_bytes=4096)
+    widest = ", ".join(str(9999 - i) for i in range(64)).encode()  # 64 four-digit labels, ", " between
+    assert len(widest) <= 384
+    assert len(parse_message(b"k", encode_png(GRAY), [("labels", widest)], spec).labels) == 64
+    small = ImageSpec(28, 28, 1, max_label=20, max_labels=2)
+    with pytest.raises(RecordRejected, match="8-byte limit"):
+        parse_message(b"k", encode_png(GRAY), [("labels", b"1,2,3,4,5")], small)
 
 
 def test_long_label_headers_are_clipped_in_the_message():
