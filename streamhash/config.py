@@ -291,6 +291,9 @@ class DemoSettings(BaseModel):
 
 class DataSettings(BaseModel):
     fashion_mnist_dir: Path | None = None
+    # CIFAR-10 (streamhash.data.cifar10): the official cifar-10-python.tar.gz or cifar-10-batches-py/, or a
+    # train|test/<class>/ image tree (or its .tar.gz); None: looked for in `home`
+    cifar10_dir: Path | None = None
     home: Path = Path("data")
 
 
