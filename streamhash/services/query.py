@@ -50,6 +50,8 @@ from streamhash.services.http_api import (
 )
 from streamhash.services.lean import LeanSearch, answer_ahead
 from streamhash.services.query_codes import QueryEncoder, ShardQueries, for_item
+from streamhash.data.class_names import load_class_names, name_labels
+from streamhash.services import api_docs
 from streamhash.services.web import LiveStatus, install
 
 log = logging.getLogger("streamhash.query")
@@ -98,7 +100,8 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
                          swagger_ui_parameters={"validatorUrl": None}, default_response_class=FastJSONResponse)
     app.state.index, app.state.batcher, app.state.encodes = index, batcher, encodes
     app.add_middleware(CountResponses, path="/search")
-    install(app, index, status)  # before /items/{item_id:path}, which would take /items/x/image
+    class_names = load_class_names(settings.data.class_names)
+    install(app, index, status, settings.learn, class_names)  # before /items/{item_id:path}, which would take /items/x/image
 
     @app.exception_handler(BadQueryError)
     def _bad_query(_request: Request, exc: BadQueryError):
@@ -135,6 +138,9 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
             hits = (await run_in_threadpool(_rank, view, [queries.codes], [req.k], req.radius))[0]
         if req.item_id is not None and (req.radius is None or req.radius > 0):
             hits = _query_first(view, hits, req.item_id, req.k)
+        if class_names:
+            for hit in hits:
+                hit["label_names"] = name_labels(hit["labels"], class_names)
         took = time.perf_counter() - t0
         search_seconds.observe(took)
         # a SearchResponse's fields, rendered by orjson without a pydantic round trip (the schema is response_model's)
@@ -147,13 +153,13 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
             "application/json": {"schema": SearchRequest.model_json_schema()},
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}, "radius": {"type": "integer"}}}},
-        }, "required": True}})
+        }, "required": True}}, **api_docs.SEARCH)
     async def search(request: Request) -> SearchResponse:
         t0 = time.perf_counter()
         req, image = await parse_search(await bounded_request(request, body_limit))
         return FastJSONResponse(await answer(req, image, t0))
 
-    @app.get("/items/{item_id:path}")
+    @app.get("/items/{item_id:path}", **api_docs.ITEM)
     def get_item(item_id: str):
         check_item_id(item_id)
         found = index.find_item(item_id)
@@ -164,7 +170,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
                 "shard": shard.name, "content_type": rec["ctype"], "code_hex": rec["code"].hex() if rec["code"] else None,
                 "visible": rec["seq"] in shard.live.current.index}
 
-    @app.get("/healthz")
+    @app.get("/healthz", **api_docs.HEALTHZ)
     def healthz():
         view = index.view()
         newest = view.newest
@@ -172,7 +178,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
                 "model_version": newest.model_version if newest else 0, "bits": index.bits or settings.model.bits,
                 "shards": [{**v.describe(), "last_seq": v.g.last_seq} for v in view.shards]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", **api_docs.METRICS)
     def metrics():
         return Response(generate_latest(m.QUERY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 

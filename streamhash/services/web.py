@@ -7,8 +7,10 @@ PNG thumbnail with ``?size=N``; ``GET /random`` names a random item of the live 
 ``/status`` is derived from this process's own view of the index, sampled every second
 (:class:`LiveStatus`): the ingest rate from the index size (summed over the shards) over time, learning
 rounds from model versions (each round publishes the next version, a number shared by every shard),
-re-encodes from generation changes (of the newest shard). The worker's metrics are its own: the query
-server never reads them. Items are looked up in every shard: an id lives in exactly one.
+re-encodes from generation changes (of the newest shard), counted from the first shard the server saw:
+a shard's creation (generation 1, version 1) is neither. It says when the model is still untrained (version
+1: no learning round yet, hits are close to noise) and what the first round waits for. The worker's metrics
+are its own: the query server never reads them. Items are looked up in every shard: an id lives in exactly one.
 """
 
 from __future__ import annotations
@@ -25,11 +27,20 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
+from streamhash.config import LearnSettings
 from streamhash.index.live import Generation, Resolved
+from streamhash.data.class_names import name_labels
 from streamhash.index.sharded import ShardedIndex, View
 from streamhash.services.http_api import check_item_id
 
 STATIC = Path(__file__).parent / "static"
+STATUS_EXAMPLE = {
+    "index_size": 10050, "generation": 1, "model_version": 1, "ingest_rate": 0.0, "rate_window_s": 10.0,
+    "window_s": 300.0, "learning_rounds": 0, "reencodes": 0, "learning_rounds_total": 0, "reencodes_total": 0,
+    "uptime_s": 312.5, "history": [[-300.0, 0], [0.0, 10050]],
+    "model": {"trained": False, "round_every": 2000, "note": "the model is untrained (version 1, no learning round yet): ..."},
+    "label_names": {"0": "T-shirt/top", "1": "Trouser"},
+}
 MAX_THUMB_PX = 512  # a thumbnail is made per request: bound the work one GET can ask for
 WINDOW_S = 300.0  # "the last minutes" of the live panel
 RATE_WINDOW_S = 10.0  # ingest rate: the index's growth over this span, steadier than one sample
@@ -53,6 +64,9 @@ class LiveStatus:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # the first sample with a shard: rounds and re-encodes count from it, not from an empty root,
+        # or a shard created after start-up (generation 1, version 1) would count as a round and a re-encode
+        self._baseline: tuple[float, int, int, int] | None = None
         self.first = self.sample()
 
     def now(self) -> tuple[float, int, int, int]:
@@ -64,6 +78,8 @@ class LiveStatus:
             self._samples.append(s)
             while self._samples[0][0] < s[0] - self.window_s:
                 self._samples.popleft()
+            if self._baseline is None and s[2] > 0:
+                self._baseline = s
         return s
 
     def start(self) -> LiveStatus:
@@ -85,7 +101,9 @@ class LiveStatus:
         t, size, gen, version = now = self.now()
         with self._lock:
             samples = [*self._samples, now]
+            base = self._baseline or now
         oldest = samples[0]
+        oldest_shard = next((s for s in samples if s[2] > 0), now)  # generation 0: no shard existed yet
         recent = next(s for s in samples if s[0] >= t - RATE_WINDOW_S)
         span = t - recent[0]
         step = max(1, len(samples) // 60)  # about 60 points for the sparkline
@@ -95,11 +113,27 @@ class LiveStatus:
             "window_s": min(self.window_s, t - oldest[0]),
             # versions and generations only grow, one per round / re-encode: differences count them even
             # where a sample fell between two
-            "learning_rounds": version - oldest[3], "reencodes": gen - oldest[2],
-            "learning_rounds_total": version - self.first[3], "reencodes_total": gen - self.first[2],
+            "learning_rounds": version - oldest_shard[3], "reencodes": gen - oldest_shard[2],
+            "learning_rounds_total": version - base[3], "reencodes_total": gen - base[2],
             "uptime_s": t - self.first[0],
             "history": [[round(s[0] - t, 1), s[1]] for s in samples[::-1][::step][::-1]],
         }
+
+
+def model_state(version: int, learn: LearnSettings) -> dict:
+    """Whether the served model has learned anything yet and, if not, what its first round waits for.
+    Version 1 is the seeded initial network every shard starts with; each learning round publishes the next."""
+    if version == 0:
+        return {"trained": False, "note": "no shard yet: no worker has written to the store root"}
+    if version > 1:
+        return {"trained": True, "note": f"model version {version}: {version - 1} learning round(s) so far"}
+    age = (f" or {learn.round_max_age_s:g} s after the oldest unlearned labeled item arrived "
+           "(STREAMHASH_LEARN__ROUND_MAX_AGE_S)") if learn.round_max_age_s else ""
+    return {"trained": False, "round_every": learn.round_every,
+            "note": "the model is untrained (version 1, no learning round yet): an untrained network gives many "
+                    "images the same code, so hits are close to noise. The learner's first round waits for labeled "
+                    f"items (a `labels` header): {learn.round_every} of them (STREAMHASH_LEARN__ROUND_EVERY){age}; "
+                    "unlabeled items are indexed but never learned from."}
 
 
 def random_item(g: Generation, rng: np.random.Generator) -> Resolved | None:
@@ -161,9 +195,13 @@ def thumbnail(raw: bytes, ctype: str, size: int) -> bytes:
     return out.getvalue()
 
 
-def install(app: FastAPI, index: ShardedIndex, status: LiveStatus) -> None:
+def install(app: FastAPI, index: ShardedIndex, status: LiveStatus, learn: LearnSettings | None = None,
+            class_names: dict[int, str] | None = None) -> None:
     """Add the page, its assets and the routes it uses. Call before ``GET /items/{item_id:path}`` is
-    registered: routes match in order, and that one would take ``/items/x/image`` as the id ``x/image``."""
+    registered: routes match in order, and that one would take ``/items/x/image`` as the id ``x/image``.
+    ``learn``: the learner's settings, to say what an untrained model waits for; ``class_names``: label -> name."""
+    learn = learn or LearnSettings()
+    label_names = {str(label): name for label, name in sorted((class_names or {}).items())}
     router = APIRouter()
     rng = np.random.default_rng()
     rng_lock = threading.Lock()  # Generator is not thread-safe; sync routes run on a thread pool
@@ -172,10 +210,13 @@ def install(app: FastAPI, index: ShardedIndex, status: LiveStatus) -> None:
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @router.get("/items/{item_id:path}/image", responses={200: {"content": {"image/png": {}, "image/jpeg": {},
-                                                                           "application/x-npy": {}}}})
+    @router.get("/items/{item_id:path}/image", summary="A stored image, or a PNG thumbnail of it",
+                responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "application/x-npy": {}}},
+                           400: {"description": "a bad id or size"}, 404: {"description": "no such item"},
+                           422: {"description": "the stored bytes cannot be shown as a thumbnail"}})
     def item_image(item_id: str, size: str | None = None):
-        """The stored bytes with their content type; with ``size``, a PNG thumbnail (``.npy`` too)."""
+        """The stored bytes exactly as the producer sent them, with their content type; with ``?size=N``
+        (1 to 512), a PNG thumbnail fitting N x N pixels (``.npy`` items too)."""
         check_item_id(item_id)
         px = None
         if size is not None:
@@ -194,20 +235,31 @@ def install(app: FastAPI, index: ShardedIndex, status: LiveStatus) -> None:
             raise HTTPException(422, f"stored image of {item_id!r} cannot be shown: {type(exc).__name__}: {exc}") from None
         return Response(png, media_type="image/png")
 
-    @router.get("/random")
+    @router.get("/random", summary="A random stored item",
+                responses={200: {"content": {"application/json": {"example": {
+                    "id": "fmnist-train-42", "labels": [7], "label_names": ["Sneaker"], "generation": 1}}}},
+                           404: {"description": "the index is empty"}})
     def random():
-        """A random item of the generations being searched (every shard)."""
+        """A uniformly random item of the generations being searched (every shard): its id, labels (with
+        class names where the server has them) and its shard's generation; 404 while the index is empty."""
         with rng_lock:
             got = random_sharded(index.view(), rng)
         if got is None:
             raise HTTPException(404, "the index is empty")
         (item_id, labels), generation = got
-        return {"id": item_id, "labels": list(labels) if labels is not None else None, "generation": generation}
+        return {"id": item_id, "labels": list(labels) if labels is not None else None,
+                "label_names": name_labels(labels, class_names) if class_names else None, "generation": generation}
 
-    @router.get("/status")
+    @router.get("/status", summary="The live panel: index size, ingest rate, model state, rounds and re-encodes",
+                responses={200: {"content": {"application/json": {"example": STATUS_EXAMPLE}}}})
     def live_status():
-        """What the live panel shows: index size, ingest rate, model version, rounds and re-encodes lately."""
-        return status.snapshot()
+        """What the search page's live panel shows, from this server's own view of the index (sampled every
+        second): items in every shard, ingest rate over the last 10 s, the newest shard's model version and
+        generation, learning rounds and re-encodes seen in the last minutes and since start, and ``model``:
+        whether the network is trained yet (``trained: false`` at version 1, with a ``note`` on what the first
+        learning round waits for). ``label_names`` maps labels to class names where the server has them."""
+        snap = status.snapshot()
+        return {**snap, "model": model_state(snap["model_version"], learn), "label_names": label_names}
 
     app.include_router(router)
     app.mount("/ui", StaticFiles(directory=STATIC), name="ui")

@@ -229,3 +229,95 @@ def test_api_docs_are_served_offline(served, page):
         assert asset.status_code == 200 and len(asset.content) > 1000, url
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/items/{item_id}/image", "/random", "/status", "/search"} <= set(paths)
+
+
+def test_a_shard_created_after_the_server_started_is_no_round_and_no_reencode(tmp_path):
+    """The README's start order (server, then the worker's first shard): the live panel used to show one
+    learning round and one re-encode that never happened (generation 1 / version 1 counted from 0 / 0)."""
+    from fastapi.testclient import TestClient
+
+    from streamhash.index.sharded import ShardedIndex
+    from streamhash.index.store.root import StoreRoot
+    from streamhash.services import query
+    from tests.services.test_query_server import close_all, make_root, settings_for
+
+    StoreRoot(tmp_path)  # the layout, no shard yet
+    stores: dict = {}
+    index = ShardedIndex(StoreRoot(tmp_path, create=False), open_store=lambda key, _path: stores[key.partition],
+                         rescan_s=0.05, refresh_interval_s=0.01)
+    try:
+        with TestClient(query.create_app(settings_for(tmp_path), index)) as client:
+            s = client.get("/status").json()
+            assert (s["index_size"], s["model_version"], s["learning_rounds_total"]) == (0, 0, 0)
+            assert s["model"]["trained"] is False and "no shard" in s["model"]["note"]
+            time.sleep(1.2)  # the sampler's baseline, taken with no shard
+            stores.update(make_root(tmp_path)[0])
+            wait_indexed(client, N_ITEMS)
+            time.sleep(1.2)  # sampled with the shards
+            s = client.get("/status").json()
+            assert (s["generation"], s["model_version"]) == (1, 1)
+            assert (s["learning_rounds"], s["reencodes"], s["learning_rounds_total"], s["reencodes_total"]) == (0, 0, 0, 0)
+    finally:
+        close_all(stores)
+
+
+def test_status_says_the_model_is_untrained_and_what_the_first_round_waits_for(served):
+    client, _, _ = served
+    model = client.get("/status").json()["model"]
+    assert model["trained"] is False and model["round_every"] == 2000
+    assert "untrained (version 1, no learning round yet)" in model["note"]
+    assert "labeled" in model["note"] and "STREAMHASH_LEARN__ROUND_EVERY" in model["note"]
+
+
+def test_the_status_panel_on_the_page_shows_the_untrained_note_and_class_names():
+    js = (STATIC / "app.js").read_text()
+    html = (STATIC / "index.html").read_text()
+    assert 'id="live-trained"' in html and "s.model.note" in js
+    assert "label_names" in js  # a hit's class names are what its caption shows
+
+
+def test_fashion_mnist_class_names_in_hits_status_and_random(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from streamhash.data.fashion_mnist import CLASSES
+    from streamhash.services import query
+    from tests.services.test_query_server import close_all, index_over, make_root, settings_for
+
+    stores, _ = make_root(tmp_path)
+    settings = settings_for(tmp_path)
+    settings.data.class_names = "fashion-mnist"
+    try:
+        with TestClient(query.create_app(settings, index_over(tmp_path, stores))) as client:
+            hits = client.post("/search", json={"item_id": "item-4", "k": N_ITEMS}).json()["results"]
+            assert hits and all(h["label_names"] == [CLASSES[label] for label in h["labels"]] for h in hits)
+            assert {h["label_names"][0] for h in hits} == {"T-shirt/top", "Trouser", "Pullover"}  # labels 0, 1, 2
+            status = client.get("/status").json()
+            assert status["label_names"]["0"] == "T-shirt/top" and status["label_names"]["9"] == "Ankle boot"
+            got = client.get("/random").json()
+            assert got["label_names"] == [CLASSES[got["labels"][0]]]
+    finally:
+        close_all(stores)
+
+
+def test_class_names_from_a_json_file(tmp_path):
+    from streamhash.data.class_names import load_class_names
+    from streamhash.errors import ConfigError
+
+    (tmp_path / "list.json").write_text('["cat", "dog"]')
+    (tmp_path / "map.json").write_text('{"7": "seven"}')
+    (tmp_path / "bad.json").write_text('"cat"')
+    assert load_class_names(str(tmp_path / "list.json")) == {0: "cat", 1: "dog"}
+    assert load_class_names(str(tmp_path / "map.json")) == {7: "seven"}
+    assert load_class_names(None) == {}
+    for bad in ("bad.json", "missing.json"):
+        with pytest.raises(ConfigError, match="class names"):
+            load_class_names(str(tmp_path / bad))
+
+
+def test_every_endpoint_has_a_description_in_the_api_docs(served):
+    client, _, _ = served
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/search", "/items/{item_id}", "/items/{item_id}/image", "/healthz", "/metrics", "/status", "/random"):
+        for method, op in paths[path].items():
+            assert op.get("description") and op.get("summary"), (method, path)
+    assert paths["/search"]["post"]["responses"]["200"]["content"]["application/json"].get("example")

@@ -7,6 +7,25 @@ const POLL_MS = 2000;
 const $ = (id) => document.getElementById(id);
 const form = $("search-form"), fileInput = $("file"), idInput = $("item-id");
 
+// A server started with an API key (STREAMHASH_SECURITY__API_KEY) answers 401: ask for the key once and keep it
+// in a same-site cookie, which the server also reads, so that thumbnails (<img>, no headers) load with it too.
+const KEY_COOKIE = "streamhash_api_key";
+let keyDeclined = false;
+
+async function api(url, init) {
+  let response = await fetch(url, init);
+  if (response.status === 401 && !keyDeclined) {
+    const key = window.prompt("This streamhash server needs its API key:");
+    if (!key) {
+      keyDeclined = true;
+      return response;
+    }
+    document.cookie = `${KEY_COOKIE}=${encodeURIComponent(key)}; path=/; SameSite=Strict`;
+    response = await fetch(url, init);
+  }
+  return response;
+}
+
 function imageUrl(id) {
   return `/items/${encodeURIComponent(id)}/image?size=${THUMB_PX}`;
 }
@@ -56,7 +75,7 @@ async function search() {
     showQuery(file.name.endsWith(".npy") ? null : URL.createObjectURL(file));
   }
   $("summary").textContent = "Searching…";
-  const response = await fetch("/search", init);
+  const response = await api("/search", init);
   if (!response.ok) {
     $("summary").textContent = "No results.";
     $("results").replaceChildren();
@@ -69,7 +88,8 @@ function render(answer) {
   const shards = answer.shards || [];
   // a shard that did not answer is said, never hidden: its items are missing from these results
   const missing = shards.filter((s) => !s.answered).map((s) => s.shard || s.url);
-  $("summary").textContent = `${answer.results.length} results · model version ${answer.model_version} · ` +
+  const untrained = answer.model_version <= 1 ? "UNTRAINED model (no learning round yet): hits are close to noise · " : "";
+  $("summary").textContent = untrained + `${answer.results.length} results · model version ${answer.model_version} · ` +
     `generation ${answer.generation} · ${answer.index_size} items in ${shards.length} shards · ` +
     `${answer.took_ms.toFixed(1)} ms · query code ${answer.code_hex}` +
     (answer.partial ? ` · PARTIAL: no answer from ${missing.join(", ")}` : "");
@@ -87,7 +107,9 @@ function render(answer) {
     img.width = img.height = THUMB_PX;
     const caption = document.createElement("span");
     caption.className = "caption";
-    const labels = hit.labels === null ? "unlabeled" : `labels ${hit.labels.join(", ") || "none"}`;
+    // class names where the server has them (STREAMHASH_DATA__CLASS_NAMES), else the bare labels
+    const named = hit.label_names || hit.labels;
+    const labels = hit.labels === null ? "unlabeled" : `${hit.label_names ? "" : "labels "}${named.join(", ") || "none"}`;
     for (const [cls, text] of [["id", hit.id], ["distance", `d = ${hit.distance}`], ["labels", labels]]) {
       const part = document.createElement("span");
       part.className = cls;
@@ -115,7 +137,7 @@ idInput.addEventListener("input", () => { $("by-item").checked = true; });
 
 $("random").addEventListener("click", async () => {
   showError("");
-  const response = await fetch("/random");
+  const response = await api("/random");
   if (!response.ok) return showError(await detail(response));
   idInput.value = (await response.json()).id;
   $("by-item").checked = true;
@@ -147,13 +169,17 @@ function sparkline(history) {
 
 async function poll() {
   try {
-    const response = await fetch("/status");
+    const response = await api("/status");
     if (response.ok) {
       const s = await response.json();
       const minutes = Math.max(1, Math.round(s.window_s / 60));
       $("live-items").textContent = String(s.index_size);
       $("live-rate").textContent = s.ingest_rate.toFixed(1);
       $("live-model").textContent = String(s.model_version);
+      if (s.model) {
+        $("live-trained").textContent = s.model.trained ? "trained" : s.model.note;
+        $("live-trained").classList.toggle("warn", !s.model.trained);
+      }
       $("live-generation").textContent = String(s.generation);
       $("live-rounds").textContent = String(s.learning_rounds);
       $("live-window").textContent = `in the last ${minutes} min (${s.learning_rounds_total} since start)`;
