@@ -295,6 +295,9 @@ class DataSettings(BaseModel):
     # train|test/<class>/ image tree (or its .tar.gz); None: looked for in `home`
     cifar10_dir: Path | None = None
     home: Path = Path("data")
+    # label -> class name for people (search hits' label_names, the page): "fashion-mnist", or a JSON
+    # file holding a list of names (label = position) or an object {"label": "name"}; None: bare labels
+    class_names: str | None = None
 
 
 class SecuritySettings(BaseModel):
