@@ -14,7 +14,6 @@ Engines, all one thread, same codes, same queries, interleaved rounds, median pe
   :func:`choose_radius_strategy` picks (the server's call).
 * ``tables_1q`` / ``faiss_mh_1q``: the same two, one query per call (the server's shape: one
   request, one query), per-call overhead included.
-* ``lmdb`` (``--lmdb``): the previous serving path, LMDB ``candidates_batch`` + ``verify``.
 
 Queries are database codes with one random bit flipped, so every radius has true neighbours.
 All engines' result sets are checked equal. ``--fit`` least-squares fits the cost model's
@@ -34,44 +33,23 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from streamhash.index.hamming import make_index  # noqa: E402
-from streamhash.index.multihash import TABLES_DB_FLAGS, MultiHashTables, verify  # noqa: E402
+from streamhash.index.multihash import Substrings  # noqa: E402
 from streamhash.index.radius import RadiusIndex  # noqa: E402
-
-GEN = 1
-
-
-def build_lmdb(path: str, tables: MultiHashTables, codes: np.ndarray):
-    """The store's table rows (the keys and values ``Store.write_batch`` writes), bulk-loaded."""
-    import lmdb
-
-    env = lmdb.open(path, map_size=1 << 36, max_dbs=2, sync=False, writemap=True)
-    db = env.open_db(b"tables", **TABLES_DB_FLAGS)
-    raw, cb = codes.tobytes(), codes.shape[1]
-    items = []
-    for seq in range(len(codes)):
-        sv = seq.to_bytes(8, "big")
-        items.extend((k, sv) for k in tables._keys(GEN, raw[seq * cb : (seq + 1) * cb]))
-    items.sort()
-    with env.begin(write=True) as txn:
-        txn.cursor(db=db).putmulti(items, dupdata=True, append=True)
-    return env, db
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--bits", type=int, default=64)
-    p.add_argument("--m", type=int, default=0, help="tables (default MultiHashTables.default_m)")
+    p.add_argument("--m", type=int, default=0, help="tables (default Substrings.default_m)")
     p.add_argument("--radii", type=int, nargs="+", default=list(range(1, 9)))
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--lmdb", action="store_true", help="also time the LMDB tables (slow to build at 1M)")
     p.add_argument("--fit", action="store_true", help="fit the cost model's constants")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -79,7 +57,7 @@ def main(argv=None) -> None:
     import faiss
 
     faiss.omp_set_num_threads(1)
-    m = args.m or MultiHashTables.default_m(args.bits)
+    m = args.m or Substrings.default_m(args.bits)
     rng = np.random.default_rng(99)
     codes = rng.integers(0, 256, (args.n, args.bits // 8), dtype=np.uint8)
     q = codes[rng.integers(0, args.n, args.queries)].copy()
@@ -100,17 +78,6 @@ def main(argv=None) -> None:
     fmh = faiss.IndexBinaryMultiHash(args.bits, m, args.bits // m)
     fmh.add(codes)
     print(f"# FAISS IndexBinaryMultiHash built in {time.perf_counter() - t0:.3f}s")
-    if args.lmdb:
-        tables = MultiHashTables(args.bits, m)
-        tmp = tempfile.TemporaryDirectory(prefix="bench_mh_")
-        env, db = build_lmdb(tmp.name, tables, codes)
-
-        def lmdb_search(radius):
-            with env.begin() as txn:
-                lims, seqs = tables.candidates_batch(txn, db, GEN, q, radius)
-            cand_codes, _ = index.reconstruct_batch(seqs)
-            return verify(q, lims, seqs, cand_codes, radius)
-
     def faiss_mh(queries, radius):
         fmh.nflip = max(0, (radius - 1) // m)
         return fmh.range_search(queries, radius)
@@ -133,8 +100,6 @@ def main(argv=None) -> None:
             "flat": lambda: index.range_search(q, radius),
             "auto": lambda: radius_index.range_search(q, radius),
         }
-        if args.lmdb:
-            engines["lmdb"] = lambda: lmdb_search(radius)
         ref, same = None, {}
         for name, fn in engines.items():
             lims, _, ids = fn()
@@ -190,9 +155,6 @@ def main(argv=None) -> None:
         identical = all(all(r["same"].values()) for r in rows)
         print(json.dumps({"n": args.n, "bits": args.bits, "m": m, "build_s": build_s, "identical": identical,
                           "points": rows, "fit": fit}))
-    if args.lmdb:
-        env.close()
-        tmp.cleanup()
 
 
 if __name__ == "__main__":

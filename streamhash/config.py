@@ -117,7 +117,6 @@ class StoreSettings(BaseModel):
     # Width x height an image (or .npy) may declare; checked from the header before any pixel is decoded,
     # so a few-byte PNG claiming 30000x30000 is refused without allocating it. Must cover model.image_size².
     max_image_pixels: int = Field(4096 * 4096, ge=1)
-    multihash_tables: int = 0  # 0 = choose from bits (bits // 16)
 
 
 class ModelSettings(BaseModel):

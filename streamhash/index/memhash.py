@@ -6,7 +6,7 @@ index, candidates are verified against the flat index's own code words (no secon
 codes), dead rows are skipped with the flat index's tombstones, and results carry its ids.
 
 Layout (one immutable :class:`_Tables` snapshot, swapped as a whole): for each of the ``m``
-substrings (bounds and probe radii from :class:`~streamhash.index.multihash.MultiHashTables`, the
+substrings (bounds and probe radii from :class:`~streamhash.index.multihash.Substrings`, the
 refined pigeonhole bound), the live rows sorted by (substring value, row) as ``uint32`` plus a
 bucket directory over the value's top ``b`` bits (CSR offsets, ``2**b + 1`` int64). With
 ``b == w`` (16-bit substrings at 1M items) a probe is two directory loads; with ``b < w`` (wide
@@ -47,7 +47,7 @@ from itertools import pairwise
 import numpy as np
 
 from streamhash.index.hamming import BinaryIndex
-from streamhash.index.multihash import MultiHashTables, _flip_masks
+from streamhash.index.multihash import Substrings, flip_masks
 
 try:
     from streamhash.index import _hamming as _native
@@ -107,7 +107,7 @@ class MemHash:
         self._flat = weakref.ref(flat)  # the registry below maps flat -> this: no strong ref back
         self.d, self.m = flat.d, m
         self.code_size, self.words = flat.code_size, flat.words
-        self.layout = MultiHashTables(flat.d, m)  # bounds, widths, probe radii, cost-model counts
+        self.layout = Substrings(flat.d, m)  # bounds, widths, probe radii, cost-model counts
         self._snap: _Tables | None = None
         self._plans: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}
         self._build_lock = threading.Lock()
@@ -251,7 +251,7 @@ class MemHash:
         plan = self._plans.get(radius)
         if plan is None:
             pr = self.layout.probe_radii(radius)
-            masks = [_flip_masks(w, r) if r >= 0 else np.zeros(0, np.uint64) for w, r in zip(self.layout.widths, pr)]
+            masks = [flip_masks(w, r) if r >= 0 else np.zeros(0, np.uint64) for w, r in zip(self.layout.widths, pr)]
             off = np.zeros(self.m + 1, np.int64)
             np.cumsum([len(x) for x in masks], out=off[1:])
             plan = (np.concatenate(masks).astype(np.uint64), off, pr)
@@ -284,7 +284,7 @@ class MemHash:
 
     def _query_substrings(self, queries: np.ndarray) -> np.ndarray:
         if len(queries) <= 4:  # plain ints beat a dozen numpy calls on one row
-            split = self.layout._split
+            split = self.layout.shifts
             out = []
             for q in queries:
                 v = int.from_bytes(q.tobytes(), "big")

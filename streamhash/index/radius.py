@@ -10,7 +10,7 @@ order), i.e. by (distance, id) for the store's seqs, which increase with inserti
 The tables are :class:`~streamhash.index.memhash.MemHash`, in memory over the flat index's rows
 (one per flat index, made on first use, kept in step with its adds and removes; see that module).
 Until they are first built (in the background, after the first radius query over a generation)
-the flat scan answers. The store's LMDB tables (:mod:`.multihash`) are not read on this path.
+the flat scan answers. Their substrings and probe radii are :mod:`.multihash`'s arithmetic.
 
 >>> import numpy as np
 >>> from streamhash.index.backends import make_index
@@ -27,7 +27,7 @@ import numpy as np
 
 from streamhash.index.hamming import BinaryIndex
 from streamhash.index.memhash import MemHash, memhash_for
-from streamhash.index.multihash import choose_radius_strategy
+from streamhash.index.multihash import Substrings, choose_radius_strategy
 
 
 class RadiusIndex:
@@ -42,8 +42,8 @@ class RadiusIndex:
 
     @classmethod
     def over_store(cls, flat: BinaryIndex, store, generation: int) -> RadiusIndex:
-        """``flat``, a generation of ``store``, with ``store``'s configured number of tables."""
-        return cls(flat, m=store.tables.m, generation=generation)
+        """``flat``, a generation of ``store``, with the default number of tables for its code length."""
+        return cls(flat, m=Substrings.default_m(store.bits), generation=generation)
 
     @property
     def d(self) -> int:

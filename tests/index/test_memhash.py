@@ -9,7 +9,7 @@ from streamhash.codes import hamming_brute
 from streamhash.index import memhash
 from streamhash.index.backends import make_index
 from streamhash.index.memhash import MemHash, memhash_for, substring_values
-from streamhash.index.multihash import MultiHashTables
+from streamhash.index.multihash import Substrings
 from tests.index.backend_checks import limit_to
 
 BACKENDS = ["numpy"] + (["native"] if memhash._native is not None else [])
@@ -50,13 +50,13 @@ def check(got, want):
         np.testing.assert_array_equal(D[lims[j] : lims[j + 1]], wd)
 
 
-def test_substring_values_match_the_lmdb_tables_split():
+def test_substring_values_match_the_integer_split():
     rng = np.random.default_rng(0)
     for bits, m in [(16, 1), (24, 2), (40, 3), (64, 4), (64, 5), (72, 4), (128, 2), (128, 8), (136, 3)]:
-        t = MultiHashTables(bits, m)
+        t = Substrings(bits, m)
         codes = rng.integers(0, 256, (50, bits // 8), dtype=np.uint8)
         got = substring_values(codes, t.bounds)
-        assert got.tolist() == [t.substrings(c.tobytes()) for c in codes], (bits, m)
+        assert got.tolist() == [t.values(c.tobytes()) for c in codes], (bits, m)
 
 
 @pytest.mark.parametrize("bits,m", [(16, 1), (24, 2), (32, 2), (40, 3), (64, 4), (64, 5), (72, 4), (128, 8), (64, 1)])
@@ -171,7 +171,7 @@ def test_bucket_entries_and_skew():
     mh.build()
     assert 0.8 < mh.skew < 1.25  # uniform codes
     q = uniform[:50]
-    t = MultiHashTables(32, 2)
+    t = Substrings(32, 2)
     assert t.probe_radii(1) == [0, -1] and t.probe_radii(2) == [0, 0]  # strict radius 1: one table suffices
     sub, qs = substring_values(uniform, t.bounds), substring_values(q, t.bounds)
     np.testing.assert_array_equal(mh.bucket_entries(q, 1), [(sub[:, 0] == a).sum() for a, _ in qs])

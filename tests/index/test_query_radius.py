@@ -162,7 +162,7 @@ def test_search_is_the_flat_index_and_queries_are_checked(tmp_path):
     store.write_batch([ItemWrite(f"i{n}", c.tobytes(), b"", "image/png", None) for n, c in enumerate(codes)])
     g = LiveIndex(store).current
     index = RadiusIndex.over_store(g.index, store, g.generation)
-    assert index.d == 32 and index.ntotal == 300 and index.m == store.tables.m
+    assert index.d == 32 and index.ntotal == 300 and index.m == 2  # 32 bits: two 16-bit substrings
     for a, b in zip(index.search(codes[:4], 7), g.index.search(codes[:4], 7)):
         np.testing.assert_array_equal(a, b)
     for bad in (codes[:2, :3], codes[:2].astype(np.int64), codes[0]):

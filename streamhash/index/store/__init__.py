@@ -4,7 +4,7 @@ One :class:`Store` per shard, over parts that each own one piece of it:
 
 - :mod:`.layout`: the sub-databases, their keys and values, the schema check;
 - :mod:`.env`: the environment and its writer discipline (one write transaction at a time, growth, full disk);
-- :mod:`.items`: item records and blobs, linked into codes, hash tables and the change log in one transaction;
+- :mod:`.items`: item records and blobs, linked into codes and the change log in one transaction;
 - :mod:`.changes`: the followers' reads through the change log;
 - :mod:`.offsets`: Kafka offsets and topic ids, committed with the items;
 - :mod:`.models`: versioned networks;
@@ -24,7 +24,7 @@ from streamhash.index.store.changes import Change, ChangeLog, Snapshot
 from streamhash.index.store.env import Environment
 from streamhash.index.store.generations import TXN_KEYS_DROPPED, Generations
 from streamhash.index.store.items import Items, ItemWrite
-from streamhash.index.store.layout import DB_NAMES, SCHEMA_VERSION, from_u64, init_meta, offset_key, u64
+from streamhash.index.store.layout import DB_NAMES, SCHEMA_VERSION, check_readable, from_u64, init_meta, offset_key, u64
 from streamhash.index.store.models import Models
 from streamhash.index.store.offsets import Offsets
 
@@ -49,24 +49,20 @@ class Store:
         backbone: str | None = None,
         initial_map_size: int = 64 << 20,
         max_map_size: int = 1 << 40,
-        multihash_tables: int = 0,
         map_growth_factor: float = 2.0,
     ):
-        from streamhash.index.multihash import MultiHashTables
-
         self._env = Environment(path, readonly=readonly, initial_map_size=initial_map_size,
                                 max_map_size=max_map_size, map_growth_factor=map_growth_factor)
         self.path, self.readonly, self.env, self.db = self._env.path, readonly, self._env.env, self._env.db
-        meta = self.read_meta() if readonly else init_meta(self._env, bits=bits, shard=shard, backbone=backbone)
+        meta = (check_readable(self.read_meta(), self.path) if readonly
+                else init_meta(self._env, bits=bits, shard=shard, backbone=backbone))
         self.bits = int(meta["bits"])
         self.code_bytes = self.bits // 8
-        m = multihash_tables or int(meta.get("multihash_tables") or 0) or MultiHashTables.default_m(self.bits)
-        self.tables = MultiHashTables(self.bits, m)
         self.offset_map = Offsets(self._env)
-        self.items = Items(self._env, self.tables, self.code_bytes, self.offset_map)
+        self.items = Items(self._env, self.code_bytes, self.offset_map)
         self.changes = ChangeLog(self._env, self.code_bytes)
         self.models = Models(self._env)
-        self.generations = Generations(self._env, self.tables, self.items)
+        self.generations = Generations(self._env, self.items)
 
     # transactions and meta, for the parts and for tests that reach under the facade
     def _read(self, fn):

@@ -41,16 +41,16 @@ from streamhash.index.store.layout import from_u64, u64
 log = logging.getLogger(__name__)
 
 # Items a re-encode copies or writes in one transaction: ~13 ms a transaction here, half of it the commit
-# writing the pages those codes and hash-table rows touched (2,048 took 46 ms). An ingest commit of the
-# shard waits for at most one such transaction.
+# writing the pages those codes touched (2,048 took 46 ms; both measured while each code also wrote
+# hash-table rows, schema 1). An ingest commit of the shard waits for at most one such transaction.
 TXN_ITEMS = 256
 # Keys a drop deletes in one transaction: ~1 us each, so the commit (~2 ms) dominates up to this many.
 TXN_KEYS_DROPPED = 2048
 
 
 class Generations:
-    def __init__(self, env: Environment, tables, items: Items, *, txn_items: int = TXN_ITEMS):
-        self.env, self.tables, self.items, self.txn_items = env, tables, items, txn_items
+    def __init__(self, env: Environment, items: Items, *, txn_items: int = TXN_ITEMS):
+        self.env, self.items, self.txn_items = env, items, txn_items
 
     def _write(self, fn):
         return self.env.write(fn, background=True)  # never ahead of an ingest commit waiting for the writer
@@ -72,7 +72,7 @@ class Generations:
         return gen, int(meta["next_seq"]) - 1
 
     def put_codes(self, gen: int, ids: list[str], codes: np.ndarray, seqs=None) -> None:
-        """Write codes (and their hash-table entries) of a pending generation; ids gone meanwhile are skipped.
+        """Write codes of a pending generation; ids gone meanwhile are skipped.
 
         ``seqs``: the seq each id had when its image was read. An item written again since then is
         skipped: its code came from the image it replaced, and leaving it missing makes the catch-up
@@ -93,18 +93,12 @@ class Generations:
             seq = json.loads(raw)["seq"]
             if seqs is not None and seq != seqs[k]:
                 continue
-            added += self._put_code(txn, gen, key, seq, code.tobytes())
+            added += self._put_code(txn, gen, key, code.tobytes())
         count_pending_codes(self.env, txn, added)
 
-    def _put_code(self, txn, gen: int, key: bytes, seq: int, code: bytes) -> int:
+    def _put_code(self, txn, gen: int, key: bytes, code: bytes) -> int:
         """Write one code into ``gen``; returns 1 if the item held none there yet (the caller counts it)."""
-        db, prefix = self.env.db, u64(gen)
-        old = txn.get(prefix + key, db=db["codes"])
-        if old is not None:
-            self.tables.remove(txn, db["tables"], gen, seq, old)
-        txn.put(prefix + key, code, db=db["codes"])
-        self.tables.add(txn, db["tables"], gen, seq, code)
-        return int(old is None)
+        return int(txn.replace(u64(gen) + key, code, db=self.env.db["codes"]) is None)
 
     def copy_current(self, gen: int, ids: list[str], model_version: int) -> tuple[int, list[tuple[str, int]]]:
         """Copy into ``gen`` the live code of each item it may keep; return how many, and (id, seq) of those to encode.
@@ -133,7 +127,7 @@ class Generations:
             rec = json.loads(raw)
             code = txn.get(live + key, db=db["codes"])
             if code is not None and not stale(bool(rec.get("learned")), inferred_by(rec, meta), model_version):
-                added += self._put_code(txn, gen, key, rec["seq"], code)
+                added += self._put_code(txn, gen, key, code)
                 copied += 1
             else:
                 to_encode.append((item_id, rec["seq"]))
@@ -207,27 +201,24 @@ class Generations:
         return replaced
 
     def drop(self, gen: int, chunk: int = TXN_KEYS_DROPPED) -> int:
-        """Delete every code and table entry of ``gen`` (a replaced or abandoned one), at most ``chunk`` keys a
-        transaction."""
-        prefix, dropped = u64(gen), 0
-        for db in (self.env.db["codes"], self.env.db["tables"]):
-            while True:
-                def txn_fn(txn, db=db):
-                    cur, n = txn.cursor(db=db), 0
-                    if not cur.set_range(prefix):
-                        return 0
-                    while n < chunk and cur.key().startswith(prefix):
-                        # delete(dupdata=True) removes every duplicate of a table key at once
-                        if not cur.delete(dupdata=True):
-                            break
-                        n += 1
-                    return n
+        """Delete every code of ``gen`` (a replaced or abandoned one), at most ``chunk`` keys a transaction."""
+        prefix, dropped, db = u64(gen), 0, self.env.db["codes"]
 
-                n = self._write(txn_fn)
-                dropped += n
-                if n < chunk:
+        def txn_fn(txn):
+            cur, n = txn.cursor(db=db), 0
+            if not cur.set_range(prefix):
+                return 0
+            while n < chunk and cur.key().startswith(prefix):
+                if not cur.delete():
                     break
-        return dropped
+                n += 1
+            return n
+
+        while True:
+            n = self._write(txn_fn)
+            dropped += n
+            if n < chunk:
+                return dropped
 
     def abandon(self, gen: int) -> int:
         """Drop a pending generation that will not be swapped in, and stop building it; returns entries dropped."""
@@ -253,16 +244,14 @@ class Generations:
         return int(gen)
 
     def _replaced(self, live: int) -> list[int]:
-        """Generations below ``live`` that still hold codes or table rows (keys start with the generation)."""
+        """Generations below ``live`` that still hold codes (keys start with the generation)."""
 
         def read(txn):
-            found = set()
-            for name in ("codes", "tables"):
-                cur = txn.cursor(db=self.env.db[name])
-                ok = cur.first()
-                while ok and (g := from_u64(cur.key()[:8])) < live:
-                    found.add(g)
-                    ok = cur.set_range(u64(g + 1))  # skip to the next generation's first key
-            return sorted(found)
+            found, cur = [], txn.cursor(db=self.env.db["codes"])
+            ok = cur.first()
+            while ok and (g := from_u64(cur.key()[:8])) < live:
+                found.append(g)
+                ok = cur.set_range(u64(g + 1))  # skip to the next generation's first key
+            return found
 
         return self.env.read(read)

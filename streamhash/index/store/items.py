@@ -1,6 +1,6 @@
-"""Items: their records and image blobs, and the one place an item is linked into codes, tables and the change log.
+"""Items: their records and image blobs, and the one place an item is linked into codes and the change log.
 
-Writes are one transaction per batch: items, codes, blobs, hash tables, changes and the Kafka offset
+Writes are one transaction per batch: items, codes, blobs, changes and the Kafka offset
 map commit together or not at all. Every write (a new item, a re-sent id, a learned code) links the
 item under a fresh ``seq`` and unlinks its previous one, so the change log holds one entry per live item.
 """
@@ -59,8 +59,8 @@ def inferred_by(rec: dict, meta: dict) -> int:
 
 
 class Items:
-    def __init__(self, env: Environment, tables, code_bytes: int, offsets: Offsets):
-        self.env, self.tables, self.code_bytes, self.offsets = env, tables, code_bytes, offsets
+    def __init__(self, env: Environment, code_bytes: int, offsets: Offsets):
+        self.env, self.code_bytes, self.offsets = env, code_bytes, offsets
 
     def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None,
                     *, generation: int | None = None, model_version: int | None = None) -> list[int]:
@@ -182,21 +182,17 @@ class Items:
         self.env.write(txn_fn)
 
     def link(self, txn, key: bytes, rec: dict, gen: int, seq: int, code: bytes) -> None:
-        """Write an item under a fresh ``seq``: its record, its code and hash-table entries in ``gen``, its change."""
+        """Write an item under a fresh ``seq``: its record, its code in ``gen``, its change."""
         db = self.env.db
         rec["seq"] = seq
         txn.put(key, json.dumps(rec).encode(), db=db["items"])
         txn.put(u64(gen) + key, code, db=db["codes"])
         txn.put(u64(seq), key, db=db["changes"])
-        self.tables.add(txn, db["tables"], gen, seq, code)
 
     def unlink(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
         db = self.env.db
         for i, gen in enumerate(gens):
-            old_code = txn.get(u64(gen) + key, db=db["codes"])
-            if old_code is not None:
-                self.tables.remove(txn, db["tables"], gen, rec["seq"], old_code)
-                txn.delete(u64(gen) + key, db=db["codes"])
+            if txn.delete(u64(gen) + key, db=db["codes"]):  # True when the item held a code there
                 if i:  # the generation being built lost this item's code: its catch-up writes it again
                     count_pending_codes(self.env, txn, -1)
         txn.delete(u64(rec["seq"]), db=db["changes"])

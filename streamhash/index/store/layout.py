@@ -4,7 +4,6 @@
 ``items``   item id (UTF-8)                              JSON: labels, ts, seq, shard, ctype, model, ...
 ``codes``   generation (8 B) + item id                   packed code, ``bits/8`` bytes
 ``blobs``   item id                                      the image bytes as received
-``tables``  owned by :mod:`streamhash.index.multihash`   multi-index hash buckets, per generation
 ``models``  model version (8 B)                          serialised hash network
 ``offsets`` ``topic\\0partition``                         next offset to consume (8 B)
 ``meta``    name                                         JSON value: schema, bits, generation, ...
@@ -17,17 +16,30 @@ in insertion order. Followers (the query worker) read it from their last seen se
 staying live an O(new items) read instead of a scan. ``seq`` is also the int64 id that the
 in-memory Hamming index uses, so ties break by insertion order.
 
-Meta keys and their writers: ``schema_version``, ``bits``, ``shard``, ``backbone``, ``multihash_tables``
-and ``created`` (here, once); ``next_seq`` (items); ``model_version`` (models, items, generations);
+Meta keys and their writers: ``schema_version``, ``bits``, ``shard``, ``backbone`` and ``created`` (here,
+once); ``next_seq`` (items); ``model_version`` (models, items, generations);
 ``generation``, ``pending_generation``, ``generation_model`` (the network the live generation was built
 with) and ``pending_codes`` (items holding a code in the pending one; items lower it when a write drops
 one) (generations); ``topic_ids`` (offsets). Item records carry
 ``recoded``, ``learned`` (a learned code replaced the inferred one), ``learned_by`` (the model version it was
 learned with, when it came from the learner's codes topic) and ``quarantined`` besides.
+
+Schema history. 1: the sub-databases above and ``tables``, multi-index hash buckets per generation in
+LMDB, written with every code and read by no query once radius search moved to the in-memory tables
+(:mod:`streamhash.index.memhash`); meta ``multihash_tables``. 2 (now): without them. The one writable
+opener of a schema-1 shard (its worker) migrates it in place, in one write transaction that drops
+``tables`` and ``multihash_tables`` and writes the new schema number (:func:`migrate`): a crash before
+its commit leaves the shard at schema 1, tables and all, and the next open migrates it again. The
+dropped pages go back to LMDB's free list, reused by later writes; the file does not shrink. Read-only
+openers (query servers, the learner) read either schema as it is, since the sub-databases they open
+are the same in both; a reader open across the migration keeps its snapshot and its handles. A shard
+at schema 2 cannot be opened by an older build: its writer refuses the schema number, its readers miss
+the ``tables`` sub-database.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 
@@ -35,8 +47,13 @@ import orjson
 
 from streamhash.errors import SchemaMismatchError, StoreError
 
-SCHEMA_VERSION = 1
-DB_NAMES = ("items", "codes", "blobs", "tables", "models", "offsets", "meta", "changes")
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # what a read-only opener reads: 1 differs only by the sub-database it never opens
+DB_NAMES = ("items", "codes", "blobs", "models", "offsets", "meta", "changes")
+# Schema 1's multi-index tables, as it created them (opening a sub-database takes its flags)
+_V1_TABLES, _V1_TABLES_FLAGS = b"tables", {"dupsort": True, "dupfixed": True}
 _U64 = struct.Struct(">Q")
 
 
@@ -52,14 +69,6 @@ def offset_key(topic: str, partition: int) -> bytes:
     return f"{topic}\0{partition}".encode()
 
 
-def db_flags(name: str) -> dict:
-    if name == "tables":
-        from streamhash.index.multihash import TABLES_DB_FLAGS
-
-        return dict(TABLES_DB_FLAGS)
-    return {}
-
-
 def labels_of_record(raw: bytes) -> tuple[int, ...] | None:
     labels = orjson.loads(raw)["labels"]  # per hit of every search: ~3x faster than json.loads on these records
     return tuple(labels) if labels is not None else None
@@ -71,15 +80,14 @@ def init_meta(env, *, bits: int | None, shard: int, backbone: str | None) -> dic
     if not meta:
         if bits is None:
             raise StoreError(f"new store at {env.path} needs `bits`")
-        from streamhash.index.multihash import MultiHashTables
-
         meta = {
             "schema_version": SCHEMA_VERSION, "bits": bits, "shard": shard, "backbone": backbone,
-            "generation": 1, "model_version": 0, "next_seq": 1,
-            "multihash_tables": MultiHashTables.default_m(bits), "created": time.time(),
+            "generation": 1, "model_version": 0, "next_seq": 1, "created": time.time(),
         }
         env.write(lambda txn: env.put_meta(txn, meta))
         return meta
+    if meta.get("schema_version") == 1:
+        meta = migrate(env)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise SchemaMismatchError(
             f"store {env.path} has schema {meta.get('schema_version')}, this build reads {SCHEMA_VERSION}"
@@ -89,3 +97,29 @@ def init_meta(env, *, bits: int | None, shard: int, backbone: str | None) -> dic
     if backbone is not None and meta.get("backbone") not in (None, backbone):
         raise SchemaMismatchError(f"store {env.path} was built with backbone {meta['backbone']}, not {backbone}")
     return meta
+
+
+def check_readable(meta: dict, path) -> dict:
+    """The meta of a read-only store, refused when this build cannot read its schema."""
+    if meta and meta.get("schema_version") not in READABLE_SCHEMAS:
+        raise SchemaMismatchError(
+            f"store {path} has schema {meta.get('schema_version')}, this build reads {READABLE_SCHEMAS}"
+        )
+    return meta
+
+
+def migrate(env) -> dict:
+    """Schema 1 to 2 in place, in one write transaction: drop ``tables`` and ``multihash_tables``, write the
+    schema number. Returns the new meta."""
+
+    def txn_fn(txn):
+        if env.read_meta(txn).get("schema_version") != 1:  # migrated meanwhile: nothing to do
+            return
+        if txn.get(_V1_TABLES) is not None:  # the main database holds a record per named sub-database
+            txn.drop(env.env.open_db(_V1_TABLES, txn=txn, create=False, **_V1_TABLES_FLAGS), delete=True)
+        txn.delete(b"multihash_tables", db=env.db["meta"])
+        env.put_meta(txn, {"schema_version": SCHEMA_VERSION})
+
+    env.write(txn_fn)
+    log.info("store %s migrated from schema 1 to %d (LMDB multi-index tables dropped)", env.path, SCHEMA_VERSION)
+    return env.read_meta()

@@ -9,7 +9,7 @@ import pytest
 
 from streamhash.errors import StoreError
 from streamhash.index.store import GenerationBuilder, ItemWrite, Store
-from tests.index.store.support import items
+from tests.index.store.support import codes_of, items
 
 
 def test_generation_is_built_beside_the_live_one_and_swapped_atomically(tmp_path):
@@ -37,12 +37,9 @@ def test_generation_is_built_beside_the_live_one_and_swapped_atomically(tmp_path
         "id1": "07070707", "id2": "07070707", "id3": "07070707", "id4": "09090909", "id5": "09090909",
         "id0": "09090909", "new": "09090909"}
     assert s.get_item("id4")["code"] == bytes([9] * 4) and s.get_item("id4")["generation"] == 2
-    # the replaced generation's codes and tables can be dropped; the live one stays searchable
-    assert s.drop_generation(1) > 0
-    with s.env.begin() as txn:
-        assert s.tables.candidates(txn, s.db["tables"], 1, bytes(4), 33).size == 0
-        found = s.tables.candidates(txn, s.db["tables"], 2, bytes([7] * 4), 1)
-    assert sorted(s.snapshot().ids[i] for i in np.searchsorted(snap.seqs, found)) == ["id1", "id2", "id3"]
+    # the replaced generation's codes can be dropped; the live one stays
+    assert s.drop_generation(1) == 7
+    assert codes_of(s, 1) == {} and len(codes_of(s, 2)) == 7
 
 
 def test_write_encoded_for_a_replaced_generation_is_refused(tmp_path):
@@ -62,13 +59,10 @@ def test_learned_codes_during_a_build_are_caught_up_by_the_new_generation(tmp_pa
     s.write_batch(items(3))
     gen, watermark = s.begin_generation()
     s.put_generation_codes(gen, ["id0", "id1", "id2"], np.full((3, 4), 7, np.uint8))
-    s.put_codes(["id1"], np.full((1, 4), 5, np.uint8))  # its new seq would orphan id1's table entry in gen 2
+    s.put_codes(["id1"], np.full((1, 4), 5, np.uint8))  # drops id1's code from gen 2: the build must redo it
     assert s.ids_missing_from(gen, watermark) == ["id1"]
     s.swap_generation(gen, 2, ["id1"], np.full((1, 4), 9, np.uint8))
-    snap = s.snapshot()
-    with s.env.begin() as txn:
-        found = s.tables.candidates(txn, s.db["tables"], gen, bytes([9] * 4), 1)
-    assert found.tolist() == [snap.seqs[snap.ids.index("id1")]]
+    assert codes_of(s, gen) == {"id0": "07070707", "id1": "09090909", "id2": "07070707"}
 
 
 def test_an_interrupted_reencode_is_cleaned_at_start_up(tmp_path):
@@ -76,15 +70,11 @@ def test_an_interrupted_reencode_is_cleaned_at_start_up(tmp_path):
     s.write_batch(items(4))
     gen, _ = s.begin_generation()
     s.put_generation_codes(gen, ["id0", "id1"], np.ones((2, 4), np.uint8))
-    s.close()  # the crash: a pending generation with orphan codes and table rows
+    s.close()  # the crash: a pending generation with orphan codes
     s = Store(tmp_path, bits=32)
     assert s.abandon_pending_generation() == gen
     assert s.read_meta()["pending_generation"] is None
-    with s.env.begin() as txn:
-        prefix = gen.to_bytes(8, "big")
-        for db in ("codes", "tables"):
-            cur = txn.cursor(db=s.db[db])
-            assert not (cur.set_range(prefix) and cur.key().startswith(prefix)), db
+    assert not holds_generation(s, gen) and len(codes_of(s, 1)) == 4
     assert s.abandon_pending_generation() is None
 
 
@@ -108,14 +98,8 @@ def test_swap_encodes_late_items_inside_its_transaction(tmp_path):
 
 
 def holds_generation(s, gen) -> bool:
-    """Whether any code or hash-table row of ``gen`` is left."""
-    prefix = gen.to_bytes(8, "big")
-    with s.env.begin() as txn:
-        for db in ("codes", "tables"):
-            cur = txn.cursor(db=s.db[db])
-            if cur.set_range(prefix) and cur.key().startswith(prefix):
-                return True
-    return False
+    """Whether any code of ``gen`` is left."""
+    return bool(codes_of(s, gen))
 
 
 class Encoder:
@@ -152,9 +136,7 @@ def test_builder_catches_up_items_written_during_the_build(tmp_path):
     assert {i: bytes(c).hex() for i, c in zip(snap.ids, snap.codes)} == {
         **{f"id{i}": "07070707" for i in range(6)}, "late0": "07070707", "late1": "09090909"}
     assert s.ids_missing_from(2) == [] and builder.replaced == 1
-    with s.env.begin() as txn:
-        found = s.tables.candidates(txn, s.db["tables"], 2, bytes([7] * 4), 1)
-    assert sorted(snap.ids[i] for i in np.searchsorted(snap.seqs, found)) == sorted(f"id{i}" for i in range(6)) + ["late0"]
+    assert codes_of(s, 2) == {i: bytes(c).hex() for i, c in zip(snap.ids, snap.codes)}
     assert builder.drop_replaced() > 0 and builder.replaced is None
     assert not holds_generation(s, 1) and holds_generation(s, 2)
 

@@ -1,12 +1,16 @@
-"""The schema: a reopened store keeps its data and refuses other settings or another schema."""
+"""The schema: a reopened store keeps its data and refuses other settings or another schema; schema 1 is migrated."""
 
+import json
 import subprocess
 import sys
 import textwrap
 
+import lmdb
+import numpy as np
 import pytest
 
 from streamhash.errors import SchemaMismatchError
+from streamhash.index.multihash import Substrings
 from streamhash.index.store import Store
 from tests.index.store.support import items
 
@@ -35,3 +39,123 @@ def test_schema_mismatch_is_typed(tmp_path):
     s.close()
     with pytest.raises(SchemaMismatchError, match="schema 999"):
         Store(tmp_path, bits=32)
+
+
+def test_a_newer_schema_is_refused_read_only_too(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s._write(lambda txn: s._put_meta(txn, {"schema_version": 999}))
+    s.close()
+    with pytest.raises(SchemaMismatchError, match=r"schema 999, this build reads \(1, 2\)"):
+        Store(tmp_path, readonly=True)
+
+
+# ---------------------------------------------------------------- schema 1 (LMDB multi-index tables) -> 2
+def schema_1_shard(path, n=6):
+    """A shard as schema 1 left it. Its items, codes, blobs, change log and offsets are laid out as now (written
+    here by today's Store); besides them, as the schema-1 code wrote them: the ``tables`` sub-database (dupsort,
+    dupfixed), one row per (code, substring) keyed generation (8 B) + table (1 B) + substring value, valued by
+    the item's seq (8 B), and ``schema_version`` 1 and ``multihash_tables`` in meta."""
+    s = Store(path, bits=32)
+    s.write_batch(items(n), {("t", 0): n})
+    s.close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        tables = env.open_db(b"tables", txn=txn, dupsort=True, dupfixed=True)
+        meta, codes, recs = (env.open_db(name, txn=txn, create=False) for name in (b"meta", b"codes", b"items"))
+        for key, code in txn.cursor(db=codes):
+            seq = json.loads(txn.get(key[8:], db=recs))["seq"]
+            for j, v in enumerate(Substrings(32, 2).values(code)):
+                txn.put(key[:8] + bytes([j]) + v.to_bytes(2, "big"), seq.to_bytes(8, "big"), db=tables, dupdata=True)
+        txn.put(b"schema_version", b"1", db=meta)
+        txn.put(b"multihash_tables", b"2", db=meta)
+    env.close()
+    return n * 2  # table rows
+
+
+def raw_state(path, store=None) -> dict:
+    """What the LMDB file holds, read without the store's code: schema, the tables' rows (None: no such
+    sub-database), items and meta keys. ``store``: the Store holding it open in this process (one
+    environment per file and process), read through its LMDB handle."""
+    env = store.env if store is not None else lmdb.open(str(path), max_dbs=16, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            meta = {k.decode(): json.loads(v) for k, v in txn.cursor(db=env.open_db(b"meta", txn=txn, create=False))}
+            has_tables = txn.get(b"tables") is not None
+            rows = txn.stat(env.open_db(b"tables", txn=txn, create=False))["entries"] if has_tables else None
+            n = txn.stat(env.open_db(b"items", txn=txn, create=False))["entries"]
+    finally:
+        if store is None:
+            env.close()
+    return {"schema": meta["schema_version"], "table_rows": rows, "items": n, "multihash_tables": meta.get("multihash_tables")}
+
+
+def test_a_schema_1_shard_is_read_as_it_is_and_migrated_by_its_writer(tmp_path):
+    rows = schema_1_shard(tmp_path)
+    assert raw_state(tmp_path) == {"schema": 1, "table_rows": rows, "items": 6, "multihash_tables": 2}
+    reader = Store(tmp_path, readonly=True)  # a query server: reads it, changes nothing
+    snap = reader.snapshot()
+    assert reader.count() == 6 and len(snap.ids) == 6 and reader.get_item("id1")["code"] == items(6)[1].code
+    reader.close()
+    assert raw_state(tmp_path)["schema"] == 1
+
+    s = Store(tmp_path, bits=32)  # its worker: migrated in place
+    assert raw_state(tmp_path, s) == {"schema": 2, "table_rows": None, "items": 6, "multihash_tables": None}
+    assert s.read_meta()["schema_version"] == 2 and s.offsets() == {("t", 0): 6}
+    s.write_batch(items(2, prefix="new"), {("t", 0): 8})
+    gen, _ = s.begin_generation()  # a re-encode over the migrated shard
+    s.swap_generation(gen, 2, s.ids_missing_from(gen), np.zeros((8, 4), np.uint8))
+    assert s.drop_generation(1) == 8
+    s.close()
+    s = Store(tmp_path, bits=32)
+    assert s.count() == 8 and s.snapshot().generation == 2 and s.read_meta()["schema_version"] == 2
+    s.close()
+
+
+def test_a_crash_during_the_migration_leaves_schema_1_whole(tmp_path):
+    rows = schema_1_shard(tmp_path)
+    # the writer dies inside the migration's transaction, after the drop, before the schema number is written
+    script = textwrap.dedent(f"""
+        import os
+        from streamhash.index.store.env import Environment
+        from streamhash.index.store import Store
+        put_meta = Environment.put_meta
+        def dying(self, txn, meta):
+            if meta.get("schema_version") == 2:
+                os._exit(17)
+            put_meta(self, txn, meta)
+        Environment.put_meta = dying
+        Store({str(tmp_path)!r}, bits=32)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 17, proc.stderr
+    assert raw_state(tmp_path) == {"schema": 1, "table_rows": rows, "items": 6, "multihash_tables": 2}
+    s = Store(tmp_path, bits=32)
+    assert s.count() == 6 and s.read_meta()["schema_version"] == 2
+    s.close()
+    assert raw_state(tmp_path)["table_rows"] is None
+
+
+def test_a_reader_open_across_the_migration_keeps_reading(tmp_path):
+    schema_1_shard(tmp_path)
+    # a query server holding the shard open (another process: one LMDB environment per process)
+    script = textwrap.dedent(f"""
+        import sys
+        from streamhash.index.store import Store
+        s = Store({str(tmp_path)!r}, readonly=True)
+        print(s.count(), len(s.snapshot().ids), flush=True)
+        sys.stdin.readline()
+        print(s.count(), sorted(s.snapshot().ids)[-1], s.get_item("new0")["code"].hex(), flush=True)
+    """)
+    reader = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().split() == ["6", "6"]
+        s = Store(tmp_path, bits=32)
+        s.write_batch(items(1, prefix="new"))
+        s.close()
+        out, err = reader.communicate("go\n", timeout=60)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0, err
+    assert out.split() == ["7", "new0", items(1, prefix="new")[0].code.hex()]
+    assert raw_state(tmp_path)["schema"] == 2
