@@ -1,11 +1,14 @@
 """Producing images: sources (a folder, a ``.npy`` batch, a named dataset) and a rate-limited sender.
 
 A source yields :class:`Outgoing` messages; :func:`send` puts them on the topic with the contract's
-key and headers, at an optional rate, with a progress bar.
+key and headers, at an optional rate, with a progress bar. :func:`check` runs each message through the
+workers' own parser (:func:`streamhash.records.parse_message`) first, so what a worker would dead-letter
+is named before it is sent; :func:`converted` fits an image to the network on the producer's side.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +20,9 @@ from kafka import KafkaProducer
 from tqdm import tqdm
 
 from streamhash.config import KafkaSettings
-from streamhash.records import encode_npy, encode_png, message_headers
+from streamhash.errors import RecordRejected
+from streamhash.imaging import Conversion
+from streamhash.records import ImageSpec, encode_npy, encode_png, message_headers, parse_message
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +100,30 @@ def send(producer: KafkaProducer, topic: str, messages: Iterable[Outgoing], *, l
     if errors:
         raise RuntimeError(f"{len(errors)} of {sent} messages failed to send; first error: {errors[0]!r}")
     return sent
+
+
+def check(msg: Outgoing, spec: ImageSpec) -> RecordRejected | None:
+    """What a worker with this spec would do with ``msg``: None (indexed) or the rejection it would dead-letter."""
+    try:
+        parse_message(msg.key.encode(), msg.value, message_headers(msg.labels, msg.content_type), spec)
+    except RecordRejected as exc:
+        return exc
+    return None
+
+
+def converted(msg: Outgoing, spec: ImageSpec, *, mode: str | None, resize: str) -> Outgoing:
+    """``msg`` as a PNG of the network's own shape, made by the workers' conversion rules (``mode``, ``resize``):
+    a photo of any size and colour fits the default 28x28 gray contract. RecordRejected if it cannot be read."""
+    spec_for = dataclasses.replace(spec, conversion=Conversion(mode=mode, resize=resize))
+    rec = parse_message(msg.key.encode(), msg.value, message_headers(msg.labels, msg.content_type), spec_for)
+    return Outgoing(msg.key, encode_png(rec.image), "image/png", msg.labels)
+
+
+def hint(error: RecordRejected, spec: ImageSpec) -> str | None:
+    """What to do about a refusal that a conversion would fix (another size or colour mode), else None."""
+    if error.stage != "shape" or "not an image" in error.message or "dtype" in error.message:
+        return None
+    mode = "gray" if spec.channels == 1 else "rgb"
+    return (f"to send it anyway, convert it here with --resize fill --mode {mode} (the network takes "
+            f"{spec.width}x{spec.height} {'gray' if spec.channels == 1 else 'RGB'}), or run every worker, learner and "
+            f"query server with STREAMHASH_IMAGE__RESIZE=fill STREAMHASH_IMAGE__MODE={mode}")
