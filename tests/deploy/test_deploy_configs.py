@@ -344,28 +344,46 @@ def _kafka_topics(compose) -> dict[str, str]:
             for m in [re.search(r"--topic (\S+)", line)] if m}
 
 
-def test_compose_services(compose):
-    services = compose["services"]
-    for name in ("kafka", "kafka-init", "worker", "learner", "query", "router", "prometheus", "grafana"):
-        assert name in services, f"compose.yaml has no {name} service"
-    assert services["kafka"]["image"].startswith("apache/kafka:")
-    kenv = services["kafka"]["environment"]
-    assert "controller" in kenv["KAFKA_PROCESS_ROLES"] and "KAFKA_ZOOKEEPER_CONNECT" not in kenv  # KRaft
-    assert str(kenv["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]).lower() == "true"
-    assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+def test_compose_services_run_the_package_s_entry_points_and_listen_beyond_loopback(compose):
+    """Every service built from the repository runs a console script of the package (pyproject's
+    [project.scripts]) with arguments its parser accepts; every port another container reaches (a scrape
+    target, a router's remote) is bound beyond loopback; the broker is KRaft, created topics before use."""
+    import importlib
+    import tomllib
 
-    assert services["worker"]["command"] == ["streamhash-worker"]
-    assert services["learner"]["command"] == ["streamhash", "learner"]
-    assert services["query"]["command"] == ["streamhash", "serve"]
-    assert services["router"]["command"][:2] == ["streamhash", "serve"]
-    for name in ("worker", "learner", "query", "router"):
-        build = services[name]["build"]
-        assert build["dockerfile"] == "deploy/Dockerfile"
-        assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
-    w_env = services["worker"]["environment"]
-    assert w_env["STREAMHASH_WORKER__METRICS_HOST"] == "0.0.0.0"  # the learner serves its metrics on it too
-    assert services["query"]["environment"]["STREAMHASH_SERVER__HOST"] == "0.0.0.0"
-    assert services["router"]["environment"]["STREAMHASH_SERVER__HOST"] == "0.0.0.0"
+    from streamhash.cli import build_parser
+    from streamhash.config import ServerSettings, WorkerSettings
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    ours = {name: svc for name, svc in compose["services"].items() if "build" in svc}
+    assert {"worker", "learner", "query", "router"} <= set(ours)
+    for name, svc in ours.items():
+        build = svc["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).is_file(), name
+        script, *args = svc["command"]
+        assert script in scripts, f"{name} runs {script}, not a console script of the package"
+        module, func = scripts[script].split(":")
+        assert callable(getattr(importlib.import_module(module), func)), scripts[script]
+        if script == "streamhash":
+            try:
+                build_parser().parse_args(args)
+            except SystemExit:
+                pytest.fail(f"{name}: `streamhash {' '.join(args)}` does not parse")
+        env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+        host = (env.get("STREAMHASH_SERVER__HOST", ServerSettings().host) if args[:1] == ["serve"]
+                else env.get("STREAMHASH_WORKER__METRICS_HOST", WorkerSettings().metrics_host))
+        assert host not in ("127.0.0.1", "localhost"), f"{name} listens on {host}: no other container reaches it"
+
+    kafka = compose["services"]["kafka"]
+    assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"], "KRaft: no ZooKeeper service"
+    assert compose["services"]["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+    def after(name: str) -> set[str]:  # what a service starts after, directly or not
+        direct = set(compose["services"][name].get("depends_on", {}))
+        return direct.union(*(after(d) for d in direct))
+
+    for name in ours:
+        assert "kafka-init" in after(name), f"{name} may start before its topics exist"
 
 
 def test_compose_topics_match_the_code(compose):
