@@ -57,7 +57,7 @@ class KafkaSettings(BaseModel):
     models_topic: str = ""
     codes_topic: str = ""
     group_id: str = "streamhash-worker"
-    # Tansu holds JoinGroup for about half the session timeout (KAFKA.md); the defaults
+    # Tansu holds JoinGroup for about half the session timeout (docs/KAFKA.md); the defaults
     # below suit both it and real Kafka. Raise them for a busy real cluster.
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 2000

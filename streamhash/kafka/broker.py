@@ -21,7 +21,7 @@ from streamhash.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
-# Variables Tansu reads that would silently change what it does (KAFKA.md: never let it look
+# Variables Tansu reads that would silently change what it does (docs/KAFKA.md: never let it look
 # for a real cloud endpoint).
 _SCRUB = ("STORAGE_ENGINE", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "CLUSTER_ID", "OTEL_EXPORTER_OTLP_ENDPOINT",
           "AWS_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")

@@ -39,7 +39,7 @@ class Outgoing:
 
 
 def make_producer(kafka: KafkaSettings, **overrides) -> KafkaProducer:
-    # Batching settings measured in KAFKA.md: 20-37k messages/s of 3 KB on two cores.
+    # Batching settings measured in docs/KAFKA.md: 20-37k messages/s of 3 KB on two cores.
     kw = dict(acks="all", linger_ms=10, batch_size=262_144, max_request_size=16 << 20, retries=5)
     kw.update(overrides)
     return KafkaProducer(**kafka.client_kwargs(), **kw)
