@@ -2,7 +2,7 @@
 
 1. **flush**: dead letters of the batch are acknowledged by the broker, so a rejected message is
    durable in the DLQ before its offset can be passed;
-2. **state**: one transaction per shard writes that shard's items, their codes, blobs, tables, the
+2. **state**: one transaction per shard writes that shard's items, their codes, blobs, the
    learned codes addressed to it and its partitions' next offsets; all or nothing per shard, and each
    shard's offsets are its own truth, so a crash between two shards' transactions loses nothing;
 3. **offsets**: Kafka's committed offsets follow. A crash between 2 and 3 leaves Kafka behind the

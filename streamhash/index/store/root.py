@@ -7,7 +7,7 @@
     <root>/shards/<topic>/<partition>/   data.mdb, lock.mdb, writer.lock
 
 An item lives in the shard of the partition its key hashes to, so it is in exactly one shard; a shard
-holds its own offsets, items, codes, blobs, tables, models and generation, and its ``writer.lock``
+holds its own offsets, items, codes, blobs, models and generation, and its ``writer.lock``
 (an exclusive ``flock``) makes the worker that holds it the only writer. Ownership moves with the
 partition: the old owner commits and closes the shard on revoke, the new one opens it (waiting for the
 lock while the old owner finishes its batch) and resumes from the shard's stored offset.
