@@ -73,10 +73,16 @@ class KafkaSettings(BaseModel):
     # image reached the worker's poll 15-20 ms after its ack at 100 ms, 5-9 ms at 10 ms (bench_ingest).
     # An idle worker sends at most 1000/fetch_max_wait_ms fetches a second.
     fetch_max_wait_ms: int = 20
-    security_protocol: str = "PLAINTEXT"
+    # PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS); the ssl_* files apply to SSL and SASL_SSL
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None  # the CA that signed the brokers' certificates (None: the system's CAs)
+    ssl_certfile: Path | None = None  # this client's certificate (mutual TLS), PEM
+    ssl_keyfile: Path | None = None  # its private key, PEM
+    ssl_password: SecretStr | None = None  # the private key's passphrase
+    ssl_check_hostname: bool = True
     topic_partitions: int = 4
 
     @model_validator(mode="after")
@@ -99,7 +105,25 @@ class KafkaSettings(BaseModel):
             kw["sasl_mechanism"] = self.sasl_mechanism
             kw["sasl_plain_username"] = self.sasl_username
             kw["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kw["ssl_check_hostname"] = self.ssl_check_hostname
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name) is not None:
+                    kw[name] = str(getattr(self, name))
+            if self.ssl_password is not None:
+                kw["ssl_password"] = self.ssl_password.get_secret_value()
         return kw
+
+    @model_validator(mode="after")
+    def _tls_files_need_tls(self) -> "KafkaSettings":
+        given = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password") if getattr(self, n) is not None]
+        if given and self.security_protocol not in ("SSL", "SASL_SSL"):
+            # silently connecting in plain text with TLS files configured would hide a typo in the protocol
+            raise ValueError(f"{', '.join(given)} set but security_protocol is {self.security_protocol}: "
+                             "use SSL or SASL_SSL")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        return self
 
 
 class StoreSettings(BaseModel):
@@ -254,6 +278,26 @@ class ServerSettings(BaseModel):
     # and merged; one that has not answered within shard_timeout_s is left out and the response says so.
     shards: Annotated[list[str], NoDecode] = Field(default_factory=list)  # NoDecode: the env holds URL,URL, not JSON
     shard_timeout_s: float = Field(1.0, gt=0)
+    # Bounds on clients (streamhash.services.bounds; uvicorn has no header-read timeout of its own): a connection
+    # must send a request's headers within header_timeout_s of its first byte (or of connecting), at most
+    # max_header_bytes of them, else it is closed; past max_connections open connections the one idle longest
+    # (waiting for its headers, or kept alive between requests) is closed for the new one, or, when every one
+    # is mid-request, the new one is refused with 503. Idle keep-alive connections close after keep_alive_s.
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_connections: int = Field(1000, ge=1)
+    keep_alive_s: float = Field(5.0, gt=0)
+    # HTTPS: both files (PEM) or neither; a router's shards are then https:// URLs checked against shard_cafile
+    # (None: the system's CAs).
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    shard_cafile: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServerSettings":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("server.ssl_certfile and server.ssl_keyfile go together")
+        return self
 
     @field_validator("shards", mode="before")
     @classmethod
@@ -304,6 +348,29 @@ class SecuritySettings(BaseModel):
     # and workers verify before adopting: a principal that may write to the models or codes topic but does not
     # hold the key cannot plant a model. None: unsigned, every well-formed internal message is taken.
     model_key: SecretStr | None = None
+    # The query server's and the router's API key: every request must carry `Authorization: Bearer <key>`, else
+    # 401 with a JSON error (streamhash.services.auth), except the paths in api_key_exempt: exact paths, or
+    # prefixes ending in "*". The search page `/` and its assets /ui/* hold no data and load without it; the page
+    # asks for the key and sends it. None: no authentication.
+    api_key: SecretStr | None = None
+    api_key_exempt: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/", "/ui/*", "/healthz", "/metrics"])
+    # The key a router sends to its query servers; None: api_key.
+    upstream_api_key: SecretStr | None = None
+
+    @field_validator("api_key_exempt", mode="before")
+    @classmethod
+    def _split_paths(cls, v):
+        if isinstance(v, str):  # the env holds /a,/b (or a JSON list)
+            v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
+        return [p.strip() for p in v if p.strip()]
+
+    @field_validator("api_key", "upstream_api_key")
+    @classmethod
+    def _key_not_blank(cls, v):
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("an API key must not be blank (unset it for no authentication)")
+        return v
 
 
 CONFIG_ENV = "STREAMHASH_CONFIG"  # names a TOML settings file, below the environment and the flags

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from streamhash.cli import build_parser, document_env, settings_from_args
-from streamhash.config import CONFIG_ENV, KafkaSettings, Settings, load_settings
+from streamhash.config import KafkaSettings, Settings, load_settings
 from streamhash.errors import ConfigError
 
 
@@ -48,6 +48,7 @@ def test_invalid_values_are_refused(monkeypatch):
 
 # Every internal topic follows the images topic, whichever source set it (issue 26: `--topic B.images` on the
 # command line kept the models and codes topics of the environment's topic, and the DLQ never followed at all).
+CONFIG_ENV = "STREAMHASH_CONFIG"  # the settings file's variable: part of the contract (README, Configuration)
 DERIVED_B = {"topic": "B.images", "dlq_topic": "B.images.dlq", "models_topic": "B.models", "codes_topic": "B.codes"}
 
 

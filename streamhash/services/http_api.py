@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,6 +51,9 @@ class PayloadTooLarge(HTTPException):
 
 
 class SearchRequest(BaseModel):
+    # strict: `"k": true` is not k=1, `"k": 2.0` or `"k": "2"` not k=2; each is a 400 naming the field
+    model_config = ConfigDict(strict=True)
+
     image_base64: str | None = Field(None, description="PNG/JPEG/.npy bytes, base64-encoded")
     code_hex: str | None = Field(None, description="a packed code as hex, bits/4 digits")
     item_id: str | None = Field(None, description="a stored item: search by its code in the live generation; it comes first")
@@ -160,21 +163,28 @@ async def parse_search(request: Request) -> tuple[SearchRequest, bytes | None]:
                 upload = form.get("image")
                 if upload is None or isinstance(upload, str):
                     raise BadQueryError("multipart search needs an `image` file field")
-                req = SearchRequest(k=form.get("k", 10), radius=form.get("radius"))
-                return req, await upload.read()
+                fields = {name: _form_int(name, form.get(name)) for name in ("k", "radius") if form.get(name) is not None}
+                return SearchRequest.model_validate(fields), await upload.read()  # the image is the query
         except ValueError as exc:  # pydantic.ValidationError is a ValueError
             raise BadQueryError(f"bad search request: {exc}") from None
     return parse_json_search(await request.body())
 
 
+def _form_int(name: str, value) -> int:
+    """A multipart field's text as an int: ASCII digits only (a form has no JSON types to be strict about)."""
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise BadQueryError(f"{name} must be a non-negative whole number, got {str(value)[:40]!r}")
+    return int(value)
+
+
 def parse_json_search(body: bytes) -> tuple[SearchRequest, bytes | None]:
-    """A JSON /search body as a request and its query image's bytes (None unless ``image_base64``); 400 if bad."""
+    """A JSON /search body as a request and its query image's bytes (None unless ``image_base64``); 400 if bad.
+    The one parser of a search: the lean path, FastAPI's route and the router all come here (multipart through
+    :func:`parse_search`, which validates the same model)."""
     try:
-        req = SearchRequest.model_validate_json(body)
+        req = _checked(SearchRequest.model_validate_json(body))
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise BadQueryError(f"bad search request: {exc}") from None
-    if (req.image_base64 is not None) + (req.code_hex is not None) + (req.item_id is not None) != 1:
-        raise BadQueryError("give exactly one of image_base64, code_hex or item_id")
     if req.image_base64 is None:
         return req, None
     try:
@@ -183,9 +193,20 @@ def parse_json_search(body: bytes) -> tuple[SearchRequest, bytes | None]:
         raise BadQueryError(f"image_base64 is not valid base64: {exc}") from None
 
 
+def _checked(req: SearchRequest) -> SearchRequest:
+    if (req.image_base64 is not None) + (req.code_hex is not None) + (req.item_id is not None) != 1:
+        raise BadQueryError("give exactly one of image_base64, code_hex or item_id")
+    return req
+
+
 def uvicorn_options(settings: Settings) -> dict:
-    """How every HTTP process of ours runs uvicorn: uvloop and httptools when installed (uvicorn[standard]), no
-    access log, and no proxy-header middleware (nothing here reads the client's address; it cost ~3% of a
-    search's CPU, parsing forwarding headers on every request)."""
-    return dict(host=settings.server.host, port=settings.server.port, log_level="warning", access_log=False,
-                loop="auto", http="auto", proxy_headers=False)
+    """How every HTTP process of ours runs uvicorn: uvloop and httptools (uvicorn[standard]) with our bounds on
+    clients (:mod:`streamhash.services.bounds`: header-read timeout, header size, connection cap), no access
+    log, no proxy-header middleware (nothing here reads the client's address; it cost ~3% of a search's CPU,
+    parsing forwarding headers on every request), and TLS when ``server.ssl_certfile`` is set."""
+    from streamhash.services import bounds
+
+    s = settings.server
+    tls = {"ssl_certfile": str(s.ssl_certfile), "ssl_keyfile": str(s.ssl_keyfile)} if s.ssl_certfile else {}
+    return dict(host=s.host, port=s.port, log_level="warning", access_log=False, loop="auto",
+                http=bounds.configure(s), proxy_headers=False, timeout_keep_alive=s.keep_alive_s, **tls)

@@ -22,6 +22,7 @@ goes through the same checks as an ingested one (:func:`streamhash.records.decod
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -43,11 +44,13 @@ from streamhash.index.sharded import ShardedIndex, View
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
 from streamhash.memory import freeze_startup_objects, pin_malloc_mmap_threshold
 from streamhash.records import ImageSpec
+from streamhash.services import bounds
 from streamhash.services.batching import MicroBatcher
 from streamhash.services.http_api import (
     CountResponses, FastJSONResponse, SearchRequest, SearchResponse, bounded_request, check_item_id, max_body_bytes,
     parse_search, uvicorn_options,
 )
+from streamhash.services.auth import require_api_key
 from streamhash.services.lean import LeanSearch, answer_ahead
 from streamhash.services.query_codes import QueryEncoder, ShardQueries, for_item
 from streamhash.data.class_names import load_class_names, name_labels
@@ -147,6 +150,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         return {**_summary(view, queries), "results": hits, "took_ms": took * 1000}
 
     answer_ahead(app, LeanSearch(answer, body_limit))  # a JSON search never enters FastAPI's layers
+    require_api_key(app, settings.security)  # outside everything, the lean path included
 
     @app.post("/search", response_model=SearchResponse, openapi_extra={
         "requestBody": {"content": {
@@ -303,11 +307,19 @@ def app_from_env() -> FastAPI:
     ShardedIndex of its own (each worker holds its own copy of the in-memory index)."""
     raw = os.environ.get(SETTINGS_ENV)
     settings = Settings.model_validate_json(raw) if raw else Settings()
+    bounds.configure(settings.server)  # this process's protocol class: limits as run() set them in its own
     _prepare_process(settings)
     root = _open_root(settings)
     if root is None:
         raise SystemExit(f"no store root at {settings.store.path}")
     return create_app(settings, sharded_index(settings, root))
+
+
+def _with_secrets(dumped: dict, settings: Settings) -> dict:
+    sec = settings.security
+    dumped["security"].update({name: getattr(sec, name).get_secret_value() for name in ("model_key", "api_key", "upstream_api_key")
+                               if getattr(sec, name, None) is not None})
+    return dumped
 
 
 def run(settings: Settings) -> int:
@@ -329,7 +341,8 @@ def run(settings: Settings) -> int:
         return EXIT_USAGE
     if settings.server.workers > 1:
         # each worker process imports the factory and builds its own app and ShardedIndex
-        os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"kafka"})  # the query server never uses Kafka
+        # the query server never uses Kafka; secrets as themselves (the dump masks them), to the children only
+        os.environ[SETTINGS_ENV] = json.dumps(_with_secrets(settings.model_dump(mode="json", exclude={"kafka"}), settings))
         uvicorn.run("streamhash.services.query:app_from_env", factory=True, workers=settings.server.workers, **opts)
         return 0
     uvicorn.run(create_app(settings, sharded_index(settings, root)), **opts)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from pathlib import Path
 from contextlib import asynccontextmanager
 from urllib.parse import quote
 
@@ -34,6 +36,8 @@ from streamhash import __version__
 from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.errors import BadQueryError
+from streamhash.services.auth import require_api_key
+from streamhash.services import api_docs
 from streamhash.services.http_api import (
     CountResponses, FastJSONResponse, SearchResponse, bounded_request, check_item_id, max_body_bytes, parse_search,
     uvicorn_options,
@@ -59,13 +63,17 @@ class Answer:
 class Remotes:
     """The remotes, asked concurrently, each within the timeout, counted in the router metric by position."""
 
-    def __init__(self, urls: list[str], timeout_s: float):
+    def __init__(self, urls: list[str], timeout_s: float, api_key: str | None = None, cafile: Path | None = None):
         self.urls, self.timeout_s = urls, timeout_s
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.cafile = cafile
         self.client: httpx.AsyncClient | None = None
 
     async def open(self) -> None:
         # no pool wait: a remote that does not answer in time is cut off by ask()'s own deadline
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=httpx.Limits(max_connections=None))
+        verify = ssl.create_default_context(cafile=str(self.cafile)) if self.cafile else True
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=httpx.Limits(max_connections=None),
+                                        headers=self.headers, verify=verify)
 
     async def close(self) -> None:
         if self.client is not None:
@@ -112,7 +120,10 @@ def merge(answers: list[Answer], k: int, item_id: str | None = None) -> dict:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    remotes = Remotes(settings.server.shards, settings.server.shard_timeout_s)
+    sec = settings.security
+    upstream = sec.upstream_api_key or sec.api_key  # the key the query servers behind expect: by default our own
+    remotes = Remotes(settings.server.shards, settings.server.shard_timeout_s,
+                      upstream.get_secret_value() if upstream else None, settings.server.shard_cafile)
     body_limit = max_body_bytes(settings)
 
     @asynccontextmanager
@@ -130,7 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
     def _bad_query(_request: Request, exc: BadQueryError):
         return FastJSONResponse(status_code=400, content={"detail": str(exc)})
 
-    @app.post("/search", response_model=SearchResponse)
+    @app.post("/search", response_model=SearchResponse, **api_docs.for_router(api_docs.SEARCH))
     async def search(request: Request):
         t0 = time.perf_counter()
         request = await bounded_request(request, body_limit)
@@ -155,7 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
         m.QUERY_SECONDS.labels(endpoint="/search").observe(took)
         return FastJSONResponse({**out, "took_ms": took * 1000})
 
-    @app.get("/items/{item_id:path}")
+    @app.get("/items/{item_id:path}", **api_docs.for_router(api_docs.ITEM))
     async def get_item(item_id: str):
         check_item_id(item_id)
         answers = await remotes.ask_all("GET", f"/items/{quote(item_id, safe='')}")
@@ -167,7 +178,7 @@ def create_app(settings: Settings) -> FastAPI:
         return FastJSONResponse(status_code=503, content={"detail": f"item {item_id!r} not found in the remotes that answered",
                                                           "shards": [a.missing() for a in answers if a.status != 404]})
 
-    @app.get("/healthz")
+    @app.get("/healthz", **api_docs.for_router(api_docs.HEALTHZ))
     async def healthz():
         answers = await remotes.ask_all("GET", "/healthz")
         ok = [a for a in answers if a.ok]
@@ -179,10 +190,11 @@ def create_app(settings: Settings) -> FastAPI:
             "status": status, "index_size": sum(a.body.get("index_size", 0) for a in ok), "shards": shards,
             "partial": len(ok) < len(answers)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", **api_docs.for_router(api_docs.METRICS))
     def metrics():
         return Response(generate_latest(m.QUERY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    require_api_key(app, settings.security)
     return app
 
 
