@@ -27,7 +27,6 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from streamhash.errors import ConfigError
 
-from streamhash.index.backends import backend_names
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +259,9 @@ class ServerSettings(BaseModel):
     refresh_min_gap_s: float = Field(0.005, ge=0.0)
     store_wait_s: float = 60.0  # at start-up, how long to wait for a worker to create the store
     max_k: int = 10_000
-    backend: str = "auto"  # a Hamming backend registered in streamhash.index.backends
+    # a Hamming backend registered in streamhash.index.backends: checked where the index is made (the backends
+    # are the index's to know; a plugin may register one after the settings load)
+    backend: str = "auto"
     search_threads: int = 1
     # Concurrent top-k /search requests share one kernel call: the batcher takes every request queued
     # when it is free (at most batch_max); batch_window_s > 0 also waits that long for more (a lone
@@ -305,13 +306,6 @@ class ServerSettings(BaseModel):
         if isinstance(v, str):
             v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
         return [u.strip().rstrip("/") for u in v if u.strip()]
-
-    @field_validator("backend")
-    @classmethod
-    def _backend_registered(cls, v: str) -> str:
-        if v not in backend_names():
-            raise ValueError(f"backend must be one of {backend_names()}, got {v!r}")
-        return v
 
 
 class ProduceSettings(BaseModel):

@@ -7,7 +7,8 @@ A backend is a :class:`~streamhash.index.hamming.BinaryIndex` subclass implement
 
 A target given as ``"module:Class"`` is imported when an index is first made, so naming a backend
 loads none of its dependencies (torch, for ``torch``), and this module needs only the standard
-library: the settings validate a backend name without importing numpy.
+library: the CLI lists the names without importing numpy. The settings hold a name as a plain string;
+:func:`check_backend` refuses an unknown one where an index is set up (the query server's shards).
 
 ``auto`` is not a backend but a choice among them: the first of :data:`AUTO` whose class says it
 is ``available()`` on this machine.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+
+from streamhash.errors import ConfigError
 
 AUTO = ("native", "numpy")
 
@@ -64,6 +67,14 @@ def get_backend(name: str) -> Backend:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}") from None
+
+
+def check_backend(name: str) -> str:
+    """``name`` if :func:`make_index` accepts it, else a :class:`~streamhash.errors.ConfigError` naming the choices:
+    for the settings' ``server.backend`` when the query server starts, before any shard needs an index."""
+    if name not in backend_names():
+        raise ConfigError(f"server.backend must be one of {backend_names()}, got {name!r}")
+    return name
 
 
 def scan_ns_per_row(name: str) -> float:

@@ -8,7 +8,7 @@ reports it.
 
 Memory: numpy arrays only, no Python object per item. A generation holds the codes (padded to
 64-bit words), the seqs, a tombstone byte and a dense seq -> row map in the Hamming index, plus
-the 64-bit hash of each item id -> its seq (:class:`~streamhash.index.hamming.Int64Multimap`, 16
+the 64-bit hash of each item id -> its seq (:class:`~streamhash.hashmap.Int64Multimap`, 16
 bytes) so an overwrite finds the seq it replaces: ~35 bytes an item beyond the packed code
 (``benchmarks/bench_memory.py``; the seq -> id / labels / id -> seq dicts held before cost ~450).
 Item ids and labels are read back from the store for the k hits of a query
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from streamhash import metrics as m
-from streamhash.index.hamming import BinaryIndex, Int64Multimap, make_index
+from streamhash.hashmap import Int64Multimap
+from streamhash.index.hamming import BinaryIndex, make_index
 from streamhash.index.notify import Waiter, make_waiter
 from streamhash.index.store import Store
 

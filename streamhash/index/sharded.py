@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from streamhash import metrics as m
+from streamhash.index.backends import check_backend
 from streamhash.index.hamming import PAD_DISTANCE
 from streamhash.index.live import Generation, LiveIndex, Resolved
 from streamhash.index.radius import RadiusIndex
@@ -220,6 +221,7 @@ class ShardedIndex:
         self.root = root if isinstance(root, StoreRoot) else StoreRoot(root, create=False)
         self._open = open_store or _open_readonly
         self._owns_stores = open_store is None
+        check_backend(live_options.get("backend", "auto"))  # at start, not when the first shard appears
         self.rescan_s, self.live_options = rescan_s, live_options
         self.bits: int | None = None  # the first shard's; a shard of other bits is not served
         self._shards: tuple[Shard, ...] = ()

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from streamhash.codes import pack_signs, unpack_signs
-from streamhash.index.hamming import Int64Multimap
+from streamhash.hashmap import Int64Multimap
 from streamhash.learn.labels import normalise_label_sets
 from streamhash.model.hashnet import HashNet, images_to_tensor
 from streamhash.model.losses import DIHNLoss, soft_negative

@@ -10,8 +10,11 @@ import pytest
 
 from streamhash.cli import build_parser
 from streamhash.config import ServerSettings
+from streamhash.errors import ConfigError
 from streamhash.index import backends
-from streamhash.index.backends import backend_names, make_index
+from streamhash.index.backends import backend_names, check_backend, make_index
+from streamhash.index.sharded import ShardedIndex
+from streamhash.index.store.root import StoreRoot
 from streamhash.index.multihash import choose_radius_strategy
 from tests.index.backend_checks import check_id, factory_for, yield_checks
 
@@ -26,14 +29,24 @@ def test_the_registered_backend_passes_the_suite(check):
 def test_everything_that_names_backends_reads_the_registry():
     assert "brute" in backend_names() and make_index(16, "brute").backend == "brute"
     assert ServerSettings(backend="brute").backend == "brute"
-    with pytest.raises(ValueError, match="backend must be one of"):
-        ServerSettings(backend="faiss")
+    assert check_backend("brute") == "brute" and check_backend("auto") == "auto"
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        check_backend("faiss")
     serve = build_parser().parse_args(["serve", "--backend", "brute"])
     assert getattr(serve, "server.backend") == "brute"
     # a scan this slow leaves the flat path to small indexes: the tables win where numpy's scan still would not
     n, bits, m = 5_000, 64, 4
     assert choose_radius_strategy(n, bits, m, 3, backend="numpy") == "scan"
     assert choose_radius_strategy(n, bits, m, 3, backend="brute") == "tables"
+
+
+def test_the_query_servers_index_refuses_an_unknown_backend_before_any_shard_exists(tmp_path):
+    """The settings take any name (the backends are the index's to know, and a plugin registers after they load):
+    the sharded index checks it when made, so a typo fails the server's start, not the first shard's arrival."""
+    assert ServerSettings(backend="faiss").backend == "faiss"
+    with pytest.raises(ConfigError, match="server.backend must be one of"):
+        ShardedIndex(StoreRoot(tmp_path), backend="faiss")
+    ShardedIndex(StoreRoot(tmp_path), backend="brute").close()
 
 
 def test_registering_a_taken_name_is_refused():
