@@ -65,3 +65,11 @@ METRICS = dict(
         "version and generation, and the process's own. Workers and the learner serve their own metrics."),
     responses={200: {"content": {"text/plain": {"example": "streamhash_index_items{process=\"query\"} 10050.0\n"}}}},
 )
+
+
+def for_router(doc: dict) -> dict:
+    """A query server's endpoint doc as a router's (``streamhash serve --shards``): the same answer, merged."""
+    return {**doc, "description": doc["description"] + (
+        "\n\nThis is a router: it asks every query server in `--shards` and merges their answers (a server that "
+        "does not answer within `STREAMHASH_SERVER__SHARD_TIMEOUT_S` is named in `shards` and the answer is "
+        "`partial`).")}

@@ -321,3 +321,16 @@ def test_every_endpoint_has_a_description_in_the_api_docs(served):
         for method, op in paths[path].items():
             assert op.get("description") and op.get("summary"), (method, path)
     assert paths["/search"]["post"]["responses"]["200"]["content"]["application/json"].get("example")
+
+
+def test_every_router_endpoint_has_a_description_in_the_api_docs():
+    from fastapi.testclient import TestClient
+
+    from streamhash.config import Settings
+    from streamhash.services import router
+
+    app = router.create_app(Settings(server={"shards": ["http://127.0.0.1:9"]}))
+    paths = TestClient(app).get("/openapi.json").json()["paths"]
+    for path in ("/search", "/items/{item_id}", "/healthz", "/metrics"):
+        for method, op in paths[path].items():
+            assert op.get("summary") and "This is a router" in op.get("description", ""), (method, path)
