@@ -1,5 +1,5 @@
 """``streamhash-worker``: the Kafka consumer process that ingests images. Wiring lives in
-:mod:`streamhash.services.ingest`; this is its console entry point (same as ``streamhash worker``)."""
+:mod:`streamhash.services.worker`; this is its console entry point (same as ``streamhash worker``)."""
 
 from __future__ import annotations
 

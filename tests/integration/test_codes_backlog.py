@@ -18,9 +18,9 @@ from streamhash.index.store import Store
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.modelbus import CodeUpdate, ModelPublisher
 from streamhash.kafka.produce import from_arrays, make_producer, send
-from streamhash.services import ingest
+from streamhash.services.worker import app
 from streamhash.services.processes import wait_for
-from tests.support import module_kafka, read_store
+from tests.support import committed_through, high_watermarks, module_kafka, read_store
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def test_an_image_overtakes_a_backlog_of_learned_codes_and_every_code_is_applied
 
     settings = Settings(kafka=kafka, store=StoreSettings(path=tmp_path / "index"),
                         worker=WorkerSettings(metrics_port=free_port()))
-    worker = ingest.IngestWorker(settings)
+    worker = app.Worker(settings)
     worker.connect()
     done = {}
     thread = threading.Thread(target=lambda: done.setdefault("rc", worker.run()), daemon=True)
@@ -75,7 +75,10 @@ def test_an_image_overtakes_a_backlog_of_learned_codes_and_every_code_is_applied
     acked = time.monotonic()
     wait_for(lambda: sum(n for kind, n, _ in events if kind == "codes") >= 4 * BACKLOG
              and any(kind == "image" for kind, _, _ in events), 60, "the backlog and the image applied")
-    time.sleep(1.0)  # a few more polls: nothing more may come
+    # nothing more may come: every codes message is committed, so a re-applied one would have been counted
+    codes_end = high_watermarks(kafka, kafka.codes_topic)
+    wait_for(lambda: committed_through(tmp_path / "index", kafka.codes_topic, codes_end), 60, "the codes topic committed",
+             interval=0.5)
     worker.stop()
     thread.join(60)
     assert not thread.is_alive() and done["rc"] == 0
@@ -88,7 +91,7 @@ def test_an_image_overtakes_a_backlog_of_learned_codes_and_every_code_is_applied
     # applied while it was fetched plus one short batch.
     print(f"image committed after {applied_before} code updates, {events[at_image][2] - acked:.3f} s")
     assert applied_before <= 4 * BACKLOG // 4, f"{applied_before} code updates, {events[at_image][2] - acked:.3f} s"
-    assert max(n for kind, n, _ in events if kind == "codes") <= ingest.CODES_PER_BATCH
+    assert max(n for kind, n, _ in events if kind == "codes") <= app.CODES_PER_BATCH
 
     # each codes partition's offset is in its shard, with the updates it applied (exactly once, checkpointed)
     offsets = read_store(tmp_path / "index")["offsets"]

@@ -1,6 +1,11 @@
 """The worker process (``streamhash worker``, ``streamhash-worker``): signals, the ingest loop
-(:class:`~streamhash.services.ingest.IngestWorker`), exit codes. Learning is another process
+(:class:`~streamhash.services.worker.app.Worker`), exit codes. Learning is another process
 (``streamhash learner``): a worker only applies what it publishes.
+
+Any number of workers run in one consumer group. The worker is three parts and a loop
+(:mod:`~streamhash.services.worker.app`): partition assignment and shard ownership (``ownership``), the
+model follower (``follower``: the models and codes topics into the shards), the batch pipeline
+(``pipeline``: poll → parse → encode → checkpoint), and the re-encoder thread (``reencode``).
 
 SIGTERM or a first SIGINT drains the batch in hand, commits and leaves the group; a second SIGINT
 exits at once (what was not committed is consumed again by the next owner, never lost).
@@ -20,7 +25,7 @@ from streamhash.config import Settings
 from streamhash.errors import EXIT_CONFIG, EXIT_TEMPFAIL, EXIT_USAGE, ConfigError, SchemaMismatchError, StoreFullError
 from streamhash.index.store.root import LegacyLayoutError
 from streamhash.memory import pin_malloc_mmap_threshold
-from streamhash.services.ingest import IngestWorker
+from streamhash.services.worker.app import Worker
 
 log = logging.getLogger("streamhash.worker")
 
@@ -58,7 +63,7 @@ def run(settings: Settings, *, max_idle_s: float | None = None) -> int:
         return EXIT_USAGE
     settings.log_startup("streamhash-worker")
     try:
-        worker = IngestWorker(settings, stopping=stopping)
+        worker = Worker(settings, stopping=stopping)
         m.serve_metrics(settings.worker.metrics_port, settings.worker.metrics_host)
         return worker.run(max_idle_s=max_idle_s)
     except (LegacyLayoutError, SchemaMismatchError, ConfigError) as exc:

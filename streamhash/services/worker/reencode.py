@@ -47,9 +47,14 @@ YIELD_MAX_S = 0.1
 
 
 class Reencoder(threading.Thread):
-    def __init__(self, worker, *, chunk: int = 64):
+    """What it needs and nothing more: the open shards (``shards.get(key)``), the announced model
+    (``target()``), the networks by version (``nets.get``), the image spec, the poll thread's ``idle`` event,
+    and ``on_done(key)`` after a swap."""
+
+    def __init__(self, shards, target, nets, spec, idle: threading.Event, on_done, *, chunk: int = 64):
         super().__init__(name="reencoder", daemon=True)
-        self.worker, self.chunk = worker, chunk
+        self.shards, self.target, self.nets, self.spec = shards, target, nets, spec
+        self.idle, self.on_done, self.chunk = idle, on_done, chunk
         self._queue: deque = deque()
         self._wake = threading.Condition()
         self._building = threading.Lock()  # held for a whole build: closing a shard takes it too
@@ -67,7 +72,7 @@ class Reencoder(threading.Thread):
 
     def pause(self) -> None:
         """Before each build step: wait (at most YIELD_MAX_S) until the poll thread has no batch in hand."""
-        self.worker.idle.wait(YIELD_MAX_S)
+        self.idle.wait(YIELD_MAX_S)
 
     def pending(self) -> int:
         return len(self._queue)
@@ -95,14 +100,14 @@ class Reencoder(threading.Thread):
                     threading.Timer(5.0, self.submit, (key,)).start()
 
     def build(self, key) -> None:
-        store, target = self.worker.shards.get(key), self.worker.announced
+        store, target = self.shards.get(key), self.target()
         if store is None or target is None:
             return  # revoked meanwhile: the next owner re-encodes it when it opens it
         if int(store.read_meta()["generation"]) >= target.generation:
             return
-        net = self.worker.nets.get(target.version)
+        net = self.nets.get(target.version)
         store.put_model(target.raw, version=target.version)  # beside the current one: the swap makes it current
-        spec = self.worker.spec
+        spec = self.spec
         t0 = time.perf_counter()
         # items are overwritten, never deleted: every id the builder hands over has a blob
         builder = GenerationBuilder(store, encode_ids=lambda ids: net.encode(decode_images(store.get_blobs(ids), spec)),
@@ -113,6 +118,6 @@ class Reencoder(threading.Thread):
         m.REENCODE_SECONDS.observe(time.perf_counter() - t0)
         m.REENCODED_IMAGES.inc(builder.images_reencoded)
         m.SHARD_REENCODES.inc()
-        self.worker.shard_changed(key)
+        self.on_done(key)
         log.info("shard %s: generation %d with model %d in %.1fs (%d images re-encoded, %d codes kept)", key, gen,
                  target.version, time.perf_counter() - t0, builder.images_reencoded, builder.codes_copied)

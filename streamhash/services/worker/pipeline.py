@@ -1,0 +1,207 @@
+"""The worker's batch pipeline: poll → parse → encode → checkpoint.
+
+**poll** (:class:`~streamhash.kafka.positions.Positions` drops what a shard already holds and rewinds reset
+logs); **parse** each message (:mod:`streamhash.records`; the learner's code updates through the model
+follower; rejects go to the dead-letter producer); **encode** each record with the network its shard serves,
+on the encoder thread (torch releases the GIL, so the next batch is polled and parsed meanwhile); **commit**
+through :class:`~streamhash.kafka.checkpoint.Checkpoint`: DLQ flush → one :class:`ShardWrite` per shard
+(its items, then the learner's code updates for it, each with its partitions' offsets) → Kafka commit.
+
+A failure while handling one message (parse, decode, encode, a malformed code update) sends that message
+to the DLQ and never stops the partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamhash import metrics as m
+from streamhash.errors import GenerationChanged, InternalRecordRejected, RecordRejected, StoreError
+from streamhash.index.store import ItemWrite
+from streamhash.index.store.root import ShardKey
+from streamhash.kafka.modelbus import CodeUpdate
+from streamhash.records import ImageRecord, parse_message
+
+log = logging.getLogger("streamhash.worker")
+
+
+@dataclass
+class Prepared:
+    """One batch between parse and commit."""
+
+    valid: list[ImageRecord]
+    sources: list  # the Kafka record of each valid one, to dead-letter it if it cannot be encoded
+    stamps: list[float]
+    shards: list[ShardKey]  # the shard of each valid one
+    updates: dict[ShardKey, list[CodeUpdate]]  # the learner's code updates, by shard
+    next_offsets: dict[tuple[str, int], int]
+    codes: Future  # -> (generation and model version of each record, np.ndarray (len(valid), bits/8))
+    epoch: int  # Positions.epoch when polled: partitions rewound since then are dropped from the batch
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these valid records (the others were dead-lettered or belong to a rewound log)."""
+        self.valid = [self.valid[i] for i in rows]
+        self.sources = [self.sources[i] for i in rows]
+        self.stamps = [self.stamps[i] for i in rows]
+        self.shards = [self.shards[i] for i in rows]
+
+
+@dataclass
+class ShardWrite:
+    """One shard's part of a batch, as data for the checkpoint: its items encoded with its network, then the
+    learner's code updates for it, each in one transaction with its partitions' offsets."""
+
+    key: ShardKey
+    store: object
+    records: list[ImageRecord]
+    stamps: list[float]
+    serving: tuple[int, int]  # (generation, model version) the codes were encoded for
+    codes: np.ndarray
+    image_offsets: dict[tuple[str, int], int]
+    updates: list[CodeUpdate]
+    code_offsets: dict[tuple[str, int], int]
+    reencode: object  # records -> codes for the shard's current network (after a re-encode swapped it)
+    offsets: dict[tuple[str, int], int] = field(init=False)
+
+    def __post_init__(self):
+        self.offsets = {**self.image_offsets, **self.code_offsets}
+
+    def write(self) -> None:
+        generation, version = self.serving
+        codes = self.codes
+        while True:
+            items = [ItemWrite(r.id, codes[j].tobytes(), r.value, r.content_type, r.labels, self.stamps[j])
+                     for j, r in enumerate(self.records)]
+            try:
+                self.store.write_batch(items, self.image_offsets, generation=generation, model_version=version)
+                break
+            except GenerationChanged:  # the re-encoder swapped this shard while the batch was encoded
+                (generation, version), codes = self.reencode(self.records)
+        m.ITEMS_INDEXED.inc(len(items))
+        if self.code_offsets or self.updates:
+            for result, n in self.store.apply_updates(self.updates, self.code_offsets).items():
+                if n:
+                    m.CODE_UPDATES.labels(result=result).inc(n)
+
+
+class BatchPipeline:
+    """Parse, encode and commit batches for the shards ``owner`` holds, with the networks ``follower`` loads."""
+
+    def __init__(self, *, owner, follower, spec, encoder, dead_letters, positions, checkpoint, codes_topic: str,
+                 bits: int, encode_batch: int):
+        self.owner, self.follower, self.spec, self.encoder = owner, follower, spec, encoder
+        self.dead_letters, self.positions, self.checkpoint = dead_letters, positions, checkpoint
+        self.codes_topic, self.bits, self.encode_batch = codes_topic, bits, encode_batch
+
+    def prepare(self, records) -> Prepared:
+        """Parse, send rejects to the DLQ producer, and start encoding on the encoder thread."""
+        shards = self.owner.shards
+        valid: list[ImageRecord] = []
+        sources, stamps, keys = [], [], []
+        updates: dict[ShardKey, list[CodeUpdate]] = defaultdict(list)
+        next_offsets: dict[tuple[str, int], int] = {}
+        for rec in records:
+            tp = (rec.topic, rec.partition)
+            next_offsets[tp] = max(next_offsets.get(tp, 0), rec.offset + 1)
+            try:
+                if rec.topic == self.codes_topic:
+                    updates[shards.key_of(*tp)].append(self.follower.code_update(rec))
+                    continue
+                m.MESSAGES_CONSUMED.inc()
+                valid.append(parse_message(rec.key, rec.value, rec.headers, self.spec))
+            except Exception as exc:  # RecordRejected, or a bug: either way this record, not the partition
+                if rec.topic == self.codes_topic and not isinstance(exc, InternalRecordRejected):
+                    m.INTERNAL_REJECTED.labels(topic="codes").inc()
+                    exc = InternalRecordRejected("codes", f"{type(exc).__name__}: {exc}")
+                self.dead_letters.send(rec, exc)
+                continue
+            sources.append(rec)
+            stamps.append(rec.timestamp / 1000.0)
+            keys.append(shards.key_of(*tp))
+        serving = {k: self.owner.serving(k) for k in set(keys)}
+        return Prepared(valid, sources, stamps, keys, dict(updates), next_offsets,
+                        self.encoder.submit(self.encode, valid, [serving[k] for k in keys]), self.positions.epoch)
+
+    def finish(self, p: Prepared) -> None:
+        """Wait for the codes, commit the batch (Checkpoint: DLQ flush, each shard's transaction, Kafka)."""
+        serving, codes = self._codes_of(p)
+        rewound = self.positions.rewound_since(p.epoch)
+        if rewound:  # the log was reset under this batch: its records come again from the new log's start
+            keep = [i for i, src in enumerate(p.sources) if (src.topic, src.partition) not in rewound]
+            p.keep(keep)
+            serving, codes = [serving[i] for i in keep], codes[keep]
+            p.next_offsets = {k: v for k, v in p.next_offsets.items() if k not in rewound}
+            p.updates = {k: u for k, u in p.updates.items() if (self.codes_topic, k.partition) not in rewound}
+        with m.COMMIT_SECONDS.time():
+            self.checkpoint.commit(self.shard_writes(p, serving, codes), p.next_offsets)
+        for key in {self.owner.shards.key_of(*tp) for tp in p.next_offsets}:
+            self.owner.report(key)
+        m.BATCHES.inc()
+        m.LAST_COMMIT.set(time.time())
+        m.INDEX_ITEMS.labels(process="worker").set(sum(s.count() for _, s in self.owner.shards))
+
+    def shard_writes(self, p: Prepared, serving, codes) -> list[ShardWrite]:
+        """The batch as one write per shard. Shards with images first: a shard holding only code updates may wait
+        on its LMDB writer lock (for the one re-encode transaction in progress, ~10 ms), and images need not
+        wait behind it."""
+        rows: dict[ShardKey, list[int]] = defaultdict(list)
+        for i, key in enumerate(p.shards):
+            rows[key].append(i)
+        offsets: dict[ShardKey, dict] = defaultdict(dict)
+        for (topic, part), nxt in p.next_offsets.items():
+            offsets[self.owner.shards.key_of(topic, part)][(topic, part)] = nxt
+        writes = []
+        for key in sorted(offsets, key=lambda k: (k not in rows, k)):
+            store = self.owner.shards.get(key)
+            if store is None:
+                raise StoreError(f"shard {key} was closed with a batch in flight")
+            mine = rows.get(key, [])
+            shard_serving = serving[mine[0]] if mine else self.owner.serving(key)
+            shard_codes = codes[mine] if mine else codes[:0]
+            records = [p.valid[i] for i in mine]
+            if len({serving[i] for i in mine}) > 1:  # a model changed between two records of one shard: never mix
+                shard_serving, shard_codes = self._reencode(key, records)
+            writes.append(ShardWrite(
+                key, store, records, [p.stamps[i] for i in mine], shard_serving, shard_codes,
+                {tp: o for tp, o in offsets[key].items() if tp[0] != self.codes_topic}, p.updates.get(key, []),
+                {tp: o for tp, o in offsets[key].items() if tp[0] == self.codes_topic},
+                lambda recs, key=key: self._reencode(key, recs)))
+        return writes
+
+    def _reencode(self, key: ShardKey, records: list[ImageRecord]) -> tuple[tuple[int, int], np.ndarray]:
+        """The records' codes under the network the shard serves now."""
+        now = self.owner.serving(key)
+        return now, self.encode(records, [now] * len(records))[1]
+
+    def _codes_of(self, p: Prepared) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """The batch's codes; if encoding the batch fails, each record alone, dead-lettering those that fail."""
+        try:
+            return p.codes.result()
+        except Exception as exc:
+            log.warning("encoding a batch of %d failed (%r); encoding its records one by one", len(p.valid), exc)
+        keep = []
+        for i, r in enumerate(p.valid):
+            try:
+                self.encode([r], [self.owner.serving(p.shards[i])])
+                keep.append(i)
+            except Exception as exc:
+                self.dead_letters.send(p.sources[i], RecordRejected("encode", f"{type(exc).__name__}: {exc}"))
+        p.keep(keep)
+        return self.encode(p.valid, [self.owner.serving(k) for k in p.shards])
+
+    def encode(self, valid: list[ImageRecord], serving: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """Each record encoded by the network of the (generation, model version) its shard serves; one call
+        per version (usually one)."""
+        codes = np.zeros((len(valid), self.bits // 8), np.uint8)
+        with m.ENCODE_SECONDS.time():
+            for version in {v for _, v in serving}:
+                rows = [i for i, (_, v) in enumerate(serving) if v == version]
+                images = np.stack([valid[i].image for i in rows])
+                codes[rows] = self.follower.nets.get(version).encode(images, self.encode_batch)
+        return serving, codes
