@@ -259,7 +259,10 @@ class ModelReader:
         self.last: ModelAnnouncement | None = None
         self.consumer = KafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False,
                                       auto_offset_reset="earliest", max_partition_fetch_bytes=MAX_MODEL_BYTES,
-                                      fetch_max_bytes=MAX_MODEL_BYTES, client_id="streamhash-models")
+                                      fetch_max_bytes=MAX_MODEL_BYTES, client_id="streamhash-models",
+                                      # the embedded broker holds a fetch this long even when data has come
+                                      # (config.KafkaSettings): a new version is adopted that much sooner
+                                      fetch_max_wait_ms=kafka.fetch_max_wait_ms)
         self.tp = TopicPartition(kafka.models_topic, 0)
         self.consumer.assign([self.tp])
         self.consumer.seek_to_beginning(self.tp)
