@@ -212,6 +212,13 @@ class LearnSettings(BaseModel):
     metrics_port: int = 9103
     # How often the learner reads the shards' change logs for new items
     follow_interval_s: float = Field(0.5, gt=0)
+    # Publishing on a broker that does not answer: one attempt waits publish_timeout_s for the acknowledgement;
+    # a failed attempt (a timeout, or a producer the broker fenced or forgot after a restart or a log reset)
+    # closes the producer, makes a new one and tries again after a back-off, for publish_retry_s in all, then
+    # the learner exits 75. A stop request ends any of these waits; the process exits within stop_grace_s.
+    publish_timeout_s: float = Field(10.0, gt=0)
+    publish_retry_s: float = Field(120.0, ge=0)
+    stop_grace_s: float = Field(7.0, gt=0)
     round_every: int = 2000  # new labeled items between DIHN rounds
     # A round also runs once the oldest labeled item not learned yet has waited this long, so a slow
     # (or class-ordered) stream does not sit on inferred codes for hours; 0: round_every alone decides.

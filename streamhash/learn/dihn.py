@@ -43,12 +43,25 @@ import numpy as np
 import torch
 
 from streamhash.codes import pack_signs, unpack_signs
+from streamhash.errors import StreamhashError
 from streamhash.hashmap import Int64Multimap
 from streamhash.learn.labels import normalise_label_sets
 from streamhash.model.hashnet import HashNet, images_to_tensor
 from streamhash.model.losses import DIHNLoss, soft_negative
 
 FetchImages = Callable[[list], np.ndarray]
+ShouldStop = Callable[[], bool]
+
+
+class RoundAbandoned(StreamhashError):
+    """A round's ``should_stop`` said stop (the process is stopping). The learner is left mid-round (network
+    partly trained, new codes partly updated, none frozen): only a process about to exit may raise it, and
+    nothing of the round may be published; a restarted learner learns the same items again."""
+
+
+def _check(should_stop: ShouldStop | None) -> None:
+    if should_stop is not None and should_stop():
+        raise RoundAbandoned("learning round abandoned: stop requested")
 
 
 @dataclass(frozen=True)
@@ -400,8 +413,11 @@ class DIHNLearner:
         s2 = torch.from_numpy(((Sg.astype(np.float64) ** 2) @ cnt).astype(np.float32))  # (G,)
         return {"Sg": torch.from_numpy(Sg), "SB": SB, "s2": s2, "BtB": BtB, "n": len(lab_rows), "s_neg": s_neg}
 
-    def learn_round(self, fetch_images: FetchImages | None = None, *, iters: int | None = None) -> RoundResult:
-        """One DIHN round over the current B_new; returns the learned codes (now frozen)."""
+    def learn_round(self, fetch_images: FetchImages | None = None, *, iters: int | None = None,
+                    should_stop: ShouldStop | None = None) -> RoundResult:
+        """One DIHN round over the current B_new; returns the learned codes (now frozen). ``should_stop`` is
+        asked between alternations and between training batches: True abandons the round
+        (:class:`RoundAbandoned`), so that a stopping process never waits for a round of any size."""
         t0 = time.perf_counter()
         fetch = self._fetcher(fetch_images)
         n = len(self._ids)
@@ -412,12 +428,14 @@ class DIHNLearner:
         m = 0
         if len(new_rows) and iters > 0:
             for _ in range(iters):
+                _check(should_stop)
                 omega_rows = self._sample_omega()
                 m = len(omega_rows)
                 images = fetch(self._ids.get(omega_rows))
                 x = images_to_tensor(np.asarray(images), self.net.cfg)
                 stats = self._group_stats(omega_rows)
-                last_loss = self._train_net(x, omega_rows, stats)
+                last_loss = self._train_net(x, omega_rows, stats, should_stop)
+                _check(should_stop)
                 U = self._embed(x)
                 self._dcc(new_rows, omega_rows, U, stats)
         self._frozen[new_rows] = True
@@ -426,7 +444,7 @@ class DIHNLearner:
         return RoundResult(self._ids.get(new_rows), self._codes[new_rows], changed, last_loss,
                            time.perf_counter() - t0, iters if len(new_rows) else 0, m, self.rounds)
 
-    def _train_net(self, x: torch.Tensor, omega_rows: np.ndarray, stats: dict) -> float:
+    def _train_net(self, x: torch.Tensor, omega_rows: np.ndarray, stats: dict, should_stop: ShouldStop | None = None) -> float:
         g = torch.from_numpy(self._group[omega_rows].astype(np.int64))
         SB = stats["SB"][g].to(self.device)
         s2 = stats["s2"][g].to(self.device)
@@ -439,6 +457,7 @@ class DIHNLearner:
             perm = torch.randperm(m, generator=self._gen)
             total, batches = 0.0, 0
             for start in range(0, m, self.batch_size):
+                _check(should_stop)
                 idx = perm[start:start + self.batch_size]
                 u = self.net(x[idx].to(self.device))
                 loss = self.loss_fn.grouped(u, SB[idx], BtB, s2[idx], b_self[idx], stats["n"])

@@ -40,6 +40,7 @@ learned items they are, and the arrivals after the restart make the next sensor.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import threading
 import time
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ import numpy as np
 
 from streamhash.config import LearnSettings
 from streamhash.learn.base import IncrementalHasher
-from streamhash.learn.dihn import DIHNLearner, FetchImages, RoundResult, _ItemIds
+from streamhash.learn.dihn import DIHNLearner, FetchImages, RoundAbandoned, RoundResult, ShouldStop, _ItemIds
 from streamhash.learn.labels import normalise_label_sets
 from streamhash.learn.mi import MIGain, mi_gain
 from streamhash.learn.reservoir import Reservoir
@@ -67,6 +68,14 @@ def in_holdout(ids: Sequence, fraction: float) -> np.ndarray:
     h = np.fromiter((int.from_bytes(hashlib.blake2b(_ItemIds.key(i), digest_size=8).digest(), "little") for i in ids),
                     np.uint64, len(ids))
     return h < np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+
+
+def _takes_should_stop(learner) -> bool:
+    """Whether the learner's rounds can be abandoned (DIHN's can; another learner's round then runs to its end)."""
+    try:
+        return "should_stop" in inspect.signature(learner.learn_round).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -280,12 +289,18 @@ class OnlineHasher:
             g = self.mi_test(fetch_images)
         return g.live, g.candidate
 
-    def learn_round(self, fetch_images: FetchImages, *, test: bool = True) -> RoundReport:
+    def learn_round(self, fetch_images: FetchImages, *, test: bool = True,
+                    should_stop: ShouldStop | None = None) -> RoundReport:
         """One round, then the re-encode test (``test=False``: skipped, the decision is not to re-encode;
-        for a caller whose re-encode policy does not depend on it)."""
+        for a caller whose re-encode policy does not depend on it). ``should_stop`` (asked within the round, and
+        before the test) returning True raises :class:`RoundAbandoned` and leaves the hasher mid-round: for a
+        process about to exit, which publishes nothing of it."""
         with self._learner_lock:
             self._drain()
-            res = self.learner.learn_round(fetch_images)
+            res = (self.learner.learn_round(fetch_images, should_stop=should_stop) if _takes_should_stop(self.learner)
+                   else self.learner.learn_round(fetch_images))
+            if should_stop is not None and should_stop():
+                raise RoundAbandoned("learning round abandoned before its re-encode test: stop requested")
             self.rounds += 1
             arrivals = self._take_arrivals(len(res.ids))
             t0 = time.perf_counter()

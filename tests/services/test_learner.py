@@ -182,7 +182,7 @@ def test_models_in_version_order_then_each_code_on_its_shards_partition(kafka, t
 def test_codes_are_never_published_before_their_model(kafka, tmp_path, learners):
     root = tmp_path / "index"
     write_shard(root, kafka.topic, 0)
-    learner = start(settings_for(kafka, root), learners)
+    learner = start(settings_for(kafka, root, publish_retry_s=0), learners)  # no retry: the first failure is the last
 
     def unacknowledged(announcement):
         raise KafkaTimeoutError("the broker did not acknowledge the model")
@@ -197,6 +197,42 @@ def test_codes_are_never_published_before_their_model(kafka, tmp_path, learners)
     assert restarted.version == 1
     round_now(restarted)
     assert [a.version for a in published_models(kafka)] == [2] and len(published_codes(kafka)) == 40
+
+
+def test_a_producer_the_broker_forgot_is_made_again_and_the_round_published(kafka, tmp_path, learners):
+    """After a broker restart or a log reset the idempotent producer's id is unknown to the broker and every
+    send fails: the learner used to stop there (exit 75) and learning ended until someone restarted it."""
+    from kafka.errors import UnknownProducerIdError
+
+    root = tmp_path / "index"
+    write_shard(root, kafka.topic, 0)
+    learner = start(settings_for(kafka, root), learners)
+    forgotten = learner.publisher
+
+    def fenced(*args):
+        raise UnknownProducerIdError("the broker no longer knows this producer id")
+
+    forgotten.publish_model = forgotten.publish_codes = fenced
+    round_now(learner)
+    assert learner.publisher is not forgotten
+    assert [a.version for a in published_models(kafka)] == [2] and len(published_codes(kafka)) == 40
+
+
+def test_a_stop_request_ends_a_wait_on_a_broker_that_does_not_answer(kafka, tmp_path, learners):
+    root = tmp_path / "index"
+    write_shard(root, kafka.topic, 0)
+    learner = start(settings_for(kafka, root, publish_timeout_s=60), learners)
+
+    def hangs(announcement):
+        learner.stopping.set()  # a SIGTERM while the broker does not answer
+        time.sleep(60)
+
+    learner.publisher.publish_model = hangs
+    learner.request_round()
+    t0 = time.monotonic()
+    assert learner.run() == 0
+    assert time.monotonic() - t0 < 10
+    assert published_models(kafka) == [] and published_codes(kafka) == []
 
 
 def test_a_restarted_learner_resumes_from_the_latest_published_model(kafka, tmp_path, learners):
@@ -252,11 +288,11 @@ def test_a_failed_round_publishes_quarantine_marks_and_the_next_round_learns(kaf
     failures = m.LEARNING_ROUND_FAILURES._value.get()
     real, calls = learner.hasher.learn_round, []
 
-    def fail_once(fetch):
+    def fail_once(fetch, **kw):
         calls.append(1)
         if len(calls) == 1:
             raise ValueError("Maximum allowed dimension exceeded")  # what an unbounded label once did
-        return real(fetch)
+        return real(fetch, **kw)
 
     learner.hasher.learn_round = fail_once
     round_now(learner)

@@ -1,0 +1,156 @@
+"""Stopping and the broker going away, on real processes: the learner stops within 10 s of a signal
+whatever it is doing (a long round, a wait on a broker that is gone), and keeps learning across a broker
+restart that resets its log.
+
+Each test here failed on a9a6b47: the learner finished the round it was in, then waited 120 s on the
+stopped broker; after a log reset its next publication failed with UnknownProducerIdError and it exited.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from streamhash.kafka.broker import EmbeddedBroker, free_port
+from streamhash.kafka.modelbus import ModelReader
+from streamhash.kafka.topics import ensure_topics
+from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http
+from tests.services.test_learner import write_shard
+from tests.support import env_for, produce, start_worker
+
+pytestmark = pytest.mark.integration
+
+
+def learner_env(kafka, root, **learn) -> dict:
+    env = env_for(kafka, root)
+    env.update({"STREAMHASH_LEARN__METRICS_PORT": str(free_port()), "STREAMHASH_MODEL__BITS": "32",
+                "STREAMHASH_KAFKA__TOPIC_PARTITIONS": "2", "STREAMHASH_LEARN__ROUND_EVERY": "100000",
+                "STREAMHASH_LEARN__ROUND_MAX_AGE_S": "0", "STREAMHASH_LEARN__MI_BOOTSTRAP": "20"})
+    env.update({f"STREAMHASH_LEARN__{k.upper()}": str(v) for k, v in learn.items()})
+    return env
+
+
+def start_learner(env: dict, log) -> object:
+    proc = spawn(["learner"], env=env, log_path=log)
+    wait_http(f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics", 90, proc, log)
+    wait_for(lambda: "following shard" in log.read_text(), 60, "the learner to read the shard")
+    return proc
+
+
+def stopped_within(proc, sig: int, seconds: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        rc = proc.wait(seconds + 20)  # past the bound: the assertion says by how much
+    except Exception:
+        proc.kill()
+        rc = proc.wait()
+    return rc, time.monotonic() - t0
+
+
+def shard_versions(worker_url: str) -> list[float]:
+    """The model version each of the worker's shards encodes with."""
+    return [v for k, v in scrape(worker_url).items() if k.startswith("streamhash_shard_model_version{")]
+
+
+def models_on(kafka) -> list:
+    reader = ModelReader(kafka)
+    try:
+        return reader.read_to_end()
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_learner_abandons_a_long_round_and_exits_0_within_10s(kafka_settings, tmp_path, sig):
+    kafka = kafka_settings.model_copy(update={"topic_partitions": 2})
+    ensure_topics(kafka)
+    root = tmp_path / "index"
+    write_shard(root, kafka.topic, 0, n=600)  # 400 labeled; 200 epochs of Omega: minutes of training
+    env = learner_env(kafka, root, omega=400, epochs=200)
+    log = tmp_path / "learner.log"
+    proc = start_learner(env, log)
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "learning round:" in log.read_text(), 60, "the round to start")
+        time.sleep(1.0)  # well into it
+        rc, took = stopped_within(proc, sig, 10)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert rc == 0 and took < 10, (rc, took, text[-2000:])
+    assert "round abandoned" in text and "streamhash.worker" not in text, text[-2000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert models_on(kafka) == []  # nothing of the abandoned round
+
+
+def test_the_learner_exits_0_within_10s_while_it_waits_on_a_stopped_broker(tmp_path):
+    from streamhash.config import KafkaSettings
+
+    broker = EmbeddedBroker(home=tmp_path / "broker").start()
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic="gone.images", topic_partitions=2)
+    root = tmp_path / "index"
+    proc = None
+    try:
+        ensure_topics(kafka)
+        write_shard(root, kafka.topic, 0)
+        env = learner_env(kafka, root, omega=64, epochs=1, publish_timeout_s=60)
+        log = tmp_path / "learner.log"
+        proc = start_learner(env, log)
+        broker.stop()
+        proc.send_signal(signal.SIGUSR1)  # a round, learned, then published to a broker that is gone
+        wait_for(lambda: "round 1:" in log.read_text(), 60, "the round to end and its publication to begin")
+        time.sleep(1.0)
+        rc, took = stopped_within(proc, signal.SIGTERM, 10)
+        text = log.read_text()
+        assert rc == 0 and took < 10, (rc, took, text[-2000:])
+        assert "not waiting for the broker" in text, text[-2000:]
+    finally:
+        if proc is not None:
+            stop(proc)
+        broker.stop()
+
+
+def test_the_learner_keeps_learning_across_a_broker_log_reset(tmp_path):
+    """The embedded broker keeps its log in memory: restarted on the same port, every topic is gone and the
+    learner's producer id unknown (UnknownProducerIdError), as after a topic re-created on real Kafka. The
+    learner makes a new producer and publishes the round on the new log; the worker goes on indexing."""
+    from streamhash.config import KafkaSettings
+
+    broker = EmbeddedBroker(home=tmp_path / "broker").start()
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic="reset.images", group_id="reset-workers")
+    env = env_for(kafka, tmp_path / "index", free_port())
+    env.update({"STREAMHASH_LEARN__METRICS_PORT": str(free_port()), "STREAMHASH_LEARN__ROUND_EVERY": "150",
+                "STREAMHASH_LEARN__ROUND_MAX_AGE_S": "0", "STREAMHASH_LEARN__OMEGA": "200",
+                "STREAMHASH_LEARN__EPOCHS": "1", "STREAMHASH_LEARN__ITERS": "1", "STREAMHASH_LEARN__MI_BOOTSTRAP": "10",
+                "STREAMHASH_LEARN__RESERVOIR_SIZE": "100", "STREAMHASH_LEARN__PUBLISH_TIMEOUT_S": "5"})
+    learner_url = f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
+    published = lambda: scrape(learner_url).get("streamhash_learner_published_model_version", 0)  # noqa: E731
+    worker = learner = None
+    try:
+        ensure_topics(kafka)
+        worker, worker_url = start_worker(env, tmp_path / "worker.log")
+        learner = spawn(["learner"], env=env, log_path=tmp_path / "learner.log")
+        wait_http(learner_url, 90, learner, tmp_path / "learner.log")
+        produce(kafka, 200, "old-", seed=1)
+        wait_for(lambda: published() >= 2, 90, "a first round published")
+        wait_for(lambda: shard_versions(worker_url) and min(shard_versions(worker_url)) >= 2, 60,
+                 "the worker to adopt version 2")
+
+        broker.stop()
+        broker.start()  # same port, empty log: the topics and the producer ids are gone
+        ensure_topics(kafka)
+        produce(kafka, 200, "new-", seed=2)
+        wait_for(lambda: published() >= 3, 120, "a round after the reset published")
+        assert [a.version for a in models_on(kafka)] == [3]  # on the new log
+        wait_for(lambda: scrape(worker_url).get("streamhash_items_indexed_total", 0) >= 400, 60, "the new items indexed")
+        assert learner.poll() is None and worker.poll() is None
+        assert "published model version 3 at attempt" in (tmp_path / "learner.log").read_text()
+        assert stop(learner) == 0
+    finally:
+        for p in (learner, worker):
+            if p is not None:
+                stop(p)
+        broker.stop()
