@@ -34,24 +34,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _broker(args) -> int:
-    import threading
-
-    from streamhash.kafka.broker import EmbeddedBroker
+    from streamhash.kafka.broker import serve
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
-    broker = EmbeddedBroker(home=settings.data.home, port=args.port).start()
-    print(f"Kafka-protocol broker (Tansu, memory storage) listening on {broker.bootstrap_servers}")
-    print(f"  export STREAMHASH_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}")
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(1.0):
-        if broker.proc.poll() is not None:
-            print(f"broker exited with code {broker.proc.returncode}", file=sys.stderr)
-            return 1
-    broker.stop()
-    return 0
+    return serve(settings.data.home, args.port)
 
 
 class CommandFailed(Exception):

@@ -1,19 +1,25 @@
 """Stopping and the broker going away, on real processes: the learner stops within 10 s of a signal
 whatever it is doing (a long round, a wait on a broker that is gone), and keeps learning across a broker
-restart that resets its log.
+restart that resets its log; `streamhash broker` owns its Tansu and refuses a port already taken; the
+demo's processes end with it, however it ends.
 
 Each test here failed on a9a6b47: the learner finished the round it was in, then waited 120 s on the
-stopped broker; after a log reset its next publication failed with UnknownProducerIdError and it exited.
+stopped broker; after a log reset its next publication failed with UnknownProducerIdError and it exited;
+a kill -9 of `streamhash broker` left Tansu on the port, and a second one reported "listening" on it;
+the demo's children outlived a SIGHUP or a SIGKILL of the demo.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from streamhash.kafka.broker import EmbeddedBroker, free_port
+from streamhash.kafka.broker import EmbeddedBroker, free_port, port_taken
 from streamhash.kafka.modelbus import ModelReader
 from streamhash.kafka.topics import ensure_topics
 from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http
@@ -154,3 +160,110 @@ def test_the_learner_keeps_learning_across_a_broker_log_reset(tmp_path):
             if p is not None:
                 stop(p)
         broker.stop()
+
+
+# ---------------------------------------------------------------- processes that die with their parent
+
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, it names one process, never a reuse."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid`` (children, theirs...), each with its start time."""
+    parent_of = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parent_of[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        for child, parent in parent_of.items():
+            if parent == p and child not in out and (t := start_time(child)) is not None:
+                out[child] = t
+                todo.append(child)
+    return out
+
+
+def still_running(procs: dict[int, str]) -> list[int]:
+    return [pid for pid, t in procs.items() if start_time(pid) == t and _not_zombie(pid)]
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_kill_9_of_streamhash_broker_leaves_no_tansu_running(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streamhash", "broker", "--port", str(port)],
+                            env={**os.environ, "STREAMHASH_DATA__HOME": str(tmp_path)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        tansu = descendants(proc.pid)
+        assert len(tansu) == 1, tansu
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: not still_running(tansu), 10, "Tansu to die with `streamhash broker`")
+        wait_for(lambda: not port_taken("127.0.0.1", port), 10, "the port to be free")
+    finally:
+        proc.kill()
+        for pid in still_running(tansu if "tansu" in locals() else {}):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_streamhash_broker_refuses_a_port_already_taken(broker, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "streamhash", "broker", "--port", str(broker.port)],
+                         env={**os.environ, "STREAMHASH_DATA__HOME": str(tmp_path)}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and "listening" not in out.stdout, (out.returncode, out.stdout, out.stderr)
+    assert f"port {broker.port}" in out.stderr and "already in use" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+def _have_fashion_mnist() -> bool:
+    from streamhash.data.fashion_mnist import find_dir
+    from streamhash.errors import DatasetMissingError
+
+    try:
+        find_dir()
+        return True
+    except DatasetMissingError:
+        return False
+
+
+@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL])
+def test_the_demo_leaves_no_process_of_its_own_when_it_ends(tmp_path, sig):
+    """SIGHUP (its terminal closed) stops every process cleanly; SIGKILL leaves it to the kernel. Both once left
+    the broker, worker, learner and query server running (each in a session of its own)."""
+    log = open(tmp_path / "demo.out", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamhash", "demo", "--serve", "--limit", "300", "--queries", "5",
+                             "--probes", "2", "--workdir", str(tmp_path / "demo")], stdout=log, stderr=subprocess.STDOUT)
+    mine: dict[int, str] = {}
+    try:
+        # Tansu, the worker, the learner and the query server (in that order): all four started
+        wait_for(lambda: proc.poll() is not None or len(descendants(proc.pid)) >= 4, 120, "the demo's four processes",
+                 interval=0.3)
+        assert proc.poll() is None, (tmp_path / "demo.out").read_text()[-2000:]
+        mine = descendants(proc.pid)
+        proc.send_signal(sig)
+        rc = proc.wait(60)
+        wait_for(lambda: not still_running(mine), 30, "every process of the demo to end")
+        if sig == signal.SIGHUP:
+            text = (tmp_path / "demo.out").read_text()
+            assert rc == 130 and "interrupted" in text and "Traceback" not in text, (rc, text[-2000:])
+    finally:
+        proc.kill()
+        for pid in still_running(mine):
+            os.kill(pid, signal.SIGKILL)
