@@ -81,3 +81,23 @@ def _is_learner(proc_dir, tmp_path) -> bool:
     except OSError:
         return False
     return b"learner" in cmd and str(tmp_path / "demo").encode() in env
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make data)")
+def test_demo_talks_while_it_waits_and_names_no_url_it_stopped(tmp_path):
+    """`make demo` used to go silent for minutes, then print metrics and search URLs already dead."""
+    import re
+
+    out = subprocess.run(
+        [sys.executable, "-m", "streamhash", "demo", "--limit", "600", "--queries", "10", "--probes", "3",
+         "--workdir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    stamps = [int(m.group(1)) for m in re.finditer(r"^\[\s*(\d+) s\] ", out.stdout, re.MULTILINE)]
+    assert len(stamps) >= 4 and stamps[0] <= 5, out.stdout
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) <= 5, out.stdout  # a line at least every 5 s
+    assert "learning: " in out.stdout
+    summary = out.stdout[out.stdout.index("streamhash demo:"):]
+    assert "http://" not in summary and "run `streamhash demo --serve` to keep them" in summary
+    assert re.search(r"the query index holds 603: 600 images \+ 3 freshness probes", summary), summary
