@@ -117,6 +117,11 @@ class EfficientNetLite0Backbone(nn.Module):
 
         return onnx_available()
 
+    def engine_name(self, device: torch.device | str = "cpu") -> str:
+        """What computes the features on ``device``, e.g. ``onnxruntime:efficientnet_lite0-224`` (for logs and metadata)."""
+        device = torch.device(device)
+        return self.onnx_engine().name if self.uses_onnx(device) else f"torch:{self.name}-{self.input_size}"
+
     def features(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (n, H, W[, C]) -> (n, 1280) float32 features, by the engine :meth:`forward` would use."""
         from streamhash.model.engine import to_network_input

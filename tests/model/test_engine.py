@@ -60,10 +60,17 @@ def test_onnx_runtime_features_match_torch_within_tolerance(backbone):
     gray = images[:2, :, :, 0]
     np.testing.assert_allclose(eng.features(gray), eng.features(np.repeat(gray[..., None], 3, axis=3)), atol=1e-5)
     assert eng.name == "onnxruntime:efficientnet_lite0-224"
+    eng.max_batch = 4  # a large batch runs in chunks (4 + 2 here): the same features
+    try:
+        np.testing.assert_allclose(eng.features(images), onnx_feats, atol=1e-5)
+    finally:
+        eng.max_batch = 64
 
 
 def test_the_backbone_runs_the_engine_on_the_cpu_and_torch_when_asked(backbone):
     assert backbone.uses_onnx(torch.device("cpu")) and not backbone.uses_onnx(torch.device("cuda"))
+    assert backbone.engine_name("cpu") == "onnxruntime:efficientnet_lite0-224"
+    assert backbone.engine_name("cuda") == "torch:efficientnet_lite0-224"
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     via_onnx = backbone(x)
     backbone.engine = "torch"

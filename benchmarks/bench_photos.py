@@ -1,0 +1,169 @@
+"""The photo path's backbone: EfficientNet-Lite0 features in torch eager and in ONNX Runtime, same run.
+
+Part one of issue 23's benchmark (worker ingest, rounds on stored features, re-encode and search by photo
+come later). In one process, interleaved so drift in machine load hits every engine alike:
+
+- images/s of the frozen feature extractor (pooled 1280-d), batch 16, at 2 and 1 threads, at input sizes
+  224, 160 and 128 (CIFAR-10 is 32x32, upsampled bilinearly): torch eager NCHW (as the project ran it),
+  torch eager channels-last, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic quantization);
+  ``engine_vs_torch`` = ONNX Runtime fp32 / torch eager NCHW at 224, 2 threads;
+- what int8 does to the features: cosine similarity to the fp32 features of the same CIFAR-10 images;
+- what the input size does to the features' quality: a linear probe (logistic regression on standardised
+  features) trained on --probe-train CIFAR-10 train images and scored on --probe-test test images, per size,
+  fp32 (int8 too with --probe-int8).
+
+    nice -n 10 python benchmarks/bench_photos.py --cifar10 /path/to/cifar10 --json
+
+``--cifar10``: anything streamhash.data.cifar10 reads (the official release, or the JPEG class-folder tarball:
+then its pixels carry JPEG artifacts, and the JSON says so). Needs the extras natural and eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_serve import cpu_model  # noqa: E402
+
+from streamhash.data import cifar10  # noqa: E402
+from streamhash.model.efficientnet import EfficientNetLite0Backbone, PooledFeatures  # noqa: E402
+from streamhash.model.engine import FeatureEngine, to_network_input  # noqa: E402
+
+ENGINES = ("torch_eager", "torch_channels_last", "onnxruntime", "onnxruntime_int8")
+
+
+def interleaved_rates(runs: dict, x, rounds: int, seconds: float) -> dict[str, float]:
+    """images/s of each ``runs[name](x)``: one warm-up call each, then ``rounds`` rounds in which every engine in
+    turn runs for ``seconds`` (at least one call); the median over rounds, so a load swing hits all alike."""
+    for run in runs.values():
+        run(x)
+    per: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            done, start = 0, time.perf_counter()
+            while done < 1 or time.perf_counter() - start < seconds:
+                run(x)
+                done += 1
+            per[name].append(done * len(x) / (time.perf_counter() - start))
+    return {name: statistics.median(v) for name, v in per.items()}
+
+
+def runners(net: torch.nn.Module, size: int, cache: Path) -> dict:
+    nchw = PooledFeatures(net)
+    cl = PooledFeatures(copy.deepcopy(net).to(memory_format=torch.channels_last))
+    fp32 = FeatureEngine(nchw, "efficientnet_lite0", size, cache_dir=cache)
+    int8 = FeatureEngine(nchw, "efficientnet_lite0", size, cache_dir=cache, quantize=True)
+
+    def torch_run(module, channels_last):
+        def run(x):
+            with torch.inference_mode():
+                return module(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        return run
+
+    def ort_run(engine):
+        return lambda x: engine.session(torch.get_num_threads()).run(None, {"input": x.numpy()})[0]
+
+    return {"torch_eager": torch_run(nchw, False), "torch_channels_last": torch_run(cl, True),
+            "onnxruntime": ort_run(fp32), "onnxruntime_int8": ort_run(int8), "_engines": (fp32, int8)}
+
+
+def features(engine: FeatureEngine, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    return np.concatenate([engine.features(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def probe(train_x, train_y, test_x, test_y) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    clf = LogisticRegression(max_iter=3000).fit(scaler.transform(train_x), train_y)
+    return float((clf.predict(scaler.transform(test_x)) == test_y).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cifar10", type=Path, default=None, help="CIFAR-10 source (default: the data home)")
+    ap.add_argument("--sizes", default="224,160,128")
+    ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per point (median reported)")
+    ap.add_argument("--seconds", type=float, default=1.5, help="least time each engine runs per round")
+    ap.add_argument("--probe-train", type=int, default=2000)
+    ap.add_argument("--probe-test", type=int, default=1000)
+    ap.add_argument("--cosine-images", type=int, default=200)
+    ap.add_argument("--probe-int8", action="store_true",
+                    help="also probe the int8 features (slow: int8 ran 5-15x slower than fp32 here)")
+    ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs a warning per padding tensor it skips
+
+    source = cifar10.find_source(args.cifar10)
+    train = cifar10.load_split("train", source, per_class=args.probe_train // 10)
+    test = cifar10.load_split("test", source, per_class=args.probe_test // 10)
+    say(f"CIFAR-10 from {source}: {len(train)} train, {len(test)} test images")
+    with contextlib.redirect_stdout(sys.stderr):  # the weights package prints a line: stdout is the JSON's
+        backbone = EfficientNetLite0Backbone(engine="torch")
+    cache = Path(tempfile.mkdtemp(prefix="bench-photos-onnx-"))  # a fresh export: timed below, not a stale file
+
+    result: dict = {"cpu": cpu_model(), "batch": args.batch, "torch": torch.__version__, "rounds": args.rounds,
+                    "data": f"CIFAR-10 {'JPEG files (pixels carry JPEG artifacts)' if 'jpg' in source.name else 'official'}",
+                    "throughput": {}, "int8_feature_cosine": {}, "probe": {"train": len(train), "test": len(test),
+                                                                           "accuracy": {}}}
+    for size in sizes:
+        run = runners(backbone.net, size, cache)
+        fp32, int8 = run.pop("_engines")
+        t0 = time.perf_counter()
+        fp32.path
+        export_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        int8.path
+        result.setdefault("export_s", {})[str(size)] = round(export_s, 1)
+        result.setdefault("quantize_s", {})[str(size)] = round(time.perf_counter() - t0, 1)
+        x = to_network_input(test.images[:args.batch], size)
+        for t in threads:
+            torch.set_num_threads(t)
+            rates = {k: round(v, 1) for k, v in interleaved_rates({n: run[n] for n in ENGINES}, x, args.rounds, args.seconds).items()}
+            result["throughput"].setdefault(str(size), {})[str(t)] = rates
+            say(f"{size}px {t} thread(s): " + ", ".join(f"{k} {v}" for k, v in rates.items()) + " images/s")
+        torch.set_num_threads(max(threads))
+        f32_test = features(fp32, test.images)
+        n = min(args.cosine_images, len(test))
+        i8 = features(int8, test.images if args.probe_int8 else test.images[:n])
+        cos = (f32_test[:n] * i8[:n]).sum(1) / (np.linalg.norm(f32_test[:n], axis=1) * np.linalg.norm(i8[:n], axis=1))
+        result["int8_feature_cosine"][str(size)] = {"mean": round(float(cos.mean()), 4), "min": round(float(cos.min()), 4),
+                                                    "images": n}
+        acc = probe(features(fp32, train.images), train.labels, f32_test, test.labels)
+        result["probe"]["accuracy"][str(size)] = round(acc, 4)
+        if args.probe_int8:
+            acc8 = probe(features(int8, train.images), train.labels, i8, test.labels)
+            result["probe"].setdefault("accuracy_int8", {})[str(size)] = round(acc8, 4)
+        say(f"{size}px: probe accuracy fp32 {acc:.4f}; int8 cosine to fp32 {result['int8_feature_cosine'][str(size)]}")
+
+    top = result["throughput"][str(sizes[0])][str(threads[0])]
+    result["engine_vs_torch"] = round(top["onnxruntime"] / top["torch_eager"], 2)
+    result["engine_vs_torch_channels_last"] = round(top["onnxruntime"] / top["torch_channels_last"], 2)
+    result["int8_vs_fp32"] = round(top["onnxruntime_int8"] / top["onnxruntime"], 2)
+    result["engine_vs_torch_at"] = {"size": sizes[0], "threads": threads[0]}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
