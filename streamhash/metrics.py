@@ -76,6 +76,8 @@ MESSAGES_CONSUMED = Counter("streamhash_messages_consumed_total", "Messages read
 MESSAGES_REPLAYED = Counter("streamhash_messages_replayed_total", "Messages consumed again after a crash and skipped: already in LMDB", registry=_W)
 ITEMS_INDEXED = Counter("streamhash_items_indexed_total", "Items written to the LMDB index (overwrites included)", registry=_W)
 DEAD_LETTERED = Counter("streamhash_messages_dead_lettered_total", "Messages sent to the dead-letter topic", ["stage"], registry=_W)
+TOMBSTONES = Counter("streamhash_tombstones_total", "Tombstones (a null value for an item id) applied: the item removed "
+                     "from its shard, if it held it", registry=_W)
 BATCHES = Counter("streamhash_batches_total", "Batches processed and committed", registry=_W)
 ENCODE_SECONDS = Histogram("streamhash_encode_duration_seconds", "Hash-network encode time per batch", buckets=_LATENCY_BUCKETS, registry=_W)
 COMMIT_SECONDS = Histogram("streamhash_lmdb_commit_duration_seconds", "LMDB write transaction time per batch", buckets=_LATENCY_BUCKETS, registry=_W)

@@ -141,26 +141,47 @@ class LiveIndex:
             self._seen_txnid = txnid
             return 0
         with m.INDEX_REFRESH_SECONDS.time():
-            hashes = id_hashes([c.id for c in changes])
-            which, old = g.seq_of_hash.find(hashes)
-            # Each match is the seq an overwritten item had, unless another item shares the id's
-            # 64-bit hash: that one still has its seq in the store, an overwritten one does not.
-            stale = ~self.store.seqs_live(old) if len(old) else np.zeros(0, bool)
-            seqs = np.array([c.seq for c in changes], np.int64)
-            codes = np.frombuffer(b"".join(c.code for c in changes), np.uint8).reshape(len(changes), -1)
-            # one step: a query sees an overwritten (or re-coded) item under its old seq or its new one, never missing
-            g.index.add_with_ids(codes, seqs, replacing=old[stale])
-            g.seq_of_hash.add(hashes, seqs)
-            if len(old):
-                g.seq_of_hash.remove(hashes[which[stale]], old[stale])
-            g.last_seq = int(seqs[-1])
+            last = changes[-1].seq
+            removed = [c.id for c in changes if c.deleted]
+            if removed:  # first: a write read in this refresh is live now, so it came after any removal of its id
+                self._remove(g, removed)
+                changes = [c for c in changes if not c.deleted]
+            if changes:
+                self._add(g, changes)
+            g.last_seq = last
         self._seen_txnid = txnid  # only once applied: a refresh that failed reads the same snapshot again
         now = time.time()
         for c in changes:
             if c.ts is not None:  # learned-code updates are not new messages
                 m.FRESHNESS_SECONDS.observe(max(0.0, now - c.ts))
         self._publish(g)
-        return len(changes)
+        return len(changes) + len(removed)
+
+    def _add(self, g: Generation, changes) -> None:
+        """New and rewritten items (a rewrite's old seq leaves the index in the same step)."""
+        hashes = id_hashes([c.id for c in changes])
+        which, old = g.seq_of_hash.find(hashes)
+        # Each match is the seq an overwritten item had, unless another item shares the id's
+        # 64-bit hash: that one still has its seq in the store, an overwritten one does not.
+        stale = ~self.store.seqs_live(old) if len(old) else np.zeros(0, bool)
+        seqs = np.array([c.seq for c in changes], np.int64)
+        codes = np.frombuffer(b"".join(c.code for c in changes), np.uint8).reshape(len(changes), -1)
+        # one step: a query sees an overwritten (or re-coded) item under its old seq or its new one, never missing
+        g.index.add_with_ids(codes, seqs, replacing=old[stale])
+        g.seq_of_hash.add(hashes, seqs)
+        if len(old):
+            g.seq_of_hash.remove(hashes[which[stale]], old[stale])
+
+    def _remove(self, g: Generation, ids: list[str]) -> None:
+        """Drop removed items: the seqs their ids map to that the store no longer holds (an id sharing a 64-bit
+        hash with a live item keeps that item's)."""
+        hashes = id_hashes(ids)
+        which, old = g.seq_of_hash.find(hashes)
+        if not len(old):
+            return
+        gone = ~self.store.seqs_live(old)
+        g.index.remove_ids(old[gone])
+        g.seq_of_hash.remove(hashes[which[gone]], old[gone])
 
     def _publish(self, g: Generation) -> None:
         m.INDEX_ITEMS.labels(process="query").set(g.index.ntotal)

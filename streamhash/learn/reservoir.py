@@ -45,6 +45,17 @@ class Reservoir:
             return j
         return None
 
+    def discard(self, ids) -> int:
+        """Drop these ids from the sample (items removed from the index); returns how many were in it. The slots
+        they free are filled by the next items offered."""
+        gone = set(ids)
+        keep = [k for k, i in enumerate(self.ids) if i not in gone]
+        dropped = len(self.ids) - len(keep)
+        if dropped:
+            self.ids = [self.ids[k] for k in keep]
+            self.payloads = [self.payloads[k] for k in keep]
+        return dropped
+
     def update_many(self, ids, payloads=None) -> None:
         payloads = [None] * len(ids) if payloads is None else payloads
         for i, p in zip(ids, payloads):

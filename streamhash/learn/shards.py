@@ -95,6 +95,13 @@ class ShardFeed:
             gen, _, changes = shard.store.changes_since(shard.last_seq, self.chunk)
             if gen != shard.generation:  # swapped again meanwhile: next poll
                 return 0
+        last = changes[-1].seq if changes else shard.last_seq
+        removed = [c.id for c in changes if c.deleted]
+        if removed:  # tombstones: the item is gone from its shard, and from what the learner knows
+            self.hasher.forget(removed)
+            for item_id in removed:
+                self.pending_at.pop(item_id, None)
+        changes = [c for c in changes if not c.deleted] if removed else changes
         fresh = [c for c in changes if c.ts is not None]
         if fresh:
             ids = [c.id for c in fresh]
@@ -103,9 +110,8 @@ class ShardFeed:
         recoded = [c for c in changes if c.ts is None and not self._moved(shard.key, c.id, c.seq)]
         if recoded:
             self.hasher.apply_reencode([c.id for c in recoded], _codes(recoded))
-        if changes:
-            shard.last_seq = changes[-1].seq
-        return len(changes)
+        shard.last_seq = last
+        return len(changes) + len(removed)
 
     def _moved(self, key: ShardKey, item_id: str, seq: int) -> bool:
         """A learned code applied to an item pending here (in flight when the learner restarted): the code

@@ -82,8 +82,10 @@ class Store:
 
     # items
     def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None,
-                    *, generation: int | None = None, model_version: int | None = None) -> list[int]:
-        return self.items.write_batch(items, offsets, generation=generation, model_version=model_version)
+                    *, generation: int | None = None, model_version: int | None = None,
+                    deletes: Iterable[str] = ()) -> list[int]:
+        return self.items.write_batch(items, offsets, generation=generation, model_version=model_version,
+                                      deletes=deletes)
 
     def put_codes(self, ids: list[str], codes: np.ndarray, *, model_version: int | None = None) -> list[int]:
         return self.items.put_codes(ids, codes, model_version=model_version)

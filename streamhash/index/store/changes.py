@@ -23,9 +23,10 @@ from streamhash.index.store.layout import from_u64, labels_of_record, u64
 class Change:
     seq: int
     id: str
-    code: bytes
+    code: bytes  # empty for a removal
     labels: tuple[int, ...] | None
-    ts: float | None  # Kafka timestamp of a message just ingested; None for a code update (put_codes)
+    ts: float | None  # Kafka timestamp of a message just ingested; None for a code update (put_codes) or a removal
+    deleted: bool = False  # the item was removed (a tombstone): drop it
 
 
 @dataclass
@@ -64,15 +65,28 @@ class ChangeLog:
         gen_prefix = u64(gen)
         out: list[Change] = []
         cur = txn.cursor(db=db["changes"])
-        if not cur.set_range(u64(after_seq + 1)):
-            return gen, model_version, out
-        for k, key in cur:
-            rec = orjson.loads(txn.get(key, db=db["items"]))  # the follower's per-change cost: ~3x json.loads
-            code = txn.get(gen_prefix + key, db=db["codes"])
-            labels = tuple(rec["labels"]) if rec["labels"] is not None else None
-            out.append(Change(from_u64(k), key.decode(), code, labels, None if rec.get("recoded") else rec["ts"]))
-            if len(out) >= limit:
-                break
+        if cur.set_range(u64(after_seq + 1)):
+            for k, key in cur:
+                rec = orjson.loads(txn.get(key, db=db["items"]))  # the follower's per-change cost: ~3x json.loads
+                code = txn.get(gen_prefix + key, db=db["codes"])
+                labels = tuple(rec["labels"]) if rec["labels"] is not None else None
+                out.append(Change(from_u64(k), key.decode(), code, labels, None if rec.get("recoded") else rec["ts"]))
+                if len(out) >= limit:
+                    break
+        if db["deletes"] is not None:
+            # Removals in seq order with the writes. When the writes were cut at ``limit``, only removals up to the
+            # last write read: the follower goes on from the last seq it gets, and must not step over the rest.
+            upto = out[-1].seq if len(out) >= limit else None
+            cur = txn.cursor(db=db["deletes"])
+            removed = []
+            if cur.set_range(u64(after_seq + 1)):
+                for k, key in cur:
+                    seq = from_u64(k)
+                    if upto is not None and seq > upto:
+                        break
+                    removed.append(Change(seq, key.decode(), b"", None, None, deleted=True))
+            if removed:
+                out = sorted(out + removed, key=lambda c: c.seq)
         return gen, model_version, out
 
     def snapshot(self) -> Snapshot:

@@ -32,7 +32,7 @@ from pathlib import Path
 import lmdb
 
 from streamhash.errors import StoreError, StoreFullError, StoreLockedError
-from streamhash.index.store.layout import DB_NAMES
+from streamhash.index.store.layout import DB_NAMES, OPTIONAL_DBS
 from streamhash.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,16 @@ class Environment:
             str(self.path), map_size=initial_map_size, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
             subdir=True, lock=True, readahead=False, meminit=False, max_readers=256,
         )
-        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
+        self.db = {name: self._open_db(name) for name in DB_NAMES}
+
+    def _open_db(self, name: str):
+        """A sub-database handle; None for an optional one a read-only opener finds absent (an older shard)."""
+        try:
+            return self.env.open_db(name.encode(), create=not self.readonly)
+        except lmdb.NotFoundError:
+            if name in OPTIONAL_DBS and self.readonly:
+                return None
+            raise
 
     def read(self, fn):
         """``fn(txn)`` in a read transaction (one MVCC snapshot), adopting growth by another process."""

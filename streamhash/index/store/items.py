@@ -3,6 +3,8 @@
 Writes are one transaction per batch: items, codes, blobs, changes and the Kafka offset
 map commit together or not at all. Every write (a new item, a re-sent id, a learned code) links the
 item under a fresh ``seq`` and unlinks its previous one, so the change log holds one entry per live item.
+A removal (a tombstone) unlinks the item, deletes its record and blob, and logs its id under a fresh seq in
+``deletes``, which followers read beside the change log.
 """
 
 from __future__ import annotations
@@ -63,8 +65,12 @@ class Items:
         self.env, self.code_bytes, self.offsets = env, code_bytes, offsets
 
     def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None,
-                    *, generation: int | None = None, model_version: int | None = None) -> list[int]:
-        """Write items (overwriting re-sent ids) and the offset map in one transaction; return their seqs.
+                    *, generation: int | None = None, model_version: int | None = None,
+                    deletes: Iterable[str] = ()) -> list[int]:
+        """Write items (overwriting re-sent ids), remove the ``deletes`` ids, and write the offset map, in one
+        transaction; return the items' seqs. Removals come after the writes: the caller passes each id's last
+        operation of the batch only (an id written and removed in one batch is removed; removed, then written
+        again, is written). Removing an id the store does not hold changes nothing.
 
         ``generation``: the generation the codes were encoded for; if a re-encode swapped in another
         one meanwhile, GenerationChanged is raised and nothing is written (encode again, retry).
@@ -93,6 +99,16 @@ class Items:
                 self.link(txn, key, rec, gen, seq, it.code)
                 txn.put(key, it.blob, db=db["blobs"])
                 seqs.append(seq)
+                seq += 1
+            for item_id in deletes:
+                key = item_id.encode()
+                old = txn.get(key, db=db["items"])
+                if old is None:
+                    continue
+                self.unlink(txn, key, json.loads(old), gens)
+                txn.delete(key, db=db["items"])
+                txn.delete(key, db=db["blobs"])
+                txn.put(u64(seq), key, db=db["deletes"])
                 seq += 1
             self.offsets.put(txn, offsets or {})
             txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])

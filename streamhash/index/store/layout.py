@@ -8,12 +8,16 @@
 ``offsets`` ``topic\\0partition``                         next offset to consume (8 B)
 ``meta``    name                                         JSON value: schema, bits, generation, ...
 ``changes`` seq (8 B)                                    item id
+``deletes`` seq (8 B)                                    item id of an item removed (a tombstone)
 ==========  ===========================================  ==========================================
 
 ``changes`` is our addition to the design's list: every write gives the item a new, increasing
 ``seq`` and removes the item's previous entry, so ``changes`` holds exactly one entry per live item
 in insertion order. Followers (the query worker) read it from their last seen seq, which makes
-staying live an O(new items) read instead of a scan. ``seq`` is also the int64 id that the
+staying live an O(new items) read instead of a scan. A removed item (a Kafka tombstone: a null value for
+its key) leaves ``changes`` and takes a seq in ``deletes``, so followers read removals in the same seq
+order as writes. A tombstone keeps the removed id (not its image, labels or code) for as long as the shard
+lives: a follower that was behind (the learner across a re-encode) still learns of the removal. ``seq`` is also the int64 id that the
 in-memory Hamming index uses, so ties break by insertion order.
 
 Meta keys and their writers: ``schema_version``, ``bits``, ``shard``, ``backbone`` and ``created`` (here,
@@ -34,7 +38,9 @@ dropped pages go back to LMDB's free list, reused by later writes; the file does
 openers (query servers, the learner) read either schema as it is, since the sub-databases they open
 are the same in both; a reader open across the migration keeps its snapshot and its handles. A shard
 at schema 2 cannot be opened by an older build: its writer refuses the schema number, its readers miss
-the ``tables`` sub-database.
+the ``tables`` sub-database. 3: ``deletes`` (item removal); 1 and 2 migrate to 3 in that same transaction
+(the writer creates the empty sub-database when it opens the shard). A read-only opener of a shard at
+schema 1 or 2 finds no ``deletes``: nothing was ever removed from it.
 """
 
 from __future__ import annotations
@@ -49,9 +55,10 @@ from streamhash.errors import SchemaMismatchError, StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # what a read-only opener reads: 1 differs only by the sub-database it never opens
-DB_NAMES = ("items", "codes", "blobs", "models", "offsets", "meta", "changes")
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)  # what a read-only opener reads: 1 and 2 differ only by sub-databases it need not open
+DB_NAMES = ("items", "codes", "blobs", "models", "offsets", "meta", "changes", "deletes")
+OPTIONAL_DBS = ("deletes",)  # absent in a shard at schema 1 or 2 that no writer of this build has opened yet
 # Schema 1's multi-index tables, as it created them (opening a sub-database takes its flags)
 _V1_TABLES, _V1_TABLES_FLAGS = b"tables", {"dupsort": True, "dupfixed": True}
 _U64 = struct.Struct(">Q")
@@ -86,7 +93,7 @@ def init_meta(env, *, bits: int | None, shard: int, backbone: str | None) -> dic
         }
         env.write(lambda txn: env.put_meta(txn, meta))
         return meta
-    if meta.get("schema_version") == 1:
+    if meta.get("schema_version") in (1, 2):
         meta = migrate(env)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise SchemaMismatchError(
@@ -109,11 +116,12 @@ def check_readable(meta: dict, path) -> dict:
 
 
 def migrate(env) -> dict:
-    """Schema 1 to 2 in place, in one write transaction: drop ``tables`` and ``multihash_tables``, write the
-    schema number. Returns the new meta."""
+    """Schema 1 or 2 to 3 in place, in one write transaction: drop ``tables`` and ``multihash_tables`` (schema 1),
+    write the schema number (``deletes`` exists already: the writer's open created it). Returns the new meta."""
+    from_schema = env.read_meta().get("schema_version")
 
     def txn_fn(txn):
-        if env.read_meta(txn).get("schema_version") != 1:  # migrated meanwhile: nothing to do
+        if env.read_meta(txn).get("schema_version") not in (1, 2):  # migrated meanwhile: nothing to do
             return
         if txn.get(_V1_TABLES) is not None:  # the main database holds a record per named sub-database
             txn.drop(env.env.open_db(_V1_TABLES, txn=txn, create=False, **_V1_TABLES_FLAGS), delete=True)
@@ -121,5 +129,5 @@ def migrate(env) -> dict:
         env.put_meta(txn, {"schema_version": SCHEMA_VERSION})
 
     env.write(txn_fn)
-    log.info("store %s migrated from schema 1 to %d (LMDB multi-index tables dropped)", env.path, SCHEMA_VERSION)
+    log.info("store %s migrated from schema %s to %d", env.path, from_schema, SCHEMA_VERSION)
     return env.read_meta()

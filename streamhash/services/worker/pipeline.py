@@ -7,6 +7,10 @@ on the encoder thread (torch releases the GIL, so the next batch is polled and p
 through :class:`~streamhash.kafka.checkpoint.Checkpoint`: DLQ flush → one :class:`ShardWrite` per shard
 (its items, then the learner's code updates for it, each with its partitions' offsets) → Kafka commit.
 
+A record with a null value (a Kafka tombstone) removes its item from the shard: codes, blob, record, and
+through the shard's ``deletes`` log the query servers' and the learner's copies. Within a batch each id's
+last operation wins (written then removed: removed; removed then written again: written).
+
 A failure while handling one message (parse, decode, encode, a malformed code update) sends that message
 to the DLQ and never stops the partition.
 """
@@ -26,7 +30,7 @@ from streamhash.errors import GenerationChanged, InternalRecordRejected, RecordR
 from streamhash.index.store import ItemWrite
 from streamhash.index.store.root import ShardKey
 from streamhash.kafka.modelbus import CodeUpdate
-from streamhash.records import ImageRecord, parse_message
+from streamhash.records import ImageRecord, parse_key, parse_message
 
 log = logging.getLogger("streamhash.worker")
 
@@ -41,6 +45,7 @@ class Prepared:
     shards: list[ShardKey]  # the shard of each valid one
     updates: dict[ShardKey, list[CodeUpdate]]  # the learner's code updates, by shard
     next_offsets: dict[tuple[str, int], int]
+    removals: dict[ShardKey, list[str]]  # ids whose last operation in the batch is a tombstone, by shard
     codes: Future  # -> (generation and model version of each record, np.ndarray (len(valid), bits/8))
     epoch: int  # Positions.epoch when polled: partitions rewound since then are dropped from the batch
 
@@ -67,6 +72,7 @@ class ShardWrite:
     updates: list[CodeUpdate]
     code_offsets: dict[tuple[str, int], int]
     reencode: object  # records -> codes for the shard's current network (after a re-encode swapped it)
+    removals: list[str] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(init=False)
 
     def __post_init__(self):
@@ -79,11 +85,13 @@ class ShardWrite:
             items = [ItemWrite(r.id, codes[j].tobytes(), r.value, r.content_type, r.labels, self.stamps[j])
                      for j, r in enumerate(self.records)]
             try:
-                self.store.write_batch(items, self.image_offsets, generation=generation, model_version=version)
+                self.store.write_batch(items, self.image_offsets, generation=generation, model_version=version,
+                                       deletes=self.removals)
                 break
             except GenerationChanged:  # the re-encoder swapped this shard while the batch was encoded
                 (generation, version), codes = self.reencode(self.records)
         m.ITEMS_INDEXED.inc(len(items))
+        m.TOMBSTONES.inc(len(self.removals))
         if self.code_offsets or self.updates:
             for result, n in self.store.apply_updates(self.updates, self.code_offsets).items():
                 if n:
@@ -106,6 +114,7 @@ class BatchPipeline:
         sources, stamps, keys = [], [], []
         updates: dict[ShardKey, list[CodeUpdate]] = defaultdict(list)
         next_offsets: dict[tuple[str, int], int] = {}
+        removed: dict[tuple[ShardKey, str], bool] = {}  # (shard, id) -> whether its last operation so far removes it
         for rec in records:
             tp = (rec.topic, rec.partition)
             next_offsets[tp] = max(next_offsets.get(tp, 0), rec.offset + 1)
@@ -114,7 +123,11 @@ class BatchPipeline:
                     updates[shards.key_of(*tp)].append(self.follower.code_update(rec))
                     continue
                 m.MESSAGES_CONSUMED.inc()
+                if rec.value is None:  # a tombstone
+                    removed[(shards.key_of(*tp), parse_key(rec.key))] = True
+                    continue
                 valid.append(parse_message(rec.key, rec.value, rec.headers, self.spec))
+                removed[(shards.key_of(*tp), valid[-1].id)] = False
             except Exception as exc:  # RecordRejected, or a bug: either way this record, not the partition
                 if rec.topic == self.codes_topic and not isinstance(exc, InternalRecordRejected):
                     m.INTERNAL_REJECTED.labels(topic="codes").inc()
@@ -124,8 +137,15 @@ class BatchPipeline:
             sources.append(rec)
             stamps.append(rec.timestamp / 1000.0)
             keys.append(shards.key_of(*tp))
+        removals: dict[ShardKey, list[str]] = defaultdict(list)
+        for (key, item_id), gone in removed.items():
+            if gone:
+                removals[key].append(item_id)
+        if removals:  # a write followed by a removal of its id in this batch is not written
+            keep = [i for i, r in enumerate(valid) if not removed[(keys[i], r.id)]]
+            valid, sources, stamps, keys = ([xs[i] for i in keep] for xs in (valid, sources, stamps, keys))
         serving = {k: self.owner.serving(k) for k in set(keys)}
-        return Prepared(valid, sources, stamps, keys, dict(updates), next_offsets,
+        return Prepared(valid, sources, stamps, keys, dict(updates), next_offsets, dict(removals),
                         self.encoder.submit(self.encode, valid, [serving[k] for k in keys]), self.positions.epoch)
 
     def finish(self, p: Prepared) -> None:
@@ -138,6 +158,7 @@ class BatchPipeline:
             serving, codes = [serving[i] for i in keep], codes[keep]
             p.next_offsets = {k: v for k, v in p.next_offsets.items() if k not in rewound}
             p.updates = {k: u for k, u in p.updates.items() if (self.codes_topic, k.partition) not in rewound}
+            p.removals = {k: r for k, r in p.removals.items() if (k.topic, k.partition) not in rewound}
         with m.COMMIT_SECONDS.time():
             self.checkpoint.commit(self.shard_writes(p, serving, codes), p.next_offsets)
         for key in {self.owner.shards.key_of(*tp) for tp in p.next_offsets}:
@@ -171,7 +192,7 @@ class BatchPipeline:
                 key, store, records, [p.stamps[i] for i in mine], shard_serving, shard_codes,
                 {tp: o for tp, o in offsets[key].items() if tp[0] != self.codes_topic}, p.updates.get(key, []),
                 {tp: o for tp, o in offsets[key].items() if tp[0] == self.codes_topic},
-                lambda recs, key=key: self._reencode(key, recs)))
+                lambda recs, key=key: self._reencode(key, recs), p.removals.get(key, [])))
         return writes
 
     def _reencode(self, key: ShardKey, records: list[ImageRecord]) -> tuple[tuple[int, int], np.ndarray]:

@@ -104,3 +104,34 @@ def test_changes_if_committed_reads_only_after_a_commit(tmp_path):
     assert txnid2 > txnid and [c.seq for c in changes] == [4] and len(reads) == 1
     s.set_offset("t", 0, 5)  # any commit moves the snapshot: read again, nothing new in the change log
     assert s.changes_if_committed(4, txnid2)[3] == []
+
+
+def test_a_removed_item_leaves_every_sub_database_and_followers_read_the_removal_in_seq_order(tmp_path):
+    """Tombstones (issue 28): record, code, blob and change entry gone in the batch's transaction; ``changes_since``
+    hands the removal out under its own seq, between the writes around it; an absent id changes nothing."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(5), {("t", 0): 5})
+    s.write_batch(items(1, prefix="late"), {("t", 0): 7}, deletes=["id1", "never-stored"])
+    assert s.count() == 5 and s.get_item("id1") is None and s.get_blobs(["id1"]) == [None]
+    assert "id1" not in codes_of(s, 1) and s.offsets() == {("t", 0): 7}
+    assert s.snapshot().ids == ["id0", "id2", "id3", "id4", "late0"]
+    _, _, changes = s.changes_since(0)
+    assert [(c.seq, c.id, c.deleted) for c in changes] == [
+        (1, "id0", False), (3, "id2", False), (4, "id3", False), (5, "id4", False), (6, "late0", False), (7, "id1", True)]
+    s.write_batch(items(2), {("t", 0): 9})  # written again after its removal: back, under a new seq
+    _, _, changes = s.changes_since(6)
+    assert [(c.id, c.deleted) for c in changes] == [("id1", True), ("id0", False), ("id1", False)]
+    assert s.get_item("id1")["code"] == items(2)[1].code
+    # a follower cut at a limit gets no removal past the last write it was handed
+    _, _, cut = s.changes_since(0, limit=2)
+    assert [(c.seq, c.deleted) for c in cut] == [(3, False), (4, False)]
+
+
+def test_a_removal_during_a_re_encode_is_not_brought_back_by_the_swap(tmp_path):
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(6))
+    gen, _ = s.begin_generation()
+    ids = s.ids_missing_from(gen)
+    s.write_batch([], deletes=["id2", "id3"])  # while the new generation is being built
+    s.swap_generation(gen, 2, ids, np.zeros((len(ids), 4), np.uint8))
+    assert s.snapshot().ids == ["id0", "id1", "id4", "id5"] and set(codes_of(s, gen)) == {"id0", "id1", "id4", "id5"}

@@ -45,7 +45,7 @@ def test_a_newer_schema_is_refused_read_only_too(tmp_path):
     s = Store(tmp_path, bits=32)
     s._write(lambda txn: s._put_meta(txn, {"schema_version": 999}))
     s.close()
-    with pytest.raises(SchemaMismatchError, match=r"schema 999, this build reads \(1, 2\)"):
+    with pytest.raises(SchemaMismatchError, match=r"schema 999, this build reads \(1, 2, 3\)"):
         Store(tmp_path, readonly=True)
 
 
@@ -68,6 +68,7 @@ def schema_1_shard(path, n=6):
                 txn.put(key[:8] + bytes([j]) + v.to_bytes(2, "big"), seq.to_bytes(8, "big"), db=tables, dupdata=True)
         txn.put(b"schema_version", b"1", db=meta)
         txn.put(b"multihash_tables", b"2", db=meta)
+        txn.drop(env.open_db(b"deletes", txn=txn, create=False), delete=True)  # schema 3's: not there yet
     env.close()
     return n * 2  # table rows
 
@@ -99,15 +100,15 @@ def test_a_schema_1_shard_is_read_as_it_is_and_migrated_by_its_writer(tmp_path):
     assert raw_state(tmp_path)["schema"] == 1
 
     s = Store(tmp_path, bits=32)  # its worker: migrated in place
-    assert raw_state(tmp_path, s) == {"schema": 2, "table_rows": None, "items": 6, "multihash_tables": None}
-    assert s.read_meta()["schema_version"] == 2 and s.offsets() == {("t", 0): 6}
+    assert raw_state(tmp_path, s) == {"schema": 3, "table_rows": None, "items": 6, "multihash_tables": None}
+    assert s.read_meta()["schema_version"] == 3 and s.offsets() == {("t", 0): 6}
     s.write_batch(items(2, prefix="new"), {("t", 0): 8})
     gen, _ = s.begin_generation()  # a re-encode over the migrated shard
     s.swap_generation(gen, 2, s.ids_missing_from(gen), np.zeros((8, 4), np.uint8))
     assert s.drop_generation(1) == 8
     s.close()
     s = Store(tmp_path, bits=32)
-    assert s.count() == 8 and s.snapshot().generation == 2 and s.read_meta()["schema_version"] == 2
+    assert s.count() == 8 and s.snapshot().generation == 2 and s.read_meta()["schema_version"] == 3
     s.close()
 
 
@@ -120,7 +121,7 @@ def test_a_crash_during_the_migration_leaves_schema_1_whole(tmp_path):
         from streamhash.index.store import Store
         put_meta = Environment.put_meta
         def dying(self, txn, meta):
-            if meta.get("schema_version") == 2:
+            if meta.get("schema_version") == 3:
                 os._exit(17)
             put_meta(self, txn, meta)
         Environment.put_meta = dying
@@ -130,7 +131,7 @@ def test_a_crash_during_the_migration_leaves_schema_1_whole(tmp_path):
     assert proc.returncode == 17, proc.stderr
     assert raw_state(tmp_path) == {"schema": 1, "table_rows": rows, "items": 6, "multihash_tables": 2}
     s = Store(tmp_path, bits=32)
-    assert s.count() == 6 and s.read_meta()["schema_version"] == 2
+    assert s.count() == 6 and s.read_meta()["schema_version"] == 3
     s.close()
     assert raw_state(tmp_path)["table_rows"] is None
 
@@ -158,4 +159,25 @@ def test_a_reader_open_across_the_migration_keeps_reading(tmp_path):
         reader.kill()
     assert reader.returncode == 0, err
     assert out.split() == ["7", "new0", items(1, prefix="new")[0].code.hex()]
-    assert raw_state(tmp_path)["schema"] == 2
+    assert raw_state(tmp_path)["schema"] == 3
+
+
+def test_a_schema_2_shard_without_deletes_is_read_as_it_is_and_gets_them_from_its_writer(tmp_path):
+    """Schema 3 adds ``deletes`` (removed items). A read-only opener of an older shard finds none: nothing was
+    removed from it; its writer creates it and writes the schema number."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(4), {("t", 0): 4})
+    s.close()
+    env = lmdb.open(str(tmp_path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"deletes", txn=txn, create=False), delete=True)
+        txn.put(b"schema_version", b"2", db=env.open_db(b"meta", txn=txn, create=False))
+    env.close()
+    reader = Store(tmp_path, readonly=True)
+    assert [c.id for c in reader.changes_since(0)[2]] == [f"id{i}" for i in range(4)]
+    reader.close()
+    s = Store(tmp_path, bits=32)
+    assert s.read_meta()["schema_version"] == 3
+    s.write_batch([], deletes=["id1"])
+    assert [(c.id, c.deleted) for c in s.changes_since(4)[2]] == [("id1", True)]
+    s.close()
