@@ -91,3 +91,21 @@ def test_replay_sends_the_original_messages_back_without_error_headers(dead_lett
         assert [k for k, _ in d.headers].count("error.stage") == 1 and [k for k, _ in d.headers].count("source.offset") == 1
     assert {d.source for d in again}.isdisjoint({d.source for d in first})
     assert Counter(d.stage for d in again) == Counter(stage for *_, stage in MALFORMED)
+
+
+def test_follow_prints_each_new_dead_letter_as_it_comes(dead_lettered):
+    kafka, env, _ = dead_lettered
+    proc = subprocess.Popen([sys.executable, "-m", "streamhash", "dlq", "--json", "--last", "0", "--follow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    try:
+        first = json.loads(proc.stdout.readline())  # the counts so far, then one line per new dead letter
+        assert first["total"] >= len(MALFORMED) and first["letters"] == []
+        producer = make_producer(kafka)
+        producer.send(kafka.topic, key=b"followed", value=b"still not an image", headers=[("content-type", b"image/png")])
+        producer.flush()
+        producer.close()
+        line = json.loads(proc.stdout.readline())
+        assert (line["key"], line["stage"], line["error_class"]) == ("followed", "decode", "UnidentifiedImageError")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
