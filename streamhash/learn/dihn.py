@@ -37,7 +37,6 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,11 +44,11 @@ import torch
 from streamhash.codes import pack_signs, unpack_signs
 from streamhash.errors import StreamhashError
 from streamhash.hashmap import Int64Multimap
+from streamhash.learn.base import FetchImages, RoundResult
 from streamhash.learn.labels import normalise_label_sets
 from streamhash.model.hashnet import HashNet, images_to_tensor
 from streamhash.model.losses import DIHNLoss, soft_negative
 
-FetchImages = Callable[[list], np.ndarray]
 ShouldStop = Callable[[], bool]
 
 
@@ -62,20 +61,6 @@ class RoundAbandoned(StreamhashError):
 def _check(should_stop: ShouldStop | None) -> None:
     if should_stop is not None and should_stop():
         raise RoundAbandoned("learning round abandoned: stop requested")
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    """What one learning round produced."""
-
-    ids: list  # the items whose codes were learned this round (were B_new, now frozen)
-    codes: np.ndarray  # their packed codes (n, bits/8) uint8, aligned with ids
-    changed: int  # how many of those codes differ from the ones they had before the round
-    loss: float  # mean training loss of the last epoch
-    seconds: float
-    iterations: int
-    omega: int  # |Omega| actually used
-    round: int  # 1-based round counter
 
 
 def _as_packed(codes, bits: int) -> np.ndarray:

@@ -14,7 +14,8 @@ Wiring (streamhash/services/learner.py is the real one)::
         # codes come back as hasher.apply_reencode(ids, codes)
         lags = hasher.clock() - report.arrivals         # per learned item, arrival -> learned code
 
-Another incremental learner plugs in through ``learner=`` (any :class:`~streamhash.learn.base.IncrementalHasher`).
+Another incremental learner plugs in through ``learner=`` (any :class:`~streamhash.learn.base.IncrementalHasher`:
+the calls this class makes on it are the contract).
 
 The re-encode test is MIHash's (Cakir et al. 2017): compare the index as it is with the index as it
 would be after the selective re-encode. The reservoir samples uniformly from every labeled item
@@ -327,12 +328,6 @@ class OnlineHasher:
                         r.payloads[k] = (r.payloads[k][0], True, None)
             return ids
 
-    def reencode(self, fetch_images: FetchImages, ids: Sequence | None = None) -> tuple[list, np.ndarray]:
-        """Encode every known item (or ``ids``) with the current network; codes are stored as live."""
-        with self._learner_lock:
-            self._drain()
-            return self.learner.reencode(fetch_images, ids)
-
     def apply_reencode(self, ids: Sequence, codes: np.ndarray) -> None:
         """Tell the learner the codes the index now holds after a re-encode done elsewhere.
 
@@ -343,7 +338,7 @@ class OnlineHasher:
         codes = np.asarray(codes)
         with self._learner_lock:
             at = {item_id: k for k, item_id in enumerate(ids)}
-            for item_id in getattr(self.learner, "pending_ids", ()):
+            for item_id in self.learner.pending_ids:
                 at.pop(item_id, None)
             with self._lock:
                 for b, (bids, bcodes, sets, frozen, t, inf) in enumerate(self._buffer):

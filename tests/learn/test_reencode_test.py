@@ -48,6 +48,10 @@ class StubLearner:
     def n_pending(self) -> int:
         return len(self.pending)
 
+    @property
+    def pending_ids(self) -> list:
+        return list(self.pending)
+
     def add_items(self, ids, codes, labels=None, *, frozen=True, held=None):
         for i, c, lab in zip(ids, codes, labels if labels is not None else [None] * len(ids)):
             self.codes_of[i] = np.asarray(c)
