@@ -277,13 +277,16 @@ def _untrained_note(base: str) -> str:
 def _dlq(args) -> int:
     import json
 
-    from streamhash.kafka.dlq_reader import DeadLetterReader, replay, summarize
+    from streamhash.kafka.dlq_reader import DeadLetterReader, NoDeadLetterTopic, replay, summarize
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
     _check_broker(settings)
     kafka = settings.kafka
-    reader = DeadLetterReader(kafka)
+    try:
+        reader = DeadLetterReader(kafka)
+    except NoDeadLetterTopic as exc:
+        raise CommandFailed(str(exc), EXIT_NOT_FOUND) from None
     try:
         letters = [d for d in reader.read_to_end() if args.stage is None or d.stage == args.stage]
         if args.replay:

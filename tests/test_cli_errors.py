@@ -157,3 +157,10 @@ def test_query_says_the_model_is_untrained_and_names_classes(served_root, photos
     assert "note: the model is untrained (version 1, no learning round yet)" in out.stdout
     assert "STREAMHASH_LEARN__ROUND_EVERY" in out.stdout
     assert "labels=[1]  (Trouser)" in out.stdout and "labels=[0]  (T-shirt/top)" in out.stdout
+
+
+@pytest.mark.integration
+def test_dlq_of_a_topic_nobody_created(broker):
+    out = run_cli("dlq", env={"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                              "STREAMHASH_KAFKA__DLQ_TOPIC": "nobody.images.dlq"})
+    one_line(out, EXIT_NOT_FOUND, "no topic nobody.images.dlq on the broker", "nothing was dead-lettered there yet")

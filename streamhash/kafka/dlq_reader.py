@@ -23,6 +23,11 @@ from streamhash.errors import BrokerError
 _ADDED = ("error.", "source.")  # header prefixes the dead-lettering added
 
 
+class NoDeadLetterTopic(BrokerError):
+    """The broker has no such dead-letter topic: nothing was dead-lettered there yet (workers create it), or the
+    name is wrong."""
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     key: bytes | None
@@ -85,7 +90,7 @@ class DeadLetterReader:
         partitions = self.consumer.partitions_for_topic(kafka.dlq_topic)
         if not partitions:
             self.consumer.close()
-            raise BrokerError(f"no topic {kafka.dlq_topic} on the broker (STREAMHASH_KAFKA__DLQ_TOPIC): "
+            raise NoDeadLetterTopic(f"no topic {kafka.dlq_topic} on the broker (STREAMHASH_KAFKA__DLQ_TOPIC): "
                               "nothing was dead-lettered there yet, or the name is wrong")
         self.tps = [TopicPartition(kafka.dlq_topic, p) for p in sorted(partitions)]
         self.consumer.assign(self.tps)
