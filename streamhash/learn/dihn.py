@@ -445,7 +445,7 @@ class DIHNLearner:
                 _check(should_stop)
                 idx = perm[start:start + self.batch_size]
                 u = self.net(x[idx].to(self.device))
-                loss = self.loss_fn.grouped(u, SB[idx], BtB, s2[idx], b_self[idx], stats["n"])
+                loss = self.loss_fn(u, SB[idx], BtB, s2[idx], stats["n"], b_self[idx])
                 self._opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self._opt.step()
