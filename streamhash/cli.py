@@ -92,7 +92,7 @@ def _produce(args) -> int:
 
     from streamhash.data.fashion_mnist import N_IMAGES
     from streamhash.kafka.produce import check, converted, from_arrays, from_dataset, from_folder, hint, make_producer, send
-    from streamhash.records import ImageSpec
+    from streamhash.services.spec import image_spec
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
@@ -123,7 +123,7 @@ def _produce(args) -> int:
     else:
         raise CommandFailed("give a folder, a .npy file, or --dataset fashion-mnist", EXIT_USAGE)
 
-    spec = ImageSpec.from_settings(settings)
+    spec = image_spec(settings)
     refused: dict[str, int] = {}
     hints: set[str] = set()
     checked = [0]
@@ -528,5 +528,21 @@ def main(argv: list[str] | None = None) -> int:
         code, message = EXIT_UNAVAILABLE, str(exc)
     except KeyboardInterrupt:
         return 130  # 128 + SIGINT, as a shell reports it
+    except Exception as exc:  # noqa: BLE001 -- only a broker or server out of reach is put in words; bugs keep their traceback
+        if (said := _unreachable(exc)) is None:
+            raise
+        code, message = EXIT_UNAVAILABLE, said
     print(f"streamhash {args.command}: {message}", file=sys.stderr)
     return code
+
+
+def _unreachable(exc: Exception) -> str | None:
+    """A sentence for a broker or HTTP server that could not be reached (a worker or learner started before its
+    broker: kafka-python's KafkaTimeoutError 'Unable to bootstrap' after 30 s), else None."""
+    module = type(exc).__module__
+    if module.startswith("kafka"):
+        return f"the broker could not be reached or answered with an error ({type(exc).__name__}: {exc}); check " \
+               "STREAMHASH_KAFKA__BOOTSTRAP_SERVERS and that the broker is up"
+    if module.startswith("httpx") and type(exc).__name__ in ("ConnectError", "ConnectTimeout"):
+        return f"a server could not be reached ({exc})"
+    return None

@@ -164,3 +164,14 @@ def test_dlq_of_a_topic_nobody_created(broker):
     out = run_cli("dlq", env={"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
                               "STREAMHASH_KAFKA__DLQ_TOPIC": "nobody.images.dlq"})
     one_line(out, EXIT_NOT_FOUND, "no topic nobody.images.dlq on the broker", "nothing was dead-lettered there yet")
+
+
+@pytest.mark.integration
+def test_a_worker_started_without_a_broker_says_so(tmp_path):
+    """kafka-python tries to bootstrap for its request timeout (30 s), then the worker used to end in a traceback."""
+    out = run_cli("worker", "--store", str(tmp_path / "index"), "--metrics-port", "0",
+                  env={"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{dead_port()}",
+                       "STREAMHASH_KAFKA__REQUEST_TIMEOUT_MS": "5000"})
+    assert out.returncode == EXIT_UNAVAILABLE and "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamhash worker: the broker could not be reached") and "BOOTSTRAP_SERVERS" in last
