@@ -28,16 +28,12 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from streamhash.errors import ConfigError, RecordRejected
 from streamhash.imaging import Conversion, high_byte, network_input
-
-if TYPE_CHECKING:
-    from streamhash.config import Settings
 
 MAX_KEY_BYTES = 256
 CONTENT_TYPES = ("image/png", "image/jpeg", "application/x-npy")
@@ -70,8 +66,7 @@ class ImageSpec:
     """What a message must be to be indexed: the image shape the hash network accepts ((height, width)
     gray or (height, width, channels)) and the bounds on everything else a producer controls.
 
-    Build it with :meth:`from_settings` in processes; positional ``ImageSpec(h, w, c, max_value_bytes)``
-    stays for tests and tools.
+    Plain values: the processes build theirs from the settings (``streamhash.services.spec.image_spec``).
     """
 
     height: int = 28
@@ -95,15 +90,6 @@ class ImageSpec:
         if self.max_label < 0 or self.max_labels < 1:
             raise ConfigError(f"need max_label >= 0 and max_labels >= 1, got {self.max_label} and {self.max_labels}")
         self.conversion.check_channels(self.channels)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ImageSpec:
-        """The one spec every process derives from its settings, so worker, learner and query server agree."""
-        mc = settings.model
-        return cls(mc.image_size, mc.image_size, mc.channels, settings.store.max_value_bytes,
-                   max_pixels=settings.store.max_image_pixels, max_label=settings.learn.max_label,
-                   max_labels=settings.learn.max_labels_per_item,
-                   conversion=Conversion(**settings.image.model_dump()))
 
     @property
     def shape(self) -> tuple[int, ...]:

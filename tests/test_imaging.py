@@ -174,10 +174,11 @@ def test_codes_of_a_converted_photo_equal_those_of_the_image_in_the_networks_sha
 
 def test_settings_reach_the_spec_and_rgb_needs_three_channels(monkeypatch):
     from streamhash.config import Settings
+    from streamhash.services.spec import image_spec
 
     monkeypatch.setenv("STREAMHASH_IMAGE__RESIZE", "fill")
     monkeypatch.setenv("STREAMHASH_IMAGE__MODE", "gray")
-    assert ImageSpec.from_settings(Settings()).conversion == Conversion(mode="gray", resize="fill")
+    assert image_spec(Settings()).conversion == Conversion(mode="gray", resize="fill")
     with pytest.raises(ConfigError, match="MODE=rgb needs a 3-channel network"):
         spec(28, 28, 1, mode="rgb")
     with pytest.raises(ConfigError, match="resize must be one of"):

@@ -73,3 +73,31 @@ def test_no_import_cycle():
     # a package's __init__ re-exporting its submodules, which import siblings through it, is not a cycle of design
     cycles = [c for c in cycles if not all(m == c[0] or m.startswith(c[0] + ".") for m in c)]
     assert not cycles
+
+
+# The bottom of the library: modules every layer may import, which import nothing of the library but each other.
+BASE = ("streamhash", "streamhash.errors", "streamhash.codes", "streamhash.hashmap", "streamhash.rwlock", "streamhash.config")
+# May read the whole settings (streamhash.config.Settings); the library below them takes plain values or its own
+# sub-settings, so that it can be used, and tested, without a settings file.
+SETTINGS_READERS = ("streamhash.config", "streamhash.cli", "streamhash.services", "consumers")
+
+
+def test_the_base_modules_import_only_each_other():
+    graph = imports()
+    bad = {(m, d) for m in BASE for d in graph.get(m, ()) if d not in BASE}
+    assert not bad
+
+
+def settings_importers() -> set[str]:
+    out = set()
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.ImportFrom) and node.module == "streamhash.config"
+                        and any(a.name == "Settings" for a in node.names)):
+                    out.add(module_name(path))
+    return out
+
+
+def test_only_the_processes_and_the_cli_take_the_whole_settings():
+    assert not {m for m in settings_importers() if not is_under(m, SETTINGS_READERS)}

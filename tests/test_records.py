@@ -300,11 +300,12 @@ def test_long_label_headers_are_clipped_in_the_message():
 
 def test_spec_from_settings_and_positional_construction():
     from streamhash.config import Settings
+    from streamhash.services.spec import image_spec
 
     s = Settings(model={"image_size": 32, "channels": 3}, store={"max_value_bytes": 5000, "max_image_pixels": 4096},
                  learn={"max_label": 99, "max_labels_per_item": 4})
-    assert ImageSpec.from_settings(s) == ImageSpec(32, 32, 3, 5000, max_pixels=4096, max_label=99, max_labels=4)
-    default = ImageSpec.from_settings(Settings())
+    assert image_spec(s) == ImageSpec(32, 32, 3, 5000, max_pixels=4096, max_label=99, max_labels=4)
+    default = image_spec(Settings())
     assert (default.max_pixels, default.max_label, default.max_labels) == (4096 * 4096, 9999, 64)
     assert ImageSpec(28, 28, 1, 4096).shape == (28, 28)
 

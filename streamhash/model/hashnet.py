@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from streamhash.codes import pack_signs
+from streamhash.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,14 @@ def backbone_names() -> tuple[str, ...]:
     return tuple(_BACKBONES)
 
 
+class UnknownBackbone(ConfigError, ValueError):
+    """``model.backbone`` names no registered backbone: the settings hold any name, the network refuses it when built."""
+
+
 def build_backbone(cfg: HashNetConfig) -> nn.Module:
     build = _BACKBONES.get(cfg.backbone)
     if build is None:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}; registered: {backbone_names()}")
+        raise UnknownBackbone(f"unknown backbone {cfg.backbone!r} (model.backbone); registered: {backbone_names()}")
     if isinstance(build, str):
         module, _, attr = build.partition(":")
         build = getattr(importlib.import_module(module), attr)

@@ -74,7 +74,7 @@ from streamhash.learn.online import OnlineHasher, RoundReport
 from streamhash.learn.shards import ShardFeed
 from streamhash.model.hashnet import HashNet, resolve_device
 from streamhash.model.state import checked_model, initial_net
-from streamhash.records import ImageSpec
+from streamhash.services.spec import image_spec
 
 log = logging.getLogger("streamhash.learner")
 
@@ -109,7 +109,7 @@ class Learner:
             root = StoreRoot(self.settings.store.path, create=False)  # refuses a single-environment store at once
             if not (root.path / LAYOUT_FILE).exists():
                 return False
-            self.feed = ShardFeed(root, self.settings.kafka.topic, self.hasher, ImageSpec.from_settings(self.settings))
+            self.feed = ShardFeed(root, self.settings.kafka.topic, self.hasher, image_spec(self.settings))
         return True
 
     def step(self) -> bool:

@@ -43,7 +43,6 @@ from streamhash.errors import BadQueryError
 from streamhash.index.sharded import ShardedIndex, View
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
 from streamhash.memory import freeze_startup_objects, pin_malloc_mmap_threshold
-from streamhash.records import ImageSpec
 from streamhash.services import bounds
 from streamhash.services.batching import MicroBatcher
 from streamhash.services.http_api import (
@@ -55,6 +54,7 @@ from streamhash.services.lean import LeanSearch, answer_ahead
 from streamhash.services.query_codes import QueryEncoder, ShardQueries, for_item
 from streamhash.data.class_names import load_class_names, name_labels
 from streamhash.services import api_docs
+from streamhash.services.spec import image_spec
 from streamhash.services.web import LiveStatus, install
 
 log = logging.getLogger("streamhash.query")
@@ -70,7 +70,7 @@ def sharded_index(settings: Settings, root: StoreRoot | None = None) -> ShardedI
 
 def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI:
     index = index or sharded_index(settings)
-    encoder = QueryEncoder(ImageSpec.from_settings(settings), index)
+    encoder = QueryEncoder(image_spec(settings), index)
     body_limit = max_body_bytes(settings)
     status = LiveStatus(index)
     # Top-k searches waiting at the same moment over the same shard generations share one kernel call per

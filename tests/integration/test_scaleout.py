@@ -128,9 +128,9 @@ def test_a_worker_follows_the_learners_topics_codes_by_partition_models_by_versi
                 inferred[item_id] = (rec["code"], rec["blob"])
         store.close()
     from streamhash.config import Settings
-    from streamhash.records import ImageSpec
+    from streamhash.services.spec import image_spec
 
-    spec = ImageSpec.from_settings(Settings())
+    spec = image_spec(Settings())
     some = list(inferred.items())[:50]
     expected = net3.encode(np.stack([decode_image(blob, "application/x-npy", spec) for _, (_, blob) in some]))
     assert [code for _, (code, _) in some] == [row.tobytes() for row in expected]  # inferred: encoded by model 3

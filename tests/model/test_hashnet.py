@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from streamhash.config import ModelSettings
+from streamhash.errors import ConfigError
 from streamhash.model.hashnet import HashNet, HashNetConfig, backbone_names, register_backbone
+from streamhash.model.state import initial_net
 
 
 class TinyBackbone(nn.Module):
@@ -45,8 +47,11 @@ def test_the_builtin_backbones_are_registered_and_unknown_names_refused():
     register_backbone("tiny", TinyBackbone)  # the same entry again: harmless
 
 
-def test_settings_accept_exactly_the_registered_backbones():
+def test_the_settings_name_a_backbone_and_the_network_refuses_an_unknown_one():
+    """The settings hold the name (config imports nothing above it); building the network, at a process's start,
+    refuses a name nobody registered with a ConfigError, which the command line reports as a usage error."""
     assert ModelSettings(backbone="tiny").backbone == "tiny"
     assert ModelSettings().backbone == "small_cnn"
-    with pytest.raises(ValueError, match="backbone must be one of"):
-        ModelSettings(backbone="resnet9000")
+    mc = ModelSettings(backbone="resnet9000")
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet9000' \\(model.backbone\\)"):
+        initial_net(mc)

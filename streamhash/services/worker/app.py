@@ -36,7 +36,7 @@ from streamhash.kafka.topics import ensure_topics
 from streamhash.memory import freeze_startup_objects
 from streamhash.model.hashnet import resolve_device
 from streamhash.model.state import ensure_model
-from streamhash.records import ImageSpec
+from streamhash.services.spec import image_spec
 from streamhash.services.worker.follower import ModelFollower
 from streamhash.services.worker.ownership import PartitionOwner, TrackAssignment
 from streamhash.services.worker.pipeline import BatchPipeline, Prepared
@@ -57,7 +57,7 @@ class Worker:
     def __init__(self, settings: Settings, stopping: threading.Event | None = None):
         self.settings = s = settings
         torch.set_num_threads(s.model.torch_threads)
-        self.spec = ImageSpec.from_settings(s)
+        self.spec = image_spec(s)
         self.owner = PartitionOwner(StoreRoot(s.store.path), self._open_store, images_topic=s.kafka.topic,
                                     codes_topic=s.kafka.codes_topic, lock_wait_s=s.store.shard_lock_wait_s)
         key = s.security.model_key
