@@ -274,6 +274,29 @@ def _untrained_note(base: str) -> str:
             "first round, which waits for labeled items (STREAMHASH_LEARN__ROUND_EVERY of them)")
 
 
+def _delete(args) -> int:
+    """Tombstones (a null value for each id) on the images topic: each worker removes the item from its shard."""
+    from streamhash.kafka.produce import make_producer
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level)
+    bad = [i for i in args.ids if not 1 <= len(i.encode()) <= 256]
+    if bad:
+        raise CommandFailed(f"an item id is 1..256 bytes of UTF-8, got {bad[0]!r}", EXIT_USAGE)
+    _check_broker(settings)
+    producer = make_producer(settings.kafka)
+    try:
+        for fut in [producer.send(settings.kafka.topic, key=i.encode(), value=None) for i in args.ids]:
+            fut.get(timeout=settings.kafka.request_timeout_ms / 1000)
+    except Exception as exc:  # noqa: BLE001 -- kafka-python raises KafkaTimeoutError, NoBrokersAvailable, ...
+        raise CommandFailed(f"sending tombstones to {settings.kafka.topic} failed: {exc}", EXIT_UNAVAILABLE) from None
+    finally:
+        producer.close()
+    print(f"sent {len(args.ids)} tombstone(s) to {settings.kafka.topic}: each item leaves its shard, the live index "
+          f"and every search once its worker commits them")
+    return 0
+
+
 def _dlq(args) -> int:
     import json
 
@@ -457,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--topic", dest="kafka.topic", help="the images topic (replays go there)")
     dl.add_argument("--dlq-topic", dest="kafka.dlq_topic")
     dl.set_defaults(func=_dlq)
+
+    de = sub.add_parser("delete", help="remove items: a tombstone (null value) per id on the images topic; each "
+                        "worker removes the item from its shard, the live index and every search")
+    de.add_argument("ids", nargs="+", metavar="ID", help="item ids (the message keys they were sent with)")
+    de.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers")
+    de.add_argument("--topic", dest="kafka.topic", help="the images topic")
+    de.set_defaults(func=_delete)
 
     w = sub.add_parser("worker", help="run an ingest worker (same as streamhash-worker)")
     worker_arguments(w)

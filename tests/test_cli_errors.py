@@ -92,7 +92,7 @@ def test_produce_with_no_broker_configured(photos):
     one_line(run_cli("produce", str(photos)), EXIT_USAGE, "no broker: set STREAMHASH_KAFKA__BOOTSTRAP_SERVERS")
 
 
-@pytest.mark.parametrize("command", [["produce", "PHOTOS"], ["dlq"], ["dlq", "--replay"]])
+@pytest.mark.parametrize("command", [["produce", "PHOTOS"], ["dlq"], ["dlq", "--replay"], ["delete", "item-1"]])
 def test_broker_unreachable(photos, command):
     args = [str(photos) if a == "PHOTOS" else a for a in command]
     one_line(run_cli(*args, env={"STREAMHASH_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{dead_port()}"}), EXIT_UNAVAILABLE,
