@@ -6,7 +6,7 @@ worker commits a batch), then every sub-database's pages are counted (branch + l
 page size ÷ items) beside ``data.mdb``'s size. Whatever sub-databases the store holds are listed, so the
 same script measures a store of another schema when ``PYTHONPATH`` points at another checkout:
 
-    python benchmarks/bench_store.py --n 200000 --bits 64 --json
+    python benchmarks/bench_store.py --n 200000 --bits 64 --json   # one JSON object (a table without --json)
     PYTHONPATH=/path/to/other/checkout python benchmarks/bench_store.py --n 200000 --bits 64 --json
 """
 
@@ -60,10 +60,7 @@ def main(argv=None) -> int:
         out["pages_per_item_total"] = round(sum(out["bytes_per_item"].values()), 1)
         out["data_mdb_per_item"] = round((Path(tmp) / "data.mdb").stat().st_size / args.n, 1)
         store.close()
-    for k, v in out.items():
-        print(f"{k:22s} {v}")
-    if args.json:
-        print(json.dumps(out))
+    print(json.dumps(out) if args.json else "\n".join(f"{k:22s} {v}" for k, v in out.items()))
     return 0
 
 
