@@ -19,6 +19,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "integration" in item.keywords:  # real processes: `make test-quick` (-m "not slow") leaves them out
             item.add_marker(pytest.mark.slow)
+    _scale_timeouts(config, items)
+
+
+def _scale_timeouts(config, items) -> None:
+    """pytest-timeout's limit (pyproject's, --timeout's or a test's own mark) times STREAMHASH_TEST_TIME_SCALE."""
+    from pytest_timeout import get_env_settings
+
+    from tests.support import TIME_SCALE
+
+    if TIME_SCALE == 1:
+        return
+    default = get_env_settings(config).timeout
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        limit = mark.args[0] if mark and mark.args else (mark.kwargs.get("timeout") if mark else None) or default
+        if limit:
+            item.add_marker(pytest.mark.timeout(float(limit) * TIME_SCALE), append=False)  # the closest mark
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,40 @@ produced to a topic.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 from streamhash.kafka.produce import from_arrays, make_producer, send
-from streamhash.services.processes import scrape, spawn, wait_for, wait_http
+from streamhash.services import processes
+from streamhash.services.processes import scrape, spawn
+
+# A slow or busy machine is slower, not red: STREAMHASH_TEST_TIME_SCALE=3 stretches every deadline the tests wait
+# on (wait_for, wait_http and stop below, the demo's and the eval CLI's subprocess timeouts) and every test's
+# pytest-timeout (tests/conftest.py) by 3. Read here only; default 1.
+TIME_SCALE = float(os.environ.get("STREAMHASH_TEST_TIME_SCALE") or 1)
+
+
+def scaled(seconds: float) -> float:
+    """A deadline of ``seconds`` on an idle machine, stretched by ``STREAMHASH_TEST_TIME_SCALE``."""
+    return seconds * TIME_SCALE
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """:func:`streamhash.services.processes.wait_for` with its deadline :func:`scaled`."""
+    return processes.wait_for(predicate, scaled(timeout), what, interval)
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log_path: Path | None = None) -> None:
+    """:func:`streamhash.services.processes.wait_http` with its deadline :func:`scaled`."""
+    processes.wait_http(url, scaled(timeout), proc, log_path)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """:func:`streamhash.services.processes.stop` (SIGTERM, then SIGKILL after ``timeout``, :func:`scaled`)."""
+    return processes.stop(proc, scaled(timeout))
 
 
 def module_kafka(broker, name: str):
@@ -89,3 +116,28 @@ def produce(kafka, n: int, prefix: str, seed: int, start: int = 0) -> None:
     producer = make_producer(kafka)
     send(producer, kafka.topic, from_arrays(images, labels, prefix=prefix, fmt="npy", start=start), progress=False)
     producer.close()
+
+
+def high_watermarks(kafka, topic: str, timeout_s: float = 30) -> dict[int, int]:
+    """Each partition of ``topic`` and the offset after its last message, as a fetch reports it (ListOffsets
+    "latest", ``end_offsets()``, is wrong on Tansu: docs/KAFKA.md)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    try:
+        parts = wait_for(lambda: consumer.partitions_for_topic(topic), timeout_s, f"{topic}'s partitions")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        wait_for(lambda: consumer.poll(timeout_ms=100) is not None and all(consumer.highwater(tp) is not None for tp in tps),
+                 timeout_s, f"a fetch from every partition of {topic}")
+        return {tp.partition: consumer.highwater(tp) for tp in tps}
+    finally:
+        consumer.close(autocommit=False)
+
+
+def committed_through(store: Path, topic: str, ends: dict[int, int]) -> bool:
+    """Whether the shards under ``store`` have committed ``topic`` up to ``ends`` (partition -> offset), in
+    their own transactions: what a worker has applied, not what it has fetched."""
+    offsets = read_store(store)["offsets"]
+    return all(offsets.get(f"{topic}:{p}", 0) >= end for p, end in ends.items())

@@ -10,6 +10,7 @@ import pytest
 
 from streamhash.data.fashion_mnist import find_dir
 from streamhash.errors import DatasetMissingError
+from tests.support import scaled
 
 try:
     find_dir()
@@ -22,7 +23,7 @@ except DatasetMissingError:
 @pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make data)")
 def test_quick_partial_labels_json(tmp_path):
     out = subprocess.run([sys.executable, "-m", "streamhash", "eval", "--protocol", "partial-labels", "--quick", "--json",
-                          "--bits", "16"], capture_output=True, text=True, timeout=280)
+                          "--bits", "16"], capture_output=True, text=True, timeout=scaled(280))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["protocol"] == "partial-labels" and result["bits"] == 16

@@ -13,8 +13,8 @@ import pytest
 
 from streamhash.kafka.broker import free_port
 from streamhash.records import encode_png
-from streamhash.services.processes import spawn, stop, wait_for, wait_http
-from tests.support import env_for, module_kafka, produce, start_worker
+from streamhash.services.processes import spawn
+from tests.support import env_for, module_kafka, produce, start_worker, stop, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 

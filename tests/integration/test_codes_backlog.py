@@ -19,8 +19,7 @@ from streamhash.kafka.broker import free_port
 from streamhash.kafka.modelbus import CodeUpdate, ModelPublisher
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.services.worker import app
-from streamhash.services.processes import wait_for
-from tests.support import committed_through, high_watermarks, module_kafka, read_store
+from tests.support import committed_through, high_watermarks, module_kafka, read_store, wait_for
 
 pytestmark = pytest.mark.integration
 

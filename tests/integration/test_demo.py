@@ -9,6 +9,7 @@ import pytest
 
 from streamhash.data.fashion_mnist import find_dir
 from streamhash.errors import DatasetMissingError
+from tests.support import scaled
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,7 @@ def test_demo_json_summary(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "streamhash", "demo", "--limit", "1500", "--queries", "40", "--probes", "10", "--json",
          "--workdir", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=scaled(240),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -50,21 +51,21 @@ def test_demo_serve_stays_up_until_ctrl_c_then_stops_everything(tmp_path):
         [sys.executable, "-m", "streamhash", "demo", "--serve", "--limit", "600", "--queries", "10", "--probes", "3",
          "--workdir", str(tmp_path / "demo")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    page, lines, deadline = None, [], time.monotonic() + 240
+    page, lines, deadline = None, [], time.monotonic() + scaled(240)
     while page is None and time.monotonic() < deadline and proc.poll() is None:
         line = proc.stdout.readline()
         lines.append(line)
         m = re.search(r"search page: (http://\S+)", line)
         page = m.group(1) if m else None
     assert page, "".join(lines)[-3000:]
-    time.sleep(2)  # still up some time after the summary
+    time.sleep(2)  # time passing is the point: the demo once exited right after printing its URLs
     assert httpx.get(page + "healthz").json()["index_size"] >= 600
     locks = sorted((tmp_path / "demo" / "index" / "shards").glob("*/*/writer.lock"))
     worker_pid = int(locks[0].read_text().split()[1])  # the one worker holds every shard
     learner_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_learner(p, tmp_path)]
     assert len(locks) == 4 and len(learner_pids) == 1
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=scaled(60)) == 0
     try:
         httpx.get(page + "healthz", timeout=1)
         raise AssertionError("the query server is still up")
@@ -91,7 +92,7 @@ def test_demo_talks_while_it_waits_and_names_no_url_it_stopped(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "streamhash", "demo", "--limit", "600", "--queries", "10", "--probes", "3",
          "--workdir", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=scaled(300),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     stamps = [int(m.group(1)) for m in re.finditer(r"^\[\s*(\d+) s\] ", out.stdout, re.MULTILINE)]

@@ -18,8 +18,8 @@ from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
-from streamhash.services.processes import scrape, spawn, stop, total, wait_for
-from tests.support import env_for, produce, read_store, start_worker
+from streamhash.services.processes import scrape, spawn, total
+from tests.support import env_for, produce, read_store, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +129,7 @@ s.close()
         on_2 = sum(partition_of(f"u-{i}") == 2 for i in range(400))
         wait_for(lambda: scrape(url).get('streamhash_index_items{process="worker"}', 0) >= 400 - on_2, 60, "the free partitions")
         os.kill(worker.pid, signal.SIGUSR1)
-        time.sleep(1.5)
+        wait_for(lambda: "SIGUSR1: learning rounds run in" in (tmp_path / "worker.log").read_text(), 30, "SIGUSR1 handled")
         s = scrape(url)
         assert s['streamhash_index_items{process="worker"}'] == 400 - on_2
         assert s["streamhash_shard_lock_waits_total"] == 2  # images and codes partition 2: one shard
@@ -151,13 +151,22 @@ def test_sigusr1_during_start_up_is_not_a_kill(broker, kafka_settings, tmp_path)
     env = env_for(kafka_settings, tmp_path / "index", free_port())
     log = tmp_path / "worker.log"
     proc = spawn(["worker"], env=env, log_path=log)
-    for _ in range(4):  # importing torch, opening the root, joining the group
-        time.sleep(0.7)
+    # Until the interpreter has run the entry point's first line, SIGUSR1's default action kills any Python
+    # process; from then on (importing torch, opening the root, joining the group) it must not.
+    wait_for(lambda: proc.poll() is not None or _handles_sigusr1(proc.pid), 60, "the entry point to run")
+    for _ in range(4):  # spread over the rest of start-up: pacing, the point of the test
         os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.7)
     url = f"http://127.0.0.1:{env['STREAMHASH_WORKER__METRICS_PORT']}/metrics"
     wait_for(lambda: proc.poll() is not None or _up(url), 60, "the worker to start")
     assert proc.poll() is None, log.read_text()[-2000:]
     assert stop(proc, timeout=60) == 0
+
+
+def _handles_sigusr1(pid: int) -> bool:
+    """Whether the process ignores or catches SIGUSR1 yet (its SigIgn / SigCgt masks in /proc)."""
+    masks = [int(line.split()[1], 16) for line in open(f"/proc/{pid}/status") if line.startswith(("SigIgn:", "SigCgt:"))]
+    return any(mask >> (signal.SIGUSR1 - 1) & 1 for mask in masks)
 
 
 def _up(url: str) -> bool:

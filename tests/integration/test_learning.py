@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -27,9 +27,9 @@ from streamhash.kafka.modelbus import ModelReader
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
-from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http
+from streamhash.services.processes import scrape, spawn
 from tests.conftest import synthetic_images
-from tests.support import env_for, start_worker
+from tests.support import committed_through, env_for, high_watermarks, start_worker, stop, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,8 @@ def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes
         wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= 2400, 60, "everything indexed")
         wait_for(lambda: all(s["generation"] >= 2 for s in httpx.get(f"{base}/healthz").json()["shards"]), 60,
                  "the query server on generation 2 everywhere")
-        time.sleep(0.5)
+        wait_for(lambda: seen and all(g >= 2 for g in seen[-1][0].values()), 60,
+                 "an answer during the queries from generation 2 everywhere")
         stop_q.set()
         t.join()
         after = precision_at_10(base, queries, q_labels, truth)
@@ -123,14 +124,19 @@ def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes
         send(producer, kafka_settings.topic, from_arrays(stream[2400:], shown[2400:], prefix="s-", start=2400),
              progress=False)
         producer.close()
-        time.sleep(1.0)
+        wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] > 2400, 60, "the last part arriving")
         learner.send_signal(signal.SIGKILL)
         learner.wait()
         learner = spawn(["learner"], env=env, log_path=tmp_path / "learner2.log")
         wait_http(learner_url, 60, learner, tmp_path / "learner2.log")
         learner.send_signal(signal.SIGUSR1)  # a round now, whatever is pending
-        wait_for(lambda: scrape(learner_url).get("streamhash_learning_rounds_total", 0) >= 1, 300, "a round after the restart")
-        time.sleep(3.0)  # the worker applies the round's codes
+        # logged once the round's model and codes are on the broker (its round counter moves before they are sent)
+        done = re.compile(r"published model version \d+ \(generation .* learned codes")
+        wait_for(lambda: done.search((tmp_path / "learner2.log").read_text()), 300,
+                 "a round after the restart, its model and codes published")
+        codes_end = high_watermarks(kafka_settings, kafka_settings.codes_topic)
+        wait_for(lambda: committed_through(tmp_path / "index", kafka_settings.codes_topic, codes_end), 60,
+                 "the worker to apply every code published, the round's included", interval=0.5)
     finally:
         stop(learner)
         stop(server)

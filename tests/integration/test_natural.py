@@ -13,9 +13,9 @@ from PIL import Image
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import make_producer
 from streamhash.records import encode_npy, message_headers
-from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
+from streamhash.services.processes import scrape, spawn, total
 from tests.photos import photo, saved
-from tests.support import env_for, module_kafka, start_worker
+from tests.support import env_for, module_kafka, scaled, start_worker, stop, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def natural(broker, tmp_path_factory):
 
 def search(base: str, value: bytes, name: str, k: int) -> list[dict]:
     r = httpx.post(f"{base}/search", files={"image": (name, value, "application/octet-stream")}, data={"k": str(k)},
-                   timeout=60)
+                   timeout=scaled(60))
     assert r.status_code == 200, r.text
     return r.json()["results"]
 

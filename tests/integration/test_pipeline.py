@@ -21,8 +21,8 @@ from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
 from streamhash.services.demo import MALFORMED
-from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
-from tests.support import env_for, read_store, start_worker
+from streamhash.services.processes import scrape, spawn, total
+from tests.support import env_for, read_store, scaled, start_worker, stop, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -241,7 +241,7 @@ def test_full_store_stops_the_worker_cleanly_and_loses_nothing(kafka_settings, t
     env.update({"STREAMHASH_STORE__INITIAL_MAP_SIZE_BYTES": str(1 << 20), "STREAMHASH_STORE__MAX_MAP_SIZE_BYTES": str(7 << 18),
                 "STREAMHASH_WORKER__WRITE_ATTEMPTS": "2", "STREAMHASH_KAFKA__MAX_POLL_RECORDS": "200"})
     worker = spawn(["worker"], env=env, log_path=tmp_path / "worker1.log")
-    assert worker.wait(timeout=120) == 75
+    assert worker.wait(timeout=scaled(120)) == 75
     log = (tmp_path / "worker1.log").read_text()
     assert "map-size ceiling" in log and "Nothing was lost" in log
     partial = read_store(tmp_path / "index")

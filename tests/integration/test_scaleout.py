@@ -8,7 +8,6 @@ different labels, after one stopped and ids were re-sent.
 from __future__ import annotations
 
 import signal
-import time
 
 import httpx
 import numpy as np
@@ -16,8 +15,9 @@ import pytest
 
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
-from streamhash.services.processes import scrape, stop, total, wait_for
-from tests.support import env_for, module_kafka, partition_of, read_store, start_worker
+from streamhash.services.processes import scrape, total
+from tests.support import (committed_through, env_for, high_watermarks, module_kafka, partition_of, read_store, start_worker,
+                           stop, wait_for, wait_http)
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,9 @@ def test_two_workers_one_killed_mid_stream_leave_every_id_in_exactly_one_shard_o
         return s.get("streamhash_consumer_lag_messages", 1) == 0 and s.get('streamhash_index_items{process="worker"}', 0) >= 20_000
 
     wait_for(caught_up, 120, "the survivor to index everything")
-    time.sleep(1.0)  # one more poll: the lag gauge may lead the last commit by a batch
+    # the lag gauge follows the fetch position, which may lead the last commit by a batch: wait for the commit
+    ends = high_watermarks(kafka, kafka.topic)
+    wait_for(lambda: committed_through(root, kafka.topic, ends), 60, "every image committed", interval=0.5)
     assert stop(workers[1][0]) == 0
 
     content = read_store(root)
@@ -141,7 +143,7 @@ def test_two_workers_a_learner_and_a_query_server_one_worker_killed_merged_resul
     across a worker's kill -9 and the takeover, and the query server's merged top-k over the four shards
     equals brute force over the union (ties: distance, then shard order, then seq)."""
     from streamhash.codes import from_hex, hamming_brute
-    from streamhash.services.processes import spawn, wait_http
+    from streamhash.services.processes import spawn
     from tests.conftest import synthetic_images
 
     kafka = module_kafka(broker, "scale3")
@@ -171,9 +173,12 @@ def test_two_workers_a_learner_and_a_query_server_one_worker_killed_merged_resul
         learner.send_signal(signal.SIGUSR1)  # learn what is pending now rather than at the age limit
         published = scrape(lurl)["streamhash_learned_codes_published_total"]
         wait_for(lambda: scrape(lurl)["streamhash_learned_codes_published_total"] > published, 120, "a round after the kill")
-        assert stop(learner) == 0
+        # it exits at most learn.stop_grace_s after handling SIGTERM, which waits for the torch op in progress
+        assert stop(learner, timeout=60) == 0
         wait_for(lambda: scrape(survivor).get("streamhash_consumer_lag_messages", 1) == 0, 60, "the survivor caught up")
-        time.sleep(1.5)  # the codes topic's last batch
+        codes_end = high_watermarks(kafka, kafka.codes_topic)
+        wait_for(lambda: committed_through(root, kafka.codes_topic, codes_end), 60, "the codes topic's last batch applied",
+                 interval=0.5)
         s = scrape(survivor)
         assert stop(workers[1][0]) == 0
         content = read_store(root)
