@@ -20,7 +20,8 @@ test-quick: install
 
 # torch first and pinned: the CPU wheel already on these machines. An open range pulls GBs of CUDA.
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml setup.py streamhash/index/_hamming.c
+$(VENV)/.installed: pyproject.toml setup.py streamhash/index/_hamming.h streamhash/index/_hamming.c \
+		streamhash/index/_hamming_scan.c streamhash/index/_hamming_avx512.c streamhash/index/_hamming_mih.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

@@ -16,7 +16,15 @@ setup(
     ext_modules=[
         Extension(
             "streamhash.index._hamming",
-            sources=["streamhash/index/_hamming.c"],
+            # one module from four files (what each holds: _hamming.h); the header is a dependency so
+            # an edit to it rebuilds them all
+            sources=[
+                "streamhash/index/_hamming.c",
+                "streamhash/index/_hamming_scan.c",
+                "streamhash/index/_hamming_avx512.c",
+                "streamhash/index/_hamming_mih.c",
+            ],
+            depends=["streamhash/index/_hamming.h"],
             extra_compile_args=extra,
             optional=True,
         )
