@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -30,6 +31,7 @@ from streamhash import metrics as m
 from streamhash.config import ServerSettings
 
 log = logging.getLogger("streamhash.http")
+RESERVED_FILES = 256  # file descriptors kept for everything but client connections: shards, pipes, logs
 
 
 def _close_reply(status: int, reason: str) -> bytes:
@@ -123,5 +125,26 @@ def configure(server: ServerSettings) -> type[BoundedHttpTools]:
     """Set the limits from ``server`` and return the protocol class to give uvicorn as ``http``."""
     BoundedHttpTools.header_timeout_s = server.header_timeout_s
     BoundedHttpTools.max_header_bytes = server.max_header_bytes
-    BoundedHttpTools.max_connections = server.max_connections
+    BoundedHttpTools.max_connections = fit_open_files(server.max_connections)
     return BoundedHttpTools
+
+
+def fit_open_files(max_connections: int) -> int:
+    """The connection cap this process can keep: its open-file limit raised to ``max_connections`` plus room for
+    the rest (shards, pipes, logs) where the hard limit allows; else the cap lowered to fit, with a warning.
+    Past the limit accept() fails, and every new connection, a real client's too, is dropped unanswered."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + RESERVED_FILES
+    if soft != resource.RLIM_INFINITY and soft < want:
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit to %d: %s", raised, exc)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        fitted = max(1, soft - RESERVED_FILES)
+        log.warning("server.max_connections=%d lowered to %d: the open-file limit is %d (ulimit -n; %d kept for "
+                    "the rest of the process)", max_connections, fitted, soft, RESERVED_FILES)
+        return fitted
+    return max_connections
