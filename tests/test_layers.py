@@ -101,3 +101,12 @@ def settings_importers() -> set[str]:
 
 def test_only_the_processes_and_the_cli_take_the_whole_settings():
     assert not {m for m in settings_importers() if not is_under(m, SETTINGS_READERS)}
+
+
+def test_the_index_and_the_learning_algorithms_never_import_each_other():
+    """Siblings over the base: the index (store, search, the learner's feed) and learn/ (the algorithms) meet only in
+    the processes; what both need (the id multimap, code packing) sits below them."""
+    apart = ("streamhash.index", "streamhash.learn")
+    bad = {(m, d) for m, deps in imports().items() for d in deps
+           for a, b in (apart, apart[::-1]) if is_under(m, (a,)) and is_under(d, (b,))}
+    assert not bad

@@ -1,7 +1,7 @@
 """The learner process (``streamhash learner``, ``streamhash-learner``): it owns the model, learns, and
 publishes; it never writes a shard.
 
-Where it learns from: the shards, read-only (:class:`~streamhash.learn.shards.ShardFeed` follows each
+Where it learns from: the shards, read-only (:class:`~streamhash.index.feed.ShardFeed` follows each
 shard's change log as the query server does, and reads Omega's and the reservoir's images from the
 blobs of the shard that holds each id). Not a consumer group of its own on the images topic: DIHN
 must train against the exact codes the index serves (old codes frozen; after a re-encode, the codes
@@ -67,11 +67,11 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE, BrokerError, ConfigError, SchemaMismatchError
+from streamhash.index.feed import ShardFeed
 from streamhash.index.store.root import LAYOUT_FILE, LegacyLayoutError, StoreRoot
 from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelPublisher, ModelReader, latest
 from streamhash.learn.dihn import RoundAbandoned
 from streamhash.learn.online import OnlineHasher, RoundReport
-from streamhash.learn.shards import ShardFeed
 from streamhash.model.hashnet import HashNet, resolve_device
 from streamhash.model.state import checked_model, initial_net
 from streamhash.services.spec import image_spec

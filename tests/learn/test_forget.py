@@ -10,10 +10,10 @@ import textwrap
 import numpy as np
 
 from streamhash.config import LearnSettings
+from streamhash.index.feed import ShardFeed
 from streamhash.index.store.root import ShardKey, StoreRoot
 from streamhash.learn.online import OnlineHasher
 from streamhash.learn.reservoir import Reservoir
-from streamhash.learn.shards import ShardFeed
 from streamhash.model.hashnet import HashNet, HashNetConfig
 from streamhash.records import ImageSpec
 

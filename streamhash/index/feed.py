@@ -1,9 +1,10 @@
 """The learner's read-only view of a store root: every shard of the images topic, followed through its change log.
 
 :class:`ShardFeed` opens each shard under the root read-only as it appears (a worker creates a shard
-when it is first assigned the partition) and feeds its items to an
-:class:`~streamhash.learn.online.OnlineHasher`, the way the query server's LiveIndex follows a store:
-from the last seq it read, O(new items). It never opens a shard writable.
+when it is first assigned the partition) and feeds its items to a :class:`Learning` sink (the learner
+process's :class:`~streamhash.learn.online.OnlineHasher`), the way the query server's LiveIndex follows a
+store: from the last seq it read, O(new items). It never opens a shard writable. It sits with the store it
+follows, so that ``learn/`` holds the algorithms alone and neither package imports the other.
 
 - A shard seen for the first time (a start, a restart, a new partition) is read whole from one
   snapshot: learned codes frozen, quarantined items out of learning, labeled items indexed but never
@@ -13,7 +14,7 @@ from the last seq it read, O(new items). It never opens a shard writable.
   hasher's code of that item is set to it, or, for an item pending again after a restart (its code
   was in flight), the seq it will be published with moves on, so the newer learned code wins.
 - A shard whose generation changed (its worker re-encoded it) is read again: the codes of every item
-  already seen are replaced by the new generation's (:meth:`OnlineHasher.apply_reencode`), so DIHN
+  already seen are replaced by the new generation's (:meth:`Learning.apply_reencode`), so DIHN
   keeps training against the codes the index serves.
 
 Blobs for a round (Omega, the MI reservoir) are read from the shard that holds each id. An id lives in
@@ -25,7 +26,9 @@ Only items that will be learned keep where they live (partition, seq), until the
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import lmdb
 import numpy as np
@@ -33,10 +36,24 @@ import numpy as np
 from streamhash.errors import SchemaMismatchError, StoreError
 from streamhash.index.store import Snapshot, Store
 from streamhash.index.store.root import ShardKey, StoreRoot
-from streamhash.learn.online import OnlineHasher
 from streamhash.records import ImageSpec, decode_images
 
 log = logging.getLogger(__name__)
+
+
+class Learning(Protocol):
+    """Where the feed puts what it reads (:class:`~streamhash.learn.online.OnlineHasher` is one)."""
+
+    @property
+    def net(self) -> Any:
+        """The network being trained: the feed refuses a shard whose codes have another length than ``net.cfg.bits``."""
+
+    def observe(self, ids: Sequence, codes: np.ndarray, labels=None, *, frozen: bool = False, learned: bool = True) -> None:
+        """Items indexed: labeled ones to learn (``frozen=False``), or old codes (``frozen=True``: learned ones, or
+        with ``learned=False`` quarantined ones, never learned from)."""
+
+    def apply_reencode(self, ids: Sequence, codes: np.ndarray) -> None:
+        """The codes the index now holds for these items (a re-encode, or a learned code a worker applied)."""
 
 
 @dataclass
@@ -51,7 +68,7 @@ class ShardFeed:
     """The shards of ``topic`` under ``root``, followed into ``hasher``; ``pending_at`` maps each item a
     round will learn to (partition, seq) — where its learned code goes and which version of it was learned."""
 
-    def __init__(self, root: StoreRoot, topic: str, hasher: OnlineHasher, spec: ImageSpec, *, chunk: int = 10_000):
+    def __init__(self, root: StoreRoot, topic: str, hasher: Learning, spec: ImageSpec, *, chunk: int = 10_000):
         self.root, self.topic, self.hasher, self.spec, self.chunk = root, topic, hasher, spec, chunk
         self.shards: dict[ShardKey, _Shard] = {}
         self.pending_at: dict[str, tuple[int, int]] = {}
@@ -169,7 +186,7 @@ class ShardFeed:
         self.shards.clear()
 
 
-def observe_snapshot(hasher: OnlineHasher, snap: Snapshot) -> np.ndarray:
+def observe_snapshot(hasher: Learning, snap: Snapshot) -> np.ndarray:
     """Register a shard read whole; returns the rows observed as new (labeled, never learned nor quarantined).
 
     Learned codes stay frozen; quarantined ones keep their inferred codes, out of learning; labeled
