@@ -5,12 +5,13 @@ come later). In one process, interleaved so drift in machine load hits every eng
 
 - images/s of the frozen feature extractor (pooled 1280-d), batch 16, at 2 and 1 threads, at input sizes
   224, 160 and 128 (CIFAR-10 is 32x32, upsampled bilinearly): torch eager NCHW (as the project ran it),
-  torch eager channels-last, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic quantization);
-  ``engine_vs_torch`` = ONNX Runtime fp32 / torch eager NCHW at 224, 2 threads;
-- what int8 does to the features: cosine similarity to the fp32 features of the same CIFAR-10 images;
+  torch eager channels-last, ONNX Runtime fp32, and ONNX Runtime int8: dynamic (weights only) and static (QDQ,
+  per channel, calibrated on --calibration train images); ``engine_vs_torch`` = ONNX Runtime fp32 / torch eager
+  NCHW at the first size and thread count (224, 2), ``int8_*_vs_fp32`` the same for the int8 engines;
+- what int8 does to the features: cosine similarity to the fp32 features of the same CIFAR-10 test images;
 - what the input size does to the features' quality: a linear probe (logistic regression on standardised
   features) trained on --probe-train CIFAR-10 train images and scored on --probe-test test images, per size,
-  fp32 (int8 too with --probe-int8).
+  fp32 and static int8 (dynamic int8 too with --probe-int8-dynamic).
 
     nice -n 10 python benchmarks/bench_photos.py --cifar10 /path/to/cifar10 --json
 
@@ -42,7 +43,6 @@ from streamhash.data import cifar10  # noqa: E402
 from streamhash.model.efficientnet import EfficientNetLite0Backbone, PooledFeatures  # noqa: E402
 from streamhash.model.engine import FeatureEngine, to_network_input  # noqa: E402
 
-ENGINES = ("torch_eager", "torch_channels_last", "onnxruntime", "onnxruntime_int8")
 
 
 def interleaved_rates(runs: dict, x, rounds: int, seconds: float) -> dict[str, float]:
@@ -61,11 +61,14 @@ def interleaved_rates(runs: dict, x, rounds: int, seconds: float) -> dict[str, f
     return {name: statistics.median(v) for name, v in per.items()}
 
 
-def runners(net: torch.nn.Module, size: int, cache: Path) -> dict:
+def runners(net: torch.nn.Module, size: int, cache: Path, calibration: np.ndarray) -> tuple[dict, dict]:
+    """The timed callables by engine name, and the ONNX Runtime engines by variant."""
     nchw = PooledFeatures(net)
     cl = PooledFeatures(copy.deepcopy(net).to(memory_format=torch.channels_last))
-    fp32 = FeatureEngine(nchw, "efficientnet_lite0", size, cache_dir=cache)
-    int8 = FeatureEngine(nchw, "efficientnet_lite0", size, cache_dir=cache, quantize=True)
+    engines = {"fp32": FeatureEngine(nchw, "efficientnet_lite0", size, cache_dir=cache),
+               "int8_dynamic": FeatureEngine(nchw, "efficientnet_lite0", size, cache_dir=cache, quantize="dynamic"),
+               "int8_static": FeatureEngine(nchw, "efficientnet_lite0", size, cache_dir=cache, quantize="static",
+                                            calibration=calibration)}
 
     def torch_run(module, channels_last):
         def run(x):
@@ -76,8 +79,9 @@ def runners(net: torch.nn.Module, size: int, cache: Path) -> dict:
     def ort_run(engine):
         return lambda x: engine.session(torch.get_num_threads()).run(None, {"input": x.numpy()})[0]
 
-    return {"torch_eager": torch_run(nchw, False), "torch_channels_last": torch_run(cl, True),
-            "onnxruntime": ort_run(fp32), "onnxruntime_int8": ort_run(int8), "_engines": (fp32, int8)}
+    return ({"torch_eager": torch_run(nchw, False), "torch_channels_last": torch_run(cl, True),
+             "onnxruntime": ort_run(engines["fp32"]), "onnxruntime_int8_dynamic": ort_run(engines["int8_dynamic"]),
+             "onnxruntime_int8_static": ort_run(engines["int8_static"])}, engines)
 
 
 def features(engine: FeatureEngine, images: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -104,8 +108,9 @@ def main() -> None:
     ap.add_argument("--probe-train", type=int, default=2000)
     ap.add_argument("--probe-test", type=int, default=1000)
     ap.add_argument("--cosine-images", type=int, default=200)
-    ap.add_argument("--probe-int8", action="store_true",
-                    help="also probe the int8 features (slow: int8 ran 5-15x slower than fp32 here)")
+    ap.add_argument("--calibration", type=int, default=100, help="train images that calibrate static int8")
+    ap.add_argument("--probe-int8-dynamic", action="store_true",
+                    help="also probe the dynamic int8 features (slow: it ran 5-7x slower than fp32 here)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -124,43 +129,43 @@ def main() -> None:
 
     result: dict = {"cpu": cpu_model(), "batch": args.batch, "torch": torch.__version__, "rounds": args.rounds,
                     "data": f"CIFAR-10 {'JPEG files (pixels carry JPEG artifacts)' if 'jpg' in source.name else 'official'}",
-                    "throughput": {}, "int8_feature_cosine": {}, "probe": {"train": len(train), "test": len(test),
+                    "throughput": {}, "feature_cosine_to_fp32": {}, "probe": {"train": len(train), "test": len(test),
                                                                            "accuracy": {}}}
+    calibration = train.images[::max(1, len(train) // args.calibration)]  # every class; labels unused
     for size in sizes:
-        run = runners(backbone.net, size, cache)
-        fp32, int8 = run.pop("_engines")
-        t0 = time.perf_counter()
-        fp32.path
-        export_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        int8.path
-        result.setdefault("export_s", {})[str(size)] = round(export_s, 1)
-        result.setdefault("quantize_s", {})[str(size)] = round(time.perf_counter() - t0, 1)
+        run, engines = runners(backbone.net, size, cache, calibration)
+        for variant, eng in engines.items():  # export (fp32) and quantize, timed once each
+            t0 = time.perf_counter()
+            eng.path
+            result.setdefault("prepare_s", {}).setdefault(str(size), {})[variant] = round(time.perf_counter() - t0, 1)
         x = to_network_input(test.images[:args.batch], size)
         for t in threads:
             torch.set_num_threads(t)
-            rates = {k: round(v, 1) for k, v in interleaved_rates({n: run[n] for n in ENGINES}, x, args.rounds, args.seconds).items()}
+            rates = {k: round(v, 1) for k, v in interleaved_rates(run, x, args.rounds, args.seconds).items()}
             result["throughput"].setdefault(str(size), {})[str(t)] = rates
             say(f"{size}px {t} thread(s): " + ", ".join(f"{k} {v}" for k, v in rates.items()) + " images/s")
         torch.set_num_threads(max(threads))
-        f32_test = features(fp32, test.images)
         n = min(args.cosine_images, len(test))
-        i8 = features(int8, test.images if args.probe_int8 else test.images[:n])
-        cos = (f32_test[:n] * i8[:n]).sum(1) / (np.linalg.norm(f32_test[:n], axis=1) * np.linalg.norm(i8[:n], axis=1))
-        result["int8_feature_cosine"][str(size)] = {"mean": round(float(cos.mean()), 4), "min": round(float(cos.min()), 4),
-                                                    "images": n}
-        acc = probe(features(fp32, train.images), train.labels, f32_test, test.labels)
-        result["probe"]["accuracy"][str(size)] = round(acc, 4)
-        if args.probe_int8:
-            acc8 = probe(features(int8, train.images), train.labels, i8, test.labels)
-            result["probe"].setdefault("accuracy_int8", {})[str(size)] = round(acc8, 4)
-        say(f"{size}px: probe accuracy fp32 {acc:.4f}; int8 cosine to fp32 {result['int8_feature_cosine'][str(size)]}")
+        feats = {"fp32": (features(engines["fp32"], train.images), features(engines["fp32"], test.images))}
+        probed = ["int8_static"] + (["int8_dynamic"] if args.probe_int8_dynamic else [])
+        for variant in ("int8_dynamic", "int8_static"):
+            if variant in probed:
+                feats[variant] = (features(engines[variant], train.images), features(engines[variant], test.images))
+            q, f = features(engines[variant], test.images[:n]) if variant not in probed else feats[variant][1][:n], feats["fp32"][1][:n]
+            cos = (f * q).sum(1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1))
+            result["feature_cosine_to_fp32"].setdefault(variant, {})[str(size)] = {
+                "mean": round(float(cos.mean()), 4), "min": round(float(cos.min()), 4), "images": n}
+        for variant, (tr, te) in feats.items():
+            result["probe"]["accuracy"].setdefault(variant, {})[str(size)] = round(probe(tr, train.labels, te, test.labels), 4)
+        say(f"{size}px: probe accuracy {[(v, a[str(size)]) for v, a in result['probe']['accuracy'].items()]}; "
+            f"cosine to fp32 {[(v, c[str(size)]['mean']) for v, c in result['feature_cosine_to_fp32'].items()]}")
 
     top = result["throughput"][str(sizes[0])][str(threads[0])]
     result["engine_vs_torch"] = round(top["onnxruntime"] / top["torch_eager"], 2)
     result["engine_vs_torch_channels_last"] = round(top["onnxruntime"] / top["torch_channels_last"], 2)
-    result["int8_vs_fp32"] = round(top["onnxruntime_int8"] / top["onnxruntime"], 2)
-    result["engine_vs_torch_at"] = {"size": sizes[0], "threads": threads[0]}
+    result["int8_dynamic_vs_fp32"] = round(top["onnxruntime_int8_dynamic"] / top["onnxruntime"], 2)
+    result["int8_static_vs_fp32"] = round(top["onnxruntime_int8_static"] / top["onnxruntime"], 2)
+    result["ratios_at"] = {"size": sizes[0], "threads": threads[0]}
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "the ONNX Runtime engine needs the optional packages: pip install onnxruntime onnx (or 'streamhash[natural]')"
 OPSET = 17
+QUANTIZE = (None, "dynamic", "static")
 
 
 def onnx_available() -> bool:
@@ -90,19 +91,26 @@ class FeatureEngine:
     """``features(images) -> (n, F) float32`` through ONNX Runtime, from a frozen torch feature module.
 
     ``module`` maps (n, 3, size, size) in [-1, 1] to (n, F); it is exported on first use (or found in the
-    cache). ``quantize=True`` runs an int8 dynamically quantized copy instead (measured in bench_photos: say
-    what it costs in feature fidelity before choosing it).
+    cache). ``quantize`` runs an int8 copy instead: ``"dynamic"`` (weights only, no data needed) or ``"static"``
+    (weights and activations, QDQ per channel, its ranges calibrated on ``calibration``: uint8 images or network
+    input; the file name carries a hash of them). bench_photos measures both against fp32 in images/s and in
+    feature fidelity: here dynamic ran 5-7x slower with features at cosine ~0.77, static about 2x faster at ~0.98.
     """
 
     def __init__(self, module: nn.Module, name: str, size: int, cache_dir: Path | None = None,
-                 quantize: bool = False):
+                 quantize: str | None = None, calibration: np.ndarray | torch.Tensor | None = None):
         if not onnx_available():
             raise ImportError(INSTALL_HINT)
         self.module = module
         self.size = int(size)
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        if quantize == "static" and calibration is None:
+            raise ValueError("static quantization needs calibration images (a few hundred typical inputs)")
         self.quantize = quantize
+        self.calibration = None if calibration is None else to_network_input(calibration, self.size).numpy()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.name = f"onnxruntime:{name}-{self.size}" + ("-int8" if quantize else "")
+        self.name = f"onnxruntime:{name}-{self.size}" + (f"-int8-{quantize}" if quantize else "")
         self._base = name
         self._path: Path | None = None
         self._sessions: dict[int, object] = {}
@@ -136,13 +144,19 @@ class FeatureEngine:
         if not fp32.is_file():
             _atomic_write(fp32, lambda tmp: export_onnx(self.module, self.size, tmp))
             log.info("exported %s to %s", self._base, fp32)
-        if not self.quantize:
+        if self.quantize is None:
             return fp32
-        int8 = self._file_name("-int8")
-        if not int8.is_file():
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+        if self.quantize == "dynamic":
+            int8 = self._file_name("-int8-dynamic")
+            if not int8.is_file():
+                from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            _atomic_write(int8, lambda tmp: quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QUInt8))
+                _atomic_write(int8, lambda tmp: quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QUInt8))
+            return int8
+        calib = hashlib.sha256(self.calibration.tobytes()).hexdigest()[:8]
+        int8 = self._file_name(f"-int8-static-{calib}")
+        if not int8.is_file():
+            _atomic_write(int8, lambda tmp: quantize_static_qdq(fp32, tmp, self.calibration))
         return int8
 
     def session(self, threads: int | None = None):
@@ -195,6 +209,26 @@ def export_onnx(module: nn.Module, size: int, path: Path) -> None:
                               opset_version=OPSET, dynamo=False)
     finally:
         module.train(was_training)
+
+
+def quantize_static_qdq(fp32: Path, dest: Path, calibration: np.ndarray, batch: int = 16) -> None:
+    """int8 weights (per channel) and activations (ranges from ``calibration``, network input) as QDQ nodes,
+    which ONNX Runtime's CPU kernels run as integer convolutions."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": calibration[i:i + batch]} for i in range(0, len(calibration), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"  # shapes inferred, graph folded: what the quantizer expects
+        quant_pre_process(str(fp32), str(prepared))
+        quantize_static(str(prepared), str(dest), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 def _atomic_write(dest: Path, write) -> None:

@@ -140,3 +140,24 @@ def test_sessions_follow_the_torch_thread_setting_and_copies_open_their_own(back
     assert clone._sessions == {} and clone.path == eng.path
     x = _photos(2, 32)
     np.testing.assert_array_equal(clone.features(x), eng.features(x))
+
+
+def test_int8_engines_are_their_own_files_and_static_needs_calibration(tmp_path):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    images = _photos(24, 16)
+    with pytest.raises(ValueError, match="calibration"):
+        FeatureEngine(module, "tiny", 16, cache_dir=tmp_path, quantize="static")
+    with pytest.raises(ValueError, match="quantize"):
+        FeatureEngine(module, "tiny", 16, cache_dir=tmp_path, quantize="int4")
+    fp32 = FeatureEngine(module, "tiny", 16, cache_dir=tmp_path)
+    static = FeatureEngine(module, "tiny", 16, cache_dir=tmp_path, quantize="static", calibration=images[:16])
+    other = FeatureEngine(module, "tiny", 16, cache_dir=tmp_path, quantize="static", calibration=images[8:])
+    dynamic = FeatureEngine(module, "tiny", 16, cache_dir=tmp_path, quantize="dynamic")
+    paths = {e.path for e in (fp32, static, other, dynamic)}
+    assert len(paths) == 4  # other calibration data, another file
+    assert static.name == "onnxruntime:tiny-16-int8-static"
+    ref = fp32.features(images)
+    for eng in (static, dynamic):  # int8 is an approximation: close to fp32, not equal
+        assert _cosine(eng.features(images), ref).min() > 0.95
+
