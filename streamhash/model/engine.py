@@ -237,6 +237,7 @@ def _atomic_write(dest: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the cache from processes running as another user
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

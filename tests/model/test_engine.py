@@ -96,6 +96,7 @@ def test_the_exported_file_is_cached_by_weights_and_reused(backbone, cache, monk
     assert again.onnx_engine().path == first and first.stat().st_mtime_ns == stamp
     assert feats.shape == (2, 1280)
     assert sorted(p.name for p in (cache / "onnx").iterdir()) == [first.name]  # no temporary file left behind
+    assert first.stat().st_mode & 0o444 == 0o444  # readable by a process running as another user
 
 
 def test_other_weights_get_another_file_never_a_stale_graph(tmp_path):
