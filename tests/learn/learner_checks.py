@@ -179,8 +179,7 @@ def check_encode_shape_and_determinism(factory):
 def check_should_stop_false_runs_the_round(factory):
     learner, w = factory(), World()
     new = w.add(learner, range(30), frozen=False)
-    asked = []
-    res = learner.learn_round(w.fetch, should_stop=lambda: asked.append(1) or False)
+    res = learner.learn_round(w.fetch, should_stop=lambda: False)  # the learner process always passes one
     assert sorted(res.ids) == sorted(new) and learner.n_pending == 0
 
 
