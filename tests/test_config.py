@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from streamhash.cli import build_parser, document_env, settings_from_args
-from streamhash.config import KafkaSettings, Settings, load_settings
+from streamhash.config import KafkaSettings, SecuritySettings, Settings, load_settings
 from streamhash.errors import ConfigError
 
 
@@ -107,3 +107,17 @@ def test_explicit_internal_topics_are_kept(monkeypatch):
 def test_default_topic_names_are_unchanged():
     assert _topics(Settings()) == {"topic": "streamhash.images", "dlq_topic": "streamhash.images.dlq",
                                    "models_topic": "streamhash.models", "codes_topic": "streamhash.codes"}
+
+
+def test_api_key_settings_from_the_environment(monkeypatch, caplog):
+    monkeypatch.setenv("STREAMHASH_SECURITY__API_KEY", "k-123")
+    monkeypatch.setenv("STREAMHASH_SECURITY__API_KEY_EXEMPT", "/healthz, /ui/*")
+    s = load_settings()
+    assert s.security.api_key.get_secret_value() == "k-123" and s.security.api_key_exempt == ["/healthz", "/ui/*"]
+    assert SecuritySettings().api_key_exempt == ["/", "/ui/*", "/healthz", "/metrics"]
+    with caplog.at_level(logging.INFO):
+        s.log_startup("test")
+    assert "k-123" not in caplog.text
+    monkeypatch.setenv("STREAMHASH_SECURITY__API_KEY", "  ")
+    with pytest.raises(ValidationError, match="must not be blank"):
+        load_settings()
