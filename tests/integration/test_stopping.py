@@ -45,6 +45,11 @@ def start_learner(env: dict, log) -> object:
     return proc
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stopped_within(proc, sig: int, seconds: float) -> tuple[int, float]:
     t0 = time.monotonic()
     proc.send_signal(sig)
@@ -59,6 +64,12 @@ def stopped_within(proc, sig: int, seconds: float) -> tuple[int, float]:
 def shard_versions(worker_url: str) -> list[float]:
     """The model version each of the worker's shards encodes with."""
     return [v for k, v in scrape(worker_url).items() if k.startswith("streamhash_shard_model_version{")]
+
+
+def adopted(worker_url: str, version: int) -> bool:
+    """Every shard the worker owns at ``version`` or later (False while it owns none: a rebalance)."""
+    versions = shard_versions(worker_url)
+    return bool(versions) and min(versions) >= version
 
 
 def models_on(kafka) -> list:
@@ -79,8 +90,10 @@ def test_the_learner_abandons_a_long_round_and_exits_0_within_10s(kafka_settings
     log = tmp_path / "learner.log"
     proc = start_learner(env, log)
     try:
+        cpu = cpu_seconds(proc.pid)
         proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: "learning round:" in log.read_text(), 60, "the round to start")
+        # its log says so; an older learner's does not, but it trains: 2 s of CPU in a process that idled
+        wait_for(lambda: "learning round:" in log.read_text() or cpu_seconds(proc.pid) - cpu > 2, 60, "the round to start")
         time.sleep(1.0)  # well into it
         rc, took = stopped_within(proc, sig, 10)
     finally:
@@ -142,7 +155,7 @@ def test_the_learner_keeps_learning_across_a_broker_log_reset(tmp_path):
         wait_http(learner_url, 90, learner, tmp_path / "learner.log")
         produce(kafka, 200, "old-", seed=1)
         wait_for(lambda: published() >= 2, 90, "a first round published")
-        wait_for(lambda: shard_versions(worker_url) and min(shard_versions(worker_url)) >= 2, 60,
+        wait_for(lambda: adopted(worker_url, 2), 60,
                  "the worker to adopt version 2")
 
         broker.stop()
@@ -154,6 +167,12 @@ def test_the_learner_keeps_learning_across_a_broker_log_reset(tmp_path):
         wait_for(lambda: scrape(worker_url).get("streamhash_items_indexed_total", 0) >= 400, 60, "the new items indexed")
         assert learner.poll() is None and worker.poll() is None
         assert "published model version 3 at attempt" in (tmp_path / "learner.log").read_text()
+        try:
+            wait_for(lambda: adopted(worker_url, 3), 30, "the worker to adopt version 3")
+        except TimeoutError:
+            # The worker's models reader (kafka.modelbus.ModelReader) keeps its offset past the reset log's end:
+            # version 3 is at offset 0 of the new log, and a later one would come "past a gap" and be refused.
+            pytest.xfail("the worker does not follow a reset of the models topic's log (its reader's position)")
         assert stop(learner) == 0
     finally:
         for p in (learner, worker):
