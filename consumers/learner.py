@@ -10,6 +10,9 @@ import signal
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a "learn now" request, never a kill, while starting up
+    from streamhash.lifetime import exit_on_stop_signals
+
+    exit_on_stop_signals()  # a stop while torch loads; learner.run installs its own handlers
     from streamhash.cli import document_env, learner_arguments, settings_from_args
     from streamhash.config import setup_logging
     from streamhash.services import learner

@@ -46,3 +46,11 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
             os.kill(os.getpid(), int(sig))
 
     return preexec
+
+
+def exit_on_stop_signals(code: int = 0) -> None:
+    """Until the process installs its own handlers: SIGTERM, SIGINT or SIGHUP exit at once with ``code``. For a
+    process still importing (torch takes seconds), which has nothing to clean up yet: the default action of
+    SIGTERM would end it with -15, and SIGINT with a KeyboardInterrupt traceback out of some import."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: os._exit(code))

@@ -84,6 +84,9 @@ def _worker(args) -> int:
 
 
 def _learner(args) -> int:
+    from streamhash.lifetime import exit_on_stop_signals
+
+    exit_on_stop_signals()  # a stop while torch loads; learner.run installs its own handlers
     from streamhash.services import learner
 
     return learner.run(settings_with_logging(args))

@@ -105,6 +105,30 @@ def test_the_learner_abandons_a_long_round_and_exits_0_within_10s(kafka_settings
     assert models_on(kafka) == []  # nothing of the abandoned round
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for ``sig`` (SigCgt in /proc/PID/status)."""
+    try:
+        line = next(x for x in open(f"/proc/{pid}/status") if x.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+
+
+def test_the_learner_exits_0_on_sigterm_while_it_is_still_importing(kafka_settings, tmp_path):
+    """Not a kill by the default action (exit -15) while torch loads: it has nothing to clean up yet."""
+    log = tmp_path / "learner.log"
+    proc = spawn(["learner"], env=learner_env(kafka_settings, tmp_path / "index"), log_path=log)
+    try:
+        wait_for(lambda: proc.poll() is not None or catches(proc.pid, signal.SIGTERM), 30, "a SIGTERM handler",
+                 interval=0.01)
+        starting = "starting with settings" not in log.read_text()
+        rc, took = stopped_within(proc, signal.SIGTERM, 10)
+    finally:
+        stop(proc)
+    assert rc == 0 and took < 10, (rc, took, log.read_text()[-2000:])
+    print(f"SIGTERM {'during the imports' if starting else 'after the start'}: exit {rc} in {took:.1f}s")
+
+
 def test_the_learner_exits_0_within_10s_while_it_waits_on_a_stopped_broker(tmp_path):
     from streamhash.config import KafkaSettings
 
