@@ -99,6 +99,7 @@ def test_the_learner_abandons_a_long_round_and_exits_0_within_10s(kafka_settings
     finally:
         stop(proc)
     text = log.read_text()
+    print(f"signal {sig} mid-round: exit {rc} after {took:.1f}s")
     assert rc == 0 and took < 10, (rc, took, text[-2000:])
     assert "round abandoned" in text and "streamhash.worker" not in text, text[-2000:]
     assert "Traceback" not in text, text[-3000:]
@@ -148,6 +149,7 @@ def test_the_learner_exits_0_within_10s_while_it_waits_on_a_stopped_broker(tmp_p
         time.sleep(1.0)
         rc, took = stopped_within(proc, signal.SIGTERM, 10)
         text = log.read_text()
+        print(f"SIGTERM while publishing to a stopped broker: exit {rc} after {took:.1f}s")
         assert rc == 0 and took < 10, (rc, took, text[-2000:])
         assert "not waiting for the broker" in text, text[-2000:]
     finally:
