@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -34,6 +36,7 @@ from streamhash import __version__
 from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.errors import BadQueryError
+from streamhash.services.auth import require_api_key
 from streamhash.services import api_docs
 from streamhash.services.http_api import (
     CountResponses, FastJSONResponse, SearchResponse, bounded_request, check_item_id, max_body_bytes, parse_search,
@@ -60,13 +63,17 @@ class Answer:
 class Remotes:
     """The remotes, asked concurrently, each within the timeout, counted in the router metric by position."""
 
-    def __init__(self, urls: list[str], timeout_s: float):
+    def __init__(self, urls: list[str], timeout_s: float, api_key: str | None = None, cafile: Path | None = None):
         self.urls, self.timeout_s = urls, timeout_s
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.cafile = cafile
         self.client: httpx.AsyncClient | None = None
 
     async def open(self) -> None:
         # no pool wait: a remote that does not answer in time is cut off by ask()'s own deadline
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=httpx.Limits(max_connections=None))
+        verify = ssl.create_default_context(cafile=str(self.cafile)) if self.cafile else True
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=httpx.Limits(max_connections=None),
+                                        headers=self.headers, verify=verify)
 
     async def close(self) -> None:
         if self.client is not None:
@@ -113,7 +120,10 @@ def merge(answers: list[Answer], k: int, item_id: str | None = None) -> dict:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    remotes = Remotes(settings.server.shards, settings.server.shard_timeout_s)
+    sec = settings.security
+    upstream = sec.upstream_api_key or sec.api_key  # the key the query servers behind expect: by default our own
+    remotes = Remotes(settings.server.shards, settings.server.shard_timeout_s,
+                      upstream.get_secret_value() if upstream else None, settings.server.shard_cafile)
     body_limit = max_body_bytes(settings)
 
     @asynccontextmanager
@@ -184,6 +194,7 @@ def create_app(settings: Settings) -> FastAPI:
     def metrics():
         return Response(generate_latest(m.QUERY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    require_api_key(app, settings.security)
     return app
 
 
