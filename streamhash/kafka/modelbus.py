@@ -270,7 +270,17 @@ class ModelReader:
     def poll(self, timeout_s: float = 0.0) -> list[ModelAnnouncement]:
         """New versions that passed every check, in offset order."""
         out = []
-        for batch in self.consumer.poll(timeout_ms=int(timeout_s * 1000)).values():
+        polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        hw = self.consumer.highwater(self.tp)
+        if hw is not None and self.consumer.position(self.tp) > hw:
+            # The log is behind what was read: the broker's log was reset or the topic re-created. Its versions
+            # come again from its start, and the first one read sets the order anew (the learner goes on numbering).
+            log.warning("%s is behind what was read (offset %d, end %d): the log was reset; reading it from its start",
+                        self.tp.topic, self.consumer.position(self.tp), hw)
+            self.consumer.seek_to_beginning(self.tp)
+            self.last = None
+            return out
+        for batch in polled.values():
             for rec in batch:
                 try:
                     a = self.admit(rec)
@@ -298,16 +308,23 @@ class ModelReader:
         return a
 
     def read_to_end(self, timeout_s: float = 30.0) -> list[ModelAnnouncement]:
-        """Every version published so far. The end is the fetch high watermark (``end_offsets`` is wrong on Tansu)."""
-        deadline = time.monotonic() + timeout_s
+        """Every version published so far. The end is the fetch high watermark (``end_offsets`` is wrong on Tansu).
+
+        ``timeout_s`` bounds a wait with no progress, not the whole read: every version stays on the compacted
+        topic (~1 MB each at the default backbone), so a long-lived one takes long to read through, and a reader
+        that moves on is not stuck (2,000 forged networks, ~1 GB, took over 30 s on a busy machine)."""
+        deadline, at = time.monotonic() + timeout_s, None
         out: list[ModelAnnouncement] = []
         while True:
             out += self.poll(0.2)
-            hw = self.consumer.highwater(self.tp)
-            if hw is not None and self.consumer.position(self.tp) >= hw:
+            hw, position = self.consumer.highwater(self.tp), self.consumer.position(self.tp)
+            if hw is not None and position >= hw:
                 return out
-            if time.monotonic() > deadline:
-                raise BrokerError(f"could not read {self.tp.topic} to its end within {timeout_s:.0f}s")
+            if position != at:
+                deadline, at = time.monotonic() + timeout_s, position
+            elif time.monotonic() > deadline:
+                raise BrokerError(f"could not read {self.tp.topic} to its end: no progress for {timeout_s:.0f}s "
+                                  f"(at offset {position} of {hw})")
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
