@@ -1,14 +1,16 @@
 """`streamhash demo --json` end to end (needs Fashion-MNIST; `make data` provides it)."""
 
 import json
-from pathlib import Path
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from streamhash.data.fashion_mnist import find_dir
 from streamhash.errors import DatasetMissingError
+from streamhash.lifetime import die_with_parent
 from tests.support import scaled
 
 pytestmark = pytest.mark.integration
@@ -25,7 +27,7 @@ def test_demo_json_summary(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "streamhash", "demo", "--limit", "1500", "--queries", "40", "--probes", "10", "--json",
          "--workdir", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=scaled(240),
+        capture_output=True, text=True, timeout=scaled(240), preexec_fn=die_with_parent(signal.SIGTERM),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -50,7 +52,7 @@ def test_demo_serve_stays_up_until_ctrl_c_then_stops_everything(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamhash", "demo", "--serve", "--limit", "600", "--queries", "10", "--probes", "3",
          "--workdir", str(tmp_path / "demo")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent(signal.SIGTERM))
     page, lines, deadline = None, [], time.monotonic() + scaled(240)
     while page is None and time.monotonic() < deadline and proc.poll() is None:
         line = proc.stdout.readline()
@@ -92,7 +94,7 @@ def test_demo_talks_while_it_waits_and_names_no_url_it_stopped(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "streamhash", "demo", "--limit", "600", "--queries", "10", "--probes", "3",
          "--workdir", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=scaled(300),
+        capture_output=True, text=True, timeout=scaled(300), preexec_fn=die_with_parent(signal.SIGTERM),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     stamps = [int(m.group(1)) for m in re.finditer(r"^\[\s*(\d+) s\] ", out.stdout, re.MULTILINE)]
