@@ -16,7 +16,6 @@ SOURCES = (".py", ".c", ".h")
 ALLOWED_FILES = {
     "streamhash/learn/dihn.py",  # issue 27: being split
     "streamhash/services/demo.py",  # issue 27: being split
-    "streamhash/services/learner.py",  # issue 27: being split
 }
 ALLOWED_FUNCTIONS = {
     "streamhash/services/demo.py:run_demo",  # issue 27: being split
