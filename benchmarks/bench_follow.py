@@ -4,7 +4,7 @@
 
 The query server's own parts over ``--items`` random codes in 4 shards (as ``bench_serve.py`` builds them):
 a :class:`~streamhash.index.sharded.ShardedIndex` whose followers run as in the server, and the server's
-ranking call (``query._rank``, one search at a time, k=10) in a loop on the main thread, first with nothing
+ranking call (``View.rank``, one search at a time, k=10) in a loop on the main thread, first with nothing
 ingesting, then while a real ``streamhash worker`` ingests ``--ingest-rate`` images/s through the embedded
 broker (``bench_serve.ingesting``). Per phase: the search's wall time (p50 / p99) split into ranking and
 resolving the hits; the CPU the followers took (each thread's own CPU clock) and how often they refreshed

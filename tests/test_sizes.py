@@ -19,7 +19,6 @@ ALLOWED_FILES = {
 }
 ALLOWED_FUNCTIONS = {
     "streamhash/services/demo.py:run_demo",  # issue 27: being split
-    "streamhash/services/query.py:create_app",  # issue 27: being split
 }
 
 

@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -56,6 +57,14 @@ log = logging.getLogger(__name__)
 OpenStore = Callable[[ShardKey, Path], Store]
 
 
+class Hit(TypedDict):
+    """One ranked item as a search returns it (and the server renders it)."""
+    id: str
+    distance: int
+    labels: list[int] | None
+    shard: str  # the shard's name, topic/partition
+
+
 def shard_name(key: ShardKey) -> str:
     """How responses and metrics name a shard: ``topic/partition``."""
     return f"{key.topic}/{key.partition}"
@@ -65,9 +74,10 @@ def _open_readonly(_key: ShardKey, path: Path) -> Store:
     return Store(path, readonly=True)
 
 
-class _ShardLive(LiveIndex):
-    """A shard's LiveIndex. The process gauges (items, generation, model version) are the root's, not the
-    shard's: each shard publishing its own numbers would leave whichever refreshed last."""
+class _Follower(LiveIndex):
+    """The LiveIndex following one shard's store (not a name for the shard: that is :class:`Shard`). The
+    process gauges (items, generation, model version) are the root's, not the shard's: each shard publishing
+    its own numbers would leave whichever refreshed last."""
 
     def __init__(self, store: Store, publish: Callable[[], None], **kw):
         self._publish_root = publish  # before LiveIndex.__init__, which publishes
@@ -79,6 +89,9 @@ class _ShardLive(LiveIndex):
 
 @dataclass(frozen=True)
 class Shard:
+    """A shard being served: its key, its store (read-only) and the follower keeping its index in step.
+    Lives as long as the server; what one query sees of it is a :class:`ShardView`."""
+
     key: ShardKey
     store: Store
     live: LiveIndex
@@ -87,10 +100,15 @@ class Shard:
     def name(self) -> str:
         return shard_name(self.key)
 
+    def visible(self, seq: int) -> bool:
+        """Whether the item at ``seq`` is in the generation served now (a write not yet followed is not)."""
+        return seq in self.live.current.index
+
 
 @dataclass(frozen=True)
 class ShardView:
-    """One shard as one query sees it."""
+    """One :class:`Shard` as one query sees it: the generation it served when the :class:`View` was taken,
+    and that generation's model version, fixed for the whole query."""
 
     pos: int  # place in shard order, the merge's tie-break
     shard: Shard
@@ -196,6 +214,63 @@ class View:
         np.cumsum(np.bincount(row, minlength=nq), out=lims[1:])
         return lims, D[order], S[order], I[order]
 
+    def rank(self, codes: Sequence[Sequence[np.ndarray | None]], ks: Sequence[int],
+             radius: int | None = None) -> list[list[Hit]]:
+        """Each search's hits, merged over the shards in the module's order and resolved to their items.
+        ``codes[r][i]``: search r's query code for shard i (None: shard i does not rank it), ``ks[r]``: its k;
+        the searches share one kernel call per shard. Top-k: one search at the largest k; the merged order does
+        not depend on k, so each row's first k are exactly its own top-k. Radius: hits at distance < radius,
+        each row's first k. An item removed between search and lookup is skipped."""
+        nq = len(codes)
+        queries, ranked = [], []
+        for i in range(len(self)):
+            col = [c[i] for c in codes]
+            have = [c is not None for c in col]
+            if not any(have) or all(have):
+                queries.append(None if not have[0] else col[0][None] if nq == 1 else np.stack(col))
+                ranked.append(None)
+            else:  # rows this shard does not rank get a stand-in code and are masked out
+                zero = np.zeros(self.shards[i].g.index.code_size, np.uint8)
+                queries.append(np.stack([c if c is not None else zero for c in col]))
+                ranked.append(np.array(have))
+        # A few hits per search: past the kernel, plain lists cost less than numpy's per-call overhead.
+        if radius is None:
+            D, S, I = self.search(queries, max(ks), ranked, nq=nq)
+            rows = [(d[:k], s[:k], i[:k]) for d, s, i, k in zip(D.tolist(), S.tolist(), I.tolist(), ks)]
+        else:
+            lims, D, S, I = self.range_search(queries, radius, ranked, nq=nq)
+            lims, D, S, I = lims.tolist(), D.tolist(), S.tolist(), I.tolist()
+            rows = [(D[a:b][:k], S[a:b][:k], I[a:b][:k]) for a, b, k in zip(lims, lims[1:], ks)]
+        return self._hits(rows)
+
+    def _hits(self, rows: list[tuple[list, list, list]]) -> list[list[Hit]]:
+        """(distances, shard positions, seqs) per search -> its hits; one store read per shard for the batch"""
+        wanted: dict[int, list[int]] = {}  # shard position -> the seqs of every hit of the batch there (-1: padding)
+        for _, s, i in rows:
+            for pos, seq in filter(lambda hit: hit[1] >= 0, zip(s, i)):
+                wanted.setdefault(pos, []).append(seq)
+        found = {pos: dict(zip(seqs, self.shards[pos].g.resolve(seqs))) for pos, seqs in wanted.items()}
+        names = [v.name for v in self.shards]
+        out = []
+        for d, s, i in rows:
+            hits = []
+            for dist, pos, seq in zip(d, s, i):
+                got = found[pos][seq] if seq >= 0 else None
+                if got is not None:  # None: padding, or removed between search and lookup
+                    hits.append({"id": got[0], "distance": dist, "labels": None if got[1] is None else list(got[1]),
+                                 "shard": names[pos]})
+            out.append(hits)
+        return out
+
+    def query_first(self, hits: list[Hit], item_id: str, k: int) -> list[Hit]:
+        """``hits`` of a search by ``item_id``, that item first (k ties at distance 0 in index order may omit it)."""
+        own = [h for h in hits if h["id"] == item_id]
+        found = None if own else next(((v, r) for v in self.shards if (r := v.shard.store.get_item(item_id))), None)
+        if found is not None:
+            v, rec = found
+            own = [{"id": item_id, "distance": 0, "labels": None if rec["labels"] is None else list(rec["labels"]), "shard": v.name}]
+        return (own + [h for h in hits if h["id"] != item_id])[:k]
+
     def resolve(self, S: np.ndarray, I: np.ndarray) -> list[Resolved | None]:
         """(id, labels) of each (shard position, seq) pair, None for padding or an item gone meanwhile;
         one store read per shard with hits."""
@@ -262,7 +337,7 @@ class ShardedIndex:
             store = self._open(key, self.root.shard_path(key))
             if self.bits is not None and store.bits != self.bits:
                 raise ValueError(f"shard holds {store.bits}-bit codes, the others {self.bits}-bit")
-            live = _ShardLive(store, self._publish, **self.live_options)
+            live = _Follower(store, self._publish, **self.live_options)
         except Exception as exc:  # a shard being created (no meta yet) opens on a later scan
             if self._owns_stores and store is not None:
                 store.close()

@@ -28,7 +28,6 @@ import os
 import time
 from contextlib import asynccontextmanager
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
@@ -50,7 +49,7 @@ from streamhash.services.http_api import (
     parse_search, uvicorn_options,
 )
 from streamhash.services.auth import require_api_key
-from streamhash.services.lean import LeanSearch, answer_ahead
+from streamhash.services.lean import Answer, LeanSearch, answer_ahead
 from streamhash.services.query_codes import QueryEncoder, ShardQueries, for_item
 from streamhash.data.class_names import load_class_names, name_labels
 from streamhash.services import api_docs
@@ -71,18 +70,41 @@ def sharded_index(settings: Settings, root: StoreRoot | None = None) -> ShardedI
 def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI:
     index = index or sharded_index(settings)
     encoder = QueryEncoder(image_spec(settings), index)
-    body_limit = max_body_bytes(settings)
     status = LiveStatus(index)
-    # Top-k searches waiting at the same moment over the same shard generations share one kernel call per
-    # shard (each takes its first k of the batch's largest k), on the event loop's thread unless
-    # batch_in_loop=false; off (batch_enabled=false) each search is ranked alone in the thread pool.
-    batcher = MicroBatcher(_rank_batch, max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
-                           max_inflight=settings.server.batch_inflight, in_loop=settings.server.batch_in_loop) \
-        if settings.server.batch_enabled else None
-    # Query images waiting at the same moment over the same view share one encode call per model version.
-    encodes = MicroBatcher(lambda _key, items: encoder.for_uploads([upload for _, upload in items], items[0][0]),
-                           max_batch=settings.server.batch_max, window_s=settings.server.batch_window_s,
-                           max_inflight=settings.server.batch_inflight) if settings.server.batch_enabled else None
+    batcher, encodes = _batchers(settings, encoder)
+    app = _assemble(index, status, batcher, encodes)
+    class_names = load_class_names(settings.data.class_names)
+    install(app, index, status, settings.learn, class_names)  # before /items/{item_id:path}, which would take /items/x/image
+    app.exception_handler(BadQueryError)(lambda _request, exc: FastJSONResponse(status_code=400, content={"detail": str(exc)}))
+    answer = _answerer(settings, index, encoder, batcher, encodes, class_names)
+    body_limit = max_body_bytes(settings)
+    answer_ahead(app, LeanSearch(answer, body_limit))  # a JSON search never enters FastAPI's layers
+    require_api_key(app, settings.security)  # outside everything, the lean path included
+    _search_route(app, answer, body_limit)
+    _item_route(app, index)
+    _status_routes(app, index, settings.model.bits)
+    return app
+
+
+def _batchers(settings: Settings, encoder: QueryEncoder) -> tuple[MicroBatcher | None, MicroBatcher | None]:
+    """The rank and encode batchers, or none (``batch_enabled=false``: each search alone in the thread pool).
+
+    Top-k searches waiting at the same moment over the same shard generations share one kernel call per shard
+    (:meth:`View.rank`: each takes its first k of the batch's largest k), on the event loop's thread unless
+    batch_in_loop=false. Query images waiting at the same moment over the same view share one encode call per
+    model version."""
+    s = settings.server
+    if not s.batch_enabled:
+        return None, None
+    options = dict(max_batch=s.batch_max, window_s=s.batch_window_s, max_inflight=s.batch_inflight)
+    ranks = MicroBatcher(lambda _key, items: items[0][0].rank([c for _, c, _ in items], [k for _, _, k in items]),
+                         in_loop=s.batch_in_loop, **options)
+    encodes = MicroBatcher(lambda _key, items: encoder.for_uploads([upload for _, upload in items], items[0][0]), **options)
+    return ranks, encodes
+
+
+def _assemble(index: ShardedIndex, status: LiveStatus, *batchers: MicroBatcher | None) -> FastAPI:
+    """The app, its lifespan (the index's followers, the status sampler, the batchers) and its /search counter."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -90,7 +112,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         status.start()
         freeze_startup_objects()  # full collections walking start-up's objects stalled every request behind them
         yield
-        for b in (batcher, encodes):
+        for b in batchers:
             if b is not None:
                 await b.aclose()
         status.stop()
@@ -101,46 +123,29 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     app = FastAPIOffline(title="streamhash query", version=__version__, lifespan=lifespan,
                          description="Hamming ranking over the live streamhash index, merged across its shards.",
                          swagger_ui_parameters={"validatorUrl": None}, default_response_class=FastJSONResponse)
-    app.state.index, app.state.batcher, app.state.encodes = index, batcher, encodes
+    app.state.index, (app.state.batcher, app.state.encodes) = index, batchers
     app.add_middleware(CountResponses, path="/search")
-    class_names = load_class_names(settings.data.class_names)
-    install(app, index, status, settings.learn, class_names)  # before /items/{item_id:path}, which would take /items/x/image
+    return app
 
-    @app.exception_handler(BadQueryError)
-    def _bad_query(_request: Request, exc: BadQueryError):
-        return FastJSONResponse(status_code=400, content={"detail": str(exc)})
 
+def _answerer(settings: Settings, index: ShardedIndex, encoder: QueryEncoder, batcher: MicroBatcher | None,
+              encodes: MicroBatcher | None, class_names) -> Answer:
+    """The one search: parsed request in, response fields out; both the lean JSON path and FastAPI's route
+    (multipart) call it, and it ranks through :meth:`View.rank`, batched or not."""
     search_seconds = m.QUERY_SECONDS.labels(endpoint="/search")
 
     async def answer(req: SearchRequest, image: bytes | None, t0: float) -> dict:
-        """A search's response fields: what both the lean JSON path and FastAPI's route (multipart) render."""
         if req.k > settings.server.max_k:
             raise BadQueryError(f"k={req.k} exceeds the limit of {settings.server.max_k}")
         view = index.view()  # one generation per shard for the whole query
-        if req.code_hex is not None:
-            try:
-                queries = ShardQueries.same(view, from_hex(req.code_hex, index.bits or settings.model.bits))
-            except ValueError as exc:
-                raise BadQueryError(str(exc)) from None
-        elif req.item_id is not None:
-            queries, _ = await run_in_threadpool(for_item, index, view, encoder, req.item_id)
-        else:
-            # Decoding and encoding are CPU work that grows with the upload and the batch: off the event loop,
-            # so a large image does not stall /healthz. A small upload is decoded in its encode batch: a hand-off
-            # of its own cost more than its decode (8 image searches at a time: 1.0 -> 0.5 ms a request). A large
-            # one is decoded first, in the thread pool, beside the others rather than after them in one batch.
-            if encodes is not None:
-                upload = image if len(image) <= DECODE_IN_BATCH_BYTES else await run_in_threadpool(encoder.decode, image)
-                queries = await encodes.submit(view.key, (view, upload))
-            else:
-                queries = await run_in_threadpool(encoder.for_upload, image, view)
+        queries = await _queries(req, image, view, index, encoder, encodes, settings.model.bits)
         queries.check_some()
         if batcher is not None and req.radius is None:
             hits = await batcher.submit(view.key, (view, queries.codes, req.k))
         else:
-            hits = (await run_in_threadpool(_rank, view, [queries.codes], [req.k], req.radius))[0]
+            hits = (await run_in_threadpool(view.rank, [queries.codes], [req.k], req.radius))[0]
         if req.item_id is not None and (req.radius is None or req.radius > 0):
-            hits = _query_first(view, hits, req.item_id, req.k)
+            hits = view.query_first(hits, req.item_id, req.k)
         if class_names:
             for hit in hits:
                 hit["label_names"] = name_labels(hit["labels"], class_names)
@@ -149,8 +154,31 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         # a SearchResponse's fields, rendered by orjson without a pydantic round trip (the schema is response_model's)
         return {**_summary(view, queries), "results": hits, "took_ms": took * 1000}
 
-    answer_ahead(app, LeanSearch(answer, body_limit))  # a JSON search never enters FastAPI's layers
-    require_api_key(app, settings.security)  # outside everything, the lean path included
+    return answer
+
+
+async def _queries(req: SearchRequest, image: bytes | None, view: View, index: ShardedIndex, encoder: QueryEncoder,
+                   encodes: MicroBatcher | None, bits: int) -> ShardQueries:
+    """The query code for each shard of ``view``: the code given, the item's, or the image's under each model."""
+    if req.code_hex is not None:
+        try:
+            return ShardQueries.same(view, from_hex(req.code_hex, index.bits or bits))
+        except ValueError as exc:
+            raise BadQueryError(str(exc)) from None
+    if req.item_id is not None:
+        return (await run_in_threadpool(for_item, index, view, encoder, req.item_id))[0]
+    # Decoding and encoding are CPU work that grows with the upload and the batch: off the event loop, so a
+    # large image does not stall /healthz. A small upload is decoded in its encode batch: a hand-off of its own
+    # cost more than its decode (8 image searches at a time: 1.0 -> 0.5 ms a request). A large one is decoded
+    # first, in the thread pool, beside the others rather than after them in one batch.
+    if encodes is None:
+        return await run_in_threadpool(encoder.for_upload, image, view)
+    upload = image if len(image) <= DECODE_IN_BATCH_BYTES else await run_in_threadpool(encoder.decode, image)
+    return await encodes.submit(view.key, (view, upload))
+
+
+def _search_route(app: FastAPI, answer: Answer, body_limit: int) -> None:
+    """FastAPI's ``POST /search``: what the lean path does not take (multipart), and the contract in /docs."""
 
     @app.post("/search", response_model=SearchResponse, openapi_extra={
         "requestBody": {"content": {
@@ -163,6 +191,8 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         req, image = await parse_search(await bounded_request(request, body_limit))
         return FastJSONResponse(await answer(req, image, t0))
 
+
+def _item_route(app: FastAPI, index: ShardedIndex) -> None:
     @app.get("/items/{item_id:path}", **api_docs.ITEM)
     def get_item(item_id: str):
         check_item_id(item_id)
@@ -172,21 +202,21 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
         shard, rec = found
         return {"id": item_id, "labels": rec["labels"], "ts": rec["ts"], "seq": rec["seq"], "generation": rec["generation"],
                 "shard": shard.name, "content_type": rec["ctype"], "code_hex": rec["code"].hex() if rec["code"] else None,
-                "visible": rec["seq"] in shard.live.current.index}
+                "visible": shard.visible(rec["seq"])}
 
+
+def _status_routes(app: FastAPI, index: ShardedIndex, bits: int) -> None:
     @app.get("/healthz", **api_docs.HEALTHZ)
     def healthz():
         view = index.view()
         newest = view.newest
         return {"status": "ok", "index_size": view.index_size, "generation": newest.g.generation if newest else 0,
-                "model_version": newest.model_version if newest else 0, "bits": index.bits or settings.model.bits,
+                "model_version": newest.model_version if newest else 0, "bits": index.bits or bits,
                 "shards": [{**v.describe(), "last_seq": v.g.last_seq} for v in view.shards]}
 
     @app.get("/metrics", **api_docs.METRICS)
     def metrics():
         return Response(generate_latest(m.QUERY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def _summary(view: View, queries: ShardQueries) -> dict:
@@ -201,75 +231,6 @@ def _summary(view: View, queries: ShardQueries) -> dict:
     return {"model_version": newest.model_version if newest else 0, "generation": newest.g.generation if newest else 0,
             "index_size": sum(sizes), "code_hex": to_hex(code) if code is not None else "",
             "shards": shards, "partial": any(err is not None for err in queries.errors)}
-
-
-def _rank_batch(_key, items: list[tuple[View, list, int]]) -> list[list[dict]]:
-    """The batcher's call: the top-k of every search in ``items``, which share one view's generations."""
-    return _rank(items[0][0], [codes for _, codes, _ in items], [k for _, _, k in items], None)
-
-
-def _rank(view: View, codes: list[list[np.ndarray | None]], ks: list[int], radius: int | None) -> list[list[dict]]:
-    """Each search's hits as ``Hit`` dicts (what the server renders): ``codes[r][i]`` is search r's query code
-    for shard i of ``view`` (None: shard i does not rank it), ``ks[r]`` its k. One kernel call per shard.
-
-    Top-k: one search at the largest k; the merged order (distance, shard, insertion) does not depend on k,
-    so each row's first k are exactly its own top-k search. Radius: hits at distance < radius, each row's first k.
-    A few hits per search: past the kernel, plain lists cost less than numpy's per-call overhead.
-    """
-    nq = len(codes)
-    queries, ranked = [], []
-    for i in range(len(view)):
-        col = [c[i] for c in codes]
-        have = [c is not None for c in col]
-        if not any(have):
-            queries.append(None)
-            ranked.append(None)
-        elif all(have):
-            queries.append(col[0][None] if nq == 1 else np.stack(col))
-            ranked.append(None)
-        else:
-            zero = np.zeros(view.shards[i].g.index.code_size, np.uint8)
-            queries.append(np.stack([c if c is not None else zero for c in col]))
-            ranked.append(np.array(have))
-    if radius is None:
-        D, S, I = view.search(queries, max(ks), ranked, nq=nq)
-        rows = [(d[:k], s[:k], i[:k]) for d, s, i, k in zip(D.tolist(), S.tolist(), I.tolist(), ks)]
-    else:
-        lims, D, S, I = view.range_search(queries, radius, ranked, nq=nq)
-        lims, D, S, I = lims.tolist(), D.tolist(), S.tolist(), I.tolist()
-        rows = [(D[a:b][:k], S[a:b][:k], I[a:b][:k]) for a, b, k in zip(lims, lims[1:], ks)]
-    wanted: dict[int, list[int]] = {}  # shard position -> the seqs of every hit of the batch there (-1: padding)
-    for _, s, i in rows:
-        for pos, seq in zip(s, i):
-            if seq >= 0:
-                wanted.setdefault(pos, []).append(seq)
-    # one store read per shard for every hit of the batch
-    found = {pos: dict(zip(seqs, view.shards[pos].g.resolve(seqs))) for pos, seqs in wanted.items()}
-    names = [v.name for v in view.shards]
-    out = []
-    for d, s, i in rows:
-        hits = []
-        for dist, pos, seq in zip(d, s, i):
-            got = found[pos][seq] if seq >= 0 else None
-            if got is not None:  # None: padding, or removed between search and lookup: skip
-                item_id, labels = got
-                hits.append({"id": item_id, "distance": dist, "labels": list(labels) if labels is not None else None,
-                             "shard": names[pos]})
-        out.append(hits)
-    return out
-
-
-def _query_first(view: View, hits: list[dict], item_id: str, k: int) -> list[dict]:
-    """The query item first: ties at distance 0 come back in index order, and k of them may leave it out."""
-    own = [h for h in hits if h["id"] == item_id]
-    if not own:
-        for v in view.shards:
-            rec = v.shard.store.get_item(item_id)
-            if rec is not None:
-                labels = rec["labels"]
-                own = [{"id": item_id, "distance": 0, "labels": list(labels) if labels is not None else None, "shard": v.name}]
-                break
-    return (own + [h for h in hits if h["id"] != item_id])[:k]
 
 
 SETTINGS_ENV = "STREAMHASH_SERVE_SETTINGS_JSON"  # run() hands its settings (CLI flags applied) to its workers

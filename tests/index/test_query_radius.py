@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import streamhash.index.radius as radius_mod
-import streamhash.services.query as query
 from streamhash.codes import hamming_brute
 from streamhash.index.live import LiveIndex
 from streamhash.index.radius import RadiusIndex
@@ -72,9 +71,9 @@ def test_radius_search_matches_brute_force(tmp_path, force, strategy, radius):
         np.testing.assert_array_equal(D, dist[want])
         # the server's ranking (one shard): the same hits, as item ids
         view = View([Shard(ShardKey("t", 0), store, live)])
-        hits = query._rank(view, [[q]], [len(codes)], radius)[0]
+        hits = view.rank([[q]], [len(codes)], radius)[0]
         assert [(h["id"], h["distance"]) for h in hits] == [(f"i{n}", int(dist[n])) for n in want]
-    assert len(calls) == (10 if strategy == "tables" else 0)  # 5 queries, each by RadiusIndex and by _rank
+    assert len(calls) == (10 if strategy == "tables" else 0)  # 5 queries, each by RadiusIndex and by View.rank
 
 
 @pytest.mark.parametrize("strategy", ["tables", "scan"])

@@ -15,7 +15,7 @@ import streamhash.services.query as query
 from streamhash import metrics as m
 from streamhash.codes import hamming_brute
 from streamhash.config import Settings
-from streamhash.index.sharded import ShardedIndex
+from streamhash.index.sharded import ShardedIndex, View
 from streamhash.index.store import ItemWrite, Store
 from streamhash.index.store.root import ShardKey, StoreRoot
 from streamhash.model.hashnet import HashNet, HashNetConfig
@@ -213,7 +213,7 @@ def test_every_search_response_is_counted_by_status(small_server, monkeypatch):
     def broken(*_):
         raise RuntimeError("a ranking bug")
 
-    monkeypatch.setattr(query, "_rank", broken)
+    monkeypatch.setattr(View, "rank", broken)
     assert client.post("/search", json={"code_hex": "00000000"}).status_code == 500
     after = {s: queries_total(s) for s in before}
     assert {s: after[s] - before[s] for s in before} == {"200": 1, "400": 1, "413": 1, "405": 1, "500": 1}
@@ -545,13 +545,13 @@ def test_searches_are_ranked_on_the_event_loops_thread_by_default(tmp_path, monk
     """No hand-off to a thread and back per batch (it cost more than a small search's ranking)."""
     import threading
 
-    rank, ranked_on, loop_thread = query._rank, [], []
+    rank, ranked_on, loop_thread = View.rank, [], []
 
     def spy_rank(*a):
         ranked_on.append(threading.get_ident())
         return rank(*a)
 
-    monkeypatch.setattr(query, "_rank", spy_rank)
+    monkeypatch.setattr(View, "rank", spy_rank)
     stores, _ = make_root(tmp_path)
     app = query.create_app(settings_for(tmp_path), index_over(tmp_path, stores))
 
