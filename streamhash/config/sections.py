@@ -117,7 +117,7 @@ class LearnSettings(BaseModel):
     reservoir_size: int = 1000
     # Stratify the reservoir by provenance: half its slots for the labeled items standing for inferred codes
     # (the hold-out), each stratum weighed back to its share of the index in the MI comparison. More sensitive
-    # after a shift, more re-encodes (benchmarks/RESULTS.md, "stratified reservoir"); off by default.
+    # after a shift, more re-encodes (benchmarks/journal/2026-12-02-learning-hold-out-learned.md, "stratified reservoir"); off by default.
     reservoir_strata: bool = False
     # Labeled items held out of the network's training (chosen by a hash of the id, so the same ones after a
     # restart): never in Omega, their codes learned like the others'; the re-encode test compares the inferred

@@ -16,8 +16,8 @@ from streamhash.kafka.broker import free_port
 from streamhash.kafka.modelbus import ModelAnnouncement, ModelPublisher
 from streamhash.kafka.produce import make_producer
 from streamhash.model.state import initial_net
-from streamhash.services.processes import spawn, stop, wait_for, wait_http
-from tests.support import env_for, module_kafka, produce, read_store, start_worker
+from streamhash.services.processes import spawn
+from tests.support import env_for, module_kafka, produce, read_store, start_worker, stop, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 

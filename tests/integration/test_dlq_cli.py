@@ -15,8 +15,8 @@ from streamhash.kafka.broker import free_port
 from streamhash.kafka.dlq_reader import DeadLetterReader
 from streamhash.kafka.produce import make_producer
 from streamhash.services.demo import MALFORMED
-from streamhash.services.processes import scrape, stop, total, wait_for
-from tests.support import env_for, module_kafka, start_worker
+from streamhash.services.processes import scrape, total
+from tests.support import env_for, module_kafka, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.integration
 

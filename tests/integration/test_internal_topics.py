@@ -17,8 +17,8 @@ from kafka import KafkaConsumer
 from streamhash.kafka.broker import free_port
 from streamhash.kafka.modelbus import MODEL_HEADER, CodeUpdate, ModelAnnouncement, ModelPublisher, model_key
 from streamhash.kafka.produce import make_producer
-from streamhash.services.processes import scrape, stop, wait_for
-from tests.support import env_for, module_kafka, produce, read_store, start_worker
+from streamhash.services.processes import scrape
+from tests.support import env_for, module_kafka, produce, read_store, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.integration
 

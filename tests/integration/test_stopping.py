@@ -22,9 +22,9 @@ import pytest
 from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.modelbus import ModelReader
 from streamhash.kafka.topics import ensure_topics
-from streamhash.services.processes import scrape, spawn, stop, wait_for, wait_http
+from streamhash.services.processes import scrape, spawn
 from tests.services.test_learner import write_shard
-from tests.support import env_for, produce, start_worker
+from tests.support import env_for, produce, start_worker, stop, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,8 @@ from kafka.admin import KafkaAdminClient
 
 from streamhash.config import KafkaSettings
 from streamhash.kafka.produce import make_producer
-from streamhash.services.processes import spawn, stop, wait_for
+from streamhash.services.processes import spawn
+from tests.support import stop, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,8 @@ from streamhash.kafka.topics import ensure_topics
 from streamhash.model.hashnet import HashNet, HashNetConfig
 from streamhash.records import encode_npy
 from streamhash.services.learner import Learner
-from streamhash.services.processes import spawn, stop, wait_for, wait_http
+from streamhash.services.processes import spawn
+from tests.support import stop, wait_for, wait_http
 from tests.conftest import synthetic_images
 
 PARTITIONS = 2

@@ -20,7 +20,8 @@ from streamhash.index.store.root import ShardKey, StoreRoot
 from streamhash.kafka.broker import free_port
 from streamhash.model.hashnet import HashNet, HashNetConfig
 from streamhash.records import encode_png
-from streamhash.services.processes import scrape, spawn, stop, wait_http
+from streamhash.services.processes import scrape, spawn
+from tests.support import stop, wait_http
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from streamhash.kafka.broker import free_port
-from streamhash.services.processes import spawn, stop
+from streamhash.services.processes import spawn
+from tests.support import stop
 from tests.services.test_query_server import close_all, make_root
 
 pytestmark = pytest.mark.integration
