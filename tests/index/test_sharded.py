@@ -115,6 +115,45 @@ def test_merged_top_k_equals_brute_force_over_the_union(shards):
     index.close()
 
 
+def test_rank_answers_each_search_as_brute_force_over_the_union(shards):
+    """View.rank, what every /search path calls: several searches in one call, each with its own k, its own
+    code per shard (None: that shard does not rank it) and optionally a radius, come back as hits (id, labels,
+    distance, shard name) in the documented order (distance, then shard, then seq) over the union."""
+    rng = np.random.default_rng(7)
+    fill(shards, rng, n=150)
+    view = shards.index().view()
+    pos, seqs, ids, codes = union(shards, view)
+    labels = {i: list(store.get_item(i)["labels"]) for store in shards.stores.values() for i in store.snapshot().ids}
+    base = np.concatenate([CENTRES[:3], rng.integers(0, 256, (2, 2), dtype=np.uint8)])
+    # search r's code for shard p: its own per shard (models differ), and shard 1 leaves out the odd searches
+    codes_by_search = [[None if (p == 1 and r % 2) else base[r] ^ np.uint8(5 * p) for p in range(len(view))]
+                       for r in range(len(base))]
+    ks = [1, 7, 40, 150, len(seqs) + 5]
+
+    def want(r, radius=None):
+        d = np.full(len(seqs), 10**6)
+        for p in range(len(view)):
+            if codes_by_search[r][p] is not None:
+                d[pos == p] = hamming_brute(codes_by_search[r][p][None], codes[pos == p])[0]
+        order = brute_order(d, pos, seqs)
+        order = order[d[order] < (10**6 if radius is None else radius)][:ks[r]]
+        return [(ids[w], int(d[w]), view.shards[pos[w]].name) for w in order]
+
+    def got(hits):
+        return [(h["id"], h["distance"], h["shard"]) for h in hits]
+
+    ranked = view.rank(codes_by_search, ks)
+    assert len(ranked) == len(base)
+    for r, hits in enumerate(ranked):
+        assert got(hits) == want(r)
+        assert all(h["labels"] == labels[h["id"]] for h in hits)
+        assert got(view.rank([codes_by_search[r]], [ks[r]])[0]) == want(r)  # alone: the same answer
+    for radius in (0, 3, 6):
+        for r, hits in enumerate(view.rank(codes_by_search, ks, radius)):
+            assert got(hits) == want(r, radius)
+    assert view.rank([[None] * len(view)], [5]) == [[]]  # no shard ranks it: no hits
+
+
 def test_each_shard_ranks_its_own_queries_and_only_the_rows_asked(shards):
     """What a rolling re-encode needs: shard i ranks queries[i] (its own model's codes); ``ranked`` leaves rows out."""
     rng = np.random.default_rng(1)
