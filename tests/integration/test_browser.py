@@ -165,6 +165,10 @@ def test_the_page_fits_a_phone_width_window(system, browser):
         browser.find_element(By.ID, "item-id").send_keys("img-1", Keys.ENTER)
         wait_for_results(browser, 12, "img-1")
         overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
-        assert overflow <= 0, f"{overflow}px wider than a 390px window"
+        wide = browser.execute_script(
+            "return [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > "
+            "window.innerWidth).slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + "
+            "Math.round(e.getBoundingClientRect().right))")
+        assert overflow <= 0, f"{overflow}px wider than a 390px window: {wide}"
     finally:
         browser.set_window_size(1280, 1000)
