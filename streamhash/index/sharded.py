@@ -266,9 +266,9 @@ class View:
         """``hits`` of a search by ``item_id``, that item first (k ties at distance 0 in index order may omit it)."""
         own = [h for h in hits if h["id"] == item_id]
         found = None if own else next(((v, r) for v in self.shards if (r := v.shard.store.get_item(item_id))), None)
-        if found is not None:
-            v, rec = found
-            own = [{"id": item_id, "distance": 0, "labels": None if rec["labels"] is None else list(rec["labels"]), "shard": v.name}]
+        if found is not None:  # (shard view, record)
+            own = [{"id": item_id, "distance": 0, "labels": None if found[1]["labels"] is None else list(found[1]["labels"]),
+                    "shard": found[0].name}]
         return (own + [h for h in hits if h["id"] != item_id])[:k]
 
     def resolve(self, S: np.ndarray, I: np.ndarray) -> list[Resolved | None]:

@@ -75,7 +75,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     app = _assemble(index, status, batcher, encodes)
     class_names = load_class_names(settings.data.class_names)
     install(app, index, status, settings.learn, class_names)  # before /items/{item_id:path}, which would take /items/x/image
-    app.exception_handler(BadQueryError)(lambda _request, exc: FastJSONResponse(status_code=400, content={"detail": str(exc)}))
+    app.exception_handler(BadQueryError)(lambda _req, exc: FastJSONResponse(status_code=400, content={"detail": str(exc)}))
     answer = _answerer(settings, index, encoder, batcher, encodes, class_names)
     body_limit = max_body_bytes(settings)
     answer_ahead(app, LeanSearch(answer, body_limit))  # a JSON search never enters FastAPI's layers
