@@ -37,12 +37,21 @@ import numpy as np
 
 from streamhash.config import Settings, setup_logging
 from streamhash.data.fashion_mnist import CLASSES, load_split
-from streamhash.errors import EXIT_DATASET_MISSING, DatasetMissingError
+from streamhash.errors import EXIT_DATASET_MISSING, EXIT_UNAVAILABLE, DatasetMissingError
 from streamhash.kafka.broker import EmbeddedBroker, free_port
 from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_npy, encode_png, message_headers
-from streamhash.services.processes import scrape, spawn, stop, total, wait_for, wait_http
+from streamhash.services import processes
+from streamhash.services.processes import ScrapeFailed, spawn, stop, total, wait_for, wait_http
+
+# One metrics scrape of a learner in a round on a loaded machine once took over 5 s and ended the demo with
+# a traceback: each scrape is asked again until this deadline, then the demo stops with one line.
+SCRAPE_DEADLINE_S = 60.0
+
+
+def scrape(url: str) -> dict[str, float]:
+    return processes.scrape(url, deadline_s=SCRAPE_DEADLINE_S)
 
 # (key, value, headers, stage the worker must report): one per rejection reason of the contract.
 MALFORMED = [
@@ -409,12 +418,22 @@ def run(settings: Settings) -> int:
     d = settings.demo
     quiet = d.quiet or d.json_summary
     setup_logging("WARNING" if quiet else settings.log_level)
+    # A closed terminal (SIGHUP) or a kill (SIGTERM) stops every process the demo started, as Ctrl-C does; a
+    # kill -9 or a crash leaves that to the kernel (processes.spawn: they die with this process).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         summary = run_demo(settings, limit=d.limit, queries=d.queries, workdir=d.workdir, keep_running=d.keep_running,
                            quiet=quiet, probes=d.probes)
     except DatasetMissingError as exc:
         print(exc, file=sys.stderr)
         return EXIT_DATASET_MISSING
+    except ScrapeFailed as exc:
+        print(f"streamhash demo: stopped, a process stopped answering: {exc}. Its log is in {d.workdir}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        print("streamhash demo: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
     if not d.keep_running:
         print_summary(summary)
     if d.json_summary:
