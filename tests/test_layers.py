@@ -111,3 +111,11 @@ def test_the_index_and_the_learning_algorithms_never_import_each_other():
     bad = {(m, d) for m, deps in imports().items() for d in deps
            for a, b in (apart, apart[::-1]) if is_under(m, (a,)) and is_under(d, (b,))}
     assert not bad
+
+
+def test_datasets_are_known_to_data_the_cli_the_eval_and_the_processes_only():
+    """The library below them (kafka, index, learn, model) takes images and labels, never a dataset by name."""
+    knowers = ("streamhash.data", "streamhash.cli", "streamhash.eval") + PROCESSES + ENTRY_POINTS
+    bad = {(m, d) for m, deps in imports().items() for d in deps
+           if is_under(d, ("streamhash.data",)) and not is_under(m, knowers)}
+    assert not bad

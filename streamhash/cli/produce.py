@@ -59,13 +59,14 @@ def _messages(args, settings):
 
     import numpy as np
 
-    from streamhash.data.fashion_mnist import N_IMAGES
-    from streamhash.kafka.produce import from_arrays, from_dataset, from_folder
+    from streamhash.data import fashion_mnist
+    from streamhash.kafka.produce import from_arrays, from_folder
 
     ps = settings.produce
-    if args.dataset:
-        return from_dataset(args.dataset, shuffle_seed=ps.shuffle_seed, folder=settings.data.fashion_mnist_dir,
-                            fmt=ps.format), N_IMAGES
+    if args.dataset:  # the one the parser offers, fashion-mnist
+        images, labels = fashion_mnist.load_all(settings.data.fashion_mnist_dir)
+        order = None if ps.shuffle_seed is None else np.random.default_rng(ps.shuffle_seed).permutation(len(images))
+        return from_arrays(images, labels, prefix=fashion_mnist.ID_PREFIX, fmt=ps.format, order=order), len(images)
     if args.source and args.source.endswith(".npy"):
         images, labels = _load_npy(args.source, "images"), _load_npy(args.labels, "labels") if args.labels else None
         if labels is not None and len(labels) != len(images):

@@ -34,6 +34,7 @@ HOW_TO_GET = (
 
 
 N_IMAGES = 70_000  # 60,000 train + 10,000 test: what `streamhash produce --dataset fashion-mnist` sends
+ID_PREFIX = "fmnist-"  # message ids are this and the index in load_all's order: one image, one id, however shuffled
 
 def candidate_dirs(explicit: Path | None = None) -> list[Path]:
     dirs = [explicit] if explicit else []

@@ -1,4 +1,5 @@
-"""Producing images: sources (a folder, a ``.npy`` batch, a named dataset) and a rate-limited sender.
+"""Producing images: sources (a folder, image arrays) and a rate-limited sender. It knows no dataset: the CLI
+loads a named one from :mod:`streamhash.data` and sends its arrays.
 
 A source yields :class:`Outgoing` messages; :func:`send` puts them on the topic with the contract's
 key and headers, at an optional rate, with a progress bar. :func:`check` runs each message through the
@@ -45,12 +46,15 @@ def make_producer(kafka: KafkaSettings, **overrides) -> KafkaProducer:
     return KafkaProducer(**kafka.client_kwargs(), **kw)
 
 
-def from_arrays(images: np.ndarray, labels: Iterable | None, *, prefix: str, fmt: str = "png", start: int = 0) -> Iterator[Outgoing]:
-    """Encode an image array as PNG or .npy messages keyed ``{prefix}{start + index}``."""
+def from_arrays(images: np.ndarray, labels: Iterable | None, *, prefix: str, fmt: str = "png", start: int = 0,
+                order: Iterable[int] | None = None) -> Iterator[Outgoing]:
+    """Encode an image array as PNG or .npy messages keyed ``{prefix}{start + index}``, in ``order`` (indexes into
+    the arrays; default: as they are), so an image keeps its id however the stream is shuffled."""
     labels = list(labels) if labels is not None else [None] * len(images)
     enc, ctype = (encode_png, "image/png") if fmt == "png" else (encode_npy, "application/x-npy")
-    for i, (img, lab) in enumerate(zip(images, labels)):
-        yield Outgoing(f"{prefix}{start + i}", enc(img), ctype, None if lab is None else int(lab) if np.isscalar(lab) else tuple(lab))
+    for i in range(len(images)) if order is None else (int(i) for i in order):
+        lab = labels[i]
+        yield Outgoing(f"{prefix}{start + i}", enc(images[i]), ctype, None if lab is None else int(lab) if np.isscalar(lab) else tuple(lab))
 
 
 def from_folder(folder: Path) -> Iterator[Outgoing]:
@@ -62,19 +66,6 @@ def from_folder(folder: Path) -> Iterator[Outgoing]:
         parent = path.parent.name
         label = int(parent) if parent.isdigit() and path.parent != folder else None
         yield Outgoing(str(path.relative_to(folder)), path.read_bytes(), _SUFFIX_TYPES[path.suffix.lower()], label)
-
-
-def from_dataset(name: str, *, shuffle_seed: int | None, folder: Path | None = None, fmt: str = "png") -> Iterator[Outgoing]:
-    if name != "fashion-mnist":
-        raise ValueError(f"unknown dataset {name!r}; known: fashion-mnist")
-    from streamhash.data.fashion_mnist import load_all
-
-    images, labels = load_all(folder)
-    order = np.arange(len(images)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(images))
-    enc, ctype = (encode_png, "image/png") if fmt == "png" else (encode_npy, "application/x-npy")
-    for i in order:
-        # The id is the dataset index, so the same image always has the same id.
-        yield Outgoing(f"fmnist-{i}", enc(images[i]), ctype, int(labels[i]))
 
 
 def send(producer: KafkaProducer, topic: str, messages: Iterable[Outgoing], *, limit: int | None = None,
