@@ -567,3 +567,34 @@ def test_searches_are_ranked_on_the_event_loops_thread_by_default(tmp_path, monk
         assert ranked_on and set(ranked_on) == set(loop_thread)
     finally:
         close_all(stores)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_every_search_path_ranks_through_the_index(tmp_path, monkeypatch, batched):
+    """JSON (the lean path), multipart (FastAPI's route), batched or not, top-k or radius: one method ranks
+    them all (View.rank), and each answers with the hits that method returns for its query."""
+    calls = []
+    rank = View.rank
+
+    def spy_rank(view, codes, ks, radius=None):
+        hits = rank(view, codes, ks, radius)
+        calls.append((len(codes), radius, hits[0]))
+        return hits
+
+    monkeypatch.setattr(View, "rank", spy_rank)
+    stores, images = make_root(tmp_path)
+    settings = Settings(store={"path": str(tmp_path)}, server={"refresh_interval_s": 0.01, "batch_enabled": batched})
+    app = query.create_app(settings, index_over(tmp_path, stores))
+    try:
+        with TestClient(app) as client:
+            answers = [client.post("/search", json={"code_hex": "00000000", "k": 3}),
+                       client.post("/search", json={"code_hex": "00000000", "k": 30, "radius": 20}),
+                       client.post("/search", files={"image": ("q.png", encode_png(images[3]), "image/png")}, data={"k": "2"})]
+        assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+        assert [(n, radius) for n, radius, _ in calls] == [(1, None), (1, 20), (1, None)]
+        for r, (_, _, hits) in zip(answers, calls):
+            assert [(h["id"], h["distance"], h["shard"]) for h in r.json()["results"]] == \
+                [(h["id"], h["distance"], h["shard"]) for h in hits]
+        assert calls[2][2][0]["distance"] == 0  # the stored image's code: itself (or a tie) first
+    finally:
+        close_all(stores)
