@@ -8,9 +8,9 @@ the item a new, larger seq). Merging is exact: each shard answers its own top-k 
 radius), and the global top-k is a subset of the union of those, so one stable sort by distance of the
 per-shard answers laid side by side in shard order gives the global order.
 
-A query takes a :class:`View`: one :class:`~streamhash.index.live.Generation` reference per shard, read
-once, and its model version, read once (a learning round updates it in place). A re-encode swapping a
-shard's generation while the query runs is seen by the next query, never halfway by this one.
+A query takes a :class:`View` (one :class:`~streamhash.index.live.Generation` per shard and its model version,
+each read once: a re-encode or a learning round is seen by the next query, never halfway by this one) and ranks
+with :meth:`View.rank`, which every ``/search`` path of the query server calls.
 
 Shards appear while serving (a worker is assigned a new partition): a thread rescans the root every
 ``rescan_s`` and adds each new shard beside the others, with no restart.
@@ -247,8 +247,9 @@ class View:
         """(distances, shard positions, seqs) per search -> its hits; one store read per shard for the batch"""
         wanted: dict[int, list[int]] = {}  # shard position -> the seqs of every hit of the batch there (-1: padding)
         for _, s, i in rows:
-            for pos, seq in filter(lambda hit: hit[1] >= 0, zip(s, i)):
-                wanted.setdefault(pos, []).append(seq)
+            for pos, seq in zip(s, i):
+                if seq >= 0:
+                    wanted.setdefault(pos, []).append(seq)
         found = {pos: dict(zip(seqs, self.shards[pos].g.resolve(seqs))) for pos, seqs in wanted.items()}
         names = [v.name for v in self.shards]
         out = []
@@ -288,8 +289,7 @@ class ShardedIndex:
 
     ``open_store(key, path)`` opens a shard read-only; tests hand in the stores they write (LMDB refuses a
     second handle on one environment in a process). Stores opened here are closed by :meth:`close`.
-    ``live_options`` go to each shard's LiveIndex (backend, threads, refresh and notification settings).
-    """
+    ``live_options`` go to each shard's LiveIndex (backend, threads, refresh and notification settings)."""
 
     def __init__(self, root: StoreRoot | str | Path, *, open_store: OpenStore | None = None, rescan_s: float = 1.0,
                  **live_options):
