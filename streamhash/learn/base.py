@@ -79,6 +79,10 @@ class IncrementalHasher(Protocol):
     def quarantine_pending(self) -> list:
         """Freeze the pending items with their current codes, out of learning for good; returns their ids."""
 
+    def forget(self, ids: Sequence) -> int:
+        """Items removed from the index (tombstones): never pending, never fetched, out of every later round (their
+        labels and codes teach nothing more); unknown ids are ignored. Returns how many were known."""
+
     def to_bytes(self) -> bytes: ...
 
     @classmethod

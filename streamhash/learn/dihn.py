@@ -286,6 +286,19 @@ class DIHNLearner:
         self._group[rows] = -1
         return self._ids.get(rows)
 
+    def forget(self, ids: Sequence) -> int:
+        """Items removed from the index: out of Omega and Gamma for good, their codes zeroed, no longer pending
+        (their rows stay, empty, until the learner restarts: an id seen again reuses its row). Unknown ids are
+        ignored; returns how many were known."""
+        keys = [_ItemIds.key(i) for i in ids]
+        rows = self._ids.lookup(keys, _hashes(keys))
+        rows = rows[rows >= 0]
+        self._frozen[rows] = True
+        self._group[rows] = -1
+        self._held[rows] = False
+        self._codes[rows] = 0
+        return len(rows)
+
     @property
     def n_pending(self) -> int:
         return int((~self._frozen[: len(self._ids)]).sum())

@@ -328,6 +328,15 @@ class OnlineHasher:
                         r.payloads[k] = (r.payloads[k][0], True, None)
             return ids
 
+    def forget(self, ids: Sequence) -> None:
+        """Items removed from the index (tombstones): out of the learner's bookkeeping and the MI reservoir; a
+        round never fetches their images. Buffered ones are drained first, so none comes back after."""
+        with self._learner_lock:
+            self._drain()
+            self.learner.forget(ids)
+            for r in self._samples():
+                r.discard(ids)
+
     def apply_reencode(self, ids: Sequence, codes: np.ndarray) -> None:
         """Tell the learner the codes the index now holds after a re-encode done elsewhere.
 

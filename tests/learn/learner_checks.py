@@ -50,7 +50,7 @@ def yield_checks():
                 check_unlabeled_items_are_never_pending, check_held_items_are_learned_but_their_images_never_fetched,
                 check_learned_codes_follow_the_labels, check_quarantine_freezes_pending_codes_as_they_are,
                 check_set_codes_replaces_and_freezes, check_encode_shape_and_determinism, check_should_stop_false_runs_the_round,
-                check_state_round_trip)
+                check_state_round_trip, check_forgotten_items_are_never_pending_fetched_or_learned_from)
 
 
 def check_id(check) -> str:
@@ -199,3 +199,18 @@ def check_state_round_trip(factory):
     a, b = learner.learn_round(w.fetch), copy.learn_round(w.fetch)
     assert a.ids == b.ids
     np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def check_forgotten_items_are_never_pending_fetched_or_learned_from(factory):
+    """Tombstones: removed items (frozen or pending) leave learning; the next round neither fetches nor learns them."""
+    learner, w = factory(), World()
+    w.add(learner, range(40), frozen=True)
+    w.add(learner, range(40, 50), frozen=False)
+    gone = w.ids(range(5)) + w.ids(range(45, 50))
+    assert learner.forget(gone + ["never-added"]) == 10
+    assert learner.n_pending == 5 and sorted(learner.pending_ids) == sorted(w.ids(range(40, 45)))
+    asked: list = []
+    res = learner.learn_round(lambda ids: (asked.extend(ids), w.fetch(ids))[1])
+    assert not set(gone) & set(asked) and sorted(res.ids) == sorted(w.ids(range(40, 45)))
+    w.add(learner, range(45, 47), frozen=False)  # an id sent again after its removal learns as a new one
+    assert sorted(learner.learn_round(w.fetch).ids) == sorted(w.ids(range(45, 47)))

@@ -81,6 +81,14 @@ class ClassMeanLearner:
         self._pending = {}
         return ids
 
+    def forget(self, ids):
+        known = [i for i in ids if i in self._codes]
+        for i in known:
+            del self._codes[i]
+            self._labels.pop(i, None)
+            self._pending.pop(i, None)
+        return len(known)
+
     def to_bytes(self) -> bytes:
         ids = list(self._codes)
         state = {"ids": ids, "labels": [sorted(self._labels.get(i, ())) for i in ids], "pending": list(self._pending),
