@@ -208,11 +208,11 @@ def test_huge_label_values_cost_what_small_ones_do():
 def test_packed_bookkeeping_ids_and_overwrites_match_a_dict_model(monkeypatch):
     """int and str ids side by side, re-sent ids (also twice in one batch), +-1 and packed codes;
     with every id hash colliding the byte comparison still keeps ids apart."""
-    import streamhash.learn.dihn as dihn
+    import streamhash.learn.items as items
 
     for collide in (False, True):
         if collide:
-            monkeypatch.setattr(dihn, "_hashes", lambda keys: np.zeros(len(keys), np.int64))
+            monkeypatch.setattr(items, "_hashes", lambda keys: np.zeros(len(keys), np.int64))
         rng = np.random.default_rng(1)
         L, model = learner(bits=16), {}
         pool = [*range(40), *(str(i) for i in range(40)), *(f"img-{i}" for i in range(40))]
