@@ -1,6 +1,6 @@
 """What the learner process runs: an incremental hasher (DIHN by default) + reservoir + MI re-encode trigger.
 
-Wiring (streamhash/services/learner.py is the real one)::
+Wiring (streamhash/services/learner/app.py is the real one)::
 
     hasher = OnlineHasher(net, settings.learn, seed=settings.model.seed)
     # items the shards committed (the learner's ShardFeed; cheap, never blocks on a round):
