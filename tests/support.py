@@ -141,3 +141,15 @@ def committed_through(store: Path, topic: str, ends: dict[int, int]) -> bool:
     their own transactions: what a worker has applied, not what it has fetched."""
     offsets = read_store(store)["offsets"]
     return all(offsets.get(f"{topic}:{p}", 0) >= end for p, end in ends.items())
+
+
+def have_fashion_mnist() -> bool:
+    """Whether the Fashion-MNIST files are where the loader looks (tests that need them skip without)."""
+    from streamhash.data.fashion_mnist import find_dir
+    from streamhash.errors import DatasetMissingError
+
+    try:
+        find_dir()
+        return True
+    except DatasetMissingError:
+        return False

@@ -24,7 +24,7 @@ from streamhash.kafka.modelbus import ModelReader
 from streamhash.kafka.topics import ensure_topics
 from streamhash.services.processes import scrape, spawn
 from tests.services.test_learner import write_shard
-from tests.support import env_for, produce, start_worker, stop, wait_for, wait_http
+from tests.support import env_for, have_fashion_mnist, produce, start_worker, stop, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -282,18 +282,7 @@ def listening(port: int) -> bool:
         return False
 
 
-def _have_fashion_mnist() -> bool:
-    from streamhash.data.fashion_mnist import find_dir
-    from streamhash.errors import DatasetMissingError
-
-    try:
-        find_dir()
-        return True
-    except DatasetMissingError:
-        return False
-
-
-@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL])
 def test_the_demo_leaves_no_process_of_its_own_when_it_ends(tmp_path, sig):
     """SIGHUP (its terminal closed) stops every process cleanly; SIGKILL leaves it to the kernel. Both once left

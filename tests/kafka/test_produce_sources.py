@@ -11,6 +11,7 @@ import pytest
 from streamhash.config import Settings
 from streamhash.kafka.produce import from_arrays
 from streamhash.records import ImageSpec, parse_message
+from tests.support import have_fashion_mnist
 
 
 def test_arrays_sent_in_another_order_keep_the_id_of_their_index():
@@ -22,18 +23,7 @@ def test_arrays_sent_in_another_order_keep_the_id_of_their_index():
     assert [m.key for m in from_arrays(images[:2], None, prefix="q-", start=10)] == ["q-10", "q-11"]
 
 
-def _have_fashion_mnist() -> bool:
-    from streamhash.data.fashion_mnist import find_dir
-    from streamhash.errors import DatasetMissingError
-
-    try:
-        find_dir()
-        return True
-    except DatasetMissingError:
-        return False
-
-
-@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST not installed (make data)")
 def test_the_named_dataset_is_sent_under_its_index_ids_shuffled_or_not():
     """`streamhash produce --dataset fashion-mnist`: the CLI loads it from data/ and sends it as arrays, ids
     ``fmnist-<index>`` whatever the shuffle, labels its classes."""
