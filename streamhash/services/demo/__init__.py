@@ -129,6 +129,8 @@ def wait_for_learning(learner, learner_url: str, server: str, expected_codes: in
             say(f"learning: every labeled item learned (model v{version}); waiting for {behind} shard(s) to serve it")
             return False
         state["complete"] = True
+        say(f"learning: every labeled item learned ({state['codes']} codes, {state['rounds']} round(s), model v{version}), "
+            f"served by every shard", force=True)
         return True
 
     try:
