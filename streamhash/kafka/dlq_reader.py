@@ -19,6 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamhash.config import KafkaSettings
 from streamhash.errors import BrokerError
+from streamhash.kafka.reading import read_to_end
 
 _ADDED = ("error.", "source.")  # header prefixes the dead-lettering added
 
@@ -111,23 +112,10 @@ class DeadLetterReader:
                 out.append(letter)
         return sorted(out, key=lambda d: (d.timestamp_ms, d.partition, d.offset))
 
-    def at_end(self) -> bool:
-        """Every partition read to its high watermark (from fetches: ``end_offsets`` is wrong on Tansu)."""
-        for tp in self.tps:
-            hw = self.consumer.highwater(tp)
-            if hw is None or self.consumer.position(tp) < hw:
-                return False
-        return True
-
     def read_to_end(self, timeout_s: float = 30.0) -> list[DeadLetter]:
-        deadline = time.monotonic() + timeout_s
-        out: list[DeadLetter] = []
-        while True:
-            out += self.poll(0.2)
-            if self.at_end():
-                return sorted(out, key=lambda d: (d.timestamp_ms, d.partition, d.offset))
-            if time.monotonic() > deadline:
-                raise BrokerError(f"could not read {self.tps[0].topic} to its end within {timeout_s:.0f}s")
+        """Every dead letter so far (:func:`~streamhash.kafka.reading.read_to_end`), oldest first."""
+        return sorted(read_to_end(self.consumer, self.tps, self.poll, timeout_s),
+                      key=lambda d: (d.timestamp_ms, d.partition, d.offset))
 
     def follow(self, stop_after_s: float | None = None) -> Iterator[DeadLetter]:
         """New dead letters as they come (after :meth:`read_to_end`), until ``stop_after_s`` or forever."""

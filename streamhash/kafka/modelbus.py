@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamhash.config import KafkaSettings
-from streamhash.errors import BrokerError, InternalRecordRejected
+from streamhash.errors import InternalRecordRejected
+from streamhash.kafka.reading import read_to_end
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ def signature(key: bytes, topic: str, record_key: bytes, meta: bytes, value: byt
 
 
 def _reject(stage: str, record, reason: str) -> InternalRecordRejected:
-    return InternalRecordRejected(stage, f"{record.topic}[{record.partition}] offset {record.offset}: {reason}")
+    """The rejection, located at its record when there is one (``CodeUpdate.from_record`` has only key and value)."""
+    where = "" if record is None else f"{record.topic}[{record.partition}] offset {record.offset}: "
+    return InternalRecordRejected(stage, where + reason)
 
 
 def _header(record, name: str, stage: str) -> bytes | None:
@@ -171,30 +174,27 @@ def parse_code(record, code_bytes: int, key: bytes | None = None) -> CodeUpdate:
 
 
 def _code_update(key: bytes | None, value: bytes, record) -> CodeUpdate:
-    def bad(reason: str) -> InternalRecordRejected:
-        return _reject("codes", record, reason) if record is not None else InternalRecordRejected("codes", reason)
-
     try:
         item_id = key.decode() if key else ""
         d = json.loads(value)
     except (ValueError, AttributeError) as exc:
-        raise bad(f"not a UTF-8 key and a JSON value: {exc}"[:300]) from None
+        raise _reject("codes", record, f"not a UTF-8 key and a JSON value: {exc}"[:300]) from None
     if not item_id or len(key) > 256:
-        raise bad("the key must be an item id of 1..256 bytes")
+        raise _reject("codes", record, "the key must be an item id of 1..256 bytes")
     if not isinstance(d, dict):
-        raise bad(f"the value must be a JSON object, got {type(d).__name__}")
+        raise _reject("codes", record, f"the value must be a JSON object, got {type(d).__name__}")
     kind = d.get("kind")
     if kind not in ("learned", "quarantine"):
-        raise bad(f"unknown code update kind {kind!r}"[:300])
-    seq = _count(d, "seq", record, "codes", low=0, high=2**63 - 1) if record is not None else int(d["seq"])
-    version = _count(d, "model_version", record, "codes") if record is not None else int(d["model_version"])
+        raise _reject("codes", record, f"unknown code update kind {kind!r}"[:300])
+    seq = _count(d, "seq", record, "codes", low=0, high=2**63 - 1)
+    version = _count(d, "model_version", record, "codes")
     code = d.get("code") or ""
     if not isinstance(code, str):
-        raise bad(f"code must be a hex string, got {type(code).__name__}")
+        raise _reject("codes", record, f"code must be a hex string, got {type(code).__name__}")
     try:
         raw = bytes.fromhex(code)
     except ValueError:
-        raise bad(f"code is not hex: {code[:40]!r}") from None
+        raise _reject("codes", record, f"code is not hex: {code[:40]!r}") from None
     return CodeUpdate(item_id, seq, kind, version, raw)
 
 
@@ -308,23 +308,8 @@ class ModelReader:
         return a
 
     def read_to_end(self, timeout_s: float = 30.0) -> list[ModelAnnouncement]:
-        """Every version published so far. The end is the fetch high watermark (``end_offsets`` is wrong on Tansu).
-
-        ``timeout_s`` bounds a wait with no progress, not the whole read: every version stays on the compacted
-        topic (~1 MB each at the default backbone), so a long-lived one takes long to read through, and a reader
-        that moves on is not stuck (2,000 forged networks, ~1 GB, took over 30 s on a busy machine)."""
-        deadline, at = time.monotonic() + timeout_s, None
-        out: list[ModelAnnouncement] = []
-        while True:
-            out += self.poll(0.2)
-            hw, position = self.consumer.highwater(self.tp), self.consumer.position(self.tp)
-            if hw is not None and position >= hw:
-                return out
-            if position != at:
-                deadline, at = time.monotonic() + timeout_s, position
-            elif time.monotonic() > deadline:
-                raise BrokerError(f"could not read {self.tp.topic} to its end: no progress for {timeout_s:.0f}s "
-                                  f"(at offset {position} of {hw})")
+        """Every version published so far (:func:`~streamhash.kafka.reading.read_to_end`)."""
+        return read_to_end(self.consumer, [self.tp], self.poll, timeout_s)
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)

@@ -92,12 +92,8 @@ class ModelFollower:
         return a.generation > generation
 
     def code_update(self, record) -> CodeUpdate:
-        """A codes-topic record as an update, or InternalRecordRejected (stage ``codes``), counted."""
-        try:
-            return parse_code(record, self.model.bits // 8, self.key)
-        except InternalRecordRejected:
-            m.INTERNAL_REJECTED.labels(topic="codes").inc()
-            raise
+        """A codes-topic record as an update, or InternalRecordRejected (stage ``codes``)."""
+        return parse_code(record, self.model.bits // 8, self.key)
 
     def _load_net(self, version: int) -> HashNet:
         a = self.announced

@@ -129,9 +129,10 @@ class BatchPipeline:
                 valid.append(parse_message(rec.key, rec.value, rec.headers, self.spec))
                 removed[(shards.key_of(*tp), valid[-1].id)] = False
             except Exception as exc:  # RecordRejected, or a bug: either way this record, not the partition
-                if rec.topic == self.codes_topic and not isinstance(exc, InternalRecordRejected):
+                if rec.topic == self.codes_topic:
                     m.INTERNAL_REJECTED.labels(topic="codes").inc()
-                    exc = InternalRecordRejected("codes", f"{type(exc).__name__}: {exc}")
+                    if not isinstance(exc, InternalRecordRejected):
+                        exc = InternalRecordRejected("codes", f"{type(exc).__name__}: {exc}")
                 self.dead_letters.send(rec, exc)
                 continue
             sources.append(rec)
