@@ -21,7 +21,7 @@ from streamhash.learn.dihn import RoundAbandoned
 from streamhash.learn.online import OnlineHasher, RoundReport
 from streamhash.model.hashnet import HashNet, resolve_device
 from streamhash.model.state import checked_model, initial_net
-from streamhash.services.spec import image_spec
+from streamhash.services.spec import image_spec, model_key
 
 log = logging.getLogger("streamhash.learner")
 
@@ -289,12 +289,6 @@ def resume(settings: Settings) -> tuple[HashNet, int, int]:
     if last is None:
         return initial_net(mc), 1, 1
     return last.net, last.version, last.generation
-
-
-def model_key(settings: Settings) -> bytes | None:
-    """The models and codes topics' HMAC key, if one is set (``security.model_key``)."""
-    key = settings.security.model_key
-    return key.get_secret_value().encode() if key else None
 
 
 def _skip_model(record, exc) -> None:

@@ -36,7 +36,7 @@ from streamhash.kafka.topics import ensure_topics
 from streamhash.memory import freeze_startup_objects
 from streamhash.model.hashnet import resolve_device
 from streamhash.model.state import ensure_model
-from streamhash.services.spec import image_spec
+from streamhash.services.spec import image_spec, model_key
 from streamhash.services.worker.follower import ModelFollower
 from streamhash.services.worker.ownership import PartitionOwner, TrackAssignment
 from streamhash.services.worker.pipeline import BatchPipeline, Prepared
@@ -60,9 +60,8 @@ class Worker:
         self.spec = image_spec(s)
         self.owner = PartitionOwner(StoreRoot(s.store.path), self._open_store, images_topic=s.kafka.topic,
                                     codes_topic=s.kafka.codes_topic, lock_wait_s=s.store.shard_lock_wait_s)
-        key = s.security.model_key
-        self.follower = ModelFollower(s.kafka, s.model, resolve_device(s.model.device),
-                                      key=key.get_secret_value().encode() if key else None, shards=self.owner.shards)
+        self.follower = ModelFollower(s.kafka, s.model, resolve_device(s.model.device), key=model_key(s),
+                                      shards=self.owner.shards)
         self.stopping = stopping or threading.Event()
         # Set while the poll thread waits for records with no batch in hand: the re-encoder's turn (Reencoder.pause)
         self.idle = threading.Event()
@@ -76,10 +75,6 @@ class Worker:
         self.positions: Positions | None = None
         self.pipeline: BatchPipeline | None = None
         self._held_codes: list = []  # code-update records polled, not yet in a batch (see _poll)
-
-    @property
-    def shards(self):
-        return self.owner.shards
 
     def _open_store(self, path) -> Store:
         s = self.settings
