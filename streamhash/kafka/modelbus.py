@@ -43,6 +43,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from streamhash.config import KafkaSettings
 from streamhash.errors import InternalRecordRejected
 from streamhash.kafka.reading import read_to_end
+from streamhash.metrics import INTERNAL_REJECTED
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,10 @@ class ModelPublisher:
 
 
 def log_rejected(record, exc: InternalRecordRejected) -> None:
-    """The default ``on_reject``: a warning (the learner and tools have no dead-letter producer)."""
-    log.warning("skipping a record of an internal topic: %s", exc)
+    """The default ``on_reject``: counted and a warning (a worker also dead-letters it; the learner and tools have no
+    dead-letter producer)."""
+    INTERNAL_REJECTED.labels(topic=exc.stage).inc()
+    log.warning("skipping a record of %s: %s", record.topic, exc)
 
 
 class ModelReader:

@@ -16,7 +16,7 @@ from streamhash.config import Settings
 from streamhash.errors import EXIT_OK, EXIT_TEMPFAIL, BrokerError
 from streamhash.index.feed import ShardFeed
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
-from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelPublisher, ModelReader, latest
+from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelPublisher, ModelReader, latest, log_rejected
 from streamhash.learn.dihn import RoundAbandoned
 from streamhash.learn.online import OnlineHasher, RoundReport
 from streamhash.model.hashnet import HashNet, resolve_device
@@ -281,7 +281,7 @@ def resume(settings: Settings) -> tuple[HashNet, int, int]:
     # A record that is not a usable model of these settings is skipped with a warning: the learner starts from
     # the newest one that is (a forged or foreign record on the topic must not keep it from starting).
     reader = ModelReader(settings.kafka, key=model_key(settings), check=lambda a: checked_model(a, mc),
-                         on_reject=_skip_model)
+                         on_reject=log_rejected)
     try:
         last = latest(reader.read_to_end())
     finally:
@@ -291,6 +291,3 @@ def resume(settings: Settings) -> tuple[HashNet, int, int]:
     return last.net, last.version, last.generation
 
 
-def _skip_model(record, exc) -> None:
-    m.INTERNAL_REJECTED.labels(topic="models").inc()
-    log.warning("skipping a record of %s: %s", record.topic, exc)

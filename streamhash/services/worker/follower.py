@@ -20,10 +20,9 @@ import logging
 import queue
 import threading
 
-from streamhash import metrics as m
 from streamhash.config import KafkaSettings, ModelSettings
 from streamhash.errors import InternalRecordRejected
-from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelReader, latest, parse_code
+from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelReader, latest, log_rejected, parse_code
 from streamhash.model.hashnet import HashNet
 from streamhash.model.state import NetCache, checked_model, stored_net
 
@@ -59,8 +58,7 @@ class ModelFollower:
                 self._stop.wait(1.0)
 
     def _rejected_record(self, record, exc: InternalRecordRejected) -> None:
-        m.INTERNAL_REJECTED.labels(topic="models").inc()
-        log.warning("not adopting a record of %s: %s", record.topic, exc)
+        log_rejected(record, exc)
         self._rejected.put((record, exc))
 
     def newer(self, dead_letters) -> ModelAnnouncement | None:
