@@ -41,7 +41,7 @@ from streamhash.learn.dcc import dcc_new_codes, group_stats
 from streamhash.learn.dcc import dcc_update as dcc_update  # re-exported: importers name it from here
 from streamhash.learn.items import ItemBook
 from streamhash.learn.items import _ItemIds as _ItemIds  # re-exported: online.py keys ids as the learner does
-from streamhash.model.hashnet import HashNet, images_to_tensor
+from streamhash.model.hashnet import HashNet
 from streamhash.model.losses import DIHNLoss
 
 ShouldStop = Callable[[], bool]
@@ -183,7 +183,7 @@ class DIHNLearner(ItemBook):
                 omega_rows = self._sample_omega()
                 m = len(omega_rows)
                 images = fetch(self._ids.get(omega_rows))
-                x = images_to_tensor(np.asarray(images), self.net.cfg)
+                x = self.net.to_tensor(np.asarray(images))
                 stats = self._group_stats(omega_rows)
                 last_loss = self._train_net(x, omega_rows, stats, should_stop)
                 _check(should_stop)

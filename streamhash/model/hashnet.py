@@ -123,6 +123,10 @@ class HashNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
 
+    def to_tensor(self, batch: np.ndarray) -> torch.Tensor:
+        """A batch as the store keeps it for this network -> the tensor :meth:`forward` takes."""
+        return images_to_tensor(batch, self.cfg)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """u = tanh(F(x)), shape (n, bits)."""
         return torch.tanh(self.head(self.backbone(x)))

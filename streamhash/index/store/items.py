@@ -32,6 +32,7 @@ class ItemWrite:
     content_type: str
     labels: tuple[int, ...] | None
     ts: float = field(default_factory=time.time)
+    feature: bytes | None = None  # what a frozen backbone gives the image, where the network has one (issue 23)
 
 
 def live_generations(meta: dict) -> list[int]:
