@@ -44,6 +44,11 @@ class SchemaMismatchError(StoreError):
     """The store on disk was written with settings this process does not match."""
 
 
+class FeatureSpecMismatch(SchemaMismatchError):
+    """A shard keeps stored inputs (features) of another backbone, cut or shape than this process's network makes:
+    its items' features would not fit the network's trainable part (issue 23). Raised at open, naming both."""
+
+
 class GenerationChanged(StoreError):
     """A re-encode swapped generations between encoding a batch and writing it; encode again."""
 
