@@ -16,10 +16,12 @@ def derived_topics(topic: str) -> dict[str, str]:
     (a new one is added here) left empty in the settings.
 
     >>> derived_topics("shop.images")
-    {'dlq_topic': 'shop.images.dlq', 'models_topic': 'shop.models', 'codes_topic': 'shop.codes'}
+    {'dlq_topic': 'shop.images.dlq', 'models_topic': 'shop.models', 'codes_topic': 'shop.codes', \
+'changelog_topic': 'shop.images.changelog'}
     """
     base = topic.removesuffix(".images")
-    return {"dlq_topic": f"{topic}.dlq", "models_topic": f"{base}.models", "codes_topic": f"{base}.codes"}
+    return {"dlq_topic": f"{topic}.dlq", "models_topic": f"{base}.models", "codes_topic": f"{base}.codes",
+            "changelog_topic": f"{topic}.changelog"}
 
 
 class KafkaSettings(BaseModel):
@@ -35,6 +37,9 @@ class KafkaSettings(BaseModel):
     dlq_topic: str = ""
     models_topic: str = ""
     codes_topic: str = ""
+    # The shards' changelog (streamhash.kafka.changelog): compacted, co-partitioned with `topic`, written by the
+    # workers' checkpoint, replayed into a shard that is missing or behind. `<topic>.changelog`.
+    changelog_topic: str = ""
     group_id: str = "streamhash-worker"
     # Tansu holds JoinGroup for about half the session timeout (docs/KAFKA.md); the defaults
     # below suit both it and real Kafka. Raise them for a busy real cluster.
@@ -63,6 +68,10 @@ class KafkaSettings(BaseModel):
     ssl_password: SecretStr | None = None  # the private key's passphrase
     ssl_check_hostname: bool = True
     topic_partitions: int = 4
+    # Where an item id belongs: the partition this producer partitioner gives its key (streamhash.kafka.partitioner).
+    # The worker re-routes a record that arrived on another partition (librdkafka's default, an explicit partition)
+    # to that one, so an id lives in one shard. murmur2: Java's and kafka-python's default; crc32: librdkafka's.
+    partitioner: Literal["murmur2", "crc32"] = "murmur2"
 
     @model_validator(mode="after")
     def _derived_topics(self) -> "KafkaSettings":

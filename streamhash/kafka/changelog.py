@@ -1,0 +1,147 @@
+"""The shards' changelog: a compacted topic, co-partitioned with the images topic, holding each item's state.
+
+A shard is a cache of Kafka (Kafka Streams' and quix-streams' changelogs are the model): the worker's checkpoint
+(:mod:`streamhash.kafka.checkpoint`) sends, for every batch, one record per item whose state changed in shard p
+to changelog partition p, flushes them (acknowledged by the broker) and only then commits the shard's
+transaction, which stores the changelog's next offset beside the images offsets. A worker assigned p with no
+shard, or a shard behind, replays the changelog into it (:mod:`streamhash.index.store.restore`) before it
+ingests p; nothing is encoded again, learned codes included.
+
+Records (``key`` → ``value``):
+
+* **item state**: ``key`` = the item id (UTF-8, as on the images topic); ``value`` = ``b"SHC1"`` + 4-byte
+  big-endian length of a JSON header + the header + the code + the feature + the blob. The header holds
+  ``labels`` (list or null), ``ts``, ``ctype``, ``model`` (the network that inferred the code, or null),
+  ``learned`` / ``learned_by`` (a learned DCC code and the model version it was learned with), ``quarantined``,
+  ``generation`` (the shard's generation when written; informative: a restore writes into its own),
+  and the byte lengths ``code``, ``feature``, ``blob``. The blob is here because the images topic has
+  delete retention: after it expires the changelog is the only copy of an image (needed by a re-encode and
+  by ``GET /items/<id>/image``), and compaction keeps exactly one copy per live id.
+* **tombstone**: ``key`` = the item id, ``value`` = null: the item was removed (compaction drops it after
+  ``delete.retention.ms``).
+* **offsets marker**: ``key`` = :data:`OFFSETS_KEY` (not UTF-8, so no item id can be it), ``value`` = JSON
+  ``{"offsets": [[topic, partition, next_offset], ...]}``: the images and codes offsets the shard stores
+  with this batch, sent after the batch's item records. Compaction keeps the newest; a restore sets them.
+
+With a model key set (``security.model_key``), every record carries the ``streamhash-signature`` header
+(HMAC-SHA256 over topic, key and value, as on the codes topic) and a reader refuses unsigned or forged ones.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import orjson
+
+from streamhash.errors import InternalRecordRejected
+from streamhash.kafka.modelbus import SIGNATURE_HEADER, signature
+
+MAGIC = b"SHC1"
+OFFSETS_KEY = b"\xffoffsets"  # 0xff never occurs in UTF-8: no item id collides with it
+_LEN = struct.Struct(">I")
+MAX_HEADER_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """One item as its shard holds it."""
+
+    id: str
+    code: bytes
+    blob: bytes
+    ctype: str
+    labels: tuple[int, ...] | None
+    ts: float
+    model: int | None = None  # the network that inferred ``code`` (None: unknown)
+    learned: bool = False
+    learned_by: int | None = None
+    quarantined: bool = False
+    generation: int = 0
+    feature: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Removed:
+    id: str
+
+
+@dataclass(frozen=True)
+class Offsets:
+    offsets: dict[tuple[str, int], int]
+
+
+def encode(state: ItemState) -> tuple[bytes, bytes]:
+    """(key, value) of an item-state record."""
+    feature = state.feature or b""
+    head = orjson.dumps({
+        "labels": list(state.labels) if state.labels is not None else None, "ts": state.ts, "ctype": state.ctype,
+        "model": state.model, "learned": state.learned, "learned_by": state.learned_by,
+        "quarantined": state.quarantined, "generation": state.generation,
+        "code": len(state.code), "feature": len(state.feature) if state.feature is not None else None,
+        "blob": len(state.blob)})
+    return state.id.encode(), b"".join((MAGIC, _LEN.pack(len(head)), head, state.code, feature, state.blob))
+
+
+def encode_tombstone(item_id: str) -> tuple[bytes, None]:
+    return item_id.encode(), None
+
+
+def encode_offsets(offsets: dict[tuple[str, int], int]) -> tuple[bytes, bytes]:
+    return OFFSETS_KEY, orjson.dumps({"offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())]})
+
+
+def sign_headers(secret: bytes | None, topic: str, key: bytes, value: bytes | None) -> list[tuple[str, bytes]]:
+    """The record's headers: its signature when the pipeline has a model key."""
+    return [] if secret is None else [(SIGNATURE_HEADER, signature(secret, topic, key, b"", value or b""))]
+
+
+def parse(key: bytes | None, value: bytes | None, headers=None, *, topic: str = "",
+          secret: bytes | None = None) -> ItemState | Removed | Offsets:
+    """A changelog record, or :class:`InternalRecordRejected` (stage ``changelog``) saying why."""
+    if secret is not None:
+        got = [v for k, v in (headers or []) if k == SIGNATURE_HEADER]
+        if len(got) != 1 or got[0] != signature(secret, topic, key or b"", b"", value or b""):
+            raise InternalRecordRejected("changelog", f"{topic}: unsigned or badly signed record {key[:40]!r}")
+    if key == OFFSETS_KEY:
+        return _offsets(value)
+    try:
+        item_id = key.decode("utf-8") if key else ""
+    except UnicodeDecodeError:
+        item_id = ""
+    if not item_id or len(key) > 256:
+        raise InternalRecordRejected("changelog", f"key {key[:40]!r} is not an item id")
+    if value is None:
+        return Removed(item_id)
+    return _state(item_id, value)
+
+
+def _offsets(value: bytes | None) -> Offsets:
+    try:
+        rows = orjson.loads(value or b"")["offsets"]
+        return Offsets({(str(t), int(p)): int(o) for t, p, o in rows})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InternalRecordRejected("changelog", f"offsets marker: {exc}"[:300]) from None
+
+
+def _state(item_id: str, value: bytes) -> ItemState:
+    if value[:4] != MAGIC or len(value) < 8:
+        raise InternalRecordRejected("changelog", f"{item_id!r}: not a {MAGIC!r} record")
+    (n,) = _LEN.unpack_from(value, 4)
+    if n > MAX_HEADER_BYTES or 8 + n > len(value):
+        raise InternalRecordRejected("changelog", f"{item_id!r}: header of {n} bytes")
+    try:
+        h = orjson.loads(value[8:8 + n])
+        nc, nf, nb = int(h["code"]), int(h["feature"] or 0), int(h["blob"])
+        at = 8 + n
+        if min(nc, nf, nb) < 0 or at + nc + nf + nb != len(value):
+            raise ValueError(f"lengths {nc}+{nf}+{nb} do not add up to the value's {len(value) - at} bytes")
+        labels = h["labels"]
+        return ItemState(
+            item_id, value[at:at + nc], value[at + nc + nf:], str(h["ctype"]),
+            tuple(int(x) for x in labels) if labels is not None else None, float(h["ts"]),
+            None if h["model"] is None else int(h["model"]), bool(h["learned"]),
+            None if h["learned_by"] is None else int(h["learned_by"]), bool(h["quarantined"]),
+            int(h["generation"]), value[at + nc:at + nc + nf] if h["feature"] is not None else None)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InternalRecordRejected("changelog", f"{item_id!r}: {exc}"[:300]) from None
