@@ -17,11 +17,11 @@ def derived_topics(topic: str) -> dict[str, str]:
 
     >>> derived_topics("shop.images")
     {'dlq_topic': 'shop.images.dlq', 'models_topic': 'shop.models', 'codes_topic': 'shop.codes', \
-'changelog_topic': 'shop.images.changelog'}
+'changelog_topic': 'shop.images.changelog', 'serving_topic': 'shop.images.serving'}
     """
     base = topic.removesuffix(".images")
     return {"dlq_topic": f"{topic}.dlq", "models_topic": f"{base}.models", "codes_topic": f"{base}.codes",
-            "changelog_topic": f"{topic}.changelog"}
+            "changelog_topic": f"{topic}.changelog", "serving_topic": f"{topic}.serving"}
 
 
 class KafkaSettings(BaseModel):
@@ -40,6 +40,9 @@ class KafkaSettings(BaseModel):
     # The shards' changelog (streamhash.kafka.changelog): compacted, co-partitioned with `topic`, written by the
     # workers' checkpoint, replayed into a shard that is missing or behind. `<topic>.changelog`.
     changelog_topic: str = ""
+    # Which query server serves which partition (streamhash.kafka.directory): compacted, one partition, one record
+    # per advertising query server, read by the router. `<topic>.serving`.
+    serving_topic: str = ""
     group_id: str = "streamhash-worker"
     # Tansu holds JoinGroup for about half the session timeout (docs/KAFKA.md); the defaults
     # below suit both it and real Kafka. Raise them for a busy real cluster.
