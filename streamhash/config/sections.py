@@ -162,6 +162,16 @@ class ServerSettings(BaseModel):
     # and merged; one that has not answered within shard_timeout_s is left out and the response says so.
     shards: Annotated[list[str], NoDecode] = Field(default_factory=list)  # NoDecode: the env holds URL,URL, not JSON
     shard_timeout_s: float = Field(1.0, gt=0)
+    # Partitions found through Kafka (streamhash.kafka.directory, issue 25): a query server with advertise_url set
+    # says on the serving topic which partitions it serves at that URL (the one the router reaches it at), again
+    # when they change and every advertise_interval_s, and withdraws on a clean stop; a router with discover=true
+    # (`serve --discover`) routes each partition to one advertised server, ignoring adverts older than
+    # advertise_ttl_s (a server that died without withdrawing). Clocks of servers and routers must agree to well
+    # within the TTL (NTP).
+    discover: bool = False
+    advertise_url: str | None = None
+    advertise_interval_s: float = Field(3.0, gt=0)
+    advertise_ttl_s: float = Field(15.0, gt=0)
     # Bounds on clients (streamhash.services.bounds; uvicorn has no header-read timeout of its own): a connection
     # must send a request's headers within header_timeout_s of its first byte (or of connecting), at most
     # max_header_bytes of them, else it is closed; past max_connections open connections the one idle longest
