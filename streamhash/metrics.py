@@ -98,6 +98,17 @@ CODE_UPDATES = Counter("streamhash_code_updates_total", "Learned-code messages f
                        "the item was written again since; missing: not in the shard; quarantined)", ["result"], registry=_W)
 OFFSET_RESETS = Counter("streamhash_offset_resets_total", "Partition positions moved because the committed or stored offset was out of range",
                         ["topic", "partition"], registry=_W)
+# the shards' changelog (streamhash.kafka.changelog) and restores from it (streamhash.index.store.restore)
+CHANGELOG_RECORDS = Counter("streamhash_changelog_records_total", "Records the checkpoint sent to the changelog (item "
+                            "states, tombstones, offsets markers), acknowledged", registry=_W)
+CHANGELOG_BYTES = Counter("streamhash_changelog_bytes_total", "Key and value bytes of the changelog records sent", registry=_W)
+RESTORE_RECORDS = Counter("streamhash_restore_records_total", "Changelog records replayed into shards", registry=_W)
+RESTORE_SECONDS = Counter("streamhash_restore_seconds_total", "Time spent replaying the changelog into shards", registry=_W)
+RESTORE_LAG = Gauge("streamhash_restore_lag_records", "Changelog records left to replay, over the shards restoring now", registry=_W)
+RESTORING_SHARDS = Gauge("streamhash_restoring_shards", "Shards this worker is restoring from the changelog", registry=_W)
+SHARDS_FENCED = Counter("streamhash_shards_fenced_total", "Shards fenced: their partition was revoked and not assigned "
+                        "back within the grace period (never served; dropped later)", registry=_W)
+SHARDS_DROPPED = Counter("streamhash_shards_dropped_total", "Fenced shards deleted from disk", registry=_W)
 
 # learning: the learner process (`streamhash learner`); the worker applies what it publishes
 _W_ = _W
