@@ -4,9 +4,11 @@ Key: item id, UTF-8, 1..256 bytes. Value: PNG, JPEG or ``.npy`` (uint8 or uint16
 H x W x 1, 3 or 4) bytes, turned into the network's input by the spec's :class:`Conversion`
 (``streamhash.imaging``: colour mode, size policy); the record keeps the bytes as received. Headers: ``labels``
 (comma-separated non-negative ints up to ``ImageSpec.max_label``, at most ``ImageSpec.max_labels``
-of them; absent = unlabeled) and ``content-type`` (``image/png``, ``image/jpeg``,
-``application/x-npy``; when absent the type is sniffed from the magic bytes), each at most once; every header
-is bounded (count, name and value sizes, ``labels`` to what its bounds allow) before any is parsed.
+of them; absent = unlabeled), ``label-names`` (the class name of each label of ``labels``, in the same order,
+comma-separated: ``labels: 3`` with ``label-names: cat``; optional, see :func:`parse_label_names`) and
+``content-type`` (``image/png``, ``image/jpeg``, ``application/x-npy``; when absent the type is sniffed from the
+magic bytes), each at most once; every header is bounded (count, name and value sizes, ``labels`` to what its
+bounds allow) before any is parsed.
 
 Values come from anyone who can produce to the topic, so nothing here trusts them: an image's
 declared size is checked against ``ImageSpec.max_pixels`` before a single pixel is decoded, and
@@ -38,10 +40,11 @@ from streamhash.imaging import Conversion, high_byte, network_input
 MAX_KEY_BYTES = 256
 CONTENT_TYPES = ("image/png", "image/jpeg", "application/x-npy")
 # Headers come from anyone who can produce to the topic: bounded before any is parsed (read_headers).
-CONTRACT_HEADERS = ("labels", "content-type")  # the headers the contract reads: each at most once
+CONTRACT_HEADERS = ("labels", "label-names", "content-type")  # the headers the contract reads: each at most once
 MAX_HEADERS = 64
 MAX_HEADER_NAME_BYTES = 256
 MAX_HEADER_VALUE_BYTES = 4096  # any header; `labels` has its own, tighter bound (labels_header_limit)
+MAX_LABEL_NAME_CHARS = 64  # a class name is a caption on the search page, not a document
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"\x93NUMPY": "application/x-npy"}
 # Only the decoder the content type names: PIL would otherwise identify any of its ~40 formats
 # (TIFF, PSD, ...) behind an image/png header, each one more decoder exposed to the topic.
@@ -103,6 +106,8 @@ class ImageRecord:
     labels: tuple[int, ...] | None
     content_type: str
     value: bytes  # the bytes as received, kept for re-encoding
+    # (label, class name) pairs from the ``label-names`` header; empty when the producer named none
+    label_names: tuple[tuple[int, str], ...] = ()
 
 
 def parse_key(key: bytes | None) -> str:
@@ -139,6 +144,41 @@ def parse_labels(raw: bytes | None, max_label: int = ImageSpec.max_label,
             raise RecordRejected("headers", f"more than {max_labels} distinct labels on one item "
                                             "(STREAMHASH_LEARN__MAX_LABELS_PER_ITEM)")
     return tuple(sorted(labels))
+
+
+def parse_label_names(raw: bytes | None, raw_labels: bytes | None) -> tuple[tuple[int, str], ...]:
+    """``label-names`` against the ``labels`` header as sent (already checked by :func:`parse_labels`): the
+    (label, name) pairs, ``()`` when absent. Names are given in the order of ``labels``, one per label; each is
+    UTF-8, 1 to MAX_LABEL_NAME_CHARS printable characters once stripped, without a comma (the separator). A name
+    without labels, a count that differs, or one label named twice differently is refused: a record whose names
+    cannot be matched to its labels says nothing reliable about either.
+
+    >>> parse_label_names(b"cat, dog", b"3,5")
+    ((3, 'cat'), (5, 'dog'))
+    """
+    if raw is None:
+        return ()
+    if raw_labels is None:
+        raise RecordRejected("headers", "label-names without labels: each name belongs to a label of the labels header")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordRejected("headers", f"label-names is not UTF-8: {exc}") from None
+    names = [n.strip() for n in text.split(",")]
+    labels = [int(p) for p in raw_labels.decode("utf-8", errors="replace").split(",")]
+    if len(names) != len(labels):
+        raise RecordRejected("headers", f"label-names holds {len(names)} names for {len(labels)} labels "
+                                        f"({_clip(text)!r}): one name per label, in the order of labels, and no "
+                                        "comma inside a name")
+    pairs: dict[int, str] = {}
+    for label, name in zip(labels, names):
+        if not name or len(name) > MAX_LABEL_NAME_CHARS or not name.isprintable():
+            raise RecordRejected("headers", f"label-names: the name of label {label} must be 1 to "
+                                            f"{MAX_LABEL_NAME_CHARS} printable characters, got {_clip(name)!r}")
+        if pairs.setdefault(label, name) != name:
+            raise RecordRejected("headers", f"label-names names label {label} twice: {_clip(pairs[label])!r} and "
+                                            f"{_clip(name)!r}")
+    return tuple(sorted(pairs.items()))
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -276,8 +316,9 @@ def _parse_message(key: bytes | None, value: bytes | None, headers, spec: ImageS
         raise RecordRejected("value", f"value of {len(value)} bytes exceeds the {spec.max_value_bytes}-byte limit")
     hdr = read_headers(headers, spec)
     labels = parse_labels(hdr.get("labels"), spec.max_label, spec.max_labels)
+    names = parse_label_names(hdr.get("label-names"), hdr.get("labels"))
     ctype = content_type_of(value, hdr.get("content-type"))
-    return ImageRecord(item_id, decode_image(value, ctype, spec), labels, ctype, value)
+    return ImageRecord(item_id, decode_image(value, ctype, spec), labels, ctype, value, names)
 
 
 def encode_npy(image: np.ndarray) -> bytes:
@@ -292,10 +333,17 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def message_headers(labels, content_type: str) -> list[tuple[str, bytes]]:
-    """Headers for a producer: ``labels`` is an int, an iterable of ints, or None (unlabeled)."""
+def message_headers(labels, content_type: str, names=None) -> list[tuple[str, bytes]]:
+    """Headers for a producer: ``labels`` is an int, an iterable of ints, or None (unlabeled); ``names`` the class
+    name of each (a str for one label, else a sequence in the order of ``labels``), or None. ValueError for a
+    name the ``label-names`` header cannot carry (a comma)."""
     headers = [("content-type", content_type.encode())]
     if labels is not None:
         labels = [labels] if isinstance(labels, (int, np.integer)) else list(labels)
         headers.append(("labels", ",".join(str(int(v)) for v in labels).encode()))
+        if names is not None:
+            names = [names] if isinstance(names, str) else list(names)
+            if any("," in n for n in names):
+                raise ValueError(f"a class name cannot hold a comma (label-names separates names by commas): {names}")
+            headers.append(("label-names", ",".join(names).encode()))
     return headers

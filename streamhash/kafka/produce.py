@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from kafka import KafkaProducer
@@ -37,6 +37,7 @@ class Outgoing:
     value: bytes
     content_type: str
     labels: tuple[int, ...] | int | None
+    label_names: tuple[str, ...] | str | None = None  # each label's class name, sent as the label-names header
 
 
 def make_producer(kafka: KafkaSettings, **overrides) -> KafkaProducer:
@@ -47,14 +48,18 @@ def make_producer(kafka: KafkaSettings, **overrides) -> KafkaProducer:
 
 
 def from_arrays(images: np.ndarray, labels: Iterable | None, *, prefix: str, fmt: str = "png", start: int = 0,
-                order: Iterable[int] | None = None) -> Iterator[Outgoing]:
+                order: Iterable[int] | None = None, classes: Sequence[str] | None = None) -> Iterator[Outgoing]:
     """Encode an image array as PNG or .npy messages keyed ``{prefix}{start + index}``, in ``order`` (indexes into
-    the arrays; default: as they are), so an image keeps its id however the stream is shuffled."""
+    the arrays; default: as they are), so an image keeps its id however the stream is shuffled. ``classes``:
+    label -> class name, sent with each message (the index keeps the map; the search page shows names)."""
     labels = list(labels) if labels is not None else [None] * len(images)
     enc, ctype = (encode_png, "image/png") if fmt == "png" else (encode_npy, "application/x-npy")
     for i in range(len(images)) if order is None else (int(i) for i in order):
         lab = labels[i]
-        yield Outgoing(f"{prefix}{start + i}", enc(images[i]), ctype, None if lab is None else int(lab) if np.isscalar(lab) else tuple(lab))
+        lab = None if lab is None else int(lab) if np.isscalar(lab) else tuple(int(v) for v in lab)
+        names = None if lab is None or classes is None else (
+            classes[lab] if isinstance(lab, int) else tuple(classes[v] for v in lab))
+        yield Outgoing(f"{prefix}{start + i}", enc(images[i]), ctype, lab, names)
 
 
 def from_folder(folder: Path) -> Iterator[Outgoing]:
@@ -82,7 +87,7 @@ def send(producer: KafkaProducer, topic: str, messages: Iterable[Outgoing], *, l
             ahead = start + sent / rate - time.monotonic()
             if ahead > PACE_S:  # a sleep per message cost ~0.1 core at 1,000/s; a few ms early is still the rate
                 time.sleep(ahead)
-        fut = producer.send(topic, key=msg.key.encode(), value=msg.value, headers=message_headers(msg.labels, msg.content_type))
+        fut = producer.send(topic, key=msg.key.encode(), value=msg.value, headers=message_headers(msg.labels, msg.content_type, msg.label_names))
         fut.add_errback(errors.append)
         sent += 1
         bar.update()
@@ -96,7 +101,7 @@ def send(producer: KafkaProducer, topic: str, messages: Iterable[Outgoing], *, l
 def check(msg: Outgoing, spec: ImageSpec) -> RecordRejected | None:
     """What a worker with this spec would do with ``msg``: None (indexed) or the rejection it would dead-letter."""
     try:
-        parse_message(msg.key.encode(), msg.value, message_headers(msg.labels, msg.content_type), spec)
+        parse_message(msg.key.encode(), msg.value, message_headers(msg.labels, msg.content_type, msg.label_names), spec)
     except RecordRejected as exc:
         return exc
     return None
@@ -106,8 +111,9 @@ def converted(msg: Outgoing, spec: ImageSpec, *, mode: str | None, resize: str) 
     """``msg`` as a PNG of the network's own shape, made by the workers' conversion rules (``mode``, ``resize``):
     a photo of any size and colour fits the default 28x28 gray contract. RecordRejected if it cannot be read."""
     spec_for = dataclasses.replace(spec, conversion=Conversion(mode=mode, resize=resize))
-    rec = parse_message(msg.key.encode(), msg.value, message_headers(msg.labels, msg.content_type), spec_for)
-    return Outgoing(msg.key, encode_png(rec.image), "image/png", msg.labels)
+    rec = parse_message(msg.key.encode(), msg.value, message_headers(msg.labels, msg.content_type, msg.label_names),
+                        spec_for)
+    return Outgoing(msg.key, encode_png(rec.image), "image/png", msg.labels, msg.label_names)
 
 
 def hint(error: RecordRejected, spec: ImageSpec) -> str | None:

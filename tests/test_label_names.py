@@ -1,0 +1,56 @@
+"""Class names travel with the images: the ``label-names`` header of the message contract, each refusal with
+its reason (what the dead-letter topic says), and the producer's side of it."""
+
+import numpy as np
+import pytest
+
+from streamhash.errors import RecordRejected
+from streamhash.kafka.produce import check, from_arrays
+from streamhash.records import ImageSpec, encode_png, message_headers, parse_message
+
+SPEC = ImageSpec(28, 28, 1)
+PNG = encode_png(np.zeros((28, 28), np.uint8))
+
+
+def parse(headers):
+    return parse_message(b"id-1", PNG, headers, SPEC)
+
+
+def test_names_pair_with_the_labels_in_the_order_sent():
+    rec = parse([("labels", b"5, 3"), ("label-names", "dog, chat noir".encode())])
+    assert rec.labels == (3, 5) and rec.label_names == ((3, "chat noir"), (5, "dog"))
+    assert parse([("labels", b"3,3"), ("label-names", b"cat,cat")]).label_names == ((3, "cat"),)
+    assert parse([("labels", b"3")]).label_names == ()  # names are optional
+    assert parse([("labels", "7".encode()), ("Label-Names", "écureuil 🐿".encode())]).label_names == ((7, "écureuil 🐿"),)
+
+
+@pytest.mark.parametrize("headers,fragment", [
+    ([("label-names", b"cat")], "label-names without labels"),
+    ([("labels", b"3,5"), ("label-names", b"cat")], "1 names for 2 labels"),
+    ([("labels", b"3"), ("label-names", b"cat,dog")], "2 names for 1 labels"),  # a comma inside a name
+    ([("labels", b"3,5"), ("label-names", b"cat,")], "name of label 5 must be 1 to 64 printable"),
+    ([("labels", b"3"), ("label-names", b"x" * 65)], "1 to 64 printable"),
+    ([("labels", b"3"), ("label-names", b"c\x00at")], "printable"),
+    ([("labels", b"3"), ("label-names", b"line\nbreak")], "printable"),
+    ([("labels", b"3"), ("label-names", b"\xff\xfe")], "not UTF-8"),
+    ([("labels", b"3,3"), ("label-names", b"cat,dog")], "names label 3 twice"),
+    ([("labels", b"3"), ("label-names", b"cat"), ("label-names", b"dog")], "duplicated header 'label-names'"),
+    ([("labels", b"3"), ("label-names", b"a" * 5000)], "exceeds the 4096-byte limit"),
+])
+def test_names_that_cannot_be_matched_to_labels_are_refused_with_the_reason(headers, fragment):
+    with pytest.raises(RecordRejected) as exc:
+        parse(headers)
+    assert exc.value.stage == "headers" and fragment in exc.value.message
+
+
+def test_a_producer_sends_the_names_of_its_classes():
+    images = np.zeros((3, 28, 28), np.uint8)
+    sent = list(from_arrays(images, [2, 0, 2], prefix="p-", classes=("zero", "one", "two")))
+    assert [(m.labels, m.label_names) for m in sent] == [(2, "two"), (0, "zero"), (2, "two")]
+    assert all(check(m, SPEC) is None for m in sent)
+    rec = parse(message_headers(sent[0].labels, "image/png", sent[0].label_names))
+    assert rec.label_names == ((2, "two"),)
+    assert [m.label_names for m in from_arrays(images[:1], None, prefix="q-", classes=("a",))] == [None]
+    assert message_headers((1, 4), "image/png", ["b", "e"])[-1] == ("label-names", b"b,e")
+    with pytest.raises(ValueError, match="comma"):
+        message_headers(1, "image/png", "a,b")
