@@ -1,7 +1,8 @@
 """The commit of one batch, in the order that makes delivery effectively-once (quix-streams style).
 
-1. **flush**: dead letters of the batch are acknowledged by the broker, so a rejected message is
-   durable in the DLQ before its offset can be passed;
+1. **flush**: dead letters of the batch, and the records it re-routed to their home partition
+   (:mod:`streamhash.services.worker.rehome`), are acknowledged by the broker, so a rejected or misplaced
+   message is durable where it went before its offset can be passed;
 2. **state**: one transaction per shard writes that shard's items, their codes, blobs, the
    learned codes addressed to it and its partitions' next offsets; all or nothing per shard, and each
    shard's offsets are its own truth, so a crash between two shards' transactions loses nothing;
@@ -53,8 +54,9 @@ class Applied(Protocol):
 
 class Checkpoint:
     def __init__(self, consumer, dead_letters, positions: Applied, *, interval_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, rehome=None):
         self.consumer, self.dead_letters, self.positions = consumer, dead_letters, positions
+        self.rehome = rehome  # flush() like the dead letters: the re-routed records, or None
         self.interval_s, self.clock = interval_s, clock
         self._pending: dict[tuple[str, int], int] = {}  # stored in the shards, not yet committed to Kafka
         self._last_commit = -float("inf")
@@ -64,6 +66,8 @@ class Checkpoint:
         passed since the last Kafka commit). Returns the writes done (not skipped). If one raises, the shards
         before it keep what they committed and nothing of this batch reaches Kafka's offsets."""
         self.dead_letters.flush()
+        if self.rehome is not None:
+            self.rehome.flush()
         done = 0
         for w in writes:
             if all(self.positions.applied.get(tp, 0) >= nxt for tp, nxt in w.offsets.items()):

@@ -41,6 +41,7 @@ from streamhash.services.worker.follower import ModelFollower
 from streamhash.services.worker.ownership import PartitionOwner, TrackAssignment
 from streamhash.services.worker.pipeline import BatchPipeline, Prepared
 from streamhash.services.worker.reencode import Reencoder
+from streamhash.services.worker.rehome import Rehome
 
 log = logging.getLogger("streamhash.worker")
 
@@ -104,13 +105,17 @@ class Worker:
             partition_assignment_strategy=[RangePartitionAssignor], client_id="streamhash-worker",
         )
         self.positions = Positions(self.consumer, self.owner.shards)
-        checkpoint = Checkpoint(self.consumer, self.dead_letters, self.positions, interval_s=k.offset_commit_interval_s)
+        # misplaced records go to their key's home partition through the DLQ's producer, flushed with it
+        rehome = Rehome(self.dead_letters.producer, k.topic, k.partitioner, self.consumer.partitions_for_topic,
+                        self.spec.max_value_bytes)
+        checkpoint = Checkpoint(self.consumer, self.dead_letters, self.positions, interval_s=k.offset_commit_interval_s,
+                                rehome=rehome)
         self.owner.attach(self.consumer, self.positions, checkpoint)
         w = self.settings.worker
         self.pipeline = BatchPipeline(owner=self.owner, follower=self.follower, spec=self.spec, encoder=self.encoder,
                                       dead_letters=self.dead_letters, positions=self.positions, checkpoint=checkpoint,
                                       codes_topic=k.codes_topic, bits=self.settings.model.bits,
-                                      encode_batch=w.encode_batch)
+                                      encode_batch=w.encode_batch, rehome=rehome)
         self.consumer.subscribe([k.topic, k.codes_topic], listener=TrackAssignment())
         self.reencoder.start()
 

@@ -102,8 +102,9 @@ class BatchPipeline:
     """Parse, encode and commit batches for the shards ``owner`` holds, with the networks ``follower`` loads."""
 
     def __init__(self, *, owner, follower, spec, encoder, dead_letters, positions, checkpoint, codes_topic: str,
-                 bits: int, encode_batch: int):
+                 bits: int, encode_batch: int, rehome=None):
         self.owner, self.follower, self.spec, self.encoder = owner, follower, spec, encoder
+        self.rehome = rehome  # a record away from its key's home partition goes there (services/worker/rehome.py)
         self.dead_letters, self.positions, self.checkpoint = dead_letters, positions, checkpoint
         self.codes_topic, self.bits, self.encode_batch = codes_topic, bits, encode_batch
 
@@ -122,6 +123,8 @@ class BatchPipeline:
                 if rec.topic == self.codes_topic:
                     updates[shards.key_of(*tp)].append(self.follower.code_update(rec))
                     continue
+                if self.rehome is not None and self.rehome.away(rec):
+                    continue  # produced to its home partition; its offset commits with this batch
                 m.MESSAGES_CONSUMED.inc()
                 if rec.value is None:  # a tombstone
                     removed[(shards.key_of(*tp), parse_key(rec.key))] = True
