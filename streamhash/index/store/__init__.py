@@ -37,6 +37,10 @@ class Store:
 
     Open it writable in exactly one process (the worker owning the shard) and read-only in any
     number of others. Read-only handles see consistent MVCC snapshots and follow map growth.
+
+    ``backbone`` and ``features`` (the writer's network: :meth:`HashNet.feature_spec`, None for a network
+    trained end to end) are checked against what the shard was written with; another backbone, cut or
+    feature shape is refused at open (:class:`~streamhash.errors.FeatureSpecMismatch`).
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class Store:
         readonly: bool = False,
         shard: int = 0,
         backbone: str | None = None,
+        features: dict | None = None,
         initial_map_size: int = 64 << 20,
         max_map_size: int = 1 << 40,
         map_growth_factor: float = 2.0,
@@ -54,12 +59,16 @@ class Store:
         self._env = Environment(path, readonly=readonly, initial_map_size=initial_map_size,
                                 max_map_size=max_map_size, map_growth_factor=map_growth_factor)
         self.path, self.readonly, self.env, self.db = self._env.path, readonly, self._env.env, self._env.db
-        meta = (check_readable(self.read_meta(), self.path) if readonly
-                else init_meta(self._env, bits=bits, shard=shard, backbone=backbone))
+        try:
+            meta = (check_readable(self.read_meta(), self.path) if readonly
+                    else init_meta(self._env, bits=bits, shard=shard, backbone=backbone, features=features))
+        except BaseException:  # refused: the writer lock goes with it, so the right network may open the shard
+            self._env.close()
+            raise
         self.bits = int(meta["bits"])
         self.code_bytes = self.bits // 8
         self.offset_map = Offsets(self._env)
-        self.items = Items(self._env, self.code_bytes, self.offset_map)
+        self.items = Items(self._env, self.code_bytes, self.offset_map, features)
         self.changes = ChangeLog(self._env, self.code_bytes)
         self.models = Models(self._env)
         self.generations = Generations(self._env, self.items)
@@ -104,6 +113,14 @@ class Store:
 
     def get_blobs(self, ids: Iterable[str]) -> list[tuple[bytes, str] | None]:
         return self.items.blobs(ids)
+
+    def features(self, ids: Iterable[str]) -> list[np.ndarray | None]:
+        """Each item's stored feature (float16, the meta's ``feature_shape``), None where it has none."""
+        return self.items.features(ids)
+
+    def feature_spec(self) -> dict | None:
+        """What the shard keeps per item for its network (meta ``features``), None before its first feature."""
+        return self.read_meta().get("features")
 
     # the change log
     def changes_since(self, after_seq: int, limit: int = 100_000) -> tuple[int, int, list[Change]]:
@@ -162,9 +179,10 @@ class Store:
         return self.generations.ids_missing(gen, after_seq)[0]
 
     def swap_generation(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
-                        after_seq: int = 0, encode_blobs=None, reencoded: list[str] | None = None) -> int:
+                        after_seq: int = 0, encode_blobs=None, encode_features=None,
+                        reencoded: list[str] | None = None) -> int:
         return self.generations.swap(gen, model_version, ids, codes, after_seq=after_seq, encode_blobs=encode_blobs,
-                                     reencoded=reencoded)
+                                     encode_features=encode_features, reencoded=reencoded)
 
     def provenance(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Every live item's (ids, learned, model version that inferred its code or -1), in seq order."""

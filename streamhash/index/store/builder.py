@@ -21,7 +21,8 @@ class GenerationBuilder:
 
     ``encode_ids(ids) -> codes`` encodes stored items by id, a chunk at a time, outside any transaction;
     ``encode_blobs([(blob, content_type), ...]) -> codes`` encodes the few stale items ingested after the
-    last catch-up inside the swap transaction (None: the swap refuses them, and nothing is swapped).
+    last catch-up inside the swap transaction (None: the swap refuses them, and nothing is swapped);
+    ``encode_features(features) -> codes`` encodes those from their stored features instead, where every one has one.
     After :meth:`build`, ``images_reencoded`` counts the images decoded and encoded, ``codes_copied`` the
     codes kept (the swap's stragglers copied in its transaction are not counted).
 
@@ -36,9 +37,10 @@ class GenerationBuilder:
     network nobody holds. The next re-encode starts over.
     """
 
-    def __init__(self, store: Store, *, encode_ids, encode_blobs=None, chunk: int = 2048, catch_up_rounds: int = 3,
-                 pause=lambda: None):
+    def __init__(self, store: Store, *, encode_ids, encode_blobs=None, encode_features=None, chunk: int = 2048,
+                 catch_up_rounds: int = 3, pause=lambda: None):
         self.store, self.encode_ids, self.encode_blobs = store, encode_ids, encode_blobs
+        self.encode_features = encode_features
         self.chunk, self.catch_up_rounds, self.pause = chunk, catch_up_rounds, pause
         self.replaced: int | None = None  # swapped out, kept until drop_replaced: readers may still be on it
         self.images_reencoded = self.codes_copied = 0
@@ -64,7 +66,8 @@ class GenerationBuilder:
             before = len(encoded)
             self.pause()
             self.replaced = gens.swap(gen, model_version, [], no_codes, after_seq=watermark,
-                                      encode_blobs=self.encode_blobs, reencoded=encoded)
+                                      encode_blobs=self.encode_blobs, encode_features=self.encode_features,
+                                      reencoded=encoded)
             self.images_reencoded += len(encoded) - before
         except Exception:
             gens.abandon(gen)

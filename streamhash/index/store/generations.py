@@ -163,14 +163,15 @@ class Generations:
         return out, after_seq if last is None else from_u64(last)
 
     def swap(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
-             after_seq: int = 0, encode_blobs=None, reencoded: list[str] | None = None) -> int:
+             after_seq: int = 0, encode_blobs=None, encode_features=None, reencoded: list[str] | None = None) -> int:
         """Write the last codes of ``gen`` and make it current with ``model_version``, in one transaction.
 
         Items written after ``after_seq`` that still lack a code in ``gen`` (the ingest path kept
         writing while the caller caught up) get theirs inside the transaction: copied when learned or
         already inferred by ``model_version``, else encoded by
         ``encode_blobs([(blob, content_type), ...]) -> codes`` when given: ingestion waits for that
-        short step instead of the catch-up chasing it forever. Without it, or if an older item lacks a
+        short step instead of the catch-up chasing it forever. ``encode_features(stored features) -> codes``,
+        when given, encodes them from their stored features instead, if every one of them has one. Without it, or if an older item lacks a
         code, StoreError: readers switch to a complete generation or not at all.
 
         The transaction reads the items written after ``after_seq``, no others: a builder passes the
@@ -184,8 +185,8 @@ class Generations:
                 raise StoreError(f"generation {gen} is not being built (pending: {meta.get('pending_generation')})")
             self._put_codes(txn, gen, ids, codes)
             late = [i for i, _ in self._copy_current(txn, gen, self._ids_missing(txn, gen, after_seq)[0], model_version)[1]]
-            if late and encode_blobs is not None:
-                self._put_codes(txn, gen, late, encode_blobs([self.items.blob_in(txn, k.encode()) for k in late]))
+            if late:
+                self._encode_late(txn, gen, late, encode_blobs, encode_features)
             holding, items = self.env.read_meta(txn)["pending_codes"], txn.stat(self.env.db["items"])["entries"]
             if holding != items:
                 missing = self._ids_missing(txn, gen, 0)[0]  # a scan, but only to name the gap in the error
@@ -199,6 +200,14 @@ class Generations:
         if reencoded is not None:
             reencoded.extend(late)
         return replaced
+
+    def _encode_late(self, txn, gen: int, late: list[str], encode_blobs, encode_features) -> None:
+        keys = [k.encode() for k in late]
+        feats = self.items.features_in(txn, keys) if encode_features is not None else [None]
+        if all(f is not None for f in feats):
+            self._put_codes(txn, gen, late, encode_features(np.stack(feats)))
+        elif encode_blobs is not None:
+            self._put_codes(txn, gen, late, encode_blobs([self.items.blob_in(txn, k) for k in keys]))
 
     def drop(self, gen: int, chunk: int = TXN_KEYS_DROPPED) -> int:
         """Delete every code of ``gen`` (a replaced or abandoned one), at most ``chunk`` keys a transaction."""

@@ -3,8 +3,9 @@
 Writes are one transaction per batch: items, codes, blobs, changes and the Kafka offset
 map commit together or not at all. Every write (a new item, a re-sent id, a learned code) links the
 item under a fresh ``seq`` and unlinks its previous one, so the change log holds one entry per live item.
-A removal (a tombstone) unlinks the item, deletes its record and blob, and logs its id under a fresh seq in
-``deletes``, which followers read beside the change log.
+A removal (a tombstone) unlinks the item, deletes its record, blob and stored feature, and logs its id under a
+fresh seq in ``deletes``, which followers read beside the change log. An item's stored feature (``features``,
+a frozen backbone's output for its image) is written, replaced or deleted with its blob, in the same transaction.
 """
 
 from __future__ import annotations
@@ -62,8 +63,24 @@ def inferred_by(rec: dict, meta: dict) -> int:
 
 
 class Items:
-    def __init__(self, env: Environment, code_bytes: int, offsets: Offsets):
+    def __init__(self, env: Environment, code_bytes: int, offsets: Offsets, features: dict | None = None):
         self.env, self.code_bytes, self.offsets = env, code_bytes, offsets
+        self.feature_spec = features  # what this writer's network stores per item (None: nothing, or read-only)
+
+    def _check_features(self, items: list[ItemWrite]) -> bool:
+        """Whether the batch carries stored features; each must be the size the writer's spec says."""
+        with_feature = [it for it in items if it.feature is not None]
+        if not with_feature:
+            return False
+        if self.feature_spec is None:
+            raise StoreError(f"item {with_feature[0].id!r} carries a feature but the store was opened without a "
+                             f"feature spec (Store(features=...))")
+        size = int(np.prod(self.feature_spec["feature_shape"])) * np.dtype(self.feature_spec["dtype"]).itemsize
+        for it in with_feature:
+            if len(it.feature) != size:
+                raise StoreError(f"feature of {len(it.feature)} bytes for item {it.id!r}, the store keeps {size} "
+                                 f"({self.feature_spec['feature_shape']} {self.feature_spec['dtype']})")
+        return True
 
     def write_batch(self, items: Iterable[ItemWrite], offsets: dict[tuple[str, int], int] | None = None,
                     *, generation: int | None = None, model_version: int | None = None,
@@ -81,6 +98,7 @@ class Items:
         for it in items:
             if len(it.code) != self.code_bytes:
                 raise StoreError(f"code of {len(it.code)} bytes for item {it.id!r}, store holds {self.code_bytes}")
+        has_features = self._check_features(items)
         db = self.env.db
 
         def txn_fn(txn):
@@ -88,6 +106,8 @@ class Items:
             gen, seq = int(meta["generation"]), int(meta["next_seq"])
             if generation is not None and generation != gen:
                 raise GenerationChanged(gen, f"codes encoded for generation {generation}, store is at {gen}")
+            if has_features and not meta.get("features"):  # the first item with one: the shard says what it keeps
+                self.env.put_meta(txn, {"features": self.feature_spec})
             gens = live_generations(meta)
             seqs = []
             for it in items:
@@ -99,6 +119,10 @@ class Items:
                        "shard": meta["shard"], "ctype": it.content_type, "model": model_version}
                 self.link(txn, key, rec, gen, seq, it.code)
                 txn.put(key, it.blob, db=db["blobs"])
+                if it.feature is not None:
+                    txn.put(key, it.feature, db=db["features"])
+                elif old is not None:  # re-sent without one: the old image's feature must not outlive it
+                    txn.delete(key, db=db["features"])
                 seqs.append(seq)
                 seq += 1
             for item_id in deletes:
@@ -109,6 +133,7 @@ class Items:
                 self.unlink(txn, key, json.loads(old), gens)
                 txn.delete(key, db=db["items"])
                 txn.delete(key, db=db["blobs"])
+                txn.delete(key, db=db["features"])
                 txn.put(u64(seq), key, db=db["deletes"])
                 seq += 1
             self.offsets.put(txn, offsets or {})
@@ -245,3 +270,19 @@ class Items:
     def blob_in(self, txn, key: bytes) -> tuple[bytes, str] | None:
         rec, blob = txn.get(key, db=self.env.db["items"]), txn.get(key, db=self.env.db["blobs"])
         return None if rec is None or blob is None else (blob, json.loads(rec)["ctype"])
+
+    def features(self, ids: Iterable[str]) -> list[np.ndarray | None]:
+        """Each id's stored feature as the shard's meta shapes it (float16), None where the item has none (absent,
+        removed, or written before its shard kept features), from one snapshot."""
+        return self.env.read(lambda txn: self.features_in(txn, [i.encode() for i in ids]))
+
+    def features_in(self, txn, keys: list[bytes]) -> list[np.ndarray | None]:
+        spec, db = self.env.read_meta(txn).get("features"), self.env.db["features"]
+        if not spec or db is None:
+            return [None] * len(keys)
+        shape, dtype = tuple(spec["feature_shape"]), np.dtype(spec["dtype"])
+        out = []
+        for key in keys:
+            raw = txn.get(key, db=db)
+            out.append(None if raw is None else np.frombuffer(raw, dtype).reshape(shape))
+        return out

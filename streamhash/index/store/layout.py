@@ -9,6 +9,7 @@
 ``meta``    name                                         JSON value: schema, bits, generation, ...
 ``changes`` seq (8 B)                                    item id
 ``deletes`` seq (8 B)                                    item id of an item removed (a tombstone)
+``features`` item id                                     the network's stored input (float16 bytes)
 ==========  ===========================================  ==========================================
 
 ``changes`` is our addition to the design's list: every write gives the item a new, increasing
@@ -27,6 +28,14 @@ with) and ``pending_codes`` (items holding a code in the pending one; items lowe
 one) (generations); ``topic_ids`` (offsets). Item records carry
 ``recoded``, ``learned`` (a learned code replaced the inferred one), ``learned_by`` (the model version it was
 learned with, when it came from the learner's codes topic) and ``quarantined`` besides.
+
+``features`` (issue 23): for a network whose backbone is frozen (a pretrained one), what its frozen part gives
+the item's image — the pooled feature, or the activation at the network's cut — written once, with the item,
+in its transaction, and deleted with it; learning rounds and re-encodes read it instead of decoding the blob.
+Meta ``features`` (``{"backbone", "cut", "feature_shape", "dtype"}``) is written with the first item that has
+one; a writer opened with another spec is refused (:class:`~streamhash.errors.FeatureSpecMismatch`). The
+sub-database is optional like ``deletes``: a reader of an older shard finds none and reads blobs; no schema
+change (an older build never opens it and would leave a removed item's feature behind, nothing worse).
 
 Schema history. 1: the sub-databases above and ``tables``, multi-index hash buckets per generation in
 LMDB, written with every code and read by no query once radius search moved to the in-memory tables
@@ -51,14 +60,15 @@ import time
 
 import orjson
 
-from streamhash.errors import SchemaMismatchError, StoreError
+from streamhash.errors import FeatureSpecMismatch, SchemaMismatchError, StoreError
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (1, 2, 3)  # what a read-only opener reads: 1 and 2 differ only by sub-databases it need not open
-DB_NAMES = ("items", "codes", "blobs", "models", "offsets", "meta", "changes", "deletes")
-OPTIONAL_DBS = ("deletes",)  # absent in a shard at schema 1 or 2 that no writer of this build has opened yet
+DB_NAMES = ("items", "codes", "blobs", "models", "offsets", "meta", "changes", "deletes", "features")
+# absent in a shard that no writer of a build knowing them has opened yet (deletes: schema 1 or 2; features: any)
+OPTIONAL_DBS = ("deletes", "features")
 # Schema 1's multi-index tables, as it created them (opening a sub-database takes its flags)
 _V1_TABLES, _V1_TABLES_FLAGS = b"tables", {"dupsort": True, "dupfixed": True}
 _U64 = struct.Struct(">Q")
@@ -81,7 +91,24 @@ def labels_of_record(raw: bytes) -> tuple[int, ...] | None:
     return tuple(labels) if labels is not None else None
 
 
-def init_meta(env, *, bits: int | None, shard: int, backbone: str | None) -> dict:
+def describe_features(spec: dict | None, backbone: str | None = None) -> str:
+    """``efficientnet_lite0 (cut pooled) features (1280,) float16``, for the errors that name two of them."""
+    if not spec:
+        return f"backbone {backbone} (no stored features)" if backbone else "no stored features"
+    return (f"backbone {spec.get('backbone')} (cut {spec.get('cut')}) features {tuple(spec.get('feature_shape') or ())} "
+            f"{spec.get('dtype')}")
+
+
+def check_features(meta: dict, path, backbone: str | None, features: dict | None) -> None:
+    """Refuse a shard written with another backbone, or whose stored features another network made."""
+    held = meta.get("features")
+    other_backbone = backbone is not None and meta.get("backbone") not in (None, backbone)
+    if other_backbone or (held and features and {**held} != {**features}):
+        raise FeatureSpecMismatch(f"store {path} was written with {describe_features(held, meta.get('backbone'))}; "
+                                  f"this process's network is {describe_features(features, backbone)}")
+
+
+def init_meta(env, *, bits: int | None, shard: int, backbone: str | None, features: dict | None = None) -> dict:
     """The meta of a writable store: written for a new one, checked against this build and the settings otherwise."""
     meta = env.read_meta()
     if not meta:
@@ -101,8 +128,7 @@ def init_meta(env, *, bits: int | None, shard: int, backbone: str | None) -> dic
         )
     if bits is not None and int(meta["bits"]) != bits:
         raise SchemaMismatchError(f"store {env.path} holds {meta['bits']}-bit codes, configured bits={bits}")
-    if backbone is not None and meta.get("backbone") not in (None, backbone):
-        raise SchemaMismatchError(f"store {env.path} was built with backbone {meta['backbone']}, not {backbone}")
+    check_features(meta, env.path, backbone, features)
     return meta
 
 
