@@ -78,6 +78,8 @@ ITEMS_INDEXED = Counter("streamhash_items_indexed_total", "Items written to the 
 DEAD_LETTERED = Counter("streamhash_messages_dead_lettered_total", "Messages sent to the dead-letter topic", ["stage"], registry=_W)
 TOMBSTONES = Counter("streamhash_tombstones_total", "Tombstones (a null value for an item id) applied: the item removed "
                      "from its shard, if it held it", registry=_W)
+LABEL_NAMES_REPLACED = Counter("streamhash_label_names_replaced_total", "Class names of labels replaced by another name "
+                               "a later message gave the same label (label-names header)", registry=_W)
 REROUTED = Counter("streamhash_rerouted_total", "Records that arrived away from their key's home partition (another "
                    "producer partitioner, an explicit partition), produced to it instead of indexed", ["topic"], registry=_W)
 BATCHES = Counter("streamhash_batches_total", "Batches processed and committed", registry=_W)

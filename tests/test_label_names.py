@@ -54,3 +54,32 @@ def test_a_producer_sends_the_names_of_its_classes():
     assert message_headers((1, 4), "image/png", ["b", "e"])[-1] == ("label-names", b"b,e")
     with pytest.raises(ValueError, match="comma"):
         message_headers(1, "image/png", "a,b")
+
+
+def test_a_shard_keeps_the_names_and_a_later_name_wins_counted(tmp_path):
+    from types import SimpleNamespace
+
+    from streamhash import metrics as m
+    from streamhash.index import label_names
+    from streamhash.index.store import Store
+
+    def recs(*pairs):
+        return [SimpleNamespace(label_names=((label, name),)) for label, name in pairs]
+
+    store = Store(tmp_path / "s", bits=32)
+    replaced = m.LABEL_NAMES_REPLACED._value.get()
+    assert label_names.record(store, recs((3, "cat"), (5, "dog")), [1.0, 2.0]) == 0
+    assert label_names.stored(store) == {3: ("cat", 1.0), 5: ("dog", 2.0)}
+    txnid = store._env.last_txnid()
+    assert label_names.record(store, recs((3, "cat")) + [SimpleNamespace(label_names=())], [3.0, 4.0]) == 0
+    assert store._env.last_txnid() == txnid  # nothing new: no transaction
+    assert label_names.record(store, recs((3, "kitten"), (7, "horse")), [5.0, 6.0]) == 1
+    assert m.LABEL_NAMES_REPLACED._value.get() == replaced + 1
+    store.close()
+    reopened = Store(tmp_path / "s", readonly=True)  # what a query server reads
+    assert label_names.stored(reopened) == {3: ("kitten", 5.0), 5: ("dog", 2.0), 7: ("horse", 6.0)}
+    other = {3: ("chat", 9.0), 5: ("dog", 1.0)}
+    seen: set = set()
+    assert label_names.merge([label_names.stored(reopened), other], seen) == {3: "chat", 5: "dog", 7: "horse"}
+    assert len(seen) == 1  # label 3 is named differently by two shards: logged once
+    reopened.close()

@@ -27,6 +27,7 @@ import numpy as np
 
 from streamhash import metrics as m
 from streamhash.errors import GenerationChanged, InternalRecordRejected, RecordRejected, StoreError
+from streamhash.index import label_names
 from streamhash.index.store import ItemWrite
 from streamhash.index.store.root import ShardKey
 from streamhash.kafka.modelbus import CodeUpdate
@@ -81,6 +82,7 @@ class ShardWrite:
     def write(self) -> None:
         generation, version = self.serving
         codes = self.codes
+        label_names.record(self.store, self.records, self.stamps)  # before the items: a reader finds their names
         while True:
             items = [ItemWrite(r.id, codes[j].tobytes(), r.value, r.content_type, r.labels, self.stamps[j])
                      for j, r in enumerate(self.records)]
