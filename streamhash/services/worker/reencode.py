@@ -34,28 +34,14 @@ import threading
 import time
 from collections import deque
 
-import numpy as np
-
-
 from streamhash import metrics as m
-from streamhash.index.store import GenerationBuilder
-from streamhash.records import decode_images
+from streamhash.index.reencode import shard_builder
 
 log = logging.getLogger("streamhash.worker")
 
 # The longest a build step waits for the poll thread to be idle: under a steady stream it never is, and
 # the re-encode still goes on at one step (~10-20 ms of work) per this interval at least.
 YIELD_MAX_S = 0.1
-
-
-def encode_stored(net, blobs, spec) -> np.ndarray:
-    """Codes of stored images; an item removed since the builder listed it (None) gets zeros, which the builder
-    never writes (it skips ids gone meanwhile)."""
-    codes = np.zeros((len(blobs), net.cfg.bits // 8), np.uint8)
-    rows = [i for i, b in enumerate(blobs) if b is not None]
-    if rows:
-        codes[rows] = net.encode(decode_images([blobs[i] for i in rows], spec))
-    return codes
 
 
 class Reencoder(threading.Thread):
@@ -121,9 +107,7 @@ class Reencoder(threading.Thread):
         store.put_model(target.raw, version=target.version)  # beside the current one: the swap makes it current
         spec = self.spec
         t0 = time.perf_counter()
-        builder = GenerationBuilder(store, encode_ids=lambda ids: encode_stored(net, store.get_blobs(ids), spec),
-                                    encode_blobs=lambda blobs: net.encode(decode_images(blobs, spec)),
-                                    chunk=self.chunk, pause=self.pause)
+        builder = shard_builder(store, net, spec, chunk=self.chunk, pause=self.pause)  # as `streamhash eval` does
         gen = builder.build(target.version, target.generation)
         builder.drop_replaced()
         m.REENCODE_SECONDS.observe(time.perf_counter() - t0)
