@@ -22,7 +22,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 
-from kafka.partitioner.default import murmur2
+from kafka.partitioner import Partitioner
+from kafka.partitioner.default import DefaultPartitioner, murmur2
 
 PARTITIONERS = ("murmur2", "crc32")
 
@@ -46,3 +47,18 @@ def home_partitioner(name: str) -> Callable[[bytes, int], int]:
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown partitioner {name!r}: one of {', '.join(PARTITIONERS)}") from None
+
+
+class HomePartitioner(Partitioner):
+    """A kafka-python producer partitioner that sends each keyed record to its home under ``name`` (a null key:
+    kafka-python's default, a random partition), so a producer of this project never makes a worker re-route."""
+
+    def __init__(self, name: str):
+        self.home = home_partitioner(name)
+        self._default = DefaultPartitioner()
+
+    def partition(self, topic, key, serialized_key, value, serialized_value, cluster):
+        if serialized_key is None:
+            return self._default.partition(topic, key, serialized_key, value, serialized_value, cluster)
+        partitions = sorted(cluster.partitions_for_topic(topic))
+        return partitions[self.home(serialized_key, len(partitions))]

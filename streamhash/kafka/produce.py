@@ -23,6 +23,7 @@ from tqdm import tqdm
 from streamhash.config import KafkaSettings
 from streamhash.errors import RecordRejected
 from streamhash.imaging import Conversion
+from streamhash.kafka.partitioner import HomePartitioner
 from streamhash.records import ImageSpec, encode_npy, encode_png, message_headers, parse_message
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Outgoing:
 def make_producer(kafka: KafkaSettings, **overrides) -> KafkaProducer:
     # Batching settings measured in docs/KAFKA.md: 20-37k messages/s of 3 KB on two cores.
     kw = dict(acks="all", linger_ms=10, batch_size=262_144, max_request_size=16 << 20, retries=5)
+    if kafka.partitioner != "murmur2":  # kafka-python's default is murmur2: keys go where the workers want them
+        kw["partitioner"] = HomePartitioner(kafka.partitioner)
     kw.update(overrides)
     return KafkaProducer(**kafka.client_kwargs(), **kw)
 
