@@ -17,6 +17,14 @@ class StoreSettings(BaseModel):
     # How long a worker newly assigned a partition waits for the previous owner to close its shard
     # (finish the batch in hand); past it the partition is paused and tried again on every poll.
     shard_lock_wait_s: float = Field(10.0, ge=0)
+    # A shard is a cache of Kafka (streamhash.kafka.changelog): a worker assigned a partition whose shard is missing
+    # or behind replays the changelog into it first, this many records per LMDB transaction.
+    restore_batch_records: int = Field(20_000, ge=1)
+    # A shard whose partition was revoked and not assigned back to a worker on this root within fence_after_s is
+    # fenced (never served: the partition lives elsewhere now); fenced for drop_after_s more, it is deleted. A
+    # partition assigned back to it restores the records it missed and is served again.
+    fence_after_s: float = Field(60.0, ge=0)
+    drop_after_s: float = Field(86_400.0, ge=0)
     initial_map_size_bytes: int = 64 * 1024 * 1024
     # Ceiling for on-demand growth; a write past it (or past the disk) is StoreFullError.
     max_map_size_bytes: int = 1 << 40
