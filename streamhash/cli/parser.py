@@ -60,6 +60,15 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                         "order for ties)")
     p.add_argument("--shard-timeout-s", dest="server.shard_timeout_s", type=float,
                    help="a router's wait for each query server; one past it is left out and named (default 1.0)")
+    p.add_argument("--discover", dest="server.discover", action="store_const", const=True,
+                   help="run a router that finds the query servers on Kafka: each partition of --topic routed to one "
+                        "server that advertises it (no --shards, no --store)")
+    p.add_argument("--advertise-url", dest="server.advertise_url", metavar="URL",
+                   help="a query server's URL as a router reaches it: the partitions it serves are advertised there on "
+                        "Kafka (<topic>.serving) for --discover routers")
+    p.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers",
+                   help="Kafka, for --advertise-url and --discover")
+    p.add_argument("--topic", dest="kafka.topic", help="the images topic whose partitions are advertised and routed")
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,7 +103,7 @@ def _learner(args) -> int:
 
 def _serve(args) -> int:
     settings = settings_with_logging(args)
-    if settings.server.shards:  # a router holds no store and never encodes: it does not load torch
+    if settings.server.shards or settings.server.discover:  # a router holds no store, never encodes: no torch
         from streamhash.services import router
 
         return router.run(settings)

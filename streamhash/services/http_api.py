@@ -59,6 +59,8 @@ class SearchRequest(BaseModel):
     item_id: str | None = Field(None, description="a stored item: search by its code in the live generation; it comes first")
     k: int = Field(10, ge=1, description="number of neighbours")
     radius: int | None = Field(None, ge=0, description="only neighbours at Hamming distance < radius (strict)")
+    partitions: list[int] | None = Field(None, description="only the shards of these partitions of the images topic "
+                                         "(a discovering router's request: each partition asked of one server)")
 
 
 class Hit(BaseModel):
@@ -80,6 +82,7 @@ class ShardAnswer(BaseModel):
     index_size: int | None = None
     answered: bool
     error: str | None = None
+    restoring: bool | None = Field(None, description="the shard is still restoring: its items are not all there yet")
 
 
 class SearchResponse(BaseModel):

@@ -7,8 +7,11 @@ exact results merged across shards: by distance, then shard (topic, partition), 
 exactly as one index over the union of the shards. Each shard is ranked against a query encoded by the model
 of the generation it serves (:mod:`streamhash.services.query_codes`), and every response names the
 generation and model version of each shard it used (``shards``), with ``partial: true`` when one could not
-be ranked. ``streamhash serve --shards URL,URL`` runs a router over other query servers instead
-(:mod:`streamhash.services.router`).
+be ranked. ``streamhash serve --shards URL,URL`` (or ``--discover``) runs a router over other query servers
+instead (:mod:`streamhash.services.router`). A search naming ``partitions`` (a discovering router's) ranks only
+the shards of those partitions of the images topic, and says ``partial`` for one it does not hold. With
+``server.advertise_url`` set, the server advertises the partitions it serves on Kafka
+(:mod:`streamhash.services.advertise`).
 
 Endpoints: ``POST /search`` (JSON: ``image_base64``, ``code_hex`` or ``item_id``; or multipart: ``image``
 file; ``k``, optional ``radius``), ``GET /items/{id}``, ``GET /healthz``, ``GET /metrics``, ``/docs`` (assets
@@ -26,7 +29,7 @@ import json
 import logging
 import os
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response
@@ -43,6 +46,7 @@ from streamhash.index.sharded import ShardedIndex, View
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
 from streamhash.memory import freeze_startup_objects, pin_malloc_mmap_threshold
 from streamhash.services import bounds
+from streamhash.services.advertise import OwnStores, advertising
 from streamhash.services.batching import MicroBatcher
 from streamhash.services.http_api import (
     CountResponses, FastJSONResponse, SearchRequest, SearchResponse, bounded_request, check_item_id, max_body_bytes,
@@ -52,6 +56,7 @@ from streamhash.services.auth import require_api_key
 from streamhash.services.lean import Answer, LeanSearch, answer_ahead
 from streamhash.services.query_codes import QueryEncoder, ShardQueries, for_item
 from streamhash.data.class_names import load_class_names, name_labels
+from streamhash.index.label_names import IndexNames
 from streamhash.services import api_docs
 from streamhash.services.spec import image_spec
 from streamhash.services.web import LiveStatus, install
@@ -73,7 +78,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     status = LiveStatus(index)
     batcher, encodes = _batchers(settings, encoder)
     app = _assemble(index, status, batcher, encodes)
-    class_names = load_class_names(settings.data.class_names)
+    class_names = IndexNames(index, load_class_names(settings.data.class_names))  # the setting wins, the shards fill in
     install(app, index, status, settings.learn, class_names)  # before /items/{item_id:path}, which would take /items/x/image
     app.exception_handler(BadQueryError)(lambda _req, exc: FastJSONResponse(status_code=400, content={"detail": str(exc)}))
     answer = _answerer(settings, index, encoder, batcher, encodes, class_names)
@@ -81,7 +86,7 @@ def create_app(settings: Settings, index: ShardedIndex | None = None) -> FastAPI
     answer_ahead(app, LeanSearch(answer, body_limit))  # a JSON search never enters FastAPI's layers
     require_api_key(app, settings.security)  # outside everything, the lean path included
     _search_route(app, answer, body_limit)
-    _item_route(app, index)
+    _item_route(app, index, class_names)
     _status_routes(app, index, settings.model.bits)
     return app
 
@@ -137,7 +142,7 @@ def _answerer(settings: Settings, index: ShardedIndex, encoder: QueryEncoder, ba
     async def answer(req: SearchRequest, image: bytes | None, t0: float) -> dict:
         if req.k > settings.server.max_k:
             raise BadQueryError(f"k={req.k} exceeds the limit of {settings.server.max_k}")
-        view = index.view()  # one generation per shard for the whole query
+        view, absent = _view(index, req, settings.kafka.topic)  # one generation per shard for the whole query
         queries = await _queries(req, image, view, index, encoder, encodes, settings.model.bits)
         queries.check_some()
         if batcher is not None and req.radius is None:
@@ -146,15 +151,28 @@ def _answerer(settings: Settings, index: ShardedIndex, encoder: QueryEncoder, ba
             hits = (await run_in_threadpool(view.rank, [queries.codes], [req.k], req.radius))[0]
         if req.item_id is not None and (req.radius is None or req.radius > 0):
             hits = view.query_first(hits, req.item_id, req.k)
-        if class_names:
+        if named := class_names.current(view):
             for hit in hits:
-                hit["label_names"] = name_labels(hit["labels"], class_names)
+                hit["label_names"] = name_labels(hit["labels"], named)
         took = time.perf_counter() - t0
         search_seconds.observe(took)
         # a SearchResponse's fields, rendered by orjson without a pydantic round trip (the schema is response_model's)
-        return {**_summary(view, queries), "results": hits, "took_ms": took * 1000}
+        return {**_summary(view, queries, absent), "results": hits, "took_ms": took * 1000}
 
     return answer
+
+
+def _view(index: ShardedIndex, req: SearchRequest, topic: str) -> tuple[View, list[str]]:
+    """The view a search ranks (every shard, or the shards of ``req.partitions`` of ``topic``) and the names of
+    the requested shards this server does not hold."""
+    if req.partitions is None:
+        return index.view(), []
+    wanted = set(req.partitions)
+    shards = [s for s in index.shards if s.key.topic == topic and s.key.partition in wanted]
+    if req.item_id is not None and not any(s.store.get_item(req.item_id) for s in shards):
+        raise HTTPException(404, f"no item {req.item_id!r} in partitions {sorted(wanted)}")
+    held = {s.key.partition for s in shards}
+    return View(shards), [f"{topic}/{p}" for p in sorted(wanted - held)]
 
 
 async def _queries(req: SearchRequest, image: bytes | None, view: View, index: ShardedIndex, encoder: QueryEncoder,
@@ -192,7 +210,7 @@ def _search_route(app: FastAPI, answer: Answer, body_limit: int) -> None:
         return FastJSONResponse(await answer(req, image, t0))
 
 
-def _item_route(app: FastAPI, index: ShardedIndex) -> None:
+def _item_route(app: FastAPI, index: ShardedIndex, class_names: IndexNames) -> None:
     @app.get("/items/{item_id:path}", **api_docs.ITEM)
     def get_item(item_id: str):
         check_item_id(item_id)
@@ -200,7 +218,9 @@ def _item_route(app: FastAPI, index: ShardedIndex) -> None:
         if found is None:
             raise HTTPException(404, f"no item {item_id!r}")
         shard, rec = found
-        return {"id": item_id, "labels": rec["labels"], "ts": rec["ts"], "seq": rec["seq"], "generation": rec["generation"],
+        named = class_names.current()
+        return {"id": item_id, "labels": rec["labels"], "label_names": name_labels(rec["labels"], named) if named else None,
+                "ts": rec["ts"], "seq": rec["seq"], "generation": rec["generation"],
                 "shard": shard.name, "content_type": rec["ctype"], "code_hex": rec["code"].hex() if rec["code"] else None,
                 "visible": shard.visible(rec["seq"])}
 
@@ -219,18 +239,19 @@ def _status_routes(app: FastAPI, index: ShardedIndex, bits: int) -> None:
         return Response(generate_latest(m.QUERY_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def _summary(view: View, queries: ShardQueries) -> dict:
+def _summary(view: View, queries: ShardQueries, absent: list[str] = ()) -> dict:
     """What a /search response says besides its hits: the shards used, each with its generation and model."""
     newest = view.newest
     sizes = [v.g.index.ntotal for v in view.shards]  # once each: the total is the sum of the sizes shown
     shards = [{**v.describe(size), "answered": err is None, **({"error": err} if err else {})}
               for v, size, err in zip(view.shards, sizes, queries.errors)]
+    shards += [{"shard": name, "answered": False, "error": "not served here"} for name in absent]
     code = queries.codes[newest.pos] if newest is not None else None
     if code is None:
         code = next((c for c in queries.codes if c is not None), None)
     return {"model_version": newest.model_version if newest else 0, "generation": newest.g.generation if newest else 0,
             "index_size": sum(sizes), "code_hex": to_hex(code) if code is not None else "",
-            "shards": shards, "partial": any(err is not None for err in queries.errors)}
+            "shards": shards, "partial": bool(absent) or any(err is not None for err in queries.errors)}
 
 
 SETTINGS_ENV = "STREAMHASH_SERVE_SETTINGS_JSON"  # run() hands its settings (CLI flags applied) to its workers
@@ -290,7 +311,7 @@ def run(settings: Settings) -> int:
 
     from streamhash.errors import EXIT_USAGE
 
-    if settings.server.shards:
+    if settings.server.shards or settings.server.discover:
         from streamhash.services import router
 
         return router.run(settings)
@@ -303,8 +324,26 @@ def run(settings: Settings) -> int:
     if settings.server.workers > 1:
         # each worker process imports the factory and builds its own app and ShardedIndex
         # the query server never uses Kafka; secrets as themselves (the dump masks them), to the children only
-        os.environ[SETTINGS_ENV] = json.dumps(_with_secrets(settings.model_dump(mode="json", exclude={"kafka"}), settings))
-        uvicorn.run("streamhash.services.query:app_from_env", factory=True, workers=settings.server.workers, **opts)
+        # of the kafka section only the topic: the children rank partitions of it and never use Kafka
+        dumped = _with_secrets(settings.model_dump(mode="json", exclude={"kafka"}), settings)
+        os.environ[SETTINGS_ENV] = json.dumps({**dumped, "kafka": {"topic": settings.kafka.topic}})
+        stores = OwnStores(root)  # this process holds no index: it reads the shards' meta for the advert itself
+        with _advertised(settings, stores):
+            uvicorn.run("streamhash.services.query:app_from_env", factory=True, workers=settings.server.workers, **opts)
+        stores.close()
         return 0
-    uvicorn.run(create_app(settings, sharded_index(settings, root)), **opts)
+    index = sharded_index(settings, root)
+    with _advertised(settings, lambda: [(s.key, s.store) for s in index.shards]):
+        uvicorn.run(create_app(settings, index), **opts)
     return 0
+
+
+@contextmanager
+def _advertised(settings: Settings, shards):
+    """The advert on Kafka (``server.advertise_url``) from before serving to after: withdrawn on a clean stop."""
+    loop = advertising(settings, shards)
+    try:
+        yield
+    finally:
+        if loop is not None:
+            loop.stop()
