@@ -67,8 +67,8 @@ class Hit(BaseModel):
     id: str
     distance: int
     labels: list[int] | None
-    label_names: list[str] | None = Field(None, description="each label's class name, where the server has a map "
-                                                            "(STREAMHASH_DATA__CLASS_NAMES)")
+    label_names: list[str] | None = Field(None, description="each label's class name, where the server has one (the "
+                                                            "label-names header, or STREAMHASH_DATA__CLASS_NAMES)")
     shard: str | None = Field(None, description="the shard holding the item, topic/partition")
 
 

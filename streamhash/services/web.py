@@ -30,6 +30,7 @@ from PIL import Image
 from streamhash.config import LearnSettings
 from streamhash.index.live import Generation, Resolved
 from streamhash.data.class_names import name_labels
+from streamhash.index.label_names import IndexNames
 from streamhash.index.sharded import ShardedIndex, View
 from streamhash.services.http_api import check_item_id
 
@@ -196,12 +197,13 @@ def thumbnail(raw: bytes, ctype: str, size: int) -> bytes:
 
 
 def install(app: FastAPI, index: ShardedIndex, status: LiveStatus, learn: LearnSettings | None = None,
-            class_names: dict[int, str] | None = None) -> None:
+            class_names: IndexNames | dict[int, str] | None = None) -> None:
     """Add the page, its assets and the routes it uses. Call before ``GET /items/{item_id:path}`` is
     registered: routes match in order, and that one would take ``/items/x/image`` as the id ``x/image``.
-    ``learn``: the learner's settings, to say what an untrained model waits for; ``class_names``: label -> name."""
+    ``learn``: the learner's settings, to say what an untrained model waits for; ``class_names``: label -> name,
+    fixed or as the shards keep it (:class:`~streamhash.index.label_names.IndexNames`)."""
     learn = learn or LearnSettings()
-    label_names = {str(label): name for label, name in sorted((class_names or {}).items())}
+    names = class_names.current if isinstance(class_names, IndexNames) else (lambda fixed=dict(class_names or {}): fixed)
     router = APIRouter()
     rng = np.random.default_rng()
     rng_lock = threading.Lock()  # Generator is not thread-safe; sync routes run on a thread pool
@@ -248,7 +250,7 @@ def install(app: FastAPI, index: ShardedIndex, status: LiveStatus, learn: LearnS
             raise HTTPException(404, "the index is empty")
         (item_id, labels), generation = got
         return {"id": item_id, "labels": list(labels) if labels is not None else None,
-                "label_names": name_labels(labels, class_names) if class_names else None, "generation": generation}
+                "label_names": name_labels(labels, named) if (named := names()) else None, "generation": generation}
 
     @router.get("/status", summary="The live panel: index size, ingest rate, model state, rounds and re-encodes",
                 responses={200: {"content": {"application/json": {"example": STATUS_EXAMPLE}}}})
@@ -259,6 +261,7 @@ def install(app: FastAPI, index: ShardedIndex, status: LiveStatus, learn: LearnS
         whether the network is trained yet (``trained: false`` at version 1, with a ``note`` on what the first
         learning round waits for). ``label_names`` maps labels to class names where the server has them."""
         snap = status.snapshot()
+        label_names = {str(label): name for label, name in sorted(names().items())}
         return {**snap, "model": model_state(snap["model_version"], learn), "label_names": label_names}
 
     app.include_router(router)
