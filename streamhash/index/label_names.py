@@ -90,3 +90,25 @@ def merge(maps: Iterable[Stored], seen_conflicts: set | None = None) -> dict[int
             log.warning("label %d has the names %s in different shards; showing the newest, %r",
                         label, sorted(names), best[label][0])
     return {label: name for label, (name, _) in best.items()}
+
+
+class IndexNames:
+    """The names a query server shows: its shards' maps merged (:func:`merge`) under ``configured``, the
+    operator's own map (``STREAMHASH_DATA__CLASS_NAMES``), which wins where it names a label: anyone who can
+    produce to the topic can name a label, the setting is the operator's word. Read again only when the view
+    changed (a shard followed a write): a search over an unchanged index reads no meta."""
+
+    def __init__(self, index, configured: dict[int, str] | None = None):
+        self.index, self.configured = index, dict(configured or {})
+        self._cached: tuple[tuple, dict[int, str]] = ((), dict(self.configured))
+        self._conflicts: set = set()
+
+    def current(self, view=None) -> dict[int, str]:
+        """``{label: name}`` for the shards of ``view`` (default: the index's view now)."""
+        view = view if view is not None else self.index.view()
+        key = tuple((v.name, id(v.g), v.g.last_seq) for v in view.shards)
+        cached_key, names = self._cached
+        if key != cached_key:
+            names = {**merge((stored(v.shard.store) for v in view.shards), self._conflicts), **self.configured}
+            self._cached = (key, names)  # one reference swap: searches on other threads see one or the other
+        return names
