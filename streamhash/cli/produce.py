@@ -12,7 +12,13 @@ from streamhash.errors import EXIT_DATAERR, EXIT_NOINPUT, EXIT_UNAVAILABLE, EXIT
 
 def produce_arguments(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("source", nargs="?", help="a folder of PNG/JPEG/.npy files or a .npy batch (n,H,W[,C])")
-    pr.add_argument("--dataset", choices=["fashion-mnist"])
+    pr.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "folder"], help="a dataset, sent with its class "
+                    "names (the search page shows them): fashion-mnist, cifar10 (the official python release or a "
+                    "train|test/<class>/ tree of image files, found as `streamhash eval` finds it), or folder: your own "
+                    "photos, one folder per class (--path)")
+    pr.add_argument("--path", help="--dataset folder: the class-folder tree (a folder or a .tar.gz); cifar10: where it is")
+    pr.add_argument("--split", choices=["train", "test", "all"], help="of a dataset split into train|test (default all)")
+    pr.add_argument("--per-class", type=int, help="send only the first N images of each class (of each split)")
     pr.add_argument("--labels", help=".npy of labels for a .npy batch")
     pr.add_argument("--id-prefix")
     pr.add_argument("--limit", dest="produce.limit", type=int)
@@ -63,10 +69,15 @@ def _messages(args, settings):
     from streamhash.kafka.produce import from_arrays, from_folder
 
     ps = settings.produce
-    if args.dataset:  # the one the parser offers, fashion-mnist
+    if args.dataset in ("cifar10", "folder"):
+        from streamhash.cli.photos import photo_messages
+
+        return photo_messages(args, settings)
+    if args.dataset:  # fashion-mnist
         images, labels = fashion_mnist.load_all(settings.data.fashion_mnist_dir)
         order = None if ps.shuffle_seed is None else np.random.default_rng(ps.shuffle_seed).permutation(len(images))
-        return from_arrays(images, labels, prefix=fashion_mnist.ID_PREFIX, fmt=ps.format, order=order), len(images)
+        return from_arrays(images, labels, prefix=fashion_mnist.ID_PREFIX, fmt=ps.format, order=order,
+                           classes=fashion_mnist.CLASSES), len(images)
     if args.source and args.source.endswith(".npy"):
         images, labels = _load_npy(args.source, "images"), _load_npy(args.labels, "labels") if args.labels else None
         if labels is not None and len(labels) != len(images):
@@ -86,7 +97,7 @@ def _messages(args, settings):
         if first is None:
             raise CommandFailed(f"no PNG, JPEG or .npy files under {folder}", EXIT_NOINPUT)
         return itertools.chain([first], messages), None
-    raise CommandFailed("give a folder, a .npy file, or --dataset fashion-mnist", EXIT_USAGE)
+    raise CommandFailed("give a folder, a .npy file, or --dataset fashion-mnist|cifar10|folder", EXIT_USAGE)
 
 
 class _Gate:

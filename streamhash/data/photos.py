@@ -109,6 +109,20 @@ def iter_photo_files(source: Path | str, split: str | None = None) -> Iterator[P
         raise DatasetMissingError(f"no photo folder or tar archive at {source}")
 
 
+def photo_classes(source: Path | str, split: str | None = None) -> tuple[str, ...]:
+    """label -> class name of the tree at ``source`` (:func:`class_names` of its class folders), from the file
+    names alone: no image is read (an archive is still read through once)."""
+    source = Path(source)
+    if is_archive(source):
+        with tarfile.open(source, "r|*") as tf:
+            paths = [PurePosixPath(m.name).parts for m in tf if m.isfile()]
+    elif source.is_dir():
+        paths = [p.relative_to(source).parts for p in source.rglob("*") if p.is_file()]
+    else:
+        raise DatasetMissingError(f"no photo folder or tar archive at {source}")
+    return class_names(c for parts in paths if _wanted(parts) and (c := _classify(parts, split)) is not None)
+
+
 def decode_photo(data: bytes, size: tuple[int, int] | None = None, conversion: Conversion | None = None) -> np.ndarray:
     """Image bytes -> (H, W, 3) uint8 by the project's rules; ``size`` (H, W) resamples, None keeps the size."""
     with Image.open(io.BytesIO(data)) as img:
