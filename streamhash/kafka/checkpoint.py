@@ -3,10 +3,14 @@
 1. **flush**: dead letters of the batch, and the records it re-routed to their home partition
    (:mod:`streamhash.services.worker.rehome`), are acknowledged by the broker, so a rejected or misplaced
    message is durable where it went before its offset can be passed;
-2. **state**: one transaction per shard writes that shard's items, their codes, blobs, the
-   learned codes addressed to it and its partitions' next offsets; all or nothing per shard, and each
+2. **changelog**: each shard's new item states go to its changelog partition (:mod:`streamhash.kafka.changelog`),
+   acknowledged before any shard commits, so the changelog is never behind a shard: a shard is a cache of
+   Kafka, restorable anywhere. A crash after this step sends the batch's records again (an id's later record
+   replaces the earlier one);
+3. **state**: one transaction per shard writes that shard's items, their codes, blobs, the
+   learned codes addressed to it and its partitions' next offsets (the changelog's too); all or nothing per shard, and each
    shard's offsets are its own truth, so a crash between two shards' transactions loses nothing;
-3. **offsets**: Kafka's committed offsets follow. A crash between 2 and 3 leaves Kafka behind the
+4. **offsets**: Kafka's committed offsets follow. A crash between 3 and 4 leaves Kafka behind the
    shards; the next owner seeks to the shards' offsets (:class:`~streamhash.kafka.positions.Positions`),
    so nothing is written twice. A failed Kafka commit is logged, never raised: the shards hold the truth.
 
@@ -37,9 +41,11 @@ log = logging.getLogger("streamhash.worker")
 
 class StateWrite(Protocol):
     """One shard's part of a batch: ``write()`` is its transaction(s), ``offsets`` the (topic, partition) -> next
-    offset it stores with them."""
+    offset it stores with them, ``image_offsets`` the dict its first transaction stores (the checkpoint adds the
+    changelog's offset there)."""
 
     offsets: dict[tuple[str, int], int]
+    image_offsets: dict[tuple[str, int], int]
 
     def write(self) -> None: ...
 
@@ -54,9 +60,10 @@ class Applied(Protocol):
 
 class Checkpoint:
     def __init__(self, consumer, dead_letters, positions: Applied, *, interval_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic, rehome=None):
+                 clock: Callable[[], float] = time.monotonic, rehome=None, changelog=None):
         self.consumer, self.dead_letters, self.positions = consumer, dead_letters, positions
         self.rehome = rehome  # flush() like the dead letters: the re-routed records, or None
+        self.changelog = changelog  # a ChangelogWriter (streamhash.kafka.changelog_writer), or None: no changelog
         self.interval_s, self.clock = interval_s, clock
         self._pending: dict[tuple[str, int], int] = {}  # stored in the shards, not yet committed to Kafka
         self._last_commit = -float("inf")
@@ -68,10 +75,17 @@ class Checkpoint:
         self.dead_letters.flush()
         if self.rehome is not None:
             self.rehome.flush()
+        todo = [w for w in writes  # a retry of this batch skips the shards that committed it already
+                if not all(self.positions.applied.get(tp, 0) >= nxt for tp, nxt in w.offsets.items())]
+        if self.changelog is not None:
+            for w in todo:
+                self.changelog.send(w)
+            at = self.changelog.flush()
+            for w in todo:
+                if w.key.partition in at:
+                    w.image_offsets[(self.changelog.topic, w.key.partition)] = at[w.key.partition]
         done = 0
-        for w in writes:
-            if all(self.positions.applied.get(tp, 0) >= nxt for tp, nxt in w.offsets.items()):
-                continue  # a retry of this batch: this shard committed it already
+        for w in todo:
             w.write()
             self.positions.advance(w.offsets)
             done += 1

@@ -28,15 +28,18 @@ from streamhash.config import Settings
 from streamhash.errors import EXIT_OK, EXIT_TEMPFAIL, StoreFullError
 from streamhash.index.store import Store
 from streamhash.index.store.root import ShardKey, StoreRoot
+from streamhash.kafka.changelog_writer import ChangelogWriter
 from streamhash.kafka.checkpoint import Checkpoint
 from streamhash.kafka.dlq import DeadLetters
 from streamhash.kafka.positions import Positions
 from streamhash.kafka.produce import make_producer
+from streamhash.kafka.restorer import Restorer
 from streamhash.kafka.topics import ensure_topics
 from streamhash.memory import freeze_startup_objects
 from streamhash.model.hashnet import resolve_device
 from streamhash.model.state import ensure_model
 from streamhash.services.spec import image_spec, model_key
+from streamhash.services.worker.fencing import Fences
 from streamhash.services.worker.follower import ModelFollower
 from streamhash.services.worker.ownership import PartitionOwner, TrackAssignment
 from streamhash.services.worker.pipeline import BatchPipeline, Prepared
@@ -59,8 +62,12 @@ class Worker:
         self.settings = s = settings
         torch.set_num_threads(s.model.torch_threads)
         self.spec = image_spec(s)
-        self.owner = PartitionOwner(StoreRoot(s.store.path), self._open_store, images_topic=s.kafka.topic,
-                                    codes_topic=s.kafka.codes_topic, lock_wait_s=s.store.shard_lock_wait_s)
+        root = StoreRoot(s.store.path)
+        fences = Fences(root, self._open_store, topic=s.kafka.topic, fence_after_s=s.store.fence_after_s,
+                        drop_after_s=s.store.drop_after_s)
+        self.owner = PartitionOwner(root, self._open_store, images_topic=s.kafka.topic,
+                                    codes_topic=s.kafka.codes_topic, lock_wait_s=s.store.shard_lock_wait_s,
+                                    restorer=self._restorer, fences=fences)
         self.follower = ModelFollower(s.kafka, s.model, resolve_device(s.model.device), key=model_key(s),
                                       shards=self.owner.shards)
         self.stopping = stopping or threading.Event()
@@ -73,6 +80,7 @@ class Worker:
                                    self.idle, self.owner.report)
         self.consumer: KafkaConsumer | None = None
         self.dead_letters: DeadLetters | None = None
+        self.changelog: ChangelogWriter | None = None
         self.positions: Positions | None = None
         self.pipeline: BatchPipeline | None = None
         self._held_codes: list = []  # code-update records polled, not yet in a batch (see _poll)
@@ -89,6 +97,16 @@ class Worker:
             store.close()
             raise
         return store
+
+    def _restorer(self, key: ShardKey, store: Store, reset) -> Restorer:
+        """A restore of ``store`` from its changelog partition, on a consumer of its own (no group)."""
+        s, k = self.settings, self.settings.kafka
+        consumer = KafkaConsumer(**k.client_kwargs(), group_id=None, enable_auto_commit=False,
+                                 auto_offset_reset="earliest", fetch_max_wait_ms=k.fetch_max_wait_ms,
+                                 fetch_max_bytes=k.fetch_max_bytes, max_partition_fetch_bytes=k.fetch_max_bytes,
+                                 client_id="streamhash-restore")
+        return Restorer(consumer, store, k.changelog_topic, key.partition, secret=model_key(s),
+                        batch_records=s.store.restore_batch_records, reset=reset)
 
     def connect(self) -> None:
         k = self.settings.kafka
@@ -108,8 +126,9 @@ class Worker:
         # misplaced records go to their key's home partition through the DLQ's producer, flushed with it
         rehome = Rehome(self.dead_letters.producer, k.topic, k.partitioner, self.consumer.partitions_for_topic,
                         self.spec.max_value_bytes)
+        self.changelog = ChangelogWriter(make_producer(k, linger_ms=5), k.changelog_topic, model_key(self.settings))
         checkpoint = Checkpoint(self.consumer, self.dead_letters, self.positions, interval_s=k.offset_commit_interval_s,
-                                rehome=rehome)
+                                rehome=rehome, changelog=self.changelog)
         self.owner.attach(self.consumer, self.positions, checkpoint)
         w = self.settings.worker
         self.pipeline = BatchPipeline(owner=self.owner, follower=self.follower, spec=self.spec, encoder=self.encoder,
@@ -150,6 +169,7 @@ class Worker:
                     last_data = time.monotonic()
                     continue
                 self.owner.checkpoint.flush_due()  # idle: the group's lag reads 0 within an interval
+                self.owner.fences.due()
                 if max_idle_s is not None and time.monotonic() - last_data > max_idle_s and not self.reencoder.pending():
                     break
             if in_flight is not None:
@@ -181,7 +201,7 @@ class Worker:
         """
         codes_topic = self.settings.kafka.codes_topic
         images = []
-        more = self._poll_once(0 if self._held_codes else timeout_ms)
+        more = self._poll_once(0 if self._held_codes or self.owner.restoring else timeout_ms)
         while True:
             images += [r for r in more if r.topic != codes_topic]
             self._held_codes += [r for r in more if r.topic == codes_topic]
@@ -245,6 +265,11 @@ class Worker:
         if self.dead_letters is not None:
             self.dead_letters.producer.close(timeout=5)
             self.dead_letters = None
+        if self.changelog is not None:
+            self.changelog.producer.close(timeout=5)
+            self.changelog = None
+        for r in self.owner.restoring.values():
+            r.close()
         self.follower.close()
         with self.reencoder.holding():
             self.owner.shards.close_all()

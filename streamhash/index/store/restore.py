@@ -1,0 +1,102 @@
+"""A shard rebuilt from its changelog (:mod:`streamhash.kafka.changelog`), in large transactions.
+
+:func:`apply_changelog` writes a run of changelog entries (item states and removals, in log order) and the offsets
+they bring the shard to in one LMDB transaction: one per several thousand records, not one per record (the
+cost quix-streams #351 measured), so a restore runs well above the ingest rate and never runs a network: each
+entry carries its code (inferred or learned) with its provenance. Within a run an id's last entry wins.
+
+Every item is written into the shard's current generation with the record's provenance (``model``: the
+network that inferred it; ``learned``/``learned_by``). A restored shard then adopts the announced model like
+any shard opened late: when its generation is behind, the re-encoder re-encodes the items whose inferred code
+is of an older network (learned codes and up-to-date ones are copied), exactly as for a shard that stayed.
+Since a catch-up restore may write older networks' codes into a shard that a re-encode had brought up to date,
+it drops the meta's ``generation_model`` (the claim that every inferred code is at least that network's): the
+records' own versions then say which codes a later re-encode must redo (at worst some twice, never none).
+
+The meta says ``restoring: true`` from the first run to the last (:func:`set_flags`); query servers report the
+shard as partial meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from streamhash.index.store.items import live_generations
+from streamhash.index.store.layout import u64
+
+log = logging.getLogger(__name__)
+
+
+def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict[str, int]:
+    """Write ``entries`` (:class:`~streamhash.kafka.changelog.ItemState` / ``Removed``) and ``offsets`` in one
+    transaction. Returns counts: ``written``, ``removed``, ``refused`` (a code of another length than the shard's)."""
+    last: dict = {}
+    for e in entries:
+        last.pop(e.id, None)  # re-inserted: the seq order follows each id's last entry
+        last[e.id] = e
+    items, env = store.items, store._env
+    db = env.db
+
+    def txn_fn(txn):
+        meta = env.read_meta(txn)
+        gen, seq = int(meta["generation"]), int(meta["next_seq"])
+        gens = live_generations(meta)
+        counts = {"written": 0, "removed": 0, "refused": 0}
+        features_db = db.get("features")
+        for item_id, e in last.items():
+            key = item_id.encode()
+            old = txn.get(key, db=db["items"])
+            code = getattr(e, "code", None)
+            if code is not None and len(code) != store.code_bytes:
+                counts["refused"] += 1
+                continue
+            if old is not None:
+                items.unlink(txn, key, json.loads(old), gens)
+            if code is None:  # a removal
+                if old is not None:
+                    for name in ("items", "blobs"):
+                        txn.delete(key, db=db[name])
+                    if features_db is not None:
+                        txn.delete(key, db=features_db)
+                    txn.put(u64(seq), key, db=db["deletes"])
+                    seq += 1
+                    counts["removed"] += 1
+                continue
+            items.link(txn, key, _record(e, meta), gen, seq, code)
+            txn.put(key, e.blob, db=db["blobs"])
+            if features_db is not None and e.feature is not None:
+                txn.put(key, e.feature, db=features_db)
+            elif features_db is not None and old is not None:
+                txn.delete(key, db=features_db)
+            seq += 1
+            counts["written"] += 1
+        store.offset_map.put(txn, offsets)
+        txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])
+        if meta.get("generation_model") is not None and counts["written"]:
+            txn.delete(b"generation_model", db=db["meta"])
+        return counts
+
+    return env.write(txn_fn)
+
+
+def _record(e, meta: dict) -> dict:
+    rec = {"labels": list(e.labels) if e.labels is not None else None, "ts": e.ts, "shard": meta["shard"],
+           "ctype": e.ctype, "model": e.model}
+    if e.learned:
+        rec.update(learned=True, recoded=True)
+        if e.learned_by is not None:
+            rec["learned_by"] = e.learned_by
+    if e.quarantined:
+        rec["quarantined"] = True
+    return rec
+
+
+def set_flags(store, **flags: bool) -> None:
+    """Meta flags read by the query side: ``restoring`` (partial), ``fenced`` (never served)."""
+    store._env.write(lambda txn: store._env.put_meta(txn, {k: bool(v) for k, v in flags.items()}))
+
+
+def read_flags(meta: dict) -> tuple[bool, bool]:
+    """(restoring, fenced) of a shard's meta."""
+    return bool(meta.get("restoring")), bool(meta.get("fenced"))

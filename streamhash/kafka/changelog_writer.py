@@ -1,0 +1,74 @@
+"""The checkpoint's changelog step: each shard write's new item states sent to changelog partition p, acknowledged
+before the shard's transaction stores where the changelog stands (:mod:`streamhash.kafka.changelog`).
+
+A state is what the shard will hold once the write commits: an image written with its code, a learned code or a
+quarantine mark applied to the item as it is now (read from the shard: its labels, blob and feature), a removal
+as a tombstone. A learned code the shard would skip (its item written again since, in this batch or before:
+another seq) sends nothing. The batch's offsets follow as one marker record. A batch retried after a failure
+sends its records again: later records of an id replace earlier ones, so a duplicate changes no restored state.
+"""
+
+from __future__ import annotations
+
+from streamhash import metrics as m
+from streamhash.kafka import changelog as cl
+
+
+class ChangelogWriter:
+    def __init__(self, producer, topic: str, secret: bytes | None = None):
+        self.producer, self.topic, self.secret = producer, topic, secret
+        self._futures: list = []  # (partition, size, future)
+
+    def send(self, w) -> None:
+        """Send one shard write's records (``w``: a :class:`~streamhash.services.worker.pipeline.ShardWrite`)."""
+        p = w.key.partition
+        for key, value in self.records(w):
+            headers = cl.sign_headers(self.secret, self.topic, key, value)
+            fut = self.producer.send(self.topic, key=key, value=value, partition=p, headers=headers)
+            self._futures.append((p, len(key) + len(value or b""), fut))
+
+    def flush(self, timeout: float = 30.0) -> dict[int, int]:
+        """Wait until every record sent is acknowledged; return each partition's next changelog offset. A failure
+        raises (the batch is retried and sends its records again)."""
+        futures, self._futures = self._futures, []
+        if not futures:
+            return {}
+        self.producer.flush(timeout)
+        nxt: dict[int, int] = {}
+        for p, _, fut in futures:
+            md = fut.get(timeout=0)  # a KafkaError propagates: the batch is retried
+            nxt[p] = max(nxt.get(p, 0), md.offset + 1)
+        m.CHANGELOG_RECORDS.inc(len(futures))
+        m.CHANGELOG_BYTES.inc(sum(n for _, n, _ in futures))
+        return nxt
+
+    def records(self, w) -> list[tuple[bytes, bytes | None]]:
+        generation, version = w.serving
+        features = getattr(w, "features", None) or [None] * len(w.records)
+        out = [cl.encode(cl.ItemState(r.id, w.codes[j].tobytes(), r.value, r.content_type, r.labels, w.stamps[j],
+                                      model=version, generation=generation, feature=features[j]))
+               for j, r in enumerate(w.records)]
+        rewritten = {r.id for r in w.records} | set(w.removals)  # an update for them is stale once the write commits
+        out += [rec for u in w.updates if u.item_id not in rewritten and (rec := self._updated(w.store, u))]
+        out += [cl.encode_tombstone(i) for i in w.removals]
+        out.append(cl.encode_offsets(w.offsets))
+        return out
+
+    def _updated(self, store, u) -> tuple[bytes, bytes] | None:
+        """The state a learned code or quarantine mark leaves its item in; None if the shard will skip it."""
+        rec = store.get_item(u.item_id, with_blob=True)
+        if rec is None or rec["seq"] != u.seq:
+            return None
+        learned = u.kind == "learned"
+        feature = None
+        if hasattr(store, "features"):
+            f = store.features([u.item_id])[0]
+            feature = None if f is None else f.tobytes()
+        labels = rec.get("labels")
+        return cl.encode(cl.ItemState(
+            u.item_id, u.code if learned else bytes(rec["code"] or b""), bytes(rec.get("blob") or b""), rec["ctype"],
+            tuple(labels) if labels is not None else None, float(rec["ts"]), model=rec.get("model"),
+            learned=learned or bool(rec.get("learned")),
+            learned_by=u.model_version if learned else rec.get("learned_by"),
+            quarantined=not learned or bool(rec.get("quarantined")), generation=int(rec["generation"]),
+            feature=feature))
