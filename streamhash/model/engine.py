@@ -68,7 +68,8 @@ def to_network_input(images: np.ndarray | torch.Tensor, size: int) -> torch.Tens
     exactly as the torch backbone does."""
     if isinstance(images, np.ndarray):
         if images.dtype == np.uint8:
-            x = torch.from_numpy(np.ascontiguousarray(images))
+            images = np.ascontiguousarray(images)
+            x = torch.from_numpy(images if images.flags.writeable else images.copy())  # a read-only buffer (LMDB, Kafka)
             if x.ndim == 3:
                 x = x.unsqueeze(-1)
             if x.ndim != 4:
@@ -98,7 +99,8 @@ class FeatureEngine:
     """
 
     def __init__(self, module: nn.Module, name: str, size: int, cache_dir: Path | None = None,
-                 quantize: str | None = None, calibration: np.ndarray | torch.Tensor | None = None):
+                 quantize: str | None = None, calibration: np.ndarray | torch.Tensor | None = None,
+                 out_shape: tuple[int, ...] | None = None):
         if not onnx_available():
             raise ImportError(INSTALL_HINT)
         self.module = module
@@ -112,6 +114,8 @@ class FeatureEngine:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.name = f"onnxruntime:{name}-{self.size}" + (f"-int8-{quantize}" if quantize else "")
         self._base = name
+        # one image's output; for an empty batch (a pooled module says it by ``out_features``)
+        self.out_shape = tuple(out_shape) if out_shape is not None else (int(getattr(module, "out_features", 0)),)
         self._path: Path | None = None
         self._sessions: dict[int, object] = {}
         self._lock = threading.Lock()
@@ -176,10 +180,10 @@ class FeatureEngine:
             return sess
 
     def run(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """(n, 3, size, size) float32 in [-1, 1] -> (n, F) float32."""
+        """(n, 3, size, size) float32 in [-1, 1] -> (n, *out_shape) float32."""
         arr = x.detach().cpu().float().contiguous().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x, np.float32)
         if len(arr) == 0:
-            return np.zeros((0, self.module_out_features()), np.float32)
+            return np.zeros((0, *self.out_shape), np.float32)
         sess = self.session()
         # in chunks: a 1024-image batch at 224x224 would hold gigabytes of activations in ONNX Runtime's arena
         # (which keeps its peak), at no gain in images/s over 64
@@ -189,9 +193,6 @@ class FeatureEngine:
     def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (n, H, W[, C]) images or float (n, C, H, W) in [-1, 1] -> (n, F) float32 features."""
         return self.run(to_network_input(images, self.size))
-
-    def module_out_features(self) -> int:
-        return int(getattr(self.module, "out_features", 0))
 
 
 def export_onnx(module: nn.Module, size: int, path: Path) -> None:

@@ -10,6 +10,16 @@ serialised network (:meth:`HashNet.to_bytes`) is rebuilt with the backbone it wa
 ((3, 2), dtype('uint8'))
 >>> HashNet.from_bytes(net.to_bytes()).encode(np.zeros((3, 28, 28), np.uint8)).tolist() == codes.tolist()
 True
+
+What the store keeps for a network (its **stored input**) follows from its backbone. A backbone trained end to
+end (``small_cnn``) takes the image itself: :meth:`HashNet.prepare` returns the images as they are. A frozen
+backbone (``frozen = True``: a pretrained one) is split at its ``cut``: the frozen part runs once per image, in
+the engine made for the device (:mod:`streamhash.model.engine`), and its output (float16) is the stored input;
+the network's trainable part (the backbone's ``tail``, then the hash head) runs on it. :meth:`encode`,
+:meth:`encode_real`, :meth:`to_tensor` and :meth:`forward` take stored inputs; :meth:`encode_images` takes
+images. A learning round and a re-encode therefore read stored inputs and never run the frozen part again.
+A frozen backbone provides ``prepare(images) -> float16 array``, ``tail`` (a module), ``stored_shape`` and
+``cut``; without them a backbone is taken as trained end to end.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ class HashNetConfig:
     image_size: int = 28
     channels: int = 1
     seed: int = 0
+    # where a frozen backbone is split ("": its default, the pooled feature); recorded so a serialised network
+    # rebuilds the same split (a network saved before cuts existed has none: the default)
+    cut: str = ""
 
 
 class SmallCNN(nn.Module):
@@ -43,6 +56,7 @@ class SmallCNN(nn.Module):
     """
 
     out_features = 256
+    frozen = False
 
     def __init__(self, channels: int):
         super().__init__()
@@ -114,6 +128,7 @@ class HashNet(nn.Module):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.backbone = build_backbone(cfg)
+        self.frozen = bool(getattr(self.backbone, "frozen", False))
         self.head = nn.Linear(self.backbone.out_features, cfg.bits)
         # NHWC: oneDNN's convolutions on small images run 2.5x faster than NCHW on CPU (measured:
         # 35 vs 87 us per 28x28 image, 1 thread); the same weights, only their layout differs.
@@ -123,28 +138,70 @@ class HashNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
 
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of one item's stored input: the frozen part's output, or the image as the network takes it."""
+        if self.frozen:
+            return tuple(self.backbone.stored_shape)
+        c, s = self.cfg.channels, self.cfg.image_size
+        return (s, s) if c == 1 else (s, s, c)
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return np.dtype(np.float16 if self.frozen else np.uint8)
+
+    def feature_spec(self) -> dict | None:
+        """What a shard keeps per item for this network (its meta ``features``); None: the blob is the input."""
+        if not self.frozen:
+            return None
+        return {"backbone": self.cfg.backbone, "cut": self.backbone.cut, "feature_shape": list(self.stored_shape),
+                "dtype": self.stored_dtype.name}
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (n, H, W[, C]) -> the stored input: the images themselves (no copy) for a backbone trained
+        end to end, the frozen part's output (float16) for a frozen one."""
+        if not self.frozen:
+            return images
+        return self.backbone.prepare(np.asarray(images))
+
+    def _stored(self, batch: np.ndarray) -> np.ndarray:
+        # uint8 is never a frozen network's stored input (float16 is): images given where one is expected are
+        # prepared first, so a caller holding images (a probe, a test) gets the same codes as through the store
+        return self.prepare(batch) if self.frozen and batch.dtype == np.uint8 else batch
+
     def to_tensor(self, batch: np.ndarray) -> torch.Tensor:
         """A batch as the store keeps it for this network -> the tensor :meth:`forward` takes."""
+        batch = self._stored(np.asarray(batch))
+        if self.frozen:
+            return torch.from_numpy(np.ascontiguousarray(batch)).float()
         return images_to_tensor(batch, self.cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """u = tanh(F(x)), shape (n, bits)."""
+        """u = tanh(F(x)), shape (n, bits); ``x`` a stored-input tensor (:meth:`to_tensor`)."""
+        if self.frozen:
+            return torch.tanh(self.head(self.backbone.tail(x)))
         return torch.tanh(self.head(self.backbone(x)))
 
     @torch.inference_mode()
-    def encode_real(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    def encode_real(self, stored: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Stored inputs (:meth:`prepare`) -> the real-valued output u, (n, bits) float32."""
+        stored = self._stored(np.asarray(stored))
         was_training = self.training
         self.eval()
         out = []
-        for start in range(0, len(images), batch_size):
-            x = images_to_tensor(images[start:start + batch_size], self.cfg).to(self.device)
+        for start in range(0, len(stored), batch_size):
+            x = self.to_tensor(stored[start:start + batch_size]).to(self.device)
             out.append(self(x).float().cpu().numpy())
         self.train(was_training)
         return np.concatenate(out) if out else np.zeros((0, self.cfg.bits), np.float32)
 
-    def encode(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """uint8 images -> packed codes (n, bits/8) uint8."""
-        return pack_signs(self.encode_real(images, batch_size))
+    def encode(self, stored: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Stored inputs -> packed codes (n, bits/8) uint8."""
+        return pack_signs(self.encode_real(stored, batch_size))
+
+    def encode_images(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """uint8 images -> packed codes, through :meth:`prepare` (the query by photo, the ingest path)."""
+        return self.encode(self.prepare(images), batch_size)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
