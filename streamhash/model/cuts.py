@@ -117,7 +117,7 @@ class Tail(nn.Module):
         return self.act(self.bn(self.conv_head(x))).mean(dim=(2, 3))
 
 
-def split(net: nn.Module, cut: str, input_size: int, freeze_bn: bool = False) -> tuple[nn.Module, nn.Module, tuple]:
+def split(net: nn.Module, cut: str, input_size: int = 224, freeze_bn: bool = False) -> tuple[nn.Module, nn.Module, tuple]:
     """(frozen, tail, activation shape without the batch axis) for ``net`` (an ``efficientnet_lite_pytorch``
     ``EfficientNet``) cut at ``cut``, for square inputs of ``input_size``. ``pooled``'s tail is the identity.
     Both modules share ``net``'s parameters: split a fresh network per use when the tail will train."""
