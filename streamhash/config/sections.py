@@ -41,6 +41,9 @@ class ModelSettings(BaseModel):
     # a name registered with streamhash.model.hashnet.register_backbone: checked when the network is built (a process's
     # start), where the registry is, not here (it sits beside the networks and loads torch)
     backbone: str = "small_cnn"
+    # where a frozen backbone is split (issue 23): "" its default (efficientnet_lite0: "pooled", the head alone
+    # learns); another names a cut of streamhash.model.cuts, whose later stages learn with the head
+    cut: str = ""
     image_size: int = 28
     channels: int = 1
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"

@@ -25,7 +25,7 @@ def initial_net(mc):
     from streamhash.model.hashnet import HashNet, HashNetConfig
 
     return HashNet(HashNetConfig(bits=mc.bits, backbone=mc.backbone, image_size=mc.image_size, channels=mc.channels,
-                                 seed=mc.seed))
+                                 seed=mc.seed, cut=getattr(mc, "cut", "")))
 
 
 def ensure_model(store, mc) -> int:
@@ -55,7 +55,8 @@ def checked_model(announcement, mc, device="cpu"):
         net = HashNet.from_bytes(announcement.raw, device)
     except Exception as exc:  # noqa: BLE001  (torch.load and load_state_dict raise many kinds on forged bytes)
         raise bad(f"the network does not load: {type(exc).__name__}: {str(exc)[:200]}") from None
-    want = {"bits": mc.bits, "backbone": mc.backbone, "image_size": mc.image_size, "channels": mc.channels}
+    want = {"bits": mc.bits, "backbone": mc.backbone, "image_size": mc.image_size, "channels": mc.channels,
+            "cut": getattr(mc, "cut", "")}
     got = {k: getattr(net.cfg, k) for k in want}
     if got != want:
         raise bad(f"the network is {got}, this index is {want}")
