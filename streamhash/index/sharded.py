@@ -13,7 +13,7 @@ each read once: a re-encode or a learning round is seen by the next query, never
 with :meth:`View.rank`, which every ``/search`` path of the query server calls.
 
 Shards appear while serving (a worker is assigned a new partition): a thread rescans the root every
-``rescan_s`` and adds each new shard beside the others, with no restart.
+``rescan_s`` and adds each new shard with no restart; a fenced one is not served (:mod:`streamhash.index.fenced`).
 
 >>> import tempfile
 >>> from streamhash.index.store import ItemWrite, Store
@@ -46,6 +46,7 @@ import numpy as np
 
 from streamhash import metrics as m
 from streamhash.index.backends import check_backend
+from streamhash.index.fenced import split_fenced
 from streamhash.index.hamming import PAD_DISTANCE
 from streamhash.index.live import Generation, LiveIndex, Resolved
 from streamhash.index.radius import RadiusIndex
@@ -301,6 +302,7 @@ class ShardedIndex:
         self.bits: int | None = None  # the first shard's; a shard of other bits is not served
         self._shards: tuple[Shard, ...] = ()
         self._refused: set[ShardKey] = set()  # logged once: a shard that failed to open is retried quietly
+        self._fenced: dict[ShardKey, Shard] = {}  # open, not served (streamhash.index.fenced)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._running = False
@@ -315,18 +317,16 @@ class ShardedIndex:
         return View(self._shards)
 
     def rescan(self) -> list[ShardKey]:
-        """Open and add the shards that appeared under the root since the last scan; returns their keys."""
+        """Add the shards that appeared under the root since the last scan, set fenced ones aside; returns those added."""
         with self._lock:
-            known = {s.key for s in self._shards}
-            added = []
+            known, added = {s.key for s in self._shards} | set(self._fenced), []
             for key in self.root.shards():
-                if key in known:
-                    continue
-                shard = self._add(key)
+                shard = None if key in known else self._add(key)
                 if shard is not None:
                     added.append(shard)
-            if added:
-                self._shards = tuple(sorted(self._shards + tuple(added), key=lambda s: s.key))  # one reference swap
+            serve, moved = split_fenced(self._shards + tuple(added), self._fenced)
+            if added or moved:
+                self._shards = tuple(sorted(serve, key=lambda s: s.key))  # one reference swap
                 log.info("serving %d shards (added %s)", len(self._shards), ", ".join(s.name for s in added))
                 self._publish()
             return [s.key for s in added]
@@ -396,5 +396,5 @@ class ShardedIndex:
     def close(self) -> None:
         self.stop()
         if self._owns_stores:
-            for s in self._shards:
+            for s in self._shards + tuple(self._fenced.values()):
                 s.store.close()
