@@ -333,8 +333,18 @@ def run(settings: Settings) -> int:
         stores.close()
         return 0
     index = sharded_index(settings, root)
-    with _advertised(settings, lambda: [(s.key, s.store) for s in index.shards]):
-        uvicorn.run(create_app(settings, index), **opts)
+    app = create_app(settings, index)
+    served_now = lambda: [(s.key, s.store) for s in index.shards]  # noqa: E731
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def advertised_lifespan(a):
+        # withdrawn in the lifespan's shutdown: after it uvicorn raises the stop signal again, and the process ends
+        async with inner(a) as state, _advertised_async(settings, served_now):
+            yield state
+
+    app.router.lifespan_context = advertised_lifespan
+    uvicorn.run(app, **opts)
     return 0
 
 
@@ -347,3 +357,13 @@ def _advertised(settings: Settings, shards):
     finally:
         if loop is not None:
             loop.stop()
+
+
+@asynccontextmanager
+async def _advertised_async(settings: Settings, shards):
+    loop = advertising(settings, shards)
+    try:
+        yield
+    finally:
+        if loop is not None:
+            await run_in_threadpool(loop.stop)
