@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from streamhash.kafka.broker import free_port
+from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.records import encode_png
 from streamhash.services.processes import spawn
 from tests.support import env_for, module_kafka, produce, start_worker, stop, wait_for, wait_http
@@ -136,7 +137,7 @@ def test_a_random_stored_item_searches_itself(system, browser):
     browser.find_element(By.ID, "random").click()
     wait(browser, lambda d: d.find_element(By.ID, "item-id").get_attribute("value"), "a random id")
     chosen = browser.find_element(By.ID, "item-id").get_attribute("value")
-    assert chosen.startswith(("img-", "more-"))
+    assert chosen.startswith(("img-", "more-", "named-"))
     got = wait_for_results(browser, 5, chosen)
     assert got[0]["distance"] == 0
 
@@ -172,3 +173,24 @@ def test_the_page_fits_a_phone_width_window(system, browser):
         assert overflow <= 0, f"{overflow}px wider than a 390px window: {wide}"
     finally:
         browser.set_window_size(1280, 1000)
+
+
+def test_hits_are_captioned_by_class_name(system, browser):
+    """Names sent with the images (label-names) are kept with the index: captions say "seven", not "labels 7".
+    Last in the module: once a label has a name, every item of that label is shown by it."""
+    from tests.conftest import synthetic_images
+
+    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    images, labels = synthetic_images(20, seed=SEED + 2)
+    before = httpx.get(f"{system['base']}/healthz").json()["index_size"]
+    producer = make_producer(system["kafka"])
+    send(producer, system["kafka"].topic, from_arrays(images, labels, prefix="named-", fmt="npy", classes=names),
+         progress=False)
+    producer.close()
+    wait_for(lambda: httpx.get(f"{system['base']}/healthz").json()["index_size"] >= before + 20, 60, "20 named items")
+    open_page(browser, system)
+    set_k(browser, 6)
+    browser.find_element(By.ID, "item-id").send_keys("named-0", Keys.ENTER)
+    got = wait_for_results(browser, 6, "named-0")
+    assert names[labels[0]] in got[0]["text"]
+    assert all("labels " not in h["text"] and any(n in h["text"] for n in names) for h in got)

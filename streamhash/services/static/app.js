@@ -107,7 +107,7 @@ function render(answer) {
     img.width = img.height = THUMB_PX;
     const caption = document.createElement("span");
     caption.className = "caption";
-    // class names where the server has them (STREAMHASH_DATA__CLASS_NAMES), else the bare labels
+    // class names where the index has them (sent with the images, or STREAMHASH_DATA__CLASS_NAMES), else the bare labels
     const named = hit.label_names || hit.labels;
     const labels = hit.labels === null ? "unlabeled" : `${hit.label_names ? "" : "labels "}${named.join(", ") || "none"}`;
     for (const [cls, text] of [["id", hit.id], ["distance", `d = ${hit.distance}`], ["labels", labels]]) {
