@@ -69,6 +69,10 @@ INDEX_GENERATION = _in_both(Gauge("streamhash_index_generation", "Index generati
 INTERNAL_REJECTED = _in_both(Counter("streamhash_internal_rejected_total", "Records of the internal models and codes topics "
                                      "refused (malformed, unsigned, out of order, a network that does not load or fit)",
                                      ["topic"], registry=WORKER_REGISTRY))
+# why: reencode (a worker's re-encode) or learn (the learner's rounds). A network with a frozen backbone reads the
+# features stored with each item instead (issue 23): it decodes only items stored without one (an older shard).
+STORED_IMAGES_DECODED = _in_both(Counter("streamhash_stored_images_decoded_total", "Stored images decoded again "
+                                         "after ingest, by why", ["purpose"], registry=WORKER_REGISTRY))
 
 # ingest worker
 _W = WORKER_REGISTRY

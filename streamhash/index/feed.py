@@ -17,7 +17,8 @@ follows, so that ``learn/`` holds the algorithms alone and neither package impor
   already seen are replaced by the new generation's (:meth:`Learning.apply_reencode`), so DIHN
   keeps training against the codes the index serves.
 
-Blobs for a round (Omega, the MI reservoir) are read from the shard that holds each id. An id lives in
+The stored inputs for a round (Omega, the MI reservoir) are read from the shard that holds each id: the features
+kept with each item for a network with a frozen backbone, the decoded blobs for one trained end to end. An id lives in
 exactly one shard (``index.store.root``), so no id -> shard map is kept, which would cost more than the
 hasher's own bookkeeping (~45 B an item): each shard is asked for the ids the earlier ones lacked.
 Only items that will be learned keep where they live (partition, seq), until their code is published.
@@ -33,8 +34,10 @@ from typing import Any, Protocol
 import lmdb
 import numpy as np
 
-from streamhash.errors import SchemaMismatchError, StoreError
+from streamhash import metrics as m
+from streamhash.errors import FeatureSpecMismatch, SchemaMismatchError, StoreError
 from streamhash.index.store import Snapshot, Store
+from streamhash.index.store.layout import describe_features
 from streamhash.index.store.root import ShardKey, StoreRoot
 from streamhash.records import ImageSpec, decode_images
 
@@ -97,6 +100,11 @@ class ShardFeed:
             store.close()
             raise SchemaMismatchError(f"shard {key} holds {store.bits}-bit codes, the learner's model "
                                       f"{self.hasher.net.cfg.bits}-bit ones (model.bits)")
+        held, want = store.feature_spec(), getattr(self.hasher.net, "feature_spec", lambda: None)()
+        if held and want and held != want:
+            store.close()
+            raise FeatureSpecMismatch(f"shard {key} keeps {describe_features(held)}, the learner's network takes "
+                                      f"{describe_features(want)} (model.backbone / model.cut)")
         snap = store.snapshot()
         shard = _Shard(key, store, snap.generation, int(snap.seqs.max()) if len(snap.seqs) else 0)
         new = observe_snapshot(self.hasher, snap)
@@ -168,7 +176,32 @@ class ShardFeed:
         return out
 
     def fetch_images(self, ids: list) -> np.ndarray:
-        """The network's input for each id, decoded from the blob in the shard that holds it."""
+        """The network's stored input for each id, from the shard that holds it: the features stored with the item
+        for a network with a frozen backbone (a round then never decodes an image nor runs the frozen part), the
+        decoded blob for one trained end to end (or an item stored without a feature, in an older shard)."""
+        net = self.hasher.net
+        if getattr(net, "frozen", False):
+            return self._fetch_features(ids, net)
+        return self._decode(ids)
+
+    def _fetch_features(self, ids: list, net) -> np.ndarray:
+        found: dict[str, np.ndarray] = {}
+        for shard in self.shards.values():
+            missing = [i for i in ids if i not in found]
+            if not missing:
+                break
+            found.update((i, f) for i, f in zip(missing, shard.store.features(missing)) if f is not None)
+        lack = [i for i in ids if i not in found]
+        if lack:  # written before its shard kept features: its image, through the frozen part, this once
+            found.update(zip(lack, net.prepare(self._decode(lack))))
+        out = np.stack([found[i] for i in ids]) if ids else np.zeros((0, *net.stored_shape), net.stored_dtype)
+        if out.shape[1:] != tuple(net.stored_shape):
+            raise SchemaMismatchError(f"stored features of shape {out.shape[1:]}, the learner's network takes "
+                                      f"{tuple(net.stored_shape)} (model.backbone / model.cut)")
+        return out
+
+    def _decode(self, ids: list) -> np.ndarray:
+        """Images decoded from the blobs in the shards that hold them."""
         found: dict[str, tuple[bytes, str]] = {}
         for shard in self.shards.values():
             missing = [i for i in ids if i not in found]
@@ -178,6 +211,7 @@ class ShardFeed:
         absent = [i for i in ids if i not in found]
         if absent:
             raise StoreError(f"{len(absent)} items have no stored image in any shard, e.g. {absent[:3]}")
+        m.STORED_IMAGES_DECODED.labels(purpose="learn").inc(len(ids))
         return decode_images([found[i] for i in ids], self.spec)
 
     def close(self) -> None:

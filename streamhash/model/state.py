@@ -28,6 +28,18 @@ def initial_net(mc):
                                  seed=mc.seed, cut=getattr(mc, "cut", "")))
 
 
+_FEATURE_SPECS: dict[tuple, dict | None] = {}
+
+
+def feature_spec(mc) -> dict | None:
+    """What a shard keeps per item for the networks of these model settings (``HashNet.feature_spec``: the frozen
+    part's output, or None for a network trained end to end); the same for every version, so built once."""
+    key = (mc.backbone, getattr(mc, "cut", ""), mc.image_size, mc.channels)
+    if key not in _FEATURE_SPECS:
+        _FEATURE_SPECS[key] = initial_net(mc).feature_spec()
+    return _FEATURE_SPECS[key]
+
+
 def ensure_model(store, mc) -> int:
     """The store's current model version; a new store gets the seeded initial network as version 1."""
     version, raw = store.get_model()

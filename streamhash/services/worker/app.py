@@ -37,7 +37,7 @@ from streamhash.kafka.restorer import Restorer
 from streamhash.kafka.topics import ensure_topics
 from streamhash.memory import freeze_startup_objects
 from streamhash.model.hashnet import resolve_device
-from streamhash.model.state import ensure_model
+from streamhash.model.state import ensure_model, feature_spec
 from streamhash.services.spec import image_spec, model_key
 from streamhash.services.worker.fencing import Fences
 from streamhash.services.worker.follower import ModelFollower
@@ -88,6 +88,7 @@ class Worker:
     def _open_store(self, path) -> Store:
         s = self.settings
         store = Store(path, bits=s.model.bits, shard=int(path.name), backbone=s.model.backbone,
+                      features=feature_spec(s.model),  # a frozen backbone's output is kept per item (issue 23)
                       initial_map_size=s.store.initial_map_size_bytes, max_map_size=s.store.max_map_size_bytes,
                       map_growth_factor=s.store.map_growth_factor)
         try:

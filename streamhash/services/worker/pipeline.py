@@ -47,7 +47,7 @@ class Prepared:
     updates: dict[ShardKey, list[CodeUpdate]]  # the learner's code updates, by shard
     next_offsets: dict[tuple[str, int], int]
     removals: dict[ShardKey, list[str]]  # ids whose last operation in the batch is a tombstone, by shard
-    codes: Future  # -> (generation and model version of each record, np.ndarray (len(valid), bits/8))
+    codes: Future  # -> (generation and model version of each record, codes (len(valid), bits/8), stored inputs)
     epoch: int  # Positions.epoch when polled: partitions rewound since then are dropped from the batch
 
     def keep(self, rows: list[int]) -> None:
@@ -72,8 +72,9 @@ class ShardWrite:
     image_offsets: dict[tuple[str, int], int]
     updates: list[CodeUpdate]
     code_offsets: dict[tuple[str, int], int]
-    reencode: object  # records -> codes for the shard's current network (after a re-encode swapped it)
+    reencode: object  # (records, their stored inputs) -> codes for the shard's current network (after a re-encode swapped it)
     removals: list[str] = field(default_factory=list)
+    features: list[bytes] | None = None  # each record's stored input (a frozen backbone's output), kept with it
     offsets: dict[tuple[str, int], int] = field(init=False)
 
     def __post_init__(self):
@@ -84,14 +85,15 @@ class ShardWrite:
         codes = self.codes
         label_names.record(self.store, self.records, self.stamps)  # before the items: a reader finds their names
         while True:
-            items = [ItemWrite(r.id, codes[j].tobytes(), r.value, r.content_type, r.labels, self.stamps[j])
+            feats = self.features or [None] * len(self.records)
+            items = [ItemWrite(r.id, codes[j].tobytes(), r.value, r.content_type, r.labels, self.stamps[j], feats[j])
                      for j, r in enumerate(self.records)]
             try:
                 self.store.write_batch(items, self.image_offsets, generation=generation, model_version=version,
                                        deletes=self.removals)
                 break
             except GenerationChanged:  # the re-encoder swapped this shard while the batch was encoded
-                (generation, version), codes = self.reencode(self.records)
+                (generation, version), codes = self.reencode(self.records, self.features)
         m.ITEMS_INDEXED.inc(len(items))
         m.TOMBSTONES.inc(len(self.removals))
         if self.code_offsets or self.updates:
@@ -156,24 +158,25 @@ class BatchPipeline:
 
     def finish(self, p: Prepared) -> None:
         """Wait for the codes, commit the batch (Checkpoint: DLQ flush, each shard's transaction, Kafka)."""
-        serving, codes = self._codes_of(p)
+        serving, codes, stored = self._codes_of(p)
         rewound = self.positions.rewound_since(p.epoch)
         if rewound:  # the log was reset under this batch: its records come again from the new log's start
             keep = [i for i, src in enumerate(p.sources) if (src.topic, src.partition) not in rewound]
             p.keep(keep)
             serving, codes = [serving[i] for i in keep], codes[keep]
+            stored = None if stored is None else stored[keep]
             p.next_offsets = {k: v for k, v in p.next_offsets.items() if k not in rewound}
             p.updates = {k: u for k, u in p.updates.items() if (self.codes_topic, k.partition) not in rewound}
             p.removals = {k: r for k, r in p.removals.items() if (k.topic, k.partition) not in rewound}
         with m.COMMIT_SECONDS.time():
-            self.checkpoint.commit(self.shard_writes(p, serving, codes), p.next_offsets)
+            self.checkpoint.commit(self.shard_writes(p, serving, codes, stored), p.next_offsets)
         for key in {self.owner.shards.key_of(*tp) for tp in p.next_offsets}:
             self.owner.report(key)
         m.BATCHES.inc()
         m.LAST_COMMIT.set(time.time())
         m.INDEX_ITEMS.labels(process="worker").set(sum(s.count() for _, s in self.owner.shards))
 
-    def shard_writes(self, p: Prepared, serving, codes) -> list[ShardWrite]:
+    def shard_writes(self, p: Prepared, serving, codes, stored: np.ndarray | None = None) -> list[ShardWrite]:
         """The batch as one write per shard. Shards with images first: a shard holding only code updates may wait
         on its LMDB writer lock (for the one re-encode transaction in progress, ~10 ms), and images need not
         wait behind it."""
@@ -192,21 +195,28 @@ class BatchPipeline:
             shard_serving = serving[mine[0]] if mine else self.owner.serving(key)
             shard_codes = codes[mine] if mine else codes[:0]
             records = [p.valid[i] for i in mine]
+            feats = None if stored is None else [stored[i].tobytes() for i in mine]
             if len({serving[i] for i in mine}) > 1:  # a model changed between two records of one shard: never mix
-                shard_serving, shard_codes = self._reencode(key, records)
+                shard_serving, shard_codes = self._reencode(key, records, feats)
             writes.append(ShardWrite(
                 key, store, records, [p.stamps[i] for i in mine], shard_serving, shard_codes,
                 {tp: o for tp, o in offsets[key].items() if tp[0] != self.codes_topic}, p.updates.get(key, []),
                 {tp: o for tp, o in offsets[key].items() if tp[0] == self.codes_topic},
-                lambda recs, key=key: self._reencode(key, recs), p.removals.get(key, [])))
+                lambda recs, fs, key=key: self._reencode(key, recs, fs), p.removals.get(key, []), feats))
         return writes
 
-    def _reencode(self, key: ShardKey, records: list[ImageRecord]) -> tuple[tuple[int, int], np.ndarray]:
-        """The records' codes under the network the shard serves now."""
+    def _reencode(self, key: ShardKey, records: list[ImageRecord],
+                  features: list[bytes] | None = None) -> tuple[tuple[int, int], np.ndarray]:
+        """The records' codes under the network the shard serves now: from their stored inputs when they have
+        them (the frozen part is the same in every version of a network: it never runs twice on an image)."""
         now = self.owner.serving(key)
+        net = self.follower.nets.get(now[1])
+        if features is not None and net.frozen and records:
+            stored = np.stack([np.frombuffer(f, net.stored_dtype).reshape(net.stored_shape) for f in features])
+            return now, net.encode(stored, self.encode_batch)
         return now, self.encode(records, [now] * len(records))[1]
 
-    def _codes_of(self, p: Prepared) -> tuple[list[tuple[int, int]], np.ndarray]:
+    def _codes_of(self, p: Prepared) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray | None]:
         """The batch's codes; if encoding the batch fails, each record alone, dead-lettering those that fail."""
         try:
             return p.codes.result()
@@ -222,13 +232,21 @@ class BatchPipeline:
         p.keep(keep)
         return self.encode(p.valid, [self.owner.serving(k) for k in p.shards])
 
-    def encode(self, valid: list[ImageRecord], serving: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], np.ndarray]:
+    def encode(self, valid: list[ImageRecord], serving: list[tuple[int, int]]
+               ) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray | None]:
         """Each record encoded by the network of the (generation, model version) its shard serves; one call
-        per version (usually one)."""
+        per version (usually one). Also returns the records' stored inputs where the network has a frozen part
+        (its output, computed here once per image, in batches, and written with the item), else None."""
         codes = np.zeros((len(valid), self.bits // 8), np.uint8)
+        stored = None
         with m.ENCODE_SECONDS.time():
             for version in {v for _, v in serving}:
                 rows = [i for i, (_, v) in enumerate(serving) if v == version]
-                images = np.stack([valid[i].image for i in rows])
-                codes[rows] = self.follower.nets.get(version).encode(images, self.encode_batch)
-        return serving, codes
+                net = self.follower.nets.get(version)
+                x = net.prepare(np.stack([valid[i].image for i in rows]))  # small_cnn: the images themselves
+                if net.frozen:
+                    if stored is None:
+                        stored = np.zeros((len(valid), *net.stored_shape), net.stored_dtype)
+                    stored[rows] = x
+                codes[rows] = net.encode(x, self.encode_batch)
+        return serving, codes, stored
