@@ -34,14 +34,15 @@ SEARCH = dict(
 ITEM = dict(
     summary="One stored item: labels, code, shard, whether it is searchable yet",
     description=(
-        "The item as its shard stores it: labels, arrival time `ts`, `seq` in its shard, the `generation` and "
-        "`code_hex` it is ranked by, its `shard` and stored `content_type`, and `visible`: whether the live index "
-        "already searches it (an item is committed a moment before it is visible). The image itself is at "
-        "`/items/{id}/image`. 404 for an unknown id."),
+        "The item as its shard stores it: labels (`label_names`: their class names, where the index has them), "
+        "arrival time `ts`, `seq` in its shard, the `generation` and `code_hex` it is ranked by, its `shard` and "
+        "stored `content_type`, and `visible`: whether the live index already searches it (an item is committed a "
+        "moment before it is visible). The image itself is at `/items/{id}/image`. 404 for an unknown id."),
     responses={
         200: {"content": {"application/json": {"example": {
-            "id": "fmnist-train-4", "labels": [9], "ts": 1765000000.5, "seq": 1203, "generation": 1,
-            "shard": "streamhash.images/1", "content_type": "image/png", "code_hex": "0f3a9c21", "visible": True}}}},
+            "id": "fmnist-train-4", "labels": [9], "label_names": ["Ankle boot"], "ts": 1765000000.5, "seq": 1203,
+            "generation": 1, "shard": "streamhash.images/1", "content_type": "image/png", "code_hex": "0f3a9c21",
+            "visible": True}}}},
         404: {"description": "no such item", "content": {"application/json": {"example": {"detail": "no item 'x'"}}}},
     },
 )
