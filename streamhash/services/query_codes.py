@@ -110,7 +110,10 @@ class QueryEncoder:
             net = self.nets.get(v.model_version)
         except LookupError:
             return f"model version {v.model_version} is not in shard {v.name} yet"
-        return net.encode(np.stack(images))
+        batch = np.stack(images)
+        # images run the network's whole path, as on ingest (a frozen backbone's part included: encode_images);
+        # an item's stored feature (a search by item in another generation) runs only what follows it
+        return net.encode_images(batch) if batch.dtype == np.uint8 else net.encode(batch)
 
 
 def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: str) -> tuple[ShardQueries, ShardView]:
@@ -131,7 +134,13 @@ def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: st
             queries.codes[v.pos] = code
         else:
             other.add(v.pos)
-    if other:  # a rolling re-encode: the item's image in the code space of each other generation
+    if other:  # a rolling re-encode: the item in the code space of each other generation
+        feature = shard.store.features([item_id])[0]
+        if feature is not None:  # what its network's frozen part gave its image: no decode, no backbone
+            encoded = encoder.for_image(feature, view, only=other)
+            for pos in other:
+                queries.codes[pos], queries.errors[pos] = encoded.codes[pos], encoded.errors[pos]
+            return queries, own
         blob = shard.store.get_blobs([item_id])[0]
         if blob is None:
             for pos in other:
