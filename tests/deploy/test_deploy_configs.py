@@ -396,7 +396,7 @@ def test_compose_topics_match_the_code(compose):
     env = compose["services"]["worker"]["environment"]
     k = KafkaSettings()
     names = {field: env.get(f"STREAMHASH_KAFKA__{field.upper()}", getattr(k, field))
-             for field in ("topic", "dlq_topic", "codes_topic", "models_topic")}
+             for field in ("topic", "dlq_topic", "codes_topic", "models_topic", "changelog_topic")}
     for field, topic in names.items():
         assert topic in topics, f"kafka-init does not create {topic} ({field})"
 
@@ -406,6 +406,7 @@ def test_compose_topics_match_the_code(compose):
     n = partitions(names["topic"])
     assert partitions(names["codes_topic"]) == n, "the codes topic must be co-partitioned with the images topic"
     assert partitions(names["dlq_topic"]) == n
+    assert partitions(names["changelog_topic"]) == n and "cleanup.policy=compact" in topics[names["changelog_topic"]]
     assert int(env["STREAMHASH_KAFKA__TOPIC_PARTITIONS"]) == n
     models = topics[names["models_topic"]]
     assert partitions(names["models_topic"]) == 1 and "cleanup.policy=compact" in models
