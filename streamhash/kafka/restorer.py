@@ -57,6 +57,8 @@ class Restorer:
             if self.reset is not None:
                 self.store = self.reset()
             at = None
+        if at is None:  # a new (or emptied) shard: partial from now on, before its first run is written
+            set_flags(self.store, restoring=True)
         self.consumer.seek(self.tp, low if at is None else at)
         self.started = True
 

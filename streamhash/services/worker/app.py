@@ -166,11 +166,11 @@ class Worker:
                     self.finish_with_retry(in_flight)
                 in_flight = prepared
                 self.owner.close_revoked(self.reencoder.holding())
+                self.owner.fences.due()
                 if records:
                     last_data = time.monotonic()
                     continue
                 self.owner.checkpoint.flush_due()  # idle: the group's lag reads 0 within an interval
-                self.owner.fences.due()
                 if max_idle_s is not None and time.monotonic() - last_data > max_idle_s and not self.reencoder.pending():
                     break
             if in_flight is not None:
