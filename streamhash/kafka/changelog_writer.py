@@ -10,6 +10,8 @@ sends its records again: later records of an id replace earlier ones, so a dupli
 
 from __future__ import annotations
 
+import dataclasses
+
 from streamhash import metrics as m
 from streamhash.kafka import changelog as cl
 
@@ -23,9 +25,7 @@ class ChangelogWriter:
         """Send one shard write's records (``w``: a :class:`~streamhash.services.worker.pipeline.ShardWrite`)."""
         p = w.key.partition
         for key, value in self.records(w):
-            headers = cl.sign_headers(self.secret, self.topic, key, value)
-            fut = self.producer.send(self.topic, key=key, value=value, partition=p, headers=headers)
-            self._futures.append((p, len(key) + len(value or b""), fut))
+            self._send(p, key, value)
 
     def flush(self, timeout: float = 30.0) -> dict[int, int]:
         """Wait until every record sent is acknowledged; return each partition's next changelog offset. A failure
@@ -41,6 +41,28 @@ class ChangelogWriter:
         m.CHANGELOG_RECORDS.inc(len(futures))
         m.CHANGELOG_BYTES.inc(sum(n for _, n, _ in futures))
         return nxt
+
+    def send_shard(self, store, partition: int, chunk: int = 2000) -> dict[int, int]:
+        """Every item ``store`` holds, then its offsets, acknowledged: a shard written before the changelog existed
+        (an upgrade) becomes restorable. Returns the partition's next changelog offset, as :meth:`flush`."""
+        ids = store.provenance()[0]
+        nxt: dict[int, int] = {}
+        for at in range(0, len(ids), chunk):
+            for item_id in ids[at:at + chunk]:
+                rec = store.get_item(item_id, with_blob=True)
+                if rec is not None:
+                    key, value = cl.encode(_state(item_id, rec, _feature(store, item_id)))
+                    self._send(partition, key, value)
+            nxt.update(self.flush())
+        topic_offsets = {k: v for k, v in store.offsets().items() if k[0] != self.topic}
+        self._send(partition, *cl.encode_offsets(topic_offsets))
+        nxt.update(self.flush())
+        return nxt
+
+    def _send(self, p: int, key: bytes, value: bytes | None) -> None:
+        headers = cl.sign_headers(self.secret, self.topic, key, value)
+        fut = self.producer.send(self.topic, key=key, value=value, partition=p, headers=headers)
+        self._futures.append((p, len(key) + len(value or b""), fut))
 
     def records(self, w) -> list[tuple[bytes, bytes | None]]:
         generation, version = w.serving
@@ -59,16 +81,21 @@ class ChangelogWriter:
         rec = store.get_item(u.item_id, with_blob=True)
         if rec is None or rec["seq"] != u.seq:
             return None
-        learned = u.kind == "learned"
-        feature = None
-        if hasattr(store, "features"):
-            f = store.features([u.item_id])[0]
-            feature = None if f is None else f.tobytes()
-        labels = rec.get("labels")
-        return cl.encode(cl.ItemState(
-            u.item_id, u.code if learned else bytes(rec["code"] or b""), bytes(rec.get("blob") or b""), rec["ctype"],
-            tuple(labels) if labels is not None else None, float(rec["ts"]), model=rec.get("model"),
-            learned=learned or bool(rec.get("learned")),
-            learned_by=u.model_version if learned else rec.get("learned_by"),
-            quarantined=not learned or bool(rec.get("quarantined")), generation=int(rec["generation"]),
-            feature=feature))
+        state = _state(u.item_id, rec, _feature(store, u.item_id))
+        if u.kind == "learned":
+            return cl.encode(dataclasses.replace(state, code=u.code, learned=True, learned_by=u.model_version))
+        return cl.encode(dataclasses.replace(state, quarantined=True))
+
+
+def _feature(store, item_id: str) -> bytes | None:
+    f = store.features([item_id])[0] if hasattr(store, "features") else None
+    return None if f is None else f.tobytes()
+
+
+def _state(item_id: str, rec: dict, feature: bytes | None = None) -> cl.ItemState:
+    """An item as :meth:`Store.get_item` reads it (with its blob), as a changelog state."""
+    labels = rec.get("labels")
+    return cl.ItemState(item_id, bytes(rec["code"] or b""), bytes(rec.get("blob") or b""), rec["ctype"],
+                        tuple(labels) if labels is not None else None, float(rec["ts"]), model=rec.get("model"),
+                        learned=bool(rec.get("learned")), learned_by=rec.get("learned_by"),
+                        quarantined=bool(rec.get("quarantined")), generation=int(rec["generation"]), feature=feature)

@@ -14,7 +14,9 @@ Edge cases, each a known failure of changelog restores elsewhere:
   (``reset()``: emptied) and restored from the log start;
 * the offset is **above the high watermark** (the changelog lost records, e.g. a memory-storage broker
   restarted): the shard's copy is the better one; it keeps it and stores the high watermark;
-* a record that does not parse (or is not signed with the pipeline's key) is counted and skipped.
+* a record that does not parse (or is not signed with the pipeline's key) is counted and skipped;
+* a shard that holds items but no changelog offset was written before the changelog existed (an upgrade): once
+  restored, its items are sent to the changelog (``writer``), so that it can move like any other.
 
 :meth:`step` does at most ``budget_s`` of work so that the worker's poll loop goes on (group heartbeats,
 other partitions' batches) while a large partition restores.
@@ -37,10 +39,11 @@ log = logging.getLogger("streamhash.worker")
 
 class Restorer:
     def __init__(self, consumer, store, topic: str, partition: int, *, secret: bytes | None = None,
-                 batch_records: int = 20_000, reset=None):
+                 batch_records: int = 20_000, reset=None, writer=None):
         self.consumer, self.store, self.secret = consumer, store, secret
         self.tp = TopicPartition(topic, partition)
-        self.batch_records, self.reset = batch_records, reset
+        self.batch_records, self.reset, self.writer = batch_records, reset, writer
+        self.legacy = False  # a shard written before the changelog: its items are sent there once restored
         self.records = self.rejected = 0
         self.seconds = 0.0
         self.started = False
@@ -58,6 +61,7 @@ class Restorer:
                 self.store = self.reset()
             at = None
         if at is None:  # a new (or emptied) shard: partial from now on, before its first run is written
+            self.legacy = self.store.count() > 0
             set_flags(self.store, restoring=True)
         self.consumer.seek(self.tp, low if at is None else at)
         self.started = True
@@ -114,6 +118,10 @@ class Restorer:
             apply_changelog(self.store, entries, offsets)
         self.records += n
         m.RESTORE_RECORDS.inc(n)
+        if self.done and self.legacy and self.writer is not None:
+            sent = self.writer.send_shard(self.store, self.tp.partition)
+            self.store.set_offset(self.tp.topic, self.tp.partition, sent[self.tp.partition])
+            log.info("shard %s held %d items written before the changelog: sent there", self.store.path, self.store.count())
         if self.done:
             set_flags(self.store, restoring=False, fenced=False)
 

@@ -118,3 +118,23 @@ def test_an_offset_below_the_log_start_empties_the_shard_and_restores_from_there
     # only there, is not restored (a real log start passes only records that were deleted)
     assert held == {k: v for k, v in expected.items() if k != "x1"}
     fresh[0].close()
+
+
+def test_a_shard_from_before_the_changelog_is_sent_there_once_and_then_restores_elsewhere(kafka_settings, tmp_path):
+    from streamhash.kafka.changelog_writer import ChangelogWriter
+    from streamhash.kafka.topics import ensure_topics
+
+    ensure_topics(kafka_settings)
+    topic = kafka_settings.changelog_topic
+    legacy = Store(tmp_path / "old", bits=16)
+    legacy.write_batch([ItemWrite(f"y{i}", bytes([i, 1]), f"b{i}".encode(), "image/png", (i % 3,), float(i))
+                        for i in range(25)], {(kafka_settings.topic, 0): 25}, model_version=1)
+    writer = ChangelogWriter(make_producer(kafka_settings), topic)
+    _restore(kafka_settings, legacy, topic, writer=writer)
+    writer.producer.close()
+    assert legacy.offsets()[(topic, 0)] == 26  # 25 items and the offsets marker
+    moved = Store(tmp_path / "new", bits=16)
+    _restore(kafka_settings, moved, topic)
+    assert _held(moved) == _held(legacy) and moved.offsets()[(kafka_settings.topic, 0)] == 25
+    legacy.close()
+    moved.close()

@@ -107,7 +107,7 @@ class Worker:
                                  fetch_max_bytes=k.fetch_max_bytes, max_partition_fetch_bytes=k.fetch_max_bytes,
                                  client_id="streamhash-restore")
         return Restorer(consumer, store, k.changelog_topic, key.partition, secret=model_key(s),
-                        batch_records=s.store.restore_batch_records, reset=reset)
+                        batch_records=s.store.restore_batch_records, reset=reset, writer=self.changelog)
 
     def connect(self) -> None:
         k = self.settings.kafka
