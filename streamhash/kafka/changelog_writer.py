@@ -79,7 +79,7 @@ class ChangelogWriter:
     def _updated(self, store, u) -> tuple[bytes, bytes] | None:
         """The state a learned code or quarantine mark leaves its item in; None if the shard will skip it."""
         rec = store.get_item(u.item_id, with_blob=True)
-        if rec is None or rec["seq"] != u.seq:
+        if rec is None or not u.matches(rec):
             return None
         state = _state(u.item_id, rec, _feature(store, u.item_id))
         if u.kind == "learned":

@@ -12,7 +12,9 @@ each code to the partition of the shard its item lives in), so the worker that o
 owns codes partition p and applies them in its own transaction, with the codes topic's offset beside
 them. A value is one item's learned (DCC) code or a quarantine mark, keyed by item id, with the item's
 seq in its shard when learned: a code for an item since written again (another seq) is stale and
-skipped.
+skipped. A learner reading the changelog rather than the shards knows no seq (a restored shard numbers its
+items anew): it names the item's Kafka timestamp instead (``ts``), and a re-sent item, which has a new one, is
+stale the same way.
 
 The learner publishes a model *before* any code learned with it (both flushed, acknowledged), so no shard
 ever holds codes of a version that was never published.
@@ -75,10 +77,19 @@ class CodeUpdate:
     kind: str
     model_version: int
     code: bytes = b""
+    ts: float | None = None  # the item's timestamp when learned, in place of its seq (a changelog-fed learner)
 
     def to_value(self) -> bytes:
-        return json.dumps({"seq": self.seq, "kind": self.kind, "model_version": self.model_version,
-                           "code": self.code.hex()}).encode()
+        d = {"seq": self.seq, "kind": self.kind, "model_version": self.model_version, "code": self.code.hex()}
+        if self.ts is not None:
+            d["ts"] = self.ts
+        return json.dumps(d).encode()
+
+    def matches(self, rec: dict) -> bool:
+        """Whether the stored item ``rec`` is the one this update was learned from (not written again since)."""
+        if self.ts is None:
+            return rec["seq"] == self.seq
+        return rec.get("ts") is not None and round(float(rec["ts"]) * 1000) == round(self.ts * 1000)
 
     @classmethod
     def from_record(cls, key: bytes, value: bytes) -> "CodeUpdate":
@@ -196,7 +207,10 @@ def _code_update(key: bytes | None, value: bytes, record) -> CodeUpdate:
         raw = bytes.fromhex(code)
     except ValueError:
         raise _reject("codes", record, f"code is not hex: {code[:40]!r}") from None
-    return CodeUpdate(item_id, seq, kind, version, raw)
+    ts = d.get("ts")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
+        raise _reject("codes", record, f"ts must be a finite number, got {ts!r}"[:300])
+    return CodeUpdate(item_id, seq, kind, version, raw, None if ts is None else float(ts))
 
 
 class ModelPublisher:

@@ -192,7 +192,7 @@ class Items:
                 key = u.item_id.encode()
                 raw = txn.get(key, db=db["items"])
                 rec = json.loads(raw) if raw is not None else None
-                if rec is None or rec["seq"] != u.seq:
+                if rec is None or not u.matches(rec):
                     results["missing" if rec is None else "stale"] += 1
                 elif u.kind == "quarantine":
                     txn.put(key, json.dumps({**rec, "quarantined": True}).encode(), db=db["items"])
