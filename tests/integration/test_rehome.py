@@ -74,7 +74,8 @@ def test_ids_re_sent_through_other_partitioners_stay_in_their_home_shard_with_th
         wait_labels(store, {i: [int(x)] for i, x in zip(ids, first)}, "the murmur2 sends")
         second = (first + 1) % 10
         send_all(kafka, images, second, Librdkafka())
-        wait_for(lambda: total(scrape(url), "streamhash_rerouted_total") > 0, 60, "a first re-route")
+        wait_for(lambda: sum(total(scrape(url), f"streamhash_{name}_total") for name in ("messages_consumed", "rerouted"))
+                 > N, 60, "the worker into the re-sends")
         worker.send_signal(signal.SIGKILL)  # mid-way: re-routed produces acked or not, offsets committed or not
         worker.wait()
         worker, url = start_worker(env, tmp_path / "worker2.log")
