@@ -97,6 +97,9 @@ class LearnSettings(BaseModel):
     nice: int = Field(10, ge=0, le=19)
     torch_threads: int = Field(1, ge=1)
     metrics_port: int = 9103
+    # Without a store root (no store.path set) the learner reads the shards' changelog topic instead, on any
+    # machine, into its own state store here (an LMDB environment; a restart reads only the changelog's tail).
+    state_path: Path = Path("var/learner")
     # How often the learner reads the shards' change logs for new items
     follow_interval_s: float = Field(0.5, gt=0)
     # Publishing on a broker that does not answer: one attempt waits publish_timeout_s for the acknowledgement;
