@@ -12,8 +12,8 @@ Two ways out were weighed (issue 25, item 4):
   (:mod:`streamhash.kafka.partitioner`) and produces a misplaced record to its home partition — same key, value
   (a tombstone stays a tombstone), headers and timestamp, plus ``streamhash.rehomed-from: <partition>:<offset>`` —
   instead of indexing it. The produce is acknowledged before the source offset is committed (the checkpoint
-  flushes it with the dead letters, :mod:`streamhash.kafka.checkpoint`), so a crash re-routes it again at worst
-  (a duplicate at home, which overwrites with the same content). Every shard stays the one its partition is; the
+  flushes it with the dead letters, :mod:`streamhash.kafka.checkpoint`), so a crash between the two re-routes it
+  again at worst (a second copy at home, written twice, like any replayed record). Every shard stays the one its partition is; the
   query side, the learner's codes (published to the item's shard's partition) and a tombstone's removal each
   find an id where it is, with no lookup across shards.
 - **resolve across shards** (newest wins, stale copy deleted): every write would have to look the id up in every
