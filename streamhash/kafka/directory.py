@@ -142,15 +142,20 @@ class ServingMap:
                       frozenset(p for p, a in chosen.items() if p in a.restoring), tuple(missing))
 
 
+RETENTION_MS = 3_600_000  # an advert is worth nothing past its TTL: an hour of heartbeats kept at most
+
+
 def ensure_serving_topic(kafka: KafkaSettings) -> None:
-    """Create the serving topic (compacted, one partition) if it is missing: a producer's first send would
-    otherwise auto-create it with the broker's default partitions and no compaction."""
+    """Create the serving topic (one partition, compacted and deleted after RETENTION_MS: a router reads it from
+    its start, and a heartbeat every few seconds would otherwise grow it for ever where compaction lags) if it is
+    missing: a producer's first send would otherwise auto-create it with the broker's default partitions."""
     admin = KafkaAdminClient(client_id="streamhash-admin", **kafka.client_kwargs())
     try:
         if kafka.serving_topic not in set(admin.list_topics()):
             try:
                 admin.create_topics([NewTopic(kafka.serving_topic, num_partitions=1, replication_factor=1,
-                                              topic_configs={"cleanup.policy": "compact"})])
+                                              topic_configs={"cleanup.policy": "compact,delete",
+                                                             "retention.ms": str(RETENTION_MS)})])
                 log.info("created topic %s", kafka.serving_topic)
             except TopicAlreadyExistsError:
                 pass
