@@ -86,6 +86,8 @@ LABEL_NAMES_REPLACED = Counter("streamhash_label_names_replaced_total", "Class n
                                "a later message gave the same label (label-names header)", registry=_W)
 REROUTED = Counter("streamhash_rerouted_total", "Records that arrived away from their key's home partition (another "
                    "producer partitioner, an explicit partition), produced to it instead of indexed", ["topic"], registry=_W)
+REROUTED_STALE = Counter("streamhash_rerouted_stale_total", "Re-routed records not written at home: the shard held a newer "
+                         "write of their id (by the producers' timestamps)", ["topic"], registry=_W)
 BATCHES = Counter("streamhash_batches_total", "Batches processed and committed", registry=_W)
 ENCODE_SECONDS = Histogram("streamhash_encode_duration_seconds", "Hash-network encode time per batch", buckets=_LATENCY_BUCKETS, registry=_W)
 COMMIT_SECONDS = Histogram("streamhash_lmdb_commit_duration_seconds", "LMDB write transaction time per batch", buckets=_LATENCY_BUCKETS, registry=_W)

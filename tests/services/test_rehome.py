@@ -128,3 +128,32 @@ def test_the_checkpoint_flushes_re_routed_records_before_any_shard_write_and_a_f
     assert log == ["dlq", "rehome"] and len(p.sent) == 2  # sent again, nothing written or committed
     cp.commit([Write()], {("imgs", 0): 3})
     assert log[2:] == ["dlq", "rehome", "write", "commit"]
+
+
+def test_a_re_routed_copy_older_than_its_ids_standing_write_is_not_written():
+    Item = namedtuple("Item", "id")
+
+    class Store:
+        def __init__(self, held):
+            self.held = held
+
+        def get_item(self, item_id):
+            return {"ts": self.held[item_id]} if item_id in self.held else None
+
+    stores = {"s0": Store({"a": 5.0, "b": 5.0, "c": 5.0}), "s1": None}
+    moved, direct = [(HEADER, b"1:0")], []
+    batch = [  # (id, shard, ts, headers) -> kept?
+        ("a", "s0", 4.0, moved, False),  # older than the shard's write
+        ("b", "s0", 5.0, moved, True),  # the same send again (a re-route replayed after a crash)
+        ("c", "s0", 6.0, moved, True),  # newer
+        ("d", "s0", 1.0, direct, True),  # came home directly: its partition orders it
+        ("d", "s0", 0.5, moved, False),  # older than the batch's own earlier write of d
+        ("a", "s0", 1.0, direct, True),  # direct after a dropped copy: written
+        ("e", "s1", 1.0, moved, True),  # shard closed under the batch: left to fail with it
+    ]
+    r = rehome(Producer())
+    before = m.REROUTED_STALE.labels(topic="imgs")._value.get()
+    keep = r.current([Item(i) for i, *_ in batch], [Rec("imgs", 0, 0, b"k", b"v", h, 0) for *_, h, _ in batch],
+                     [ts for _, _, ts, _, _ in batch], [s for _, s, *_ in batch], stores.get)
+    assert keep == [n for n, row in enumerate(batch) if row[-1]]
+    assert m.REROUTED_STALE.labels(topic="imgs")._value.get() == before + 2

@@ -159,6 +159,12 @@ class BatchPipeline:
     def finish(self, p: Prepared) -> None:
         """Wait for the codes, commit the batch (Checkpoint: DLQ flush, each shard's transaction, Kafka)."""
         serving, codes, stored = self._codes_of(p)
+        if self.rehome is not None:  # a re-routed copy older than its id's standing write is not written (rehome.py)
+            keep = self.rehome.current(p.valid, p.sources, p.stamps, p.shards, self.owner.shards.get)
+            if len(keep) < len(p.valid):
+                p.keep(keep)
+                serving, codes = [serving[i] for i in keep], codes[keep]
+                stored = None if stored is None else stored[keep]
         rewound = self.positions.rewound_since(p.epoch)
         if rewound:  # the log was reset under this batch: its records come again from the new log's start
             keep = [i for i, src in enumerate(p.sources) if (src.topic, src.partition) not in rewound]

@@ -25,9 +25,13 @@ A key that cannot be hashed (none, or not a valid id) is not re-routed: it is de
 existing contract. A record already re-routed once is never re-routed again (two workers disagreeing on the
 partition count or the partitioner would bounce it forever): it is indexed where it is, with a warning.
 Order: within a partition Kafka keeps it; a re-routed copy joins its home partition when the worker reaches it,
-so two sends of one id through different partitioners keep their order when the second is sent after the
-worker read the first (what the integration test does), and have no order when sent at once (Kafka gives
-none across partitions either).
+which may be after a newer send of the same id went there directly (a worker behind by minutes, or one that
+crashed between a re-route and its commit and re-routes again). So at home a re-routed copy keeps the
+producer's timestamp and is written only if it is not older than what the shard holds for its id (or an
+earlier record of the batch): :meth:`Rehome.current`. Records sent to their home directly are never dropped
+(their partition orders them). What this cannot order: sends whose producers' clocks disagree by more than
+the time between them, and a tombstone (the shard keeps no time for an id it removed), so a re-routed copy
+older than a removal that came first brings the id back; Kafka gives no order across partitions either.
 """
 
 from __future__ import annotations
@@ -113,3 +117,23 @@ class Rehome:
         if first is not None:
             raise first
         return done
+
+    def current(self, records, sources, stamps, shards, store_of) -> list[int]:
+        """The rows of a batch to write (indexes into these parallel lists): every record that came to its home
+        directly, and each re-routed one unless its id's newest write so far — an earlier record of the batch, or
+        what its shard holds (``store_of(shard).get_item``) — has a later timestamp. Called after the batch
+        before it committed, so the shard is up to date."""
+        keep, newest = [], {}  # (shard, id) -> timestamp of the write that stands so far in this batch
+        for i, (rec, src, ts, shard) in enumerate(zip(records, sources, stamps, shards)):
+            if any(name == HEADER for name, _ in src.headers or ()):
+                if (shard, rec.id) not in newest:
+                    store = store_of(shard)  # None: revoked under the batch, which then fails as a whole
+                    held = store.get_item(rec.id) if store is not None else None
+                    newest[(shard, rec.id)] = held["ts"] if held else None
+                stands = newest[(shard, rec.id)]
+                if stands is not None and stands > ts:
+                    m.REROUTED_STALE.labels(topic=self.topic).inc()
+                    continue
+            newest[(shard, rec.id)] = ts
+            keep.append(i)
+        return keep
