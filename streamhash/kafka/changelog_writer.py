@@ -6,6 +6,9 @@ quarantine mark applied to the item as it is now (read from the shard: its label
 as a tombstone. A learned code the shard would skip (its item written again since, in this batch or before:
 another seq) sends nothing. The batch's offsets follow as one marker record. A batch retried after a failure
 sends its records again: later records of an id replace earlier ones, so a duplicate changes no restored state.
+An image's code is the one encoded for the batch: if a re-encode swapped the shard meanwhile and the write encodes
+again, the changelog keeps the earlier code with the network that made it (``model``), which a restored shard's
+re-encode redoes like any stale code.
 """
 
 from __future__ import annotations
