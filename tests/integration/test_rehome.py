@@ -1,8 +1,9 @@
 """An id lives in one shard whatever the producer's partitioner (issue 25, item 4), on a real broker, worker and
 query server: ids sent by a murmur2 producer (Java's, kafka-python's), re-sent with new labels by a CRC32 producer
-(librdkafka's default) with the worker killed -9 mid-way and restarted, then re-sent with explicit wrong partitions
-and some removed by misplaced tombstones: every id in exactly one shard (its murmur2 home), with its latest labels,
-the index counting each id once, every partition committed to its end.
+(librdkafka's default) with the worker killed -9 mid-way and restarted, then re-sent with explicit wrong partitions,
+then (the worker paused) re-sent by CRC32 and again, newer, by murmur2, and some removed by misplaced tombstones:
+every id in exactly one shard (its murmur2 home), with its latest labels, the index counting each id once, every
+partition committed to its end.
 
 Before: 500 ids re-sent through another partitioner each lived in two shards; a search returned 9,813 distinct ids
 in 10,000 hits, ``GET /items`` answered a stale label, ``index_size`` said 15,500 for 15,000 ids.
@@ -84,12 +85,27 @@ def test_ids_re_sent_through_other_partitioners_stay_in_their_home_shard_with_th
         third = (first + 2) % 10
         send_all(kafka, images, third, Elsewhere())
         wait_labels(store, {i: [int(x)] for i, x in zip(ids, third)}, "the explicit-partition re-sends")
+        # a worker behind: a CRC32 send, then a newer murmur2 one of the same ids, both read after they were sent;
+        # each misplaced first copy reaches its home after the newer write, and is not written there
+        before = total(scrape(url), "streamhash_rerouted_stale_total")
+        worker.send_signal(signal.SIGSTOP)  # well inside the session timeout: no rebalance
+        try:
+            fourth, fifth = (first + 3) % 10, (first + 4) % 10
+            send_all(kafka, images, fourth, Librdkafka())
+            send_all(kafka, images, fifth)
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        misplaced = sum(crc32_partition(i.encode(), 4) != partition_of(i) for i in ids)
+        wait_for(lambda: total(scrape(url), "streamhash_rerouted_stale_total") - before == misplaced, 60,
+                 f"{misplaced} stale copies dropped at home")
+        wait_labels(store, {i: [int(x)] for i, x in zip(ids, fifth)}, "the newer direct sends, kept")
+
         gone = ids[::10]  # after the re-sends were read: two partitions' records have no order (rehome.py)
         producer = make_producer(kafka, partitioner=Librdkafka())  # tombstones follow their id home too
         for f in [producer.send(kafka.topic, key=i.encode(), value=None) for i in gone]:
             f.get(30)
         producer.close()
-        latest = {i: [int(x)] for i, x in zip(ids, third) if i not in gone}
+        latest = {i: [int(x)] for i, x in zip(ids, fifth) if i not in gone}
         wait_labels(store, latest, "misplaced tombstones")
         ends = high_watermarks(kafka, kafka.topic)
         wait_for(lambda: committed_through(store, kafka.topic, ends), 60, "every partition committed", interval=0.5)
