@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from streamhash.kafka.broker import free_port
@@ -182,6 +183,7 @@ def test_hits_are_captioned_by_class_name(system, browser):
 
     names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
     images, labels = synthetic_images(20, seed=SEED + 2)
+    labels[:10] = np.arange(10)  # every class named, so every hit of the index has a name
     before = httpx.get(f"{system['base']}/healthz").json()["index_size"]
     producer = make_producer(system["kafka"])
     send(producer, system["kafka"].topic, from_arrays(images, labels, prefix="named-", fmt="npy", classes=names),
@@ -193,4 +195,5 @@ def test_hits_are_captioned_by_class_name(system, browser):
     browser.find_element(By.ID, "item-id").send_keys("named-0", Keys.ENTER)
     got = wait_for_results(browser, 6, "named-0")
     assert names[labels[0]] in got[0]["text"]
+    assert browser.find_element(By.ID, "query-caption").text == f"the query · {names[labels[0]]}"
     assert all("labels " not in h["text"] and any(n in h["text"] for n in names) for h in got)

@@ -81,10 +81,16 @@ async function search() {
     $("results").replaceChildren();
     return showError(await detail(response));
   }
-  render(await response.json());
+  render(await response.json(), by === "item" ? idInput.value.trim() : null);
 }
 
-function render(answer) {
+// class names where the index has them (sent with the images, or STREAMHASH_DATA__CLASS_NAMES), else the bare labels
+function labelText(hit) {
+  if (hit.labels === null) return "unlabeled";
+  return hit.label_names ? hit.label_names.join(", ") || "none" : `labels ${hit.labels.join(", ") || "none"}`;
+}
+
+function render(answer, queryId) {
   const shards = answer.shards || [];
   // a shard that did not answer is said, never hidden: its items are missing from these results
   const missing = shards.filter((s) => !s.answered).map((s) => s.shard || s.url);
@@ -107,10 +113,7 @@ function render(answer) {
     img.width = img.height = THUMB_PX;
     const caption = document.createElement("span");
     caption.className = "caption";
-    // class names where the index has them (sent with the images, or STREAMHASH_DATA__CLASS_NAMES), else the bare labels
-    const named = hit.label_names || hit.labels;
-    const labels = hit.labels === null ? "unlabeled" : `${hit.label_names ? "" : "labels "}${named.join(", ") || "none"}`;
-    for (const [cls, text] of [["id", hit.id], ["distance", `d = ${hit.distance}`], ["labels", labels]]) {
+    for (const [cls, text] of [["id", hit.id], ["distance", `d = ${hit.distance}`], ["labels", labelText(hit)]]) {
       const part = document.createElement("span");
       part.className = cls;
       part.textContent = text;
@@ -126,6 +129,9 @@ function render(answer) {
     return li;
   });
   $("results").replaceChildren(...items);
+  // a stored item comes first in its own results: its class goes under the query image
+  const first = answer.results[0];
+  $("query-caption").textContent = first && first.id === queryId ? `the query · ${labelText(first)}` : "the query";
 }
 
 form.addEventListener("submit", (event) => {
