@@ -2,7 +2,8 @@
 roots advertise what they serve (a: partitions 0-1, b: 2-3, c: a fenced stale copy of 1 and a restoring copy of
 3) and ``streamhash serve --discover`` routes each partition to one of them with no list of servers. Searches
 equal brute force over every id, each id once; a forged advert is refused and counted; stopping b makes the
-answers partial (2 unserved, 3 only restoring), starting it again makes them whole."""
+answers partial (2 unserved, 3 only restoring), starting it again makes them whole; killing it (no tombstone)
+takes it off the map after the TTL."""
 
 from __future__ import annotations
 
@@ -67,12 +68,13 @@ def serve_env(kafka) -> dict:
             "STREAMHASH_SERVER__ADVERTISE_TTL_S": "5", "STREAMHASH_SERVER__SHARD_TIMEOUT_S": "5"}
 
 
-def start_server(system, name: str):
+def start_server(system, name: str, wait: bool = True):
     port = system["ports"][name]
     proc = spawn(["serve", "--store", str(system["roots"][name].path), "--port", str(port),
                   "--advertise-url", f"http://127.0.0.1:{port}"], env=system["env"], log_path=system["tmp"] / f"{name}.log")
     system["procs"][name] = proc
-    wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc, system["tmp"] / f"{name}.log")
+    if wait:
+        wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc, system["tmp"] / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +85,12 @@ def system(broker, tmp_path_factory):
               "ports": {name: free_port() for name in ("a", "b", "c", "router")}}
     system["router"] = f"http://127.0.0.1:{system['ports']['router']}"
     try:
-        for name in "abc":
-            start_server(system, name)
+        for name in "abc":  # all at once: each waits for its own port before advertising
+            start_server(system, name, wait=False)
         system["procs"]["router"] = spawn(["serve", "--discover", "--port", str(system["ports"]["router"])],
                                           env=system["env"], log_path=tmp / "router.log")
+        for name in "abc":
+            wait_http(f"http://127.0.0.1:{system['ports'][name]}/healthz", 120, system["procs"][name], tmp / f"{name}.log")
         wait_http(f"{system['router']}/healthz", 120, system["procs"]["router"], tmp / "router.log")
         wait_for(lambda: health(system)["status"] == "ok", 30, "every partition routed")
         yield system
@@ -158,3 +162,9 @@ def test_stopping_a_server_makes_answers_partial_then_whole_again(system):
     got = search(system, code_hex=query.hex(), k=N)
     assert got["partial"] is False
     assert [(x["id"], x["distance"]) for x in got["results"]] == brute_force(truth, query, N)
+    system["procs"]["b"].kill()  # dies without a word: its advert ages out (TTL 5 s here)
+    system["procs"]["b"].wait()
+    assert search(system, code_hex=query.hex(), k=N)["partial"] is True  # meanwhile: named as not answering
+    wait_for(lambda: b not in health(system)["servers"], 15, "b's advert past its TTL")
+    by_shard = {s["shard"]: s for s in search(system, code_hex=query.hex(), k=N)["shards"]}
+    assert by_shard[f"{topic}/2"]["error"] == "no query server serves this partition"
