@@ -40,7 +40,10 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
 def learner_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-servers", dest="kafka.bootstrap_servers", help="Kafka bootstrap servers")
     p.add_argument("--topic", dest="kafka.topic", help="the images topic whose shards it learns from")
-    p.add_argument("--store", dest="store.path", help="the store root the workers write (read-only here)")
+    p.add_argument("--store", dest="store.path", help="follow this store root's shard files (read-only, on the "
+                   "workers' machine) instead of the changelog topic, which needs no root (env STREAMHASH_STORE__PATH)")
+    p.add_argument("--state", dest="learn.state_path", help="the learner's own state store when it reads the changelog "
+                   "(default var/learner; env STREAMHASH_LEARN__STATE_PATH)")
     p.add_argument("--bits", dest="model.bits", type=int)
     p.add_argument("--device", dest="model.device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--metrics-port", dest="learn.metrics_port", type=int)
@@ -159,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     learner_arguments(lr)
     lr.set_defaults(func=_learner)
 
-    s = sub.add_parser("serve", help="run the query server over a store root (HTTP search + /metrics), or a router (--shards)")
+    s = sub.add_parser("serve", help="run the query server over a store root (HTTP search + /metrics), or a router (--shards, "
+                       "or --discover: the query servers found on Kafka)")
     serve_arguments(s)
     s.set_defaults(func=_serve)
 
