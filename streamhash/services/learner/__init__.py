@@ -3,13 +3,16 @@ publishes; it never writes a shard. Its state, its round and its publications ar
 :class:`~streamhash.services.learner.app.Learner`; this module is the process around it (signals, the stop
 deadline, priority, exit codes).
 
-Where it learns from: the shards, read-only (:class:`~streamhash.index.feed.ShardFeed` follows each
-shard's change log as the query server does, and reads Omega's and the reservoir's images from the
-blobs of the shard that holds each id). Not a consumer group of its own on the images topic: DIHN
-must train against the exact codes the index serves (old codes frozen; after a re-encode, the codes
-each worker re-encoded), and only the shards hold those; a second copy of the image stream would also
-hold every image twice. The limit: the learner needs the store root's filesystem (and, for LMDB's
-reader table, the host's PID namespace), like a query server, so it runs where the shards are.
+Where it learns from: by default the shards' changelog topic (:class:`~streamhash.kafka.changelog_feed.ChangelogFeed`),
+every partition of it, into a state store of its own under ``learn.state_path`` (items, labels, codes with their
+provenance, each item's stored input for Omega and the reservoir): it needs no store root, runs on any machine and
+learns from every partition of every machine; a restart reads the changelog's tail from the offsets stored there.
+It re-encodes its copy's inferred codes as the workers do after a re-encode announcement, so DIHN trains against
+the codes the index serves. With a store root (``--store``, ``store.path`` set) it follows the shards' files
+instead (:class:`~streamhash.index.feed.ShardFeed`, read-only, as the query server does), which ties it to the
+machine holding every shard (the filesystem, and LMDB's reader table in the host's PID namespace). Not a consumer
+group on the images topic either way: DIHN must train against the exact codes the index serves (old codes
+frozen; after a re-encode, the re-encoded ones), and only the shards, and their changelog, hold those.
 
 One round, in order:
 

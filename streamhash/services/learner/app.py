@@ -1,6 +1,7 @@
-"""The learner's state and one step of its loop (:class:`Learner`): read the shards, run a round when one
-is due, publish its model and then its codes, each publication retried on a new producer. The process
-around it (signals, the stop deadline, priority, exit codes) is :mod:`streamhash.services.learner`.
+"""The learner's state and one step of its loop (:class:`Learner`): read the shards (through the changelog, or a
+store root's files), run a round when one is due, publish its model and then its codes, each publication retried
+on a new producer. The process around it (signals, the stop deadline, priority, exit codes) is
+:mod:`streamhash.services.learner`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.errors import EXIT_OK, EXIT_TEMPFAIL, BrokerError
 from streamhash.index.feed import ShardFeed
+from streamhash.kafka.changelog_feed import ChangelogFeed
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
 from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelPublisher, ModelReader, latest, log_rejected
 from streamhash.learn.dihn import RoundAbandoned
@@ -39,11 +41,11 @@ class Learner:
         self.settings = settings
         # the process's signal handlers set these (they are installed before the model loads)
         self.stopping, self.round_requested = stopping or threading.Event(), round_requested or threading.Event()
-        net, self.version, self.generation = resume(settings)
+        net, self.version, self.generation, self.base = resume_at_base(settings)
         device = resolve_device(settings.model.device)
         self.hasher = OnlineHasher(net.to(device), settings.learn, seed=settings.model.seed, device=str(device))
         self.publisher = publisher or ModelPublisher(settings.kafka, key=model_key(settings))
-        self.feed: ShardFeed | None = None
+        self.feed: ShardFeed | ChangelogFeed | None = None
         self.blocked: dict[str, bool] = {}
         for reason in ("no_labels", "reencode"):
             self.set_blocked(reason, False, quiet=True)
@@ -51,8 +53,15 @@ class Learner:
         m.LEARNER_GENERATION.set(self.generation)
         log.info("learner at model version %d, generation %d", self.version, self.generation)
 
+    @property
+    def from_root(self) -> bool:
+        """Whether the learner reads a store root's files (``store.path`` set) rather than the changelog."""
+        return "path" in self.settings.store.model_fields_set
+
     def open_root(self) -> bool:
-        """The store root, once a worker created it; False while it does not exist yet."""
+        """The feed: the changelog's, or the store root's once a worker created it (False while it does not exist)."""
+        if self.feed is None and not self.from_root:
+            self.feed = changelog_feed(self.settings, self.hasher, self.base)
         if self.feed is None:
             root = StoreRoot(self.settings.store.path, create=False)  # refuses a single-environment store at once
             if not (root.path / LAYOUT_FILE).exists():
@@ -103,12 +112,13 @@ class Learner:
         model = ModelAnnouncement(version, generation, report.reencode, self.hasher.net.to_bytes())
         self.publish(f"model version {version}", lambda p: p.publish_model(model))
         self.version, self.generation = version, generation
+        if report.reencode and isinstance(self.feed, ChangelogFeed):  # the workers re-encode with it: so does the feed
+            self.feed.rebase(version, HashNet.from_bytes(model.raw))
         m.LEARNER_MODEL_VERSION.set(version)
         m.LEARNER_GENERATION.set(generation)
         # only now: every code names a version the broker already holds
         codes = dict(zip(report.round.ids, report.round.codes))
-        updates = [(p, CodeUpdate(i, seq, "learned", version, codes[i].tobytes()))
-                   for i, p, seq in self.feed.take_pending(list(report.round.ids))]
+        updates = code_updates(self.feed, list(report.round.ids), "learned", version, codes)
         self.publish(f"{len(updates)} codes learned with version {version}", lambda p: p.publish_codes(updates))
         m.LEARNER_CODES_PUBLISHED.inc(len(updates))
         for lag in (self.hasher.clock() - report.arrivals).tolist():
@@ -136,7 +146,7 @@ class Learner:
         ids = self.hasher.quarantine_pending()
         log.exception("learning round failed; %d pending labeled items quarantined (kept indexed with their "
                       "inferred codes, not learned from), e.g. %s", len(ids), ids[:5])
-        marks = [(p, CodeUpdate(i, seq, "quarantine", self.version)) for i, p, seq in self.feed.take_pending(ids)]
+        marks = code_updates(self.feed, ids, "quarantine", self.version)
         self.publish(f"{len(marks)} quarantine marks", lambda p: p.publish_codes(marks))  # so that a restart does not learn from them again
         m.LEARNING_QUARANTINED.inc(len(ids))
 
@@ -242,7 +252,7 @@ class Learner:
             while not self.stopping.is_set():
                 if self.step():
                     continue
-                if self.feed is None and not waited:
+                if self.feed is None and not waited:  # a store root only: the changelog feed opens at once
                     log.info("waiting for a worker to create the store root %s", self.settings.store.path)
                     waited = True
                 self.stopping.wait(interval)
@@ -274,20 +284,55 @@ def _close_quietly(publisher: ModelPublisher) -> None:
         log.debug("closing a producer: %r", exc)
 
 
+def code_updates(feed, ids: list, kind: str, version: int, codes: dict | None = None) -> list[tuple[int, CodeUpdate]]:
+    """(codes partition, update) for each pending id about to be published: by timestamp from the changelog feed,
+    by shard seq from a store root's."""
+    if isinstance(feed, ChangelogFeed):
+        return feed.code_updates(ids, kind, version, codes)
+    return [(p, CodeUpdate(i, seq, kind, version, codes[i].tobytes() if codes is not None else b""))
+            for i, p, seq in feed.take_pending(ids)]
+
+
+def changelog_feed(settings: Settings, hasher: OnlineHasher, base: tuple[int, HashNet | None]) -> ChangelogFeed:
+    """The feed of a learner without a store root: every changelog partition, by hand (no group), into its own state."""
+    from kafka import KafkaConsumer
+
+    from streamhash.kafka.changelog_state import LearnerState
+
+    k, s = settings.kafka, settings.store
+    state = LearnerState(settings.learn.state_path, k.changelog_topic, initial_map_size=s.initial_map_size_bytes,
+                         max_map_size=s.max_map_size_bytes)
+    consumer = KafkaConsumer(**k.client_kwargs(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                             fetch_max_wait_ms=k.fetch_max_wait_ms, fetch_max_bytes=k.fetch_max_bytes,
+                             max_partition_fetch_bytes=k.fetch_max_bytes, client_id="streamhash-learner-changelog")
+    log.info("learning from the changelog %s (no store root), state in %s", k.changelog_topic, settings.learn.state_path)
+    return ChangelogFeed(consumer, k.changelog_topic, hasher, image_spec(settings), state, secret=model_key(settings),
+                         base=base)
+
+
 def resume(settings: Settings) -> tuple[HashNet, int, int]:
-    """(network, version, generation) of the latest published model; none yet: version 1, generation 1,
-    the seeded network every process builds the same way from the model settings."""
+    """(network, version, generation) of the latest published model (:func:`resume_at_base`)."""
+    return resume_at_base(settings)[:3]
+
+
+def resume_at_base(settings: Settings) -> tuple[HashNet, int, int, tuple[int, HashNet | None]]:
+    """(network, version, generation) of the latest published model, and (version, network) of the one that opened
+    its generation (what the workers re-encoded with; ``(1, None)`` in generation 1); none yet: version 1,
+    generation 1, the seeded network every process builds the same way from the model settings."""
     mc = settings.model
     # A record that is not a usable model of these settings is skipped with a warning: the learner starts from
     # the newest one that is (a forged or foreign record on the topic must not keep it from starting).
     reader = ModelReader(settings.kafka, key=model_key(settings), check=lambda a: checked_model(a, mc),
                          on_reject=log_rejected)
     try:
-        last = latest(reader.read_to_end())
+        models = reader.read_to_end()
+        last = latest(models)
     finally:
         reader.close()
     if last is None:
-        return initial_net(mc), 1, 1
-    return last.net, last.version, last.generation
+        return initial_net(mc), 1, 1, (1, None)
+    first = min((a for a in models if a.generation == last.generation), key=lambda a: a.version)
+    base = (1, None) if last.generation == 1 else (first.version, HashNet.from_bytes(first.raw))
+    return last.net, last.version, last.generation, base
 
 
