@@ -24,7 +24,7 @@ when their classes are equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,7 +36,7 @@ DIGITS_QUERIES_PER_CLASS = 20
 
 @dataclass(frozen=True)
 class Stream:
-    images: np.ndarray  # (n, 28, 28) uint8: every image any index below refers to
+    images: np.ndarray  # (n, ...) what the network reads per item (stored inputs), every index below refers to
     labels: np.ndarray  # (n,) int64
     labeled: np.ndarray  # (n,) bool: whether the item arrives with its label
     queries: np.ndarray  # indices
@@ -44,6 +44,9 @@ class Stream:
     chunks: list  # arrays of indices, in arrival order
     everything: np.ndarray | None  # the database when it is "all of R" (online), else None: what has arrived
     train_initial: bool  # whether D0's labeled items train the shared initial model
+    # ModelSettings overrides of the network ``images`` are stored inputs for (CIFAR-10: streamhash.eval.cifar.MODEL);
+    # empty: the default network (Fashion-MNIST's 28x28 images)
+    model: dict = field(default_factory=dict)
 
 
 def split_queries(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
