@@ -24,6 +24,8 @@ JSON_KEYS = ("map", "map_at_1000", "p_r2", "p_at_1000", "reencodes", "images_ree
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=PROTOCOLS, default="class-incremental")
+    parser.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default="fashion-mnist",
+                        help="cifar10: photos, the network of streamhash.eval.cifar.MODEL on cached stored inputs")
     parser.add_argument("--bits", type=int, default=32, choices=[16, 32, 48, 64])
     parser.add_argument("--quick", action="store_true", help="reduced run (12k retrieval, 500 queries, short stream)")
     parser.add_argument("--json", action="store_true", help="last line of output: one JSON object")
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-fraction", type=float, default=None, help="LearnSettings.holdout_fraction")
     parser.add_argument("--reservoir", type=int, default=None, help="LearnSettings.reservoir_size")
     parser.add_argument("--reservoir-strata", action="store_true", default=None, help="LearnSettings.reservoir_strata")
-    parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder")
+    parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder, or CIFAR-10's (streamhash.data.cifar10)")
 
 
 def stream_kwargs(args) -> dict:
@@ -86,16 +88,19 @@ def run(args) -> int:
     cfg = config_from_args(args)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     try:
-        images, labels = load_all(args.data_dir)
-        digits = None
-        if args.protocol == "domain-shift":
-            from streamhash.data.digits import load_digits_28
+        if args.dataset == "cifar10":
+            stream = cifar_stream(args, log)
+        else:
+            images, labels = load_all(args.data_dir)
+            digits = None
+            if args.protocol == "domain-shift":
+                from streamhash.data.digits import load_digits_28
 
-            digits = load_digits_28()
+                digits = load_digits_28()
+            stream = make_stream(args.protocol, images, labels, digits=digits, **stream_kwargs(args))
     except DatasetMissingError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    stream = make_stream(args.protocol, images, labels, digits=digits, **stream_kwargs(args))
     t0 = time.perf_counter()
     result = run_stream(stream, cfg, log=log)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -113,6 +118,14 @@ def run(args) -> int:
                     n: {k: m[k] for k in JSON_KEYS} for n, m in result["methods"].items()}}
         print(json.dumps(slim))
     return 0
+
+
+def cifar_stream(args, log):
+    from streamhash.data.cifar10 import data_home
+    from streamhash.eval.cifar import make_cifar_stream
+
+    return make_cifar_stream(args.protocol, data_home(), args.data_dir, bits=args.bits, seed=args.seed, log=log,
+                             **stream_kwargs(args))
 
 
 def main(argv=None) -> int:
