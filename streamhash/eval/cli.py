@@ -15,11 +15,10 @@ from streamhash.errors import DatasetMissingError
 from streamhash.eval import METHODS
 from streamhash.eval.protocols import PROTOCOLS
 
-# stream sizes (make_stream) and learner settings (LearnSettings) of a reduced run
+# stream sizes (make_stream) of a reduced run; the learner's settings stay LearnSettings' defaults
 QUICK_STREAM = {"retrieval_limit": 12_000, "queries_per_class": 50, "chunks": 3, "stream": 6_000, "chunk_size": 1_500}
-QUICK_LEARN = {"iters": 3, "omega": 1000, "reservoir_size": 500}
-QUICK_INIT_ITERS = 10
-JSON_KEYS = ("map", "map_at_1000", "p_r2", "p_at_1000", "reencodes", "images_reencoded", "seconds", "cpu_seconds")
+JSON_KEYS = ("map", "map_stream", "map_at_1000", "p_r2", "p_at_1000", "reencodes", "images_reencoded", "seconds",
+             "cpu_seconds", "inferred_top10", "inferred_index")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,14 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder: the plot goes to OUT/plots/incremental_<protocol>_<bits>.png")
     parser.add_argument("--save-json", type=Path, default=None, help="write the full result (curves, MI log) here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the learner's, learn.torch_threads)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--labeled-fraction", type=float, default=None,
                         help="share of items that arrive labeled (default: 1 for class-incremental and online, 0.25 otherwise)")
     parser.add_argument("--chunks", type=int, default=None, help="class-incremental: number of stream chunks")
     parser.add_argument("--stream", type=int, default=None, help="online, partial-labels, domain-shift, cold-start: Fashion-MNIST items streamed")
     parser.add_argument("--chunk-size", type=int, default=None, help="items per chunk (all but class-incremental)")
-    parser.add_argument("--init-iters", type=int, default=None, help="alternations of the initial model")
     parser.add_argument("--round-iters", type=int, default=None, help="alternations per round (LearnSettings.iters)")
     parser.add_argument("--omega", type=int, default=None)
     parser.add_argument("--mi-threshold", type=float, default=None)
@@ -59,9 +57,9 @@ def stream_kwargs(args) -> dict:
 
 def config_from_args(args):
     from streamhash.config import LearnSettings
-    from streamhash.eval.harness import EVAL_LEARN, EvalConfig
+    from streamhash.eval.harness import EvalConfig
 
-    learn = dict(EVAL_LEARN) | (QUICK_LEARN if args.quick else {})
+    learn = {}
     for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("mi_threshold", "mi_threshold"),
                      ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size"),
                      ("reservoir_strata", "reservoir_strata")):
@@ -71,9 +69,7 @@ def config_from_args(args):
     bad = set(methods) - set(METHODS)
     if bad:
         raise ValueError(f"unknown methods {sorted(bad)}; choose from {METHODS}")
-    init_iters = args.init_iters if args.init_iters is not None else (QUICK_INIT_ITERS if args.quick else 40)
-    return EvalConfig(protocol=args.protocol, bits=args.bits, seed=args.seed, init_iters=init_iters, methods=methods,
-                      learn=LearnSettings(**learn))
+    return EvalConfig(protocol=args.protocol, bits=args.bits, seed=args.seed, methods=methods, learn=LearnSettings(**learn))
 
 
 def run(args) -> int:
@@ -84,8 +80,8 @@ def run(args) -> int:
     from streamhash.eval.protocols import make_stream
     from streamhash.eval.report import curve_table, markdown_table, plot
 
-    torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
+    torch.set_num_threads(args.threads or cfg.learn.torch_threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     try:
         if args.dataset == "cifar10":
@@ -115,7 +111,8 @@ def run(args) -> int:
     if args.json:
         slim = {"protocol": result["protocol"], "bits": result["bits"], "database": result["database"],
                 "budget": result["budget"], "methods": {
-                    n: {k: m[k] for k in JSON_KEYS} for n, m in result["methods"].items()}}
+                    n: {k: m[k] for k in JSON_KEYS} | ({"mi_log": m["mi_log"]} if "mi_log" in m else {})
+                    for n, m in result["methods"].items()}}
         print(json.dumps(slim))
     return 0
 

@@ -1,26 +1,32 @@
 """Run every method over one stream: one round per chunk, every method evaluated after each chunk.
 
+Every method starts where a new store starts: the untrained initial network (version 1), the first chunk
+(a protocol's D0, where it has one) encoded by it and learned by the first round, as the learner process's
+first round learns the first labeled items it reads. One round per chunk stands for the learner's
+``round_every`` / ``round_max_age_s`` cadence; every other learner setting is ``LearnSettings``' default.
+
 Metrics (:mod:`streamhash.eval.metrics`): queries encoded by the method's current network against the
-database's stored codes. ``seconds`` is what the method spent on the stream (arrival encodes, rounds,
-the MI tests it uses, re-encodes); the shared initial model is reported once (``init_seconds``).
+codes its shard serves. ``seconds`` / ``cpu_seconds`` are what the method spent on the stream (arrival
+encodes and writes, rounds, the MI tests it uses, re-encodes). ``full_retrain`` gets the ``streamhash``
+method's CPU seconds (or the first incremental method's) as its budget, so it runs after them at each step.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from streamhash.config import LearnSettings
+from streamhash.config import LearnSettings, ModelSettings
 from streamhash.eval import METHODS
-from streamhash.eval.methods import POLICIES, FullRetrain, Incremental, Initial, LSHMethod, Method
-from streamhash.eval.metrics import retrieval_metrics
+from streamhash.eval.methods import POLICIES, FullRetrain, Incremental, LSHMethod, Method
+from streamhash.eval.metrics import hamming_distances, retrieval_metrics
 from streamhash.eval.protocols import Stream
-
-
-# the learner process's defaults, except alternations per round (the harness runs one round per chunk)
-EVAL_LEARN = {"iters": 8, "reservoir_size": 1000}
+from streamhash.eval.shard import EvalShard
+from streamhash.model.state import initial_net
 
 
 @dataclass
@@ -28,69 +34,86 @@ class EvalConfig:
     protocol: str = "class-incremental"
     bits: int = 32
     seed: int = 0
-    init_iters: int = 40  # alternations of the initial model (ADSH on D0)
     topk: int = 1000
     methods: tuple = METHODS
     # the learner process's settings, with one round per chunk: round_every / round_max_age_s play no part
-    learn: LearnSettings = field(default_factory=lambda: LearnSettings(**EVAL_LEARN))
+    learn: LearnSettings = field(default_factory=LearnSettings)
 
 
-def evaluate(m: Method, stream: Stream, q_codes: np.ndarray, cfg: EvalConfig, position: int) -> dict:
-    ids = m.table.ids
-    codes = m.table.codes[ids]
+def evaluate(m: Method, stream: Stream, cfg: EvalConfig, position: int) -> dict:
+    ids, codes, learned = m.shard.snapshot()
     if stream.everything is not None:  # the rest of the database, encoded now
         rest = np.setdiff1d(stream.everything, ids)
         ids, codes = np.concatenate([ids, rest]), np.concatenate([codes, m.encode(rest)])
+        learned = np.concatenate([learned, np.zeros(len(rest), bool)])
+    q_codes = m.encode(stream.queries)
     metrics = retrieval_metrics(q_codes, stream.labels[stream.queries], codes, stream.labels[ids], cfg.bits, topk=cfg.topk)
+    metrics |= inferred_share(q_codes, codes, learned)
     m.curve.append((position, metrics))
     return metrics
+
+
+def inferred_share(q_codes: np.ndarray, codes: np.ndarray, learned: np.ndarray, k: int = 10) -> dict:
+    """Share of inferred codes among each query's top ``k`` (stable Hamming order, as the metrics rank),
+    beside their share of the index: equal when learned and inferred codes of a class rank together."""
+    top = np.argsort(hamming_distances(q_codes, codes), axis=1, kind="stable")[:, :k]
+    return {"inferred_top10": float((~learned[top]).mean()), "inferred_index": float((~learned).mean())}
+
+
+def make_methods(stream: Stream, cfg: EvalConfig, tmp: Path) -> dict[str, Method]:
+    start = initial_net(ModelSettings(bits=cfg.bits, seed=cfg.seed)).to_bytes()
+    s, methods = cfg.learn, {}
+
+    def shard(name):
+        return EvalShard(tmp / name, cfg.bits, stream.images, stream.labels, stream.labeled)
+
+    for name in cfg.methods:
+        if name in POLICIES:
+            methods[name] = Incremental(name, stream, cfg.bits, shard(name), s, start, cfg.seed)
+        elif name == "lsh":
+            methods[name] = LSHMethod(stream, cfg.bits, shard(name), cfg.seed)
+        elif name != "full_retrain":
+            raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    if "full_retrain" in cfg.methods:
+        ref = methods.get("streamhash") or next((m for m in methods.values() if isinstance(m, Incremental)), None)
+        if ref is None:
+            raise ValueError("full_retrain is given an incremental method's CPU seconds: name one beside it")
+        methods["full_retrain"] = FullRetrain(stream, cfg.bits, shard("full_retrain"), s, start, cfg.seed,
+                                              lambda: ref.cpu_seconds)
+    return methods
 
 
 def run(stream: Stream, cfg: EvalConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     s = cfg.learn
-    fetch = lambda ids: stream.images[np.asarray(ids, dtype=np.int64)]  # noqa: E731  ids = dataset indices
-    log(f"[{cfg.protocol}] {len(stream.queries)} queries, D0 {len(stream.d0)}, {len(stream.chunks)} chunks of "
-        f"~{len(stream.chunks[0])}, {stream.labeled[np.concatenate([stream.d0, *stream.chunks])].mean():.0%} labeled, "
-        f"bits {cfg.bits}")
-    init = Initial(stream, s, cfg.bits, cfg.seed, cfg.init_iters, fetch)
-    log(f"initial model: {init.seconds:.1f}s, {init.iters} alternations on {len(init.trained)} labeled items")
-    budget = init.iters + len(stream.chunks) * s.iters
-    methods: dict[str, Method] = {}
-    for name in cfg.methods:
-        if name in POLICIES:
-            methods[name] = Incremental(name, stream, cfg.bits, s, init, cfg.seed, fetch)
-        elif name == "full_retrain":
-            methods[name] = FullRetrain(stream, cfg.bits, s, init, cfg.seed, fetch, budget)
-        elif name == "lsh":
-            methods[name] = LSHMethod(stream, cfg.bits, cfg.seed)
-        else:
-            raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-    q = stream.queries
-    position = 0
-    if len(stream.d0):
-        for m in methods.values():
-            evaluate(m, stream, m.encode(q), cfg, position)
-        log("step 0: " + ", ".join(f"{n} {m.curve[-1][1]['map']:.4f}" for n, m in methods.items()))
-    for step, chunk in enumerate(stream.chunks, 1):
-        position += len(chunk)
-        last = step == len(stream.chunks)
-        for m in methods.values():
-            m.arrive(chunk, position, last)
-            evaluate(m, stream, m.encode(q), cfg, position)
-        log(f"step {step} pos {position}: " + ", ".join(
-            f"{n} {m.curve[-1][1]['map']:.4f}{'*' if position in m.events else ''}" for n, m in methods.items()))
-    out = {"protocol": cfg.protocol, "bits": cfg.bits, "init_seconds": round(init.seconds, 2),
-           "database": len(methods[next(iter(methods))].table.ids) if stream.everything is None else len(stream.everything),
-           "budget": {"initial_alternations": init.iters, "round_alternations": s.iters, "rounds": len(stream.chunks),
-                      "full_retrain_alternations": budget, "omega": s.omega, "epochs": s.epochs},
-           "config": {"seed": cfg.seed, "init_iters": cfg.init_iters, "topk": cfg.topk, "learn": s.model_dump()},
-           "methods": {}}
-    for name, m in methods.items():
-        final = m.curve[-1][1]
-        out["methods"][name] = {"map": final["map"], "map_at_1000": final["map_at_k"], "p_r2": final["p_r2"],
-                                "p_at_1000": final["p_at_k"], **m.result()}
-        if m.mi_log:
-            out["methods"][name]["mi_log"] = m.mi_log
+    chunks = ([stream.d0] if len(stream.d0) else []) + list(stream.chunks)
+    order = np.concatenate(chunks)
+    log(f"[{cfg.protocol}] {len(stream.queries)} queries, {len(chunks)} chunks of ~{len(chunks[0])}, "
+        f"{stream.labeled[order].mean():.0%} labeled, bits {cfg.bits}, from the untrained initial network")
+    with tempfile.TemporaryDirectory(prefix="streamhash-eval-") as tmp:
+        methods = make_methods(stream, cfg, Path(tmp))
+        position = 0
+        for step, chunk in enumerate(chunks, 1):
+            position += len(chunk)
+            for m in methods.values():
+                m.arrive(chunk, position, step == len(chunks))
+                evaluate(m, stream, cfg, position)
+            log(f"step {step} pos {position}: " + ", ".join(
+                f"{n} {m.curve[-1][1]['map']:.4f}{'*' if position in m.events else ''}" for n, m in methods.items()))
+        out = {"protocol": cfg.protocol, "bits": cfg.bits, "database": int(len(order) if stream.everything is None
+                                                                           else len(stream.everything)),
+               "budget": {"rounds": len(chunks), "round_alternations": s.iters, "omega": s.omega, "epochs": s.epochs},
+               "config": {"seed": cfg.seed, "topk": cfg.topk, "learn": s.model_dump()}, "methods": {}}
+        for name, m in methods.items():
+            final = m.curve[-1][1]
+            out["methods"][name] = {"map": final["map"], "map_at_1000": final["map_at_k"], "p_r2": final["p_r2"],
+                                    "p_at_1000": final["p_at_k"], "inferred_top10": final["inferred_top10"],
+                                    "inferred_index": final["inferred_index"], **m.result()}
+            if m.mi_log:
+                out["methods"][name]["mi_log"] = m.mi_log
+            m.shard.close()
+        if "full_retrain" in methods:
+            r = out["methods"]["full_retrain"]
+            out["budget"] |= {"full_retrain_cpu_seconds": r["budget_cpu_seconds"],
+                              "full_retrain_alternations": r["alternations"]}
     return out
-

@@ -76,6 +76,7 @@ class DIHNLearner(ItemBook):
         balance: str = "square",
         device: str | torch.device = "cpu",
         seed: int = 0,
+        relearn: bool = False,
     ):
         self.net = net.to(device)
         super().__init__(net.cfg.bits)  # the item bookkeeping
@@ -83,6 +84,7 @@ class DIHNLearner(ItemBook):
         self.omega, self.epochs, self.iters = int(omega), int(epochs), int(iters)
         self.lr, self.weight_decay, self.batch_size = float(lr), float(weight_decay), int(batch_size)
         self.new_fraction, self.soft, self.balance = float(new_fraction), bool(soft), balance
+        self.relearn = bool(relearn)  # DCC re-learns every labeled code, not only the new ones (see learn_round)
         self.device = torch.device(device)
         self.seed = int(seed)
         self.loss_fn = DIHNLoss(self.bits, gamma, mu, balance)
@@ -165,18 +167,23 @@ class DIHNLearner(ItemBook):
                            soft=self.soft, chunk=self._STATS_CHUNK)
 
     def learn_round(self, fetch_images: FetchImages | None = None, *, iters: int | None = None,
-                    should_stop: ShouldStop | None = None) -> RoundResult:
+                    should_stop: ShouldStop | None = None, until: ShouldStop | None = None) -> RoundResult:
         """One DIHN round over the current B_new; returns the learned codes (now frozen). ``should_stop`` is
         asked between alternations and between training batches: True abandons the round
-        (:class:`RoundAbandoned`), so that a stopping process never waits for a round of any size."""
+        (:class:`RoundAbandoned`), so that a stopping process never waits for a round of any size.
+        ``until``, asked after each alternation, True ends the round there (a round on a time budget)."""
         t0 = time.perf_counter()
         fetch = self._fetcher(fetch_images)
         n = len(self._ids)
-        new_rows = np.flatnonzero(~self._frozen[:n])
+        pending = ~self._frozen[:n]
+        # relearn: the old labeled codes are learned again by DCC with the new ones (ADSH's B-step over Gamma,
+        # no image read: a code rewrite), so the codes of classes learned before the stream moved on fit the
+        # network and the classes that came since; only the ones that change are returned
+        new_rows = np.flatnonzero(pending | (self._group[:n] >= 0) if self.relearn and pending.any() else pending)
         before = self._codes[new_rows].copy()
         iters = self.iters if iters is None else int(iters)
         last_loss = float("nan")
-        m = 0
+        m = done = 0
         if len(new_rows) and iters > 0:
             for _ in range(iters):
                 _check(should_stop)
@@ -189,11 +196,16 @@ class DIHNLearner(ItemBook):
                 _check(should_stop)
                 U = self._embed(x)
                 self._dcc(new_rows, omega_rows, U, stats)
+                done += 1
+                if until is not None and until():
+                    break
         self._frozen[new_rows] = True
         self.rounds += 1
-        changed = int((self._codes[new_rows] != before).any(axis=1).sum())
+        moved = (self._codes[new_rows] != before).any(axis=1)
+        changed = int(moved[pending[new_rows]].sum())
+        new_rows = new_rows[pending[new_rows] | moved]
         return RoundResult(self._ids.get(new_rows), self._codes[new_rows], changed, last_loss,
-                           time.perf_counter() - t0, iters if len(new_rows) else 0, m, self.rounds)
+                           time.perf_counter() - t0, done, m, self.rounds)
 
     def _train_net(self, x: torch.Tensor, omega_rows: np.ndarray, stats: dict, should_stop: ShouldStop | None = None) -> float:
         g = torch.from_numpy(self._group[omega_rows].astype(np.int64))
@@ -240,7 +252,7 @@ class DIHNLearner(ItemBook):
             "hyper": {"gamma": self.gamma, "mu": self.mu, "omega": self.omega, "epochs": self.epochs,
                       "iters": self.iters, "lr": self.lr, "weight_decay": self.weight_decay,
                       "batch_size": self.batch_size, "new_fraction": self.new_fraction, "soft": self.soft,
-                      "balance": self.balance, "seed": self.seed},
+                      "balance": self.balance, "seed": self.seed, "relearn": self.relearn},
             "rounds": self.rounds,
             **self._items_state(),
             "opt": self._opt.state_dict(),
