@@ -10,6 +10,8 @@ photo rises after the round."""
 
 from __future__ import annotations
 
+import signal
+
 import httpx
 import numpy as np
 import pytest
@@ -134,24 +136,25 @@ def test_cifar10_photos_learned_from_stored_features_no_image_decoded_again(brok
     data = cifar10.load_split("train", source=TARBALL, per_class=14)  # 140: 10 a class labeled, 4 not
     rank = np.array([np.sum(data.labels[:i] == y) for i, y in enumerate(data.labels)])
     shown = [int(y) if r < 10 else None for y, r in zip(data.labels, rank)]
-    queries = cifar10.load_split("test", source=TARBALL, per_class=3)
+    queries = cifar10.load_split("test", source=TARBALL, per_class=2)
     truth = {f"c-{i}": int(y) for i, y in enumerate(data.labels)}
     kafka = module_kafka(broker, "cifarlearn")
     env = {**env_for(kafka, tmp_path / "index", free_port(), free_port()), **CIFAR_ENV,
-           "STREAMHASH_LEARN__METRICS_PORT": str(free_port())}
+           "STREAMHASH_LEARN__METRICS_PORT": str(free_port()), "STREAMHASH_LEARN__NICE": "0"}
     learner_url = f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
-    worker, metrics_url = start_worker(env, tmp_path / "worker.log")
     server = spawn(["serve"], env=env, log_path=tmp_path / "serve.log")
+    learner = spawn(["learner"], env=env, log_path=tmp_path / "learner.log")  # all three start side by side
+    worker, metrics_url = start_worker(env, tmp_path / "worker.log")
     base = f"http://127.0.0.1:{env['STREAMHASH_SERVER__PORT']}"
-    learner = None
     try:
         wait_http(f"{base}/healthz", 120, server, tmp_path / "serve.log")
+        wait_http(learner_url, 180, learner, tmp_path / "learner.log")
+        learner.send_signal(signal.SIGSTOP)  # no round until precision before it is measured
         producer = make_producer(kafka)
         send(producer, kafka.topic, from_arrays(data.images, shown, prefix="c-"), progress=False)
         wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= len(shown), 180, "the photos indexed")
         before = precision_at_10(base, queries.images, queries.labels, truth)
-        learner = spawn(["learner"], env=env, log_path=tmp_path / "learner.log")
-        wait_http(learner_url, 120, learner, tmp_path / "learner.log")
+        learner.send_signal(signal.SIGCONT)
         wait_for(lambda: scrape(learner_url).get("streamhash_reencode_triggers_total", 0) >= 1, 300,
                  "a round on stored features and its re-encode announced")
         wait_for(lambda: all(s["generation"] >= 2 for s in httpx.get(f"{base}/healthz").json()["shards"]), 180,
@@ -159,9 +162,9 @@ def test_cifar10_photos_learned_from_stored_features_no_image_decoded_again(brok
         after = precision_at_10(base, queries.images, queries.labels, truth)
         worker_metrics, learner_metrics = scrape(metrics_url), scrape(learner_url)
     finally:
+        learner.send_signal(signal.SIGCONT)
         for proc in (learner, server, worker):
-            if proc is not None:
-                stop(proc)
+            stop(proc)
     print(f"CIFAR-10 photos: precision@10 {before:.3f} before the round, {after:.3f} after")
     assert learner_metrics["streamhash_learning_rounds_total"] >= 1
     assert worker_metrics.get("streamhash_reencoded_images_total", 0) >= 1  # unlabeled items' codes, from features
