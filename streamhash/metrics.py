@@ -160,7 +160,8 @@ INDEX_REFRESH_SECONDS = Histogram("streamhash_index_refresh_duration_seconds", "
                                   buckets=_LATENCY_BUCKETS, registry=_Q)
 QUERY_SHARDS = Gauge("streamhash_query_shards", "Shards this query server serves (a router: shards its remotes answered with)",
                      registry=_Q)
-# shard: the remote's position in --shards (a closed set; URLs are not label values); result: ok, timeout or error
+# shard: the remote's position in --shards (a closed set; URLs are not label values), "discovered" for every server a
+# discovering router found (which one failed is in the answer's partial shards); result: ok, timeout or error
 ROUTER_SHARD_REQUESTS = Counter("streamhash_router_shard_requests_total", "Requests a router sent to each remote query server, "
                                 "by result", ["shard", "result"], registry=_Q)
 # reason: header_timeout, header_size, connection_cap (a new one refused), evicted_idle (an idle one closed for it)

@@ -96,21 +96,23 @@ class Remotes:
     async def ask(self, i: int | str, method: str, path: str, **kw) -> Answer:
         """Remote ``i`` of ``--shards``, or the discovered server at URL ``i``."""
         url = self.urls[i] if isinstance(i, int) else i
+        # a discovered server is counted under one label: its URL would make a series per pod a deployment ever had
+        label = str(i) if isinstance(i, int) else "discovered"
         try:
             # one deadline for the whole exchange (httpx's timeouts are per phase: connect, each read, ...)
             r = await asyncio.wait_for(self.client.request(method, url + path, **kw), self.timeout_s)
         except (asyncio.TimeoutError, httpx.TimeoutException):
-            m.ROUTER_SHARD_REQUESTS.labels(shard=str(i), result="timeout").inc()
+            m.ROUTER_SHARD_REQUESTS.labels(shard=label, result="timeout").inc()
             return Answer(url, error="timeout")
         except httpx.HTTPError as exc:
-            m.ROUTER_SHARD_REQUESTS.labels(shard=str(i), result="error").inc()
+            m.ROUTER_SHARD_REQUESTS.labels(shard=label, result="error").inc()
             return Answer(url, error=f"{type(exc).__name__}: {exc}"[:200])
         try:
             body = r.json()
         except ValueError:
             body = {"detail": r.text[:200]}
         # a remote's 4xx is an answer (the request's fault, or an item it does not hold); 5xx is a failure
-        m.ROUTER_SHARD_REQUESTS.labels(shard=str(i), result="error" if r.status_code >= 500 else "ok").inc()
+        m.ROUTER_SHARD_REQUESTS.labels(shard=label, result="error" if r.status_code >= 500 else "ok").inc()
         return Answer(url, r.status_code, body if isinstance(body, dict) else {"detail": body})
 
     async def ask_all(self, method: str, path: str, only: list | None = None, **kw) -> list[Answer]:
