@@ -87,7 +87,7 @@ def test_ids_re_sent_through_other_partitioners_stay_in_their_home_shard_with_th
         wait_labels(store, {i: [int(x)] for i, x in zip(ids, third)}, "the explicit-partition re-sends")
         # a worker behind: a CRC32 send, then a newer murmur2 one of the same ids, both read after they were sent;
         # each misplaced first copy reaches its home after the newer write, and is not written there
-        before = total(scrape(url), "streamhash_rerouted_stale_total")
+        before = {name: total(scrape(url), f"streamhash_{name}_total") for name in ("rerouted", "rerouted_stale")}
         worker.send_signal(signal.SIGSTOP)  # well inside the session timeout: no rebalance
         try:
             fourth, fifth = (first + 3) % 10, (first + 4) % 10
@@ -96,9 +96,12 @@ def test_ids_re_sent_through_other_partitioners_stay_in_their_home_shard_with_th
         finally:
             worker.send_signal(signal.SIGCONT)
         misplaced = sum(crc32_partition(i.encode(), 4) != partition_of(i) for i in ids)
-        wait_for(lambda: total(scrape(url), "streamhash_rerouted_stale_total") - before == misplaced, 60,
-                 f"{misplaced} stale copies dropped at home")
+        wait_for(lambda: total(scrape(url), "streamhash_rerouted_total") - before["rerouted"] == misplaced, 60,
+                 f"{misplaced} old copies re-routed")
+        ends = high_watermarks(kafka, kafka.topic)  # the re-routed copies included
+        wait_for(lambda: committed_through(store, kafka.topic, ends), 60, "the copies read at home", interval=0.5)
         wait_labels(store, {i: [int(x)] for i, x in zip(ids, fifth)}, "the newer direct sends, kept")
+        assert total(scrape(url), "streamhash_rerouted_stale_total") - before["rerouted_stale"] == misplaced
 
         gone = ids[::10]  # after the re-sends were read: two partitions' records have no order (rehome.py)
         producer = make_producer(kafka, partitioner=Librdkafka())  # tombstones follow their id home too
