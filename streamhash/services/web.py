@@ -38,7 +38,7 @@ STATIC = Path(__file__).parent / "static"
 STATUS_EXAMPLE = {
     "index_size": 10050, "generation": 1, "model_version": 1, "ingest_rate": 0.0, "rate_window_s": 10.0,
     "window_s": 300.0, "learning_rounds": 0, "reencodes": 0, "learning_rounds_total": 0, "reencodes_total": 0,
-    "uptime_s": 312.5, "history": [[-300.0, 0], [0.0, 10050]],
+    "uptime_s": 312.5, "last_reencode": None, "history": [[-300.0, 0], [0.0, 10050]],
     "model": {"trained": False, "round_every": 2000, "note": "the model is untrained (version 1, no learning round yet): ..."},
     "label_names": {"0": "T-shirt/top", "1": "Trouser"},
 }
@@ -68,6 +68,7 @@ class LiveStatus:
         # the first sample with a shard: rounds and re-encodes count from it, not from an empty root,
         # or a shard created after start-up (generation 1, version 1) would count as a round and a re-encode
         self._baseline: tuple[float, int, int, int] | None = None
+        self._last_reencode: tuple[float, int, int, int] | None = None  # the first sample of the newest generation
         self.first = self.sample()
 
     def now(self) -> tuple[float, int, int, int]:
@@ -81,6 +82,8 @@ class LiveStatus:
                 self._samples.popleft()
             if self._baseline is None and s[2] > 0:
                 self._baseline = s
+            elif self._baseline is not None and s[2] > (self._last_reencode or self._baseline)[2]:
+                self._last_reencode = s  # an MI-triggered re-encode swapped in a generation
         return s
 
     def start(self) -> LiveStatus:
@@ -103,6 +106,7 @@ class LiveStatus:
         with self._lock:
             samples = [*self._samples, now]
             base = self._baseline or now
+            last = self._last_reencode
         oldest = samples[0]
         oldest_shard = next((s for s in samples if s[2] > 0), now)  # generation 0: no shard existed yet
         recent = next(s for s in samples if s[0] >= t - RATE_WINDOW_S)
@@ -117,6 +121,9 @@ class LiveStatus:
             "learning_rounds": version - oldest_shard[3], "reencodes": gen - oldest_shard[2],
             "learning_rounds_total": version - base[3], "reencodes_total": gen - base[2],
             "uptime_s": t - self.first[0],
+            # the learner's last MI trigger as the index saw it: when its generation went live, with which model
+            "last_reencode": None if last is None else {"generation": last[2], "model_version": last[3],
+                                                        "ago_s": round(t - last[0], 1)},
             "history": [[round(s[0] - t, 1), s[1]] for s in samples[::-1][::step][::-1]],
         }
 

@@ -183,10 +183,16 @@ def test_rounds_and_reencodes_are_counted_from_what_the_server_saw():
     for version in (2, 3, 4):  # three learning rounds, the third with a re-encode
         g.model_version, g.index.ntotal = version, g.index.ntotal + 100
         status.sample()
+    assert status.snapshot()["last_reencode"] is None
     g.generation = 2
     s = status.snapshot()
     assert (s["learning_rounds"], s["reencodes"], s["index_size"]) == (3, 1, 300)
     assert s["learning_rounds_total"] == 3 and s["reencodes_total"] == 1 and s["ingest_rate"] > 0
+    status.sample()  # the panel's "last" re-encode: the generation the learner's trigger made, when it went live
+    g.model_version = 5
+    status.sample()
+    last = status.snapshot()["last_reencode"]
+    assert (last["generation"], last["model_version"]) == (2, 4) and last["ago_s"] >= 0
 
 
 def local_refs(html: str) -> list[str]:

@@ -189,7 +189,9 @@ async function poll() {
       $("live-generation").textContent = String(s.generation);
       $("live-rounds").textContent = String(s.learning_rounds);
       $("live-window").textContent = `in the last ${minutes} min (${s.learning_rounds_total} since start)`;
-      $("live-reencodes").textContent = `${s.reencodes} (${s.reencodes_total} since start)`;
+      const last = s.last_reencode;
+      $("live-reencodes").textContent = `${s.reencodes} (${s.reencodes_total} since start)` + (last ?
+        `; last: generation ${last.generation} (model v${last.model_version}), ${Math.round(last.ago_s)} s ago` : "");
       $("spark-line").setAttribute("points", sparkline(s.history));
     }
   } catch (e) {
