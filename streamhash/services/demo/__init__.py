@@ -48,7 +48,7 @@ from streamhash.kafka.topics import ensure_topics
 from streamhash.services.demo.measure import (SCRAPE_DEADLINE_S, measure_freshness, percentile_ms, precision_at_10,
                                               probe_freshness, scrape)
 from streamhash.services.demo.stream import LATE_CLASS, MALFORMED, UNLABELED_SHARE, Stream, stream_order
-from streamhash.services.demo.summary import Ingest, Searches, print_summary, summarize
+from streamhash.services.demo.summary import Ingest, Searches, print_summary, summarize, triggers_in
 from streamhash.services.processes import ScrapeFailed, spawn, stop, total, wait_for, wait_http
 
 __all__ = ["LATE_CLASS", "LEARN_BUDGET_S", "MALFORMED", "PROGRESS_EVERY_S", "SCRAPE_DEADLINE_S", "UNLABELED_SHARE",
@@ -266,7 +266,9 @@ def run_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, kee
         lm = scrape(stack.learner_url) if stack.learner is not None else {}
         summary = summarize(ingest, delays, searched, health, lm, labeled=data.n_labeled, late_class=LATE_CLASS,
                             malformed=len(MALFORMED), bits=settings.model.bits, probes=probes,
-                            learned_expected=expected_codes, learn_budget_s=LEARN_BUDGET_S, keep_running=keep_running)
+                            learned_expected=expected_codes, learn_budget_s=LEARN_BUDGET_S, keep_running=keep_running,
+                            triggers=triggers_in(workdir / "learner.log"),
+                            reencoded_images=scrape(stack.worker_url).get("streamhash_reencoded_images_total", 0.0))
         progress.stop()
         if keep_running:
             serve(settings, stack, summary)

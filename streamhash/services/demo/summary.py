@@ -3,7 +3,9 @@ words for each (:func:`print_summary`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,11 +35,26 @@ class Searches:
     learning: dict
 
 
+# the learner's line for each round's MI test (services/learner/app.py Learner.report)
+_ROUND = re.compile(r"round (\d+): (\d+) codes learned .*? gain ([+-]?[\d.]+) \(bound ([\d.]+).*?-> (re-encode|keep codes)")
+
+
+def triggers_in(learner_log: Path) -> list[dict]:
+    """The rounds whose MI test fired, from the learner's log: when (round), why (gain against its bound)."""
+    try:
+        text = learner_log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [{"round": int(r), "codes_learned": int(n), "gain": float(g), "bound": float(b)}
+            for r, n, g, b, what in _ROUND.findall(text) if what == "re-encode"]
+
+
 def summarize(ingest: Ingest, delays: list[float], searches: Searches, health: dict, lm: dict, *, labeled: int,
               late_class: int, malformed: int, bits: int, probes: int, learned_expected: int, learn_budget_s: float,
-              keep_running: bool) -> dict:
+              keep_running: bool, triggers: list[dict] = (), reencoded_images: float = 0.0) -> dict:
     """One demo run in numbers, each key saying what it counts (``health``: the query server's ``/healthz``
-    at the end; ``lm``: the learner's metrics then, empty without a learner)."""
+    at the end; ``lm``: the learner's metrics then, empty without a learner; ``triggers``: :func:`triggers_in`;
+    ``reencoded_images``: what the worker re-encoded)."""
     produced, s, learning = ingest.produced, searches, searches.learning
     return {
         "produced": produced, "labeled": labeled, "unlabeled": produced - labeled, "late_class": late_class,
@@ -62,7 +79,16 @@ def summarize(ingest: Ingest, delays: list[float], searches: Searches, health: d
         "running": keep_running,
         "index_mi": round(lm.get("streamhash_index_mi", 0.0), 4),
         "candidate_mi": round(lm.get("streamhash_candidate_mi", 0.0), 4),
+        "triggers": list(triggers), "reencoded_images": int(reencoded_images),
     }
+
+
+def _reencodes(s: dict) -> str:
+    head = f"{s['reencode_triggers']}  MI-triggered re-encodes of the stale inferred codes (generation {s['generation']})"
+    fired = "; ".join(f"round {t['round']}: gain {t['gain']:+.4f} > bound {t['bound']:.4f}" for t in s.get("triggers", []))
+    if not s["reencode_triggers"]:
+        return f"{head}; the last round's MI test: live codes {s['index_mi']}, candidate codes {s['candidate_mi']}"
+    return f"{head}, {s.get('reencoded_images', 0)} images re-encoded by the worker" + (f"; fired at {fired}" if fired else "")
 
 
 def _latency(s: dict) -> str:
@@ -99,7 +125,7 @@ streamhash demo: {stream}
   precision@10       {s['precision_at_10_indexed']} with model v{s['model_version_indexed']}{' (untrained)' if s['model_version_indexed'] <= 1 else ''} -> {s['precision_at_10']} with model v{s['model_version']}
                      (share of the 10 hits of a held-out test image's own class; random ranking gives ~0.1)
   learning           {_learning(s)}
-  re-encodes         {s['reencode_triggers']}  MI-triggered re-encodes of the stale inferred codes (generation {s['generation']}); the last round's MI test: live codes {s['index_mi']}, candidate codes {s['candidate_mi']}""")
+  re-encodes         {_reencodes(s)}""")
     if s.get("running"):
         print(f"""  metrics            {'  '.join(s['metrics_urls'])}
   search             POST {s['search_url']}   (API docs: {s['docs_url']})""")
