@@ -10,8 +10,10 @@ shard holds a model or a learned code of a version that was never published.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +46,34 @@ def precision_at_10(base: str, images, labels, truth: dict[str, int]) -> float:
             r.raise_for_status()
             hits += [truth[h["id"]] == int(lab) for h in r.json()["results"]]
     return float(np.mean(hits))
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path, metrics_port: int):
+    """A real Prometheus scraping ``metrics_port`` every second as job ``streamhash-learner``; yields
+    ``query(expr) -> float | None`` on its HTTP API, or None where Prometheus is not installed."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        yield None
+        return
+    config, port = tmp_path / "prometheus.yml", free_port()
+    config.write_text(json.dumps({"global": {"scrape_interval": "1s", "scrape_timeout": "1s"}, "scrape_configs": [
+        {"job_name": "streamhash-learner", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}))
+    with (tmp_path / "prometheus.log").open("w") as log:
+        proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        base = f"http://127.0.0.1:{port}"
+
+        def query(expr: str) -> float | None:
+            result = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5).json()["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+
+        try:
+            wait_http(f"{base}/-/ready", 60, proc, tmp_path / "prometheus.log")
+            yield query
+        finally:
+            stop(proc)
 
 
 def shard_versions(root) -> dict:
@@ -187,9 +217,12 @@ def test_a_class_ordered_partly_labeled_stream_triggers_a_reencode_that_raises_p
     base = f"http://127.0.0.1:{env['STREAMHASH_SERVER__PORT']}"
     size = lambda: httpx.get(f"{base}/healthz").json()["index_size"]  # noqa: E731
 
+    prom = contextlib.ExitStack()
     try:
         wait_http(f"{base}/healthz", 60, server, tmp_path / "serve.log")
         wait_http(learner_url, 60, learner, tmp_path / "learner.log")
+        query = prom.enter_context(prometheus(tmp_path, int(env["STREAMHASH_LEARN__METRICS_PORT"])))
+        triggers = 'streamhash_reencode_triggers_total{job="streamhash-learner"}'
         producer = make_producer(kafka_settings)
         n1 = len(first)
         send(producer, kafka_settings.topic, from_arrays(images[first], shown[:n1], prefix="c-"), progress=False)
@@ -198,6 +231,8 @@ def test_a_class_ordered_partly_labeled_stream_triggers_a_reencode_that_raises_p
         wait_for(lambda: scrape(learner_url).get("streamhash_learned_codes_published_total", 0) >= 0.8 * labeled_1, 300,
                  "classes 0-4 learned")
         triggers_before = scrape(learner_url).get("streamhash_reencode_triggers_total", 0)
+        if query is not None:  # what a Prometheus server records of the learner before the shift
+            wait_for(lambda: query(triggers) == triggers_before, 30, "Prometheus to scrape the learner's triggers")
         learner.send_signal(signal.SIGSTOP)
         send(producer, kafka_settings.topic, from_arrays(images[second], shown[n1:], prefix="c-", start=n1), progress=False)
         producer.close()
@@ -207,10 +242,14 @@ def test_a_class_ordered_partly_labeled_stream_triggers_a_reencode_that_raises_p
         learner.send_signal(signal.SIGCONT)
         wait_for(lambda: scrape(learner_url).get("streamhash_reencode_triggers_total", 0) > triggers_before, 600,
                  "the MI test to fire on classes 5-9")
+        if query is not None:  # and a Prometheus server sees the counter move (the Grafana panel's series)
+            wait_for(lambda: (query(triggers) or 0) > triggers_before, 30, "Prometheus to see the trigger")
+            wait_for(lambda: query(f"increase({triggers}[1m])") is not None, 30, "the trigger's increase in Prometheus")
         wait_for(lambda: all(s["generation"] > generation for s in httpx.get(f"{base}/healthz").json()["shards"]), 120,
                  "every shard re-encoded")
         after = precision_at_10(base, queries, q_labels, true_class)
     finally:
+        prom.close()
         learner.send_signal(signal.SIGCONT)
         stop(learner)
         stop(server)
