@@ -1,0 +1,96 @@
+"""Two-stage search: Hamming candidates, then ordered by what the items look like (issue 23 item 6).
+
+Learning gives every item of a class (nearly) the same code, so a Hamming search alone returns its class at one
+distance, ties in index order: a classifier's answer, not the most similar photos. The query server therefore
+takes more Hamming hits than asked (``server.rerank_candidates``, at least k) and orders them by distance, then,
+within one distance, by the cosine between the query's feature and each candidate's stored feature (what the
+network's frozen part gave its image: ``Store.features``); the first k are returned, each keeping its Hamming
+distance. Hamming distance stays the first key, so re-ranking never moves an item past a closer code (mAP@all
+does not drop); it only orders the ties that learning created. Only candidates are scored: the exact order
+among all the items at the k-th hit's distance needs ``rerank_candidates`` at least their count
+(``benchmarks/photos_rerank.py`` measures the overlap with the exact feature neighbours per candidate count).
+
+The vector compared is the stored input itself where it is a vector (the pooled feature, cut ``pooled``), or the
+stored activation averaged over space where the network is cut earlier (``(C, H, W)`` -> ``C``): a cheap view of
+what the image looks like that needs no network run per candidate. A candidate without a stored feature (written
+before its shard kept any) or with one of another shape comes after the scored ones of its distance.
+
+Without a feature for the query there is nothing to compare: a search by ``code_hex``, or over shards whose
+network is trained end to end (it stores the image, not a feature) keeps Hamming order and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def vectors(stored: np.ndarray) -> np.ndarray:
+    """Stored inputs (n, *shape) -> (n, d) float32 rows of unit length (a zero row stays zero): a 1-d feature as it
+    is, an activation (n, C, H, W) averaged over its spatial axes."""
+    x = np.asarray(stored, dtype=np.float32)
+    if x.ndim > 2:
+        x = x.reshape(len(x), x.shape[1], -1).mean(axis=2)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def similarities(query: np.ndarray, stored: Sequence[np.ndarray | None]) -> np.ndarray:
+    """Cosine between the query's stored input and each candidate's (float64 (n,)); NaN where a candidate has
+    none or one of another shape."""
+    q = vectors(np.asarray(query)[None])[0]
+    out = np.full(len(stored), np.nan)
+    same = [i for i, s in enumerate(stored) if s is not None and s.shape == query.shape]
+    if same:
+        out[same] = vectors(np.stack([stored[i] for i in same])) @ q
+    return out
+
+
+def order(distances: Sequence[int], sims: np.ndarray) -> np.ndarray:
+    """Candidate indices by Hamming distance, then similarity (highest first, NaN last), then candidate order."""
+    sims = np.asarray(sims, dtype=np.float64)
+    key = np.where(np.isnan(sims), np.inf, -sims)
+    return np.lexsort((np.arange(len(sims)), key, np.asarray(distances)))
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """One search's second stage: the query's stored input (None: Hamming order alone, for ``note``'s reason) and
+    how many Hamming hits to take for it."""
+
+    query: np.ndarray | None
+    candidates: int
+    note: str | None = None
+
+    @classmethod
+    def plan(cls, feature: np.ndarray | None, k: int, candidates: int, reason: str | None = None) -> Rerank:
+        """``candidates``: the setting (0: off); ``reason``: why the query has no feature, if it has none."""
+        if candidates <= 0:
+            return cls(None, k, "re-ranking is off (server.rerank_candidates = 0)")
+        if feature is None:
+            return cls(None, k, reason or "no stored feature for the query (its shards' network is trained end to "
+                                           "end: it keeps the image, not a feature)")
+        return cls(np.asarray(feature), max(k, candidates))
+
+    def apply(self, hits: list[dict], view, k: int) -> tuple[list[dict], dict]:
+        """The first ``k`` of ``hits`` (Hamming-ranked, at most :attr:`candidates`) in the two-stage order, each
+        with its ``similarity`` (None: not scored), and the response's fields saying whether they were re-ranked.
+        ``view``: the search's :class:`~streamhash.index.sharded.View` (each shard's features read once)."""
+        if self.query is None:
+            return hits[:k], {"reranked": False, "rerank_note": self.note}
+        stored: list[np.ndarray | None] = [None] * len(hits)
+        by_shard: dict[str, list[int]] = {}
+        for i, hit in enumerate(hits):
+            by_shard.setdefault(hit["shard"], []).append(i)
+        for name, rows in by_shard.items():
+            v = view.by_name(name)
+            if v is not None:
+                for i, got in zip(rows, v.shard.store.features([hits[i]["id"] for i in rows])):
+                    stored[i] = got
+        sims = similarities(self.query, stored)
+        out = []
+        for i in order([h["distance"] for h in hits], sims)[:k].tolist():
+            out.append({**hits[i], "similarity": None if np.isnan(sims[i]) else round(float(sims[i]), 6)})
+        return out, {"reranked": True, "rerank_note": None}
