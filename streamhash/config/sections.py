@@ -156,6 +156,9 @@ class ServerSettings(BaseModel):
     refresh_min_gap_s: float = Field(0.005, ge=0.0)
     store_wait_s: float = 60.0  # at start-up, how long to wait for a worker to create the store
     max_k: int = 10_000
+    # Two-stage search (streamhash.index.rerank): this many Hamming candidates (at least k) are ordered by
+    # distance, then by the cosine of their stored features, where the query has one; 0: Hamming order alone.
+    rerank_candidates: int = Field(1000, ge=0)
     # a Hamming backend registered in streamhash.index.backends: checked where the index is made (the backends
     # are the index's to know; a plugin may register one after the settings load)
     backend: str = "auto"

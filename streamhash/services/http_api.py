@@ -70,6 +70,8 @@ class Hit(BaseModel):
     label_names: list[str] | None = Field(None, description="each label's class name, where the server has one (the "
                                                             "label-names header, or STREAMHASH_DATA__CLASS_NAMES)")
     shard: str | None = Field(None, description="the shard holding the item, topic/partition")
+    similarity: float | None = Field(None, description="cosine of the item's stored feature to the query's (a "
+                                                       "re-ranked search; null: the item has none)")
 
 
 class ShardAnswer(BaseModel):
@@ -86,7 +88,8 @@ class ShardAnswer(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    results: list[Hit] = Field(description="by distance, then shard (topic, partition), then insertion into the shard")
+    results: list[Hit] = Field(description="by distance, then (re-ranked) similarity, then shard (topic, partition), "
+                                           "then insertion into the shard")
     model_version: int = Field(description="of the newest shard used (highest generation, then model version)")
     generation: int = Field(description="of the newest shard used")
     index_size: int = Field(description="items in every shard used")
@@ -94,6 +97,10 @@ class SearchResponse(BaseModel):
     took_ms: float
     shards: list[ShardAnswer] = Field(description="every shard the search used, with its generation and model version")
     partial: bool = Field(description="true when a shard did not answer: the results leave its items out")
+    reranked: bool = Field(False, description="hits of one distance ordered by the similarity of their stored features "
+                                              "(server.rerank_candidates Hamming candidates)")
+    rerank_note: str | None = Field(None, description="why the hits keep Hamming order (a search by code_hex, no "
+                                                      "stored features, re-ranking off)")
 
 
 class CountResponses:

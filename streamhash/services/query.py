@@ -42,6 +42,7 @@ from streamhash import metrics as m
 from streamhash.codes import from_hex, to_hex
 from streamhash.config import Settings
 from streamhash.errors import BadQueryError
+from streamhash.index.rerank import Rerank
 from streamhash.index.sharded import ShardedIndex, View
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
 from streamhash.memory import freeze_startup_objects, pin_malloc_mmap_threshold
@@ -145,10 +146,14 @@ def _answerer(settings: Settings, index: ShardedIndex, encoder: QueryEncoder, ba
         view, absent = _view(index, req, settings.kafka.topic)  # one generation per shard for the whole query
         queries = await _queries(req, image, view, index, encoder, encodes, settings.model.bits)
         queries.check_some()
+        rerank = Rerank.plan(queries.feature, req.k, settings.server.rerank_candidates,
+                             "a search by code_hex has no feature to re-rank by" if req.code_hex is not None else None)
         if batcher is not None and req.radius is None:
-            hits = await batcher.submit(view.key, (view, queries.codes, req.k))
+            hits = await batcher.submit(view.key, (view, queries.codes, rerank.candidates))
         else:
-            hits = (await run_in_threadpool(view.rank, [queries.codes], [req.k], req.radius))[0]
+            hits = (await run_in_threadpool(view.rank, [queries.codes], [rerank.candidates], req.radius))[0]
+        hits, reranked = (await run_in_threadpool(rerank.apply, hits, view, req.k) if rerank.query is not None
+                          else rerank.apply(hits, view, req.k))
         if req.item_id is not None and (req.radius is None or req.radius > 0):
             hits = view.query_first(hits, req.item_id, req.k)
         if named := class_names.current(view):
@@ -157,7 +162,7 @@ def _answerer(settings: Settings, index: ShardedIndex, encoder: QueryEncoder, ba
         took = time.perf_counter() - t0
         search_seconds.observe(took)
         # a SearchResponse's fields, rendered by orjson without a pydantic round trip (the schema is response_model's)
-        return {**_summary(view, queries, absent), "results": hits, "took_ms": took * 1000}
+        return {**_summary(view, queries, absent), **reranked, "results": hits, "took_ms": took * 1000}
 
     return answer
 

@@ -32,6 +32,9 @@ class ShardQueries:
 
     codes: list[np.ndarray | None]
     errors: list[str | None]
+    # the query's stored input where its network has a frozen part (the image's feature, or the item's stored
+    # one): what the second stage compares candidates with (streamhash.index.rerank); None: Hamming order only
+    feature: np.ndarray | None = None
 
     @classmethod
     def same(cls, view: View, code: np.ndarray) -> "ShardQueries":
@@ -94,7 +97,9 @@ class QueryEncoder:
             if only is not None and v.pos not in only:
                 continue
             if v.model_version not in by_version:
-                by_version[v.model_version] = self._encode(images, view, v)
+                by_version[v.model_version], features = self._encode(images, view, v)
+                for q, f in zip(out, features if features is not None else ()):
+                    q.feature = f if q.feature is None else q.feature  # one frozen part for every version
             got = by_version[v.model_version]
             for i, q in enumerate(out):
                 if isinstance(got, str):
@@ -103,17 +108,21 @@ class QueryEncoder:
                     q.codes[v.pos] = got[i]
         return out
 
-    def _encode(self, images: list[np.ndarray], view: View, v: ShardView) -> np.ndarray | str:
+    def _encode(self, images: list[np.ndarray], view: View, v: ShardView) -> tuple[np.ndarray | str, np.ndarray | None]:
+        """(the codes, or why there are none; the images' stored inputs where the network has a frozen part)"""
         if v.model_version <= 0:
-            return f"shard {v.name} has no model yet"
+            return f"shard {v.name} has no model yet", None
         try:
             net = self.nets.get(v.model_version)
         except LookupError:
-            return f"model version {v.model_version} is not in shard {v.name} yet"
+            return f"model version {v.model_version} is not in shard {v.name} yet", None
         batch = np.stack(images)
-        # images run the network's whole path, as on ingest (a frozen backbone's part included: encode_images);
+        # images run the network's whole path, as on ingest (a frozen backbone's part included: prepare);
         # an item's stored feature (a search by item in another generation) runs only what follows it
-        return net.encode_images(batch) if batch.dtype == np.uint8 else net.encode(batch)
+        if batch.dtype != np.uint8:
+            return net.encode(batch), None
+        stored = net.prepare(batch)
+        return net.encode(stored), (stored if net.frozen else None)
 
 
 def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: str) -> tuple[ShardQueries, ShardView]:
@@ -127,7 +136,8 @@ def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: st
     if own is None:  # a shard added after this search took its view
         raise HTTPException(409, f"item {item_id!r} is in shard {shard.name}, not served yet; retry")
     code = stored_code(own, rec, item_id)
-    queries = ShardQueries([None] * len(view), [None] * len(view))
+    feature = shard.store.features([item_id])[0]  # None where its shard keeps none
+    queries = ShardQueries([None] * len(view), [None] * len(view), feature)
     other = set()
     for v in view.shards:
         if v.g.generation == own.g.generation:
@@ -135,7 +145,6 @@ def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: st
         else:
             other.add(v.pos)
     if other:  # a rolling re-encode: the item in the code space of each other generation
-        feature = shard.store.features([item_id])[0]
         if feature is not None:  # what its network's frozen part gave its image: no decode, no backbone
             encoded = encoder.for_image(feature, view, only=other)
             for pos in other:
