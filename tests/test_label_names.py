@@ -83,3 +83,26 @@ def test_a_shard_keeps_the_names_and_a_later_name_wins_counted(tmp_path):
     assert label_names.merge([label_names.stored(reopened), other], seen) == {3: "chat", 5: "dog", 7: "horse"}
     assert len(seen) == 1  # label 3 is named differently by two shards: logged once
     reopened.close()
+
+
+def test_the_changelog_marker_carries_the_shards_names_and_a_restore_writes_them(tmp_path):
+    from types import SimpleNamespace
+
+    from streamhash.index import label_names
+    from streamhash.index.store import Store
+    from streamhash.kafka import changelog as cl
+
+    store = Store(tmp_path / "s", bits=32)
+    label_names.record(store, [SimpleNamespace(label_names=((3, "cat"),))], [1.0])
+    batch = [SimpleNamespace(label_names=((5, "dog"),)), SimpleNamespace(label_names=((3, "cat"),))]
+    after = label_names.after(store, batch, [2.0, 3.0])
+    assert after == {3: ("cat", 1.0), 5: ("dog", 2.0)}  # what the batch's marker says, before its commit
+    key, value = cl.encode_offsets({("img", 0): 7}, after)
+    got = cl.parse(key, value)
+    assert got.offsets == {("img", 0): 7} and got.label_names == after
+    assert cl.parse(*cl.encode_offsets({("img", 0): 7})).label_names == {}  # a marker without names, as before
+    restored = Store(tmp_path / "r", bits=32)
+    label_names.replace(restored, got.label_names)
+    assert label_names.stored(restored) == after
+    store.close()
+    restored.close()

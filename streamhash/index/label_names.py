@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 META_KEY = "label_names"
 Stored = dict[int, tuple[str, float]]  # label -> (name, Kafka timestamp of the message that named it)
 
-# store -> {label: name} as last written or read by this process: a batch naming nothing new costs no transaction
-_known: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.WeakKeyDictionary()
+# store -> its map as last written or read by this process: a batch naming nothing new costs no transaction
+_known: "weakref.WeakKeyDictionary[object, Stored]" = weakref.WeakKeyDictionary()
 
 
 def stored(store, txn=None) -> Stored:
@@ -51,7 +51,7 @@ def record(store, records, stamps: Sequence[float]) -> int:
     many stored names were replaced by another (counted and logged). No transaction when nothing is new."""
     batch = named_in(records, stamps)
     known = _known.get(store)
-    if not batch or (known is not None and all(known.get(label) == name for label, (name, _) in batch.items())):
+    if not batch or (known is not None and all(known.get(label, ("",))[0] == name for label, (name, _) in batch.items())):
         return 0
 
     def txn_fn(txn):
@@ -63,7 +63,7 @@ def record(store, records, stamps: Sequence[float]) -> int:
             names.update(changed)
             txn.put(META_KEY.encode(), orjson.dumps({str(k): list(v) for k, v in sorted(names.items())}),
                     db=store.db["meta"])
-        return {label: name for label, (name, _) in names.items()}, replaced
+        return names, replaced
 
     _known[store], replaced = store._write(txn_fn)
     for label, old, new in replaced:
@@ -71,6 +71,23 @@ def record(store, records, stamps: Sequence[float]) -> int:
                     label, getattr(store, "path", store), old, new)
     m.LABEL_NAMES_REPLACED.inc(len(replaced))
     return len(replaced)
+
+
+def after(store, records, stamps: Sequence[float]) -> Stored:
+    """The map ``store`` will hold once :func:`record` kept what ``records`` name (nothing written): what the
+    changelog carries with each batch, so a shard restored from it shows the same names."""
+    known = _known.get(store)
+    if known is None:
+        known = _known[store] = stored(store)
+    changed = {label: v for label, v in named_in(records, stamps).items() if known.get(label, ("",))[0] != v[0]}
+    return {**known, **changed} if changed else known
+
+
+def replace(store, names: Stored) -> None:
+    """Write ``names`` as the shard's map (a restore: the changelog's newest map is the shard's)."""
+    value = orjson.dumps({str(k): list(v) for k, v in sorted(names.items())})
+    store._write(lambda txn: txn.put(META_KEY.encode(), value, db=store.db["meta"]))
+    _known[store] = dict(names)
 
 
 def merge(maps: Iterable[Stored], seen_conflicts: set | None = None) -> dict[int, str]:

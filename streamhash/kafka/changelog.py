@@ -22,6 +22,8 @@ Records (``key`` → ``value``):
 * **offsets marker**: ``key`` = :data:`OFFSETS_KEY` (not UTF-8, so no item id can be it), ``value`` = JSON
   ``{"offsets": [[topic, partition, next_offset], ...]}``: the images and codes offsets the shard stores
   with this batch, sent after the batch's item records. Compaction keeps the newest; a restore sets them.
+  ``"label_names": {"3": ["cat", ts], ...}`` beside them: the shard's whole class-name map
+  (:mod:`streamhash.index.label_names`), in every marker, so the one compaction keeps holds it.
 
 With a model key set (``security.model_key``), every record carries the ``streamhash-signature`` header
 (HMAC-SHA256 over topic, key and value, as on the codes topic) and a reader refuses unsigned or forged ones.
@@ -30,7 +32,7 @@ With a model key set (``security.model_key``), every record carries the ``stream
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -69,6 +71,7 @@ class Removed:
 @dataclass(frozen=True)
 class Offsets:
     offsets: dict[tuple[str, int], int]
+    label_names: dict[int, tuple[str, float]] = field(default_factory=dict)  # the shard's class names (label -> name, ts)
 
 
 def encode(state: ItemState) -> tuple[bytes, bytes]:
@@ -87,8 +90,11 @@ def encode_tombstone(item_id: str) -> tuple[bytes, None]:
     return item_id.encode(), None
 
 
-def encode_offsets(offsets: dict[tuple[str, int], int]) -> tuple[bytes, bytes]:
-    return OFFSETS_KEY, orjson.dumps({"offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())]})
+def encode_offsets(offsets: dict[tuple[str, int], int], label_names: dict | None = None) -> tuple[bytes, bytes]:
+    body: dict = {"offsets": [[t, p, o] for (t, p), o in sorted(offsets.items())]}
+    if label_names:
+        body["label_names"] = {str(label): [name, ts] for label, (name, ts) in sorted(label_names.items())}
+    return OFFSETS_KEY, orjson.dumps(body)
 
 
 def sign_headers(secret: bytes | None, topic: str, key: bytes, value: bytes | None) -> list[tuple[str, bytes]]:
@@ -118,8 +124,9 @@ def parse(key: bytes | None, value: bytes | None, headers=None, *, topic: str = 
 
 def _offsets(value: bytes | None) -> Offsets:
     try:
-        rows = orjson.loads(value or b"")["offsets"]
-        return Offsets({(str(t), int(p)): int(o) for t, p, o in rows})
+        body = orjson.loads(value or b"")
+        names = {int(label): (str(name), float(ts)) for label, (name, ts) in body.get("label_names", {}).items()}
+        return Offsets({(str(t), int(p)): int(o) for t, p, o in body["offsets"]}, names)
     except (ValueError, KeyError, TypeError) as exc:
         raise InternalRecordRejected("changelog", f"offsets marker: {exc}"[:300]) from None
 

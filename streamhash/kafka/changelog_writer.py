@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from streamhash import metrics as m
+from streamhash.index import label_names
 from streamhash.kafka import changelog as cl
 
 
@@ -58,7 +59,7 @@ class ChangelogWriter:
                     self._send(partition, key, value)
             nxt.update(self.flush())
         topic_offsets = {k: v for k, v in store.offsets().items() if k[0] != self.topic}
-        self._send(partition, *cl.encode_offsets(topic_offsets))
+        self._send(partition, *cl.encode_offsets(topic_offsets, label_names.stored(store)))
         nxt.update(self.flush())
         return nxt
 
@@ -76,7 +77,7 @@ class ChangelogWriter:
         rewritten = {r.id for r in w.records} | set(w.removals)  # an update for them is stale once the write commits
         out += [rec for u in w.updates if u.item_id not in rewritten and (rec := self._updated(w.store, u))]
         out += [cl.encode_tombstone(i) for i in w.removals]
-        out.append(cl.encode_offsets(w.offsets))
+        out.append(cl.encode_offsets(w.offsets, label_names.after(w.store, w.records, w.stamps)))
         return out
 
     def _updated(self, store, u) -> tuple[bytes, bytes] | None:

@@ -31,6 +31,7 @@ from kafka import TopicPartition
 
 from streamhash import metrics as m
 from streamhash.errors import InternalRecordRejected
+from streamhash.index import label_names
 from streamhash.index.store.restore import apply_changelog, set_flags
 from streamhash.kafka import changelog as cl
 
@@ -82,7 +83,7 @@ class Restorer:
 
     def _run(self, deadline: float) -> None:
         """One transaction's worth of records (or the rest, or what came by ``deadline``)."""
-        entries, offsets, n = [], {}, 0
+        entries, offsets, names, n = [], {}, None, 0
         key = (self.tp.topic, self.tp.partition)
         while n < self.batch_records:
             polled = self.consumer.poll(timeout_ms=200, max_records=self.batch_records - n).get(self.tp, [])
@@ -95,6 +96,7 @@ class Restorer:
                     continue
                 if isinstance(got, cl.Offsets):
                     offsets.update(got.offsets)
+                    names = got.label_names or names
                 else:
                     entries.append(got)
             n += len(polled)
@@ -116,6 +118,8 @@ class Restorer:
             if not self.records:
                 set_flags(self.store, restoring=True)
             apply_changelog(self.store, entries, offsets)
+        if names:  # the newest marker's map is the shard's (class names, streamhash.index.label_names)
+            label_names.replace(self.store, names)
         self.records += n
         m.RESTORE_RECORDS.inc(n)
         if self.done and self.legacy and self.writer is not None:
