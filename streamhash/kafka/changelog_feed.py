@@ -74,6 +74,7 @@ class ChangelogFeed:
         self.pending_at: dict[str, tuple[int, float]] = {}
         self.tps: list[TopicPartition] | None = None
         self.records_read = self.rejected = 0
+        self.caught_up = False
 
     # -- reading ----------------------------------------------------------------------------------------------
     def poll(self) -> int:
@@ -93,6 +94,10 @@ class ChangelogFeed:
         if got.n:
             self._apply(got)
             self.records_read += got.n
+        if not self.caught_up and self._caught_up():
+            self.caught_up = True
+            log.info("changelog read to its end: %d records since the stored offsets, %d items known",
+                     self.records_read, self.state.count())
         return got.n
 
     def _parse(self, got: _Read, partition: int, rec) -> None:
@@ -208,9 +213,10 @@ class ChangelogFeed:
                                 [set(r["labels"]) if r["labels"] else None for _, r in grp],
                                 frozen=frozen, learned=learned)
 
-    def rebase(self, version: int, net) -> int:
+    def rebase(self, version: int, net, *, learned=frozenset()) -> int:
         """The index's generation opened with model ``version`` (``net``): inferred codes of older networks are
-        re-encoded with it, in the state store and the sink. Returns how many."""
+        re-encoded with it, in the state store and the sink (not for the ids in ``learned``: the round just learned
+        their codes, which the sink holds; their workers' records of them follow). Returns how many."""
         self.base_version, self.base_net = version, net
         if net is None:
             return 0
@@ -226,7 +232,8 @@ class ChangelogFeed:
                         self.state.put(txn, i, {**r, "code": code.tobytes().hex(), "model": version})
 
                 self.state.write(fn)
-                self.hasher.apply_reencode([i for i, _ in part], codes)
+                keep = [k for k, (i, _) in enumerate(part) if i not in learned]
+                self.hasher.apply_reencode([part[k][0] for k in keep], codes[keep])
                 done += len(part)
         if done:
             log.info("learner state: %d inferred codes re-encoded with model version %d, as the workers do", done, version)

@@ -11,7 +11,6 @@ the tail). Blobs stay on disk: a round reads the few hundred it samples (:meth:`
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,7 +142,3 @@ class LearnerState:
 
     def close(self) -> None:
         self.env.close()
-
-    @staticmethod
-    def wipe(path: str | Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)

@@ -113,7 +113,7 @@ class Learner:
         self.publish(f"model version {version}", lambda p: p.publish_model(model))
         self.version, self.generation = version, generation
         if report.reencode and isinstance(self.feed, ChangelogFeed):  # the workers re-encode with it: so does the feed
-            self.feed.rebase(version, HashNet.from_bytes(model.raw))
+            self.feed.rebase(version, HashNet.from_bytes(model.raw), learned=set(report.round.ids))
         m.LEARNER_MODEL_VERSION.set(version)
         m.LEARNER_GENERATION.set(generation)
         # only now: every code names a version the broker already holds

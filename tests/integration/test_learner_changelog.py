@@ -1,0 +1,74 @@
+"""A learner with no store root (issue 25 item 2): a worker writes its shards and their changelog, the learner reads
+the changelog only (its own state store, another directory), and its learned codes reach every partition's shard;
+restarted, it reads only the changelog's tail from its stored offsets."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from streamhash.kafka.broker import free_port
+from streamhash.kafka.produce import from_arrays, make_producer, send
+from streamhash.kafka.topics import ensure_topics
+from streamhash.services.processes import scrape, spawn
+from tests.conftest import synthetic_images
+from tests.support import committed_through, env_for, high_watermarks, read_store, start_worker, stop, wait_for, wait_http
+
+pytestmark = pytest.mark.integration
+
+CAUGHT_UP = re.compile(r"changelog read to its end: (\d+) records since the stored offsets")
+
+
+def learner_env(env: dict, state) -> dict:
+    out = {k: v for k, v in env.items() if k != "STREAMHASH_STORE__PATH"}  # no root: the changelog feed
+    out.update({"STREAMHASH_LEARN__STATE_PATH": str(state), "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
+                "STREAMHASH_LEARN__ROUND_EVERY": "100", "STREAMHASH_LEARN__ROUND_MAX_AGE_S": "0",
+                "STREAMHASH_LEARN__OMEGA": "200", "STREAMHASH_LEARN__EPOCHS": "1", "STREAMHASH_LEARN__ITERS": "1",
+                "STREAMHASH_LEARN__RESERVOIR_SIZE": "50", "STREAMHASH_LEARN__NICE": "0"})
+    return out
+
+
+def test_a_learner_without_a_store_root_teaches_every_partition_and_resumes_from_its_offsets(kafka_settings, tmp_path):
+    ensure_topics(kafka_settings)
+    root = tmp_path / "index"
+    env = env_for(kafka_settings, root, free_port(), free_port())
+    lenv = learner_env(env, tmp_path / "learner-state")
+    images, labels = synthetic_images(240, seed=5)
+    shown = [None if i % 4 == 0 else int(y) for i, y in enumerate(labels)]
+    worker, _ = start_worker(env, tmp_path / "worker.log")
+    learner = spawn(["learner"], env=lenv, log_path=tmp_path / "learner.log")
+    lurl = f"http://127.0.0.1:{lenv['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
+    try:
+        wait_http(lurl, 60, learner, tmp_path / "learner.log")
+        producer = make_producer(kafka_settings)
+        send(producer, kafka_settings.topic, from_arrays(images[:200], shown[:200], prefix="c-"), progress=False)
+        wait_for(lambda: scrape(lurl).get("streamhash_learned_codes_published_total", 0) >= 100, 240,
+                 "a round over the changelog and its codes published")
+        codes_end = high_watermarks(kafka_settings, kafka_settings.codes_topic)
+        wait_for(lambda: committed_through(root, kafka_settings.codes_topic, codes_end), 60,
+                 "the worker to apply every learned code", interval=0.5)
+        shards = read_store(root)["shards"]
+        assert len(shards) == 4 and all(s["learned"] > 0 for s in shards.values()), shards
+        assert not (root / "learner-state").exists() and (tmp_path / "learner-state" / "data.mdb").exists()
+        log = (tmp_path / "learner.log").read_text()
+        assert "learning from the changelog" in log and "not published" not in log
+
+        # stopped, more items meanwhile, restarted: only the changelog records written since are read
+        assert stop(learner, timeout=60) == 0
+        before = high_watermarks(kafka_settings, kafka_settings.changelog_topic)
+        send(producer, kafka_settings.topic, from_arrays(images[200:], shown[200:], prefix="c-", start=200),
+             progress=False)
+        producer.close()
+        ends = high_watermarks(kafka_settings, kafka_settings.topic)
+        wait_for(lambda: committed_through(root, kafka_settings.topic, ends), 60, "the last items indexed", interval=0.5)
+        after = high_watermarks(kafka_settings, kafka_settings.changelog_topic)
+        learner = spawn(["learner"], env=lenv, log_path=tmp_path / "learner2.log")
+        got = wait_for(lambda: CAUGHT_UP.search((tmp_path / "learner2.log").read_text()), 120,
+                       "the restarted learner caught up with the changelog")
+        tail = sum(after.values()) - sum(before.values())
+        assert 40 <= int(got.group(1)) == tail < sum(after.values()) // 2
+        assert "learner state: 200 items" in (tmp_path / "learner2.log").read_text()
+    finally:
+        for p in (learner, worker):
+            stop(p, timeout=30)
