@@ -94,3 +94,18 @@ class Rerank:
         for i in order([h["distance"] for h in hits], sims)[:k].tolist():
             out.append({**hits[i], "similarity": None if np.isnan(sims[i]) else round(float(sims[i]), 6)})
         return out, {"reranked": True, "rerank_note": None}
+
+
+def merge_key(hit: dict) -> tuple:
+    """A router's merge of re-ranked answers (sorted stably by this key): distance, then similarity, highest first
+    (a hit without one after those with one), the servers' own order after that."""
+    s = hit.get("similarity")
+    return (hit["distance"], -s if s is not None else np.inf)
+
+
+def merged_fields(bodies: Sequence[dict]) -> dict:
+    """``reranked`` of a merged answer: true when every server re-ranked its own; else the first reason given."""
+    if bodies and all(b.get("reranked") for b in bodies):
+        return {"reranked": True, "rerank_note": None}
+    return {"reranked": False, "rerank_note": next((b["rerank_note"] for b in bodies if b.get("rerank_note")),
+                                                   "a server behind the router did not re-rank")}

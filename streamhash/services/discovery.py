@@ -9,6 +9,7 @@ import logging
 import time
 
 from streamhash.config import Settings
+from streamhash.index.rerank import merge_key, merged_fields
 from streamhash.kafka.directory import DirectoryReader, Routes, ensure_serving_topic
 from streamhash.services.spec import model_key
 
@@ -87,7 +88,7 @@ def merge(answers, routes: Routes, topic: str, k: int, item_id: str | None = Non
     for a in ok:  # a server answers for its own partitions only; one that ignored the request's is held to them
         own = set(routes.servers.get(a.url, ()))
         hits += [h for h in a.body["results"] if partition_of(h["shard"]) in own]
-    hits.sort(key=lambda h: (h["distance"], partition_of(h["shard"])))  # stable: each shard keeps its own order
+    hits.sort(key=lambda h: (*merge_key(h), partition_of(h["shard"])))  # stable: each shard keeps its own order
     if item_id is not None:
         hits = [h for h in hits if h["id"] == item_id] + [h for h in hits if h["id"] != item_id]
     shards = _shards(answers, routes, topic)
@@ -95,7 +96,8 @@ def merge(answers, routes: Routes, topic: str, k: int, item_id: str | None = Non
     return {"results": hits[:k], "model_version": newest.body["model_version"], "generation": newest.body["generation"],
             "index_size": sum(s.get("index_size") or 0 for s in shards if s["answered"]),
             "code_hex": newest.body["code_hex"], "shards": shards,
-            "partial": routes.partial or any(not s["answered"] for s in shards) or any(a.body.get("partial") for a in ok)}
+            "partial": routes.partial or any(not s["answered"] for s in shards) or any(a.body.get("partial") for a in ok),
+            **merged_fields([a.body for a in ok])}
 
 
 def health(answers, routes: Routes, topic: str) -> tuple[int, dict]:

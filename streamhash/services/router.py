@@ -47,6 +47,7 @@ from streamhash import __version__
 from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.errors import BadQueryError
+from streamhash.index.rerank import merge_key, merged_fields
 from streamhash.services.auth import require_api_key
 from streamhash.services import api_docs
 from streamhash.services.discovery import Discovery, bodies, partition_of, unserved
@@ -128,7 +129,7 @@ def merge(answers: list[Answer], k: int, item_id: str | None = None) -> dict:
     """The fields of a /search response from the remotes' answers, in ``--shards`` order (see the module)."""
     ok = [a for a in answers if a.ok]
     hits = [h for a in ok for h in a.body["results"]]  # URL order, each remote's own order
-    hits.sort(key=lambda h: h["distance"])  # stable: ties keep URL then remote order
+    hits.sort(key=merge_key)  # stable: ties (distance, re-ranked similarity) keep URL then remote order
     if item_id is not None:  # the query item first, as a local search puts it
         hits = [h for h in hits if h["id"] == item_id] + [h for h in hits if h["id"] != item_id]
     shards = []
@@ -137,7 +138,8 @@ def merge(answers: list[Answer], k: int, item_id: str | None = None) -> dict:
     newest = max(ok, key=lambda a: (a.body["generation"], a.body["model_version"]))
     return {"results": hits[:k], "model_version": newest.body["model_version"], "generation": newest.body["generation"],
             "index_size": sum(a.body["index_size"] for a in ok), "code_hex": newest.body["code_hex"], "shards": shards,
-            "partial": len(ok) < len(answers) or any(a.body.get("partial") for a in ok)}
+            "partial": len(ok) < len(answers) or any(a.body.get("partial") for a in ok),
+            **merged_fields([a.body for a in ok])}
 
 
 def create_app(settings: Settings, discovery: Discovery | None = None) -> FastAPI:

@@ -135,3 +135,19 @@ def test_zero_candidates_switches_it_off(served):
     body = client.post("/search", json={"item_id": "item-02", "k": N}).json()
     assert body["reranked"] is False and "rerank_candidates" in body["rerank_note"]
     assert [h["id"] for h in body["results"]] == ["item-02"] + [i for i in hamming_order() if i != "item-02"]
+
+
+def test_a_router_merges_reranked_answers_by_distance_then_similarity(served):
+    """Two query servers (here the same one asked twice, its shards split between the answers): the merge keeps
+    the distance first, then puts ties in similarity order across servers, as one server over both would."""
+    from streamhash.services.router import Answer, merge
+
+    client, feats, _ = served
+    whole = client.post("/search", json={"item_id": "item-05", "k": N}).json()
+    parts = [{**whole, "results": [h for h in whole["results"] if h["shard"] == f"images/{p}"]} for p in (1, 0)]
+    merged = merge([Answer(f"http://s{p}", 200, body) for p, body in enumerate(parts)], N, "item-05")
+    assert [h["id"] for h in merged["results"]] == [h["id"] for h in whole["results"]]
+    assert merged["reranked"] is True
+    plain = client.post("/search", json={"code_hex": "00000000", "k": N}).json()
+    merged = merge([Answer("http://s0", 200, plain), Answer("http://s1", 200, whole)], N)
+    assert merged["reranked"] is False and "code_hex" in merged["rerank_note"]
