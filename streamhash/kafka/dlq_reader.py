@@ -21,7 +21,8 @@ from streamhash.config import KafkaSettings
 from streamhash.errors import BrokerError
 from streamhash.kafka.reading import read_to_end
 
-_ADDED = ("error.", "source.")  # header prefixes the dead-lettering added
+# header prefixes the dead-lettering added, and the worker's re-route (a replay is a new send: it may be re-routed)
+_ADDED = ("error.", "source.", "streamhash.rehomed-from")
 
 
 class NoDeadLetterTopic(BrokerError):

@@ -157,3 +157,11 @@ def test_a_re_routed_copy_older_than_its_ids_standing_write_is_not_written():
                      [ts for _, _, ts, _, _ in batch], [s for _, s, *_ in batch], stores.get)
     assert keep == [n for n, row in enumerate(batch) if row[-1]]
     assert m.REROUTED_STALE.labels(topic="imgs")._value.get() == before + 2
+
+
+def test_a_replayed_dead_letter_loses_the_re_route_mark_so_it_may_be_re_routed_again():
+    from streamhash.kafka.dlq_reader import DeadLetter
+
+    d = DeadLetter(b"k", b"v", [("labels", b"1"), (HEADER, b"2:7"), ("error.stage", b"shape"),
+                                ("source.partition", b"1")], 0, 0, 0)
+    assert d.original_headers == [("labels", b"1")]
