@@ -1,10 +1,12 @@
-"""CIFAR-10 photos with their class names, end to end: ``streamhash produce --dataset cifar10`` (a few hundred
+"""CIFAR-10 photos with their class names, end to end: ``streamhash produce --dataset cifar10`` (100
 JPEGs of the shared tarball, sent as they are) → a worker (32x32 RGB) → a query server that shows the names the
 shard keeps (``cat``, not ``labels 3``); a foreign producer renaming a label wins and is counted; names that do
-not match their labels are dead-lettered with the reason."""
+not match their labels are dead-lettered with the reason; a worker restoring the shards from the changelog
+restores the names too."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from tests.support import env_for, module_kafka, start_worker, stop, wait_for, w
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not TARBALL.exists(), reason=f"the shared CIFAR-10 tarball is not at {TARBALL}")]
 
-PER_CLASS = 15  # of the test split: 150 photos
+PER_CLASS = 10  # of the test split: 100 photos
 PHOTOS = {"STREAMHASH_MODEL__IMAGE_SIZE": "32", "STREAMHASH_MODEL__CHANNELS": "3", "STREAMHASH_IMAGE__MODE": "rgb"}
 
 
@@ -64,6 +66,36 @@ def test_cifar10_photos_are_searched_by_class_name(broker, tmp_path):
         wait_for(lambda: httpx.get(f"{base}/items/foreign-1").status_code == 200, 60, "the foreign photo served")
         assert httpx.get(f"{base}/items/cifar10-test-cat-0003").json()["label_names"] == ["kitten"]
         assert httpx.get(f"{base}/status").json()["label_names"]["3"] == "kitten"
+
+        # the shards are a cache of Kafka: a worker with an empty store restores them, names included
+        stop(worker)
+        env2 = {**env, "STREAMHASH_STORE__PATH": str(tmp_path / "index2"), "STREAMHASH_WORKER__METRICS_PORT": str(free_port())}
+        worker, _ = start_worker(env2, tmp_path / "worker2.log")
+        restored = wait_for(lambda: (got := shard_names(tmp_path / "index2"))[0] >= n + 1 and got, 90, "the restore")
+        assert restored[1] == {**{str(i): c for i, c in enumerate(CLASSES)}, "3": "kitten"}
     finally:
         stop(server)
         stop(worker)
+
+
+def shard_names(root) -> tuple[int, dict]:
+    """(items, merged class names) of the shards under ``root``, read in a fresh process (one LMDB env per process)."""
+    code = f"""
+import json
+from streamhash.index import label_names
+from streamhash.index.store import Store
+from streamhash.index.store.root import StoreRoot
+try:
+    root = StoreRoot({str(root)!r}, create=False)
+except Exception:
+    print(json.dumps([0, {{}}])); raise SystemExit
+n, maps = 0, []
+for key in root.shards():
+    s = Store(root.shard_path(key), readonly=True)
+    n, maps = n + s.count(), maps + [label_names.stored(s)]
+    s.close()
+print(json.dumps([n, label_names.merge(maps)]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    n, names = json.loads(out)
+    return n, names
