@@ -1,7 +1,8 @@
 """The photo path's backbone: EfficientNet-Lite0 features in torch eager and in ONNX Runtime, same run.
 
-Part one of issue 23's benchmark (worker ingest, rounds on stored features, re-encode and search by photo
-come later). In one process, interleaved so drift in machine load hits every engine alike:
+Issue 23's benchmark. The stored part (worker ingest with features stored, a round and a re-encode from stored
+features vs from images: ``benchmarks/photos_stored.py``, its docstring says how) runs last; ``--no-stored``
+skips it. The engines, in one process, interleaved so drift in machine load hits every engine alike:
 
 - images/s of the frozen feature extractor (pooled 1280-d), batch 16, at 2 and 1 threads, at input sizes
   224, 160 and 128 (CIFAR-10 is 32x32, upsampled bilinearly): torch eager NCHW (as the project ran it),
@@ -38,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serve import cpu_model  # noqa: E402
+from photos_stored import add_arguments as stored_arguments, stored_figures  # noqa: E402
 
 from streamhash.data import cifar10  # noqa: E402
 from streamhash.model.efficientnet import EfficientNetLite0Backbone, PooledFeatures  # noqa: E402
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument("--probe-int8-dynamic", action="store_true",
                     help="also probe the dynamic int8 features (slow: it ran 5-7x slower than fp32 here)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument("--no-stored", action="store_true", help="skip the stored-features part (photos_stored.py)")
+    stored_arguments(ap)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
@@ -166,6 +170,11 @@ def main() -> None:
     result["int8_dynamic_vs_fp32"] = round(top["onnxruntime_int8_dynamic"] / top["onnxruntime"], 2)
     result["int8_static_vs_fp32"] = round(top["onnxruntime_int8_static"] / top["onnxruntime"], 2)
     result["ratios_at"] = {"size": sizes[0], "threads": threads[0]}
+    if not args.no_stored:
+        result["stored"] = stored_figures(source, args, say)
+        for key in ("ingest_vs_engine", "round_features_vs_images", "reencode_vs_images", "reencode_features_s"):
+            if key in result["stored"]:
+                result[key] = result["stored"][key]
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
 

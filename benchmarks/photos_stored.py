@@ -1,7 +1,7 @@
 """bench_photos, stored features (issue 23): a learning round and a re-encode from the features kept with each
 photo vs the same from the photos' images, same run, through the product's code.
 
-- ``engine_images_per_s``: the frozen part (``HashNet.prepare``: ONNX Runtime on the CPU, ``--threads``) over
+- ``engine_images_per_s``: the frozen part (``HashNet.prepare``: ONNX Runtime on the CPU, ``--stored-threads``) over
   CIFAR-10 train JPEGs as stored (decoded, then upsampled to 224), the rate the worker's encode step pays once
   per photo. ``ingest_vs_engine``: a worker process (same threads) ingesting ``--ingest-photos`` of those JPEG
   files from a topic of the embedded broker into a committed shard, features stored (``bench_ingest``'s
@@ -129,15 +129,15 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
         net = HashNet(HashNetConfig(bits=32, backbone="efficientnet_lite0", image_size=32, channels=3))
     blobs, labels = photos(source, max(args.photos, args.ingest_photos))
     work = Path(tempfile.mkdtemp(prefix="bench-photos-stored-"))
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.stored_threads)
     net.prepare(decode_images([(b, "image/jpeg") for b in blobs[:16]], SPEC))  # the export and a session: not timed
     t0 = time.perf_counter()
     feats = net.prepare(decode_images([(b, "image/jpeg") for b in blobs], SPEC))
     engine_rate = len(blobs) / (time.perf_counter() - t0)
-    say(f"frozen part: {engine_rate:.1f} photos/s ({len(blobs)} decoded and prepared, {args.threads} threads)")
+    say(f"frozen part: {engine_rate:.1f} photos/s ({len(blobs)} decoded and prepared, {args.stored_threads} threads)")
     ingest = {}
     if args.ingest_photos:
-        rate, spec = ingest_rate(blobs[:args.ingest_photos], labels, work / "ingest", args.threads)
+        rate, spec = ingest_rate(blobs[:args.ingest_photos], labels, work / "ingest", args.stored_threads)
         ingest = {"ingest_images_per_s": round(rate, 1), "ingest_vs_engine": round(rate / engine_rate, 3),
                   "ingest_feature_spec": spec}
         say(f"worker ingest: {rate:.1f} photos/s, features stored as {spec}")
@@ -161,7 +161,7 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
         s.close()
     per_feature, per_image = feat_s / args.reencode_items, img_s / args.reencode_images
     return {
-        "engine_images_per_s": round(engine_rate, 1), "threads": args.threads, **ingest,
+        "engine_images_per_s": round(engine_rate, 1), "threads": args.stored_threads, **ingest,
         "round": {"omega": args.omega, "iters": args.iters, "epochs": args.epochs,
                   "features_s": round(by_features, 3), "images_s": round(by_images, 3)},
         "round_features_vs_images": round(by_features / by_images, 4),
@@ -176,7 +176,7 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--photos", type=int, default=400, help="real photos: the round's items, the features' source")
     ap.add_argument("--ingest-photos", type=int, default=600, help="photos a worker ingests (0: skip)")
-    ap.add_argument("--threads", type=int, default=2, help="threads of the frozen part, in-process and in the worker")
+    ap.add_argument("--stored-threads", type=int, default=2, help="threads of the frozen part, in-process and in the worker")
     ap.add_argument("--omega", type=int, default=200)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
