@@ -92,6 +92,9 @@ def _messages(args, settings):
         if not folder.is_dir():
             raise CommandFailed(f"no such folder: {folder}" if not folder.exists() else
                                 f"{folder} is neither a folder nor a .npy batch", EXIT_NOINPUT)
+        if any(p.is_dir() and not p.name.isdigit() and not p.name.startswith(".") for p in folder.iterdir()):
+            print(f"hint: {folder} has folders named by class: only a number names a label here; --dataset folder "
+                  f"--path {folder} sends each photo labelled by its folder, with the class name", file=sys.stderr)
         messages = _readable(from_folder(folder))
         first = next(messages, None)
         if first is None:

@@ -114,3 +114,14 @@ def test_numeric_class_folders_are_their_labels_without_names(tmp_path):
     _save(tmp_path / "p" / "10" / "y.png", (1, 2, 3), "PNG")
     sent, _ = messages(dataset="folder", path=str(tmp_path / "p"))
     assert [(m.labels, m.label_names) for m in sent] == [(10, None), (3, None)]
+
+
+def test_a_folder_of_class_folders_given_as_the_source_gets_a_hint(tmp_path):
+    from tests.test_cli_errors import run_cli
+
+    _save(tmp_path / "photos" / "cat" / "a.png", (200, 0, 0), "PNG")
+    out = run_cli("produce", str(tmp_path / "photos"), "--check", env={"STREAMHASH_IMAGE__RESIZE": "fill",
+                                                                       "STREAMHASH_MODEL__CHANNELS": "3",
+                                                                       "STREAMHASH_IMAGE__MODE": "rgb"})
+    assert out.returncode == 0 and "1 would be indexed" in out.stdout, out.stderr
+    assert f"--dataset folder --path {tmp_path / 'photos'}" in out.stderr
