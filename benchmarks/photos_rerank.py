@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -82,6 +83,141 @@ def load(source, db_per_class: int, queries_per_class: int):
     return train, test
 
 
+def learned_codes(net, db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, rounds: int, seed: int = 0):
+    """Database codes as the learner leaves them (one DIHN round per ``rounds``, the learner's own code over the
+    stored features) and the queries' codes from the learned network."""
+    from streamhash.learn.dihn import DIHNLearner
+
+    learner = DIHNLearner(net, seed=seed)
+    ids = [str(i) for i in range(len(db))]
+    learner.learn_many(db, [[int(y)] for y in db_labels], ids=ids)
+    for _ in range(rounds - 1):
+        learner.learn_round()
+    return learner.codes(ids), net.encode(queries)
+
+
+def average_precision(ranked_relevant: np.ndarray) -> float:
+    cum = np.cumsum(ranked_relevant)
+    n = cum[-1]
+    return float((cum / np.arange(1, len(cum) + 1) * ranked_relevant).sum() / n) if n else 0.0
+
+
+def quality(dist: np.ndarray, db_vec: np.ndarray, q_vec: np.ndarray, db_labels, q_labels, counts) -> dict:
+    """mAP@all and the top-10 feature overlap of Hamming order and of the two stages at each candidate count."""
+    from streamhash.index.rerank import order
+
+    out = {c: {"map": [], "overlap": []} for c in ["hamming", *counts]}
+    for r in range(len(dist)):
+        same = np.flatnonzero(db_labels == q_labels[r])
+        sims = db_vec @ q_vec[r]
+        exact = set(same[np.argsort(-sims[same], kind="stable")[:10]].tolist())
+        ranked = np.argsort(dist[r], kind="stable")
+        for c in out:
+            if c != "hamming":
+                head = ranked[:c]
+                ranked = np.concatenate([head[order(dist[r][head], sims[head])], np.argsort(dist[r], kind="stable")[c:]])
+            out[c]["map"].append(average_precision(db_labels[ranked] == q_labels[r]))
+            out[c]["overlap"].append(len(exact.intersection(ranked[:10].tolist())) / 10)
+            ranked = np.argsort(dist[r], kind="stable")
+    return {str(c): {"map": round(float(np.mean(v["map"])), 4), "top10_feature_overlap": round(float(np.mean(v["overlap"])), 4)}
+            for c, v in out.items()}
+
+
+def random_shard(path: Path, n: int, dim: int, bits: int, seed: int = 0, chunk: int = 20_000):
+    """A real LMDB shard of ``n`` items with random float16 features of ``dim`` and random codes."""
+    from streamhash.index.store import ItemWrite, Store
+
+    spec = {"backbone": "efficientnet_lite0", "cut": "pooled", "feature_shape": [dim], "dtype": "float16"}
+    store = Store(path, bits=bits, backbone="efficientnet_lite0", features=spec, initial_map_size=n * (dim * 2 + 600) + (1 << 30))
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
+    for start in range(0, n, chunk):
+        feats = rng.standard_normal((min(chunk, n - start), dim)).astype(np.float16)
+        store.write_batch([ItemWrite(f"item-{start + i}", codes[start + i].tobytes(), b"x", "image/png", (0,),
+                                     feature=f.tobytes()) for i, f in enumerate(feats)])
+    return store, codes
+
+
+def stage_costs(n: int, dim: int, bits: int, counts, queries: int, workdir: Path) -> dict:
+    """ms per query of the second stage (Rerank.apply over a real shard: features read, cosine, order) per
+    candidate count, beside the first stage (the exact Hamming top-k' over the same n codes), same run."""
+    from types import SimpleNamespace
+
+    from streamhash.index import hamming
+    from streamhash.index.rerank import Rerank
+
+    t0 = time.perf_counter()
+    store, codes = random_shard(workdir / f"shard-{n}", n, dim, bits)
+    built = time.perf_counter() - t0
+    index = hamming.make_index(bits)
+    index.add_with_ids(codes, np.arange(n, dtype=np.int64))
+    view = SimpleNamespace(by_name=lambda _name: SimpleNamespace(shard=SimpleNamespace(store=store)))
+    rng = np.random.default_rng(1)
+    out = {"items": n, "store_build_s": round(built, 1)}
+    for c in counts:
+        first, second = [], []
+        for _ in range(queries):
+            q = rng.integers(0, 256, (1, bits // 8), dtype=np.uint8)
+            t = time.perf_counter()
+            index.search(q, c)
+            first.append(time.perf_counter() - t)
+            # the candidates: spread over the shard as a learned class's items are (ids in arrival order)
+            hits = [{"id": f"item-{i}", "distance": 0, "labels": [0], "shard": "s"} for i in rng.choice(n, c, replace=False)]
+            plan = Rerank.plan(rng.standard_normal(dim).astype(np.float16), 10, c)
+            t = time.perf_counter()
+            plan.apply(hits, view, 10)
+            second.append(time.perf_counter() - t)
+        out[str(c)] = {"first_stage_ms_p50": round(float(np.median(first)) * 1e3, 3),
+                       "second_stage_ms_p50": round(float(np.median(second)) * 1e3, 3),
+                       "second_stage_ms_p99": round(float(np.percentile(second, 99)) * 1e3, 3)}
+        out[str(c)]["second_vs_first"] = round(out[str(c)]["second_stage_ms_p50"] / out[str(c)]["first_stage_ms_p50"], 2)
+    store.close()
+    shutil.rmtree(workdir / f"shard-{n}")
+    return out
+
+
+def measure(source=None, cache: Path | None = None, db_per_class: int = 1000, queries_per_class: int = 100,
+            bits: int = 32, rounds: int = 1, counts=CANDIDATES, default: int = 1000, cost_sizes=(50_000, 1_000_000),
+            cost_queries: int = 200) -> dict:
+    """The whole measurement as a dict (``bench_photos.py`` calls this)."""
+    from streamhash.eval.metrics import hamming_distances, retrieval_metrics
+    from streamhash.index.rerank import vectors
+
+    started = time.perf_counter()
+    cache = cache or Path(tempfile.gettempdir()) / "streamhash-rerank-cache"
+    source = cifar10.find_source(source)
+    train, test = load(source, db_per_class, queries_per_class)
+    log(f"CIFAR-10 from {source}: {len(train)} database, {len(test)} query images")
+    net = product_net(bits)
+    q_feat, db_feat = cached_features(net, test.images, cache, "test"), cached_features(net, train.images, cache, "train")
+    t0 = time.perf_counter()
+    db_codes, q_codes = learned_codes(net, db_feat, train.labels, q_feat, rounds)
+    learn_s = time.perf_counter() - t0
+    dist = hamming_distances(q_codes, db_codes)
+    ties = np.mean([np.sum(d == d.min()) for d in dist])
+    qual = quality(dist, vectors(db_feat), vectors(q_feat), train.labels, test.labels, counts)
+    reference = retrieval_metrics(q_codes, test.labels, db_codes, train.labels, bits)["map"]
+    log(json.dumps(qual))
+    result = {"data": f"CIFAR-10 ({'JPEG files' if 'jpg' in source.name else 'official'}): {len(train)} train images "
+                      f"as the database, {len(test)} test queries",
+              "features": f"{net.cfg.backbone} cut {net.backbone.cut}, {db_feat.shape[1]}-d float16 "
+                          f"({net.backbone.engine_name()})",
+              "bits": bits, "learn_rounds": rounds, "learn_s": round(learn_s, 1),
+              "mean_items_at_the_nearest_distance": round(float(ties), 1),
+              "map_hamming_eval_metrics": round(float(reference), 4), "by_candidates": qual, "default_candidates": default,
+              "rerank_map": qual[str(default)]["map"], "rerank_map_without": qual["hamming"]["map"],
+              "rerank_top10_feature_overlap": qual[str(default)]["top10_feature_overlap"],
+              "rerank_top10_feature_overlap_without": qual["hamming"]["top10_feature_overlap"]}
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        result["cost"] = {str(n): stage_costs(n, db_feat.shape[1], bits, counts, cost_queries, Path(work))
+                          for n in cost_sizes}
+        log(json.dumps(result["cost"]))
+    for n in cost_sizes:
+        result[f"rerank_ms_per_query_{n}"] = result["cost"][str(n)][str(default)]["second_stage_ms_p50"]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cifar10", type=Path, default=None, help="CIFAR-10 source (default: the data home)")
@@ -89,17 +225,24 @@ def main() -> None:
     ap.add_argument("--db-per-class", type=int, default=1000)
     ap.add_argument("--queries-per-class", type=int, default=100)
     ap.add_argument("--bits", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1, help="learning rounds over the database")
+    ap.add_argument("--candidates", default=",".join(map(str, CANDIDATES)), help="candidate counts measured")
+    ap.add_argument("--default", type=int, default=1000, help="the candidate count the headline numbers are at")
+    ap.add_argument("--cost-sizes", default="50000,1000000", help="shard sizes the stage costs are timed at")
+    ap.add_argument("--cost-queries", type=int, default=200)
     ap.add_argument("--features-only", action="store_true", help="compute (cache) the features and stop")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
-    source = cifar10.find_source(args.cifar10)
-    train, test = load(source, args.db_per_class, args.queries_per_class)
-    log(f"CIFAR-10 from {source}: {len(train)} database, {len(test)} query images")
-    net = product_net(args.bits)
-    cached_features(net, test.images, args.cache, "test")
-    cached_features(net, train.images, args.cache, "train")
     if args.features_only:
+        train, test = load(cifar10.find_source(args.cifar10), args.db_per_class, args.queries_per_class)
+        net = product_net(args.bits)
+        cached_features(net, test.images, args.cache, "test")
+        cached_features(net, train.images, args.cache, "train")
         return
+    counts = [int(c) for c in args.candidates.split(",")]
+    result = measure(args.cifar10, args.cache, args.db_per_class, args.queries_per_class, args.bits, args.rounds,
+                     counts, args.default, [int(n) for n in args.cost_sizes.split(",")], args.cost_queries)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
