@@ -175,6 +175,11 @@ def main() -> None:
         for key in ("ingest_vs_engine", "round_features_vs_images", "reencode_vs_images", "reencode_features_s"):
             if key in result["stored"]:
                 result[key] = result["stored"][key]
+    from photos_rerank import measure as measure_rerank  # issue 23 item 6: results ordered by what they look like
+
+    result["rerank"] = measure_rerank(source)
+    for key in ("rerank_top10_feature_overlap", "rerank_top10_feature_overlap_without", "rerank_map", "rerank_map_without"):
+        result[key] = result["rerank"][key]
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
 
