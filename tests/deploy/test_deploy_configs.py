@@ -337,6 +337,13 @@ def _volumes(svc: dict) -> dict[str, str]:
     return {v.split(":")[0]: v.split(":")[1] for v in svc.get("volumes", [])}
 
 
+def _machines(compose) -> list[tuple[str, str]]:
+    """(worker, query server) service names of each machine: worker-x beside query-x."""
+    services = compose["services"]
+    return [(name, "query-" + name.removeprefix("worker-")) for name, svc in sorted(services.items())
+            if svc.get("command") == ["streamhash-worker"]]
+
+
 def _kafka_topics(compose) -> dict[str, str]:
     """topic -> its kafka-topics.sh --create command line, from kafka-init."""
     script = "\n".join(compose["services"]["kafka-init"]["command"]).replace("\\\n", " ")
@@ -356,7 +363,7 @@ def test_compose_services_run_the_package_s_entry_points_and_listen_beyond_loopb
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     ours = {name: svc for name, svc in compose["services"].items() if "build" in svc}
-    assert {"worker", "learner", "query", "router"} <= set(ours)
+    assert {"worker-a", "query-a", "learner", "router"} <= set(ours)
     for name, svc in ours.items():
         build = svc["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).is_file(), name
@@ -393,7 +400,7 @@ def test_compose_topics_match_the_code(compose):
     from streamhash.kafka.modelbus import MAX_MODEL_BYTES
 
     topics = _kafka_topics(compose)
-    env = compose["services"]["worker"]["environment"]
+    env = compose["services"]["worker-a"]["environment"]
     k = KafkaSettings()
     names = {field: env.get(f"STREAMHASH_KAFKA__{field.upper()}", getattr(k, field))
              for field in ("topic", "dlq_topic", "codes_topic", "models_topic", "changelog_topic")}
@@ -413,52 +420,48 @@ def test_compose_topics_match_the_code(compose):
     assert f"max.message.bytes={MAX_MODEL_BYTES}" in models
 
 
-def test_compose_workers_scale_over_one_store_root(compose):
-    """`docker compose up --scale worker=N` works: no fixed name or host port on the worker; every
-    replica, the learner and the query server use the same root on the same volume, in the host PID
-    namespace (LMDB records readers by PID in lock.mdb)."""
+def test_compose_machines_share_no_disk(compose):
+    """Several machines, each a worker and a query server over a root on the machine's own volume, which no other
+    machine mounts (a partition that moves is restored from Kafka, not read from a shared disk); the worker and
+    the query server of a machine open it in the host PID namespace (LMDB records readers by PID in lock.mdb);
+    workers publish no fixed host port."""
     services = compose["services"]
-    worker = services["worker"]
-    assert "container_name" not in worker and "hostname" not in worker, "a fixed name cannot be scaled"
-    for port in worker.get("ports", []):
-        # "9101" (container port only, an ephemeral host port each) is fine; "9101:9101",
-        # "127.0.0.1:9101:9101" or a long form with `published` binds one host port: one replica only.
-        fixed = bool(port.get("published")) if isinstance(port, dict) else ":" in str(port)
-        assert not fixed, f"worker publishes a fixed host port: {port}"
-    assert worker.get("deploy", {}).get("replicas", 1) >= 2, "the compose file should start several workers"
+    machines = _machines(compose)
+    assert len(machines) >= 2, "the compose file should run several machines"
+    owners: dict[str, str] = {}
+    for worker_name, query_name in machines:
+        worker, query = services[worker_name], services[query_name]
+        assert "container_name" not in worker and "hostname" not in worker
+        for port in worker.get("ports", []):
+            fixed = bool(port.get("published")) if isinstance(port, dict) else ":" in str(port)
+            assert not fixed, f"{worker_name} publishes a fixed host port: {port}"
+        root = worker["environment"]["STREAMHASH_STORE__PATH"]
+        w_vols = _volumes(worker)
+        assert any(root.startswith(dst.rstrip("/") + "/") for dst in w_vols.values()), "the root is not on the volume"
+        assert not root.rstrip("/").endswith("shard-0")  # not a pre-shard store directory
+        for src in w_vols:
+            assert src in compose["volumes"] and owners.setdefault(src, worker_name) == worker_name, \
+                f"{src} is mounted by {owners.get(src)} and {worker_name}: machines share no disk"
+        assert query["environment"]["STREAMHASH_STORE__PATH"] == root
+        assert {s for s, d in _volumes(query).items() if w_vols.get(s) == d}, f"{query_name} is not beside {worker_name}"
+        assert worker.get("pid") == "host" and query.get("pid") == "host"
+        url = urllib.parse.urlsplit(query["environment"]["STREAMHASH_SERVER__ADVERTISE_URL"])
+        assert url.hostname == query_name and str(url.port) == str(query["environment"]["STREAMHASH_SERVER__PORT"])
+    learner = services["learner"]
+    assert "STREAMHASH_STORE__PATH" not in learner["environment"], "the learner reads the changelog, not a root"
+    assert not set(_volumes(learner)) & set(owners), "the learner mounts a machine's disk"
 
-    root = worker["environment"]["STREAMHASH_STORE__PATH"]
-    w_vols = _volumes(worker)
-    for name in ("learner", "query"):
-        svc = services[name]
-        assert svc["environment"]["STREAMHASH_STORE__PATH"] == root, f"{name} does not use the workers' store root"
-        shared = {src for src, dst in _volumes(svc).items() if w_vols.get(src) == dst}
-        assert shared & set(compose["volumes"]), f"{name} does not mount the workers' store volume"
-        assert svc.get("pid") == "host", f"{name} opens LMDB without the host PID namespace"
-    assert worker.get("pid") == "host"
-    assert any(root.startswith(dst.rstrip("/") + "/") for dst in w_vols.values()), "the root is not on the volume"
-    # A root must not be a pre-shard store directory (data.mdb directly under it): not the old shard-0 path.
-    assert not root.rstrip("/").endswith("shard-0")
 
-
-def test_compose_one_learner_and_a_router(compose):
-    from streamhash.config import ServerSettings
-
+def test_compose_one_learner_and_a_discovering_router(compose):
     services = compose["services"]
     learner = services["learner"]
     assert learner.get("deploy", {}).get("replicas", 1) == 1, "exactly one learner owns the model"
     assert learner["environment"]["STREAMHASH_KAFKA__BOOTSTRAP_SERVERS"] == \
-        services["worker"]["environment"]["STREAMHASH_KAFKA__BOOTSTRAP_SERVERS"]
-
+        services["worker-a"]["environment"]["STREAMHASH_KAFKA__BOOTSTRAP_SERVERS"]
     router = services["router"]
     assert "STREAMHASH_STORE__PATH" not in router["environment"] and not router.get("volumes"), "a router has no store"
-    shards = ServerSettings(shards=router["environment"]["STREAMHASH_SERVER__SHARDS"]).shards
-    assert shards, "the router lists no query server"
-    q_port = services["query"]["environment"]["STREAMHASH_SERVER__PORT"]
-    for url in shards:
-        u = urllib.parse.urlsplit(url)
-        assert u.scheme == "http" and u.hostname in services, f"router remote {url} is not a compose service"
-        assert services[u.hostname]["command"] == ["streamhash", "serve"] and str(u.port) == q_port
+    assert router["environment"]["STREAMHASH_SERVER__DISCOVER"] == "true" and \
+        "STREAMHASH_SERVER__SHARDS" not in router["environment"], "the router finds the query servers through Kafka"
     assert float(router["environment"]["STREAMHASH_SERVER__SHARD_TIMEOUT_S"]) > 0
 
 
@@ -499,25 +502,30 @@ def test_compose_env_maps_onto_settings(compose, monkeypatch):
                 got = getattr(got, part)
             if isinstance(got, list):  # a list setting is written URL,URL in the environment
                 got = ",".join(map(str, got))
+            if isinstance(got, bool):  # written true / false
+                got = str(got).lower()
             assert str(got) == value, f"{name}: {key}={value!r} read back as {got!r}"
 
 
 def test_prometheus_scrapes_the_compose_services(compose, prom_config):
     jobs = {j["job_name"]: j for j in prom_config["scrape_configs"]}
     services = compose["services"]
-    env = services["worker"]["environment"]
+    env = services["worker-a"]["environment"]
     ports = {
         "worker": env["STREAMHASH_WORKER__METRICS_PORT"],
         "learner": services["learner"]["environment"]["STREAMHASH_LEARN__METRICS_PORT"],
-        "query": services["query"]["environment"]["STREAMHASH_SERVER__PORT"],
+        "query": services["query-a"]["environment"]["STREAMHASH_SERVER__PORT"],
         "router": services["router"]["environment"]["STREAMHASH_SERVER__PORT"],
     }
-    # Scaled workers: DNS service discovery on the compose service name, at the metrics port.
-    worker_job = jobs[JOBS["worker"]]
-    assert "static_configs" not in worker_job, "scaled workers cannot be listed statically"
-    dns = worker_job["dns_sd_configs"]
-    assert any("worker" in d["names"] and d.get("type", "SRV") == "A" and str(d["port"]) == ports["worker"] for d in dns)
-    for kind in ("learner", "query", "router"):
+    # One worker and one query server per machine: DNS service discovery on a network alias they all carry.
+    for kind, names in (("worker", [w for w, _ in _machines(compose)]), ("query", [q for _, q in _machines(compose)])):
+        job = jobs[JOBS[kind]]
+        assert "static_configs" not in job, f"every machine's {kind} is found by DNS, not listed"
+        assert any(kind in d["names"] and d.get("type", "SRV") == "A" and str(d["port"]) == ports[kind]
+                   for d in job["dns_sd_configs"])
+        for name in names:
+            assert kind in services[name]["networks"]["default"]["aliases"], f"{name} lacks the alias {kind}"
+    for kind in ("learner", "router"):
         job = jobs[JOBS[kind]]
         targets = [t for sc in job["static_configs"] for t in sc["targets"]]
         assert f"{kind}:{ports[kind]}" in targets, f"{JOBS[kind]} does not scrape {kind}:{ports[kind]}"
