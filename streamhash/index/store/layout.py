@@ -25,7 +25,8 @@ Meta keys and their writers: ``schema_version``, ``bits``, ``shard``, ``backbone
 once); ``next_seq`` (items); ``model_version`` (models, items, generations);
 ``generation``, ``pending_generation``, ``generation_model`` (the network the live generation was built
 with) and ``pending_codes`` (items holding a code in the pending one; items lower it when a write drops
-one) (generations); ``topic_ids`` (offsets). Item records carry
+one) (generations); ``topic_ids`` (offsets); ``label_names``, each label's class name
+(:mod:`streamhash.index.label_names`, the worker and a restore). Item records carry
 ``recoded``, ``learned`` (a learned code replaced the inferred one), ``learned_by`` (the model version it was
 learned with, when it came from the learner's codes topic) and ``quarantined`` besides.
 
