@@ -13,9 +13,9 @@ Two ways out were weighed (issue 25, item 4):
   (a tombstone stays a tombstone), headers and timestamp, plus ``streamhash.rehomed-from: <partition>:<offset>`` —
   instead of indexing it. The produce is acknowledged before the source offset is committed (the checkpoint
   flushes it with the dead letters, :mod:`streamhash.kafka.checkpoint`), so a crash between the two re-routes it
-  again at worst (a second copy at home, written twice, like any replayed record). Every shard stays the one its partition is; the
-  query side, the learner's codes (published to the item's shard's partition) and a tombstone's removal each
-  find an id where it is, with no lookup across shards.
+  again at worst (a second copy at home, like any replayed record). Every shard stays the one its partition is:
+  the query side, the learner's codes (published to the item's shard's partition) and a tombstone's removal
+  each find an id where it is, with no lookup across shards.
 - **resolve across shards** (newest wins, stale copy deleted): every write would have to look the id up in every
   shard, shards owned by other workers and, on several machines (issue 25, item 1), other disks; a write would
   need a cross-shard transaction or a repair protocol. Rejected.
