@@ -132,3 +132,14 @@ def test_ids_re_sent_through_other_partitioners_stay_in_their_home_shard_with_th
         if server is not None:
             stop(server)
         assert stop(worker) == 0
+
+
+def test_a_producer_of_this_project_sends_each_key_to_its_home_under_the_setting(broker):
+    """``streamhash produce`` and ``delete`` (make_producer) follow ``kafka.partitioner``: nothing of theirs is
+    re-routed."""
+    kafka = module_kafka(broker, "rehome-crc32").model_copy(update={"partitioner": "crc32"})
+    producer = make_producer(kafka)
+    keys = [f"p-{i}".encode() for i in range(40)]
+    got = [f.get(30).partition for f in [producer.send(kafka.topic, key=k, value=b"x") for k in keys]]
+    producer.close()
+    assert got == [crc32_partition(k, 4) for k in keys] != [partition_of(k.decode()) for k in keys]
