@@ -30,8 +30,9 @@ crashed between a re-route and its commit and re-routes again). So at home a re-
 producer's timestamp and is written only if it is not older than what the shard holds for its id (or an
 earlier record of the batch): :meth:`Rehome.current`. Records sent to their home directly are never dropped
 (their partition orders them). What this cannot order: sends whose producers' clocks disagree by more than
-the time between them, and a tombstone (the shard keeps no time for an id it removed), so a re-routed copy
-older than a removal that came first brings the id back; Kafka gives no order across partitions either.
+the time between them, and tombstones: the shard keeps no time for an id it removed, so a re-routed copy older
+than a removal that came first brings the id back, and a re-routed tombstone is applied whatever its time (one
+older than a newer direct write removes it). Kafka gives no order across partitions either.
 """
 
 from __future__ import annotations
