@@ -103,7 +103,12 @@ class ChangelogFeed:
     def _parse(self, got: _Read, partition: int, rec) -> None:
         got.offsets[partition] = rec.offset + 1
         try:
-            got.add(partition, cl.parse(rec.key, rec.value, rec.headers, topic=rec.topic, secret=self.secret))
+            state = cl.parse(rec.key, rec.value, rec.headers, topic=rec.topic, secret=self.secret)
+            bits = self.hasher.net.cfg.bits
+            if isinstance(state, cl.ItemState) and len(state.code) * 8 != bits:
+                raise InternalRecordRejected("changelog", f"{state.id!r}: a {len(state.code) * 8}-bit code, the "
+                                             f"learner's model has {bits} (model.bits)")
+            got.add(partition, state)
         except InternalRecordRejected as exc:
             self.rejected += 1
             m.INTERNAL_REJECTED.labels(topic="changelog").inc()

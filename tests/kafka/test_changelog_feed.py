@@ -124,3 +124,23 @@ def cl_update(item_id, ts):
     from streamhash.kafka.modelbus import CodeUpdate
 
     return CodeUpdate(item_id, 0, "learned", 2, bytes([1, 2, 3, 4]), ts=ts)
+
+
+def test_unsigned_forged_or_misfit_records_are_skipped_and_counted(kafka_settings, tmp_path):
+    ensure_topics(kafka_settings)
+    topic, img = kafka_settings.changelog_topic, synthetic_images(1, seed=4)[0][0]
+    secret = b"feed-key"
+    producer = make_producer(kafka_settings)
+    good = cl.encode(state("ok", img, (1,), 10.0))
+    wide = cl.encode(state("wide", img, (1,), 11.0, code=bytes(8)))  # a 64-bit code for a 32-bit learner
+    for key, value in (good, wide):
+        producer.send(topic, key=key, value=value, partition=0, headers=cl.sign_headers(secret, topic, key, value))
+    producer.send(topic, key=b"forged", value=cl.encode(state("forged", img, (1,), 12.0))[1], partition=0)
+    producer.flush()
+    producer.close()
+    sink = Sink()
+    feed = feed_for(kafka_settings, tmp_path / "learner", sink)
+    feed.secret = secret
+    assert read_all(feed, 3) == 3
+    assert set(sink.items) == {"ok"} and feed.rejected == 2 and feed.state.offsets() == {0: 3}
+    feed.close()
