@@ -68,3 +68,15 @@ def test_home_partitioner_names_and_a_producer_partitioner_that_follows_them():
         assert HomePartitioner("crc32").partition("t", key, key, b"v", b"v", meta) == crc32_partition(key, 4)
         assert HomePartitioner("murmur2").partition("t", key, key, b"v", b"v", meta) == murmur2_partition(key, 4)
     assert HomePartitioner("crc32").partition("t", None, None, b"v", b"v", meta) in range(4)
+
+
+def test_the_setting_takes_the_two_rules_only(monkeypatch):
+    from pydantic import ValidationError
+
+    from streamhash.config import KafkaSettings, Settings
+
+    assert KafkaSettings().partitioner == "murmur2"
+    monkeypatch.setenv("STREAMHASH_KAFKA__PARTITIONER", "crc32")
+    assert Settings().kafka.partitioner == "crc32"
+    with pytest.raises(ValidationError):
+        KafkaSettings(partitioner="consistent_random")
