@@ -43,6 +43,8 @@ from streamhash.records import ImageSpec, decode_images
 
 log = logging.getLogger(__name__)
 
+_ENCODE_CHUNK = 512  # stored inputs decoded and encoded at a time in a re-encode (224x224 photos: ~77 MB)
+
 
 def _same_ts(a: float, b: float) -> bool:
     return round(a * 1000) == round(b * 1000)  # as CodeUpdate.matches compares them
@@ -55,6 +57,7 @@ class _Read:
     last: dict = field(default_factory=dict)  # id -> (partition, ItemState | Removed)
     offsets: dict = field(default_factory=dict)  # partition -> next offset
     n: int = 0
+    bytes: int = 0
 
     def add(self, partition: int, got) -> None:
         if isinstance(got, cl.Offsets):
@@ -67,9 +70,10 @@ class _Read:
 
 class ChangelogFeed:
     def __init__(self, consumer, topic: str, hasher, spec: ImageSpec, state: LearnerState, *,
-                 secret: bytes | None = None, chunk: int = 10_000, base: tuple[int, object | None] = (1, None)):
+                 secret: bytes | None = None, chunk: int = 10_000, max_bytes: int = 64 << 20,
+                 base: tuple[int, object | None] = (1, None)):
         self.consumer, self.topic, self.hasher, self.spec, self.state = consumer, topic, hasher, spec, state
-        self.secret, self.chunk = secret, chunk
+        self.secret, self.chunk, self.max_bytes = secret, chunk, max_bytes
         self.base_version, self.base_net = base
         self.pending_at: dict[str, tuple[int, float]] = {}
         self.tps: list[TopicPartition] | None = None
@@ -82,11 +86,12 @@ class ChangelogFeed:
         if self.tps is None and not self._start():
             return 0
         got, seen = _Read(), 0
-        while got.n < self.chunk:
+        while got.n < self.chunk and got.bytes < self.max_bytes:  # blobs in hand, bounded: large photos too
             polled = self.consumer.poll(timeout_ms=100, max_records=self.chunk - got.n)
             for tp, recs in polled.items():
                 for rec in recs:
                     self._parse(got, tp.partition, rec)
+                    got.bytes += len(rec.value or b"")
             got.n += sum(len(r) for r in polled.values())
             if got.n == seen or self._caught_up():
                 break
@@ -187,9 +192,10 @@ class ChangelogFeed:
         is the base network's encoding of the stored input (what the worker's re-encoder writes)."""
         out = {e.id: (e.code, e.model) for e in states}
         stale = [e for e in states if self._stale(e.learned, e.model)]
-        if stale:
-            stored = self._stored([pack_input(e.feature, e.blob, e.ctype) for e in stale], self.base_net)
-            for e, code in zip(stale, self.base_net.encode(stored)):
+        for at in range(0, len(stale), _ENCODE_CHUNK):
+            part = stale[at:at + _ENCODE_CHUNK]
+            stored = self._stored([pack_input(e.feature, e.blob, e.ctype) for e in part], self.base_net)
+            for e, code in zip(part, self.base_net.encode(stored)):
                 out[e.id] = (code.tobytes(), self.base_version)
         return out
 
@@ -228,8 +234,8 @@ class ChangelogFeed:
         done = 0
         for batch in self.state.scan(self.chunk):
             stale = [(i, r) for i, r in batch if self._stale(r["learned"], r["model"])]
-            for at in range(0, len(stale), 512):
-                part = stale[at:at + 512]
+            for at in range(0, len(stale), _ENCODE_CHUNK):
+                part = stale[at:at + _ENCODE_CHUNK]
                 codes = net.encode(self._stored(self.state.inputs([i for i, _ in part]), net))
 
                 def fn(txn, part=part, codes=codes):
