@@ -7,7 +7,9 @@ is absent), then ``--relabels`` of them sent again with other labels:
 
 1. **ingest**: a worker (in this process) consumes the partition into an empty store root; the rate is the items
    written over the time from its shard opened to the last batch committed. Its checkpoint writes the changelog;
-   ``changelog_bytes_per_item`` is what it sent (key + value) per record, beside the mean image's size.
+   ``changelog_bytes_per_item`` is what it sent (key + value) per record, beside the mean image's size. Before it,
+   the same partition is ingested once with no changelog (another group and root): ``changelog_ingest_cost`` is
+   the ingest rate with the changelog over the rate without.
 2. **takeover**: the root is deleted (a machine lost with its disk) and a second worker of the group is started:
    ``takeover_s`` runs from its start to the partition ready to ingest (group join, then the restore);
    ``restore_items_per_s`` is the restored shard's items over the restore's own time.
@@ -84,6 +86,22 @@ class Running:
         self.thread.join(120)
 
 
+def ingest(settings: Settings, records: int, *, changelog: bool = True) -> float:
+    """Seconds a worker takes to ingest ``records`` into an empty root (shard opened -> last batch committed)."""
+    real = app.ChangelogWriter
+    if not changelog:  # the checkpoint without its changelog step, as before issue 25
+        app.ChangelogWriter = lambda *a, **kw: None
+    try:
+        indexed0 = counter(m.ITEMS_INDEXED)
+        w = Running(settings)
+        t_open = w.wait(lambda: len(w.worker.owner.shards) > 0)
+        t_done = w.wait(lambda: counter(m.ITEMS_INDEXED) - indexed0 >= records)
+        w.stop()
+    finally:
+        app.ChangelogWriter = real
+    return t_done - t_open
+
+
 def contents(root: Path) -> dict:
     """id -> (labels, code, learned, blob digest), every shard; a duplicate id appears as a second key."""
     out: dict = {}
@@ -126,13 +144,13 @@ def main() -> None:
         root = work / "index"
         settings = Settings(kafka=kafka, store=StoreSettings(path=root),
                             worker=WorkerSettings(metrics_port=free_port()))
+        bare = settings.model_copy(update={"kafka": kafka.model_copy(update={"group_id": "bench-restore-bare"}),
+                                           "store": StoreSettings(path=work / "bare")})
+        bare_s = ingest(bare, records, changelog=False)
+        shutil.rmtree(work / "bare")
 
-        indexed0, bytes0, sent0 = counter(m.ITEMS_INDEXED), counter(m.CHANGELOG_BYTES), counter(m.CHANGELOG_RECORDS)
-        w = Running(settings)
-        t_open = w.wait(lambda: len(w.worker.owner.shards) > 0)
-        t_done = w.wait(lambda: counter(m.ITEMS_INDEXED) - indexed0 >= records)
-        w.stop()
-        ingest_s = t_done - t_open
+        bytes0, sent0 = counter(m.CHANGELOG_BYTES), counter(m.CHANGELOG_RECORDS)
+        ingest_s = ingest(settings, records)
         cl_bytes, cl_records = counter(m.CHANGELOG_BYTES) - bytes0, counter(m.CHANGELOG_RECORDS) - sent0
         ingested = contents(root)
 
@@ -149,6 +167,8 @@ def main() -> None:
     out = {
         "bench": "restore", "source": source, "items": args.items, "records": records,
         "ingest_items_per_s": round(records / ingest_s), "ingest_s": round(ingest_s, 2),
+        "ingest_without_changelog_items_per_s": round(records / bare_s),
+        "changelog_ingest_cost": round(bare_s / ingest_s, 2),
         "restore_items_per_s": round(len(restored) / restore_s), "restore_s": round(restore_s, 2),
         "restore_records": int(counter(m.RESTORE_RECORDS) - restored0),
         "restore_vs_ingest": round((len(restored) / restore_s) / (records / ingest_s), 2),
