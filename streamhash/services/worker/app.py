@@ -219,7 +219,7 @@ class Worker:
         for key in opened:
             self._adopt(key)
         if self.follower.newer(self.dead_letters) is not None:
-            for key, _ in self.owner.shards:
+            for key in [k for k, _ in self.owner.shards if k not in self.owner.restoring]:  # those adopt once restored
                 self._adopt(key)
         epoch = self.positions.epoch
         records = self.positions.keep(polled, skip)
