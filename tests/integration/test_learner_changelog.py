@@ -1,6 +1,7 @@
 """A learner with no store root (issue 25 item 2): a worker writes its shards and their changelog, the learner reads
 the changelog only (its own state store, another directory), and its learned codes reach every partition's shard;
-restarted, it reads only the changelog's tail from its stored offsets."""
+its round fires a re-encode, which it redoes on its copy: it then holds exactly the codes the shards serve.
+Restarted, it reads only the changelog's tail from its stored offsets."""
 
 from __future__ import annotations
 
@@ -25,8 +26,20 @@ def learner_env(env: dict, state) -> dict:
     out.update({"STREAMHASH_LEARN__STATE_PATH": str(state), "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
                 "STREAMHASH_LEARN__ROUND_EVERY": "100", "STREAMHASH_LEARN__ROUND_MAX_AGE_S": "0",
                 "STREAMHASH_LEARN__OMEGA": "200", "STREAMHASH_LEARN__EPOCHS": "1", "STREAMHASH_LEARN__ITERS": "1",
-                "STREAMHASH_LEARN__RESERVOIR_SIZE": "50", "STREAMHASH_LEARN__NICE": "0"})
+                "STREAMHASH_LEARN__RESERVOIR_SIZE": "50", "STREAMHASH_LEARN__NICE": "0",
+                "STREAMHASH_LEARN__MI_THRESHOLD": "-10"})  # below any gain: the round announces a re-encode
     return out
+
+
+def learner_codes(path, kafka) -> dict[str, str]:
+    """Every item's code as the learner's state holds it (hex)."""
+    from streamhash.kafka.changelog_state import LearnerState
+
+    state = LearnerState(path, kafka.changelog_topic)
+    try:
+        return {i: r["code"] for batch in state.scan() for i, r in batch}
+    finally:
+        state.close()
 
 
 def test_a_learner_without_a_store_root_teaches_every_partition_and_resumes_from_its_offsets(kafka_settings, tmp_path):
@@ -48,6 +61,8 @@ def test_a_learner_without_a_store_root_teaches_every_partition_and_resumes_from
         codes_end = high_watermarks(kafka_settings, kafka_settings.codes_topic)
         wait_for(lambda: committed_through(root, kafka_settings.codes_topic, codes_end), 60,
                  "the worker to apply every learned code", interval=0.5)
+        wait_for(lambda: {s["generation"] for s in read_store(root)["shards"].values()} == {2}, 120,
+                 "the worker's re-encode into generation 2", interval=0.5)
         shards = read_store(root)["shards"]
         assert len(shards) == 4 and all(s["learned"] > 0 for s in shards.values()), shards
         assert not (root / "learner-state").exists() and (tmp_path / "learner-state" / "data.mdb").exists()
@@ -69,6 +84,8 @@ def test_a_learner_without_a_store_root_teaches_every_partition_and_resumes_from
         tail = sum(after.values()) - sum(before.values())
         assert 40 <= int(got.group(1)) == tail < sum(after.values()) // 2
         assert "learner state: 200 items" in (tmp_path / "learner2.log").read_text()
+        assert stop(learner, timeout=60) == 0
+        assert learner_codes(tmp_path / "learner-state", kafka_settings) == read_store(root)["codes"]
     finally:
         for p in (learner, worker):
             stop(p, timeout=30)
