@@ -16,8 +16,8 @@ from streamhash import metrics as m
 from streamhash.config import Settings
 from streamhash.errors import EXIT_OK, EXIT_TEMPFAIL, BrokerError
 from streamhash.index.feed import ShardFeed
-from streamhash.kafka.changelog_feed import ChangelogFeed
 from streamhash.index.store.root import LAYOUT_FILE, StoreRoot
+from streamhash.kafka.changelog_feed import ChangelogFeed
 from streamhash.kafka.modelbus import CodeUpdate, ModelAnnouncement, ModelPublisher, ModelReader, latest, log_rejected
 from streamhash.learn.dihn import RoundAbandoned
 from streamhash.learn.online import OnlineHasher, RoundReport
