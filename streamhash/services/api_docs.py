@@ -15,14 +15,19 @@ SEARCH = dict(
         "`code_hex` (a packed code, bits/4 hex digits) or `item_id` (a stored item: it comes first, at distance 0); "
         "or a multipart form with an `image` file. `k` neighbours (default 10), or with `radius` only those at "
         "distance < radius. Hits are ordered by distance, then shard, then insertion, across every shard; each shard "
-        "is ranked against the query encoded by that shard's model. `model_version` 1 means the model is untrained "
+        "is ranked against the query encoded by that shard's model. Where the shards keep features (photos), a "
+        "search by image or item is re-ranked (`reranked: true`): `server.rerank_candidates` Hamming hits ordered by "
+        "distance, then by the cosine of their stored features to the query's (each hit's `similarity`); a search by "
+        "`code_hex` keeps Hamming order (`rerank_note` says why). `model_version` 1 means the model is untrained "
         "(no learning round yet): hits are then close to noise. `partial: true` when a shard did not answer.\n\n"
         "Errors: 400 an unreadable or refused image (the reason is in `detail`), a bad code, k or radius; 404 an "
         "unknown `item_id`; 409 an item not yet in the live generation; 413 a body over the size limit."),
     responses={
         200: {"content": {"application/json": {"example": {
             "results": [{**_HIT, "distance": 0, "id": "fmnist-train-4"}, _HIT], "model_version": 3, "generation": 1,
-            "index_size": 10050, "code_hex": "0f3a9c21", "took_ms": 1.2, "shards": [_SHARD], "partial": False}}}},
+            "index_size": 10050, "code_hex": "0f3a9c21", "took_ms": 1.2, "shards": [_SHARD], "partial": False,
+            "reranked": False, "rerank_note": "no stored feature for the query (its shards' network is trained end to "
+                                              "end: it keeps the image, not a feature)"}}}},
         400: {"description": "a bad query: unreadable or refused image, bad code, k or radius",
               "content": {"application/json": {"example": {"detail": "image is 30x30, expected 28x28 "
                                                                      "(STREAMHASH_IMAGE__RESIZE=fill or fit accepts any size)"}}}},
