@@ -150,7 +150,8 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
     say(f"round (omega {args.omega}, {args.iters} iters, {args.epochs} epochs): {by_features:.2f} s on stored features, "
         f"{by_images:.2f} s on images")
 
-    other = HashNet(HashNetConfig(bits=32, backbone="efficientnet_lite0", image_size=32, channels=3, seed=7))
+    with contextlib.redirect_stdout(sys.stderr):  # another head: every inferred code is stale
+        other = HashNet(HashNetConfig(bits=32, backbone="efficientnet_lite0", image_size=32, channels=3, seed=7))
     big = write(work / "reencode", net, blobs, labels, feats, args.reencode_items)
     feat_s = timed_reencode(big, other)
     noted = write(work / "reencode-images", net, blobs, labels, None, args.reencode_images)
