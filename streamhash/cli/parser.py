@@ -75,8 +75,10 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", dest="demo.limit", type=int, help="images to stream (default 10000)")
-    p.add_argument("--queries", dest="demo.queries", type=int, help="held-out query images (default 200)")
+    p.add_argument("--dataset", dest="demo.dataset", choices=("fashion-mnist", "cifar10"),
+                   help="fashion-mnist (default), or cifar10: photos, through the frozen EfficientNet-Lite0")
+    p.add_argument("--limit", dest="demo.limit", type=int, help="images to stream (default 10000; cifar10: 2000)")
+    p.add_argument("--queries", dest="demo.queries", type=int, help="held-out query images (default 200; cifar10: 100)")
     p.add_argument("--probes", dest="demo.probes", type=int, help="freshness probes (default 50)")
     p.add_argument("--bits", dest="model.bits", type=int)
     p.add_argument("--workdir", dest="demo.workdir", help="wiped at start: broker log, index, process logs (default var/demo)")
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=query)
 
-    d = sub.add_parser("demo", help="the whole system on the embedded broker with Fashion-MNIST")
+    d = sub.add_parser("demo", help="the whole system on the embedded broker with Fashion-MNIST (--dataset cifar10: photos)")
     demo_arguments(d)
     d.set_defaults(func=_demo)
 

@@ -227,8 +227,9 @@ class ProduceSettings(BaseModel):
 
 
 class DemoSettings(BaseModel):
-    limit: int = 10_000
-    queries: int = 200
+    dataset: Literal["fashion-mnist", "cifar10"] = "fashion-mnist"  # cifar10: photos (services/demo/photos.py)
+    limit: int | None = None  # None: the dataset's (10,000 Fashion-MNIST images, 2,000 CIFAR-10 photos)
+    queries: int | None = None  # None: the dataset's (200 Fashion-MNIST images, 100 CIFAR-10 photos)
     probes: int = 50
     workdir: Path = Path("var/demo")  # wiped at start
     keep_running: bool = False

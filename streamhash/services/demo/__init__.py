@@ -323,9 +323,14 @@ def run(settings: Settings) -> int:
     # kill -9 or a crash leaves that to the kernel (processes.spawn: they die with this process).
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
+    runner, limit, queries = run_demo, d.limit or 10_000, d.queries or 200
+    if d.dataset == "cifar10":  # photos: demo/photos.py
+        from streamhash.services.demo import photos
+
+        runner, limit, queries = photos.run_photo_demo, d.limit or photos.LIMIT, d.queries or photos.QUERIES
     try:
-        summary = run_demo(settings, limit=d.limit, queries=d.queries, workdir=d.workdir, keep_running=d.keep_running,
-                           quiet=quiet, probes=d.probes)
+        summary = runner(settings, limit=limit, queries=queries, workdir=d.workdir, keep_running=d.keep_running,
+                         quiet=quiet, probes=d.probes)
     except DatasetMissingError as exc:
         print(exc, file=sys.stderr)
         return EXIT_DATASET_MISSING

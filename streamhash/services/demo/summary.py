@@ -109,10 +109,11 @@ def _learning(s: dict) -> str:
 
 def print_summary(s: dict) -> None:
     """Every number with the phrase that says what it counts."""
-    late = CLASSES[s["late_class"]] if s.get("late_class") is not None else None
-    stream = (f"{s['produced']} Fashion-MNIST images ({s['labeled']} labeled, {s['unlabeled']} sent unlabeled; "
+    late = s.get("late_class_name") or (CLASSES[s["late_class"]] if s.get("late_class") is not None else None)
+    data = s.get("dataset_title", "Fashion-MNIST images")  # demo/photos.py: "CIFAR-10 photos"
+    stream = (f"{s['produced']} {data} ({s['labeled']} labeled, {s['unlabeled']} sent unlabeled; "
               f"class {s['late_class']} \"{late}\" streamed last) + {s['malformed_sent']} malformed messages, "
-              f"{s['bits']}-bit codes") if "labeled" in s else f"{s['produced']} Fashion-MNIST images"
+              f"{s['bits']}-bit codes") if "labeled" in s else f"{s['produced']} {data}"
     probes = s["index_size"] - s["indexed"]
     print(f"""
 streamhash demo: {stream}

@@ -1,0 +1,157 @@
+"""``streamhash demo --dataset cifar10``: the demo's processes and steps on CIFAR-10 photos.
+
+The same broker, worker, learner and query server as the Fashion-MNIST demo, run with the photo settings: the
+frozen ImageNet EfficientNet-Lite0 (``STREAMHASH_MODEL__CUT``, default ``pooled``: the hash head learns on the
+pooled 1280-d feature stored once per photo), 32x32 RGB input upsampled inside the network, and
+``STREAMHASH_IMAGE__RESIZE=fill`` so the search page takes a photo of any size. The stream is the Fashion-MNIST
+demo's protocol on CIFAR-10's train photos (a seeded shuffle, a quarter unlabeled, :data:`LATE_CLASS`
+"truck" last), each labeled photo naming its class (the ``label-names`` header: the page says "cat"); the
+queries are CIFAR-10 test photos, never indexed. The malformed messages are those a photo contract still
+refuses (:data:`PHOTO_MALFORMED`: another size or colour is converted here, not refused). The summary is the
+same, precision@10 before and after learning included.
+
+Why ``pooled`` and :data:`LIMIT` photos: the frozen part runs once per photo in the worker (ONNX Runtime, one
+thread: 17-21 photos/s on 2 shared cores at load 15, 2026-12-06), and a round of the head alone takes seconds,
+where a round of the ``stage7`` tail (``streamhash eval``'s cut) trains a convolution block per stored activation.
+The ``stage7`` cut is one setting away: ``STREAMHASH_MODEL__CUT=stage7 streamhash demo --dataset cifar10``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from streamhash.config import Settings
+from streamhash.kafka.broker import EmbeddedBroker
+from streamhash.kafka.produce import from_arrays, make_producer, send
+from streamhash.kafka.topics import ensure_topics
+from streamhash.records import encode_png
+from streamhash.services.demo import (LEARN_BUDGET_S, Progress, Stack, freshness, searches, serve,
+                                      start_processes)
+from streamhash.services.demo.measure import scrape
+from streamhash.services.demo.stream import LATE_CLASS, MALFORMED, Stream, stream_order
+from streamhash.services.demo.summary import Ingest, summarize, triggers_in
+from streamhash.services.processes import stop, total, wait_for
+
+LIMIT = 2_000  # photos streamed by default (--limit): the whole demo in about 3 minutes on 2 busy cores
+QUERIES = 100  # held-out query photos by default (--queries): each runs the frozen part in the query server
+PREFIX = "cifar10-demo-"  # not `produce`'s cifar10-<split>-<class>-<NNNN>: the demo draws a subset of its own
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A 65-byte PNG whose header claims ``width`` x ``height`` (a decompression bomb on the wire)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+# The Fashion-MNIST demo's malformed messages but the two of another shape (a photo contract resizes and converts
+# those), plus what a photo contract refuses: a declared size past the pixel limit (refused before decoding)
+# and class names that do not match the labels.
+PHOTO_MALFORMED = [m for m in MALFORMED if m[3] != "shape"] + [
+    (b"bad-bomb", _png_declaring(30000, 30000), [("labels", b"3")], "decode"),
+    (b"bad-names", encode_png(np.zeros((32, 32, 3), np.uint8)), [("labels", b"3,5"), ("label-names", b"cat")], "headers"),
+]
+
+
+def photo_env(settings: Settings) -> dict[str, str]:
+    """The photo settings every process of the demo runs with (the user's cut, if set, else ``pooled``)."""
+    return {"STREAMHASH_MODEL__BACKBONE": "efficientnet_lite0", "STREAMHASH_MODEL__CUT": settings.model.cut or "pooled",
+            "STREAMHASH_MODEL__IMAGE_SIZE": "32", "STREAMHASH_MODEL__CHANNELS": "3",
+            "STREAMHASH_IMAGE__MODE": "rgb", "STREAMHASH_IMAGE__RESIZE": "fill"}
+
+
+def load_photo_stream(settings: Settings, limit: int, queries: int, probes: int) -> tuple[Stream, tuple[str, ...]]:
+    """The demo's :class:`Stream` over CIFAR-10 (found as ``streamhash.data.cifar10`` finds it, else
+    DatasetMissingError saying where to get it) and its class names. Only the first photos of each class are
+    decoded: enough for the stream and the probes (half as many again), and for the queries."""
+    from streamhash.data import cifar10
+
+    source = cifar10.find_source(settings.data.cifar10_dir, settings.data.home)
+    per_class = min(5000, math.ceil(1.5 * (limit + probes) / 10))
+    train = cifar10.load_split("train", source, per_class=per_class)
+    test = cifar10.load_split("test", source, per_class=min(1000, math.ceil(1.5 * queries / 10)))
+    if limit > len(train) or queries > len(test):
+        raise ValueError(f"the demo streams at most {len(train)} CIFAR-10 photos and queries at most {len(test)}")
+    order, unlabeled = stream_order(train.labels, settings.model.seed, limit)
+    q_idx = np.random.default_rng(settings.model.seed + 1).choice(len(test), size=queries, replace=False)
+    return Stream(limit, train.images, train.labels, test.images, test.labels, order, unlabeled, q_idx), train.classes
+
+
+def stream_photos(settings: Settings, stack: Stack, data: Stream, classes, progress: Progress, quiet: bool):
+    """The bulk load, as the Fashion-MNIST demo's (rate: first send -> last commit), of PNG photos naming their
+    class and :data:`PHOTO_MALFORMED`; waits as long as the frozen part needs (a few dozen photos a second)."""
+    progress.say(f"streaming {data.limit} CIFAR-10 photos ({data.n_labeled} labeled) and {len(PHOTO_MALFORMED)} "
+                 "malformed messages; the worker runs the frozen backbone once per photo", force=True)
+    producer = make_producer(settings.kafka)
+    t0 = time.time()
+    messages = from_arrays(data.train_x[data.order], data.labels, prefix=PREFIX, classes=classes)
+    truth = {f"{PREFIX}{i}": int(y) for i, y in enumerate(data.train_y[data.order])}
+    produced = send(producer, settings.kafka.topic, messages, progress=not quiet, total=data.limit)
+    for key, value, headers, _ in PHOTO_MALFORMED:
+        producer.send(settings.kafka.topic, key=key, value=value, headers=headers)
+    producer.flush()
+    counts = {}
+
+    def all_in() -> bool:
+        s = scrape(stack.worker_url)
+        counts["indexed"] = s.get("streamhash_items_indexed_total", 0)
+        counts["dead"] = total(s, "streamhash_messages_dead_lettered_total")
+        progress.say(f"indexing: {counts['indexed']:.0f} of {produced} photos indexed, {counts['dead']:.0f} of "
+                     f"{len(PHOTO_MALFORMED)} malformed messages dead-lettered")
+        return counts["indexed"] >= produced and counts["dead"] >= len(PHOTO_MALFORMED)
+
+    wait_for(all_in, 120 + data.limit / 2, "every message to be indexed or dead-lettered")
+    ingest = Ingest(produced, counts["indexed"], counts["dead"], t0, time.time(), truth)
+    wait_for(lambda: stack.health()["index_size"] >= produced, 60, "the query index to catch up")
+    return ingest, producer
+
+
+def run_photo_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, keep_running: bool, quiet: bool,
+                   probes: int = 50) -> dict:
+    """:func:`streamhash.services.demo.run_demo` on CIFAR-10 photos: the summary, with ``dataset``, ``backbone``
+    and ``cut`` added."""
+    progress = Progress(quiet).start()
+    data, classes = load_photo_stream(settings, limit, queries, probes)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    broker = None
+    if not settings.kafka.bootstrap_servers:
+        broker = EmbeddedBroker(home=workdir).start()
+        settings.kafka.bootstrap_servers = broker.bootstrap_servers
+    ensure_topics(settings.kafka)
+    stack = Stack.on_free_ports(settings, workdir)
+    stack.env.pop("STREAMHASH_DATA__CLASS_NAMES", None)  # Fashion-MNIST's: the photos name their classes themselves
+    stack.env.update(photo_env(settings))
+    try:
+        start_processes(settings, stack, workdir, progress)
+        ingest, producer = stream_photos(settings, stack, data, classes, progress, quiet)
+        delays, spare = freshness(settings, stack, data, producer, ingest, probes, progress)
+        expected_codes = data.n_labeled + len(spare)
+        searched = searches(settings, stack, data, ingest.truth, expected_codes, progress)
+        lm = scrape(stack.learner_url) if stack.learner is not None else {}
+        summary = summarize(ingest, delays, searched, stack.health(), lm, labeled=data.n_labeled, late_class=LATE_CLASS,
+                            malformed=len(PHOTO_MALFORMED), bits=settings.model.bits, probes=probes,
+                            learned_expected=expected_codes, learn_budget_s=LEARN_BUDGET_S, keep_running=keep_running,
+                            triggers=triggers_in(workdir / "learner.log"),
+                            reencoded_images=scrape(stack.worker_url).get("streamhash_reencoded_images_total", 0.0))
+        summary.update(dataset="cifar10", dataset_title="CIFAR-10 photos", late_class_name=classes[LATE_CLASS],
+                       backbone="efficientnet_lite0", cut=stack.env["STREAMHASH_MODEL__CUT"])
+        progress.stop()
+        if keep_running:
+            serve(settings, stack, summary)
+        return summary
+    finally:
+        progress.stop()
+        for p in reversed(stack.procs):
+            stop(p)
+        if broker is not None:
+            broker.stop()
