@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -140,9 +141,9 @@ def system(broker, tmp_path):
     s = System(kafka, tmp_path)
     try:
         yield s
-    finally:
-        for proc in s.procs.values():
-            stop(proc, timeout=30)
+    finally:  # all at once: each takes a few seconds to stop
+        with ThreadPoolExecutor(len(s.procs) or 1) as pool:
+            list(pool.map(lambda proc: stop(proc, timeout=30), s.procs.values()))
 
 
 def check_whole(system: System, truth: dict[str, list | None], roots) -> list[dict]:
@@ -173,14 +174,14 @@ def test_three_machines_one_dies_wiped_and_comes_back(system):
     kafka, env = system.kafka, system.env
     images, labels = synthetic_images(FIRST + SECOND, seed=21)
     shown = [None if i % 4 == 0 else int(y) for i, y in enumerate(labels)]
-    for m in "abc":
-        system.start_machine(m)
     lurl = f"http://127.0.0.1:{system.ports['learner']}/metrics"
     system.spawn("learner", ["learner"], {  # no STREAMHASH_STORE__PATH: it reads the changelog
         "STREAMHASH_LEARN__STATE_PATH": str(system.tmp / "learner-state"),
         "STREAMHASH_LEARN__METRICS_PORT": str(system.ports["learner"]), "STREAMHASH_LEARN__ROUND_EVERY": "400",
         "STREAMHASH_LEARN__ROUND_MAX_AGE_S": "5", "STREAMHASH_LEARN__OMEGA": "300", "STREAMHASH_LEARN__EPOCHS": "1",
         "STREAMHASH_LEARN__ITERS": "1", "STREAMHASH_LEARN__RESERVOIR_SIZE": "100", "STREAMHASH_LEARN__NICE": "0"})
+    for m in "abc":
+        system.start_machine(m)
     system.spawn("router", ["serve", "--discover", "--port", str(system.ports["router"])])
     for name in ("serve-a", "serve-b", "serve-c", "router"):
         port = system.ports[name[-1] if name != "router" else "router"]
