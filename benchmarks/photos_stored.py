@@ -6,11 +6,11 @@ photo vs the same from the photos' images, same run, through the product's code.
   per photo. ``ingest_vs_engine``: a worker process (same threads) ingesting ``--ingest-photos`` of those JPEG
   files from a topic of the embedded broker into a committed shard, features stored (``bench_ingest``'s
   measure: photos / (last commit - partitions assigned)), over that rate.
-- ``round_features_vs_images``: one DIHN round (``DIHNLearner.learn_round``, the same seed, items, Omega and
+- ``round_features_vs_images`` (one thread, as the learner): one DIHN round (``DIHNLearner.learn_round``, the same seed, items, Omega and
   iterations) whose fetch reads the stored features (``Store.features``, what ``ShardFeed`` reads for a frozen
   network) vs one whose fetch decodes the stored blobs into images (``Store.get_blobs`` + ``decode_images``) that
   the network prepares on every fetch (what a round on images costs: decode + frozen part per alternation).
-- ``reencode_vs_images``: seconds per photo of a re-encode (``index.reencode.shard_builder``: begin, copy or
+- ``reencode_vs_images`` (one thread, as the worker's re-encoder): seconds per photo of a re-encode (``index.reencode.shard_builder``: begin, copy or
   encode, swap) of ``--reencode-items`` photos from stored features, over the same per photo from images
   (a shard of ``--reencode-images`` photos stored without features, the fallback path: decode + frozen part +
   head); ``reencode_features_s`` is the whole re-encode, the issue's "≤ 10 s at 50,000" (head only).
@@ -142,6 +142,9 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
                   "ingest_feature_spec": spec}
         say(f"worker ingest: {rate:.1f} photos/s, features stored as {spec}")
     blobs, labels, feats = blobs[:args.photos], labels[:args.photos], feats[:args.photos]
+    # the round and the re-encode on one thread, as the learner (learn.torch_threads) and the worker's re-encoder
+    # run them: at 2 threads on a loaded machine each small op of the head's training waited on its thread pool
+    torch.set_num_threads(1)
 
     small = write(work / "round", net, blobs, labels, feats, len(blobs))
     timed_round(net, small, labels, lambda ids: np.stack(small.features(ids)), args)  # warm-up: torch's first round
