@@ -49,10 +49,11 @@ def test_a_learner_without_a_store_root_teaches_every_partition_and_resumes_from
     lenv = learner_env(env, tmp_path / "learner-state")
     images, labels = synthetic_images(240, seed=5)
     shown = [None if i % 4 == 0 else int(y) for i, y in enumerate(labels)]
-    worker, _ = start_worker(env, tmp_path / "worker.log")
-    learner = spawn(["learner"], env=lenv, log_path=tmp_path / "learner.log")
+    learner = spawn(["learner"], env=lenv, log_path=tmp_path / "learner.log")  # starts while the worker does
     lurl = f"http://127.0.0.1:{lenv['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
+    worker = None
     try:
+        worker, _ = start_worker(env, tmp_path / "worker.log")
         wait_http(lurl, 60, learner, tmp_path / "learner.log")
         producer = make_producer(kafka_settings)
         send(producer, kafka_settings.topic, from_arrays(images[:200], shown[:200], prefix="c-"), progress=False)
@@ -88,4 +89,5 @@ def test_a_learner_without_a_store_root_teaches_every_partition_and_resumes_from
         assert learner_codes(tmp_path / "learner-state", kafka_settings) == read_store(root)["codes"]
     finally:
         for p in (learner, worker):
-            stop(p, timeout=30)
+            if p is not None:
+                stop(p, timeout=30)
