@@ -61,11 +61,12 @@ def inferred_share(q_codes: np.ndarray, codes: np.ndarray, learned: np.ndarray, 
 
 
 def make_methods(stream: Stream, cfg: EvalConfig, tmp: Path) -> dict[str, Method]:
-    start = initial_net(ModelSettings(bits=cfg.bits, seed=cfg.seed)).to_bytes()
+    net = initial_net(ModelSettings(bits=cfg.bits, seed=cfg.seed, **stream.model))  # photos: the stream's network
+    start, features = net.to_bytes(), net.feature_spec()
     s, methods = cfg.learn, {}
 
     def shard(name):
-        return EvalShard(tmp / name, cfg.bits, stream.images, stream.labels, stream.labeled)
+        return EvalShard(tmp / name, cfg.bits, stream.images, stream.labels, stream.labeled, features=features)
 
     for name in cfg.methods:
         if name in POLICIES:

@@ -32,17 +32,24 @@ def npy_bytes(image: np.ndarray) -> bytes:
 class EvalShard:
     """``images``/``labels``/``labeled``: the stream's arrays, addressed by dataset index."""
 
-    def __init__(self, path, bits: int, images: np.ndarray, labels: np.ndarray, labeled: np.ndarray):
-        self.store = Store(path, bits=bits, initial_map_size=16 << 20)
+    def __init__(self, path, bits: int, images: np.ndarray, labels: np.ndarray, labeled: np.ndarray,
+                 features: dict | None = None):
+        # ``features``: a frozen network's feature spec; ``images`` are then its stored inputs, kept as the items'
+        # features (as a worker keeps them beside the blob, which the eval has not: empty) and read by re-encodes
+        self.store = Store(path, bits=bits, initial_map_size=16 << 20, features=features,
+                           backbone=features["backbone"] if features else None)
         self.bits, self.images, self.labels, self.labeled = bits, images, labels, labeled
-        h, w = images.shape[1:3]
-        self.spec = ImageSpec(h, w, 1 if images.ndim == 3 else images.shape[3])
+        self.features = features
+        h, w = (1, 1) if features else images.shape[1:3]
+        self.spec = ImageSpec(h, w, 1 if features or images.ndim == 3 else images.shape[3])
 
     def write(self, idx, codes: np.ndarray, model_version: int) -> None:
         """Items arriving (or sent again), with the codes network ``model_version`` inferred."""
         idx = np.asarray(idx, np.int64)
-        items = [ItemWrite(str(i), codes[k].tobytes(), npy_bytes(self.images[i]), "application/x-npy",
-                           (int(self.labels[i]),) if self.labeled[i] else None, ts=0.0)
+        feature = (lambda i: np.asarray(self.images[i], np.float16).tobytes()) if self.features else (lambda i: None)
+        blob = (lambda i: b"") if self.features else (lambda i: npy_bytes(self.images[i]))
+        items = [ItemWrite(str(i), codes[k].tobytes(), blob(i), "application/x-npy",
+                           (int(self.labels[i]),) if self.labeled[i] else None, ts=0.0, feature=feature(i))
                  for k, i in enumerate(idx.tolist())]
         for s in range(0, len(items), 2048):
             self.store.write_batch(items[s:s + 2048], model_version=model_version)
