@@ -2,7 +2,8 @@
 
 Issue 23's benchmark. The stored part (worker ingest with features stored, a round and a re-encode from stored
 features vs from images: ``benchmarks/photos_stored.py``, its docstring says how) runs last; ``--no-stored``
-skips it. The engines, in one process, interleaved so drift in machine load hits every engine alike:
+skips it; then ``POST /search`` by photo at 50,000 items beside the bare engine (``benchmarks/photos_search.py``;
+``--no-search`` skips it). The engines, in one process, interleaved so drift in machine load hits every engine alike:
 
 - images/s of the frozen feature extractor (pooled 1280-d), batch 16, at 2 and 1 threads, at input sizes
   224, 160 and 128 (CIFAR-10 is 32x32, upsampled bilinearly): torch eager NCHW (as the project ran it),
@@ -39,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serve import cpu_model  # noqa: E402
+from photos_search import add_arguments as search_arguments, search_figures  # noqa: E402
 from photos_stored import add_arguments as stored_arguments, stored_figures  # noqa: E402
 
 from streamhash.data import cifar10  # noqa: E402
@@ -115,7 +117,9 @@ def main() -> None:
                     help="also probe the dynamic int8 features (slow: it ran 5-7x slower than fp32 here)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     ap.add_argument("--no-stored", action="store_true", help="skip the stored-features part (photos_stored.py)")
+    ap.add_argument("--no-search", action="store_true", help="skip search by photo at 50,000 (photos_search.py)")
     stored_arguments(ap)
+    search_arguments(ap)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
@@ -180,6 +184,10 @@ def main() -> None:
     result["rerank"] = measure_rerank(source)
     for key in ("rerank_top10_feature_overlap", "rerank_top10_feature_overlap_without", "rerank_map", "rerank_map_without"):
         result[key] = result["rerank"][key]
+    if not args.no_search:  # POST /search by photo over 50,000 stored photos, beside the bare engine
+        result["search"] = search_figures(source, args, say)
+        for key in ("search_by_photo_p50_ms", "search_by_photo_p99_ms", "engine_one_photo_p50_ms", "search_vs_engine_p50"):
+            result[key] = result["search"][key]
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
 

@@ -124,30 +124,31 @@ def search_figures(source: Path, args, say=lambda *a: None) -> dict:
 
     from streamhash.model.state import initial_net
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.search_threads)
     with contextlib.redirect_stdout(sys.stderr):  # the weights package prints a line: stdout is the JSON's
-        net = initial_net(model_settings(args.bits))
-    blobs, labels = files(source, "train", args.photos)
-    queries, _ = files(source, "test", args.queries + args.warmup)
+        net = initial_net(model_settings(args.search_bits))
+    blobs, labels = files(source, "train", args.search_photos)
+    queries, _ = files(source, "test", args.search_queries + args.search_warmup)
     work = Path(tempfile.mkdtemp(prefix="bench-photos-search-"))
-    built = build_root(work / "index", net, blobs, labels, args.items, args.partitions, say)
+    built = build_root(work / "index", net, blobs, labels, args.search_items, args.search_partitions, say)
     port = free_port()
     log = work / "serve.log"
-    proc = spawn(["serve"], env=server_env(work / "index", port, args.bits, args.threads), log_path=log)
+    proc = spawn(["serve"], env=server_env(work / "index", port, args.search_bits, args.search_threads), log_path=log)
     base = f"http://127.0.0.1:{port}"
     try:
         import httpx
 
         wait_http(f"{base}/healthz", 300, proc, log)
-        wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= args.items, 300, "the index to load")
-        timed_searches(base, net, queries[:args.warmup], args.k)  # the server's first ONNX session, caches
-        search_s, engine_s, seen = timed_searches(base, net, queries[args.warmup:], args.k)
+        wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= args.search_items, 300, "the index to load")
+        timed_searches(base, net, queries[:args.search_warmup], args.search_k)  # the server's first ONNX session, caches
+        search_s, engine_s, seen = timed_searches(base, net, queries[args.search_warmup:], args.search_k)
     finally:
         stop(proc)
-    say(f"POST /search by photo at {args.items} items: p50 {ms(search_s, 50)} ms, p99 {ms(search_s, 99)} ms; "
+    say(f"POST /search by photo at {args.search_items} items: p50 {ms(search_s, 50)} ms, p99 {ms(search_s, 99)} ms; "
         f"bare engine, one photo: p50 {ms(engine_s, 50)} ms ({len(search_s)} queries, {seen['reranked']} re-ranked)")
-    return {"items": args.items, "partitions": args.partitions, "distinct_photos": len(blobs), "queries": len(search_s),
-            "k": args.k, "threads": args.threads, "store": "Store.write_batch, features and codes from HashNet.prepare/encode",
+    return {"items": args.search_items, "partitions": args.search_partitions, "distinct_photos": len(blobs),
+            "queries": len(search_s), "k": args.search_k, "threads": args.search_threads,
+            "store": "Store.write_batch, features and codes from HashNet.prepare/encode",
             **built, "search_by_photo_p50_ms": ms(search_s, 50), "search_by_photo_p99_ms": ms(search_s, 99),
             "engine_one_photo_p50_ms": ms(engine_s, 50), "engine_one_photo_p99_ms": ms(engine_s, 99),
             "search_vs_engine_p50": round(statistics.median(search_s) / statistics.median(engine_s), 2),
@@ -155,16 +156,16 @@ def search_figures(source: Path, args, say=lambda *a: None) -> dict:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--search-items", dest="items", type=int, default=50_000, help="photos in the served store")
-    ap.add_argument("--search-photos", dest="photos", type=int, default=1000,
+    ap.add_argument("--search-items", dest="search_items", type=int, default=50_000, help="photos in the served store")
+    ap.add_argument("--search-photos", dest="search_photos", type=int, default=1000,
                     help="distinct train photos prepared (the rest of the items repeat them)")
-    ap.add_argument("--search-queries", dest="queries", type=int, default=200, help="test photos searched (timed)")
-    ap.add_argument("--search-warmup", dest="warmup", type=int, default=10, help="test photos searched first, not timed")
-    ap.add_argument("--search-threads", dest="threads", type=int, default=1,
+    ap.add_argument("--search-queries", dest="search_queries", type=int, default=200, help="test photos searched (timed)")
+    ap.add_argument("--search-warmup", dest="search_warmup", type=int, default=10, help="test photos searched first, not timed")
+    ap.add_argument("--search-threads", dest="search_threads", type=int, default=1,
                     help="torch/ONNX threads of the server and of the bare engine here (the server's default: 1)")
-    ap.add_argument("--search-partitions", dest="partitions", type=int, default=4)
-    ap.add_argument("--search-bits", dest="bits", type=int, default=32)
-    ap.add_argument("--search-k", dest="k", type=int, default=10)
+    ap.add_argument("--search-partitions", dest="search_partitions", type=int, default=4)
+    ap.add_argument("--search-bits", dest="search_bits", type=int, default=32)
+    ap.add_argument("--search-k", dest="search_k", type=int, default=10)
 
 
 def main() -> None:
