@@ -41,8 +41,9 @@ def named_in(records, stamps: Sequence[float]) -> Stored:
     """The (label, name) pairs a batch carries, each with the time of the last record naming it."""
     out: Stored = {}
     for rec, ts in zip(records, stamps):
-        for label, name in getattr(rec, "label_names", ()):
-            out[label] = (name, ts)
+        if rec.label_names:  # most streams name nothing: one attribute read per record
+            for label, name in rec.label_names:
+                out[label] = (name, ts)
     return out
 
 
