@@ -88,6 +88,8 @@ class Rerank:
         ``view``: the search's :class:`~streamhash.index.sharded.View` (each shard's features read once)."""
         if self.query is None:
             return hits[:k], {"reranked": False, "rerank_note": self.note}
+        if len(hits) > k:  # past the k-th hit's distance none can be among the first k: not read, not scored
+            hits = [h for h in hits if h["distance"] <= hits[k - 1]["distance"]]
         stored: list[np.ndarray | None] = [None] * len(hits)
         by_shard: dict[str, list[int]] = {}
         for i, hit in enumerate(hits):

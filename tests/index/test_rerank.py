@@ -55,10 +55,12 @@ def test_vectors_unit_rows_and_zero_rows():
     assert np.allclose(np.linalg.norm(vectors(act), axis=1), 1.0)
 
 
-def _view(features: dict[str, dict[str, np.ndarray]]):
-    """A stand-in view: shard name -> its store's features by id (the server test runs a real one)."""
+def _view(features: dict[str, dict[str, np.ndarray]], read: list | None = None):
+    """A stand-in view: shard name -> its store's features by id (the server test runs a real one); ``read``
+    collects the ids asked for."""
     def shard(name):
-        store = SimpleNamespace(features=lambda ids: [features[name].get(i) for i in ids])
+        store = SimpleNamespace(features=lambda ids: [(read.append(i) if read is not None else None,
+                                                      features[name].get(i))[1] for i in ids])
         return SimpleNamespace(shard=SimpleNamespace(store=store))
     return SimpleNamespace(by_name=lambda name: shard(name) if name in features else None)
 
@@ -74,7 +76,9 @@ def test_apply_reorders_ties_keeps_distances_and_cuts_to_k():
         hits.append({"id": f"i{i}", "distance": 0 if i < 20 else 3, "labels": [1], "shard": name})
     plan = Rerank.plan(q, k=5, candidates=30)
     assert plan.candidates == 30
-    out, fields = plan.apply(hits, _view(feats), 5)
+    read = []
+    out, fields = plan.apply(hits, _view(feats, read), 5)
+    assert sorted(read) == sorted(h["id"] for h in hits[:20])  # past the 5th hit's distance nothing is read
     assert fields == {"reranked": True, "rerank_note": None}
     want = sorted(hits[:20], key=lambda h: -brute_cosine(q, feats[h["shard"]][h["id"]]))[:5]
     assert [h["id"] for h in out] == [h["id"] for h in want]
