@@ -98,6 +98,7 @@ function render(answer, queryId) {
   $("summary").textContent = untrained + `${answer.results.length} results · model version ${answer.model_version} · ` +
     `generation ${answer.generation} · ${answer.index_size} items in ${shards.length} shards · ` +
     `${answer.took_ms.toFixed(1)} ms · query code ${answer.code_hex}` +
+    (answer.reranked ? " · ties ordered by feature similarity" : "") +
     (answer.partial ? ` · PARTIAL: no answer from ${missing.join(", ")}` : "");
   const items = answer.results.map((hit) => {
     const li = document.createElement("li");
@@ -113,7 +114,7 @@ function render(answer, queryId) {
     img.width = img.height = THUMB_PX;
     const caption = document.createElement("span");
     caption.className = "caption";
-    for (const [cls, text] of [["id", hit.id], ["distance", `d = ${hit.distance}`], ["labels", labelText(hit)]]) {
+    for (const [cls, text] of [["id", hit.id], ["distance", `d = ${hit.distance}` + (hit.similarity == null ? "" : ` · cos ${hit.similarity.toFixed(2)}`)], ["labels", labelText(hit)]]) {
       const part = document.createElement("span");
       part.className = cls;
       part.textContent = text;
