@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="items per chunk (all but class-incremental)")
     parser.add_argument("--round-iters", type=int, default=None, help="alternations per round (LearnSettings.iters)")
     parser.add_argument("--omega", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="LearnSettings.lr (the learner's and the retrain's)")
     parser.add_argument("--mi-threshold", type=float, default=None)
     parser.add_argument("--holdout-fraction", type=float, default=None, help="LearnSettings.holdout_fraction")
     parser.add_argument("--reservoir", type=int, default=None, help="LearnSettings.reservoir_size")
@@ -60,7 +61,7 @@ def config_from_args(args):
     from streamhash.eval.harness import EvalConfig
 
     learn = {}
-    for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("mi_threshold", "mi_threshold"),
+    for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("lr", "lr"), ("mi_threshold", "mi_threshold"),
                      ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size"),
                      ("reservoir_strata", "reservoir_strata")):
         if getattr(args, arg) is not None:

@@ -389,3 +389,29 @@ def test_online_hasher_holds_at_most_64_bytes_an_item_beyond_the_code_while_item
     tracemalloc.stop()
     assert h.n_pending == len(batches) * 256 + 1 and h.oldest_pending_age() is not None
     assert grown / h.learner.n_items - bits // 8 <= 64, grown / h.learner.n_items
+
+
+def test_relearn_rewrites_old_codes_by_dcc_and_returns_only_the_ones_that_moved():
+    """relearn: every labeled code is in the B-step (a code rewrite, no image read for it beyond Omega); the
+    round returns its new items and the old ones whose code changed, and those are what the learner holds."""
+    torch.set_num_threads(2)
+    L = learner(bits=16, relearn=True)
+    x1, y1 = synth(200, [0, 1], 1)
+    L.learn_many(x1, y1)
+    before = L.codes().copy()
+    x2, y2 = synth(200, [2, 3, 4, 5, 6, 7], 2)  # six new classes: two codes no longer separate the old ones
+    r2 = L.learn_many(x2, y2)
+    moved = np.flatnonzero((L.codes()[:200] != before).any(axis=1))
+    assert len(moved) > 0 and L.n_pending == 0
+    assert sorted(r2.ids) == sorted(list(range(200, 400)) + moved.tolist())
+    np.testing.assert_array_equal(L.codes(r2.ids), r2.codes)
+    assert r2.changed <= 200  # counted over the new items, as without relearn
+
+
+def test_a_round_until_a_budget_stops_between_alternations():
+    L = learner(bits=16)
+    x, y = synth(100, [0, 1], 1)
+    L.add_items(list(range(100)), L.encode(x), y, frozen=False)
+    calls = []
+    r = L.learn_round(lambda ids: x[np.asarray(ids)], iters=50, until=lambda: calls.append(1) or len(calls) >= 3)
+    assert r.iterations == 3 and L.n_pending == 0
