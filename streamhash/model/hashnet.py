@@ -47,6 +47,8 @@ class HashNetConfig:
     # where a frozen backbone is split ("": its default, the pooled feature); recorded so a serialised network
     # rebuilds the same split (a network saved before cuts existed has none: the default)
     cut: str = ""
+    # a frozen backbone's input side in pixels, images resized to it (0: the backbone's own, 224 for EfficientNet-Lite0)
+    input_size: int = 0
 
 
 class SmallCNN(nn.Module):

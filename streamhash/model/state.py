@@ -25,7 +25,7 @@ def initial_net(mc):
     from streamhash.model.hashnet import HashNet, HashNetConfig
 
     return HashNet(HashNetConfig(bits=mc.bits, backbone=mc.backbone, image_size=mc.image_size, channels=mc.channels,
-                                 seed=mc.seed, cut=getattr(mc, "cut", "")))
+                                 seed=mc.seed, cut=getattr(mc, "cut", ""), input_size=getattr(mc, "input_size", 0)))
 
 
 _FEATURE_SPECS: dict[tuple, dict | None] = {}
@@ -34,7 +34,7 @@ _FEATURE_SPECS: dict[tuple, dict | None] = {}
 def feature_spec(mc) -> dict | None:
     """What a shard keeps per item for the networks of these model settings (``HashNet.feature_spec``: the frozen
     part's output, or None for a network trained end to end); the same for every version, so built once."""
-    key = (mc.backbone, getattr(mc, "cut", ""), mc.image_size, mc.channels)
+    key = (mc.backbone, getattr(mc, "cut", ""), getattr(mc, "input_size", 0), mc.image_size, mc.channels)
     if key not in _FEATURE_SPECS:
         _FEATURE_SPECS[key] = initial_net(mc).feature_spec()
     return _FEATURE_SPECS[key]
@@ -68,7 +68,7 @@ def checked_model(announcement, mc, device="cpu"):
     except Exception as exc:  # noqa: BLE001  (torch.load and load_state_dict raise many kinds on forged bytes)
         raise bad(f"the network does not load: {type(exc).__name__}: {str(exc)[:200]}") from None
     want = {"bits": mc.bits, "backbone": mc.backbone, "image_size": mc.image_size, "channels": mc.channels,
-            "cut": getattr(mc, "cut", "")}
+            "cut": getattr(mc, "cut", ""), "input_size": getattr(mc, "input_size", 0)}
     got = {k: getattr(net.cfg, k) for k in want}
     if got != want:
         raise bad(f"the network is {got}, this index is {want}")
