@@ -70,3 +70,19 @@ def test_the_stream_holds_a_quarter_unlabeled_and_the_late_class_last():
     late = labels[order] == demo.LATE_CLASS
     assert late.any() and not late[: -late.sum()].any()  # every image of the late class after all the others
     assert 0.22 < unlabeled.mean() < 0.28
+
+
+def test_the_summary_says_when_and_why_the_trigger_fired_and_what_it_re_encoded(capsys, tmp_path):
+    log = tmp_path / "learner.log"
+    log.write_text(
+        "round 1: 2006 codes learned (1990 changed), MI live 0.2825 candidate 0.3019 gain +0.0193 (bound 0.0060, "
+        "sigma 0.0030, 41 reservoir codes would change) -> re-encode (cost: ~8044 stale inferred codes)\n"
+        "round 2: 2000 codes learned (7 changed), MI live 0.3 candidate 0.3 gain -0.0010 (bound 0.0040, "
+        "sigma 0.0020, 3 reservoir codes would change) -> keep codes (cost: ~8044 stale inferred codes)\n")
+    triggers = demo.summary.triggers_in(log)
+    assert triggers == [{"round": 1, "codes_learned": 2006, "gain": 0.0193, "bound": 0.006}]
+    assert demo.summary.triggers_in(tmp_path / "absent.log") == []
+    demo.print_summary({**SUMMARY, "reencode_triggers": 1, "generation": 2, "triggers": triggers, "reencoded_images": 8241})
+    out = capsys.readouterr().out
+    assert "1  MI-triggered re-encodes" in out and "8241 images re-encoded by the worker" in out
+    assert "fired at round 1: gain +0.0193 > bound 0.0060" in out
