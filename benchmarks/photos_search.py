@@ -17,7 +17,8 @@ user's browser sends it, k=10, one at a time from an httpx client in this proces
 bare engine time for one photo: this process decodes the same JPEG bytes and runs the product's network on them
 (``HashNet.encode_images``: frozen part + head, same threads), so load drifts hit both alike.
 ``search_vs_engine_p50`` = the search's p50 / the engine's p50 (what the server adds: HTTP, the scan over
-``--items`` codes, the second stage).
+``--items`` codes, the second stage). Then, same server: ``by_item_id_p50_ms`` (a search by a stored item: the
+scan and the second stage, no frozen part) and ``by_code_p50_ms`` (the scan alone), to say where the rest goes.
 
     nice -n 10 python benchmarks/photos_search.py --cifar10 ../shared/data/cifar10-jpg.tar.gz --json
 """
@@ -28,6 +29,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,6 +117,21 @@ def timed_searches(base: str, net, queries: list[bytes], k: int) -> tuple[list[f
     return search_s, engine_s, seen
 
 
+def timed_others(base: str, ids: list[str], codes: np.ndarray, k: int) -> tuple[list[float], list[float]]:
+    """Seconds per search by a stored item's id (no frozen part: its stored feature re-ranks) and by a code (the
+    Hamming scan alone, nothing to re-rank), alternately: where a search by photo spends what the engine does not."""
+    import httpx
+
+    by_id, by_code = [], []
+    with httpx.Client(timeout=60) as client:
+        for item_id, code in zip(ids, codes):
+            for body, out in (({"item_id": item_id, "k": k}, by_id), ({"code_hex": code.tobytes().hex(), "k": k}, by_code)):
+                t = time.perf_counter()
+                client.post(f"{base}/search", json=body).raise_for_status()
+                out.append(time.perf_counter() - t)
+    return by_id, by_code
+
+
 def ms(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000, 2)
 
@@ -142,16 +159,23 @@ def search_figures(source: Path, args, say=lambda *a: None) -> dict:
         wait_for(lambda: httpx.get(f"{base}/healthz").json()["index_size"] >= args.search_items, 300, "the index to load")
         timed_searches(base, net, queries[:args.search_warmup], args.search_k)  # the server's first ONNX session, caches
         search_s, engine_s, seen = timed_searches(base, net, queries[args.search_warmup:], args.search_k)
+        picks = np.random.default_rng(0).choice(args.search_items, size=len(search_s), replace=False)
+        by_id, by_code = timed_others(base, [f"photo-{i}" for i in picks],
+                                      np.random.default_rng(1).integers(0, 256, (len(picks), args.search_bits // 8),
+                                                                        dtype=np.uint8), args.search_k)
     finally:
         stop(proc)
+        shutil.rmtree(work, ignore_errors=True)  # 355 MB at 50,000 photos
     say(f"POST /search by photo at {args.search_items} items: p50 {ms(search_s, 50)} ms, p99 {ms(search_s, 99)} ms; "
-        f"bare engine, one photo: p50 {ms(engine_s, 50)} ms ({len(search_s)} queries, {seen['reranked']} re-ranked)")
+        f"bare engine, one photo: p50 {ms(engine_s, 50)} ms ({len(search_s)} queries, {seen['reranked']} re-ranked); "
+        f"by stored id p50 {ms(by_id, 50)} ms, by code {ms(by_code, 50)} ms")
     return {"items": args.search_items, "partitions": args.search_partitions, "distinct_photos": len(blobs),
             "queries": len(search_s), "k": args.search_k, "threads": args.search_threads,
             "store": "Store.write_batch, features and codes from HashNet.prepare/encode",
             **built, "search_by_photo_p50_ms": ms(search_s, 50), "search_by_photo_p99_ms": ms(search_s, 99),
             "engine_one_photo_p50_ms": ms(engine_s, 50), "engine_one_photo_p99_ms": ms(engine_s, 99),
             "search_vs_engine_p50": round(statistics.median(search_s) / statistics.median(engine_s), 2),
+            "by_item_id_p50_ms": ms(by_id, 50), "by_code_p50_ms": ms(by_code, 50),
             "reranked_answers": seen["reranked"], "hits_per_answer": round(seen["hits"] / len(search_s), 2)}
 
 
