@@ -62,10 +62,8 @@ def split(net: nn.Module, cut: str, input_size: int) -> tuple[nn.Module, nn.Modu
         from streamhash.model.cuts import split as split_at
     except ImportError as exc:
         raise ValueError(f"unknown cut {cut!r} (model.cut): only {POOLED!r} is built in") from exc
-    frozen, tail = split_at(net, cut)[:2]
-    with torch.no_grad():
-        shape = tuple(frozen.eval()(torch.zeros(1, 3, input_size, input_size)).shape[1:])
-    return frozen, tail, shape
+    frozen, tail, shape = split_at(net, cut, input_size)
+    return frozen.eval(), tail, tuple(shape)
 
 
 class PooledFeatures(nn.Module):

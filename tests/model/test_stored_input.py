@@ -82,10 +82,11 @@ def test_the_cut_is_serialised_and_a_network_saved_before_cuts_loads(photo_net):
 
 
 class _FakeCuts(types.ModuleType):
-    """A stand-in for streamhash.model.cuts: frozen = stem + all blocks but the last two, tail = those + the head conv."""
+    """A stand-in for streamhash.model.cuts (its split's signature): frozen = stem + all blocks but the last two,
+    tail = those + the head conv. The mechanism is tested apart from the cuts chosen (tests/model/test_cuts.py)."""
 
     @staticmethod
-    def split(net, cut):
+    def split(net, cut, input_size):
         assert cut == "last2"
         k = len(net._blocks) - 2
 
@@ -111,7 +112,10 @@ class _FakeCuts(types.ModuleType):
                     x = block(x)
                 return net._swish(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
 
-        return Frozen(), Tail(), None
+        frozen = Frozen()
+        with torch.no_grad():
+            shape = tuple(frozen(torch.zeros(1, 3, input_size, input_size)).shape[1:])
+        return frozen, Tail(), shape
 
 
 def test_a_cut_stores_the_activation_before_it_and_its_tail_learns(tmp_path, monkeypatch):
@@ -154,3 +158,15 @@ def test_the_backbone_alone_gives_the_pooled_feature_of_images_as_before():
         ref = bb.net.extract_features(torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear",
                                                                       align_corners=False)).mean(dim=(2, 3))
     torch.testing.assert_close(bb(x), ref)
+
+
+def test_the_projects_cut_before_the_last_stage_plugs_in(tmp_path):
+    net = HashNet(HashNetConfig(bits=16, backbone="efficientnet_lite0", image_size=32, channels=3, cut="stage7"))
+    net.backbone._cache_dir = tmp_path
+    images = _photos(2)
+    stored = net.prepare(images)
+    assert stored.shape == (2, 192, 7, 7) and net.feature_spec()["feature_shape"] == [192, 7, 7]
+    assert net.encode_images(images).tolist() == net.encode(stored).tolist()
+    rebuilt = HashNet.from_bytes(net.to_bytes())
+    assert rebuilt.backbone.cut == "stage7" and rebuilt.encode(stored).tolist() == net.encode(stored).tolist()
+    assert any(p.requires_grad for p in net.backbone.tail.parameters())
