@@ -84,8 +84,8 @@ def stored_inputs(net, images: np.ndarray, rows: np.ndarray, path: Path, log=Non
     return np.load(path, mmap_mode="r")
 
 
-def make_cifar_stream(protocol: str, home: Path, source: Path | None = None, *, bits: int = 32, seed: int = 0,
-                      log=None, data=None, **stream_kw) -> Stream:
+def make_cifar_stream(protocol: str, home: Path, source: Path | None = None, *, bits: int = 32, log=None, data=None,
+                      **stream_kw) -> Stream:
     """The protocol's stream over CIFAR-10 (train and test, 60,000 images; ``data``, a LabeledImages, instead):
     ``images`` the stored inputs of :data:`MODEL`'s network, ``model`` those settings. Raises
     DatasetMissingError without CIFAR-10."""
@@ -94,7 +94,8 @@ def make_cifar_stream(protocol: str, home: Path, source: Path | None = None, *, 
     if protocol not in PROTOCOLS:
         raise ValueError(f"CIFAR-10 runs the protocols {PROTOCOLS}, not {protocol!r}")
     data = load_all(source, home) if data is None else data
-    stream = make_stream(protocol, data.images, data.labels, seed=seed, **stream_kw)
+    seed = stream_kw.get("seed", 0)
+    stream = make_stream(protocol, data.images, data.labels, **stream_kw)
     rows = np.unique(np.concatenate([stream.queries, stream.d0, *stream.chunks,
                                      *([] if stream.everything is None else [stream.everything])]))
     net = network(bits, seed)

@@ -122,7 +122,7 @@ def cifar_stream(args, log):
     from streamhash.data.cifar10 import data_home
     from streamhash.eval.cifar import make_cifar_stream
 
-    return make_cifar_stream(args.protocol, data_home(), args.data_dir, bits=args.bits, seed=args.seed, log=log,
+    return make_cifar_stream(args.protocol, data_home(), args.data_dir, bits=args.bits, log=log,
                              **stream_kwargs(args))
 
 
