@@ -137,8 +137,14 @@ class EfficientNetLite0Backbone(nn.Module):
 
             name = self.name if self.cut == POOLED else f"{self.name}-{self.cut}"
             self._onnx = FeatureEngine(self.frozen_part, name, self.input_size, cache_dir=self._cache_dir,
-                                       out_shape=self.stored_shape)
+                                       out_shape=self.stored_shape, weights=self.frozen_weights())
         return self._onnx
+
+    def frozen_weights(self) -> dict[str, torch.Tensor]:
+        """The state of the frozen part alone: a cut's frozen module may hold the whole network, whose tail trains;
+        what names its ONNX export (and any cache of its outputs) must not change with every model version."""
+        tail = {t.data_ptr() for t in self.tail.state_dict().values()}
+        return {k: t for k, t in self.frozen_part.state_dict().items() if t.data_ptr() not in tail}
 
     def uses_onnx(self, device: torch.device) -> bool:
         if self.engine == "torch" or device.type != "cpu":

@@ -52,10 +52,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("STREAMHASH_DATA__HOME", "data"))
 
 
-def weights_hash(module: nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, shape, dtype, values), independent of memory format."""
+def weights_hash(module: nn.Module | dict) -> str:
+    """sha256 over every parameter and buffer (name, shape, dtype, values), independent of memory format; a dict
+    is taken as the state to hash (a part of a module's)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    state = module if isinstance(module, dict) else module.state_dict()
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
@@ -100,7 +102,7 @@ class FeatureEngine:
 
     def __init__(self, module: nn.Module, name: str, size: int, cache_dir: Path | None = None,
                  quantize: str | None = None, calibration: np.ndarray | torch.Tensor | None = None,
-                 out_shape: tuple[int, ...] | None = None):
+                 out_shape: tuple[int, ...] | None = None, weights: dict | None = None):
         if not onnx_available():
             raise ImportError(INSTALL_HINT)
         self.module = module
@@ -114,6 +116,9 @@ class FeatureEngine:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.name = f"onnxruntime:{name}-{self.size}" + (f"-int8-{quantize}" if quantize else "")
         self._base = name
+        # what names the exported file: the module's whole state unless told which part of it the graph holds (a
+        # frozen part sharing its network with a tail that trains: the tail's weights must not name the export)
+        self._weights = weights
         # one image's output; for an empty batch (a pooled module says it by ``out_features``)
         self.out_shape = tuple(out_shape) if out_shape is not None else (int(getattr(module, "out_features", 0)),)
         self._path: Path | None = None
@@ -140,7 +145,7 @@ class FeatureEngine:
             return self._path
 
     def _file_name(self, suffix: str = "") -> Path:
-        digest = weights_hash(self.module)[:16]
+        digest = weights_hash(self.module if self._weights is None else self._weights)[:16]
         return self.cache_dir / "onnx" / f"{self._base}-{self.size}-{digest}{suffix}.onnx"
 
     def _ensure_file(self) -> Path:

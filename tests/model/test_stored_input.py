@@ -170,3 +170,23 @@ def test_the_projects_cut_before_the_last_stage_plugs_in(tmp_path):
     rebuilt = HashNet.from_bytes(net.to_bytes())
     assert rebuilt.backbone.cut == "stage7" and rebuilt.encode(stored).tolist() == net.encode(stored).tolist()
     assert any(p.requires_grad for p in net.backbone.tail.parameters())
+
+
+def test_a_new_tail_keeps_the_frozen_parts_export(tmp_path, monkeypatch):
+    from streamhash.model import engine as engine_mod
+
+    net = HashNet(HashNetConfig(bits=16, backbone="efficientnet_lite0", image_size=32, channels=3, cut="stage7"))
+    net.backbone._cache_dir = tmp_path
+    images = _photos(2)
+    stored, path = net.prepare(images), net.backbone.onnx_engine().path
+    state = net.state_dict()
+    tail_key = next(k for k in state if k.startswith("backbone.net._conv_head"))
+    state[tail_key] = state[tail_key] * 0.5  # a model version whose tail learned
+    net.load_state_dict(state)
+
+    def no_export(*_a, **_k):
+        raise AssertionError("the frozen part was exported again for a new tail")
+
+    monkeypatch.setattr(engine_mod, "export_onnx", no_export)
+    assert net.backbone.onnx_engine().path == path
+    np.testing.assert_array_equal(net.prepare(images), stored)
