@@ -23,6 +23,7 @@ import shutil
 import struct
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +70,12 @@ def photo_env(settings: Settings) -> dict[str, str]:
             "STREAMHASH_IMAGE__MODE": "rgb", "STREAMHASH_IMAGE__RESIZE": "fill"}
 
 
-def load_photo_stream(settings: Settings, limit: int, queries: int, probes: int) -> tuple[Stream, tuple[str, ...]]:
-    """The demo's :class:`Stream` over CIFAR-10 (found as ``streamhash.data.cifar10`` finds it, else
-    DatasetMissingError saying where to get it) and its class names. Only the first photos of each class are
-    decoded: enough for the stream and the probes (half as many again), and for the queries."""
+def load_photo_stream(settings: Settings, source: Path, limit: int, queries: int,
+                      probes: int) -> tuple[Stream, tuple[str, ...]]:
+    """The demo's :class:`Stream` over CIFAR-10 at ``source`` and its class names. Only the first photos of each
+    class are decoded: enough for the stream and the probes (half as many again), and for the queries."""
     from streamhash.data import cifar10
 
-    source = cifar10.find_source(settings.data.cifar10_dir, settings.data.home)
     per_class = min(5000, math.ceil(1.5 * (limit + probes) / 10))
     train = cifar10.load_split("train", source, per_class=per_class)
     test = cifar10.load_split("test", source, per_class=min(1000, math.ceil(1.5 * queries / 10)))
@@ -119,8 +119,15 @@ def run_photo_demo(settings: Settings, *, limit: int, queries: int, workdir: Pat
                    probes: int = 50) -> dict:
     """:func:`streamhash.services.demo.run_demo` on CIFAR-10 photos: the summary, with ``dataset``, ``backbone``
     and ``cut`` added."""
+    from streamhash.data import cifar10
+
     progress = Progress(quiet).start()
-    data, classes = load_photo_stream(settings, limit, queries, probes)
+    # where CIFAR-10 is, before anything starts (else DatasetMissingError says where to get it); its photos are
+    # read and decoded while the processes start (the JPEG tarball: the archive read once per split, ~15 s on 2
+    # busy cores, beside their ~50 s)
+    source = cifar10.find_source(settings.data.cifar10_dir, settings.data.home)
+    loading = ThreadPoolExecutor(1, thread_name_prefix="demo-photos").submit(load_photo_stream, settings, source, limit,
+                                                                              queries, probes)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     broker = None
@@ -133,6 +140,8 @@ def run_photo_demo(settings: Settings, *, limit: int, queries: int, workdir: Pat
     stack.env.update(photo_env(settings))
     try:
         start_processes(settings, stack, workdir, progress)
+        progress.say("reading the CIFAR-10 photos", force=not loading.done())
+        data, classes = loading.result()
         ingest, producer = stream_photos(settings, stack, data, classes, progress, quiet)
         delays, spare = freshness(settings, stack, data, producer, ingest, probes, progress)
         expected_codes = data.n_labeled + len(spare)
