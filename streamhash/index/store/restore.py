@@ -71,6 +71,8 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
                 txn.delete(key, db=features_db)
             seq += 1
             counts["written"] += 1
+        if items.feature_spec and not meta.get("features") and any(getattr(e, "feature", None) for e in last.values()):
+            env.put_meta(txn, {"features": items.feature_spec})  # as a write's first feature does: readers shape them by it
         store.offset_map.put(txn, offsets)
         txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])
         if meta.get("generation_model") is not None and counts["written"]:

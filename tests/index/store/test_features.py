@@ -99,3 +99,15 @@ def test_a_reencode_encodes_stragglers_from_their_stored_features_not_their_blob
                       catch_up_rounds=0).build(2)
     assert seen["features"] == 2 and seen["blobs"] == 0
     assert s.get_item("late1")["code"] == bytes([9] * 4)
+
+
+def test_a_shard_restored_from_its_changelog_says_what_its_features_are(tmp_path):
+    from streamhash.index.store.restore import apply_changelog
+    from streamhash.kafka.changelog import ItemState
+
+    s = Store(tmp_path, bits=32, backbone="efficientnet_lite0", features=SPEC)
+    feats = np.arange(16, dtype=np.float16).reshape(2, 8)
+    apply_changelog(s, [ItemState(f"r{i}", bytes(4), b"b", "image/png", (1,), 0.0, model=1, feature=feats[i].tobytes())
+                        for i in range(2)], {("t", 0): 2})
+    assert s.feature_spec() == SPEC
+    np.testing.assert_array_equal(np.stack(s.features(["r0", "r1"])), feats)
