@@ -156,8 +156,10 @@ class HashNet(nn.Module):
         """What a shard keeps per item for this network (its meta ``features``); None: the blob is the input."""
         if not self.frozen:
             return None
-        return {"backbone": self.cfg.backbone, "cut": self.backbone.cut, "feature_shape": list(self.stored_shape),
+        spec = {"backbone": self.cfg.backbone, "cut": self.backbone.cut, "feature_shape": list(self.stored_shape),
                 "dtype": self.stored_dtype.name}
+        size = getattr(self.backbone, "input_size", None)  # the pooled feature has one shape at every input size
+        return {**spec, "input_size": int(size)} if size else spec
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (n, H, W[, C]) -> the stored input: the images themselves (no copy) for a backbone trained

@@ -175,7 +175,7 @@ def test_cifar10_photos_learned_from_stored_features_no_image_decoded_again(brok
     for key in root.shards():
         store = Store(root.shard_path(key), readonly=True)
         assert store.feature_spec() == {"backbone": "efficientnet_lite0", "cut": "pooled", "feature_shape": [1280],
-                                        "dtype": "float16"}
+                                        "dtype": "float16", "input_size": 224}
         ids = store.snapshot().ids
         kept += sum(f is not None and f.shape == (1280,) for f in store.features(ids))
         store.close()

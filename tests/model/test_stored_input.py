@@ -40,7 +40,7 @@ def test_a_frozen_backbone_stores_its_pooled_feature_in_float16(photo_net):
     stored = photo_net.prepare(images)
     assert photo_net.frozen and stored.dtype == np.float16 and stored.shape == (5, 1280)
     assert photo_net.feature_spec() == {"backbone": "efficientnet_lite0", "cut": "pooled", "feature_shape": [1280],
-                                        "dtype": "float16"}
+                                        "dtype": "float16", "input_size": 224}
     codes = photo_net.encode(stored)
     assert photo_net.encode_images(images).tolist() == codes.tolist()
     assert photo_net.encode(images).tolist() == codes.tolist()  # images where a stored input goes: prepared first

@@ -33,7 +33,8 @@ learned with, when it came from the learner's codes topic) and ``quarantined`` b
 ``features`` (issue 23): for a network whose backbone is frozen (a pretrained one), what its frozen part gives
 the item's image — the pooled feature, or the activation at the network's cut — written once, with the item,
 in its transaction, and deleted with it; learning rounds and re-encodes read it instead of decoding the blob.
-Meta ``features`` (``{"backbone", "cut", "feature_shape", "dtype"}``) is written with the first item that has
+Meta ``features`` (``{"backbone", "cut", "feature_shape", "dtype"}``, and ``input_size`` where the backbone has one:
+its pooled feature has one shape at every input size, not the same values) is written with the first item that has
 one; a writer opened with another spec is refused (:class:`~streamhash.errors.FeatureSpecMismatch`). The
 sub-database is optional like ``deletes``: a reader of an older shard finds none and reads blobs; no schema
 change (an older build never opens it and would leave a removed item's feature behind, nothing worse).
@@ -96,8 +97,9 @@ def describe_features(spec: dict | None, backbone: str | None = None) -> str:
     """``efficientnet_lite0 (cut pooled) features (1280,) float16``, for the errors that name two of them."""
     if not spec:
         return f"backbone {backbone} (no stored features)" if backbone else "no stored features"
-    return (f"backbone {spec.get('backbone')} (cut {spec.get('cut')}) features {tuple(spec.get('feature_shape') or ())} "
-            f"{spec.get('dtype')}")
+    size = f", input {spec['input_size']}" if spec.get("input_size") else ""
+    return (f"backbone {spec.get('backbone')} (cut {spec.get('cut')}{size}) features "
+            f"{tuple(spec.get('feature_shape') or ())} {spec.get('dtype')}")
 
 
 def check_features(meta: dict, path, backbone: str | None, features: dict | None) -> None:

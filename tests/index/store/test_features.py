@@ -111,3 +111,11 @@ def test_a_shard_restored_from_its_changelog_says_what_its_features_are(tmp_path
                         for i in range(2)], {("t", 0): 2})
     assert s.feature_spec() == SPEC
     np.testing.assert_array_equal(np.stack(s.features(["r0", "r1"])), feats)
+
+
+def test_pooled_features_of_another_input_size_are_refused_though_their_shape_is_the_same(tmp_path):
+    s = Store(tmp_path, bits=32, features={**SPEC, "input_size": 224})
+    s.write_batch(with_features(items(1))[0])
+    s.close()
+    with pytest.raises(FeatureSpecMismatch, match=r"input 224\).*input 128\)"):
+        Store(tmp_path, bits=32, features={**SPEC, "input_size": 128})
