@@ -1,21 +1,20 @@
 """``streamhash demo --dataset cifar10``: the demo's processes and steps on CIFAR-10 photos.
 
 The same broker, worker, learner and query server as the Fashion-MNIST demo, run with the photo settings: the
-frozen ImageNet EfficientNet-Lite0 (``STREAMHASH_MODEL__CUT``, default ``pooled``: the hash head learns on the
-pooled 1280-d feature stored once per photo), 32x32 RGB input upsampled inside the network, and
-``STREAMHASH_IMAGE__RESIZE=fill`` so the search page takes a photo of any size. The stream is the Fashion-MNIST
-demo's protocol on CIFAR-10's train photos (a seeded shuffle, a quarter unlabeled, :data:`LATE_CLASS`
-"truck" last), each labeled photo naming its class (the ``label-names`` header: the page says "cat"); the
-queries are CIFAR-10 test photos, never indexed. The malformed messages are those a photo contract still
-refuses (:data:`PHOTO_MALFORMED`: another size or colour is converted here, not refused). The summary is the
-same, precision@10 before and after learning included.
+frozen ImageNet EfficientNet-Lite0 split where ``streamhash eval --dataset cifar10`` splits it
+(:data:`streamhash.eval.cifar.MODEL`: cut ``head``, input 128x128 — the 1x1 head convolution learns with the hash
+head from the last block's output, stored once per photo; ``STREAMHASH_MODEL__CUT`` / ``__INPUT_SIZE`` choose
+another), CIFAR-10's 32x32 RGB photos upsampled inside the network, and ``STREAMHASH_IMAGE__RESIZE=fill`` so the
+search page takes a photo of any size. The stream is the Fashion-MNIST demo's protocol on CIFAR-10's train photos
+(a seeded shuffle, a quarter unlabeled, :data:`LATE_CLASS` "truck" last), each labeled photo naming its class
+(the ``label-names`` header: the page says "cat"); the queries are CIFAR-10 test photos, never indexed. The
+malformed messages are those a photo contract still refuses (:data:`PHOTO_MALFORMED`: another size or colour is
+converted here, not refused). The summary is the same, precision@10 before and after learning included.
 
-Why ``pooled`` and :data:`LIMIT` photos: the frozen part runs once per photo in the worker (ONNX Runtime, one
-thread: 17-21 photos/s on 2 shared cores at load 15, 2026-12-06), and a round of the head alone takes seconds,
-where a round of the ``stage7`` tail (``streamhash eval``'s cut) trains a convolution block per stored activation:
-``STREAMHASH_MODEL__CUT=stage7 streamhash demo --dataset cifar10`` (2026-12-06, load ~12) started its first round
-on 764 photos mid-stream and had not ended it when the 120 s learning budget ran out (the pooled head's round on
-1,548 photos: 25 s; precision@10 0.269 -> 0.706).
+Measured on 2 shared cores, 2,000 photos (:data:`LIMIT`), 2026-12-06, one run each: ``head`` at 128 (load ~11):
+120 s in all, ingest 98 photos/s, the round on 1,548 photos 57 s, precision@10 0.271 -> 0.672; ``pooled`` at 224
+(load ~12): 138 s, 37 photos/s, round 25 s, 0.269 -> 0.706; ``stage7`` at 224: its first round (764 photos)
+had not ended when the demo's 120 s learning budget ran out.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from streamhash.services.demo.stream import LATE_CLASS, MALFORMED, Stream, strea
 from streamhash.services.demo.summary import Ingest, summarize, triggers_in
 from streamhash.services.processes import stop, total, wait_for
 
-LIMIT = 2_000  # photos streamed by default (--limit): the whole demo in about 3 minutes on 2 busy cores
+LIMIT = 2_000  # photos streamed by default (--limit): the whole demo in about 2 minutes on 2 busy cores
 QUERIES = 100  # held-out query photos by default (--queries): each runs the frozen part in the query server
 PREFIX = "cifar10-demo-"  # not `produce`'s cifar10-<split>-<class>-<NNNN>: the demo draws a subset of its own
 
@@ -66,9 +65,13 @@ PHOTO_MALFORMED = [m for m in MALFORMED if m[3] != "shape"] + [
 
 
 def photo_env(settings: Settings) -> dict[str, str]:
-    """The photo settings every process of the demo runs with (the user's cut, if set, else ``pooled``)."""
-    return {"STREAMHASH_MODEL__BACKBONE": "efficientnet_lite0", "STREAMHASH_MODEL__CUT": settings.model.cut or "pooled",
-            "STREAMHASH_MODEL__IMAGE_SIZE": "32", "STREAMHASH_MODEL__CHANNELS": "3",
+    """The photo settings every process of the demo runs with: the eval's network (:data:`MODEL`), but a cut or
+    input size the user set."""
+    from streamhash.eval.cifar import MODEL
+
+    return {"STREAMHASH_MODEL__BACKBONE": MODEL["backbone"], "STREAMHASH_MODEL__CUT": settings.model.cut or MODEL["cut"],
+            "STREAMHASH_MODEL__INPUT_SIZE": str(settings.model.input_size or MODEL["input_size"]),
+            "STREAMHASH_MODEL__IMAGE_SIZE": str(MODEL["image_size"]), "STREAMHASH_MODEL__CHANNELS": str(MODEL["channels"]),
             "STREAMHASH_IMAGE__MODE": "rgb", "STREAMHASH_IMAGE__RESIZE": "fill"}
 
 
@@ -155,7 +158,8 @@ def run_photo_demo(settings: Settings, *, limit: int, queries: int, workdir: Pat
                             triggers=triggers_in(workdir / "learner.log"),
                             reencoded_images=scrape(stack.worker_url).get("streamhash_reencoded_images_total", 0.0))
         summary.update(dataset="cifar10", dataset_title="CIFAR-10 photos", late_class_name=classes[LATE_CLASS],
-                       backbone="efficientnet_lite0", cut=stack.env["STREAMHASH_MODEL__CUT"])
+                       backbone=stack.env["STREAMHASH_MODEL__BACKBONE"], cut=stack.env["STREAMHASH_MODEL__CUT"],
+                       input_size=int(stack.env["STREAMHASH_MODEL__INPUT_SIZE"]))
         progress.stop()
         if keep_running:
             serve(settings, stack, summary)
