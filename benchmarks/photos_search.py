@@ -4,9 +4,10 @@ beside the bare engine time for one photo, same run.
 The store: a root of 4 shards (``--partitions``) holding ``--items`` CIFAR-10 photos written through
 ``Store.write_batch`` (not a worker: 50,000 photos through the frozen part take over 40 minutes on 2 busy
 cores), each item as a worker writes it: the JPEG file's bytes as the blob, its label, the stored feature from
-the product's ``HashNet.prepare`` (EfficientNet-Lite0, cut ``pooled``, 1280-d float16, the engine the product
-picks) and its code from the same network's head (``HashNet.encode`` over that feature); every shard holds that
-network as model version 1 (``model.state.initial_net``, what a worker writes first). ``--photos`` distinct
+the product's ``HashNet.prepare`` (the network ``streamhash eval --dataset cifar10`` chose, ``eval.cifar.MODEL``:
+EfficientNet-Lite0 cut ``head`` at input 128, 320x4x4 float16; the engine the product picks) and its code from
+the same network's tail and head (``HashNet.encode`` over that feature); every shard holds that network as model
+version 1 (``model.state.initial_net``, what a worker writes first). ``--photos`` distinct
 train photos are prepared, the rest of the items repeat them (blob, label, feature and code): a search's cost
 (the query's frozen part and head, the exact Hamming scan of every code, the second stage's read and cosine of
 ``server.rerank_candidates`` stored features) does not depend on the values.
@@ -41,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamhash.data import cifar10  # noqa: E402
+from streamhash.eval import cifar as cifar_eval  # noqa: E402
 from streamhash.data.photos import iter_photo_files  # noqa: E402
 from streamhash.imaging import Conversion  # noqa: E402
 from streamhash.index.store import ItemWrite, Store  # noqa: E402
@@ -50,7 +52,8 @@ from streamhash.records import ImageSpec, decode_images  # noqa: E402
 from streamhash.services.processes import spawn, stop, wait_for, wait_http  # noqa: E402
 
 SPEC = ImageSpec(32, 32, 3, conversion=Conversion(mode="rgb", resize="fill"))
-MODEL = {"backbone": "efficientnet_lite0", "cut": "pooled", "image_size": 32, "channels": 3}
+# the photo network `streamhash eval --dataset cifar10` chose and `streamhash demo --dataset cifar10` runs
+MODEL = {**cifar_eval.MODEL}
 TOPIC = "bench.photos.images"
 
 
@@ -165,13 +168,13 @@ def search_figures(source: Path, args, say=lambda *a: None) -> dict:
                                                                         dtype=np.uint8), args.search_k)
     finally:
         stop(proc)
-        shutil.rmtree(work, ignore_errors=True)  # 355 MB at 50,000 photos
+        shutil.rmtree(work, ignore_errors=True)  # hundreds of MB at 50,000 photos
     say(f"POST /search by photo at {args.search_items} items: p50 {ms(search_s, 50)} ms, p99 {ms(search_s, 99)} ms; "
         f"bare engine, one photo: p50 {ms(engine_s, 50)} ms ({len(search_s)} queries, {seen['reranked']} re-ranked); "
         f"by stored id p50 {ms(by_id, 50)} ms, by code {ms(by_code, 50)} ms")
     return {"items": args.search_items, "partitions": args.search_partitions, "distinct_photos": len(blobs),
             "queries": len(search_s), "k": args.search_k, "threads": args.search_threads,
-            "store": "Store.write_batch, features and codes from HashNet.prepare/encode",
+            "store": "Store.write_batch, features and codes from HashNet.prepare/encode", "model": MODEL,
             **built, "search_by_photo_p50_ms": ms(search_s, 50), "search_by_photo_p99_ms": ms(search_s, 99),
             "engine_one_photo_p50_ms": ms(engine_s, 50), "engine_one_photo_p99_ms": ms(engine_s, 99),
             "search_vs_engine_p50": round(statistics.median(search_s) / statistics.median(engine_s), 2),
