@@ -31,6 +31,10 @@ class ChangelogWriter:
         for key, value in self.records(w):
             self._send(p, key, value)
 
+    def use(self, producer) -> None:
+        """Send on ``producer`` from now on (a failed batch sends its records again: nothing is kept pending)."""
+        self.producer, self._futures = producer, []
+
     def flush(self, timeout: float = 30.0) -> dict[int, int]:
         """Wait until every record sent is acknowledged; return each partition's next changelog offset. A failure
         raises (the batch is retried and sends its records again)."""

@@ -73,6 +73,11 @@ class DeadLetters:
             headers.append(("error.dropped", ",".join(dropped).encode()))
         return self.producer.send(self.topic, key=key, value=value, headers=headers)
 
+    def use(self, producer: KafkaProducer) -> None:
+        """Send on ``producer`` from now on, what is pending again on it."""
+        self.producer = producer
+        self._pending = [(rec, error, stage, self._send(rec, error, stage)) for rec, error, stage, _ in self._pending]
+
     def flush(self, timeout: float = 30.0) -> int:
         """Block until every pending dead letter is acknowledged, then count them. If any failed, it is
         queued again and the first error is raised: retry the batch (it is not committed)."""

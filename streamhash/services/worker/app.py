@@ -125,7 +125,7 @@ class Worker:
         )
         self.positions = Positions(self.consumer, self.owner.shards)
         # misplaced records go to their key's home partition through the DLQ's producer, flushed with it
-        rehome = Rehome(self.dead_letters.producer, k.topic, k.partitioner, self.consumer.partitions_for_topic,
+        self.rehome = rehome = Rehome(self.dead_letters.producer, k.topic, k.partitioner, self.consumer.partitions_for_topic,
                         self.spec.max_value_bytes)
         self.changelog = ChangelogWriter(make_producer(k, linger_ms=5), k.changelog_topic, model_key(self.settings))
         checkpoint = Checkpoint(self.consumer, self.dead_letters, self.positions, interval_s=k.offset_commit_interval_s,
@@ -249,9 +249,24 @@ class Worker:
                 if attempt == w.write_attempts:
                     raise
                 log.error("%r; retrying the batch in %.1fs (attempt %d/%d)", exc, delay, attempt, w.write_attempts)
+                if isinstance(exc, KafkaError):
+                    self.renew_producers()
             time.sleep(delay)
             delay = min(delay * 2, w.retry_backoff_max_s)
         raise AssertionError("unreachable")
+
+    def renew_producers(self) -> None:
+        """New producers for the retry, what they had pending sent again on them: an idempotent producer whose id
+        the broker no longer knows (a restarted broker, a log reset) fails every later send (the learner does the
+        same, ``Learner.publish``)."""
+        k = self.settings.kafka
+        old = [self.dead_letters.producer, self.changelog.producer]
+        shared = make_producer(k, linger_ms=5)  # dead letters and re-routed records flush together
+        self.dead_letters.use(shared)
+        self.rehome.use(shared)
+        self.changelog.use(make_producer(k, linger_ms=5))
+        for producer in old:
+            producer.close(timeout=0)
 
     def stop(self) -> None:
         self.stopping.set()

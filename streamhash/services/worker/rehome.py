@@ -99,6 +99,11 @@ class Rehome:
         return self.producer.send(self.topic, key=rec.key, value=rec.value, headers=headers, partition=home,
                                   timestamp_ms=rec.timestamp if rec.timestamp and rec.timestamp > 0 else None)
 
+    def use(self, producer) -> None:
+        """Send on ``producer`` from now on, what is pending again on it."""
+        self.producer = producer
+        self._pending = [(rec, home, self._send(rec, home)) for rec, home, _ in self._pending]
+
     def flush(self, timeout: float = 30.0) -> int:
         """Block until every re-routed record is acknowledged, then count them. A failed one is sent again and the
         first error raised: the caller retries the batch (it is not committed)."""
