@@ -183,17 +183,19 @@ def start_processes(settings: Settings, stack: Stack, workdir: Path, progress: P
     wait_for(lambda: scrape(stack.worker_url).get("streamhash_assigned_partitions", 0) > 0, 60, "the worker to join its group")
 
 
-def stream(settings: Settings, stack: Stack, data: Stream, progress: Progress, quiet: bool):
+def stream(settings: Settings, stack: Stack, data: Stream, progress: Progress, quiet: bool, *, malformed=MALFORMED,
+           prefix: str = "fmnist-train-", classes=None, noun: str = "images", per_second: float = 500, note: str = ""):
     """Phase 1, bulk load: as fast as the producer goes; the rate is first send -> last commit. Returns what was
-    indexed (:class:`Ingest`) and the producer, open for the probes."""
-    progress.say(f"streaming {data.limit} images ({data.n_labeled} labeled) and {len(MALFORMED)} malformed messages",
-                 force=True)
+    indexed (:class:`Ingest`) and the producer, open for the probes. ``per_second``: the slowest ingest rate waited for
+    (a photo's frozen backbone runs a few dozen a second here)."""
+    progress.say(f"streaming {data.limit} {noun} ({data.n_labeled} labeled) and {len(malformed)} malformed messages"
+                 + note, force=True)
     producer = make_producer(settings.kafka)
     t0 = time.time()
-    messages = from_arrays(data.train_x[data.order], data.labels, prefix="fmnist-train-")
-    truth = {f"fmnist-train-{i}": int(y) for i, y in enumerate(data.train_y[data.order])}  # sent unlabeled or not
+    messages = from_arrays(data.train_x[data.order], data.labels, prefix=prefix, classes=classes)
+    truth = {f"{prefix}{i}": int(y) for i, y in enumerate(data.train_y[data.order])}  # sent unlabeled or not
     produced = send(producer, settings.kafka.topic, messages, progress=not quiet, total=data.limit)
-    for key, value, headers, _ in MALFORMED:
+    for key, value, headers, _ in malformed:
         producer.send(settings.kafka.topic, key=key, value=value, headers=headers)
     producer.flush()
     counts = {}
@@ -202,13 +204,14 @@ def stream(settings: Settings, stack: Stack, data: Stream, progress: Progress, q
         s = scrape(stack.worker_url)
         counts["indexed"] = s.get("streamhash_items_indexed_total", 0)
         counts["dead"] = total(s, "streamhash_messages_dead_lettered_total")
-        progress.say(f"indexing: {counts['indexed']:.0f} of {produced} images indexed, {counts['dead']:.0f} of "
-                     f"{len(MALFORMED)} malformed messages dead-lettered")
-        return counts["indexed"] >= produced and counts["dead"] >= len(MALFORMED)
+        progress.say(f"indexing: {counts['indexed']:.0f} of {produced} {noun} indexed, {counts['dead']:.0f} of "
+                     f"{len(malformed)} malformed messages dead-lettered")
+        return counts["indexed"] >= produced and counts["dead"] >= len(malformed)
 
-    wait_for(all_in, 120 + data.limit / 500, "every message to be indexed or dead-lettered")
+    wait_for(all_in, 120 + data.limit / per_second, "every message to be indexed or dead-lettered")
     ingest = Ingest(produced, counts["indexed"], counts["dead"], t0, time.time(), truth)
-    wait_for(lambda: stack.health()["index_size"] >= produced, 30, "the query index to catch up")
+    wait_for(lambda: stack.health()["index_size"] >= produced, 30 + data.limit / per_second,
+             "the query index to catch up")
     return ingest, producer
 
 

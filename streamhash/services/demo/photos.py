@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import shutil
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,15 +30,14 @@ import numpy as np
 
 from streamhash.config import Settings
 from streamhash.kafka.broker import EmbeddedBroker
-from streamhash.kafka.produce import from_arrays, make_producer, send
 from streamhash.kafka.topics import ensure_topics
 from streamhash.records import encode_png
-from streamhash.services.demo import (LEARN_BUDGET_S, Progress, Stack, freshness, searches, serve,
+from streamhash.services.demo import (LEARN_BUDGET_S, Progress, Stack, freshness, searches, serve, stream,
                                       start_processes)
 from streamhash.services.demo.measure import scrape
 from streamhash.services.demo.stream import LATE_CLASS, MALFORMED, Stream, stream_order
-from streamhash.services.demo.summary import Ingest, summarize, triggers_in
-from streamhash.services.processes import stop, total, wait_for
+from streamhash.services.demo.summary import summarize, triggers_in
+from streamhash.services.processes import stop
 
 LIMIT = 2_000  # photos streamed by default (--limit): the whole demo in about 2 minutes on 2 busy cores
 QUERIES = 100  # held-out query photos by default (--queries): each runs the frozen part in the query server
@@ -92,32 +90,9 @@ def load_photo_stream(settings: Settings, source: Path, limit: int, queries: int
 
 
 def stream_photos(settings: Settings, stack: Stack, data: Stream, classes, progress: Progress, quiet: bool):
-    """The bulk load, as the Fashion-MNIST demo's (rate: first send -> last commit), of PNG photos naming their
-    class and :data:`PHOTO_MALFORMED`; waits as long as the frozen part needs (a few dozen photos a second)."""
-    progress.say(f"streaming {data.limit} CIFAR-10 photos ({data.n_labeled} labeled) and {len(PHOTO_MALFORMED)} "
-                 "malformed messages; the worker runs the frozen backbone once per photo", force=True)
-    producer = make_producer(settings.kafka)
-    t0 = time.time()
-    messages = from_arrays(data.train_x[data.order], data.labels, prefix=PREFIX, classes=classes)
-    truth = {f"{PREFIX}{i}": int(y) for i, y in enumerate(data.train_y[data.order])}
-    produced = send(producer, settings.kafka.topic, messages, progress=not quiet, total=data.limit)
-    for key, value, headers, _ in PHOTO_MALFORMED:
-        producer.send(settings.kafka.topic, key=key, value=value, headers=headers)
-    producer.flush()
-    counts = {}
-
-    def all_in() -> bool:
-        s = scrape(stack.worker_url)
-        counts["indexed"] = s.get("streamhash_items_indexed_total", 0)
-        counts["dead"] = total(s, "streamhash_messages_dead_lettered_total")
-        progress.say(f"indexing: {counts['indexed']:.0f} of {produced} photos indexed, {counts['dead']:.0f} of "
-                     f"{len(PHOTO_MALFORMED)} malformed messages dead-lettered")
-        return counts["indexed"] >= produced and counts["dead"] >= len(PHOTO_MALFORMED)
-
-    wait_for(all_in, 120 + data.limit / 2, "every message to be indexed or dead-lettered")
-    ingest = Ingest(produced, counts["indexed"], counts["dead"], t0, time.time(), truth)
-    wait_for(lambda: stack.health()["index_size"] >= produced, 60, "the query index to catch up")
-    return ingest, producer
+    """The Fashion-MNIST demo's bulk load, of PNG photos naming their class and :data:`PHOTO_MALFORMED`."""
+    return stream(settings, stack, data, progress, quiet, malformed=PHOTO_MALFORMED, prefix=PREFIX, classes=classes,
+                  noun="CIFAR-10 photos", per_second=2, note="; the worker runs the frozen backbone once per photo")
 
 
 def run_photo_demo(settings: Settings, *, limit: int, queries: int, workdir: Path, keep_running: bool, quiet: bool,
