@@ -135,6 +135,7 @@ class Learner:
             m.DRIFT_DETECTIONS.inc()
         if report.reencode:
             m.REENCODE_TRIGGERS.inc()
+        # the demo's summary reads this line for each trigger (services/demo/summary.py, _ROUND): keep its words
         log.info("round %d: %d codes learned (%d changed), MI live %.4f candidate %.4f gain %+.4f (bound %.4f, "
                  "sigma %.4f, %d reservoir codes would change) -> %s (cost: ~%d stale inferred codes)",
                  report.round.round, len(report.round.ids), report.round.changed, report.mi_live,
