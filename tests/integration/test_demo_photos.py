@@ -12,6 +12,7 @@ import pytest
 
 from streamhash.errors import EXIT_DATASET_MISSING
 from streamhash.eval.cifar import MODEL
+from streamhash.services.demo.photos import DEMO_CUT
 from streamhash.lifetime import die_with_parent
 from tests.data.test_cifar10 import TARBALL
 from tests.support import scaled
@@ -36,7 +37,7 @@ def test_photo_demo_learns_and_reports_precision(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["dataset"] == "cifar10" and summary["late_class_name"] == "truck"
-    assert (summary["cut"], summary["input_size"]) == (MODEL["cut"], MODEL["input_size"])  # the eval's network
+    assert (summary["cut"], summary["input_size"]) == (DEMO_CUT, MODEL["input_size"])  # the eval's size, the demo's cut
     assert summary["produced"] == summary["indexed"] == LIMIT and summary["index_size"] == LIMIT + 3
     assert summary["malformed_sent"] == summary["dead_lettered"] == 8  # another size or colour is no longer one
     assert summary["learning_rounds"] >= 1 and summary["model_version"] >= 2, summary
