@@ -21,7 +21,7 @@ bare engine time for one photo: this process decodes the same JPEG bytes and run
 ``--items`` codes, the second stage). Then, same server: ``by_item_id_p50_ms`` (a search by a stored item: the
 scan and the second stage, no frozen part) and ``by_code_p50_ms`` (the scan alone), to say where the rest goes.
 
-    nice -n 10 python benchmarks/photos_search.py --cifar10 ../shared/data/cifar10-jpg.tar.gz --json
+    nice -n 10 python benchmarks/photos_search.py --cifar10 <cifar10-jpg.tar.gz> --json
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ photo vs the same from the photos' images, same run, through the product's code.
   The features of the large shard are the real features of the first photos, repeated (the head's cost
   does not depend on the values); the blobs are the real JPEG files.
 
-    python benchmarks/photos_stored.py --cifar10 ../shared/data/cifar10-jpg.tar.gz --json
+    python benchmarks/photos_stored.py --cifar10 <cifar10-jpg.tar.gz> --json
 """
 
 from __future__ import annotations

