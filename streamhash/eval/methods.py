@@ -157,10 +157,10 @@ class FullRetrain(Method):
         with self.clock():
             t0, done = time.process_time(), [0]
 
-            def until() -> bool:  # stop before an alternation that would overrun the budget
+            def until() -> bool:  # stop at the alternation boundary nearest the budget (the error: half of one)
                 done[0] += 1
                 spent = time.process_time() - t0
-                return spent + spent / done[0] >= left
+                return spent + spent / done[0] / 2 >= left
 
             learner = OnlineHasher(HashNet.from_bytes(self.start), self.settings, seed=self.seed).learner
             ids = ids_of(train)
