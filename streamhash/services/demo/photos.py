@@ -134,9 +134,11 @@ def run_photo_demo(settings: Settings, *, limit: int, queries: int, workdir: Pat
                             learned_expected=expected_codes, learn_budget_s=LEARN_BUDGET_S, keep_running=keep_running,
                             triggers=triggers_in(workdir / "learner.log"),
                             reencoded_images=scrape(stack.worker_url).get("streamhash_reencoded_images_total", 0.0))
-        summary.update(dataset="cifar10", dataset_title="CIFAR-10 photos", late_class_name=classes[LATE_CLASS],
-                       backbone=stack.env["STREAMHASH_MODEL__BACKBONE"], cut=stack.env["STREAMHASH_MODEL__CUT"],
-                       input_size=int(stack.env["STREAMHASH_MODEL__INPUT_SIZE"]))
+        net = {"backbone": stack.env["STREAMHASH_MODEL__BACKBONE"], "cut": stack.env["STREAMHASH_MODEL__CUT"],
+               "input_size": int(stack.env["STREAMHASH_MODEL__INPUT_SIZE"])}
+        # the title line names the network: the user set none of it, and its cut and size decide the numbers below
+        title = f"CIFAR-10 photos through {net['backbone']} at {net['input_size']}, cut at {net['cut']}"
+        summary.update(dataset="cifar10", dataset_title=title, late_class_name=classes[LATE_CLASS], **net)
         progress.stop()
         if keep_running:
             serve(settings, stack, summary)
