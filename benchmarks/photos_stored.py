@@ -88,8 +88,9 @@ def timed_reencode(store: Store, net: HashNet) -> float:
     return time.perf_counter() - t0
 
 
-def ingest_rate(blobs: list[bytes], labels, work: Path, threads: int) -> tuple[float, dict]:
-    """Photos/s of a worker process, topic -> committed shard with features, and the shard's feature spec."""
+def ingest_rate(blobs: list[bytes], labels, work: Path, threads: int) -> tuple[float, dict, dict]:
+    """Photos/s of a worker process, topic -> committed shard with features, the shard's feature spec, and where
+    the worker's time went."""
     from streamhash.config import KafkaSettings
 
     with EmbeddedBroker(home=work) as broker:
@@ -112,15 +113,27 @@ def ingest_rate(blobs: list[bytes], labels, work: Path, threads: int) -> tuple[f
             wait_http(url, 180, worker, work / "worker.log")
             wait_for(lambda: scrape(url).get("streamhash_assigned_partitions", 0) > 0, 120, "assignment")
             t_assigned = time.time()
+            first = wait_for(lambda: scrape(url).get("streamhash_items_indexed_total", 0), 1200, "a first batch")
+            t_first = time.time()  # within one poll (~50 ms plus a scrape) of the first commit
             wait_for(lambda: scrape(url).get("streamhash_items_indexed_total", 0) >= len(blobs), 1200, "ingest")
-            rate = len(blobs) / (scrape(url)["streamhash_last_commit_timestamp_seconds"] - t_assigned)
+            end = scrape(url)
+            rate = len(blobs) / (end["streamhash_last_commit_timestamp_seconds"] - t_assigned)
+            # where the worker's time went (not in the ratio): to its first commit (the network loaded, the first
+            # batch), its encode step (frozen part + head, its own histogram) and the rate past the first commit
+            parts = {"to_first_commit_s": round(t_first - t_assigned, 2), "first_commit_items": int(first),
+                     "after_first_commit_images_per_s": round((len(blobs) - first) / max(
+                         1e-9, end["streamhash_last_commit_timestamp_seconds"] - t_first), 1),
+                     "encode_s": round(end["streamhash_encode_duration_seconds_sum"], 2),
+                     "encode_batches": int(end["streamhash_encode_duration_seconds_count"]),
+                     "commit_s": round(end.get("streamhash_lmdb_commit_duration_seconds_sum", 0.0), 2),
+                     "wall_s": round(end["streamhash_last_commit_timestamp_seconds"] - t_assigned, 2)}
         finally:
             stop(worker)
     shard = next((work / "index").rglob("data.mdb")).parent
     store = Store(shard, readonly=True)
     spec = store.feature_spec()
     store.close()
-    return rate, spec
+    return rate, spec, parts
 
 
 def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
@@ -137,10 +150,10 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
     say(f"frozen part: {engine_rate:.1f} photos/s ({len(blobs)} decoded and prepared, {args.stored_threads} threads)")
     ingest = {}
     if args.ingest_photos:
-        rate, spec = ingest_rate(blobs[:args.ingest_photos], labels, work / "ingest", args.stored_threads)
+        rate, spec, parts = ingest_rate(blobs[:args.ingest_photos], labels, work / "ingest", args.stored_threads)
         ingest = {"ingest_images_per_s": round(rate, 1), "ingest_vs_engine": round(rate / engine_rate, 3),
-                  "ingest_feature_spec": spec}
-        say(f"worker ingest: {rate:.1f} photos/s, features stored as {spec}")
+                  "ingest_feature_spec": spec, "ingest_worker": parts}
+        say(f"worker ingest: {rate:.1f} photos/s, features stored as {spec}; {parts}")
     blobs, labels, feats = blobs[:args.photos], labels[:args.photos], feats[:args.photos]
     # the round and the re-encode on one thread, as the learner (learn.torch_threads) and the worker's re-encoder
     # run them: at 2 threads on a loaded machine each small op of the head's training waited on its thread pool
