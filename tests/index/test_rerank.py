@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import warnings
+
 import numpy as np
 import pytest
 
-from streamhash.index.rerank import Rerank, order, similarities, vectors
+from streamhash.index.rerank import VOTERS, Rerank, order, similarities, vectors
 
 
 def brute_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,6 +47,49 @@ def test_order_is_brute_force_sort(shape, seed):
             assert sims[i] == pytest.approx(-k[2], abs=1e-5)
         else:
             assert np.isnan(sims[i])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vote_order_is_brute_force_sort(seed):
+    """Labels given: distance, then the votes of the VOTERS most similar labelled candidates of that distance (a
+    candidate: its best label's votes; unlabelled: the most any label got), then similarity, NaN last."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    dist = rng.integers(0, 3, n)
+    sims = rng.standard_normal(n)
+    sims[rng.choice(n, 20, replace=False)] = np.nan
+    labels = [None if rng.random() < 0.1 else sorted({int(y) for y in rng.integers(0, 4, rng.integers(1, 3))})
+              for _ in range(n)]
+
+    def votes(i):
+        voters = sorted((j for j in range(n) if dist[j] == dist[i] and labels[j] and not np.isnan(sims[j])),
+                        key=lambda j: (-sims[j], j))[:VOTERS]
+        count = {y: sum(y in labels[j] for j in voters) for y in range(4)}
+        return max(count[y] for y in labels[i]) if labels[i] else max(count.values())
+
+    want = sorted(range(n), key=lambda i: (dist[i], -votes(i), np.isnan(sims[i]), -np.nan_to_num(sims[i]), i))
+    assert order(dist, sims, labels).tolist() == want
+
+
+def test_the_vote_keeps_the_class_of_the_look_alikes_together():
+    """One distance, two classes: the cosine alone interleaves them; most of the most similar are class 1, so
+    class 1 comes first, each class in similarity order (an unlabelled item with the winners)."""
+    sims = np.linspace(1.0, 0.0, 2 * VOTERS)
+    labels = [[1] if i % 3 else [2] for i in range(2 * VOTERS)]
+    labels[-1] = None
+    got = order([0] * len(sims), sims, labels).tolist()
+    assert order([0] * len(sims), sims).tolist() == list(range(len(sims)))
+    assert got == [i for i in range(len(sims)) if labels[i] != [2]] + [i for i in range(len(sims)) if labels[i] == [2]]
+
+
+def test_vectors_of_a_read_only_array_do_not_warn():
+    """LMDB hands out read-only buffers; torch.from_numpy warned on them (once a process)."""
+    x = np.arange(12, dtype=np.float16).reshape(2, 2, 3)
+    x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = vectors(x)
+    assert np.allclose(got, vectors(x.copy()))
 
 
 def test_vectors_unit_rows_and_zero_rows():
