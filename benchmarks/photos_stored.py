@@ -5,7 +5,9 @@ photo vs the same from the photos' images, same run, through the product's code.
   CIFAR-10 train JPEGs as stored (decoded, then upsampled to 224), the rate the worker's encode step pays once
   per photo. ``ingest_vs_engine``: a worker process (same threads) ingesting ``--ingest-photos`` of those JPEG
   files from a topic of the embedded broker into a committed shard, features stored (``bench_ingest``'s
-  measure: photos / (last commit - partitions assigned)), over that rate.
+  measure: photos / (last commit - partitions assigned)), over that rate. Beside it, not in it: the worker's own
+  encode and commit seconds (``ingest_worker``) and the bare rate measured again right after the worker
+  (``ingest_vs_engine_after``), to tell the worker's overhead from a load swing between the two measures.
 - ``round_features_vs_images`` (one thread, as the learner): one DIHN round (``DIHNLearner.learn_round``, the same seed, items, Omega and
   iterations) whose fetch reads the stored features (``Store.features``, what ``ShardFeed`` reads for a frozen
   network) vs one whose fetch decodes the stored blobs into images (``Store.get_blobs`` + ``decode_images``) that
@@ -131,6 +133,13 @@ def ingest_rate(blobs: list[bytes], labels, work: Path, threads: int) -> tuple[f
     return rate, spec, parts
 
 
+def timed_prepare(net: HashNet, blobs: list[bytes]) -> tuple[np.ndarray, float]:
+    """The frozen part over the photos as stored (decoded, then prepared): its output and photos/s."""
+    t0 = time.perf_counter()
+    feats = net.prepare(decode_images([(b, "image/jpeg") for b in blobs], SPEC))
+    return feats, len(blobs) / (time.perf_counter() - t0)
+
+
 def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
     torch.manual_seed(0)
     with contextlib.redirect_stdout(sys.stderr):  # the weights package prints a line: stdout is the JSON's
@@ -139,16 +148,18 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-photos-stored-"))
     torch.set_num_threads(args.stored_threads)
     net.prepare(decode_images([(b, "image/jpeg") for b in blobs[:16]], SPEC))  # the export and a session: not timed
-    t0 = time.perf_counter()
-    feats = net.prepare(decode_images([(b, "image/jpeg") for b in blobs], SPEC))
-    engine_rate = len(blobs) / (time.perf_counter() - t0)
+    feats, engine_rate = timed_prepare(net, blobs)
     say(f"frozen part: {engine_rate:.1f} photos/s ({len(blobs)} decoded and prepared, {args.stored_threads} threads)")
     ingest = {}
     if args.ingest_photos:
         rate, spec, parts = ingest_rate(blobs[:args.ingest_photos], labels, work / "ingest", args.stored_threads)
+        # the bare engine again right after the worker, beside the ratio, not in it: a load swing between the
+        # two measures (seconds apart, on 2 contended cores, 2 threads each) shows as the two engine rates apart
+        after = timed_prepare(net, blobs[:args.ingest_photos])[1]
         ingest = {"ingest_images_per_s": round(rate, 1), "ingest_vs_engine": round(rate / engine_rate, 3),
+                  "engine_after_ingest_images_per_s": round(after, 1), "ingest_vs_engine_after": round(rate / after, 3),
                   "ingest_feature_spec": spec, "ingest_worker": parts}
-        say(f"worker ingest: {rate:.1f} photos/s, features stored as {spec}; {parts}")
+        say(f"worker ingest: {rate:.1f} photos/s, features stored as {spec}; {parts}; engine after it {after:.1f}/s")
     blobs, labels, feats = blobs[:args.photos], labels[:args.photos], feats[:args.photos]
     # the round and the re-encode on one thread, as the learner (learn.torch_threads) and the worker's re-encoder
     # run them: at 2 threads on a loaded machine each small op of the head's training waited on its thread pool
