@@ -2,13 +2,15 @@
 
 After learning, every item of a class carries (nearly) the same code, so a Hamming search returns its class at
 one distance in id order. The query server re-ranks its Hamming candidates (``server.rerank_candidates`` of
-them) by the cosine of their stored features (:mod:`streamhash.index.rerank`). This script measures, in one run:
+them): within a distance by a vote of the query's most similar labelled candidates, then by the cosine of their
+stored features (:mod:`streamhash.index.rerank`). This script measures, in one run:
 
 - quality on CIFAR-10: a database of --db-per-class train images per class, --queries-per-class test queries
   per class, features from the product's backbone (``HashNet.prepare``: EfficientNet-Lite0, cut ``pooled``,
   1280-d float16, the engine the product picks; cached under --cache, they are deterministic), codes learned by
   the learner's own DIHN code (``DIHNLearner``, --rounds rounds over the database); for Hamming order alone and
-  re-ranked at each candidate count: mAP@all (the rest of the database after the candidates, in Hamming order)
+  re-ranked at each candidate count, by the cosine alone and by the product's order (vote, then cosine; further
+  learnings with --learnings): mAP@all (the rest of the database after the candidates, in Hamming order)
   and ``top10_feature_overlap``: the share of the top 10 that are among the query's 10 exact nearest neighbours
   in feature space among the database items of its class (the query item's own class, cosine);
 - the second stage's cost per query (candidates' features read from a real LMDB shard, vectors, cosine, order)
@@ -102,25 +104,57 @@ def average_precision(ranked_relevant: np.ndarray) -> float:
     return float((cum / np.arange(1, len(cum) + 1) * ranked_relevant).sum() / n) if n else 0.0
 
 
+ORDERS = ("cosine", "vote")  # the second stage's orders measured: the cosine alone (the first one), the product's
+
+
 def quality(dist: np.ndarray, db_vec: np.ndarray, q_vec: np.ndarray, db_labels, q_labels, counts) -> dict:
-    """mAP@all and the top-10 feature overlap of Hamming order and of the two stages at each candidate count."""
+    """mAP@all and the top-10 feature overlap of Hamming order and, at each candidate count, of the two stages in
+    each of ``ORDERS`` (``rerank.order`` without and with the candidates' labels); per order at each count, how
+    many queries' AP fell and rose against Hamming order."""
     from streamhash.index.rerank import order
 
-    out = {c: {"map": [], "overlap": []} for c in ["hamming", *counts]}
+    labels = [[int(y)] for y in db_labels]
+    rows = {"hamming": [], **{(c, o): [] for c in counts for o in ORDERS}}
     for r in range(len(dist)):
         same = np.flatnonzero(db_labels == q_labels[r])
         sims = db_vec @ q_vec[r]
         exact = set(same[np.argsort(-sims[same], kind="stable")[:10]].tolist())
-        ranked = np.argsort(dist[r], kind="stable")
-        for c in out:
-            if c != "hamming":
-                head = ranked[:c]
-                ranked = np.concatenate([head[order(dist[r][head], sims[head])], np.argsort(dist[r], kind="stable")[c:]])
-            out[c]["map"].append(average_precision(db_labels[ranked] == q_labels[r]))
-            out[c]["overlap"].append(len(exact.intersection(ranked[:10].tolist())) / 10)
-            ranked = np.argsort(dist[r], kind="stable")
-    return {str(c): {"map": round(float(np.mean(v["map"])), 4), "top10_feature_overlap": round(float(np.mean(v["overlap"])), 4)}
-            for c, v in out.items()}
+        hamming = np.argsort(dist[r], kind="stable")
+        for key in rows:
+            ranked = hamming
+            if key != "hamming":
+                head = hamming[:key[0]]
+                got = order(dist[r][head], sims[head], [labels[i] for i in head] if key[1] == "vote" else None)
+                ranked = np.concatenate([head[got], hamming[key[0]:]])
+            rows[key].append((average_precision(db_labels[ranked] == q_labels[r]),
+                              len(exact.intersection(ranked[:10].tolist())) / 10))
+    base = np.array(rows["hamming"])[:, 0]
+
+    def summary(v):
+        v = np.array(v)
+        return {"map": round(float(v[:, 0].mean()), 5), "top10_feature_overlap": round(float(v[:, 1].mean()), 4),
+                "queries_ap_lower": int((v[:, 0] < base - 1e-12).sum()),
+                "queries_ap_higher": int((v[:, 0] > base + 1e-12).sum())}
+    out = {"hamming": {k: v for k, v in summary(rows["hamming"]).items() if not k.startswith("queries")}}
+    for c in counts:
+        out[str(c)] = {o: summary(rows[(c, o)]) for o in ORDERS}
+    return out
+
+
+def learning_quality(db_feat, q_feat, db_vec, q_vec, db_labels, q_labels, bits, seed, rounds, counts) -> dict:
+    """One learning (``bits``, ``seed``) and its :func:`quality`."""
+    from streamhash.eval.metrics import hamming_distances, retrieval_metrics
+
+    net = product_net(bits, seed)
+    t0 = time.perf_counter()
+    db_codes, q_codes = learned_codes(net, db_feat, db_labels, q_feat, rounds, seed)
+    learn_s = time.perf_counter() - t0
+    dist = hamming_distances(q_codes, db_codes)
+    return {"bits": bits, "seed": seed, "learn_s": round(learn_s, 1),
+            "mean_items_at_the_nearest_distance": round(float(np.mean([np.sum(d == d.min()) for d in dist])), 1),
+            "map_hamming_eval_metrics": round(float(retrieval_metrics(q_codes, q_labels, db_codes, db_labels,
+                                                                      bits)["map"]), 5),
+            "by_candidates": quality(dist, db_vec, q_vec, db_labels, q_labels, counts)}
 
 
 def random_shard(path: Path, n: int, dim: int, bits: int, seed: int = 0, chunk: int = 20_000, classes: int = 10):
@@ -195,9 +229,9 @@ def photo_encode_ms(net, images: np.ndarray) -> float:
 
 def measure(source=None, cache: Path | None = None, db_per_class: int = 1000, queries_per_class: int = 100,
             bits: int = 32, rounds: int = 1, counts=CANDIDATES, default: int = 1000, cost_sizes=(50_000, 1_000_000),
-            cost_queries: int = 200, cost_counts=(100, 200, 1000)) -> dict:
-    """The whole measurement as a dict (``bench_photos.py`` calls this)."""
-    from streamhash.eval.metrics import hamming_distances, retrieval_metrics
+            cost_queries: int = 200, cost_counts=(100, 200, 1000), learnings=()) -> dict:
+    """The whole measurement as a dict (``bench_photos.py`` calls this). ``learnings``: further (bits, seed)
+    learnings whose quality is measured too (the headline is ``bits`` at seed 0)."""
     from streamhash.index.rerank import vectors
 
     started = time.perf_counter()
@@ -207,31 +241,33 @@ def measure(source=None, cache: Path | None = None, db_per_class: int = 1000, qu
     log(f"CIFAR-10 from {source}: {len(train)} database, {len(test)} query images")
     net = product_net(bits)
     q_feat, db_feat = cached_features(net, test.images, cache, "test"), cached_features(net, train.images, cache, "train")
-    t0 = time.perf_counter()
-    db_codes, q_codes = learned_codes(net, db_feat, train.labels, q_feat, rounds)
-    learn_s = time.perf_counter() - t0
-    dist = hamming_distances(q_codes, db_codes)
-    ties = np.mean([np.sum(d == d.min()) for d in dist])
-    qual = quality(dist, vectors(db_feat), vectors(q_feat), train.labels, test.labels, counts)
-    reference = retrieval_metrics(q_codes, test.labels, db_codes, train.labels, bits)["map"]
-    log(json.dumps(qual))
+    db_vec, q_vec = vectors(db_feat), vectors(q_feat)
+    runs = []
+    for b, seed in [(bits, 0), *learnings]:
+        runs.append(learning_quality(db_feat, q_feat, db_vec, q_vec, train.labels, test.labels, b, seed, rounds, counts))
+        log(json.dumps(runs[-1]))
+    head, at = runs[0], runs[0]["by_candidates"][str(default)]
     result = {"data": f"CIFAR-10 ({'JPEG files' if 'jpg' in source.name else 'official'}): {len(train)} train images "
                       f"as the database, {len(test)} test queries",
               "features": f"{net.cfg.backbone} cut {net.backbone.cut}, {db_feat.shape[1]}-d float16 "
                           f"({net.backbone.engine_name()})",
-              "bits": bits, "learn_rounds": rounds, "learn_s": round(learn_s, 1),
-              "mean_items_at_the_nearest_distance": round(float(ties), 1),
-              "map_hamming_eval_metrics": round(float(reference), 4), "by_candidates": qual, "default_candidates": default,
-              "rerank_map": qual[str(default)]["map"], "rerank_map_without": qual["hamming"]["map"],
-              "rerank_top10_feature_overlap": qual[str(default)]["top10_feature_overlap"],
-              "rerank_top10_feature_overlap_without": qual["hamming"]["top10_feature_overlap"]}
-    with tempfile.TemporaryDirectory(dir=cache) as work:
-        result["cost"] = {str(n): stage_costs(n, db_feat.shape[1], bits, cost_counts, cost_queries, Path(work))
-                          for n in cost_sizes}
-        log(json.dumps(result["cost"]))
+              "learn_rounds": rounds, **{k: v for k, v in head.items() if k != "by_candidates"},
+              "by_candidates": head["by_candidates"], "default_candidates": default,
+              "rerank_map": at["vote"]["map"], "rerank_map_cosine_only": at["cosine"]["map"],
+              "rerank_map_without": head["by_candidates"]["hamming"]["map"],
+              "rerank_top10_feature_overlap": at["vote"]["top10_feature_overlap"],
+              "rerank_top10_feature_overlap_cosine_only": at["cosine"]["top10_feature_overlap"],
+              "rerank_top10_feature_overlap_without": head["by_candidates"]["hamming"]["top10_feature_overlap"],
+              "learnings": [{"bits": r["bits"], "seed": r["seed"], "hamming": r["by_candidates"]["hamming"],
+                             **r["by_candidates"][str(default)]} for r in runs]}
+    if cost_sizes:
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            result["cost"] = {str(n): stage_costs(n, db_feat.shape[1], bits, cost_counts, cost_queries, Path(work))
+                              for n in cost_sizes}
+            log(json.dumps(result["cost"]))
+        for n in cost_sizes:
+            result[f"rerank_ms_per_query_{n}"] = result["cost"][str(n)].get(str(default), {}).get("second_stage_ms_p50")
     result["query_photo_encode_ms_p50"] = photo_encode_ms(net, test.images[:20])
-    for n in cost_sizes:
-        result[f"rerank_ms_per_query_{n}"] = result["cost"][str(n)].get(str(default), {}).get("second_stage_ms_p50")
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -246,7 +282,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="learning rounds over the database")
     ap.add_argument("--candidates", default=",".join(map(str, CANDIDATES)), help="candidate counts measured")
     ap.add_argument("--default", type=int, default=1000, help="the candidate count the headline numbers are at")
-    ap.add_argument("--cost-sizes", default="50000,1000000", help="shard sizes the stage costs are timed at")
+    ap.add_argument("--learnings", default="", help="further learnings measured, bits:seed,... (e.g. 32:1,64:0)")
+    ap.add_argument("--cost-sizes", default="50000,1000000", help="shard sizes the stage costs are timed at (none: '')")
     ap.add_argument("--cost-queries", type=int, default=200)
     ap.add_argument("--cost-candidates", default="100,200,1000", help="candidate counts the costs are timed at")
     ap.add_argument("--features-only", action="store_true", help="compute (cache) the features and stop")
@@ -260,8 +297,9 @@ def main() -> None:
         return
     counts = [int(c) for c in args.candidates.split(",")]
     result = measure(args.cifar10, args.cache, args.db_per_class, args.queries_per_class, args.bits, args.rounds,
-                     counts, args.default, [int(n) for n in args.cost_sizes.split(",")], args.cost_queries,
-                     [int(c) for c in args.cost_candidates.split(",")])
+                     counts, args.default, [int(n) for n in args.cost_sizes.split(",") if n], args.cost_queries,
+                     [int(c) for c in args.cost_candidates.split(",")],
+                     [tuple(int(x) for x in b.split(":")) for b in args.learnings.split(",") if b])
     print(json.dumps(result))
 
 
