@@ -1,5 +1,6 @@
 """The query server's two-stage search (issue 23 item 6), in-process over real LMDB shards: items that learning
-left at one code come back ordered by the cosine of their stored features to the query's (an uploaded photo's
+left at one code come back ordered by their labels' votes among the query's look-alikes, then by the cosine of
+their stored features to the query's (an uploaded photo's
 feature from the network's frozen part, or a stored item's own), each keeping its Hamming distance; a search by
 code keeps Hamming order and says why; ``server.rerank_candidates`` bounds what the second stage sees."""
 
@@ -53,7 +54,10 @@ def cosine(a, b) -> float:
 
 @pytest.fixture
 def served(tmp_path, request):
-    """Two shards of N items all at the same learned code, features random; a client per candidate setting."""
+    """Two shards of N items all at the same learned code, features random, labelled (1,) or, with param
+    (candidates, classes), (1 + i % classes,); a client per candidate setting."""
+    param = getattr(request, "param", 1000)
+    candidates, classes = (param, 1) if isinstance(param, int) else param
     root = StoreRoot(tmp_path)
     stores = {p: Store(root.shard_path(ShardKey("images", p)), bits=32, shard=p, backbone="rerank_probe",
                        features=SPEC) for p in range(SHARDS)}
@@ -65,11 +69,11 @@ def served(tmp_path, request):
         s.put_model(net.to_bytes(), make_current=True, version=1)
     for i in range(N):
         stores[i % SHARDS].write_batch([ItemWrite(f"item-{i:02d}", code, encode_png(image_with(feats[i])), "image/png",
-                                                  (1,), feature=feats[i].tobytes())])
+                                                  (1 + i % classes,), feature=feats[i].tobytes())])
     index = ShardedIndex(StoreRoot(tmp_path, create=False), open_store=lambda key, _p: stores[key.partition],
                          refresh_interval_s=0.01)
     settings = Settings(store={"path": str(tmp_path)},
-                        server={"refresh_interval_s": 0.01, "rerank_candidates": getattr(request, "param", 1000)})
+                        server={"refresh_interval_s": 0.01, "rerank_candidates": candidates})
     try:
         with TestClient(query.create_app(settings, index), raise_server_exceptions=False) as client:
             yield client, feats, net
@@ -118,6 +122,23 @@ def test_a_code_search_keeps_hamming_order_and_says_why(served):
     body = r.json()
     assert r.status_code == 200 and body["reranked"] is False and "code_hex" in body["rerank_note"]
     assert [h["id"] for h in body["results"]] == hamming_order()
+
+
+@pytest.mark.parametrize("served", [(1000, 3)], indirect=True)
+def test_one_distance_of_several_classes_puts_the_class_most_look_alikes_share_first(served):
+    """Within the tie the 10 items most similar to the query vote with their labels; an item ranks by its class's
+    votes, then by similarity (rerank.votes), so a class is not split by look-alikes of another."""
+    from streamhash.index.rerank import VOTERS
+
+    client, feats, _ = served
+    r = client.post("/search", json={"item_id": "item-04", "k": N})
+    assert r.status_code == 200, r.text
+    sims = [cosine(feats[4], feats[i]) for i in range(N)]
+    voters = sorted(range(N), key=lambda i: -sims[i])[:VOTERS]
+    votes = {y: sum(1 + j % 3 == y for j in voters) for y in (1, 2, 3)}
+    want = sorted(range(N), key=lambda i: (-votes[1 + i % 3], -sims[i]))
+    assert want != sorted(range(N), key=lambda i: -sims[i])  # the cosine alone would interleave the classes
+    assert [h["id"] for h in r.json()["results"]] == [f"item-{i:02d}" for i in want]
 
 
 @pytest.mark.parametrize("served", [5], indirect=True)
