@@ -1,8 +1,8 @@
 """The query server's two-stage search (issue 23 item 6), in-process over real LMDB shards: items that learning
 left at one code come back ordered by their labels' votes among the query's look-alikes, then by the cosine of
-their stored features to the query's (an uploaded photo's
-feature from the network's frozen part, or a stored item's own), each keeping its Hamming distance; a search by
-code keeps Hamming order and says why; ``server.rerank_candidates`` bounds what the second stage sees."""
+their stored features to the query's (an uploaded photo's feature from the network's frozen part, or a stored
+item's own), each keeping its Hamming distance; a search by code keeps Hamming order and says why;
+``server.rerank_candidates`` bounds what the second stage sees."""
 
 from __future__ import annotations
 
