@@ -104,13 +104,17 @@ def average_precision(ranked_relevant: np.ndarray) -> float:
     return float((cum / np.arange(1, len(cum) + 1) * ranked_relevant).sum() / n) if n else 0.0
 
 
-ORDERS = ("cosine", "vote")  # the second stage's orders measured: the cosine alone (the first one), the product's
+# the second stage's orders measured: the cosine alone (the first one), the product's (vote, then cosine), and one
+# tried beside it: the query's real-valued network output (pre-sign) dotted with the candidate's code, then cosine
+ORDERS = ("cosine", "vote", "output")
 
 
-def quality(dist: np.ndarray, db_vec: np.ndarray, q_vec: np.ndarray, db_labels, q_labels, counts) -> dict:
+def quality(dist: np.ndarray, db_vec: np.ndarray, q_vec: np.ndarray, db_labels, q_labels, counts,
+            q_real: np.ndarray, db_signs: np.ndarray) -> dict:
     """mAP@all and the top-10 feature overlap of Hamming order and, at each candidate count, of the two stages in
-    each of ``ORDERS`` (``rerank.order`` without and with the candidates' labels); per order at each count, how
-    many queries' AP fell and rose against Hamming order."""
+    each of ``ORDERS`` (``rerank.order`` without and with the candidates' labels; ``q_real`` (n, bits) the
+    queries' real-valued outputs, ``db_signs`` the database codes as ±1); per order at each count, how many
+    queries' AP fell and rose against Hamming order."""
     from streamhash.index.rerank import order
 
     labels = [[int(y)] for y in db_labels]
@@ -124,7 +128,10 @@ def quality(dist: np.ndarray, db_vec: np.ndarray, q_vec: np.ndarray, db_labels, 
             ranked = hamming
             if key != "hamming":
                 head = hamming[:key[0]]
-                got = order(dist[r][head], sims[head], [labels[i] for i in head] if key[1] == "vote" else None)
+                if key[1] == "output":
+                    got = np.lexsort((np.arange(len(head)), -sims[head], -(db_signs[head] @ q_real[r]), dist[r][head]))
+                else:
+                    got = order(dist[r][head], sims[head], [labels[i] for i in head] if key[1] == "vote" else None)
                 ranked = np.concatenate([head[got], hamming[key[0]:]])
             rows[key].append((average_precision(db_labels[ranked] == q_labels[r]),
                               len(exact.intersection(ranked[:10].tolist())) / 10))
@@ -150,11 +157,12 @@ def learning_quality(db_feat, q_feat, db_vec, q_vec, db_labels, q_labels, bits, 
     db_codes, q_codes = learned_codes(net, db_feat, db_labels, q_feat, rounds, seed)
     learn_s = time.perf_counter() - t0
     dist = hamming_distances(q_codes, db_codes)
+    signs = np.unpackbits(db_codes, axis=1).astype(np.float32) * 2 - 1  # pack_signs' bit order
     return {"bits": bits, "seed": seed, "learn_s": round(learn_s, 1),
             "mean_items_at_the_nearest_distance": round(float(np.mean([np.sum(d == d.min()) for d in dist])), 1),
             "map_hamming_eval_metrics": round(float(retrieval_metrics(q_codes, q_labels, db_codes, db_labels,
                                                                       bits)["map"]), 5),
-            "by_candidates": quality(dist, db_vec, q_vec, db_labels, q_labels, counts)}
+            "by_candidates": quality(dist, db_vec, q_vec, db_labels, q_labels, counts, net.encode_real(q_feat), signs)}
 
 
 def random_shard(path: Path, n: int, dim: int, bits: int, seed: int = 0, chunk: int = 20_000, classes: int = 10):
@@ -216,6 +224,25 @@ def stage_costs(n: int, dim: int, bits: int, counts, queries: int, workdir: Path
     return out
 
 
+def order_ms(candidates: int = 1000, reps: int = 200, seed: int = 0) -> dict:
+    """p50 ms of ``rerank.order`` over ``candidates`` hits at 3 distances, 10 labels, without labels (the cosine
+    alone) and with them (the vote first): what the vote adds to the second stage."""
+    from streamhash.index.rerank import order
+
+    rng = np.random.default_rng(seed)
+    dist, sims = rng.integers(0, 3, candidates), rng.random(candidates)
+    labels = [[int(y)] for y in rng.integers(0, 10, candidates)]
+    out = {}
+    for name, lab in (("cosine", None), ("vote", labels)):
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            order(dist, sims, lab)
+            times.append(time.perf_counter() - t)
+        out[f"order_ms_p50_{name}"] = round(float(np.median(times)) * 1e3, 3)
+    return out
+
+
 def photo_encode_ms(net, images: np.ndarray) -> float:
     """p50 ms of one query photo's encode (``prepare`` then the head), as the server runs it: the reference the
     second stage is set beside."""
@@ -267,6 +294,7 @@ def measure(source=None, cache: Path | None = None, db_per_class: int = 1000, qu
             log(json.dumps(result["cost"]))
         for n in cost_sizes:
             result[f"rerank_ms_per_query_{n}"] = result["cost"][str(n)].get(str(default), {}).get("second_stage_ms_p50")
+    result["order_1000_candidates"] = order_ms()
     result["query_photo_encode_ms_p50"] = photo_encode_ms(net, test.images[:20])
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
