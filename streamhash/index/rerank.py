@@ -77,11 +77,12 @@ def votes(distances: Sequence[int], sims: np.ndarray, labels: Sequence[Sequence[
     out = np.zeros(len(d))
     for dv in np.unique(d):
         group = np.flatnonzero(d == dv)
-        able = group[[bool(labels[i]) and not np.isnan(sims[i]) for i in group.tolist()]]
+        labs = [labels[i] for i in group.tolist()]
+        able = group[np.array([bool(y) for y in labs], bool) & ~np.isnan(sims[group])]
         voters = able[np.argsort(-sims[able], kind="stable")[:VOTERS]].tolist()
         counts = Counter(y for i in voters for y in set(labels[i]))
-        top = max(counts.values(), default=0)
-        out[group] = [max(counts.get(y, 0) for y in labels[i]) if labels[i] else top for i in group.tolist()]
+        top, get = max(counts.values(), default=0), counts.__getitem__  # a Counter's missing label: 0
+        out[group] = [max(map(get, y)) if y else top for y in labs]
     return out
 
 
