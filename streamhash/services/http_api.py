@@ -97,7 +97,8 @@ class SearchResponse(BaseModel):
     took_ms: float
     shards: list[ShardAnswer] = Field(description="every shard the search used, with its generation and model version")
     partial: bool = Field(description="true when a shard did not answer: the results leave its items out")
-    reranked: bool = Field(False, description="hits of one distance ordered by the similarity of their stored features "
+    reranked: bool = Field(False, description="hits of one distance ordered by the labels of the most similar (their "
+                                              "class first), then the similarity of their stored features "
                                               "(server.rerank_candidates Hamming candidates)")
     rerank_note: str | None = Field(None, description="why the hits keep Hamming order (a search by code_hex, no "
                                                       "stored features, re-ranking off)")
