@@ -121,6 +121,7 @@ class LearnSettings(BaseModel):
     epochs: int = 3
     iters: int = Field(3, ge=1)  # alternations per round: network epochs on Omega, then a DCC update of B_new
     lr: float = Field(1e-3, gt=0)
+    fresh_optimizer: bool = False  # each round starts Adam afresh (its moments from the last round's loss dropped)
     batch_size: int = Field(64, ge=1)
     new_fraction: float = Field(0.5, ge=0, le=1)  # share of Omega drawn from the round's new items
     gamma: float = 200.0

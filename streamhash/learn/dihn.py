@@ -77,6 +77,7 @@ class DIHNLearner(ItemBook):
         device: str | torch.device = "cpu",
         seed: int = 0,
         relearn: bool = False,
+        fresh_optimizer: bool = False,
     ):
         self.net = net.to(device)
         super().__init__(net.cfg.bits)  # the item bookkeeping
@@ -85,17 +86,21 @@ class DIHNLearner(ItemBook):
         self.lr, self.weight_decay, self.batch_size = float(lr), float(weight_decay), int(batch_size)
         self.new_fraction, self.soft, self.balance = float(new_fraction), bool(soft), balance
         self.relearn = bool(relearn)  # DCC re-learns every labeled code, not only the new ones (see learn_round)
+        # a round starts Adam afresh: its moment estimates belong to the last round's loss (other Omega, other codes)
+        self.fresh_optimizer = bool(fresh_optimizer)
         self.device = torch.device(device)
         self.seed = int(seed)
         self.loss_fn = DIHNLoss(self.bits, gamma, mu, balance)
         self._rng = np.random.default_rng(seed)
         self._gen = torch.Generator().manual_seed(seed)
-        self._opt = torch.optim.Adam(
-            [p for p in self.net.parameters() if p.requires_grad], lr=self.lr, weight_decay=self.weight_decay
-        )
+        self._opt = self._new_optimizer()
         self.rounds = 0
         self._cache: dict = {}  # images given to learn_many, for learners without a fetch callback
         self._next_auto_id = 0
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=self.lr,
+                                weight_decay=self.weight_decay)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -185,6 +190,8 @@ class DIHNLearner(ItemBook):
         last_loss = float("nan")
         m = done = 0
         if len(new_rows) and iters > 0:
+            if self.fresh_optimizer:
+                self._opt = self._new_optimizer()
             for _ in range(iters):
                 _check(should_stop)
                 omega_rows = self._sample_omega()
@@ -252,7 +259,8 @@ class DIHNLearner(ItemBook):
             "hyper": {"gamma": self.gamma, "mu": self.mu, "omega": self.omega, "epochs": self.epochs,
                       "iters": self.iters, "lr": self.lr, "weight_decay": self.weight_decay,
                       "batch_size": self.batch_size, "new_fraction": self.new_fraction, "soft": self.soft,
-                      "balance": self.balance, "seed": self.seed, "relearn": self.relearn},
+                      "balance": self.balance, "seed": self.seed, "relearn": self.relearn,
+                      "fresh_optimizer": self.fresh_optimizer},
             "rounds": self.rounds,
             **self._items_state(),
             "opt": self._opt.state_dict(),

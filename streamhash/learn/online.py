@@ -119,7 +119,8 @@ class OnlineHasher:
         self.settings = s
         if learner is None:
             kw = {"gamma": s.gamma, "mu": s.mu, "omega": s.omega, "epochs": s.epochs, "iters": s.iters, "lr": s.lr,
-                  "batch_size": s.batch_size, "new_fraction": s.new_fraction, "seed": seed, "device": device}
+                  "batch_size": s.batch_size, "new_fraction": s.new_fraction, "seed": seed, "device": device,
+                  "fresh_optimizer": s.fresh_optimizer}
             learner = DIHNLearner(net, **{**kw, **learner_kwargs})
         self.learner = learner
         self.seed = int(seed)

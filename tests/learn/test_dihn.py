@@ -415,3 +415,19 @@ def test_a_round_until_a_budget_stops_between_alternations():
     calls = []
     r = L.learn_round(lambda ids: x[np.asarray(ids)], iters=50, until=lambda: calls.append(1) or len(calls) >= 3)
     assert r.iterations == 3 and L.n_pending == 0
+
+
+def test_a_fresh_optimizer_starts_each_round_without_the_last_rounds_moments():
+    """fresh_optimizer: Adam's state after round 2 holds round 2's steps only (the default carries round 1's);
+    the flag survives a save and load."""
+    steps = {}
+    for fresh in (True, False):
+        L = learner(bits=16, fresh_optimizer=fresh)
+        x1, y1 = synth(200, [0, 1], 1)
+        L.learn_many(x1, y1)
+        first = int(next(iter(L._opt.state.values()))["step"])
+        L.learn_many(*synth(200, [2, 3], 2))
+        steps[fresh] = (first, int(next(iter(L._opt.state.values()))["step"]))
+        assert DIHNLearner.from_bytes(L.to_bytes()).fresh_optimizer is fresh
+    (first, after_fresh), (first_default, after_default) = steps[True], steps[False]
+    assert first == first_default and after_default == first + after_fresh
