@@ -10,10 +10,11 @@ similar to the query each vote for their labels, and a candidate ranks by the mo
 without labels as the most voted label: it cannot be told apart). Hamming distance stays the first key, so
 re-ranking never moves an item past a closer code; it only orders the ties that learning created. Within a tie of
 several classes the cosine alone puts the query's look-alikes first whatever their class, which lowered mAP@all on
-CIFAR-10 (0.8020 -> 0.8019); the vote first keeps the class most of them share together. Measured
-(``benchmarks/photos_rerank.py``, ``benchmarks/journal/2026-12-07-rerank-order.md``), mAP@all did not drop in the
-five learnings tried (+0.00004 to +0.0019) with the top-10 feature overlap within 0.002 of the cosine alone; it is
-a measurement, not a guarantee: a vote that picks the wrong class of a tie can lower a query's AP. Only
+CIFAR-10 (0.80204 -> 0.80193); the vote first keeps the class most of them share together. Measured
+(``benchmarks/photos_rerank.py``, ``benchmarks/journal/2026-12-07-rerank-order.md``) at 1,000 candidates, mAP@all
+rose in the five learnings tried (+0.00004 to +0.00172; the cosine alone: -0.00091 to +0.00040) with the top-10
+feature overlap within 0.002 of the cosine alone's. A measurement, not a guarantee: a vote that picks the wrong
+class of a tie lowers that query's AP, and at 100-200 candidates mAP fell in 2 of 10 cases (by <= 0.00008). Only
 candidates are scored: the exact order among all the items at the k-th hit's distance needs
 ``rerank_candidates`` at least their count.
 
