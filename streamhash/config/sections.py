@@ -121,7 +121,9 @@ class LearnSettings(BaseModel):
     epochs: int = 3
     iters: int = Field(3, ge=1)  # alternations per round: network epochs on Omega, then a DCC update of B_new
     lr: float = Field(1e-3, gt=0)
-    fresh_optimizer: bool = False  # each round starts Adam afresh (its moments from the last round's loss dropped)
+    # Each round starts Adam afresh: its moment estimates from the last round's loss (another Omega, other frozen
+    # codes, new classes) scaled the first steps wrongly (benchmarks/journal/2026-12-07-learning-fresh-optimizer.md)
+    fresh_optimizer: bool = True
     batch_size: int = Field(64, ge=1)
     new_fraction: float = Field(0.5, ge=0, le=1)  # share of Omega drawn from the round's new items
     gamma: float = 200.0

@@ -77,7 +77,7 @@ class DIHNLearner(ItemBook):
         device: str | torch.device = "cpu",
         seed: int = 0,
         relearn: bool = False,
-        fresh_optimizer: bool = False,
+        fresh_optimizer: bool = True,
     ):
         self.net = net.to(device)
         super().__init__(net.cfg.bits)  # the item bookkeeping

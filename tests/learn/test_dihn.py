@@ -395,7 +395,7 @@ def test_relearn_rewrites_old_codes_by_dcc_and_returns_only_the_ones_that_moved(
     """relearn: every labeled code is in the B-step (a code rewrite, no image read for it beyond Omega); the
     round returns its new items and the old ones whose code changed, and those are what the learner holds."""
     torch.set_num_threads(2)
-    L = learner(bits=16, relearn=True)
+    L = learner(bits=16, relearn=True, fresh_optimizer=False)  # this scenario moves old codes with Adam carried over
     x1, y1 = synth(200, [0, 1], 1)
     L.learn_many(x1, y1)
     before = L.codes().copy()
