@@ -98,7 +98,7 @@ function render(answer, queryId) {
   $("summary").textContent = untrained + `${answer.results.length} results · model version ${answer.model_version} · ` +
     `generation ${answer.generation} · ${answer.index_size} items in ${shards.length} shards · ` +
     `${answer.took_ms.toFixed(1)} ms · query code ${answer.code_hex}` +
-    (answer.reranked ? " · ties ordered by feature similarity" : "") +
+    (answer.reranked ? " · ties ordered by look-alikes: their labels' vote, then similarity" : "") +
     (answer.partial ? ` · PARTIAL: no answer from ${missing.join(", ")}` : "");
   const items = answer.results.map((hit) => {
     const li = document.createElement("li");
