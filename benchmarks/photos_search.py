@@ -5,7 +5,7 @@ The store: a root of 4 shards (``--partitions``) holding ``--items`` CIFAR-10 ph
 ``Store.write_batch`` (not a worker: 50,000 photos through the frozen part take over 40 minutes on 2 busy
 cores), each item as a worker writes it: the JPEG file's bytes as the blob, its label, the stored feature from
 the product's ``HashNet.prepare`` (the network ``streamhash eval --dataset cifar10`` chose, ``eval.cifar.MODEL``:
-EfficientNet-Lite0 cut ``head`` at input 128, 320x4x4 float16; the engine the product picks) and its code from
+EfficientNet-Lite0 cut ``stage7`` at input 128 today, 192x4x4 float16, the JSON's ``model``; the engine the product picks) and its code from
 the same network's tail and head (``HashNet.encode`` over that feature); every shard holds that network as model
 version 1 (``model.state.initial_net``, what a worker writes first). ``--photos`` distinct
 train photos are prepared, the rest of the items repeat them (blob, label, feature and code): a search's cost
