@@ -29,6 +29,7 @@ import contextlib
 import copy
 import itertools
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -188,6 +189,7 @@ def stored_figures(source: Path, args, say=lambda *a: None) -> dict:
         f"{args.reencode_images} from images in {img_s:.1f} s")
     for s in (small, big, noted):
         s.close()
+    shutil.rmtree(work, ignore_errors=True)  # ~360 MB at 50,000 stored features
     per_feature, per_image = feat_s / args.reencode_items, img_s / args.reencode_images
     return {
         "engine_images_per_s": round(engine_rate, 1), "threads": args.stored_threads, **ingest,
