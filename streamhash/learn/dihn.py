@@ -10,7 +10,8 @@ A round (:meth:`DIHNLearner.learn_round`), for ``iters`` alternations:
    not-yet-learned labeled items B_new (DIHN's incremental set), the rest from the old ones; items
    added as ``held`` never are (the caller's hold-out: codes learned, images never trained on);
 2. train F for ``epochs`` epochs on Omega with every database code fixed, minimising
-   :class:`streamhash.model.losses.DIHNLoss`;
+   :class:`streamhash.model.losses.DIHNLoss` (Adam; with ``fresh_optimizer``, the default, a new one each round:
+   the moments of the last round's loss, over another Omega and other codes, misled a round's first steps);
 3. update B_new only, bit by bit, by discrete cyclic coordinate descent (ADSH / DIHN):
    with ``Q = c S_{Omega,new}^T U + gamma U_bar`` (U_bar = u_i for new items that are in Omega, 0 else),
    ``B_new[:, k] = sign(Q[:, k] - B_new_{-k} (U_{-k}^T u_k))`` — the exact minimiser of the
