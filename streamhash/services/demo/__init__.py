@@ -323,8 +323,10 @@ def run(settings: Settings) -> int:
     quiet = d.quiet or d.json_summary
     setup_logging("WARNING" if quiet else settings.log_level)
     # A closed terminal (SIGHUP) or a kill (SIGTERM) stops every process the demo started, as Ctrl-C does; a
-    # kill -9 or a crash leaves that to the kernel (processes.spawn: they die with this process).
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # kill -9 or a crash leaves that to the kernel (processes.spawn: they die with this process). SIGINT too,
+    # explicitly: started from a background job (`cmd &` in a script) it arrives ignored, and Python then leaves
+    # it ignored, so Ctrl-C (or a kill -INT) did nothing and `--serve` ran on.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     runner, limit, queries = run_demo, d.limit or 10_000, d.queries or 200
     if d.dataset == "cifar10":  # photos: demo/photos.py
