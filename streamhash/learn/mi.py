@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from streamhash.learn.labels import neighbour_matrix
 
@@ -90,23 +91,64 @@ class MIGain:
     changed: int  # database codes that differ between the two
 
 
-def _mi_from_histograms(h_pos: np.ndarray, h_neg: np.ndarray) -> np.ndarray:
-    """I(D; C) from per-anchor distance histograms (..., bits+1) of neighbours and non-neighbours."""
-    def entropy(counts):
-        total = counts.sum(-1, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = counts / np.maximum(total, 1e-12)
-            logp = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)), 0.0)
-        return -(p * logp).sum(-1)
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    return x * np.log(x + (x == 0))  # 0 log 0 = 0
 
-    n_pos, n_neg = h_pos.sum(-1), h_neg.sum(-1)
-    total = np.maximum(n_pos + n_neg, 1e-12)
-    mi = entropy(h_pos + h_neg) - (n_pos / total) * entropy(h_pos) - (n_neg / total) * entropy(h_neg)
-    return np.maximum(mi, 0.0)
+
+def _sum_xlogx(h: np.ndarray) -> np.ndarray:
+    """sum_k h log h over the bins k of histograms (m, bins, B) -> (m, B). Only the bins column 0 fills are
+    logged (weights >= 0 and column 0 has every item: an empty bin there is empty in every column); most
+    are empty (codes far apart or close), and a log costs more than the gather."""
+    m, _, b = h.shape
+    filled = h[:, :, 0] > 0
+    vals = h[filled]  # (filled bins, B), grouped by anchor
+    terms = _xlogx(vals)
+    per = filled.sum(1)
+    out = np.zeros((m, b))
+    some = per > 0
+    if len(vals):
+        out[some] = np.add.reduceat(terms, (np.cumsum(per) - per)[some], axis=0)
+    return out
+
+
+def _mi_from_histograms(hist: np.ndarray) -> np.ndarray:
+    """I(D; C) from weighted histograms (m, 2 * (bits + 1), B): distance d of a neighbour in bin d, of a
+    non-neighbour in bin bits + 1 + d; -> (m, B).
+
+    With S = sum c log c over a histogram of total T, H = log T - S / T, so
+    T I = T log T - S(D) - (n+ log n+ - S(+)) - (n- log n- - S(-)): one log per filled bin.
+    """
+    nb = hist.shape[1] // 2
+    h_pos, h_neg = hist[:, :nb], hist[:, nb:]
+    n_pos, n_neg = h_pos.sum(1), h_neg.sum(1)
+    total = n_pos + n_neg
+    t_mi = _xlogx(total) - _xlogx(n_pos) - _xlogx(n_neg) + _sum_xlogx(hist) - _sum_xlogx(h_pos + h_neg)
+    return np.maximum(t_mi / np.maximum(total, 1e-300), 0.0)  # exact value is >= 0; clip float round-off
+
+
+def _weighted_histograms(keys: np.ndarray, n_bins: int, w: np.ndarray) -> np.ndarray:
+    """hist[i, k, b] = sum of w[j, b] over the items j with keys[i, j] == k: (m, n_bins, B) float64.
+
+    ``keys`` (m anchors, items) in 0..n_bins, where n_bins marks a pair left out (an anchor and itself);
+    ``w`` (items, B). The one-hot (m * (n_bins + 1), items) matrix, built column by column (CSC: its row
+    indices come out sorted without a sort), times ``w`` costs one B-long add per pair.
+    """
+    m, k = keys.shape
+    rows = (np.arange(m, dtype=np.int64)[:, None] * (n_bins + 1) + keys).T.ravel()
+    onehot = sp.csc_matrix((np.ones(m * k), rows, np.arange(k + 1, dtype=np.int64) * m), shape=(m * (n_bins + 1), k))
+    return np.asarray(onehot @ w).reshape(m, n_bins + 1, w.shape[1])[:, :n_bins]
+
+
+def _bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n, 1 + n_boot): column 0 every item once (the point estimate), then seeded multinomial resamples."""
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, np.full(n, 1.0 / n), size=max(n_boot, 0)).T
+    return np.concatenate([np.ones((n, 1)), draws], axis=1)
 
 
 def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np.ndarray, labels, bits: int, *,
-            n_boot: int = 200, seed: int = 0, chunk: int = 50, db_weights: np.ndarray | None = None) -> MIGain:
+            n_boot: int = 200, seed: int = 0, chunk: int | None = None,
+            db_weights: np.ndarray | None = None) -> MIGain:
     """Compare two versions of a database on the same labeled items, MIHash-style.
 
     Item i is a query (``query_codes[i]``: the current network's encoding of it) and the database is
@@ -122,8 +164,13 @@ def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np
     networks of the same quality: about one draw in four at 2 sigma, against about 2% here).
     ``db_weights`` (n,): how much each item weighs on the database side (a stratified sample weighed back
     to the population it stands for); queries keep equal weight.
-    The histograms of all resamples are one matrix product per distance value and class:
-    (anchors x items) 0/1 masks times the (items x resamples) weights.
+
+    The histograms of all resamples are weighted counts: each (query, item) pair falls in one bin,
+    its distance plus (bits + 1) if not a neighbour, so a sparse one-hot (queries x bins, items) matrix
+    times the (items, resamples) weights gives them all at one add per pair and resample, in float64
+    (exact for bootstrap counts). A dense 0/1 mask product per distance value did (bits + 1) times that
+    work. Queries go ``chunk`` at a time (default: a block of histograms of about 2 MB) to bound memory;
+    the unchanged items' part is counted once and shared by live and candidate.
     """
     query_codes = np.asarray(query_codes, np.uint8)
     live_codes = np.asarray(live_codes, np.uint8)
@@ -138,42 +185,27 @@ def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np
     if not changed:
         q = float(mi_per_anchor(query_codes, labels, bits, db_codes=live_codes).mean())
         return MIGain(q, q, 0.0, 0.0, n, 0)  # db weights do not matter: the gain is exactly 0
-    off = ~np.eye(n, dtype=bool)
-    nbr = neighbour_matrix(labels)
-    pos, neg = nbr & off, ~nbr & off
-    d_live = hamming_matrix(query_codes, live_codes)
-    d_cand = hamming_matrix(query_codes, candidate_codes[ch])
+    nb = bits + 1
+    not_nbr = ~neighbour_matrix(labels)
+    key_live = hamming_matrix(query_codes, live_codes) + nb * not_nbr
+    np.fill_diagonal(key_live, 2 * nb)  # an anchor is not in its own database
+    key_cand = hamming_matrix(query_codes, candidate_codes[ch]) + nb * not_nbr[:, ch]
+    key_cand[np.flatnonzero(ch), np.arange(changed)] = 2 * nb
+    weights = _bootstrap_weights(n, n_boot, seed)
+    w = weights if db_weights is None else weights * np.asarray(db_weights, np.float64)[:, None]
     uc = ~ch
-    rng = np.random.default_rng(seed)
-    # column 0: every item once (the point estimate); then the bootstrap resamples
-    weights = np.concatenate([np.ones((n, 1)), rng.multinomial(n, np.full(n, 1.0 / n), size=max(n_boot, 0)).T], axis=1)
-    weights = weights.astype(np.float32)
-    live_mi, cand_mi = [], []
-    for b0 in range(0, weights.shape[1], chunk):
-        w = weights[:, b0:b0 + chunk]
-        if db_weights is not None:
-            w = w * np.asarray(db_weights, np.float32)[:, None]
-        w_u, w_c = w[uc], w[ch]
-        shape = (n, bits + 1, w.shape[1])
-        hists = {k: np.zeros(shape, np.float32) for k in ("lp", "ln", "cp", "cn")}
-        for d in range(bits + 1):
-            eq_u = d_live[:, uc] == d
-            shared_p = (eq_u & pos[:, uc]).astype(np.float32) @ w_u
-            shared_n = (eq_u & neg[:, uc]).astype(np.float32) @ w_u
-            eq_l, eq_c = d_live[:, ch] == d, d_cand == d
-            hists["lp"][:, d] = shared_p + (eq_l & pos[:, ch]).astype(np.float32) @ w_c
-            hists["ln"][:, d] = shared_n + (eq_l & neg[:, ch]).astype(np.float32) @ w_c
-            hists["cp"][:, d] = shared_p + (eq_c & pos[:, ch]).astype(np.float32) @ w_c
-            hists["cn"][:, d] = shared_n + (eq_c & neg[:, ch]).astype(np.float32) @ w_c
-        # (n, nb, b) -> (n, b, nb) for the entropies over distances
-        live_mi.append(_mi_from_histograms(hists["lp"].transpose(0, 2, 1).astype(np.float64),
-                                           hists["ln"].transpose(0, 2, 1).astype(np.float64)))
-        cand_mi.append(_mi_from_histograms(hists["cp"].transpose(0, 2, 1).astype(np.float64),
-                                           hists["cn"].transpose(0, 2, 1).astype(np.float64)))
-    live_all, cand_all = np.concatenate(live_mi, axis=1), np.concatenate(cand_mi, axis=1)  # (n, 1 + n_boot)
-    qw = weights.astype(np.float64)
-    live_q = (qw * live_all).sum(0) / qw.sum(0)
-    cand_q = (qw * cand_all).sum(0) / qw.sum(0)
+    w_u, w_c = w[uc], w[ch]
+    step = chunk or max(1, (1 << 18) // (2 * nb * w.shape[1]))
+    live_all, cand_all = np.empty((n, w.shape[1])), np.empty((n, w.shape[1]))
+    for a0 in range(0, n, step):
+        rows = slice(a0, a0 + step)
+        shared = _weighted_histograms(key_live[rows][:, uc], 2 * nb, w_u)
+        h_live = shared + _weighted_histograms(key_live[rows][:, ch], 2 * nb, w_c)
+        h_cand = shared + _weighted_histograms(key_cand[rows], 2 * nb, w_c)
+        live_all[rows] = _mi_from_histograms(h_live)
+        cand_all[rows] = _mi_from_histograms(h_cand)
+    live_q = (weights * live_all).sum(0) / weights.sum(0)  # queries weigh their bootstrap count
+    cand_q = (weights * cand_all).sum(0) / weights.sum(0)
     gains = cand_q - live_q
     sigma = float(gains[1:].std()) if n_boot > 0 else 0.0
     return MIGain(float(live_q[0]), float(cand_q[0]), float(gains[0]), sigma, n, changed)
