@@ -95,48 +95,54 @@ def _xlogx(x: np.ndarray) -> np.ndarray:
     return x * np.log(x + (x == 0))  # 0 log 0 = 0
 
 
-def _sum_xlogx(h: np.ndarray) -> np.ndarray:
-    """sum_k h log h over the bins k of histograms (m, bins, B) -> (m, B). Only the bins column 0 fills are
-    logged (weights >= 0 and column 0 has every item: an empty bin there is empty in every column); most
-    are empty (codes far apart or close), and a log costs more than the gather."""
-    m, _, b = h.shape
-    filled = h[:, :, 0] > 0
-    vals = h[filled]  # (filled bins, B), grouped by anchor
-    terms = _xlogx(vals)
-    per = filled.sum(1)
-    out = np.zeros((m, b))
-    some = per > 0
-    if len(vals):
-        out[some] = np.add.reduceat(terms, (np.cumsum(per) - per)[some], axis=0)
-    return out
-
-
 def _mi_from_histograms(hist: np.ndarray) -> np.ndarray:
     """I(D; C) from weighted histograms (m, 2 * (bits + 1), B): distance d of a neighbour in bin d, of a
     non-neighbour in bin bits + 1 + d; -> (m, B).
 
     With S = sum c log c over a histogram of total T, H = log T - S / T, so
-    T I = T log T - S(D) - (n+ log n+ - S(+)) - (n- log n- - S(-)): one log per filled bin.
+    T I = T log T - n+ log n+ - n- log n- + sum_d [p_d log p_d + q_d log q_d - (p_d + q_d) log(p_d + q_d)]
+    (p, q: the neighbour and non-neighbour counts at distance d). A distance bin holding only one class adds
+    exactly 0, so only the bins where column 0 (every item; weights >= 0, so a bin empty there is empty in
+    every column) has both classes are gathered and logged: mostly a narrow band of distances.
     """
-    nb = hist.shape[1] // 2
+    m, bins, b = hist.shape
+    nb = bins // 2
     h_pos, h_neg = hist[:, :nb], hist[:, nb:]
-    n_pos, n_neg = h_pos.sum(1), h_neg.sum(1)
+    n_pos, n_neg = h_pos.sum(1, dtype=np.float64), h_neg.sum(1, dtype=np.float64)
     total = n_pos + n_neg
-    t_mi = _xlogx(total) - _xlogx(n_pos) - _xlogx(n_neg) + _sum_xlogx(hist) - _sum_xlogx(h_pos + h_neg)
+    t_mi = _xlogx(total) - _xlogx(n_pos) - _xlogx(n_neg)
+    both = (h_pos[:, :, 0] > 0) & (h_neg[:, :, 0] > 0)
+    per = both.sum(1)
+    if per.any():
+        p, q = h_pos[both].astype(np.float64), h_neg[both].astype(np.float64)  # (bins kept, B), by anchor
+        terms = _xlogx(p) + _xlogx(q) - _xlogx(p + q)
+        some = per > 0
+        t_mi[some] += np.add.reduceat(terms, (np.cumsum(per) - per)[some], axis=0)
     return np.maximum(t_mi / np.maximum(total, 1e-300), 0.0)  # exact value is >= 0; clip float round-off
 
 
-def _weighted_histograms(keys: np.ndarray, n_bins: int, w: np.ndarray) -> np.ndarray:
-    """hist[i, k, b] = sum of w[j, b] over the items j with keys[i, j] == k: (m, n_bins, B) float64.
+def _weighted_histograms(rows: np.ndarray, span: int, w: np.ndarray) -> np.ndarray:
+    """hist[i, k, b] = sum of w[j, b] over the items j with rows[j, i] == i * span + k: (m, span - 1, B).
 
-    ``keys`` (m anchors, items) in 0..n_bins, where n_bins marks a pair left out (an anchor and itself);
-    ``w`` (items, B). The one-hot (m * (n_bins + 1), items) matrix, built column by column (CSC: its row
-    indices come out sorted without a sort), times ``w`` costs one B-long add per pair.
+    ``rows`` (items, m anchors): each pair's row in the stacked one-hot (m * span, items) matrix; bin
+    span - 1 takes the pairs left out (an anchor and itself). Built column by column (CSC: the row indices
+    of an item come out sorted, anchor by anchor, with no sort), times ``w`` (items, B) it costs one B-long
+    add per pair.
     """
-    m, k = keys.shape
-    rows = (np.arange(m, dtype=np.int64)[:, None] * (n_bins + 1) + keys).T.ravel()
-    onehot = sp.csc_matrix((np.ones(m * k), rows, np.arange(k + 1, dtype=np.int64) * m), shape=(m * (n_bins + 1), k))
-    return np.asarray(onehot @ w).reshape(m, n_bins + 1, w.shape[1])[:, :n_bins]
+    k, m = rows.shape
+    onehot = sp.csc_matrix((np.ones(k * m, w.dtype), rows.ravel(), np.arange(k + 1, dtype=rows.dtype) * m),
+                           shape=(m * span, k))
+    return np.asarray(onehot @ w).reshape(m, span, w.shape[1])[:, :span - 1]
+
+
+def _pair_rows(dist: np.ndarray, not_nbr: np.ndarray, self_pairs: tuple, nb: int) -> np.ndarray:
+    """(items, anchors) row of each (anchor, item) pair in the one-hot: anchor * (2 nb + 1) + its bin —
+    the distance, plus nb for a non-neighbour — or the left-out bin 2 nb for ``self_pairs``."""
+    key = dist + nb * not_nbr
+    key[self_pairs] = 2 * nb
+    n = len(key)
+    dtype = np.int32 if n * (2 * nb + 1) < 2**31 else np.int64
+    return np.ascontiguousarray((key + np.arange(n)[:, None] * (2 * nb + 1)).T, dtype=dtype)
 
 
 def _bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -185,25 +191,28 @@ def mi_gain(query_codes: np.ndarray, live_codes: np.ndarray, candidate_codes: np
     if not changed:
         q = float(mi_per_anchor(query_codes, labels, bits, db_codes=live_codes).mean())
         return MIGain(q, q, 0.0, 0.0, n, 0)  # db weights do not matter: the gain is exactly 0
-    nb = bits + 1
+    nb, span = bits + 1, 2 * bits + 3
     not_nbr = ~neighbour_matrix(labels)
-    key_live = hamming_matrix(query_codes, live_codes) + nb * not_nbr
-    np.fill_diagonal(key_live, 2 * nb)  # an anchor is not in its own database
-    key_cand = hamming_matrix(query_codes, candidate_codes[ch]) + nb * not_nbr[:, ch]
-    key_cand[np.flatnonzero(ch), np.arange(changed)] = 2 * nb
+    uc, idx = ~ch, np.arange(n)
+    rows_live = _pair_rows(hamming_matrix(query_codes, live_codes), not_nbr, (idx, idx), nb)
+    rows_u, rows_l = rows_live[uc], rows_live[ch]
+    rows_c = _pair_rows(hamming_matrix(query_codes, candidate_codes[ch]), not_nbr[:, ch],
+                        (idx[ch], np.arange(changed)), nb)
     weights = _bootstrap_weights(n, n_boot, seed)
     w = weights if db_weights is None else weights * np.asarray(db_weights, np.float64)[:, None]
-    uc = ~ch
+    if np.array_equal(w, np.round(w)) and w.sum(0).max() < 2**24:
+        w = w.astype(np.float32)  # whole counts: float32 sums are exact and twice as fast
     w_u, w_c = w[uc], w[ch]
-    step = chunk or max(1, (1 << 18) // (2 * nb * w.shape[1]))
+    step = chunk or max(1, (1 << 18) // (span * w.shape[1]))
     live_all, cand_all = np.empty((n, w.shape[1])), np.empty((n, w.shape[1]))
     for a0 in range(0, n, step):
-        rows = slice(a0, a0 + step)
-        shared = _weighted_histograms(key_live[rows][:, uc], 2 * nb, w_u)
-        h_live = shared + _weighted_histograms(key_live[rows][:, ch], 2 * nb, w_c)
-        h_cand = shared + _weighted_histograms(key_cand[rows], 2 * nb, w_c)
-        live_all[rows] = _mi_from_histograms(h_live)
-        cand_all[rows] = _mi_from_histograms(h_cand)
+        a1 = min(a0 + step, n)
+        base = a0 * span
+        shared = _weighted_histograms(rows_u[:, a0:a1] - base, span, w_u)
+        h_live = shared + _weighted_histograms(rows_l[:, a0:a1] - base, span, w_c)
+        h_cand = shared + _weighted_histograms(rows_c[:, a0:a1] - base, span, w_c)
+        live_all[a0:a1] = _mi_from_histograms(h_live)
+        cand_all[a0:a1] = _mi_from_histograms(h_cand)
     live_q = (weights * live_all).sum(0) / weights.sum(0)  # queries weigh their bootstrap count
     cand_q = (weights * cand_all).sum(0) / weights.sum(0)
     gains = cand_q - live_q
