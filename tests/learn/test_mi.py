@@ -110,3 +110,58 @@ def test_mi_gain_with_database_weights_matches_brute_force(seed):
     scaled = mi_gain(np.packbits(q, axis=1), np.packbits(live, axis=1), np.packbits(cand, axis=1), labels, bits,
                      n_boot=0, db_weights=np.full(n, 4.0))
     assert scaled.gain == pytest.approx(same.gain, rel=1e-5)  # equal weights change nothing
+
+
+def brute_mi_gain(q_bits, live_bits, cand_bits, labels, n_boot, seed, db_weights):
+    """Per resample, plain loops: column 0 every item once, then rng.multinomial(n, 1/n) draws; an item drawn
+    c times weighs c as a query and c * db_weight in the other queries' distance histograms."""
+    n = len(q_bits)
+    rng = np.random.default_rng(seed)
+    columns = [np.ones(n)] + list(rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot))
+    dbw = np.ones(n) if db_weights is None else np.asarray(db_weights, float)
+    dist = {name: [[sum(a != b for a, b in zip(q_bits[i], db[j])) for j in range(n)] for i in range(n)]
+            for name, db in (("live", live_bits), ("cand", cand_bits))}
+    nbr = [[bool(set(labels[i]) & set(labels[j])) for j in range(n)] for i in range(n)]
+    means = {"live": [], "cand": []}
+    for c in columns:
+        for name in means:
+            mis = []
+            for i in range(n):
+                pos, neg = Counter(), Counter()
+                for j in range(n):
+                    if j != i and c[j] * dbw[j] > 0:
+                        (pos if nbr[i][j] else neg)[dist[name][i][j]] += c[j] * dbw[j]
+                p_, n_ = sum(pos.values()), sum(neg.values())
+                tot = p_ + n_
+                mi = entropy(pos + neg, tot) if tot else 0.0
+                mi -= (p_ / tot) * entropy(pos, p_) if p_ else 0.0
+                mi -= (n_ / tot) * entropy(neg, n_) if n_ else 0.0
+                mis.append(max(mi, 0.0))
+            means[name].append(sum(ci * m for ci, m in zip(c, mis)) / sum(c))
+    gains = np.array(means["cand"]) - np.array(means["live"])
+    return means["live"][0], means["cand"][0], gains[0], float(gains[1:].std()) if n_boot else 0.0
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+@pytest.mark.parametrize("n_changed", [1, 5, 18])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mi_gain_matches_a_per_resample_brute_force(bits, n_changed, weighted):
+    from streamhash.learn.mi import mi_gain
+
+    rng = np.random.default_rng(bits * 100 + n_changed * 2 + weighted)
+    n = 18
+    q, labels = make(n, bits, int(rng.integers(1 << 30)))
+    live = q ^ (rng.random((n, bits)) < 0.3)
+    cand = live.copy()
+    moved = rng.choice(n, n_changed, replace=False)
+    cand[moved] = q[moved] ^ (rng.random((n_changed, bits)) < 0.1)
+    cand[moved, 0] = 1 - live[moved, 0]  # every chosen code really changes
+    w = rng.uniform(0.2, 3.0, n) if weighted else None
+    packed = [np.packbits(b.astype(bool), axis=1) for b in (q, live, cand)]
+    g = mi_gain(*packed, labels, bits, n_boot=25, seed=7, db_weights=w)
+    live_ref, cand_ref, gain_ref, sigma_ref = brute_mi_gain(q.tolist(), live.tolist(), cand.tolist(), labels, 25, 7, w)
+    assert g.changed == n_changed and g.n == n
+    assert abs(g.live - live_ref) < 1e-9 and abs(g.candidate - cand_ref) < 1e-9 and abs(g.gain - gain_ref) < 1e-9
+    assert g.sigma == pytest.approx(sigma_ref, rel=1e-6) and sigma_ref > 0
+    small = mi_gain(*packed, labels, bits, n_boot=25, seed=7, db_weights=w, chunk=4)  # anchors 4 at a time
+    assert abs(small.gain - g.gain) < 1e-12 and small.sigma == pytest.approx(g.sigma, rel=1e-9)
