@@ -101,7 +101,14 @@ def learner_like(n: int, bits: int, changed: float, seed: int):
     cand = live.copy()
     cand[stale] = query[stale]
     pack = lambda b: np.packbits(b, axis=1)  # noqa: E731
-    return pack(query), pack(live), pack(cand), [[int(v)] for v in y]
+    return pack(query), pack(live), pack(cand), [[int(v)] for v in y], stale
+
+
+def strata_weights(inferred: np.ndarray, index_share: float = 0.8) -> np.ndarray:
+    """The learner's database weights (OnlineHasher._strata_weights): each provenance's share of the index
+    over its share of the sample, scaled to a mean of 1 — two distinct values."""
+    w = np.where(inferred, index_share / inferred.mean(), (1 - index_share) / (~inferred).mean())
+    return w * (len(w) / w.sum())
 
 
 def main() -> None:
@@ -110,11 +117,11 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=32)
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--changed", type=float, default=0.4, help="fraction of stale codes the re-encode changes")
-    ap.add_argument("--db-weights", action="store_true", help="stratified-sample database weights")
+    ap.add_argument("--db-weights", action="store_true", help="the learner's stratified-sample database weights")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    q, live, cand, labels = learner_like(a.n, a.bits, a.changed, seed=7)
-    dbw = np.random.default_rng(8).choice([0.5, 1.0, 3.0], a.n) if a.db_weights else None
+    q, live, cand, labels, stale = learner_like(a.n, a.bits, a.changed, seed=7)
+    dbw = strata_weights(stale) if a.db_weights else None
     kw = dict(n_boot=a.n_boot, seed=11, db_weights=dbw)
     times = {"sparse": [], "dense_reference": []}
     for _ in range(a.rounds):
