@@ -193,7 +193,7 @@ def _weight_groups(weights: np.ndarray, db_weights: np.ndarray | None, max_group
         if db.shape != (n,) or not np.all(db >= 0):
             raise ValueError("db_weights must be n weights >= 0")
         scales = np.unique(db[db > 0])
-    if len(scales) > max_groups:
+    if not 0 < len(scales) <= max_groups:
         return [(1.0, db > 0, weights * db[:, None])]
     top = weights.sum(0).max()
     dtype = np.int16 if top < 2**15 else np.float32 if top < 2**24 else np.float64
