@@ -37,7 +37,7 @@ class TriggerDecision:
     drift: bool  # the detector flagged a change on this update
     armed: bool  # the gain test was allowed to fire on this update
     fire: bool   # re-encode now
-    sigma: float = 0.0  # standard deviation of the gain estimate (bootstrap over the reservoir queries)
+    sigma: float = 0.0  # standard deviation of the gain estimate (bootstrap over the reservoir items)
     bound: float = 0.0  # what the gain had to exceed: threshold + sigmas * sigma
     cost: int = 0  # estimated re-encode cost: stale inferred codes, i.e. images to decode and encode
 
