@@ -124,6 +124,9 @@ class LearnSettings(BaseModel):
     # Each round starts Adam afresh: its moment estimates from the last round's loss (another Omega, other frozen
     # codes, new classes) scaled the first steps wrongly (benchmarks/journal/2026-12-07-learning-fresh-optimizer.md)
     fresh_optimizer: bool = True
+    # A round's DCC step also re-learns the frozen *learned* codes of every labeled item (a code rewrite published
+    # with the round's codes, no image read beyond Omega): the old classes' codes move to fit the classes since.
+    relearn: bool = False
     batch_size: int = Field(64, ge=1)
     new_fraction: float = Field(0.5, ge=0, le=1)  # share of Omega drawn from the round's new items
     gamma: float = 200.0

@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reservoir-strata", action="store_true", default=None, help="LearnSettings.reservoir_strata")
     parser.add_argument("--fresh-optimizer", action=argparse.BooleanOptionalAction, default=None,
                         help="LearnSettings.fresh_optimizer: each round starts Adam afresh")
+    parser.add_argument("--relearn", action=argparse.BooleanOptionalAction, default=None,
+                        help="LearnSettings.relearn: a round's DCC step re-learns every labeled code, old ones too")
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder, or CIFAR-10's (streamhash.data.cifar10)")
 
 
@@ -65,7 +67,8 @@ def config_from_args(args):
     learn = {}
     for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("lr", "lr"), ("mi_threshold", "mi_threshold"),
                      ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size"),
-                     ("reservoir_strata", "reservoir_strata"), ("fresh_optimizer", "fresh_optimizer")):
+                     ("reservoir_strata", "reservoir_strata"), ("fresh_optimizer", "fresh_optimizer"),
+                     ("relearn", "relearn")):
         if getattr(args, arg) is not None:
             learn[key] = getattr(args, arg)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

@@ -408,6 +408,26 @@ def test_relearn_rewrites_old_codes_by_dcc_and_returns_only_the_ones_that_moved(
     assert r2.changed <= 200  # counted over the new items, as without relearn
 
 
+@pytest.mark.parametrize("relearn", [False, True])
+def test_learn_settings_relearn_reaches_the_rounds_of_the_learner_process(relearn):
+    """LearnSettings.relearn (the learner process's and the eval's setting): the second round's report carries old
+    items whose codes moved only when it is on."""
+    torch.set_num_threads(2)
+    x1, y1 = synth(200, [0, 1], 1)
+    x2, y2 = synth(200, [2, 3, 4, 5, 6, 7], 2)
+    x, y = np.concatenate([x1, x2]), np.concatenate([y1, y2])
+    net = HashNet(HashNetConfig(bits=16, seed=0))
+    s = LearnSettings(omega=200, epochs=1, iters=2, batch_size=50, holdout_fraction=0.0, relearn=relearn,
+                      fresh_optimizer=False)
+    h = OnlineHasher(net, s)
+    fetch = lambda ids: x[np.asarray(ids)]  # noqa: E731
+    h.observe(range(200), net.encode(x1), y1)
+    h.learn_round(fetch, test=False)
+    h.observe(range(200, 400), h.learner.encode(x2), y2)
+    old = [i for i in h.learn_round(fetch, test=False).round.ids if i < 200]
+    assert (len(old) > 0) is relearn
+
+
 def test_a_round_until_a_budget_stops_between_alternations():
     L = learner(bits=16)
     x, y = synth(100, [0, 1], 1)
