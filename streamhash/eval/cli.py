@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reservoir-strata", action="store_true", default=None, help="LearnSettings.reservoir_strata")
     parser.add_argument("--fresh-optimizer", action=argparse.BooleanOptionalAction, default=None,
                         help="LearnSettings.fresh_optimizer: each round starts Adam afresh")
-    parser.add_argument("--relearn", action=argparse.BooleanOptionalAction, default=None,
-                        help="LearnSettings.relearn: a round's DCC step re-learns every labeled code, old ones too")
+    parser.add_argument("--relearn", choices=("never", "new-labels", "always"), default=None,
+                        help="LearnSettings.relearn: when a round's DCC step re-learns every labeled code, old ones too")
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder, or CIFAR-10's (streamhash.data.cifar10)")
 
 

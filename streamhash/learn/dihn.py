@@ -18,9 +18,14 @@ A round (:meth:`DIHNLearner.learn_round`), for ``iters`` alternations:
    B-subproblem in bit k with the other bits fixed (a zero keeps the current bit), so a sweep never
    increases ``||c S - U B^T||^2 + gamma ||U_new - B_new||^2``.
 
-At the end of the round the new codes are frozen: old codes are never touched again by learning —
-only an explicit :meth:`DIHNLearner.set_codes` (a re-encode) changes them. Unlabeled items may be
-registered (for re-encode bookkeeping) but are never in Gamma, Omega or the loss.
+At the end of the round the new codes are frozen. DIHN never touches them again; here ``relearn`` decides
+when a round's B-step takes every labeled code, old ones too (ADSH's B-step over Gamma, a code rewrite,
+no image read): ``"new-labels"`` in a round that brings a label no frozen code was learned with —
+the old codes were placed for a vocabulary without it (measured: partial-labels +0.01 mAP; always
+re-learning cost CIFAR-10 about as much, benchmarks/journal/2026-12-07-learning-round-budget.md);
+``"always"``; ``"never"`` (plain DIHN, the default). Otherwise only :meth:`DIHNLearner.set_codes` (a re-encode)
+changes a frozen code. Unlabeled items may be registered (for re-encode bookkeeping) but are never in
+Gamma, Omega or the loss.
 
 Similarity is multi-label, and nothing of size |Omega| x |Gamma| is built: the statistics come from
 label-set groups (:mod:`streamhash.learn.dcc`, with the B-step).
@@ -59,6 +64,18 @@ def _check(should_stop: ShouldStop | None) -> None:
         raise RoundAbandoned("learning round abandoned: stop requested")
 
 
+RELEARN_MODES = ("never", "new-labels", "always")
+
+
+def relearn_mode(value: str | bool) -> str:
+    """``relearn`` as one of :data:`RELEARN_MODES` (a bool, as older learner states saved it: always / never)."""
+    if isinstance(value, bool):
+        return "always" if value else "never"
+    if value not in RELEARN_MODES:
+        raise ValueError(f"relearn must be one of {RELEARN_MODES}, got {value!r}")
+    return value
+
+
 class DIHNLearner(ItemBook):
     def __init__(
         self,
@@ -66,9 +83,9 @@ class DIHNLearner(ItemBook):
         *,
         gamma: float = 200.0,
         mu: float = 50.0,
-        omega: int = 2000,
+        omega: int = 750,
         epochs: int = 3,
-        iters: int = 3,
+        iters: int = 8,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         batch_size: int = 64,
@@ -77,7 +94,7 @@ class DIHNLearner(ItemBook):
         balance: str = "square",
         device: str | torch.device = "cpu",
         seed: int = 0,
-        relearn: bool = False,
+        relearn: str | bool = "never",
         fresh_optimizer: bool = True,
     ):
         self.net = net.to(device)
@@ -86,7 +103,7 @@ class DIHNLearner(ItemBook):
         self.omega, self.epochs, self.iters = int(omega), int(epochs), int(iters)
         self.lr, self.weight_decay, self.batch_size = float(lr), float(weight_decay), int(batch_size)
         self.new_fraction, self.soft, self.balance = float(new_fraction), bool(soft), balance
-        self.relearn = bool(relearn)  # DCC re-learns every labeled code, not only the new ones (see learn_round)
+        self.relearn = relearn_mode(relearn)  # when DCC re-learns every labeled code, not only the new ones
         # a round starts Adam afresh: its moment estimates belong to the last round's loss (other Omega, other codes)
         self.fresh_optimizer = bool(fresh_optimizer)
         self.device = torch.device(device)
@@ -185,7 +202,7 @@ class DIHNLearner(ItemBook):
         # relearn: the old labeled codes are learned again by DCC with the new ones (ADSH's B-step over Gamma,
         # no image read: a code rewrite), so the codes of classes learned before the stream moved on fit the
         # network and the classes that came since; only the ones that change are returned
-        new_rows = np.flatnonzero(pending | (self._group[:n] >= 0) if self.relearn and pending.any() else pending)
+        new_rows = np.flatnonzero(pending | (self._group[:n] >= 0) if self._relearns(pending) else pending)
         before = self._codes[new_rows].copy()
         iters = self.iters if iters is None else int(iters)
         last_loss = float("nan")
@@ -214,6 +231,19 @@ class DIHNLearner(ItemBook):
         new_rows = new_rows[pending[new_rows] | moved]
         return RoundResult(self._ids.get(new_rows), self._codes[new_rows], changed, last_loss,
                            time.perf_counter() - t0, done, m, self.rounds)
+
+    def _relearns(self, pending: np.ndarray) -> bool:
+        """Whether this round's B-step takes the frozen learned codes too: ``always``; ``new-labels`` when a
+        pending labeled item carries a label no frozen one does (the old codes were placed without it)."""
+        if self.relearn == "never" or not pending.any():
+            return False
+        if self.relearn == "always":
+            return True
+        n = len(pending)
+        lab = self._group[:n] >= 0
+        old = {lab_ for g in np.unique(self._group[:n][lab & ~pending]) for lab_ in self._groups[g]}
+        new = {lab_ for g in np.unique(self._group[:n][lab & pending]) for lab_ in self._groups[g]}
+        return bool(old) and bool(new - old)
 
     def _train_net(self, x: torch.Tensor, omega_rows: np.ndarray, stats: dict, should_stop: ShouldStop | None = None) -> float:
         g = torch.from_numpy(self._group[omega_rows].astype(np.int64))

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from streamhash.codes import unpack_signs
-from streamhash.learn.dihn import DIHNLearner, dcc_update
+from streamhash.learn.dihn import DIHNLearner, dcc_update, relearn_mode
 from streamhash.learn.mi import mi_quality
 from streamhash.learn.online import OnlineHasher, in_holdout
 from streamhash.config import LearnSettings
@@ -88,7 +89,7 @@ def test_learner_dcc_step_decreases_dense_objective():
 
 def test_old_codes_bit_identical_and_learning_helps():
     torch.set_num_threads(2)
-    L = learner(bits=16)
+    L = learner(bits=16, relearn="never")  # plain DIHN: new labels arrive below, and old codes stay as learned
     x1, y1 = synth(300, [0, 1, 2, 3], 1)
     r1 = L.learn_many(x1, y1)
     assert r1.ids == list(range(300)) and L.n_pending == 0
@@ -408,24 +409,33 @@ def test_relearn_rewrites_old_codes_by_dcc_and_returns_only_the_ones_that_moved(
     assert r2.changed <= 200  # counted over the new items, as without relearn
 
 
-@pytest.mark.parametrize("relearn", [False, True])
+@pytest.mark.parametrize("relearn", ["never", "new-labels", "always"])
 def test_learn_settings_relearn_reaches_the_rounds_of_the_learner_process(relearn):
-    """LearnSettings.relearn (the learner process's and the eval's setting): the second round's report carries old
-    items whose codes moved only when it is on."""
+    """LearnSettings.relearn (the learner process's and the eval's setting): old items whose codes moved come back
+    from a round that brings new labels unless it is "never"; from a round of known labels only when "always"."""
     torch.set_num_threads(2)
     x1, y1 = synth(200, [0, 1], 1)
-    x2, y2 = synth(200, [2, 3, 4, 5, 6, 7], 2)
-    x, y = np.concatenate([x1, x2]), np.concatenate([y1, y2])
+    x2, y2 = synth(200, [2, 3, 4, 5, 6, 7], 2)  # new labels
+    x3, y3 = synth(200, [0, 1, 2, 3, 4, 5, 6, 7], 3)  # known labels only
+    x, y = np.concatenate([x1, x2, x3]), np.concatenate([y1, y2, y3])
     net = HashNet(HashNetConfig(bits=16, seed=0))
     s = LearnSettings(omega=200, epochs=1, iters=2, batch_size=50, holdout_fraction=0.0, relearn=relearn,
                       fresh_optimizer=False)
     h = OnlineHasher(net, s)
     fetch = lambda ids: x[np.asarray(ids)]  # noqa: E731
-    h.observe(range(200), net.encode(x1), y1)
-    h.learn_round(fetch, test=False)
-    h.observe(range(200, 400), h.learner.encode(x2), y2)
-    old = [i for i in h.learn_round(fetch, test=False).round.ids if i < 200]
-    assert (len(old) > 0) is relearn
+    moved = []
+    for start in (0, 200, 400):
+        h.observe(range(start, start + 200), h.learner.encode(x[start:start + 200]), y[start:start + 200])
+        moved.append(any(i < start for i in h.learn_round(fetch, test=False).round.ids))
+    assert moved == [False, relearn != "never", relearn == "always"]
+
+
+def test_relearn_modes_and_old_learner_states():
+    assert [relearn_mode(v) for v in (True, False, "new-labels")] == ["always", "never", "new-labels"]
+    with pytest.raises(ValueError, match="relearn must be one of"):
+        relearn_mode("sometimes")
+    with pytest.raises(ValidationError):
+        LearnSettings(relearn="sometimes")
 
 
 def test_a_round_until_a_budget_stops_between_alternations():
