@@ -21,7 +21,8 @@ The stored inputs for a round (Omega, the MI reservoir) are read from the shard 
 kept with each item for a network with a frozen backbone, the decoded blobs for one trained end to end. An id lives in
 exactly one shard (``index.store.root``), so no id -> shard map is kept, which would cost more than the
 hasher's own bookkeeping (~45 B an item): each shard is asked for the ids the earlier ones lacked.
-Only items that will be learned keep where they live (partition, seq), until their code is published.
+Only items that will be learned keep where they live (partition, seq), until their code is published; a code a
+round re-learned (``relearn``) for an item learned before is published where a look-up at that time finds it.
 """
 
 from __future__ import annotations
@@ -164,16 +165,53 @@ class ShardFeed:
             else:
                 self.pending_at.pop(item_id, None)  # re-sent unlabeled: nothing of it to publish any more
 
-    def take_pending(self, ids: list[str]) -> list[tuple[str, int, int]]:
-        """(id, partition, seq) of items whose code is about to be published; they leave the map."""
-        out = []
+    def take_pending(self, ids: list[str]) -> list[tuple[str, int, int, float | None]]:
+        """(id, partition, seq, ts) of items whose code is about to be published; pending ones leave the map and
+        name the seq they were read at (ts None). The others were learned in an earlier round and re-learned by this
+        one (``relearn``): looked up in the shards (:meth:`_held`); an id found nowhere (removed meanwhile) is
+        skipped with a warning."""
+        out: dict[str, tuple[int, int, float | None]] = {}
+        elsewhere = []
         for item_id in ids:
             at = self.pending_at.pop(item_id, None)
             if at is None:
-                log.warning("item %r was learned but its shard is unknown: its code is not published", item_id)
+                elsewhere.append(item_id)
             else:
-                out.append((item_id, *at))
-        return out
+                out[item_id] = (*at, None)
+        if elsewhere:
+            held, resent = self._held(elsewhere)
+            out.update(held)
+            for item_id in elsewhere:
+                if item_id not in held and item_id not in resent:
+                    log.warning("item %r was learned but its shard is unknown: its code is not published", item_id)
+        return [(i, *out[i]) for i in ids if i in out]
+
+    def _held(self, ids: list[str]) -> tuple[dict[str, tuple[int, int, float | None]], set[str]]:
+        """(partition, current seq, ts) of items already learned, read from the shard that holds each, at publish
+        time (no id -> shard map: see the module docstring). The update is matched by the item's timestamp, which a
+        learned code applied keeps: a re-learned code published before the worker applied the last one's is then
+        applied after it, not refused as stale. Returned apart (not published): ids written again since this feed
+        last read their shard (a re-sent item, not a learned code): the feed observes them as new, and the round
+        that learns them publishes their code."""
+        found: dict[str, tuple[int, int, float | None]] = {}
+        resent: set[str] = set()
+        for shard in self.shards.values():
+            for item_id in ids:
+                if item_id in found or item_id in resent:
+                    continue
+                rec = shard.store.get_item(item_id)
+                if rec is None:
+                    continue
+                seq = int(rec["seq"])
+                if seq > shard.last_seq and not rec.get("recoded"):
+                    resent.add(item_id)
+                else:
+                    ts = rec.get("ts")
+                    found[item_id] = (shard.key.partition, seq, None if ts is None else float(ts))
+        if resent:
+            log.info("%d re-learned codes not published: their items were sent again since (learned as new), e.g. %s",
+                     len(resent), sorted(resent)[:3])
+        return found, resent
 
     def fetch_images(self, ids: list) -> np.ndarray:
         """The network's stored input for each id, from the shard that holds it: the features stored with the item

@@ -286,12 +286,13 @@ def _close_quietly(publisher: ModelPublisher) -> None:
 
 
 def code_updates(feed, ids: list, kind: str, version: int, codes: dict | None = None) -> list[tuple[int, CodeUpdate]]:
-    """(codes partition, update) for each pending id about to be published: by timestamp from the changelog feed,
-    by shard seq from a store root's."""
+    """(codes partition, update) for each id about to be published, pending ones and ones learned in an earlier
+    round that this round re-learned: by timestamp from the changelog feed, by shard seq from a store root's (by
+    timestamp too for a re-learned one, see :meth:`ShardFeed._held`)."""
     if isinstance(feed, ChangelogFeed):
         return feed.code_updates(ids, kind, version, codes)
-    return [(p, CodeUpdate(i, seq, kind, version, codes[i].tobytes() if codes is not None else b""))
-            for i, p, seq in feed.take_pending(ids)]
+    return [(p, CodeUpdate(i, seq, kind, version, codes[i].tobytes() if codes is not None else b"", ts=ts))
+            for i, p, seq, ts in feed.take_pending(ids)]
 
 
 def changelog_feed(settings: Settings, hasher: OnlineHasher, base: tuple[int, HashNet | None]) -> ChangelogFeed:
