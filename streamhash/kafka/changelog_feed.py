@@ -22,8 +22,9 @@ worker's re-encoder does. An item arriving with a stale code (its worker had not
 is read. The sink then trains against the codes the index holds once every worker has swapped, so a round never
 waits on the workers' re-encodes (:meth:`behind` is always empty).
 
-A learned code is published to its item's codes partition with the item's timestamp (``CodeUpdate.ts``): the
-feed knows no shard seq, which a restore renumbers anyway.
+A learned code (a new one, or one a round re-learned for an item learned before) is published to its item's codes
+partition with the item's timestamp (``CodeUpdate.ts``): the feed knows no shard seq, which a restore renumbers
+anyway; a learned code applied keeps the timestamp, a re-sent item has another one (its worker finds the update stale).
 """
 
 from __future__ import annotations
@@ -258,16 +259,25 @@ class ChangelogFeed:
         return {}
 
     def code_updates(self, ids: list, kind: str, version: int, codes: dict | None = None) -> list[tuple[int, CodeUpdate]]:
-        """(codes partition, update) for each id about to be published (learned codes, or quarantine marks); the ids
-        leave the pending map. An id whose partition is unknown (removed meanwhile) is skipped."""
+        """(codes partition, update) for each id about to be published (learned codes, or quarantine marks); pending
+        ids leave the pending map. An id learned in an earlier round, whose code this round re-learned (``relearn``),
+        goes where its state record says, with the timestamp of the version read: a re-sent item not read yet has
+        another, so its worker finds the update stale. An id in neither (removed meanwhile) is skipped."""
+        at: dict = {}
+        for i in ids:
+            if i in self.pending_at:
+                at[i] = self.pending_at.pop(i)
+        held = [i for i in ids if i not in at]
+        for i, rec in zip(held, self.state.records(held) if held else []):
+            if rec is not None:
+                at[i] = (rec["p"], rec["ts"])
         out = []
         for i in ids:
-            at = self.pending_at.pop(i, None)
-            if at is None:
+            if i not in at:
                 log.warning("item %r was learned but is no longer in the changelog: its code is not published", i)
                 continue
             code = codes[i].tobytes() if codes is not None else b""
-            out.append((at[0], CodeUpdate(i, 0, kind, version, code, ts=at[1])))
+            out.append((at[i][0], CodeUpdate(i, 0, kind, version, code, ts=at[i][1])))
         return out
 
     def fetch_images(self, ids: list) -> np.ndarray:

@@ -4,13 +4,17 @@ its copy with the network that opened the generation."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
+from streamhash.index.store import ItemWrite, Store
 from streamhash.kafka import changelog as cl
 from streamhash.kafka.changelog_feed import ChangelogFeed
 from streamhash.kafka.changelog_state import LearnerState
+from streamhash.kafka.modelbus import CodeUpdate
 from streamhash.kafka.produce import make_producer
 from streamhash.kafka.topics import ensure_topics
 from streamhash.model.hashnet import HashNet, HashNetConfig
@@ -121,8 +125,6 @@ def test_items_codes_and_removals_of_every_partition_reach_the_learner_and_a_res
 
 
 def cl_update(item_id, ts):
-    from streamhash.kafka.modelbus import CodeUpdate
-
     return CodeUpdate(item_id, 0, "learned", 2, bytes([1, 2, 3, 4]), ts=ts)
 
 
@@ -144,3 +146,47 @@ def test_unsigned_forged_or_misfit_records_are_skipped_and_counted(kafka_setting
     assert read_all(feed, 3) == 3
     assert set(sink.items) == {"ok"} and feed.rejected == 2 and feed.state.offsets() == {0: 3}
     feed.close()
+
+
+def test_a_relearned_code_of_an_item_learned_before_goes_to_its_partition_with_its_timestamp(kafka_settings, tmp_path,
+                                                                                             caplog):
+    """relearn: a round re-learns the code of an item a former round learned (no longer pending): the update names
+    its partition and timestamp from the feed's state store, and the worker's apply path writes it; an item re-sent
+    since (not read yet) has another timestamp, so the worker finds its update stale."""
+    ensure_topics(kafka_settings)
+    topic, images = kafka_settings.changelog_topic, synthetic_images(4, seed=5)[0]
+    shard = Store(tmp_path / "shard", bits=32, shard=2)  # the worker's shard of partition 2
+    shard.write_batch([ItemWrite(f"i{k}", bytes(4), encode_png(images[k]), "image/png", (k,), 100.0 + k) for k in range(4)])
+    producer = make_producer(kafka_settings)
+
+    def send(item_state):
+        key, value = cl.encode(item_state)
+        producer.send(topic, key=key, value=value, partition=2)
+
+    for k in range(4):
+        send(state(f"i{k}", images[k], (k,), 100.0 + k))
+    producer.flush()
+    sink = Sink()
+    feed = feed_for(kafka_settings, tmp_path / "learner", sink)
+    assert read_all(feed, 4) == 4
+    first = feed.code_updates(["i1", "i3"], "learned", 2, {i: np.full(4, 7, np.uint8) for i in ("i1", "i3")})
+    assert shard.apply_updates([u for _, u in first], {})["applied"] == 2
+    for k in (1, 3):  # the worker's changelog records of the applied codes
+        send(state(f"i{k}", images[k], (k,), 100.0 + k, code=bytes([7] * 4), learned=True))
+    producer.flush()
+    assert read_all(feed, 2) == 2 and not feed.pending_at.keys() & {"i1", "i3"}
+
+    new = {"i1": np.full(4, 9, np.uint8), "i3": np.full(4, 11, np.uint8)}
+    with caplog.at_level(logging.WARNING, logger="streamhash.kafka.changelog_feed"):
+        ups = feed.code_updates(["i1", "i3"], "learned", 3, new)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert ups == [(2, CodeUpdate("i1", 0, "learned", 3, bytes([9] * 4), ts=101.0)),
+                   (2, CodeUpdate("i3", 0, "learned", 3, bytes([11] * 4), ts=103.0))]
+    shard.write_batch([ItemWrite("i3", bytes(4), encode_png(images[3]), "image/png", (0,), 300.0)])  # i3 re-sent
+    assert shard.apply_updates([u for _, u in ups], {}) == {"applied": 1, "quarantined": 0, "stale": 1, "missing": 0}
+    got = shard.get_item("i1")
+    assert got["code"] == bytes([9] * 4) and got["learned_by"] == 3
+    assert shard.get_item("i3")["code"] == bytes(4)  # the re-sent item keeps its own code; it is learned as new
+    producer.close()
+    feed.close()
+    shard.close()
