@@ -131,7 +131,7 @@ class LearnSettings(BaseModel):
     # When a round's DCC step also re-learns the frozen *learned* codes of every labeled item (a code rewrite
     # published with the round's codes, no image read beyond Omega): "new-labels" in a round that brings a label
     # no learned code had (the old codes were placed without it), "always", or "never" (plain DIHN)
-    relearn: Literal["never", "new-labels", "always"] = "never"
+    relearn: Literal["never", "new-labels", "always"] = "new-labels"
     batch_size: int = Field(64, ge=1)
     new_fraction: float = Field(0.5, ge=0, le=1)  # share of Omega drawn from the round's new items
     gamma: float = 200.0

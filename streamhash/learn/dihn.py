@@ -20,10 +20,10 @@ A round (:meth:`DIHNLearner.learn_round`), for ``iters`` alternations:
 
 At the end of the round the new codes are frozen. DIHN never touches them again; here ``relearn`` decides
 when a round's B-step takes every labeled code, old ones too (ADSH's B-step over Gamma, a code rewrite,
-no image read): ``"new-labels"`` in a round that brings a label no frozen code was learned with —
+no image read): ``"new-labels"`` (default) in a round that brings a label no frozen code was learned with —
 the old codes were placed for a vocabulary without it (measured: partial-labels +0.01 mAP; always
 re-learning cost CIFAR-10 about as much, benchmarks/journal/2026-12-07-learning-round-budget.md);
-``"always"``; ``"never"`` (plain DIHN, the default). Otherwise only :meth:`DIHNLearner.set_codes` (a re-encode)
+``"always"``; ``"never"`` (plain DIHN). Otherwise only :meth:`DIHNLearner.set_codes` (a re-encode)
 changes a frozen code. Unlabeled items may be registered (for re-encode bookkeeping) but are never in
 Gamma, Omega or the loss.
 
@@ -94,7 +94,7 @@ class DIHNLearner(ItemBook):
         balance: str = "square",
         device: str | torch.device = "cpu",
         seed: int = 0,
-        relearn: str | bool = "never",
+        relearn: str | bool = "new-labels",
         fresh_optimizer: bool = True,
     ):
         self.net = net.to(device)
