@@ -102,7 +102,8 @@ def test_the_learner_teaches_the_shards_reencodes_them_under_queries_and_resumes
     truth = {f"s-{i}": int(y) for i, y in enumerate(labels[:3200])}
     env = env_for(kafka_settings, tmp_path / "index", free_port(), free_port())
     env.update({"STREAMHASH_LEARN__ROUND_EVERY": "1200", "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
-                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "3", "STREAMHASH_LEARN__RESERVOIR_SIZE": "300",
+                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "3", "STREAMHASH_LEARN__ITERS": "3",
+                "STREAMHASH_LEARN__RESERVOIR_SIZE": "300",
                 # threshold below any possible gain: the first round's trigger must fire
                 "STREAMHASH_LEARN__MI_THRESHOLD": "-10"})
     learner_url = f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
@@ -209,7 +210,8 @@ def test_a_class_ordered_partly_labeled_stream_triggers_a_reencode_that_raises_p
     true_class = {f"c-{i}": int(y) for i, y in enumerate(truth)}
     env = env_for(kafka_settings, tmp_path / "index", free_port(), free_port())
     env.update({"STREAMHASH_LEARN__ROUND_EVERY": "250", "STREAMHASH_LEARN__METRICS_PORT": str(free_port()),
-                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "3", "STREAMHASH_LEARN__RESERVOIR_SIZE": "400"})
+                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "3", "STREAMHASH_LEARN__ITERS": "3",
+                "STREAMHASH_LEARN__RESERVOIR_SIZE": "400"})
     learner_url = f"http://127.0.0.1:{env['STREAMHASH_LEARN__METRICS_PORT']}/metrics"
     worker, _ = start_worker(env, tmp_path / "worker.log")
     server = spawn(["serve"], env=env, log_path=tmp_path / "serve.log")

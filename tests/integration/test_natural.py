@@ -113,6 +113,7 @@ def test_a_photo_re_saved_at_another_size_finds_its_original(natural, i):
 CIFAR_ENV = {"STREAMHASH_MODEL__BACKBONE": "efficientnet_lite0", "STREAMHASH_MODEL__IMAGE_SIZE": "32",
              "STREAMHASH_MODEL__CHANNELS": "3", "STREAMHASH_MODEL__BITS": "32", "STREAMHASH_IMAGE__MODE": "rgb",
              "STREAMHASH_LEARN__ROUND_EVERY": "100", "STREAMHASH_LEARN__OMEGA": "200", "STREAMHASH_LEARN__EPOCHS": "20",
+             "STREAMHASH_LEARN__ITERS": "3",
              "STREAMHASH_LEARN__RESERVOIR_SIZE": "100", "STREAMHASH_LEARN__MI_THRESHOLD": "-10"}  # the re-encode fires
 
 

@@ -150,7 +150,7 @@ def test_two_workers_a_learner_and_a_query_server_one_worker_killed_merged_resul
     root = tmp_path / "index"
     env = env_for(kafka, root, free_port(), free_port())
     env.update({"STREAMHASH_LEARN__METRICS_PORT": str(free_port()), "STREAMHASH_LEARN__ROUND_EVERY": "2000",
-                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "1"})
+                "STREAMHASH_LEARN__OMEGA": "1000", "STREAMHASH_LEARN__EPOCHS": "1", "STREAMHASH_LEARN__ITERS": "3"})
     workers = [start_worker({**env, "STREAMHASH_WORKER__METRICS_PORT": str(free_port())}, tmp_path / f"worker{n}.log")
                for n in range(2)]
     learner = spawn(["learner"], env=env, log_path=tmp_path / "learner.log")
