@@ -47,8 +47,13 @@ def test_the_summary_explains_each_number_and_names_no_dead_url(capsys):
     assert "the 8 malformed messages, one per way to break the contract" in out
     assert "7500 labeled, 2500 sent unlabeled" in out and 'class 9 "Ankle boot" streamed last' in out
     assert "0.37 with model v1 (untrained) -> 0.83 with model v3" in out
-    assert "every labeled item learned (7550 codes)" in out and "0  MI-triggered re-encodes" in out
+    assert "every labeled item learned (7550 codes published)" in out and "0  MI-triggered re-encodes" in out
     assert "http://" not in out and "run `streamhash demo --serve` to keep them" in out
+
+
+def test_the_summary_counts_old_codes_re_learned_apart(capsys):
+    demo.print_summary({**SUMMARY, "learned_codes": 9537})
+    assert "9537 codes published, 1987 of them old codes re-learned when a new label arrived" in capsys.readouterr().out
 
 
 def test_the_summary_of_a_running_demo_names_its_urls(capsys):

@@ -100,7 +100,10 @@ def _latency(s: dict) -> str:
 
 def _learning(s: dict) -> str:
     rounds, v0, v = s["learning_rounds"], s["model_version_indexed"], s["model_version"]
-    done = (f"every labeled item learned ({s['learned_codes']} codes)" if s["learning_complete"] else
+    again = s["learned_codes"] - s["learned_codes_expected"]  # a round that brought a new label re-learned old codes
+    done = (f"every labeled item learned ({s['learned_codes']} codes published"
+            f"{f', {again} of them old codes re-learned when a new label arrived' if again > 0 else ''})"
+            if s["learning_complete"] else
             f"{s['learned_codes']} of {s['learned_codes_expected']} labeled items learned when the demo's "
             f"{s['learn_budget_s']:.0f} s learning budget ran out (a busy machine; --serve lets it finish)")
     return (f"{rounds} DIHN round(s) in the learner process, each publishing the next model version (v{v0} -> v{v}); "
