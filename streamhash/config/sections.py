@@ -144,9 +144,10 @@ class LearnSettings(BaseModel):
     mi_bootstrap: int = Field(200, ge=0)
     reservoir_size: int = 1000
     # Stratify the reservoir by provenance: half its slots for the labeled items standing for inferred codes
-    # (the hold-out), each stratum weighed back to its share of the index in the MI comparison. More sensitive
-    # after a shift, more re-encodes (benchmarks/journal/2026-12-02-learning-hold-out-learned.md, "stratified reservoir"); off by default.
-    reservoir_strata: bool = False
+    # (the hold-out), each stratum weighed back to its share of the index in the MI comparison. Unstratified, the
+    # hold-out is a tenth of the sample and the test missed a class shift that cost 0.11 mAP (partial-labels,
+    # seed 1); stratified it fired there and nowhere it had not (benchmarks/journal/2026-12-07-learning-round-budget.md)
+    reservoir_strata: bool = True
     # Labeled items held out of the network's training (chosen by a hash of the id, so the same ones after a
     # restart): never in Omega, their codes learned like the others'; the re-encode test compares the inferred
     # code each would hold unlabeled (its shadow) with the current network's, to see stale codes.

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mi-threshold", type=float, default=None)
     parser.add_argument("--holdout-fraction", type=float, default=None, help="LearnSettings.holdout_fraction")
     parser.add_argument("--reservoir", type=int, default=None, help="LearnSettings.reservoir_size")
-    parser.add_argument("--reservoir-strata", action="store_true", default=None, help="LearnSettings.reservoir_strata")
+    parser.add_argument("--reservoir-strata", action=argparse.BooleanOptionalAction, default=None,
+                        help="LearnSettings.reservoir_strata: half the MI test's reservoir for the hold-out")
     parser.add_argument("--fresh-optimizer", action=argparse.BooleanOptionalAction, default=None,
                         help="LearnSettings.fresh_optimizer: each round starts Adam afresh")
     parser.add_argument("--relearn", choices=("never", "new-labels", "always"), default=None,

@@ -162,7 +162,8 @@ def test_online_hasher_round_and_trigger():
     rep = h.learn_round(fetch)
     held = in_holdout(range(150), h.settings.holdout_fraction)
     assert 0 < held.sum() < 40  # the default hold-out: ~10% of the labeled items, learned, never trained on
-    assert sorted(rep.round.ids) == list(range(150)) and len(h.reservoir) == 50
+    # stratified: 25 slots for the learned items, the hold-out's 8 in a stratum of their own
+    assert sorted(rep.round.ids) == list(range(150)) and (len(h.reservoir), len(h.inferred_reservoir)) == (25, held.sum())
     assert rep.cost == 0 and not rep.reencode  # every code learned: nothing to re-encode
     assert rep.gain == pytest.approx(rep.mi_candidate - rep.mi_live)
 

@@ -128,7 +128,9 @@ def test_a_fully_labeled_index_never_fires_however_stale_the_shadows():
     """Every stored code learned (class-incremental): nothing to re-encode, so no trigger, though the
     hold-out's shadows are random codes the current network would beat."""
     y, learned, good_net, random_net = world()
-    h = hasher_with(StubLearner(good_net, y, learned), LearnSettings(reservoir_size=300, holdout_fraction=0.3), y,
+    # unstratified: the shadows weigh as sampled (stratified, they weigh the index's share of inferred codes, 0 here)
+    h = hasher_with(StubLearner(good_net, y, learned), LearnSettings(reservoir_size=300, holdout_fraction=0.3,
+                                                                     reservoir_strata=False), y,
                     random_net, unlabeled_every=0)
     rep = h.learn_round(lambda ids: np.asarray(ids))
     assert rep.gain > 2 * rep.sigma > 0 and rep.cost == 0
@@ -218,7 +220,8 @@ def test_holdout_items_are_learned_never_enter_omega_and_are_the_same_after_a_re
 
     x, y = synth(200, [0, 1, 2, 3], 4)
     net = HashNet(HashNetConfig(bits=16, seed=0))
-    s = LearnSettings(round_every=50, omega=150, epochs=1, reservoir_size=200, holdout_fraction=0.25)
+    s = LearnSettings(round_every=50, omega=150, epochs=1, reservoir_size=200, holdout_fraction=0.25,
+                      reservoir_strata=False)  # one reservoir holding every labeled item
     held = set(np.flatnonzero(in_holdout(range(200), 0.25)).tolist())
     assert 20 < len(held) < 80
     arrival = net.encode(x)
