@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -93,6 +94,23 @@ def test_a_crash_mid_restore_resumes_from_the_shards_changelog_offset(changelog,
     assert _held(store) == expected
     assert store.offsets()[("img", 0)] == 80 and store.offsets()[(topic, 0)] == total
     assert store.read_meta()["restoring"] is False
+    store.close()
+
+
+def test_records_the_shard_already_holds_are_replayed_without_a_new_seq(changelog, tmp_path):
+    """A worker killed after producing a batch's changelog records may have committed the batch to its shard with the
+    offset of the records before: the restore replays them. Replayed states the shard holds keep their seq (the
+    scale-out test's kill -9 counted 234 items written twice before)."""
+    kafka, topic, expected = changelog
+    store = Store(tmp_path / "s", bits=16)
+    _restore(kafka, store, topic)
+    next_seq = store.read_meta()["next_seq"]
+    states = sorted(expected.values(), key=lambda e: e.id)
+    changed = dataclasses.replace(states[0], labels=(7,))
+    counts = restorer_mod.apply_changelog(store, states[1:] + [changed], {})
+    assert counts["unchanged"] == len(states) - 1 and counts["written"] == 1
+    assert store.read_meta()["next_seq"] == next_seq + 1  # only the state that differs is written again
+    assert _held(store) == {**expected, changed.id: changed}
     store.close()
 
 

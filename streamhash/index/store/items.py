@@ -23,6 +23,18 @@ from streamhash.index.store.layout import u64
 from streamhash.index.store.offsets import Offsets
 
 
+def holds_state(txn, db, key: bytes, old: dict, rec: dict, gen: int, code: bytes, blob: bytes, feature) -> bool:
+    """Whether the shard already holds exactly this item state (record, code in ``gen``, blob, feature): a message
+    consumed again after a kill, or a changelog record replayed into a shard that has it. Writing it again would
+    give the item a new seq, a change for every follower, and count the message twice."""
+    if {k: v for k, v in old.items() if k != "seq"} != rec:
+        return False
+    if txn.get(u64(gen) + key, db=db["codes"]) != code or txn.get(key, db=db["blobs"]) != blob:
+        return False
+    features_db = db.get("features")
+    return features_db is None or txn.get(key, db=features_db) == feature
+
+
 @dataclass
 class ItemWrite:
     """One item as the worker writes it."""
@@ -113,10 +125,14 @@ class Items:
             for it in items:
                 key = it.id.encode()
                 old = txn.get(key, db=db["items"])
-                if old is not None:
-                    self.unlink(txn, key, json.loads(old), gens)
                 rec = {"labels": list(it.labels) if it.labels is not None else None, "ts": it.ts,
                        "shard": meta["shard"], "ctype": it.content_type, "model": model_version}
+                if old is not None:
+                    old_rec = json.loads(old)
+                    if holds_state(txn, db, key, old_rec, rec, gen, it.code, it.blob, it.feature):
+                        seqs.append(int(old_rec["seq"]))  # a message read again (after a takeover): nothing changes
+                        continue
+                    self.unlink(txn, key, old_rec, gens)
                 self.link(txn, key, rec, gen, seq, it.code)
                 txn.put(key, it.blob, db=db["blobs"])
                 if it.feature is not None:

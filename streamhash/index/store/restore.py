@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 
-from streamhash.index.store.items import live_generations
+from streamhash.index.store.items import holds_state, live_generations
 from streamhash.index.store.layout import u64
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict[str, int]:
     """Write ``entries`` (:class:`~streamhash.kafka.changelog.ItemState` / ``Removed``) and ``offsets`` in one
-    transaction. Returns counts: ``written``, ``removed``, ``refused`` (a code of another length than the shard's)."""
+    transaction. Returns counts: ``written``, ``removed``, ``refused`` (a code of another length than the shard's),
+    ``unchanged`` (the shard already held that exact state: left as it is, under its seq)."""
     last: dict = {}
     for e in entries:
         last.pop(e.id, None)  # re-inserted: the seq order follows each id's last entry
@@ -42,7 +43,7 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
         meta = env.read_meta(txn)
         gen, seq = int(meta["generation"]), int(meta["next_seq"])
         gens = live_generations(meta)
-        counts = {"written": 0, "removed": 0, "refused": 0}
+        counts = {"written": 0, "removed": 0, "refused": 0, "unchanged": 0}
         features_db = db.get("features")
         for item_id, e in last.items():
             key = item_id.encode()
@@ -50,6 +51,10 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
             code = getattr(e, "code", None)
             if code is not None and len(code) != store.code_bytes:
                 counts["refused"] += 1
+                continue
+            if old is not None and code is not None and holds_state(txn, db, key, json.loads(old), _record(e, meta), gen,
+                                                                    code, e.blob, getattr(e, "feature", None)):
+                counts["unchanged"] += 1  # a record replayed into a shard that has it: no new seq, no change
                 continue
             if old is not None:
                 items.unlink(txn, key, json.loads(old), gens)
