@@ -33,8 +33,8 @@ current network's encodings). The gain is the mean per-query difference of exact
 item as a query and in the database); the trigger fires iff ``gain > mi_threshold + mi_sigmas * sigma`` and
 the index holds an inferred code to re-encode. Every inferred code predates the network a round has just
 trained, so the re-encode's cost — the images it decodes and encodes — is the number of inferred codes
-(:attr:`OnlineHasher.n_inferred`, an estimate: a re-sent id counts twice): the unlabeled and quarantined items. A learner restarted from
-the store knows no shadows of the hold-out learned before it: those stand in the reservoir as the
+(:attr:`OnlineHasher.n_inferred`, an estimate: a re-sent id counts twice): the unlabeled and quarantined items.
+A learner restarted from the store knows no shadows of the hold-out learned before it: those stand in the reservoir as the
 learned items they are, and the arrivals after the restart make the next sensor.
 """
 

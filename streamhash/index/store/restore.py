@@ -48,16 +48,17 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
         for item_id, e in last.items():
             key = item_id.encode()
             old = txn.get(key, db=db["items"])
+            old = json.loads(old) if old is not None else None
             code = getattr(e, "code", None)
             if code is not None and len(code) != store.code_bytes:
                 counts["refused"] += 1
                 continue
-            if old is not None and code is not None and holds_state(txn, db, key, json.loads(old), _record(e, meta), gen,
-                                                                    code, e.blob, getattr(e, "feature", None)):
+            rec = _record(e, meta) if code is not None else None
+            if old is not None and rec is not None and holds_state(txn, db, key, old, rec, gen, code, e.blob, e.feature):
                 counts["unchanged"] += 1  # a record replayed into a shard that has it: no new seq, no change
                 continue
             if old is not None:
-                items.unlink(txn, key, json.loads(old), gens)
+                items.unlink(txn, key, old, gens)
             if code is None:  # a removal
                 if old is not None:
                     for name in ("items", "blobs"):
@@ -68,7 +69,7 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
                     seq += 1
                     counts["removed"] += 1
                 continue
-            items.link(txn, key, _record(e, meta), gen, seq, code)
+            items.link(txn, key, rec, gen, seq, code)
             txn.put(key, e.blob, db=db["blobs"])
             if features_db is not None and e.feature is not None:
                 txn.put(key, e.feature, db=features_db)
