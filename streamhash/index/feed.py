@@ -195,11 +195,12 @@ class ShardFeed:
         that learns them publishes their code."""
         found: dict[str, tuple[int, int, float | None]] = {}
         resent: set[str] = set()
-        for shard in self.shards.values():
-            for item_id in ids:
-                if item_id in found or item_id in resent:
-                    continue
-                rec = shard.store.get_item(item_id)
+        wanted = list(dict.fromkeys(ids))
+        for shard in self.shards.values():  # each shard asked once, in one read, for the ids the earlier ones lacked
+            missing = [i for i in wanted if i not in found and i not in resent]
+            if not missing:
+                break
+            for item_id, rec in zip(missing, shard.store.get_items(missing)):
                 if rec is None:
                     continue
                 seq = int(rec["seq"])

@@ -111,6 +111,10 @@ class Store:
     def get_item(self, item_id: str, *, with_blob: bool = False) -> dict | None:
         return self.items.get(item_id, with_blob=with_blob)
 
+    def get_items(self, ids: Iterable[str]) -> list[dict | None]:
+        """:meth:`get_item` (without blob) for each id, None where absent, from one read transaction."""
+        return self.items.get_many(ids)
+
     def get_blobs(self, ids: Iterable[str]) -> list[tuple[bytes, str] | None]:
         return self.items.blobs(ids)
 

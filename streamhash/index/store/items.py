@@ -259,25 +259,34 @@ class Items:
         return self.env.read(lambda txn: txn.stat(self.env.db["items"])["entries"])
 
     def get(self, item_id: str, *, with_blob: bool = False) -> dict | None:
-        db = self.env.db
+        return self.env.read(lambda txn: self.record_in(txn, item_id, None, with_blob=with_blob))
 
+    def get_many(self, ids: Iterable[str]) -> list[dict | None]:
+        """Each id's record as :meth:`get` gives it (no blob), None where absent, from one snapshot: one read
+        transaction and one meta read for all of them, not one per id."""
         def read(txn):
-            key = item_id.encode()
-            raw = txn.get(key, db=db["items"])
-            if raw is None:
-                return None
-            rec = json.loads(raw)
             meta = self.env.read_meta(txn)
-            rec["id"] = item_id
-            made_by = inferred_by(rec, meta)
-            rec["model"] = None if made_by < 0 else made_by
-            rec["generation"] = int(meta["generation"])
-            rec["code"] = txn.get(u64(rec["generation"]) + key, db=db["codes"])
-            if with_blob:
-                rec["blob"] = txn.get(key, db=db["blobs"])
-            return rec
+            return [self.record_in(txn, item_id, meta) for item_id in ids]
 
         return self.env.read(read)
+
+    def record_in(self, txn, item_id: str, meta: dict | None, *, with_blob: bool = False) -> dict | None:
+        """An item's record, its code in the live generation and the network that inferred it; ``meta`` the
+        snapshot's (None: read here, only if the item is there)."""
+        db, key = self.env.db, item_id.encode()
+        raw = txn.get(key, db=db["items"])
+        if raw is None:
+            return None
+        rec = json.loads(raw)
+        meta = self.env.read_meta(txn) if meta is None else meta
+        rec["id"] = item_id
+        made_by = inferred_by(rec, meta)
+        rec["model"] = None if made_by < 0 else made_by
+        rec["generation"] = int(meta["generation"])
+        rec["code"] = txn.get(u64(rec["generation"]) + key, db=db["codes"])
+        if with_blob:
+            rec["blob"] = txn.get(key, db=db["blobs"])
+        return rec
 
     def blobs(self, ids: Iterable[str]) -> list[tuple[bytes, str] | None]:
         """Image bytes and content type for each id (None where absent), from one snapshot."""

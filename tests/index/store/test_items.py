@@ -55,6 +55,40 @@ def test_a_message_written_again_unchanged_keeps_its_seq(tmp_path):
     assert s.write_batch([relabeled]) == [6] and s.get_item("id2")["labels"] == [9]
 
 
+class CountingEnv:
+    """An LMDB environment that counts the transactions begun on it."""
+
+    def __init__(self, env):
+        self.inner, self.begun = env, 0
+
+    def begin(self, **kwargs):
+        self.begun += 1
+        return self.inner.begin(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_get_items_gives_what_get_item_gives_each_id_from_one_read_transaction(tmp_path):
+    """Present, absent, removed, re-sent, learned, quarantined and re-encoded items, ids repeated: the batched look-up
+    (the learner's re-learned codes, over every shard) is ``get_item`` without blob, in one transaction."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(8), model_version=1)
+    s.put_codes(["id3"], np.full((1, 4), 9, np.uint8), model_version=2)
+    s.quarantine(["id4"])
+    gen, _ = s.begin_generation()
+    ids = s.ids_missing_from(gen)
+    s.swap_generation(gen, 3, ids, np.full((len(ids), 4), 7, np.uint8))  # generation_model 3: inferred ones move on
+    s.write_batch(items(1, seed=3, prefix="id5"), model_version=4, deletes=["id1"])  # "id50" new, id1 removed
+    wanted = ["id0", "id1", "never", "id3", "id4", "id50", "id7", "id0", "id6"]
+    expected = [s.get_item(i) for i in wanted]
+    assert [r is None for r in expected] == [False, True, True, False, False, False, False, False, False]
+    assert expected[3]["learned"] and expected[3]["model"] == 1 and expected[0]["model"] == 3  # learned: kept
+    s._env.env = counting = CountingEnv(s._env.env)
+    assert s.get_items(wanted) == expected and counting.begun == 1
+    assert s.get_items([]) == [] and s.get_items(["never"]) == [None]
+
+
 def test_failed_transaction_leaves_nothing(tmp_path):
     s = Store(tmp_path, bits=32)
     bad = items(3) + [ItemWrite("short", b"\x00", b"x", "image/png", None)]
