@@ -132,6 +132,12 @@ class LearnSettings(BaseModel):
     # published with the round's codes, no image read beyond Omega): "new-labels" in a round that brings a label
     # no learned code had (the old codes were placed without it), "always", or "never" (plain DIHN)
     relearn: Literal["never", "new-labels", "always"] = "new-labels"
+    # A round that brings a label no learned code had (a class, a domain) starts the hash head afresh, the backbone
+    # kept: a head fitted to the old vocabulary held even a retrain 0.035 mAP below one from scratch (domain-shift).
+    # That round trains `iters` alternations at least and `restart_factor` x `iters` at most, ending when the
+    # hold-out's mAP stops rising (benchmarks/journal/2026-12-07-head-restart.md)
+    restart_head: bool = True
+    restart_factor: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
     new_fraction: float = Field(0.5, ge=0, le=1)  # share of Omega drawn from the round's new items
     gamma: float = 200.0

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LearnSettings.fresh_optimizer: each round starts Adam afresh")
     parser.add_argument("--relearn", choices=("never", "new-labels", "always"), default=None,
                         help="LearnSettings.relearn: when a round's DCC step re-learns every labeled code, old ones too")
+    parser.add_argument("--restart-head", action=argparse.BooleanOptionalAction, default=None,
+                        help="LearnSettings.restart_head: a round that brings a new label starts the hash head afresh")
+    parser.add_argument("--restart-factor", type=int, default=None,
+                        help="LearnSettings.restart_factor: such a round's most alternations, in rounds' worth")
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder, or CIFAR-10's (streamhash.data.cifar10)")
 
 
@@ -69,7 +73,8 @@ def config_from_args(args):
     for arg, key in (("round_iters", "iters"), ("omega", "omega"), ("lr", "lr"), ("mi_threshold", "mi_threshold"),
                      ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size"),
                      ("reservoir_strata", "reservoir_strata"), ("fresh_optimizer", "fresh_optimizer"),
-                     ("relearn", "relearn")):
+                     ("relearn", "relearn"), ("restart_head", "restart_head"),
+                     ("restart_factor", "restart_factor")):
         if getattr(args, arg) is not None:
             learn[key] = getattr(args, arg)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
