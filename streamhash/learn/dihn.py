@@ -26,8 +26,8 @@ re-learning cost CIFAR-10 about as much, benchmarks/journal/2026-12-07-learning-
 ``"always"``; ``"never"`` (plain DIHN). Otherwise only :meth:`DIHNLearner.set_codes` (a re-encode)
 changes a frozen code. In a round that brings a new label the hash head also starts afresh (``restart_head``)
 and the round runs until the hold-out's mAP stops rising (:mod:`streamhash.learn.holdout`), up to
-``restart_factor`` times ``iters`` alternations. Unlabeled items may be registered (for re-encode bookkeeping) but are never in
-Gamma, Omega or the loss.
+``restart_factor`` times ``iters`` alternations. Unlabeled items may be registered (for re-encode
+bookkeeping) but are never in Gamma, Omega or the loss.
 
 Similarity is multi-label, and nothing of size |Omega| x |Gamma| is built: the statistics come from
 label-set groups (:mod:`streamhash.learn.dcc`, with the B-step).
@@ -256,8 +256,8 @@ class DIHNLearner(ItemBook):
         return bool(old) and bool(new - old)
 
     def _restart_head(self) -> None:
-        """The hash head afresh (PyTorch's ``nn.Linear`` initialization, from the learner's generator: the same
-        after a restart), the backbone kept. A head fitted to the old vocabulary held a retrain given its budget
+        """The hash head afresh (PyTorch's ``nn.Linear`` initialization, drawn from the learner's generator, which
+        its saved state carries), the backbone kept. A head fitted to the old vocabulary held a retrain given its budget
         0.035 mAP below one from scratch on the domain-shift stream; afresh, level with it
         (benchmarks/journal/2026-12-07-head-restart.md)."""
         head = self.net.head
@@ -280,7 +280,8 @@ class DIHNLearner(ItemBook):
         label_sets = lambda rows: [self._groups[g] for g in self._group[rows]]  # noqa: E731
         plateau = Plateau(holdout_map(lambda: self.encode(images), label_sets(held), lambda: self._codes[db],
                                       label_sets(db), self.bits), least=self.iters)
-        return self.iters * self.restart_factor, plateau if until is None else (lambda: plateau() or until())
+        # both asked every alternation: the caller's ``until`` may count them (a budget)
+        return self.iters * self.restart_factor, plateau if until is None else (lambda: plateau() | until())
 
     def _train_net(self, x: torch.Tensor, omega_rows: np.ndarray, stats: dict, should_stop: ShouldStop | None = None) -> float:
         g = torch.from_numpy(self._group[omega_rows].astype(np.int64))
