@@ -84,28 +84,33 @@ def config_from_args(args):
     return EvalConfig(protocol=args.protocol, bits=args.bits, seed=args.seed, methods=methods, learn=LearnSettings(**learn))
 
 
+def load_stream(args, log):
+    """The stream ``args`` name (raises :class:`DatasetMissingError` when its data is not installed)."""
+    if args.dataset == "cifar10":
+        return cifar_stream(args, log)
+    from streamhash.data.fashion_mnist import load_all
+    from streamhash.eval.protocols import make_stream
+
+    images, labels = load_all(args.data_dir)
+    digits = None
+    if args.protocol == "domain-shift":
+        from streamhash.data.digits import load_digits_28
+
+        digits = load_digits_28()
+    return make_stream(args.protocol, images, labels, digits=digits, **stream_kwargs(args))
+
+
 def run(args) -> int:
     import torch
 
-    from streamhash.data.fashion_mnist import load_all
     from streamhash.eval.harness import run as run_stream
-    from streamhash.eval.protocols import make_stream
     from streamhash.eval.report import curve_table, markdown_table, plot
 
     cfg = config_from_args(args)
     torch.set_num_threads(args.threads or cfg.learn.torch_threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     try:
-        if args.dataset == "cifar10":
-            stream = cifar_stream(args, log)
-        else:
-            images, labels = load_all(args.data_dir)
-            digits = None
-            if args.protocol == "domain-shift":
-                from streamhash.data.digits import load_digits_28
-
-                digits = load_digits_28()
-            stream = make_stream(args.protocol, images, labels, digits=digits, **stream_kwargs(args))
+        stream = load_stream(args, log)
     except DatasetMissingError as exc:
         print(str(exc), file=sys.stderr)
         return 2

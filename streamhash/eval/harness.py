@@ -40,13 +40,19 @@ class EvalConfig:
     learn: LearnSettings = field(default_factory=LearnSettings)
 
 
-def evaluate(m: Method, stream: Stream, cfg: EvalConfig, position: int) -> dict:
+def served(m: Method, stream: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, codes, learned, query_codes)``: the database a query of ``m`` meets, in the shard's order (the
+    order its ties break in), and the queries encoded by ``m``'s current network."""
     ids, codes, learned = m.shard.snapshot()
     if stream.everything is not None:  # the rest of the database, encoded now
         rest = np.setdiff1d(stream.everything, ids)
         ids, codes = np.concatenate([ids, rest]), np.concatenate([codes, m.encode(rest)])
         learned = np.concatenate([learned, np.zeros(len(rest), bool)])
-    q_codes = m.encode(stream.queries)
+    return ids, codes, learned, m.encode(stream.queries)
+
+
+def evaluate(m: Method, stream: Stream, cfg: EvalConfig, position: int) -> dict:
+    ids, codes, learned, q_codes = served(m, stream)
     metrics = retrieval_metrics(q_codes, stream.labels[stream.queries], codes, stream.labels[ids], cfg.bits, topk=cfg.topk)
     metrics |= inferred_share(q_codes, codes, learned)
     m.curve.append((position, metrics))
@@ -84,7 +90,9 @@ def make_methods(stream: Stream, cfg: EvalConfig, tmp: Path) -> dict[str, Method
     return methods
 
 
-def run(stream: Stream, cfg: EvalConfig, log=print) -> dict:
+def run(stream: Stream, cfg: EvalConfig, log=print, final=None) -> dict:
+    """``final(name, method)``, if given, is called for every method after the last chunk, before its shard
+    closes (``benchmarks/learned_ties.py`` reads what it serves)."""
     torch.manual_seed(cfg.seed)
     s = cfg.learn
     chunks = ([stream.d0] if len(stream.d0) else []) + list(stream.chunks)
@@ -106,10 +114,12 @@ def run(stream: Stream, cfg: EvalConfig, log=print) -> dict:
                "budget": {"rounds": len(chunks), "round_alternations": s.iters, "omega": s.omega, "epochs": s.epochs},
                "config": {"seed": cfg.seed, "topk": cfg.topk, "learn": s.model_dump()}, "methods": {}}
         for name, m in methods.items():
-            final = m.curve[-1][1]
-            out["methods"][name] = {"map": final["map"], "map_at_1000": final["map_at_k"], "p_r2": final["p_r2"],
-                                    "p_at_1000": final["p_at_k"], "inferred_top10": final["inferred_top10"],
-                                    "inferred_index": final["inferred_index"], **m.result()}
+            if final is not None:
+                final(name, m)
+            last = m.curve[-1][1]
+            out["methods"][name] = {"map": last["map"], "map_at_1000": last["map_at_k"], "p_r2": last["p_r2"],
+                                    "p_at_1000": last["p_at_k"], "inferred_top10": last["inferred_top10"],
+                                    "inferred_index": last["inferred_index"], **m.result()}
             if m.mi_log:
                 out["methods"][name]["mi_log"] = m.mi_log
             m.shard.close()

@@ -114,3 +114,25 @@ def test_full_retrain_gets_the_learners_cpu_seconds_and_every_method_reports(dat
     for m in ms.values():
         assert 0 <= m["map"] <= 1 and m["seconds"] >= 0 and m["cpu_seconds"] >= 0
         assert 0 <= m["inferred_top10"] <= 1 and len(m["curve"]) == 1 + len(s.chunks)
+
+
+def test_final_hook_sees_the_index_the_last_evaluation_ranked(data):
+    """``run(final=...)`` hands over each method before its shard closes; ``served`` gives what the last
+    evaluation ranked (benchmarks/learned_ties.py re-ranks it): re-scoring it gives the reported mAP."""
+    from streamhash.eval.harness import served
+
+    s = small_stream("partial-labels", data)
+    cfg = EvalConfig(protocol="partial-labels", bits=16, methods=("streamhash", "never_reencode"),
+                     learn=LearnSettings(**SMALL))
+    seen = {}
+
+    def final(name, m):
+        ids, codes, learned, q = served(m, s)
+        seen[name] = (retrieval_metrics(q, s.labels[s.queries], codes, s.labels[ids], 16, topk=cfg.topk)["map"],
+                      len(ids), int(learned.sum()))
+
+    out = run(s, cfg, log=lambda *a: None, final=final)
+    assert set(seen) == {"streamhash", "never_reencode"}
+    for name, (map_, n, n_learned) in seen.items():
+        assert map_ == pytest.approx(out["methods"][name]["map"], abs=1e-12)
+        assert n == 1200 and 0 < n_learned < n  # the whole stream, some codes learned, the rest inferred
