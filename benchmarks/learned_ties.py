@@ -37,7 +37,7 @@ from streamhash.eval.metrics import retrieval_metrics  # noqa: E402
 def arrival_rank(stream, ids: np.ndarray) -> np.ndarray:
     """Each id's place in the stream's arrival order (items the stream never brought, as ``online``'s rest of
     the database: after all that arrived, in id order)."""
-    order = np.concatenate(([stream.d0] if len(stream.d0) else []) + list(stream.chunks))
+    order = np.concatenate(stream.arrivals())
     place = np.full(len(stream.labels), len(order), np.int64)
     place[order] = np.arange(len(order))
     return place[ids] * len(stream.labels) + ids
@@ -66,9 +66,10 @@ def main(argv=None) -> int:
 
     cfg = config_from_args(args)
     torch.set_num_threads(args.threads or cfg.learn.torch_threads)
-    stream = load_stream(args, lambda *a: print(*a, file=sys.stderr, flush=True))
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731 (stdout carries the table)
+    stream = load_stream(args, log)
     found = {}
-    run(stream, cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True),
+    run(stream, cfg, log=log,
         final=lambda name, m: found.__setitem__(name, measure(stream, cfg.bits, m)))
     print(f"{args.protocol}, {cfg.bits} bits, seed {cfg.seed}{', quick' if args.quick else ''}")
     print("| method | tie order | mAP@all | vs latest write | P@10 | inferred in top 10 (index) |")

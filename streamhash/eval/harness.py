@@ -95,7 +95,7 @@ def run(stream: Stream, cfg: EvalConfig, log=print, final=None) -> dict:
     closes (``benchmarks/learned_ties.py`` reads what it serves)."""
     torch.manual_seed(cfg.seed)
     s = cfg.learn
-    chunks = ([stream.d0] if len(stream.d0) else []) + list(stream.chunks)
+    chunks = stream.arrivals()
     order = np.concatenate(chunks)
     log(f"[{cfg.protocol}] {len(stream.queries)} queries, {len(chunks)} chunks of ~{len(chunks[0])}, "
         f"{stream.labeled[order].mean():.0%} labeled, bits {cfg.bits}, from the untrained initial network")

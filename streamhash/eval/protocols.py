@@ -48,6 +48,10 @@ class Stream:
     # empty: the default network (Fashion-MNIST's 28x28 images)
     model: dict = field(default_factory=dict)
 
+    def arrivals(self) -> list:
+        """What arrives, chunk by chunk, in order: D0 (where the protocol has one), then the chunks."""
+        return ([self.d0] if len(self.d0) else []) + list(self.chunks)
+
 
 def split_queries(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     q = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
