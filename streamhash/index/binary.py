@@ -7,7 +7,9 @@ with :func:`streamhash.index.hamming.make_index`.
 Semantics shared by every backend:
 
 * Results are ordered by distance, then by insertion order: the order of the *latest* add of an
-  id. Re-adding an existing id overwrites its code and counts as a new insertion.
+  id. Re-adding an existing id overwrites its code and counts as a new insertion;
+  :meth:`BinaryIndex.update_codes` replaces codes where they stand (the query server's index is keyed by
+  each item's arrival seq, and a learned code keeps its item's place).
 * ``search`` pads missing results (k larger than the index) with ``D = PAD_DISTANCE``
   (``2**31 - 1``) and ``I = -1``, exactly as FAISS ``IndexBinaryFlat`` does.
 * ``range_search`` returns codes at distance strictly below ``radius`` (FAISS convention).
@@ -73,7 +75,7 @@ class BinaryIndex(ABC):
         self._codes = np.zeros((self._MIN_CAPACITY, self.words), self.word)
         self._ids = np.zeros(self._MIN_CAPACITY, np.int64)
         self._dead = np.zeros(self._MIN_CAPACITY, np.uint8)
-        self._layout = 0  # bumped when rows move (compaction); lets device mirrors notice
+        self._layout = 0  # bumped when rows move (compaction) or codes change in place; lets mirrors notice
         self._dead_version = 0  # bumped when rows die
         self._ids_sorted = True  # ids strictly increase with row (true for the store's seqs): the rows are the map
         self._rows_by_id: Int64Multimap | None = None  # id -> row once an id came out of order
@@ -215,6 +217,23 @@ class BinaryIndex(ABC):
                 self._extend_row_map(ids, self._n)
             self._n += n
             self._settle()
+
+    def update_codes(self, codes: np.ndarray, ids) -> np.ndarray:
+        """Replace the codes of ids already present, each in its row (its place in ties); returns which were found.
+
+        The memory-hash tables and a device mirror over these rows rebuild on their next use (as after a compaction).
+        """
+        words = self._words(codes, "codes")
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(ids) != len(words):
+            raise ValueError(f"{len(words)} codes but {len(ids)} ids")
+        with self._lock.write():
+            rows = self._rows_for(ids)
+            found = rows >= 0
+            if found.any():
+                self._codes[rows[found]] = words[found]
+                self._layout += 1
+        return found
 
     def remove_ids(self, ids) -> int:
         """Remove ids (unknown ones are ignored); return how many were removed."""

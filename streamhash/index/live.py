@@ -1,7 +1,8 @@
 """The query side's in-memory index, kept in step with the LMDB store.
 
 A follower thread reads the store's ``changes`` from the last seq it applied (O(new items), never
-a scan) and applies them to a :class:`~streamhash.index.hamming.BinaryIndex` keyed by seq.
+a scan) and applies them to a :class:`~streamhash.index.hamming.BinaryIndex` keyed by each item's arrival
+seq: an arrival is appended, a learned code replaces the item's code in its row, so ties break in arrival order.
 A generation change (a re-encode) builds the new generation's index from a snapshot *beside* the
 live one and swaps a single reference, so every query runs against exactly one generation and
 reports it.
@@ -28,7 +29,7 @@ from streamhash import metrics as m
 from streamhash.hashmap import Int64Multimap
 from streamhash.index.hamming import BinaryIndex, make_index
 from streamhash.index.notify import Waiter, make_waiter
-from streamhash.index.store import Store
+from streamhash.index.store import Change, Store
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,13 @@ class Generation:
         self.store = store
         self.generation, self.model_version, self.index = generation, model_version, index
         self.last_seq = 0
-        self.seq_of_hash = Int64Multimap()  # id hash -> seq of every item in the index
+        self.seq_of_hash = Int64Multimap()  # id hash -> arrival seq of every item in the index
 
     def resolve(self, seqs: Sequence[int]) -> list[Resolved | None]:
-        """(id, labels) of the items under these seqs of this generation; None for a seq not in it.
+        """(id, labels) of the items that arrived under these seqs in this generation; None for a seq not in it.
 
         Ids come from the store's ``changes``. A seq still searched here may already be gone
-        from the store, written again by an item the follower has not applied yet: its id is then
+        from the store, its item written again by a message the follower has not applied yet: its id is then
         the one among those pending items whose hash maps to the seq here (a wrong id would need a
         64-bit hash collision among the pending items).
         """
@@ -146,8 +147,12 @@ class LiveIndex:
             if removed:  # first: a write read in this refresh is live now, so it came after any removal of its id
                 self._remove(g, removed)
                 changes = [c for c in changes if not c.deleted]
-            if changes:
-                self._add(g, changes)
+            learned = [c for c in changes if c.arrived is not None]
+            arrived = [c for c in changes if c.arrived is None] if learned else changes
+            if arrived:
+                self._add(g, arrived)
+            if learned:
+                self._recode(g, learned)
             g.last_seq = last
         self._seen_txnid = txnid  # only once applied: a refresh that failed reads the same snapshot again
         now = time.time()
@@ -171,6 +176,17 @@ class LiveIndex:
         g.seq_of_hash.add(hashes, seqs)
         if len(old):
             g.seq_of_hash.remove(hashes[which[stale]], old[stale])
+
+    def _recode(self, g: Generation, changes) -> None:
+        """Learned codes of items that arrived before: each replaces its item's code where it stands. The store logs
+        one only for an item whose arrival a follower at this seq has read; one found missing all the same is
+        added (at the end of the ties) rather than lost."""
+        codes = np.frombuffer(b"".join(c.code for c in changes), np.uint8).reshape(len(changes), -1)
+        found = g.index.update_codes(codes, np.array([c.arrived for c in changes], np.int64))
+        if not found.all():
+            lost = [c for c, f in zip(changes, found) if not f]
+            log.warning("%d learned codes of items the index lacked, e.g. %s: added", len(lost), [c.id for c in lost[:3]])
+            self._add(g, [Change(c.arrived, c.id, c.code, c.labels, c.ts) for c in lost])
 
     def _remove(self, g: Generation, ids: list[str]) -> None:
         """Drop removed items: the seqs their ids map to that the store no longer holds (an id sharing a 64-bit

@@ -16,7 +16,8 @@ bucket. Memory: 4 bytes a row per table (+ 8 with values) + the directories: 16 
 
 Keeping in step with the flat index without touching its write path: rows are only ever appended
 (an overwrite or removal tombstones the old row), so a snapshot built over rows ``[0, n)`` stays
-exact for as long as the flat index's ``_layout`` (bumped by compaction) is unchanged: rows
+exact for as long as the flat index's ``_layout`` (bumped by compaction, and by learned codes replaced in
+place: :meth:`~streamhash.index.binary.BinaryIndex.update_codes`) is unchanged: rows
 appended since are scanned by the flat kernel in the same native call (the *tail*), and the
 snapshot is rebuilt in a background thread once the tail passes ``max(2048, n / 64)`` rows (at
 1M rows: at most ~16k rows, ~1 µs of AVX-512 scan a query). A query that finds no valid snapshot

@@ -1,12 +1,12 @@
 """Exact search over every shard of a store root: one :class:`~streamhash.index.live.LiveIndex` per shard,
 merged so that the answer is the one a single index over the union of the shards would give.
 
-Order of a merged result (top-k and radius alike): **distance, then shard, then insertion**. Shards are
-ordered by (topic, partition) (:meth:`StoreRoot.shards`); within a shard, ties keep the index's own order,
-which is insertion order, i.e. the item's seq in its shard (a write, an overwrite or a learned code gives
-the item a new, larger seq). Merging is exact: each shard answers its own top-k (or its hits within the
-radius), and the global top-k is a subset of the union of those, so one stable sort by distance of the
-per-shard answers laid side by side in shard order gives the global order.
+Order of a merged result (top-k and radius alike): **distance, then shard, then arrival**. Shards are
+ordered by (topic, partition) (:meth:`StoreRoot.shards`); within a shard, ties keep the index's own
+order, arrival order: the seq the item arrived under in its shard (a write or an overwrite gives the
+item a new, larger one; a learned code does not move it). Merging is exact: each shard answers its own
+top-k (or its hits within the radius), and the global top-k is a subset of the union of those, so one
+stable sort by distance of the per-shard answers laid side by side in shard order gives the global order.
 
 A query takes a :class:`View` (one :class:`~streamhash.index.live.Generation` per shard and its model version,
 each read once: a re-encode or a learning round is seen by the next query, never halfway by this one) and ranks
@@ -50,7 +50,7 @@ from streamhash.index.fenced import split_fenced
 from streamhash.index.hamming import PAD_DISTANCE
 from streamhash.index.live import Generation, LiveIndex, Resolved
 from streamhash.index.radius import RadiusIndex
-from streamhash.index.store import Store
+from streamhash.index.store import Store, arrival
 from streamhash.index.store.root import ShardKey, StoreRoot
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ class Shard:
     def name(self) -> str:
         return shard_name(self.key)
 
-    def visible(self, seq: int) -> bool:
-        """Whether the item at ``seq`` is in the generation served now (a write not yet followed is not)."""
-        return seq in self.live.current.index
+    def visible(self, rec: dict) -> bool:
+        """Whether the latest write of the item (its record) is in the generation served now."""
+        return self.live.current.last_seq >= int(rec["seq"]) and arrival(rec) in self.live.current.index
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ def _item_route(app: FastAPI, index: ShardedIndex, class_names: IndexNames) -> N
         return {"id": item_id, "labels": rec["labels"], "label_names": name_labels(rec["labels"], named) if named else None,
                 "ts": rec["ts"], "seq": rec["seq"], "generation": rec["generation"],
                 "shard": shard.name, "content_type": rec["ctype"], "code_hex": rec["code"].hex() if rec["code"] else None,
-                "visible": shard.visible(rec["seq"])}
+                "visible": shard.visible(rec)}
 
 
 def _status_routes(app: FastAPI, index: ShardedIndex, bits: int) -> None:

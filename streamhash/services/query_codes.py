@@ -21,6 +21,7 @@ from fastapi import HTTPException
 
 from streamhash.errors import BadQueryError, RecordRejected
 from streamhash.index.sharded import ShardedIndex, ShardView, View
+from streamhash.index.store import arrival
 from streamhash.model.state import NetCache, stored_net
 from streamhash.records import ImageSpec, content_type_of, decode_image
 from streamhash.services.http_api import PayloadTooLarge, check_item_id
@@ -181,7 +182,7 @@ def for_item(index: ShardedIndex, view: View, encoder: QueryEncoder, item_id: st
 def stored_code(v: ShardView, rec: dict, item_id: str) -> np.ndarray:
     """The item's code in the generation searched in its shard, so the item is at distance 0 from itself."""
     try:
-        return v.g.index.reconstruct(rec["seq"])
+        return v.g.index.reconstruct(arrival(rec))
     except KeyError:  # written after the generation's last refresh: the store's code is right if it is of that generation
         if rec["generation"] == v.g.generation and rec["code"]:
             return np.frombuffer(rec["code"], np.uint8)

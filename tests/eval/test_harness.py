@@ -118,7 +118,7 @@ def test_full_retrain_gets_the_learners_cpu_seconds_and_every_method_reports(dat
 
 def test_final_hook_sees_the_index_the_last_evaluation_ranked(data):
     """``run(final=...)`` hands over each method before its shard closes; ``served`` gives what the last
-    evaluation ranked (benchmarks/learned_ties.py re-ranks it): re-scoring it gives the reported mAP."""
+    evaluation ranked (benchmarks/learned_ties.py re-ranks it), in arrival order: re-scoring it gives the reported mAP."""
     from streamhash.eval.harness import served
 
     s = small_stream("partial-labels", data)
@@ -130,6 +130,8 @@ def test_final_hook_sees_the_index_the_last_evaluation_ranked(data):
         ids, codes, learned, q = served(m, s)
         seen[name] = (retrieval_metrics(q, s.labels[s.queries], codes, s.labels[ids], 16, topk=cfg.topk)["map"],
                       len(ids), int(learned.sum()))
+        # ties break in the order the stream brought the items, learned codes and re-encodes notwithstanding
+        np.testing.assert_array_equal(ids, np.concatenate(s.arrivals()))
 
     out = run(s, cfg, log=lambda *a: None, final=final)
     assert set(seen) == {"streamhash", "never_reencode"}

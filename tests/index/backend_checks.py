@@ -29,6 +29,7 @@ def yield_checks():
     for d in [32, 40]:  # one word of 32 bits (tombstones in the narrow scan), one of 64
         yield partial(check_churn_with_compaction, d=d)
     yield from (check_empty_and_k_larger_than_index, check_radius_is_strict, check_overwrite_and_remove_change_tie_order,
+                check_update_codes_keeps_places,
                 check_threads_split_matches, check_search_while_adding, check_ntotal_never_sees_half_a_write,
                 check_reconstruct_batch, check_reconstruct_batch_follows_churn_of_store_like_ids)
 
@@ -71,6 +72,13 @@ class Model:
         for c, i in zip(codes, ids.tolist()):
             self.items.pop(i, None)
             self.items[i] = c
+
+    def update(self, codes, ids):
+        """Codes replaced where they stand; returns which ids were there."""
+        found = np.array([i in self.items for i in ids.tolist()], bool)
+        for c, i in zip(codes[found], ids[found].tolist()):
+            self.items[i] = c
+        return found
 
     def remove(self, ids):
         return sum(self.items.pop(i, None) is not None for i in np.unique(ids).tolist())
@@ -206,6 +214,34 @@ def check_overwrite_and_remove_change_tie_order(factory):
     compare(index, model, np.concatenate([q, far, codes]))
     index.reset()
     assert index.ntotal == 0 and index.search(q, 1)[1].tolist() == [[-1]]
+
+
+def check_update_codes_keeps_places(factory):
+    """update_codes replaces codes in place (ties keep the rows' order) through adds, removals and compactions; ids
+    not in the index are reported, not added."""
+    rng = np.random.default_rng(11)
+    index, model = factory(32), Model()
+    code = np.zeros((1, 4), np.uint8)
+    for i in (1, 2, 3):
+        index.add_with_ids(code, np.array([i]))
+        model.add(code, np.array([i]))
+    found = index.update_codes(np.repeat(code, 2, 0), np.array([1, 9]))
+    assert found.tolist() == [True, False] and 9 not in index
+    assert index.search(code, 3)[1].tolist() == [[1, 2, 3]]  # 1 kept its place (a re-add would put it last)
+    next_id = 4
+    for step in range(10):
+        n = int(rng.integers(1, 300))
+        codes = rand_codes(rng, n, 32, density=0.1)
+        ids = np.arange(next_id, next_id + n)
+        next_id += n
+        index.add_with_ids(codes, ids)
+        model.add(codes, ids)
+        some = rng.choice(np.array(list(model.items)), min(len(model.items), 120), replace=False)
+        new = rand_codes(rng, len(some), 32, density=0.1)
+        np.testing.assert_array_equal(index.update_codes(new, some), model.update(new, some))
+        gone = rng.choice(np.array(list(model.items)), int(rng.integers(0, 150)))
+        assert index.remove_ids(gone) == model.remove(gone)
+        compare(index, model, rand_codes(rng, 3, 32, density=0.1), ks=(1, 20, 2000), radii=(3, 6))
 
 
 def check_churn_with_compaction(factory, d):

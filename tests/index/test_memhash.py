@@ -179,3 +179,25 @@ def test_bucket_entries_and_skew():
     clustered_flat = make_index(32, "numpy")
     clustered_flat.add_with_ids(clustered(rng, 20000, 32), np.arange(20000))
     assert MemHash(clustered_flat, 2).build().skew > 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learned_codes_replaced_in_place_rebuild_the_tables(backend):
+    """A learned code replaces an item's code in its row (update_codes): tables built over the old codes would miss
+    the item where its new code falls, so they count as stale until rebuilt."""
+    rng = np.random.default_rng(8)
+    bits, m = 32, 2
+    flat = make_index(bits, backend)
+    codes = clustered(rng, 2000, bits)
+    seqs = np.arange(1, 2001, dtype=np.int64)
+    flat.add_with_ids(codes, seqs)
+    mh = memhash_for(flat, m)
+    mh.build()
+    queries = clustered(rng, 6, bits)
+    moved = seqs[::7]
+    codes[::7] = np.repeat(queries[:1], len(moved), 0)  # every moved item lands on the first query
+    assert flat.update_codes(codes[::7], moved).all()
+    assert mh.range_search(queries, 2) is None  # stale: scan meanwhile (a background build starts)
+    got = mh.range_search(queries, 2, wait=True)
+    check(got, brute(queries, codes, seqs, 2))
+    assert set(moved.tolist()) <= set(got[2][got[0][0]:got[0][1]].tolist())

@@ -23,13 +23,13 @@ from streamhash.index.store.builder import GenerationBuilder
 from streamhash.index.store.changes import Change, ChangeLog, Snapshot
 from streamhash.index.store.env import Environment
 from streamhash.index.store.generations import TXN_KEYS_DROPPED, Generations
-from streamhash.index.store.items import Items, ItemWrite
+from streamhash.index.store.items import Items, ItemWrite, arrival
 from streamhash.index.store.layout import DB_NAMES, SCHEMA_VERSION, check_readable, from_u64, init_meta, offset_key, u64
 from streamhash.index.store.models import Models
 from streamhash.index.store.offsets import Offsets
 
 __all__ = ["DB_NAMES", "SCHEMA_VERSION", "Change", "GenerationBuilder", "ItemWrite", "Snapshot", "Store",
-           "from_u64", "offset_key", "u64"]
+           "arrival", "from_u64", "offset_key", "u64"]
 
 
 class Store:

@@ -53,12 +53,14 @@ class GenerationBuilder:
         self.images_reencoded = self.codes_copied = 0
         encoded: list[str] = []
         try:
-            ids = self.store.ids_after(0)
+            ids, stale = self.store.ids_after(0), []
             for i in range(0, len(ids), self.chunk):
-                self._fill(gen, ids[i:i + self.chunk], model_version, encoded)
+                self._fill(gen, ids[i:i + self.chunk], model_version, encoded, stale)
+            self._encode(gen, stale, encoded, whole=True)
             for _ in range(self.catch_up_rounds):  # items ingested while building; the window shrinks each time
                 missing, read_to = gens.ids_missing(gen, watermark)
-                self._fill(gen, missing, model_version, encoded)
+                self._fill(gen, missing, model_version, encoded, stale)
+                self._encode(gen, stale, encoded, whole=True)
                 watermark = read_to  # what was read has its code now: the next reads (the swap's too) start after it
                 if not missing:
                     break
@@ -74,21 +76,29 @@ class GenerationBuilder:
             raise
         return gen
 
-    def _fill(self, gen: int, ids: list[str], model_version: int, encoded: list[str]) -> None:
-        gens, step, stale = self.store.generations, self.store.generations.txn_items, []
+    def _fill(self, gen: int, ids: list[str], model_version: int, encoded: list[str], stale: list) -> None:
+        """Copy the codes ``gen`` keeps; the (id, seq) of the stale ones join ``stale``, encoded a whole chunk at a time
+        (learned codes sit among them in arrival order)."""
+        gens, step = self.store.generations, self.store.generations.txn_items
         for i in range(0, len(ids), step):
             self.pause()
             copied, part = gens.copy_current(gen, ids[i:i + step], model_version)
             self.codes_copied += copied
             stale += part
-        for i in range(0, len(stale), self.chunk):
-            part = stale[i:i + self.chunk]
+        self._encode(gen, stale, encoded, whole=False)
+
+    def _encode(self, gen: int, stale: list, encoded: list[str], *, whole: bool) -> None:
+        """Encode and write ``stale`` in chunks, leaving the last part short of a chunk unless ``whole``."""
+        step = self.store.generations.txn_items
+        while len(stale) >= (1 if whole else self.chunk):
+            part, stale[:] = stale[:self.chunk], stale[self.chunk:]
             stale_ids = [item_id for item_id, _ in part]
             self.pause()
             codes = self.encode_ids(stale_ids)
             for j in range(0, len(part), step):
                 self.pause()
-                gens.put_codes(gen, stale_ids[j:j + step], codes[j:j + step], seqs=[seq for _, seq in part[j:j + step]])
+                self.store.generations.put_codes(gen, stale_ids[j:j + step], codes[j:j + step],
+                                                 seqs=[seq for _, seq in part[j:j + step]])
             self.images_reencoded += len(part)
             encoded.extend(stale_ids)
 

@@ -135,7 +135,7 @@ class Generations:
         return copied, to_encode
 
     def provenance(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Every live item's (ids, learned, model) in seq order, from one snapshot: learned (bool) marks a
+        """Every live item's (ids, learned, model) in arrival order, from one snapshot: learned (bool) marks a
         DCC code, model (int64) the network version that inferred the code otherwise (-1: none recorded)."""
 
         def read(txn):
@@ -150,17 +150,21 @@ class Generations:
         return self.env.read(read)
 
     def ids_missing(self, gen: int, after_seq: int = 0) -> tuple[list[str], int]:
-        """Ids written after ``after_seq`` that have no code in generation ``gen`` yet, and the last seq read
-        (``after_seq`` if none): once these have theirs, only items written after it can lack one."""
+        """Ids written after ``after_seq`` (arrived, or given a learned code) that have no code in generation ``gen``
+        yet, and the last seq read (``after_seq`` if none): once these have theirs, only items written after it can
+        lack one."""
         return self.env.read(lambda txn: self._ids_missing(txn, gen, after_seq))
 
     def _ids_missing(self, txn, gen: int, after_seq: int) -> tuple[list[str], int]:
-        cur, prefix, out, last = txn.cursor(db=self.env.db["changes"]), u64(gen), [], None
-        if cur.set_range(u64(after_seq + 1)):
-            for last, key in cur:
-                if txn.get(prefix + key, db=self.env.db["codes"]) is None:
-                    out.append(key.decode())
-        return out, after_seq if last is None else from_u64(last)
+        prefix, out, last = u64(gen), {}, after_seq
+        for db in (self.env.db["changes"], self.env.db["recodes"]):
+            cur = txn.cursor(db=db)
+            if cur.set_range(u64(after_seq + 1)):
+                for k, key in cur:
+                    last = max(last, from_u64(k))
+                    if txn.get(prefix + key, db=self.env.db["codes"]) is None:
+                        out[key.decode()] = None
+        return list(out), last
 
     def swap(self, gen: int, model_version: int, ids: list[str], codes: np.ndarray, *,
              after_seq: int = 0, encode_blobs=None, encode_features=None, reencoded: list[str] | None = None) -> int:

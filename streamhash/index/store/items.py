@@ -1,8 +1,10 @@
 """Items: their records and image blobs, and the one place an item is linked into codes and the change log.
 
 Writes are one transaction per batch: items, codes, blobs, changes and the Kafka offset
-map commit together or not at all. Every write (a new item, a re-sent id, a learned code) links the
-item under a fresh ``seq`` and unlinks its previous one, so the change log holds one entry per live item.
+map commit together or not at all. Every write takes a fresh ``seq``. An arrival (a new item, a re-sent id)
+links the item under it in ``changes`` and unlinks its previous entries, so the change log holds one entry per
+live item, at its arrival; a learned code (:meth:`Items.recode`) leaves that entry and logs the item under the new
+seq in ``recodes`` instead (one entry per recoded item, its latest), so the item keeps its place in arrival order.
 A removal (a tombstone) unlinks the item, deletes its record, blob and stored feature, and logs its id under a
 fresh seq in ``deletes``, which followers read beside the change log. An item's stored feature (``features``,
 a frozen backbone's output for its image) is written, replaced or deleted with its blob, in the same transaction.
@@ -27,7 +29,7 @@ def holds_state(txn, db, key: bytes, old: dict, rec: dict, gen: int, code: bytes
     """Whether the shard already holds exactly this item state (record, code in ``gen``, blob, feature): a message
     consumed again after a kill, or a changelog record replayed into a shard that has it. Writing it again would
     give the item a new seq, a change for every follower, and count the message twice."""
-    if {k: v for k, v in old.items() if k != "seq"} != rec:
+    if {k: v for k, v in old.items() if k not in ("seq", "arrived")} != rec:
         return False
     if txn.get(u64(gen) + key, db=db["codes"]) != code or txn.get(key, db=db["blobs"]) != blob:
         return False
@@ -72,6 +74,13 @@ def inferred_by(rec: dict, meta: dict) -> int:
     made_by = -1 if rec.get("model") is None else int(rec["model"])
     built_by = meta.get("generation_model")
     return made_by if rec.get("learned") or built_by is None else max(made_by, int(built_by))
+
+
+def arrival(rec: dict) -> int:
+    """The seq an item arrived under: its key in ``changes``. A record names it (``arrived``) once a learned code
+    gave the item a later ``seq``; before that, and in a shard written before ``recodes`` existed (whose every
+    write moved the item's entry in ``changes``), it is ``seq``."""
+    return int(rec.get("arrived", rec["seq"]))
 
 
 class Items:
@@ -188,8 +197,7 @@ class Items:
     def _learned(self, txn, key: bytes, rec: dict, gens: list[int], gen: int, seq: int, code: bytes) -> None:
         rec["recoded"] = True  # not a new message: followers must not count it as fresh
         rec["learned"] = True  # a DCC code: the learner must not take it as pending after a restart
-        self.unlink(txn, key, rec, gens)
-        self.link(txn, key, rec, gen, seq, code)
+        self.recode(txn, key, rec, gens, gen, seq, code)
 
     def apply_updates(self, updates, offsets: dict[tuple[str, int], int]) -> dict[str, int]:
         """The learner's code updates (:class:`~streamhash.kafka.modelbus.CodeUpdate`) and the codes topic's
@@ -240,20 +248,38 @@ class Items:
         self.env.write(txn_fn)
 
     def link(self, txn, key: bytes, rec: dict, gen: int, seq: int, code: bytes) -> None:
-        """Write an item under a fresh ``seq``: its record, its code in ``gen``, its change."""
+        """Write an item that arrives under a fresh ``seq``: its record, its code in ``gen``, its change."""
         db = self.env.db
         rec["seq"] = seq
+        rec.pop("arrived", None)  # only a recoded item's record names its arrival: 17 bytes an item saved
         txn.put(key, json.dumps(rec).encode(), db=db["items"])
         txn.put(u64(gen) + key, code, db=db["codes"])
         txn.put(u64(seq), key, db=db["changes"])
 
+    def recode(self, txn, key: bytes, rec: dict, gens: list[int], gen: int, seq: int, code: bytes) -> None:
+        """A new code for a stored item, under a fresh ``seq`` logged in ``recodes``; its arrival stays in ``changes``."""
+        db, arrived = self.env.db, arrival(rec)
+        self._drop_codes(txn, key, gens)
+        if rec["seq"] != arrived:
+            txn.delete(u64(rec["seq"]), db=db["recodes"])
+        rec["seq"], rec["arrived"] = seq, arrived
+        txn.put(key, json.dumps(rec).encode(), db=db["items"])
+        txn.put(u64(gen) + key, code, db=db["codes"])
+        txn.put(u64(seq), key, db=db["recodes"])
+
     def unlink(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
+        """Take an item out of the codes and both logs (it is written again, or removed)."""
         db = self.env.db
+        self._drop_codes(txn, key, gens)
+        txn.delete(u64(arrival(rec)), db=db["changes"])
+        if rec["seq"] != arrival(rec):
+            txn.delete(u64(rec["seq"]), db=db["recodes"])
+
+    def _drop_codes(self, txn, key: bytes, gens: list[int]) -> None:
         for i, gen in enumerate(gens):
-            if txn.delete(u64(gen) + key, db=db["codes"]):  # True when the item held a code there
+            if txn.delete(u64(gen) + key, db=self.env.db["codes"]):  # True when the item held a code there
                 if i:  # the generation being built lost this item's code: its catch-up writes it again
                     count_pending_codes(self.env, txn, -1)
-        txn.delete(u64(rec["seq"]), db=db["changes"])
 
     def count(self) -> int:
         return self.env.read(lambda txn: txn.stat(self.env.db["items"])["entries"])

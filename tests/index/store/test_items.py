@@ -111,7 +111,7 @@ def test_learned_codes_and_the_inferring_model_are_recorded(tmp_path):
     s = Store(tmp_path, bits=32)
     s.write_batch(items(3), model_version=4)
     s.put_codes(["id1"], np.zeros((1, 4), np.uint8), model_version=5)
-    assert s.snapshot().learned.tolist() == [False, False, True]  # id1 moved to the end with its new seq
+    assert s.snapshot().learned.tolist() == [False, True, False]  # id1 keeps its place: snapshots are in arrival order
     assert s.get_item("id0")["model"] == 4
 
 

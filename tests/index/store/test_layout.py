@@ -45,7 +45,7 @@ def test_a_newer_schema_is_refused_read_only_too(tmp_path):
     s = Store(tmp_path, bits=32)
     s._write(lambda txn: s._put_meta(txn, {"schema_version": 999}))
     s.close()
-    with pytest.raises(SchemaMismatchError, match=r"schema 999, this build reads \(1, 2, 3\)"):
+    with pytest.raises(SchemaMismatchError, match=r"schema 999, this build reads \(1, 2, 3, 4\)"):
         Store(tmp_path, readonly=True)
 
 
@@ -68,7 +68,8 @@ def schema_1_shard(path, n=6):
                 txn.put(key[:8] + bytes([j]) + v.to_bytes(2, "big"), seq.to_bytes(8, "big"), db=tables, dupdata=True)
         txn.put(b"schema_version", b"1", db=meta)
         txn.put(b"multihash_tables", b"2", db=meta)
-        txn.drop(env.open_db(b"deletes", txn=txn, create=False), delete=True)  # schema 3's: not there yet
+        for later in (b"deletes", b"recodes"):  # schema 3's and 4's: not there yet
+            txn.drop(env.open_db(later, txn=txn, create=False), delete=True)
     env.close()
     return n * 2  # table rows
 
@@ -100,15 +101,15 @@ def test_a_schema_1_shard_is_read_as_it_is_and_migrated_by_its_writer(tmp_path):
     assert raw_state(tmp_path)["schema"] == 1
 
     s = Store(tmp_path, bits=32)  # its worker: migrated in place
-    assert raw_state(tmp_path, s) == {"schema": 3, "table_rows": None, "items": 6, "multihash_tables": None}
-    assert s.read_meta()["schema_version"] == 3 and s.offsets() == {("t", 0): 6}
+    assert raw_state(tmp_path, s) == {"schema": 4, "table_rows": None, "items": 6, "multihash_tables": None}
+    assert s.read_meta()["schema_version"] == 4 and s.offsets() == {("t", 0): 6}
     s.write_batch(items(2, prefix="new"), {("t", 0): 8})
     gen, _ = s.begin_generation()  # a re-encode over the migrated shard
     s.swap_generation(gen, 2, s.ids_missing_from(gen), np.zeros((8, 4), np.uint8))
     assert s.drop_generation(1) == 8
     s.close()
     s = Store(tmp_path, bits=32)
-    assert s.count() == 8 and s.snapshot().generation == 2 and s.read_meta()["schema_version"] == 3
+    assert s.count() == 8 and s.snapshot().generation == 2 and s.read_meta()["schema_version"] == 4
     s.close()
 
 
@@ -121,7 +122,7 @@ def test_a_crash_during_the_migration_leaves_schema_1_whole(tmp_path):
         from streamhash.index.store import Store
         put_meta = Environment.put_meta
         def dying(self, txn, meta):
-            if meta.get("schema_version") == 3:
+            if meta.get("schema_version") == 4:
                 os._exit(17)
             put_meta(self, txn, meta)
         Environment.put_meta = dying
@@ -131,7 +132,7 @@ def test_a_crash_during_the_migration_leaves_schema_1_whole(tmp_path):
     assert proc.returncode == 17, proc.stderr
     assert raw_state(tmp_path) == {"schema": 1, "table_rows": rows, "items": 6, "multihash_tables": 2}
     s = Store(tmp_path, bits=32)
-    assert s.count() == 6 and s.read_meta()["schema_version"] == 3
+    assert s.count() == 6 and s.read_meta()["schema_version"] == 4
     s.close()
     assert raw_state(tmp_path)["table_rows"] is None
 
@@ -159,7 +160,7 @@ def test_a_reader_open_across_the_migration_keeps_reading(tmp_path):
         reader.kill()
     assert reader.returncode == 0, err
     assert out.split() == ["7", "new0", items(1, prefix="new")[0].code.hex()]
-    assert raw_state(tmp_path)["schema"] == 3
+    assert raw_state(tmp_path)["schema"] == 4
 
 
 def test_a_schema_2_shard_without_deletes_is_read_as_it_is_and_gets_them_from_its_writer(tmp_path):
@@ -170,14 +171,53 @@ def test_a_schema_2_shard_without_deletes_is_read_as_it_is_and_gets_them_from_it
     s.close()
     env = lmdb.open(str(tmp_path), max_dbs=16)
     with env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"deletes", txn=txn, create=False), delete=True)
+        for later in (b"deletes", b"recodes"):
+            txn.drop(env.open_db(later, txn=txn, create=False), delete=True)
         txn.put(b"schema_version", b"2", db=env.open_db(b"meta", txn=txn, create=False))
     env.close()
     reader = Store(tmp_path, readonly=True)
     assert [c.id for c in reader.changes_since(0)[2]] == [f"id{i}" for i in range(4)]
     reader.close()
     s = Store(tmp_path, bits=32)
-    assert s.read_meta()["schema_version"] == 3
+    assert s.read_meta()["schema_version"] == 4
     s.write_batch([], deletes=["id1"])
     assert [(c.id, c.deleted) for c in s.changes_since(4)[2]] == [("id1", True)]
+    s.close()
+
+
+def test_a_schema_3_shard_keeps_its_learned_items_where_their_latest_write_put_them(tmp_path):
+    """Schema 4 adds ``recodes``: a learned code no longer moves its item in ``changes``. A shard written at schema 3
+    holds items moved there by a learned code, with no ``arrived`` in their records: they keep that place, a later
+    learned code keeps it too, and sending the item again or removing it leaves no entry behind in either log."""
+    s = Store(tmp_path, bits=32)
+    s.write_batch(items(4))  # seqs 1-4
+    s.close()
+    env = lmdb.open(str(tmp_path), max_dbs=16)
+    with env.begin(write=True) as txn:  # id1 given a learned code by the schema-3 code: unlinked, linked at seq 5
+        dbs = {n: env.open_db(n.encode(), txn=txn, create=False) for n in ("items", "codes", "changes", "meta")}
+        rec = json.loads(txn.get(b"id1", db=dbs["items"]))
+        rec.update(seq=5, recoded=True, learned=True)
+        txn.put(b"id1", json.dumps(rec).encode(), db=dbs["items"])
+        txn.put((1).to_bytes(8, "big") + b"id1", bytes(4), db=dbs["codes"])
+        txn.delete((2).to_bytes(8, "big"), db=dbs["changes"])
+        txn.put((5).to_bytes(8, "big"), b"id1", db=dbs["changes"])
+        txn.put(b"next_seq", b"6", db=dbs["meta"])
+        txn.put(b"schema_version", b"3", db=dbs["meta"])
+        txn.drop(env.open_db(b"recodes", txn=txn, create=False), delete=True)
+    env.close()
+    reader = Store(tmp_path, readonly=True)
+    assert reader.snapshot().ids == ["id0", "id2", "id3", "id1"] and reader.snapshot().arrivals.tolist() == [1, 3, 4, 5]
+    assert [(c.seq, c.id, c.ts) for c in reader.changes_since(4)[2]] == [(5, "id1", None)]
+    reader.close()
+    s = Store(tmp_path, bits=32)
+    assert s.read_meta()["schema_version"] == 4
+    s.put_codes(["id1", "id0"], np.full((2, 4), 9, np.uint8))  # seqs 6, 7
+    snap = s.snapshot()
+    assert snap.ids == ["id0", "id2", "id3", "id1"] and snap.seqs.tolist() == [7, 3, 4, 6]
+    assert [(c.seq, c.arrival) for c in s.changes_since(5)[2]] == [(6, 5), (7, 1)]
+    s.write_batch(items(2, seed=4)[1:])  # id1 sent again: arrives at 8
+    s.write_batch([], deletes=["id0"])
+    assert s.snapshot().ids == ["id2", "id3", "id1"] and s.snapshot().arrivals.tolist() == [3, 4, 8]
+    with s.env.begin() as txn:
+        assert txn.stat(s.db["recodes"])["entries"] == 0 and txn.stat(s.db["changes"])["entries"] == 3
     s.close()
