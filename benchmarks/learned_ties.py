@@ -2,14 +2,14 @@
 
 A learned code is DCC's code for its label set, so the learned items of a class carry (nearly) one code, and
 the network's codes of that class sit around it: many items share each distance. Which of them a query meets
-first is the tie order. The product's is insertion order, the order of an item's *latest* write (``seq``,
-:mod:`streamhash.index.store.layout`), and a learned code is written after its item arrived (the learner's
-codes topic), so at equal distance every learned code ranks after every inferred one. This script runs
-``streamhash eval``'s harness (the product's learner, shard and re-encode; it takes the same flags) and ranks
-each method's final index, queries encoded by its final network, three ways:
+first is the tie order. The product's is arrival order (schema 4, :mod:`streamhash.index.store.layout`): a
+learned code replaces its item's code where the item stands. Before it, a learned code gave its item a new
+``seq`` at the end of the shard, so at equal distance every learned code ranked after every inferred one. This
+script runs ``streamhash eval``'s harness (the product's learner, shard and re-encode; it takes the same flags)
+and ranks each method's final index, queries encoded by its final network, three ways:
 
-- ``latest write``: the shard's order, what the eval and the query server rank by today (the reference);
-- ``arrival``: each item's first write, the order the stream brought them in;
+- ``arrival``: the shard's order, what the eval and the query server rank by (the reference);
+- ``latest write``: each item's latest write, the order before schema 4;
 - ``learned first``: learned codes before inferred ones at equal distance, then arrival.
 
 Per order: mAP@all, precision@10 and the inferred codes' share of the top 10 beside their share of the index.
@@ -34,25 +34,18 @@ from streamhash.eval.harness import inferred_share, run, served  # noqa: E402
 from streamhash.eval.metrics import retrieval_metrics  # noqa: E402
 
 
-def arrival_rank(stream, ids: np.ndarray) -> np.ndarray:
-    """Each id's place in the stream's arrival order (items the stream never brought, as ``online``'s rest of
-    the database: after all that arrived, in id order)."""
-    order = np.concatenate(stream.arrivals())
-    place = np.full(len(stream.labels), len(order), np.int64)
-    place[order] = np.arange(len(order))
-    return place[ids] * len(stream.labels) + ids
-
-
-def orders(stream, ids: np.ndarray, learned: np.ndarray) -> dict[str, np.ndarray]:
-    arrival = arrival_rank(stream, ids)
-    return {"latest write": np.arange(len(ids)), "arrival": np.argsort(arrival, kind="stable"),
-            "learned first": np.lexsort((arrival, ~learned))}
+def orders(m, ids: np.ndarray, learned: np.ndarray) -> dict[str, np.ndarray]:
+    """Permutations of what ``served`` gives (the shard in arrival order, then ``online``'s rest of the database)."""
+    latest = m.shard.store.snapshot().seqs
+    latest = np.concatenate([latest, latest.max(initial=0) + 1 + np.arange(len(ids) - len(latest))])
+    return {"arrival": np.arange(len(ids)), "latest write": np.argsort(latest, kind="stable"),
+            "learned first": np.argsort(~learned, kind="stable")}
 
 
 def measure(stream, bits: int, m) -> dict:
     ids, codes, learned, q_codes = served(m, stream)
     q_labels, out = stream.labels[stream.queries], {}
-    for name, perm in orders(stream, ids, learned).items():
+    for name, perm in orders(m, ids, learned).items():
         r = retrieval_metrics(q_codes, q_labels, codes[perm], stream.labels[ids[perm]], bits, topk=10)
         out[name] = {"map": r["map"], "p_at_10": r["p_at_k"]} | inferred_share(q_codes, codes[perm], learned[perm])
     return out
@@ -72,10 +65,10 @@ def main(argv=None) -> int:
     run(stream, cfg, log=log,
         final=lambda name, m: found.__setitem__(name, measure(stream, cfg.bits, m)))
     print(f"{args.protocol}, {cfg.bits} bits, seed {cfg.seed}{', quick' if args.quick else ''}")
-    print("| method | tie order | mAP@all | vs latest write | P@10 | inferred in top 10 (index) |")
+    print("| method | tie order | mAP@all | vs arrival | P@10 | inferred in top 10 (index) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, rows in found.items():
-        ref = rows["latest write"]["map"]
+        ref = rows["arrival"]["map"]
         for order, r in rows.items():
             print(f"| {name} | {order} | {r['map']:.4f} | {r['map'] - ref:+.4f} | {r['p_at_10']:.3f} "
                   f"| {r['inferred_top10']:.3f} ({r['inferred_index']:.3f}) |")
