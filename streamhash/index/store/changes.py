@@ -23,6 +23,7 @@ from streamhash.index.store.layout import from_u64, labels_of_record, u64
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Change:
     seq: int
