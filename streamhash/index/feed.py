@@ -10,7 +10,7 @@ follows, so that ``learn/`` holds the algorithms alone and neither package impor
   snapshot: learned codes frozen, quarantined items out of learning, labeled items indexed but never
   learned pending (:func:`observe_snapshot`).
 - A change with a Kafka timestamp is a new or re-sent item: observed. A change without one is a learned
-  code the shard's worker applied (``put_codes`` / ``apply_updates`` link it under a new seq): the
+  code the shard's worker applied (``put_codes`` / ``apply_updates`` log it in ``recodes`` under a new seq): the
   hasher's code of that item is set to it, or, for an item pending again after a restart (its code
   was in flight), the seq it will be published with moves on, so the newer learned code wins.
 - A shard whose generation changed (its worker re-encoded it) is read again: the codes of every item

@@ -171,7 +171,8 @@ class Items:
         """Replace codes of existing items in the current generation (learned codes of new items),
         optionally making ``model_version`` current in the same transaction.
 
-        Each updated item gets a new seq, so followers pick the change up like any write.
+        Each updated item gets a new seq in ``recodes`` (:meth:`recode`), so followers pick the change up like any
+        write, and keeps its arrival in ``changes``.
         """
         db = self.env.db
 
