@@ -170,6 +170,14 @@ class BinaryIndex(ABC):
         out[:, : self.code_size] = codes
         return out.view(self.word)
 
+    def _words_and_ids(self, codes: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
+        """A write's codes as storage words and its ids as int64, one of each."""
+        words = self._words(codes, "codes")
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(ids) != len(words):
+            raise ValueError(f"{len(words)} codes but {len(ids)} ids")
+        return words, ids
+
     # ------------------------------------------------------------------ writes
     def add_with_ids(self, codes: np.ndarray, ids: np.ndarray, *, replacing=None) -> None:
         """Append codes under ids; an id already present (or repeated in the batch) keeps its last code.
@@ -177,10 +185,7 @@ class BinaryIndex(ABC):
         ``replacing``: ids removed in the same step, so a search sees the old entries or the new ones, never
         neither (an item re-coded under a new id, as the store's seqs do, must not vanish for a moment).
         """
-        words = self._words(codes, "codes")
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if len(ids) != len(words):
-            raise ValueError(f"{len(words)} codes but {len(ids)} ids")
+        words, ids = self._words_and_ids(codes, ids)
         increasing = bool((np.diff(ids) > 0).all())  # the store's seqs: no duplicates, nothing to sort
         if not increasing:
             order = np.argsort(ids, kind="stable")  # (np.unique is ~15x slower in numpy 2.4)
@@ -223,10 +228,7 @@ class BinaryIndex(ABC):
 
         The memory-hash tables and a device mirror over these rows rebuild on their next use (as after a compaction).
         """
-        words = self._words(codes, "codes")
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if len(ids) != len(words):
-            raise ValueError(f"{len(words)} codes but {len(ids)} ids")
+        words, ids = self._words_and_ids(codes, ids)
         with self._lock.write():
             rows = self._rows_for(ids)
             found = rows >= 0

@@ -32,6 +32,15 @@ def clustered(rng, n, bits, centres=10, p=0.05):
     return np.packbits(base[rng.integers(0, centres, n)] ^ (rng.random((n, bits)) < p), axis=1)
 
 
+def clustered_flat(rng, backend, n, bits=32):
+    """A flat index of ``n`` clustered codes under ids 1..n (as the store's seqs): (index, codes, ids)."""
+    flat = make_index(bits, backend)
+    codes = clustered(rng, n, bits)
+    seqs = np.arange(1, n + 1, dtype=np.int64)
+    flat.add_with_ids(codes, seqs)
+    return flat, codes, seqs
+
+
 def brute(queries, codes, ids, radius):
     """Per query (D, ids) at distance < radius, by (distance, insertion order = position in codes)."""
     out = []
@@ -84,10 +93,7 @@ def test_matches_brute_force(probe, backend, bits, m):
 def test_kept_in_step_with_adds_removes_overwrites_and_compaction(probe, backend):
     rng = np.random.default_rng(5)
     bits, m = 32, 2
-    flat = make_index(bits, backend)
-    codes = clustered(rng, 3000, bits)
-    seqs = np.arange(1, 3001, dtype=np.int64)
-    flat.add_with_ids(codes, seqs)
+    flat, codes, seqs = clustered_flat(rng, backend, 3000, bits)
     mh = memhash_for(flat, m)
     assert memhash_for(flat, m) is mh and memhash_for(flat, m + 1) is not mh
     queries = np.concatenate([codes[:5], clustered(rng, 5, bits)])
@@ -187,10 +193,7 @@ def test_learned_codes_replaced_in_place_rebuild_the_tables(backend):
     the item where its new code falls, so they count as stale until rebuilt."""
     rng = np.random.default_rng(8)
     bits, m = 32, 2
-    flat = make_index(bits, backend)
-    codes = clustered(rng, 2000, bits)
-    seqs = np.arange(1, 2001, dtype=np.int64)
-    flat.add_with_ids(codes, seqs)
+    flat, codes, seqs = clustered_flat(rng, backend, 2000, bits)
     mh = memhash_for(flat, m)
     mh.build()
     queries = clustered(rng, 6, bits)

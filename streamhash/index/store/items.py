@@ -260,9 +260,7 @@ class Items:
     def recode(self, txn, key: bytes, rec: dict, gens: list[int], gen: int, seq: int, code: bytes) -> None:
         """A new code for a stored item, under a fresh ``seq`` logged in ``recodes``; its arrival stays in ``changes``."""
         db, arrived = self.env.db, arrival(rec)
-        self._drop_codes(txn, key, gens)
-        if rec["seq"] != arrived:
-            txn.delete(u64(rec["seq"]), db=db["recodes"])
+        self._drop_code_and_recode(txn, key, rec, gens)
         rec["seq"], rec["arrived"] = seq, arrived
         txn.put(key, json.dumps(rec).encode(), db=db["items"])
         txn.put(u64(gen) + key, code, db=db["codes"])
@@ -270,13 +268,13 @@ class Items:
 
     def unlink(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
         """Take an item out of the codes and both logs (it is written again, or removed)."""
-        db = self.env.db
-        self._drop_codes(txn, key, gens)
-        txn.delete(u64(arrival(rec)), db=db["changes"])
-        if rec["seq"] != arrival(rec):
-            txn.delete(u64(rec["seq"]), db=db["recodes"])
+        self._drop_code_and_recode(txn, key, rec, gens)
+        txn.delete(u64(arrival(rec)), db=self.env.db["changes"])
 
-    def _drop_codes(self, txn, key: bytes, gens: list[int]) -> None:
+    def _drop_code_and_recode(self, txn, key: bytes, rec: dict, gens: list[int]) -> None:
+        """The item's codes in the live generations, and its entry in ``recodes`` if a learned code made one."""
+        if rec["seq"] != arrival(rec):
+            txn.delete(u64(rec["seq"]), db=self.env.db["recodes"])
         for i, gen in enumerate(gens):
             if txn.delete(u64(gen) + key, db=self.env.db["codes"]):  # True when the item held a code there
                 if i:  # the generation being built lost this item's code: its catch-up writes it again
