@@ -17,8 +17,14 @@ Records (``key`` → ``value``):
   and the byte lengths ``code``, ``feature``, ``blob``. The blob is here because the images topic has
   delete retention: after it expires the changelog is the only copy of an image (needed by a re-encode and
   by ``GET /items/<id>/image``), and compaction keeps exactly one copy per live id.
+* **code update**: ``key`` = :data:`UPDATE_PREFIX` + the item id, ``value`` = ``b"SHU1"`` + JSON ``{"ts", "kind",
+  "learned_by", "code"}`` (the hex code): a learned code (``kind`` ``learned``) or a quarantine mark applied to the
+  item stored with timestamp ``ts``. Under its own key, so compaction keeps the item's state record where the item
+  arrived: a restore writes items in arrival order, the order a shard breaks Hamming ties in, and then applies
+  each update to the item with that timestamp as the shard's ``recodes`` log does (a re-sent item has another
+  timestamp: its old update is left out). Nothing but the code travels again, never the blob.
 * **tombstone**: ``key`` = the item id, ``value`` = null: the item was removed (compaction drops it after
-  ``delete.retention.ms``).
+  ``delete.retention.ms``). A removal sends one for the update key too.
 * **offsets marker**: ``key`` = :data:`OFFSETS_KEY` (not UTF-8, so no item id can be it), ``value`` = JSON
   ``{"offsets": [[topic, partition, next_offset], ...]}``: the images and codes offsets the shard stores
   with this batch, sent after the batch's item records. Compaction keeps the newest; a restore sets them.
@@ -37,10 +43,12 @@ from dataclasses import dataclass, field
 import orjson
 
 from streamhash.errors import InternalRecordRejected
-from streamhash.kafka.modelbus import SIGNATURE_HEADER, signature
+from streamhash.kafka.modelbus import SIGNATURE_HEADER, CodeUpdate, signature
 
 MAGIC = b"SHC1"
+UPDATE_MAGIC = b"SHU1"
 OFFSETS_KEY = b"\xffoffsets"  # 0xff never occurs in UTF-8: no item id collides with it
+UPDATE_PREFIX = b"\xfe"  # neither does 0xfe: an update's key never collides with an item id
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 << 10
 
@@ -61,6 +69,21 @@ class ItemState:
     quarantined: bool = False
     generation: int = 0
     feature: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Updated:
+    """A learned code (``kind="learned"``) or a quarantine mark for the item stored with timestamp ``ts``."""
+
+    id: str
+    ts: float
+    kind: str
+    code: bytes = b""
+    learned_by: int | None = None
+
+    def as_update(self) -> CodeUpdate:
+        """The update as the store applies one from the codes topic (matched by timestamp: a restore renumbers seqs)."""
+        return CodeUpdate(self.id, -1, self.kind, self.learned_by or 0, self.code, ts=self.ts)
 
 
 @dataclass(frozen=True)
@@ -86,8 +109,15 @@ def encode(state: ItemState) -> tuple[bytes, bytes]:
     return state.id.encode(), b"".join((MAGIC, _LEN.pack(len(head)), head, state.code, feature, state.blob))
 
 
-def encode_tombstone(item_id: str) -> tuple[bytes, None]:
-    return item_id.encode(), None
+def encode_update(u: Updated) -> tuple[bytes, bytes]:
+    """(key, value) of a code-update record."""
+    head = {"ts": u.ts, "kind": u.kind, "learned_by": u.learned_by, "code": u.code.hex()}
+    return UPDATE_PREFIX + u.id.encode(), UPDATE_MAGIC + orjson.dumps(head)
+
+
+def encode_tombstones(item_id: str) -> list[tuple[bytes, None]]:
+    """A removal: the item's state and its code update, if it had one."""
+    return [(item_id.encode(), None), (UPDATE_PREFIX + item_id.encode(), None)]
 
 
 def encode_offsets(offsets: dict[tuple[str, int], int], label_names: dict | None = None) -> tuple[bytes, bytes]:
@@ -103,7 +133,7 @@ def sign_headers(secret: bytes | None, topic: str, key: bytes, value: bytes | No
 
 
 def parse(key: bytes | None, value: bytes | None, headers=None, *, topic: str = "",
-          secret: bytes | None = None) -> ItemState | Removed | Offsets:
+          secret: bytes | None = None) -> ItemState | Updated | Removed | Offsets:
     """A changelog record, or :class:`InternalRecordRejected` (stage ``changelog``) saying why."""
     if secret is not None:
         got = [v for k, v in (headers or []) if k == SIGNATURE_HEADER]
@@ -111,15 +141,31 @@ def parse(key: bytes | None, value: bytes | None, headers=None, *, topic: str = 
             raise InternalRecordRejected("changelog", f"{topic}: unsigned or badly signed record {key[:40]!r}")
     if key == OFFSETS_KEY:
         return _offsets(value)
+    update = key is not None and key[:1] == UPDATE_PREFIX
+    raw = key[1:] if update else key
     try:
-        item_id = key.decode("utf-8") if key else ""
+        item_id = raw.decode("utf-8") if raw else ""
     except UnicodeDecodeError:
         item_id = ""
-    if not item_id or len(key) > 256:
+    if not item_id or len(raw) > 256:
         raise InternalRecordRejected("changelog", f"key {key[:40]!r} is not an item id")
     if value is None:
         return Removed(item_id)
-    return _state(item_id, value)
+    return _update(item_id, value) if update else _state(item_id, value)
+
+
+def _update(item_id: str, value: bytes) -> Updated:
+    if value[:4] != UPDATE_MAGIC:
+        raise InternalRecordRejected("changelog", f"{item_id!r}: not a {UPDATE_MAGIC!r} record")
+    try:
+        h = orjson.loads(value[4:])
+        kind = h["kind"]
+        if kind not in ("learned", "quarantine"):
+            raise ValueError(f"kind {kind!r}")
+        return Updated(item_id, float(h["ts"]), kind, bytes.fromhex(h["code"]),
+                       None if h["learned_by"] is None else int(h["learned_by"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InternalRecordRejected("changelog", f"{item_id!r}: {exc}"[:300]) from None
 
 
 def _offsets(value: bytes | None) -> Offsets:

@@ -7,8 +7,8 @@ the learner's data directory) and feeds a :class:`~streamhash.index.feed.Learnin
 
 - an id never seen, or seen with another timestamp (a re-sent id), is a new item: observed (labeled ones to learn;
   a learned or quarantined state, as a replay from the log start meets them, frozen);
-- a state of a known item with the same timestamp is a change its worker made: a learned code applied (the
-  sink's code of the item becomes it), a quarantine mark;
+- a state of a known item with the same timestamp is a change its worker made; so is an update record (a learned
+  code applied: the sink's code of the item becomes it; a quarantine mark) naming the timestamp the item has;
 - a tombstone forgets the item, unless the item lives in another partition now (a stale copy removed);
 - the offsets markers are skipped; what this feed has read is stored with the items, one transaction per poll.
 
@@ -29,6 +29,7 @@ anyway; a learned code applied keeps the timestamp, a re-sent item has another o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -56,12 +57,16 @@ class _Read:
     """One poll's worth of records, an id's last entry winning (a removal from another partition never does)."""
 
     last: dict = field(default_factory=dict)  # id -> (partition, ItemState | Removed)
+    updates: dict = field(default_factory=dict)  # id -> (partition, Updated): applied after the states
     offsets: dict = field(default_factory=dict)  # partition -> next offset
     n: int = 0
     bytes: int = 0
 
     def add(self, partition: int, got) -> None:
         if isinstance(got, cl.Offsets):
+            return
+        if isinstance(got, cl.Updated):
+            self.updates[got.id] = (partition, got)
             return
         held = self.last.get(got.id)
         if isinstance(got, cl.Removed) and held is not None and held[0] != partition:
@@ -111,7 +116,8 @@ class ChangelogFeed:
         try:
             state = cl.parse(rec.key, rec.value, rec.headers, topic=rec.topic, secret=self.secret)
             bits = self.hasher.net.cfg.bits
-            if isinstance(state, cl.ItemState) and len(state.code) * 8 != bits:
+            coded = isinstance(state, cl.ItemState) or (isinstance(state, cl.Updated) and state.kind == "learned")
+            if coded and len(state.code) * 8 != bits:
                 raise InternalRecordRejected("changelog", f"{state.id!r}: a {len(state.code) * 8}-bit code, the "
                                              f"learner's model has {bits} (model.bits)")
             got.add(partition, state)
@@ -157,6 +163,7 @@ class ChangelogFeed:
 
     # -- applying ---------------------------------------------------------------------------------------------
     def _apply(self, got: _Read) -> None:
+        updates = _merge_updates(got)
         entries = [(i, p, e) for i, (p, e) in got.last.items()]
         states = [(i, p, e) for i, p, e in entries if isinstance(e, cl.ItemState)]
         codes = self._effective_codes([e for _, _, e in states])
@@ -176,6 +183,16 @@ class ChangelogFeed:
                 fresh = old is None or not _same_ts(old["ts"], e.ts)
                 self.state.put(txn, i, rec, pack_input(e.feature, e.blob, e.ctype) if fresh else None)
                 (new if fresh else changed).append((i, rec))
+            for i, (p, u) in updates.items():
+                old = self.state.get(txn, i)
+                if old is None or old["p"] != p or not _same_ts(old["ts"], u.ts):
+                    continue  # removed, or sent again since: the update is stale
+                fields = _updated_fields(u)
+                if "code" in fields:
+                    fields["code"] = fields["code"].hex()  # as the state store keeps codes
+                rec = {**old, **fields}
+                self.state.put(txn, i, rec)
+                changed.append((i, rec))
             self.state.put_offsets(txn, got.offsets)
 
         self.state.write(fn)
@@ -315,6 +332,26 @@ class ChangelogFeed:
             self.consumer.close(autocommit=False)
         finally:
             self.state.close()
+
+
+def _merge_updates(got: _Read) -> dict:
+    """Updates of states read with them folded into those states (an item new to the feed comes in learned or
+    quarantined, as a replay of its full state would); the rest, for items read before, returned."""
+    rest = {}
+    for i, (p, u) in got.updates.items():
+        held = got.last.get(i)
+        if held is not None and held[0] == p and isinstance(held[1], cl.ItemState) and _same_ts(held[1].ts, u.ts):
+            got.last[i] = (p, dataclasses.replace(held[1], **_updated_fields(u)))
+        elif held is None:
+            rest[i] = (p, u)
+    return rest
+
+
+def _updated_fields(u: cl.Updated) -> dict:
+    """What an update changes in an item's state."""
+    if u.kind == "learned":
+        return {"code": u.code, "learned": True, "learned_by": u.learned_by}
+    return {"quarantined": True}
 
 
 def _codes(recs: list[dict]) -> np.ndarray:

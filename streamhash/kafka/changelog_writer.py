@@ -1,10 +1,10 @@
 """The checkpoint's changelog step: each shard write's new item states sent to changelog partition p, acknowledged
 before the shard's transaction stores where the changelog stands (:mod:`streamhash.kafka.changelog`).
 
-A state is what the shard will hold once the write commits: an image written with its code, a learned code or a
-quarantine mark applied to the item as it is now (read from the shard: its labels, blob and feature), a removal
-as a tombstone. A learned code the shard would skip (its item written again since, in this batch or before:
-another seq) sends nothing. The batch's offsets follow as one marker record. A batch retried after a failure
+A record is what the shard will hold once the write commits: an image written with its code (its state), a
+learned code or a quarantine mark as an update of the item with its timestamp (the code only: the item's state
+record stays where it arrived), a removal as tombstones. A learned code the shard would skip (its item written
+again since, in this batch or before: another seq) sends nothing. The batch's offsets follow as one marker record. A batch retried after a failure
 sends its records again: later records of an id replace earlier ones, so a duplicate changes no restored state.
 An image's code is the one encoded for the batch: if a re-encode swapped the shard meanwhile and the write encodes
 again, the changelog keeps the earlier code with the network that made it (``model``), which a restored shard's
@@ -12,8 +12,6 @@ re-encode redoes like any stale code.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from streamhash import metrics as m
 from streamhash.index import label_names
@@ -80,19 +78,18 @@ class ChangelogWriter:
                for j, r in enumerate(w.records)]
         rewritten = {r.id for r in w.records} | set(w.removals)  # an update for them is stale once the write commits
         out += [rec for u in w.updates if u.item_id not in rewritten and (rec := self._updated(w.store, u))]
-        out += [cl.encode_tombstone(i) for i in w.removals]
+        out += [t for i in w.removals for t in cl.encode_tombstones(i)]
         out.append(cl.encode_offsets(w.offsets, label_names.after(w.store, w.records, w.stamps)))
         return out
 
     def _updated(self, store, u) -> tuple[bytes, bytes] | None:
-        """The state a learned code or quarantine mark leaves its item in; None if the shard will skip it."""
-        rec = store.get_item(u.item_id, with_blob=True)
+        """The update record of a learned code or quarantine mark; None if the shard will skip it."""
+        rec = store.get_item(u.item_id)
         if rec is None or not u.matches(rec):
             return None
-        state = _state(u.item_id, rec, _feature(store, u.item_id))
-        if u.kind == "learned":
-            return cl.encode(dataclasses.replace(state, code=u.code, learned=True, learned_by=u.model_version))
-        return cl.encode(dataclasses.replace(state, quarantined=True))
+        learned = u.kind == "learned"
+        return cl.encode_update(cl.Updated(u.item_id, float(rec["ts"]), u.kind, u.code if learned else b"",
+                                           u.model_version if learned else None))
 
 
 def _feature(store, item_id: str) -> bytes | None:

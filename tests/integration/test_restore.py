@@ -121,6 +121,7 @@ def test_a_wiped_root_restores_from_the_changelog_to_the_same_shards(broker, tmp
         app.BatchPipeline.encode = real
     after = dump(root)
     assert after["items"] == before["items"]  # ids, labels, codes, provenance, blobs
+    assert list(after["items"]) == list(before["items"]), "the restored shards hold their items in another order"
     assert {k: v for k, v in after["offsets"].items() if not k.endswith(".changelog:0")} == \
         {k: v for k, v in before["offsets"].items() if not k.endswith(".changelog:0")}
     assert sum(encoded) == 0, "a restore encoded images"

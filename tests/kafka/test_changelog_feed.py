@@ -88,36 +88,43 @@ def test_items_codes_and_removals_of_every_partition_reach_the_learner_and_a_res
     ups = feed.code_updates(["i5"], "learned", 2, {"i5": np.array([1, 2, 3, 4], np.uint8)})
     assert ups == [(1, cl_update("i5", 105.0))] and "i5" not in feed.pending_at
 
-    # the worker applied the code (same ts: a change); a re-sent id (new ts) is new; a stale copy's tombstone on
-    # another partition is ignored, a real one forgets
-    send(1, *cl.encode(state("i5", images[5], (0,), 105.0, code=b"\1\2\3\4", learned=True)))
+    # the worker applied the code (an update naming the item's ts); one naming another ts is stale; a re-sent id
+    # (new ts) is new; a stale copy's tombstones on another partition are ignored, real ones forget
+    send(1, *cl.encode_update(cl.Updated("i5", 105.0, "learned", b"\1\2\3\4", 2)))
+    send(1, *cl.encode_update(cl.Updated("i1", 99.0, "learned", b"\9\9\9\9", 2)))
     send(2, *cl.encode(state("i2", images[2], (3,), 200.0)))
-    send(3, *cl.encode_tombstone("i2"))  # i2 lives in partition 2
-    send(0, *cl.encode_tombstone("i8"))  # i8 lives in partition 0
+    for tombstone in cl.encode_tombstones("i2"):  # i2 lives in partition 2
+        send(3, *tombstone)
+    for tombstone in cl.encode_tombstones("i8"):  # i8 lives in partition 0
+        send(0, *tombstone)
     producer.flush()
-    assert read_all(feed, 4) == 4
+    assert read_all(feed, 7) == 7
     assert sink.items["i5"][0] == b"\1\2\3\4" and "i5" not in feed.pending_at
+    assert sink.items["i1"][0] == b"\0\0\0\0" and "i1" in feed.pending_at
     assert sink.items["i2"][1] == {3} and feed.pending_at["i2"] == (2, 200.0)
     assert "i8" not in sink.items and sink.forgotten == ["i8"] and "i8" not in feed.pending_at
     feed.close()
 
-    # a restart: the state store into a new sink, then only what came since
+    # a restart: the state store into a new sink, then only what came since (an item and its learned code in one
+    # read: it comes in learned)
     send(3, *cl.encode(state("i99", images[0], (1,), 300.0)))
+    send(3, *cl.encode_update(cl.Updated("i99", 300.0, "learned", b"\5\5\5\5", 2)))
     producer.flush()
     producer.close()
     again = Sink()
     feed = feed_for(kafka_settings, tmp_path / "learner", again)
-    assert read_all(feed, 1) == 1
-    assert feed.poll() == 0 and feed.records_read == 1  # the tail alone
+    assert read_all(feed, 2) == 2
+    assert feed.poll() == 0 and feed.records_read == 2  # the tail alone
     assert set(again.items) == {f"i{k}" for k in range(12) if k != 8} | {"i99"}
     assert again.items["i5"][2:] == (True, True)  # a learned code: frozen
+    assert again.items["i99"][0] == b"\5\5\5\5" and again.items["i99"][2:] == (True, True)
     assert again.items["i0"][2] and not again.items["i1"][2]  # unlabeled: frozen; labeled never learned: pending
-    assert set(feed.pending_at) == {f"i{k}" for k in range(12) if k % 3 and k not in (5, 8)} | {"i99"}
+    assert set(feed.pending_at) == {f"i{k}" for k in range(12) if k % 3 and k not in (5, 8)}
 
     # a re-encode announced (model 3 opened the generation): inferred codes of older networks re-encoded with it,
     # learned ones kept
     net = HashNet(HashNetConfig(bits=32, seed=7))
-    assert feed.rebase(3, net) == 12 - 1  # every item but the learned i5 (i8 removed, i99 added)
+    assert feed.rebase(3, net) == 12 - 2  # every item but the learned i5 and i99 (i8 removed, i99 added)
     want = net.encode(decode_images([(encode_png(images[1]), "image/png")], ImageSpec()))[0].tobytes()
     assert again.items["i1"][0] == want and again.items["i5"][0] == b"\1\2\3\4"
     assert feed.rebase(3, net) == 0  # done once

@@ -20,9 +20,15 @@ def test_item_state_round_trip(kw):
     assert cl.parse(key, value) == s
 
 
-def test_tombstone_and_offsets_marker():
-    key, value = cl.encode_tombstone("a")
-    assert cl.parse(key, value) == cl.Removed("a")
+@pytest.mark.parametrize("u", [cl.Updated("c3-1", 12.5, "learned", bytes(range(8)), 5), cl.Updated("é 1", 3.0, "quarantine")])
+def test_update_round_trip_under_a_key_no_item_id_has(u):
+    key, value = cl.encode_update(u)
+    assert cl.parse(key, value) == u
+    assert key != u.id.encode() and key.startswith(cl.UPDATE_PREFIX)
+
+
+def test_tombstones_and_offsets_marker():
+    assert [cl.parse(*t) for t in cl.encode_tombstones("a")] == [cl.Removed("a"), cl.Removed("a")]
     offsets = {("t.images", 3): 17, ("t.codes", 3): 5}
     assert cl.parse(*cl.encode_offsets(offsets)) == cl.Offsets(offsets)
     with pytest.raises(InternalRecordRejected):  # the marker's key is no item id: a tombstone of it is refused
@@ -33,6 +39,13 @@ def test_tombstone_and_offsets_marker():
 def test_malformed_values_are_refused(value):
     with pytest.raises(InternalRecordRejected):
         cl.parse(b"x", value)
+
+
+@pytest.mark.parametrize("value", [b"junk", cl.MAGIC + b"{}", cl.UPDATE_MAGIC + b'{"ts": 1, "kind": "erase", "learned_by": 1, '
+                                   b'"code": ""}', cl.UPDATE_MAGIC + b'{"ts": 1, "kind": "learned", "learned_by": 1, "code": "zz"}'])
+def test_malformed_updates_are_refused(value):
+    with pytest.raises(InternalRecordRejected):
+        cl.parse(cl.UPDATE_PREFIX + b"x", value)
 
 
 def test_signed_records():

@@ -214,26 +214,31 @@ class Items:
             gen, seq = int(meta["generation"]), int(meta["next_seq"])
             gens, results = live_generations(meta), {"applied": 0, "quarantined": 0, "stale": 0, "missing": 0}
             for u in updates:
-                key = u.item_id.encode()
-                raw = txn.get(key, db=db["items"])
-                rec = json.loads(raw) if raw is not None else None
-                if rec is None or not u.matches(rec):
-                    results["missing" if rec is None else "stale"] += 1
-                elif u.kind == "quarantine":
-                    txn.put(key, json.dumps({**rec, "quarantined": True}).encode(), db=db["items"])
-                    results["quarantined"] += 1
-                elif len(u.code) != self.code_bytes:
-                    raise StoreError(f"learned code of {len(u.code)} bytes for item {u.item_id!r}, store holds {self.code_bytes}")
-                else:
-                    rec["learned_by"] = u.model_version  # the published model this code was learned with
-                    self._learned(txn, key, rec, gens, gen, seq, u.code)
-                    seq += 1
-                    results["applied"] += 1
+                result = self.update_in(txn, u, gens, gen, seq)
+                seq += result == "applied"
+                results[result] += 1
             txn.put(b"next_seq", json.dumps(seq).encode(), db=db["meta"])
             self.offsets.put(txn, offsets)
             return results
 
         return self.env.write(txn_fn)
+
+    def update_in(self, txn, u, gens: list[int], gen: int, seq: int) -> str:
+        """One update in ``txn``: ``applied`` (a learned code, under ``seq``), ``quarantined``, ``stale`` or
+        ``missing``."""
+        db, key = self.env.db, u.item_id.encode()
+        raw = txn.get(key, db=db["items"])
+        rec = json.loads(raw) if raw is not None else None
+        if rec is None or not u.matches(rec):
+            return "missing" if rec is None else "stale"
+        if u.kind == "quarantine":
+            txn.put(key, json.dumps({**rec, "quarantined": True}).encode(), db=db["items"])
+            return "quarantined"
+        if len(u.code) != self.code_bytes:
+            raise StoreError(f"learned code of {len(u.code)} bytes for item {u.item_id!r}, store holds {self.code_bytes}")
+        rec["learned_by"] = u.model_version  # the published model this code was learned with
+        self._learned(txn, key, rec, gens, gen, seq, u.code)
+        return "applied"
 
     def quarantine(self, ids: list[str]) -> None:
         """Mark items as never to be learned from (a learning round failed on them); they stay indexed.

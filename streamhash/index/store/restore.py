@@ -5,6 +5,11 @@ they bring the shard to in one LMDB transaction: one per several thousand record
 cost quix-streams #351 measured), so a restore runs well above the ingest rate and never runs a network: each
 entry carries its code (inferred or learned) with its provenance. Within a run an id's last entry wins.
 
+Items take seqs in the order their state records come, which is the order they arrived: a learned code or a
+quarantine mark is an update record of its own (:class:`~streamhash.kafka.changelog.Updated`), applied after the
+run's states to the item with its timestamp as the worker applies one from the codes topic (a learned code takes a
+seq in ``recodes``; its item keeps its place among its Hamming ties).
+
 Every item is written into the shard's current generation with the record's provenance (``model``: the
 network that inferred it; ``learned``/``learned_by``). A restored shard then adopts the announced model like
 any shard opened late: when its generation is behind, the re-encoder re-encodes the items whose inferred code
@@ -29,11 +34,16 @@ log = logging.getLogger(__name__)
 
 
 def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict[str, int]:
-    """Write ``entries`` (:class:`~streamhash.kafka.changelog.ItemState` / ``Removed``) and ``offsets`` in one
+    """Write ``entries`` (:class:`~streamhash.kafka.changelog.ItemState` / ``Updated`` / ``Removed``) and ``offsets`` in one
     transaction. Returns counts: ``written``, ``removed``, ``refused`` (a code of another length than the shard's),
-    ``unchanged`` (the shard already held that exact state: left as it is, under its seq)."""
+    ``unchanged`` (the shard already held that exact state: left as it is, under its seq), ``updated`` (learned
+    codes and quarantine marks applied) and ``stale`` (updates of an item removed or sent again since)."""
     last: dict = {}
+    updates: dict = {}
     for e in entries:
+        if hasattr(e, "kind"):  # an update (kafka.changelog.Updated); the store does not import the Kafka side
+            updates[e.id] = e
+            continue
         last.pop(e.id, None)  # re-inserted: the seq order follows each id's last entry
         last[e.id] = e
     items, env = store.items, store._env
@@ -43,7 +53,7 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
         meta = env.read_meta(txn)
         gen, seq = int(meta["generation"]), int(meta["next_seq"])
         gens = live_generations(meta)
-        counts = {"written": 0, "removed": 0, "refused": 0, "unchanged": 0}
+        counts = {"written": 0, "removed": 0, "refused": 0, "unchanged": 0, "updated": 0, "stale": 0}
         features_db = db.get("features")
         for item_id, e in last.items():
             key = item_id.encode()
@@ -77,6 +87,16 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
                 txn.delete(key, db=features_db)
             seq += 1
             counts["written"] += 1
+        for u in updates.values():
+            if len(u.code) not in (0, store.code_bytes) or (u.kind == "learned" and not u.code):
+                counts["refused"] += 1
+            elif _holds_update(txn, db, u, gen):
+                counts["unchanged"] += 1
+            elif items.update_in(txn, u.as_update(), gens, gen, seq) in ("applied", "quarantined"):
+                seq += u.kind == "learned"
+                counts["updated"] += 1
+            else:
+                counts["stale"] += 1
         if items.feature_spec and not meta.get("features") and any(getattr(e, "feature", None) for e in last.values()):
             env.put_meta(txn, {"features": items.feature_spec})  # as a write's first feature does: readers shape them by it
         store.offset_map.put(txn, offsets)
@@ -86,6 +106,18 @@ def apply_changelog(store, entries, offsets: dict[tuple[str, int], int]) -> dict
         return counts
 
     return env.write(txn_fn)
+
+
+def _holds_update(txn, db, u, gen: int) -> bool:
+    """Whether the item already carries this update: a record replayed into a shard that has it takes no new seq."""
+    raw = txn.get(u.id.encode(), db=db["items"])
+    rec = json.loads(raw) if raw is not None else None
+    if rec is None or not u.as_update().matches(rec):
+        return False
+    if u.kind == "quarantine":
+        return bool(rec.get("quarantined"))
+    return bool(rec.get("learned")) and rec.get("learned_by") == u.learned_by and \
+        txn.get(u64(gen) + u.id.encode(), db=db["codes"]) == u.code
 
 
 def _record(e, meta: dict) -> dict:

@@ -87,3 +87,29 @@ def test_a_read_cut_between_the_two_logs_leaves_the_rest_for_the_next(tmp_path):
     first = s.changes_since(10, 3)[2]
     assert [(c.seq, c.deleted) for c in first] == [(11, False), (12, False), (13, False)]
     assert [(c.seq, c.deleted) for c in s.changes_since(13, 3)[2]] == [(14, False), (15, True)]
+
+
+def test_a_restore_keeps_arrival_order_and_applies_updates_by_timestamp(tmp_path):
+    """The changelog as the worker writes it now: states where items arrived, learned codes and quarantine marks as
+    updates after them. A restored shard holds the items in arrival order (a learned one keeps its place), and a run
+    replayed into it changes nothing."""
+    from streamhash.index.store.restore import apply_changelog
+    from streamhash.kafka import changelog as cl
+
+    def state(k: int) -> cl.ItemState:
+        return cl.ItemState(f"id{k}", bytes([k] * 4), b"blob", "image/png", (k,), 100.0 + k, model=1)
+
+    s = Store(tmp_path, bits=32)
+    assert apply_changelog(s, [state(0), state(1), state(2)], {})["written"] == 3
+    run = [state(3), cl.Updated("id1", 101.0, "learned", bytes([9] * 4), 2), cl.Updated("id2", 102.0, "quarantine"),
+           cl.Updated("id0", 555.0, "learned", bytes([8] * 4), 2)]  # id0's names another image: stale
+    got = apply_changelog(s, run, {})
+    assert (got["written"], got["updated"], got["stale"]) == (1, 2, 1)
+    snap = s.snapshot()
+    assert snap.ids == ["id0", "id1", "id2", "id3"] and snap.learned.tolist() == [False, True, False, False]
+    rec = s.get_item("id1")
+    assert rec["code"] == bytes([9] * 4) and rec["learned_by"] == 2 and s.get_item("id2")["quarantined"]
+    assert raw_log(s, "recodes") == {5: "id1"}  # after arrivals 1-4
+    seq = s.read_meta()["next_seq"]
+    again = apply_changelog(s, run, {})
+    assert (again["unchanged"], again["updated"], s.read_meta()["next_seq"]) == (3, 0, seq)
