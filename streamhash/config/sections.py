@@ -138,8 +138,6 @@ class LearnSettings(BaseModel):
     # hold-out's mAP stops rising (benchmarks/journal/2026-12-07-head-restart.md)
     restart_head: bool = True
     restart_factor: int = Field(3, ge=1)
-    # That round ends with the network and codes of its alternation that scored best on the hold-out
-    keep_best: bool = False
     batch_size: int = Field(64, ge=1)
     new_fraction: float = Field(0.5, ge=0, le=1)  # share of Omega drawn from the round's new items
     gamma: float = 200.0

@@ -54,8 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LearnSettings.restart_head: a round that brings a new label starts the hash head afresh")
     parser.add_argument("--restart-factor", type=int, default=None,
                         help="LearnSettings.restart_factor: such a round's most alternations, in rounds' worth")
-    parser.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
-                        help="LearnSettings.keep_best: such a round ends with its best alternation on the hold-out")
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder, or CIFAR-10's (streamhash.data.cifar10)")
 
 
@@ -76,7 +74,7 @@ def config_from_args(args):
                      ("holdout_fraction", "holdout_fraction"), ("reservoir", "reservoir_size"),
                      ("reservoir_strata", "reservoir_strata"), ("fresh_optimizer", "fresh_optimizer"),
                      ("relearn", "relearn"), ("restart_head", "restart_head"),
-                     ("restart_factor", "restart_factor"), ("keep_best", "keep_best")):
+                     ("restart_factor", "restart_factor")):
         if getattr(args, arg) is not None:
             learn[key] = getattr(args, arg)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

@@ -101,7 +101,6 @@ class DIHNLearner(ItemBook):
         fresh_optimizer: bool = True,
         restart_head: bool = True,
         restart_factor: int = 3,
-        keep_best: bool = False,
     ):
         self.net = net.to(device)
         super().__init__(net.cfg.bits)  # the item bookkeeping
@@ -114,8 +113,6 @@ class DIHNLearner(ItemBook):
         self.fresh_optimizer = bool(fresh_optimizer)
         # a round that brings a new label starts the hash head afresh and trains up to restart_factor x iters
         self.restart_head, self.restart_factor = bool(restart_head), int(restart_factor)
-        # such a round ends with the network and codes of its best alternation on the hold-out, not its last
-        self.keep_best = bool(keep_best)
         self.device = torch.device(device)
         self.seed = int(seed)
         self.loss_fn = DIHNLoss(self.bits, gamma, mu, balance)
@@ -217,11 +214,10 @@ class DIHNLearner(ItemBook):
         new_rows = np.flatnonzero(pending | (self._group[:n] >= 0) if relearn else pending)
         before = self._codes[new_rows].copy()
         restart = self.restart_head and novel and len(new_rows) > 0 and (iters is None or iters > 0)
-        plateau = None
         if restart:
             self._restart_head()
             if iters is None:
-                iters, until, plateau = self._restart_budget(fetch, until, new_rows)
+                iters, until = self._restart_budget(fetch, until)
         iters = self.iters if iters is None else int(iters)
         last_loss = float("nan")
         m = done = 0
@@ -242,10 +238,6 @@ class DIHNLearner(ItemBook):
                 done += 1
                 if until is not None and until():
                     break
-        if plateau is not None and plateau.kept is not None and plateau.since:
-            net_state, codes = plateau.kept
-            self.net.load_state_dict(net_state)
-            self._codes[new_rows] = codes
         self._frozen[new_rows] = True
         self.rounds += 1
         moved = (self._codes[new_rows] != before).any(axis=1)
@@ -274,8 +266,7 @@ class DIHNLearner(ItemBook):
             for p in (head.weight, head.bias):
                 p.copy_(torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=self._gen))
 
-    def _restart_budget(self, fetch: FetchImages, until: ShouldStop | None,
-                        new_rows: np.ndarray) -> tuple[int, ShouldStop | None, Plateau | None]:
+    def _restart_budget(self, fetch: FetchImages, until: ShouldStop | None) -> tuple[int, ShouldStop | None]:
         """A restarted head's round: ``iters`` alternations at least, ``restart_factor`` x ``iters`` at most, ended
         when the hold-out's mAP stops rising (:class:`streamhash.learn.holdout.Plateau`); ``iters`` alone without a
         hold-out to judge by."""
@@ -284,16 +275,13 @@ class DIHNLearner(ItemBook):
         held = sample_rows(np.flatnonzero(lab & self._held[:n]), MAX_QUERIES, self._rng)
         db = sample_rows(np.flatnonzero(lab & ~self._held[:n]), MAX_DATABASE, self._rng)
         if not len(held) or not len(db) or self.restart_factor <= 1:
-            return self.iters, until, None
+            return self.iters, until
         images = fetch(self._ids.get(held))
         label_sets = lambda rows: [self._groups[g] for g in self._group[rows]]  # noqa: E731
-        keep = (lambda: ({k: v.detach().clone() for k, v in self.net.state_dict().items()},
-                         self._codes[new_rows].copy())) if self.keep_best else None
         plateau = Plateau(holdout_map(lambda: self.encode(images), label_sets(held), lambda: self._codes[db],
-                                      label_sets(db), self.bits), least=self.iters, keep=keep)
+                                      label_sets(db), self.bits), least=self.iters)
         # both asked every alternation: the caller's ``until`` may count them (a budget)
-        stop = plateau if until is None else (lambda: plateau() | until())
-        return self.iters * self.restart_factor, stop, plateau
+        return self.iters * self.restart_factor, plateau if until is None else (lambda: plateau() | until())
 
     def _train_net(self, x: torch.Tensor, omega_rows: np.ndarray, stats: dict, should_stop: ShouldStop | None = None) -> float:
         g = torch.from_numpy(self._group[omega_rows].astype(np.int64))
@@ -342,7 +330,7 @@ class DIHNLearner(ItemBook):
                       "batch_size": self.batch_size, "new_fraction": self.new_fraction, "soft": self.soft,
                       "balance": self.balance, "seed": self.seed, "relearn": self.relearn,
                       "fresh_optimizer": self.fresh_optimizer, "restart_head": self.restart_head,
-                      "restart_factor": self.restart_factor, "keep_best": self.keep_best},
+                      "restart_factor": self.restart_factor},
             "rounds": self.rounds,
             **self._items_state(),
             "opt": self._opt.state_dict(),

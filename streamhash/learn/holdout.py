@@ -31,10 +31,9 @@ class Plateau:
     """``until`` for :meth:`~streamhash.learn.dihn.DIHNLearner.learn_round`: True after at least ``least``
     alternations once ``score()`` has not beaten its best for ``patience`` alternations in a row."""
 
-    def __init__(self, score: Callable[[], float], *, least: int, patience: int = 3, keep: Callable[[], object] | None = None):
-        self.score, self.least, self.patience, self.keep = score, int(least), int(patience), keep
+    def __init__(self, score: Callable[[], float], *, least: int, patience: int = 3):
+        self.score, self.least, self.patience = score, int(least), int(patience)
         self.best, self.since, self.done, self.trace = -np.inf, 0, 0, []
-        self.kept = None  # keep() at the best score: what the round ends with, where it wants the best
 
     def __call__(self) -> bool:
         self.done += 1
@@ -42,8 +41,6 @@ class Plateau:
         self.trace.append(s)
         if s > self.best:
             self.best, self.since = s, 0
-            if self.keep is not None:
-                self.kept = self.keep()
         else:
             self.since += 1
         return self.done >= self.least and self.since >= self.patience

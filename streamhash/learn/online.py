@@ -121,7 +121,7 @@ class OnlineHasher:
             kw = {"gamma": s.gamma, "mu": s.mu, "omega": s.omega, "epochs": s.epochs, "iters": s.iters, "lr": s.lr,
                   "batch_size": s.batch_size, "new_fraction": s.new_fraction, "seed": seed, "device": device,
                   "fresh_optimizer": s.fresh_optimizer, "relearn": s.relearn, "restart_head": s.restart_head,
-                  "restart_factor": s.restart_factor, "keep_best": s.keep_best}
+                  "restart_factor": s.restart_factor}
             learner = DIHNLearner(net, **{**kw, **learner_kwargs})
         self.learner = learner
         self.seed = int(seed)

@@ -56,10 +56,7 @@ def run_rounds(monkeypatch, scores, *, held=True, factor=3):
     ``scores``: the hold-out mAP each alternation reports (None: the real one). Returns round 2's alternations."""
     it = iter(scores or ())
     monkeypatch.setattr(dihn, "holdout_map", HOLDOUT_MAP if scores is None else lambda *a, **k: lambda: next(it))
-    return two_rounds(learner(restart_factor=factor), held)[1].iterations
-
-
-def two_rounds(L, held=True):
+    L = learner(restart_factor=factor)
     x, y = np.concatenate([synth(100, [0, 1], 1)[0], synth(100, [1, 2], 2)[0]]), np.r_[synth(100, [0, 1], 1)[1],
                                                                                        synth(100, [1, 2], 2)[1]]
     fetch = lambda ids: x[np.asarray(ids)]  # noqa: E731
@@ -67,26 +64,7 @@ def two_rounds(L, held=True):
     L.add_items(range(100), L.encode(x[:100]), y[:100], frozen=False, held=hold[:100])
     assert L.learn_round(fetch).iterations == 2
     L.add_items(range(100, 200), L.encode(x[100:]), y[100:], frozen=False, held=hold[100:])
-    return L, L.learn_round(fetch)
-
-
-@pytest.mark.parametrize("keep_best", [True, False])
-def test_keep_best_ends_the_round_with_its_best_alternation(monkeypatch, keep_best):
-    """Scores 0.1, 0.9, 0.2, 0.3, 0.4: the round stops after the fifth; with keep_best the network and the round's
-    codes are those the second left, else the fifth's."""
-    L, seen, scores = learner(restart_factor=3, keep_best=keep_best), [], iter([0.1, 0.9, 0.2, 0.3, 0.4])
-
-    def score():
-        seen.append((params(L.net), L._codes[:200].copy()))
-        return next(scores)
-
-    monkeypatch.setattr(dihn, "holdout_map", lambda *a, **k: score)
-    _, got = two_rounds(L)
-    assert got.iterations == 5
-    want_net, want_codes = seen[1 if keep_best else 4]
-    assert same(params(L.net), want_net) and not same(params(L.net), seen[4 if keep_best else 1][0])
-    np.testing.assert_array_equal(L._codes[:200], want_codes)
-    assert dict(zip(got.ids, map(bytes, got.codes))) == {i: bytes(want_codes[i]) for i in got.ids}
+    return L.learn_round(fetch).iterations
 
 
 def test_a_restarted_round_runs_while_the_holdout_improves_and_stops_at_its_plateau(monkeypatch):
@@ -99,7 +77,6 @@ def test_a_restarted_round_runs_while_the_holdout_improves_and_stops_at_its_plat
 
 
 def test_restart_settings_reach_the_learner_and_survive_a_save():
-    h = OnlineHasher(HashNet(HashNetConfig(bits=16, seed=0)),
-                     LearnSettings(restart_head=False, restart_factor=5, keep_best=True))
+    h = OnlineHasher(HashNet(HashNetConfig(bits=16, seed=0)), LearnSettings(restart_head=False, restart_factor=5))
     L = DIHNLearner.from_bytes(h.learner.to_bytes())
-    assert (L.restart_head, L.restart_factor, L.keep_best) == (False, 5, True)
+    assert (L.restart_head, L.restart_factor) == (False, 5)
