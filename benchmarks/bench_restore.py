@@ -1,6 +1,6 @@
 """A shard restored from the changelog against the same shard ingested, in one run (issue 25).
 
-    python benchmarks/bench_restore.py [--items 100000] [--relabels 0.02] [--json]
+    python benchmarks/bench_restore.py [--items 100000] [--relabels 0.02] [--learned 0.25] [--json]
 
 On the embedded broker, one images partition of ``--items`` Fashion-MNIST PNGs (synthetic images if the data set
 is absent), then ``--relabels`` of them sent again with other labels:
@@ -13,8 +13,11 @@ is absent), then ``--relabels`` of them sent again with other labels:
 2. **takeover**: the root is deleted (a machine lost with its disk) and a second worker of the group is started:
    ``takeover_s`` runs from its start to the partition ready to ingest (group join, then the restore);
    ``restore_items_per_s`` is the restored shard's items over the restore's own time.
+   Between the two, ``--learned`` of the items get a learned code on the codes topic (as the learner publishes
+   them, by seq), which the worker applies; ``changelog_bytes_per_learned_code`` is what that sent per code.
 3. **exactly_once**: the restored shard holds every id once, with its latest labels, and the same codes, learned
-   flags and blobs as the ingested shard (``same_as_ingested``).
+   flags and blobs as the ingested shard (``same_as_ingested``), in the same order (``same_order_as_ingested``:
+   arrival order, which Hamming ties break in; a learned item keeps its place).
 
 ``restore_vs_ingest`` is the ratio of the two rates (the target: at least 3).
 """
@@ -40,6 +43,7 @@ from streamhash.config import KafkaSettings, Settings, StoreSettings, WorkerSett
 from streamhash.index.store import Store  # noqa: E402
 from streamhash.index.store.root import StoreRoot  # noqa: E402
 from streamhash.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
+from streamhash.kafka.modelbus import CodeUpdate, ModelPublisher  # noqa: E402
 from streamhash.kafka.produce import from_arrays, make_producer, send  # noqa: E402
 from streamhash.kafka.topics import ensure_topics  # noqa: E402
 from streamhash.services.worker import app  # noqa: E402
@@ -117,10 +121,35 @@ def contents(root: Path) -> dict:
     return out
 
 
+def learn(settings: Settings, root: Path, share: float) -> tuple[int, float]:
+    """A learned code for every ``1 / share``-th item, published by seq and applied by a worker; returns how many
+    and the changelog bytes sent per code."""
+    r = StoreRoot(root, create=False)
+    (key,) = r.shards()
+    s = Store(r.shard_path(key), readonly=True)
+    ids, _, _ = s.provenance()
+    picked = [(i, s.get_item(i)["seq"]) for i in ids[::max(1, round(1 / share))]]
+    s.close()
+    rng = np.random.default_rng(1)
+    publisher = ModelPublisher(settings.kafka)
+    publisher.publish_codes([(key.partition, CodeUpdate(i, seq, "learned", 1, rng.integers(0, 256, 4, np.uint8).tobytes()))
+                             for i, seq in picked])
+    publisher.close()
+    applied, bytes0, sent0 = m.CODE_UPDATES.labels(result="applied"), counter(m.CHANGELOG_BYTES), counter(m.CHANGELOG_RECORDS)
+    applied0 = counter(applied)
+    w = Running(settings)
+    w.wait(lambda: counter(applied) - applied0 >= len(picked))
+    w.wait(lambda: counter(m.CHANGELOG_RECORDS) - sent0 >= len(picked))
+    w.stop()
+    # the batches' offsets markers are counted too: a few per thousand codes
+    return len(picked), (counter(m.CHANGELOG_BYTES) - bytes0) / len(picked)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--relabels", type=float, default=0.02)
+    ap.add_argument("--learned", type=float, default=0.25)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-restore-"))
@@ -152,6 +181,7 @@ def main() -> None:
         bytes0, sent0 = counter(m.CHANGELOG_BYTES), counter(m.CHANGELOG_RECORDS)
         ingest_s = ingest(settings, records)
         cl_bytes, cl_records = counter(m.CHANGELOG_BYTES) - bytes0, counter(m.CHANGELOG_RECORDS) - sent0
+        n_learned, learned_bytes = learn(settings, root, args.learned) if args.learned > 0 else (0, 0.0)
         ingested = contents(root)
 
         shutil.rmtree(root)
@@ -175,8 +205,9 @@ def main() -> None:
         "takeover_s": round(t_ready - w.started, 2),
         "changelog_records": int(cl_records), "changelog_bytes_per_item": round(cl_bytes / records),
         "image_bytes_mean": round(blob_bytes), "changelog_overhead_bytes_per_item": round(cl_bytes / records - blob_bytes),
+        "learned_codes": n_learned, "changelog_bytes_per_learned_code": round(learned_bytes, 1),
         "exactly_once": len(restored) == len(latest) and set(restored) == set(latest) and labels_ok,
-        "same_as_ingested": restored == ingested,
+        "same_as_ingested": restored == ingested, "same_order_as_ingested": list(restored) == list(ingested),
     }
     print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
 
