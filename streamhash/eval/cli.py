@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from streamhash.errors import DatasetMissingError
-from streamhash.eval import METHODS
+from streamhash.eval import DEFAULT_METHODS, METHODS
 from streamhash.eval.protocols import PROTOCOLS
 
 # stream sizes (make_stream) of a reduced run; the learner's settings stay LearnSettings' defaults
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-json", type=Path, default=None, help="write the full result (curves, MI log) here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the learner's, learn.torch_threads)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated subset of " + ",".join(METHODS) + " (default: all but the last)")
     parser.add_argument("--labeled-fraction", type=float, default=None,
                         help="share of items that arrive labeled (default: 1 for class-incremental and online, 0.25 otherwise)")
     parser.add_argument("--chunks", type=int, default=None, help="class-incremental: number of stream chunks")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from streamhash.config import LearnSettings, ModelSettings
-from streamhash.eval import METHODS
+from streamhash.eval import DEFAULT_METHODS, METHODS
 from streamhash.eval.methods import POLICIES, FullRetrain, Incremental, LSHMethod, Method
 from streamhash.eval.metrics import hamming_distances, retrieval_metrics
 from streamhash.eval.protocols import Stream
@@ -35,7 +35,7 @@ class EvalConfig:
     bits: int = 32
     seed: int = 0
     topk: int = 1000
-    methods: tuple = METHODS
+    methods: tuple = DEFAULT_METHODS
     # the learner process's settings, with one round per chunk: round_every / round_max_age_s play no part
     learn: LearnSettings = field(default_factory=LearnSettings)
 
@@ -79,14 +79,17 @@ def make_methods(stream: Stream, cfg: EvalConfig, tmp: Path) -> dict[str, Method
             methods[name] = Incremental(name, stream, cfg.bits, shard(name), s, start, cfg.seed)
         elif name == "lsh":
             methods[name] = LSHMethod(stream, cfg.bits, shard(name), cfg.seed)
-        elif name != "full_retrain":
+        elif name not in ("full_retrain", "full_retrain_same_labels"):
             raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-    if "full_retrain" in cfg.methods:
+    for name in ("full_retrain", "full_retrain_same_labels"):
+        if name not in cfg.methods:
+            continue
         ref = methods.get("streamhash") or next((m for m in methods.values() if isinstance(m, Incremental)), None)
         if ref is None:
-            raise ValueError("full_retrain is given an incremental method's CPU seconds: name one beside it")
-        methods["full_retrain"] = FullRetrain(stream, cfg.bits, shard("full_retrain"), s, start, cfg.seed,
-                                              lambda: ref.cpu_seconds)
+            raise ValueError(f"{name} is given an incremental method's CPU seconds: name one beside it")
+        held = (lambda ref=ref: set(ref.hasher.learner.held_ids)) if name == "full_retrain_same_labels" else None
+        methods[name] = FullRetrain(stream, cfg.bits, shard(name), s, start, cfg.seed, lambda ref=ref: ref.cpu_seconds,
+                                    name=name, held=held)
     return methods
 
 

@@ -19,6 +19,9 @@ feed tells it after a swap.
   ``streamhash`` method spent over the whole stream (its budget, stated in the result); every item then
   written again with the new network's code (learned for its training items). Before that, the untrained
   network encodes arrivals.
+* ``full_retrain_same_labels`` (named only): the same retrain with the labeled items the ``streamhash``
+  learner held out (its MI test's and stop rule's unseen labels) held out too: their codes are learned,
+  their images never trained on. A retrain on the labels the learner can train on.
 * ``lsh``: signs of random projections of centred pixels (mean of the first chunk).
 """
 
@@ -130,9 +133,10 @@ class Incremental(Method):
 class FullRetrain(Method):
     """``budget()``: the CPU seconds to match (the reference method's, read after its last round)."""
 
-    def __init__(self, stream, bits: int, shard: EvalShard, settings: LearnSettings, start: bytes, seed: int, budget):
-        super().__init__("full_retrain", stream, bits, shard)
-        self.settings, self.start, self.seed, self.budget = settings, start, seed, budget
+    def __init__(self, stream, bits: int, shard: EvalShard, settings: LearnSettings, start: bytes, seed: int, budget,
+                 *, name: str = "full_retrain", held=None):
+        super().__init__(name, stream, bits, shard)
+        self.settings, self.start, self.seed, self.budget, self.held = settings, start, seed, budget, held
         self.net = HashNet.from_bytes(start)
         self.alternations, self.budget_seconds, self._encode_rate = 0, 0.0, []
 
@@ -165,7 +169,9 @@ class FullRetrain(Method):
 
             learner = OnlineHasher(HashNet.from_bytes(self.start), self.settings, seed=self.seed).learner
             ids = ids_of(train)
-            learner.add_items(ids, learner.encode(s.images[train]), self._labels(train), frozen=False)
+            held = self.held() if self.held is not None else set()
+            learner.add_items(ids, learner.encode(s.images[train]), self._labels(train), frozen=False,
+                              held=[i in held for i in ids])
             res = learner.learn_round(fetcher(s.images), iters=10**6, until=until)
             self.net, self.alternations = learner.net, res.iterations
             self.shard.write(idx, self.encode(idx), 2)

@@ -198,6 +198,11 @@ class ItemBook:
         return self._ids.get(np.arange(len(self._ids)))
 
     @property
+    def held_ids(self) -> list:
+        """Labeled items held out of Omega (the network never trains on their images)."""
+        return self._ids.get(np.flatnonzero(self._held[: len(self._ids)]))
+
+    @property
     def pending_ids(self) -> list:
         """Labeled items waiting for their first learning round (B_new)."""
         n = len(self._ids)

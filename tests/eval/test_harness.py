@@ -116,6 +116,31 @@ def test_full_retrain_gets_the_learners_cpu_seconds_and_every_method_reports(dat
         assert 0 <= m["inferred_top10"] <= 1 and len(m["curve"]) == 1 + len(s.chunks)
 
 
+def test_the_retrain_on_the_same_labels_holds_out_what_the_learner_held_out(data, monkeypatch):
+    """full_retrain_same_labels trains on the labeled items the streamhash learner trained on: its hold-out is the
+    learner's (codes learned, images never in Omega), full_retrain's is empty."""
+    from streamhash.learn.dihn import DIHNLearner
+
+    held_by, real = {}, DIHNLearner.learn_round
+
+    def spy(self, *a, **kw):
+        if kw.get("iters") == 10**6:  # a retrain's one round
+            held_by[len(held_by)] = set(self.held_ids)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DIHNLearner, "learn_round", spy)
+    s = small_stream("partial-labels", data)
+    cfg = EvalConfig(protocol="partial-labels", bits=16, learn=LearnSettings(**SMALL),
+                     methods=("streamhash", "full_retrain", "full_retrain_same_labels"))
+    captured = {}
+    out = run(s, cfg, log=lambda *a: None, final=lambda name, m: captured.setdefault(name, m))
+    learner_held = set(captured["streamhash"].hasher.learner.held_ids)
+    assert learner_held and held_by == {0: set(), 1: learner_held}  # full_retrain, then the same-labels one
+    ms = out["methods"]
+    assert ms["full_retrain_same_labels"]["budget_cpu_seconds"] == ms["streamhash"]["cpu_seconds"]
+    assert ms["full_retrain_same_labels"]["alternations"] >= 1
+
+
 def test_final_hook_sees_the_index_the_last_evaluation_ranked(data):
     """``run(final=...)`` hands over each method before its shard closes; ``served`` gives what the last
     evaluation ranked (benchmarks/learned_ties.py re-ranks it), in arrival order: re-scoring it gives the reported mAP."""
