@@ -126,8 +126,8 @@ def run(stream: Stream, cfg: EvalConfig, log=print, final=None) -> dict:
             if m.mi_log:
                 out["methods"][name]["mi_log"] = m.mi_log
             m.shard.close()
-        if "full_retrain" in methods:
-            r = out["methods"]["full_retrain"]
-            out["budget"] |= {"full_retrain_cpu_seconds": r["budget_cpu_seconds"],
-                              "full_retrain_alternations": r["alternations"]}
+        for name in ("full_retrain", "full_retrain_same_labels"):
+            if name in methods:
+                r = out["methods"][name]
+                out["budget"] |= {f"{name}_cpu_seconds": r["budget_cpu_seconds"], f"{name}_alternations": r["alternations"]}
     return out
