@@ -81,14 +81,13 @@ def make_methods(stream: Stream, cfg: EvalConfig, tmp: Path) -> dict[str, Method
             methods[name] = LSHMethod(stream, cfg.bits, shard(name), cfg.seed)
         elif name not in ("full_retrain", "full_retrain_same_labels"):
             raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-    for name in ("full_retrain", "full_retrain_same_labels"):
-        if name not in cfg.methods:
-            continue
-        ref = methods.get("streamhash") or next((m for m in methods.values() if isinstance(m, Incremental)), None)
-        if ref is None:
-            raise ValueError(f"{name} is given an incremental method's CPU seconds: name one beside it")
-        held = (lambda ref=ref: set(ref.hasher.learner.held_ids)) if name == "full_retrain_same_labels" else None
-        methods[name] = FullRetrain(stream, cfg.bits, shard(name), s, start, cfg.seed, lambda ref=ref: ref.cpu_seconds,
+    retrains = [name for name in ("full_retrain", "full_retrain_same_labels") if name in cfg.methods]
+    ref = methods.get("streamhash") or next((m for m in methods.values() if isinstance(m, Incremental)), None)
+    if retrains and ref is None:
+        raise ValueError(f"{retrains[0]} is given an incremental method's CPU seconds: name one beside it")
+    for name in retrains:
+        held = (lambda: set(ref.hasher.learner.held_ids)) if name == "full_retrain_same_labels" else None
+        methods[name] = FullRetrain(stream, cfg.bits, shard(name), s, start, cfg.seed, lambda: ref.cpu_seconds,
                                     name=name, held=held)
     return methods
 
